@@ -1,0 +1,148 @@
+//! The Inverted Residual Mobile Block (iRMB), EMO's only building block.
+//!
+//! ```text
+//! shortcut = x
+//! x = norm(x)                                   # BN, LN2d, or identity (stem iRMB)
+//! x = EW-MHSA(x) then v  |  v(x)  |  x          # attention blocks | others | stem
+//! y = SiLU(BN(dwconv_kxk_stride(x)));  y = se(y)   # SE only in the stem iRMB
+//! x = x + y if skip else y                      # inner residual (expanded width)
+//! x = proj(x)                                   # 1x1, no bias
+//! out = shortcut + drop_path(x) if skip else x  # outer residual
+//! ```
+//! `skip` = (dim_in == dim_out and stride == 1); the first block of each stage has neither
+//! residual. The attention is EMO's strided-window ("remote") multi-head self-attention with
+//! `attn_pre`: attention mixes the normalised input itself, and `v` (1x1 conv + act) is applied
+//! after it. Windows hold pixels spaced `n1` rows and `n2` columns apart; the map is
+//! zero-padded on the right and bottom, and padded keys are *not* masked (as in the official
+//! model).
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::tensor::Tensor;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::ops::PadMode;
+use emo_spec::{Act, AttnSpec, BlockSpec, Norm};
+
+use crate::layers::{ConvBn, Norm2d, Sink, Source, SqueezeExcite, act, drop_path};
+
+/// One iRMB. Works on any NCHW map of `dim_in` channels and any size >= 1x1.
+#[derive(Module, Debug)]
+pub struct Irmb {
+    /// `norm` (absent in the stem iRMB).
+    pub norm: Option<Norm2d>,
+    /// `qk.conv`: 1x1, dim_in -> 2*dim_in, with bias (attention blocks only).
+    pub qk: Option<Conv2d>,
+    /// `v.conv`: 1x1, dim_in -> dim_mid, with bias, followed by the block activation.
+    pub v: Option<Conv2d>,
+    /// `conv_local.{conv,norm}`: depthwise kxk (no bias) + BN, then always SiLU.
+    pub conv_local: ConvBn,
+    /// `se` (stem iRMB only).
+    pub se: Option<SqueezeExcite>,
+    /// `proj.conv`: 1x1, dim_mid -> dim_out, no bias.
+    pub proj: Conv2d,
+    #[module(skip)]
+    pub act: Act,
+    #[module(skip)]
+    pub attention: Option<AttnSpec>,
+    pub skip: bool,
+    pub drop_path: f64,
+}
+
+impl Irmb {
+    /// A randomly initialised block (PyTorch's default conv init) on `device`.
+    pub fn new(spec: &BlockSpec, device: &burn::tensor::Device) -> Self {
+        Self::build(spec, &Source { device: device.clone(), checkpoint: None })
+    }
+
+    pub(crate) fn build(b: &BlockSpec, src: &Source) -> Self {
+        let p = &b.name;
+        let norm = b.norm.map(|n| match n {
+            Norm::Batch => Norm2d::Batch(src.bn(&format!("{p}.norm"), b.dim_in)),
+            Norm::Layer => Norm2d::Layer(src.ln2d(&format!("{p}.norm"), b.dim_in)),
+        });
+        let qk = b.attention.map(|_| src.conv(&format!("{p}.qk.conv"), b.dim_in, 2 * b.dim_in, 1, 1, 1, true));
+        let v = b.v_proj.then(|| src.conv(&format!("{p}.v.conv"), b.dim_in, b.dim_mid, 1, 1, 1, true));
+        let conv_local = ConvBn {
+            conv: src.conv(&format!("{p}.conv_local.conv"), b.dim_mid, b.dim_mid, b.dw_kernel, b.stride, b.dim_mid, false),
+            norm: src.bn(&format!("{p}.conv_local.norm"), b.dim_mid),
+        };
+        let se = b.se_channels.map(|rd| SqueezeExcite {
+            conv_reduce: src.conv(&format!("{p}.se.conv_reduce"), b.dim_mid, rd, 1, 1, 1, true),
+            conv_expand: src.conv(&format!("{p}.se.conv_expand"), rd, b.dim_mid, 1, 1, 1, true),
+            act: b.act,
+        });
+        let proj = src.conv(&format!("{p}.proj.conv"), b.dim_mid, b.dim_out, 1, 1, 1, false);
+        Irmb { norm, qk, v, conv_local, se, proj, act: b.act, attention: b.attention, skip: b.skip, drop_path: b.drop_path }
+    }
+
+    pub(crate) fn export(&self, p: &str, out: &mut Sink) {
+        match &self.norm {
+            Some(Norm2d::Batch(n)) => out.bn(&format!("{p}.norm"), n),
+            Some(Norm2d::Layer(n)) => out.ln2d(&format!("{p}.norm"), n),
+            None => {}
+        }
+        if let Some(qk) = &self.qk {
+            out.conv(&format!("{p}.qk.conv"), qk);
+        }
+        if let Some(v) = &self.v {
+            out.conv(&format!("{p}.v.conv"), v);
+        }
+        out.conv(&format!("{p}.conv_local.conv"), &self.conv_local.conv);
+        out.bn(&format!("{p}.conv_local.norm"), &self.conv_local.norm);
+        if let Some(se) = &self.se {
+            out.conv(&format!("{p}.se.conv_reduce"), &se.conv_reduce);
+            out.conv(&format!("{p}.se.conv_expand"), &se.conv_expand);
+        }
+        out.conv(&format!("{p}.proj.conv"), &self.proj);
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let shortcut = self.skip.then(|| x.clone());
+        let x = match &self.norm {
+            Some(n) => n.forward(x),
+            None => x,
+        };
+        let x = match (&self.attention, &self.v) {
+            (Some(a), Some(v)) => self.window_attention(x, a, v),
+            (None, Some(v)) => act(self.act, v.forward(x)),
+            _ => x,
+        };
+        let mut y = silu(self.conv_local.forward(x.clone()));
+        if let Some(se) = &self.se {
+            y = se.forward(y);
+        }
+        let x = if self.skip { x + y } else { y };
+        let x = self.proj.forward(x);
+        match shortcut {
+            Some(s) => s + drop_path(x, self.drop_path),
+            None => x,
+        }
+    }
+
+    /// Strided-window MHSA with attn_pre, then `v` + act, per window; returns dim_mid channels.
+    fn window_attention(&self, x: Tensor<4>, a: &AttnSpec, v: &Conv2d) -> Tensor<4> {
+        let qk_conv = self.qk.as_ref().expect("attention block has qk");
+        let [b, c, h, w] = x.dims();
+        let g = a.windows(h, w);
+        let x = if g.hp != h || g.wp != w {
+            x.pad([(0, g.hp - h), (0, g.wp - w)], PadMode::Constant(0.0))
+        } else {
+            x
+        };
+        // (B, C, h1*n1 + i1, w1*n2 + i2) -> (B*n1*n2, C, h1, w1)
+        let nw = b * g.n1 * g.n2;
+        let xw = x.reshape([b, c, g.wh, g.n1, g.ww, g.n2]).permute([0, 3, 5, 1, 2, 4]).reshape([nw, c, g.wh, g.ww]);
+        let (nh, dh, l) = (a.num_heads, a.dim_head, g.wh * g.ww);
+        // qk channels: t*C + head*dh + d with t = 0 (q) / 1 (k)
+        let qk = qk_conv.forward(xw.clone()).reshape([nw, 2, nh, dh, l]);
+        let q = qk.clone().narrow(1, 0, 1).reshape([nw, nh, dh, l]).swap_dims(2, 3);
+        let k = qk.narrow(1, 1, 1).reshape([nw, nh, dh, l]);
+        let attn = softmax(q.matmul(k).mul_scalar(a.scale()), 3);
+        let xv = xw.reshape([nw, nh, dh, l]).swap_dims(2, 3);
+        let o = attn.matmul(xv).swap_dims(2, 3).reshape([nw, c, g.wh, g.ww]);
+        let o = act(self.act, v.forward(o));
+        let dm = o.dims()[1];
+        let o = o.reshape([b, g.n1, g.n2, dm, g.wh, g.ww]).permute([0, 3, 4, 1, 5, 2]).reshape([b, dm, g.hp, g.wp]);
+        if g.hp != h || g.wp != w { o.narrow(2, 0, h).narrow(3, 0, w) } else { o }
+    }
+}
