@@ -1,1 +1,325 @@
-fn main(){}
+//! `emo`: EMO (ICCV 2023) vision models from the command line.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::tensor::{Device, Tensor, TensorData};
+use clap::{Parser, Subcommand};
+use emo_model::Emo;
+use emo_model::preprocess::EvalTransform;
+use emo_spec::{EmoConfig, Variant};
+use emo_weights::npy;
+
+const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
+/// The committed EMO-1M parity fixture (official layout, seeded random weights) and the
+/// official model's outputs for it, embedded so `emo verify` needs no files.
+const FIXTURE_WEIGHTS: &[u8] = include_bytes!("../../../fixtures/emo/emo_1m.safetensors");
+const FIXTURE_IO: &[u8] = include_bytes!("../../../fixtures/emo/emo_1m_224x224.io.safetensors");
+
+#[derive(Parser)]
+#[command(name = "emo", version, about = "EMO (ICCV 2023) vision models in Rust: exact, official checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Params and FLOPs of the four variants (fvcore convention, computed from the model definition).
+    Info {
+        /// Input size HxW for the FLOPs column.
+        #[arg(long, default_value = "224x224", value_parser = parse_hw)]
+        input: (usize, usize),
+        /// Also print the per-stage layout of this variant.
+        #[arg(long)]
+        variant: Option<Variant>,
+        /// Window size override (EMO-5M uses 10 for detection, 16 for segmentation).
+        #[arg(long)]
+        window_size: Option<usize>,
+    },
+    /// Raw logits for an NCHW f32 .npy tensor (the scripting and testing interface).
+    Predict {
+        #[arg(long)]
+        variant: Variant,
+        /// .pth (plain, `net`, or `net_E`) or .safetensors checkpoint.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Input, float32 (B, 3, H, W), any H, W >= 1.
+        #[arg(long)]
+        input_npy: PathBuf,
+        /// Output logits, float32 (B, num_classes).
+        #[arg(long)]
+        output_npy: PathBuf,
+        /// Also write the stage outputs given here (e.g. 2,3,4) as OUTPUT.stageK.npy.
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<i64>,
+    },
+    /// Top-k ImageNet labels for images, with the official eval preprocessing.
+    Classify {
+        #[arg(long)]
+        variant: Variant,
+        #[arg(long)]
+        weights: PathBuf,
+        /// Image files (JPEG, PNG, ...).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        /// Crop size.
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        /// Crop ratio: the shorter side is resized to floor(size / crop_pct) before the crop.
+        #[arg(long, default_value_t = 0.875)]
+        crop_pct: f64,
+        /// Class names, one per line (default: ImageNet-1k for 1000-class checkpoints).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert an official .pth checkpoint to .safetensors (validated against the variant).
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// Variant to validate against (default: detected from the checkpoint).
+        #[arg(long)]
+        variant: Option<Variant>,
+    },
+    /// Check this build against the official PyTorch outputs embedded in the binary (EMO-1M).
+    Verify,
+}
+
+fn parse_hw(s: &str) -> Result<(usize, usize), String> {
+    let (h, w) = s.split_once(['x', 'X']).ok_or("expected HxW, e.g. 224x224")?;
+    let h: usize = h.trim().parse().map_err(|_| format!("bad height in `{s}`"))?;
+    let w: usize = w.trim().parse().map_err(|_| format!("bad width in `{s}`"))?;
+    if h == 0 || w == 0 {
+        return Err("sizes must be >= 1".into());
+    }
+    Ok((h, w))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Info { input, variant, window_size } => info(input, variant, window_size),
+        Cmd::Predict { variant, weights, input_npy, output_npy, features } => {
+            predict(variant, &weights, &input_npy, &output_npy, &features)
+        }
+        Cmd::Classify { variant, weights, images, top, size, crop_pct, labels, json } => {
+            ensure!(size > 0, "--size must be > 0");
+            ensure!(crop_pct > 0.0 && crop_pct <= 1.0, "--crop-pct must be in (0, 1]");
+            let t = EvalTransform { size, crop_pct, ..Default::default() };
+            classify(variant, &weights, &images, top, &t, labels.as_deref(), json)
+        }
+        Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
+        Cmd::Verify => verify(),
+    }
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn info(input: (usize, usize), variant: Option<Variant>, window_size: Option<usize>) -> Result<()> {
+    let (h, w) = input;
+    let cfg_of = |v: Variant| {
+        let c = v.config();
+        match window_size {
+            Some(ws) => c.with_window_size(ws),
+            None => c,
+        }
+    };
+    let fl = format!("FLOPs@{h}x{w}");
+    println!("{:<8} {:>11} {:>15} {:>14} {:>12}", "variant", "params", fl, "attn matmuls", "top-1 (paper)");
+    for v in Variant::ALL {
+        let c = cfg_of(v);
+        let f = c.flops(h, w);
+        println!(
+            "{:<8} {:>11} {:>14.2}M {:>13.2}M {:>12}",
+            v.paper_name(),
+            thousands(c.num_params()),
+            f.total() as f64 / 1e6,
+            f.attention as f64 / 1e6,
+            format!("{:.1}", v.imagenet_top1_top5().0)
+        );
+    }
+    println!("FLOPs as fvcore counts them (the paper's counter): 1 multiply-add = 1 FLOP, both attention matmuls counted.");
+    if let Some(v) = variant {
+        let c = cfg_of(v);
+        println!("\n{} stages at {h}x{w}:", v.paper_name());
+        let hw = c.stage_hw(h, w);
+        for (fi, (fh, fw)) in c.feature_info().iter().zip(hw) {
+            println!("  {:<7} {:>4} ch  stride {:>2}  {fh}x{fw}", fi.name, fi.channels, fi.reduction);
+        }
+        println!("\n{:<10} {:>6} {:>6} {:>6} {:>6} {:>5} {:>5} {:>12}", "block", "in", "mid", "out", "stride", "k", "skip", "attention");
+        for b in c.blocks() {
+            let a = b.attention.map(|a| format!("{}x{} w{}", a.num_heads, a.dim_head, a.window_size)).unwrap_or_default();
+            println!(
+                "{:<10} {:>6} {:>6} {:>6} {:>6} {:>5} {:>5} {:>12}",
+                b.name, b.dim_in, b.dim_mid, b.dim_out, b.stride, b.dw_kernel, b.skip, a
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Load weights for `variant`, taking the head width from the checkpoint.
+fn load_model(variant: Variant, weights: &Path, device: &Device) -> Result<Emo> {
+    let sd = emo_weights::load(weights).with_context(|| format!("loading {}", weights.display()))?;
+    let mut cfg = variant.config().with_drop_path(0.0);
+    if let Some(h) = sd.get("head.bias").filter(|t| t.shape.len() == 1) {
+        cfg.num_classes = h.shape[0];
+    }
+    let model = Emo::from_state_dict(&cfg, &sd, device).with_context(|| format!("loading {}", weights.display()))?;
+    eprintln!("loaded {} ({}) as {} with {} classes", weights.display(), sd.wrapping, variant, cfg.num_classes);
+    Ok(model)
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
+}
+
+fn predict(variant: Variant, weights: &Path, input: &Path, output: &Path, features: &[i64]) -> Result<()> {
+    let device = Device::flex();
+    let x = npy::read(input).with_context(|| format!("reading {}", input.display()))?;
+    ensure!(x.shape.len() == 4, "{}: expected a 4-D (B, C, H, W) array, got shape {:?}", input.display(), x.shape);
+    ensure!(x.shape.iter().all(|&d| d > 0), "{}: empty dimension in shape {:?}", input.display(), x.shape);
+    ensure!(x.data.iter().all(|v| v.is_finite()), "{}: input contains NaN or inf", input.display());
+    let model = load_model(variant, weights, &device)?;
+    let out_indices = emo_spec::resolve_out_indices(features)?;
+    let t = Tensor::<4>::from_data(TensorData::new(x.data, x.shape.clone()), &device);
+    let start = Instant::now();
+    let out = model.forward_with(t, &out_indices, true)?;
+    let logits = out.logits.expect("logits");
+    let shape = logits.dims().to_vec();
+    npy::write(output, &npy::Array { shape: shape.clone(), data: to_vec(logits) })?;
+    for (i, f) in out.features {
+        let p = PathBuf::from(format!("{}.stage{i}.npy", output.display()));
+        let shape = f.dims().to_vec();
+        npy::write(&p, &npy::Array { shape, data: to_vec(f) })?;
+        eprintln!("wrote {}", p.display());
+    }
+    eprintln!("wrote {} {:?} in {:.1} ms", output.display(), shape, start.elapsed().as_secs_f64() * 1e3);
+    Ok(())
+}
+
+fn softmax(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = v.iter().map(|x| (x - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|x| x / s).collect()
+}
+
+fn classify(
+    variant: Variant,
+    weights: &Path,
+    images: &[PathBuf],
+    top: usize,
+    t: &EvalTransform,
+    labels: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let device = Device::flex();
+    let model = load_model(variant, weights, &device)?;
+    let n = model.num_classes();
+    let names: Vec<String> = match labels {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading labels {}", p.display()))?
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        None if n == 1000 => IMAGENET_CLASSES.lines().map(str::to_string).collect(),
+        None => (0..n).map(|i| format!("class {i}")).collect(),
+    };
+    ensure!(names.len() >= n, "{} labels for {n} classes", names.len());
+    let mut results = Vec::new();
+    let mut failed = 0;
+    for path in images {
+        let x = match t.load(path) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let xt = Tensor::<4>::from_data(TensorData::new(x, [1, 3, t.size, t.size]), &device);
+        let probs = softmax(&to_vec(model.forward(xt)?));
+        let mut idx: Vec<usize> = (0..probs.len()).collect();
+        idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        let best: Vec<(usize, f32)> = idx.into_iter().take(top).map(|i| (i, probs[i])).collect();
+        if !json {
+            println!("{}", path.display());
+            for (i, p) in &best {
+                println!("  {:>6.2}%  {:>4}  {}", p * 100.0, i, names[*i]);
+            }
+        }
+        results.push(serde_json::json!({
+            "image": path.display().to_string(),
+            "top": best.iter().map(|(i, p)| serde_json::json!({"index": i, "label": names[*i], "prob": p})).collect::<Vec<_>>(),
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} images could not be read", images.len());
+    }
+    Ok(())
+}
+
+fn convert(input: &Path, output: &Path, variant: Option<Variant>) -> Result<()> {
+    let sd = emo_weights::load(input).with_context(|| format!("loading {}", input.display()))?;
+    let v = match variant {
+        Some(v) => v,
+        None => emo_weights::detect_variant(&sd)
+            .with_context(|| format!("{} does not match any EMO variant; pass --variant to see why", input.display()))?,
+    };
+    let mut cfg = v.config();
+    cfg.num_classes = sd.get("head.bias").map(|t| t.shape[0]).unwrap_or(0);
+    emo_weights::validate(&sd, &cfg)?;
+    emo_weights::save_safetensors(&sd, output)?;
+    println!("{} ({}, {}, {} tensors) -> {}", input.display(), v, sd.wrapping, sd.len(), output.display());
+    Ok(())
+}
+
+fn verify() -> Result<()> {
+    let device = Device::flex();
+    let sd = emo_weights::load_safetensors_bytes(FIXTURE_WEIGHTS)?;
+    let io = emo_weights::load_safetensors_bytes(FIXTURE_IO)?;
+    let model = Emo::from_state_dict(&EmoConfig::emo_1m(), &sd, &device)?;
+    let get = |k: &str| io.get(k).and_then(|t| t.as_f32().map(|d| (t.shape.clone(), d.to_vec()))).context(k.to_string());
+    let (shape, input) = get("input")?;
+    let (_, want) = get("logits")?;
+    let start = Instant::now();
+    let out = model.forward_with(Tensor::from_data(TensorData::new(input, shape.clone()), &device), &[0, 1, 2, 3, 4], true)?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    println!("EMO-1M on the official fixture, input {shape:?} (burn flex, {ms:.1} ms):");
+    let mut ok = true;
+    for (i, f) in out.features {
+        let (_, w) = get(&format!("feat.stage{i}"))?;
+        let got = to_vec(f);
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = got.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        ok &= d <= 1e-4;
+        println!("  stage{i}: max relative diff {d:.2e}");
+    }
+    let got = to_vec(out.logits.expect("logits"));
+    let d = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    ok &= d <= 1e-4;
+    println!("  logits: max abs diff {d:.2e} (tolerance 1e-4)");
+    ensure!(ok, "parity check FAILED");
+    println!("parity OK: this build reproduces the official PyTorch EMO-1M");
+    Ok(())
+}

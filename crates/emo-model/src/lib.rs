@@ -20,6 +20,7 @@ pub mod blocks;
 mod irmb;
 mod layers;
 mod model;
+pub mod preprocess;
 
 pub use emo_spec::{EmoConfig, Variant};
 pub use irmb::Irmb;

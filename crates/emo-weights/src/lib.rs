@@ -9,6 +9,7 @@
 //! missing, unexpected or mis-shaped key by name in one error, and which variant the
 //! checkpoint looks like when it is another one.
 
+pub mod npy;
 mod pickle;
 
 use std::collections::BTreeMap;
