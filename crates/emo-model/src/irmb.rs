@@ -21,7 +21,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::ops::PadMode;
-use emo_spec::{Act, AttnSpec, BlockSpec, Norm};
+use emo_spec::{Act, AttnSpec, BlockSpec, Norm, WindowGeom};
 
 use crate::layers::{ConvBn, Norm2d, Sink, Source, SqueezeExcite, act, drop_path};
 
@@ -121,28 +121,44 @@ impl Irmb {
 
     /// Strided-window MHSA with attn_pre, then `v` + act, per window; returns dim_mid channels.
     fn window_attention(&self, x: Tensor<4>, a: &AttnSpec, v: &Conv2d) -> Tensor<4> {
-        let qk_conv = self.qk.as_ref().expect("attention block has qk");
-        let [b, c, h, w] = x.dims();
-        let g = a.windows(h, w);
-        let x = if g.hp != h || g.wp != w {
-            x.pad([(0, g.hp - h), (0, g.wp - w)], PadMode::Constant(0.0))
-        } else {
-            x
-        };
-        // (B, C, h1*n1 + i1, w1*n2 + i2) -> (B*n1*n2, C, h1, w1)
-        let nw = b * g.n1 * g.n2;
-        let xw = x.reshape([b, c, g.wh, g.n1, g.ww, g.n2]).permute([0, 3, 5, 1, 2, 4]).reshape([nw, c, g.wh, g.ww]);
-        let (nh, dh, l) = (a.num_heads, a.dim_head, g.wh * g.ww);
-        // qk channels: t*C + head*dh + d with t = 0 (q) / 1 (k)
-        let qk = qk_conv.forward(xw.clone()).reshape([nw, 2, nh, dh, l]);
-        let q = qk.clone().narrow(1, 0, 1).reshape([nw, nh, dh, l]).swap_dims(2, 3);
-        let k = qk.narrow(1, 1, 1).reshape([nw, nh, dh, l]);
-        let attn = softmax(q.matmul(k).mul_scalar(a.scale()), 3);
-        let xv = xw.reshape([nw, nh, dh, l]).swap_dims(2, 3);
-        let o = attn.matmul(xv).swap_dims(2, 3).reshape([nw, c, g.wh, g.ww]);
+        let qk = self.qk.as_ref().expect("attention block has qk");
+        let (xw, g, [b, _, h, w]) = partition(x, a.window_size);
+        let o = attend(qk, xw.clone(), xw, a.num_heads, a.scale());
         let o = act(self.act, v.forward(o));
-        let dm = o.dims()[1];
-        let o = o.reshape([b, g.n1, g.n2, dm, g.wh, g.ww]).permute([0, 3, 4, 1, 5, 2]).reshape([b, dm, g.hp, g.wp]);
-        if g.hp != h || g.wp != w { o.narrow(2, 0, h).narrow(3, 0, w) } else { o }
+        unpartition(o, &g, b, h, w)
     }
+}
+
+/// Zero-pad `x` (B, C, H, W) on the right/bottom to whole windows and gather the strided
+/// windows: pixel (h1*n1 + i1, w1*n2 + i2) goes to window (b, i1, i2) at token (h1, w1).
+/// Returns the windows (B*n1*n2, C, wh, ww), the geometry and the original dims.
+pub fn partition(x: Tensor<4>, window_size: usize) -> (Tensor<4>, WindowGeom, [usize; 4]) {
+    let dims = x.dims();
+    let [b, c, h, w] = dims;
+    let g = AttnSpec { num_heads: 1, dim_head: 1, window_size }.windows(h, w);
+    let x = if g.hp != h || g.wp != w { x.pad([(0, g.hp - h), (0, g.wp - w)], PadMode::Constant(0.0)) } else { x };
+    let xw = x.reshape([b, c, g.wh, g.n1, g.ww, g.n2]).permute([0, 3, 5, 1, 2, 4]).reshape([b * g.n1 * g.n2, c, g.wh, g.ww]);
+    (xw, g, dims)
+}
+
+/// Inverse of [`partition`]: scatter windows back and crop the padding away.
+pub fn unpartition(o: Tensor<4>, g: &WindowGeom, b: usize, h: usize, w: usize) -> Tensor<4> {
+    let c = o.dims()[1];
+    let o = o.reshape([b, g.n1, g.n2, c, g.wh, g.ww]).permute([0, 3, 4, 1, 5, 2]).reshape([b, c, g.hp, g.wp]);
+    if g.hp != h || g.wp != w { o.narrow(2, 0, h).narrow(3, 0, w) } else { o }
+}
+
+/// Multi-head attention inside each window: q and k from `qk(xw)` (channels `[q | k]`, each
+/// head-major), softmax(q k^T * scale) applied to `values` split into `num_heads` heads.
+/// No masking: padded tokens take part as keys (as in the official model).
+pub fn attend(qk: &Conv2d, xw: Tensor<4>, values: Tensor<4>, num_heads: usize, scale: f64) -> Tensor<4> {
+    let [nw, c, wh, ww] = xw.dims();
+    let cv = values.dims()[1];
+    let (l, dh, dv) = (wh * ww, c / num_heads, cv / num_heads);
+    let qk = qk.forward(xw).reshape([nw, 2, num_heads, dh, l]);
+    let q = qk.clone().narrow(1, 0, 1).reshape([nw, num_heads, dh, l]).swap_dims(2, 3);
+    let k = qk.narrow(1, 1, 1).reshape([nw, num_heads, dh, l]);
+    let attn = softmax(q.matmul(k).mul_scalar(scale), 3);
+    let v = values.reshape([nw, num_heads, dv, l]).swap_dims(2, 3);
+    attn.matmul(v).swap_dims(2, 3).reshape([nw, cv, wh, ww])
 }
