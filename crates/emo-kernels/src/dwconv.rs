@@ -1,0 +1,102 @@
+//! Depthwise k x k convolution on channels-last data, BN folded into weight and bias, with the
+//! activation and EMO's inner residual (`out = x + act(dw(x))`, stride 1 only) fused in.
+//! Rows of the output are spread over the rayon pool; within a row the channels are the
+//! vectorised inner loop.
+
+use rayon::prelude::*;
+
+use crate::act::{Act, silu, gelu};
+use crate::multiversion;
+
+/// Geometry of a depthwise conv (square kernel, symmetric padding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DwGeom {
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl DwGeom {
+    pub fn out_len(&self, n: usize) -> usize {
+        (n + 2 * self.pad - self.k) / self.stride + 1
+    }
+}
+
+/// Weight `[k, k, c]` (taps outer, channels inner) from PyTorch's `[c, 1, k, k]`.
+pub fn weight_from_torch(w: &[f32], c: usize, k: usize) -> Vec<f32> {
+    assert_eq!(w.len(), c * k * k);
+    let mut out = vec![0.0; c * k * k];
+    for ch in 0..c {
+        for t in 0..k * k {
+            out[t * c + ch] = w[ch * k * k + t];
+        }
+    }
+    out
+}
+
+multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn dw_row / dw_row_at(input: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, act: Act, residual: bool, out: &mut [f32]) {
+        let ow = out.len() / c;
+        for ox in 0..ow {
+            let o = &mut out[ox * c..(ox + 1) * c];
+            o.copy_from_slice(&bias[..c]);
+            for ky in 0..g.k {
+                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let row = &input[iy as usize * w * c..(iy as usize + 1) * w * c];
+                for kx in 0..g.k {
+                    let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                    if ix < 0 || ix >= w as isize {
+                        continue;
+                    }
+                    let src = &row[ix as usize * c..(ix as usize + 1) * c];
+                    let wk = &weight[(ky * g.k + kx) * c..(ky * g.k + kx + 1) * c];
+                    for ((o, s), wv) in o.iter_mut().zip(src).zip(wk) {
+                        *o += s * wv;
+                    }
+                }
+            }
+            match act {
+                Act::None => {}
+                Act::Silu => o.iter_mut().for_each(|v| *v = silu(*v)),
+                Act::Gelu => o.iter_mut().for_each(|v| *v = gelu(*v)),
+            }
+            if residual {
+                let src = &input[(oy * w + ox) * c..(oy * w + ox + 1) * c];
+                for (o, s) in o.iter_mut().zip(src) {
+                    *o += s;
+                }
+            }
+        }
+    }
+}
+
+/// `out[b, oy, ox, :] = act(bias + sum_taps in[b, iy, ix, :] * w[tap, :]) (+ in[b, oy, ox, :])`.
+/// `input` is `[batch, h, w, c]`; `out` is `[batch, oh, ow, c]`. `residual` needs stride 1.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise(
+    input: &[f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    weight: &[f32],
+    bias: &[f32],
+    g: DwGeom,
+    act: Act,
+    residual: bool,
+    out: &mut [f32],
+) {
+    let (oh, ow) = (g.out_len(h), g.out_len(w));
+    assert!(input.len() >= batch * h * w * c && out.len() >= batch * oh * ow * c && weight.len() >= g.k * g.k * c);
+    assert!(!residual || (g.stride == 1 && oh == h && ow == w), "inner residual needs a shape-preserving conv");
+    let level = crate::isa::level();
+    out[..batch * oh * ow * c].par_chunks_mut(ow * c).enumerate().for_each(|(r, row)| {
+        let (b, oy) = (r / oh, r % oh);
+        let img = &input[b * h * w * c..(b + 1) * h * w * c];
+        dw_row_at(level, img, h, w, c, weight, bias, g, oy, act, residual, row);
+    });
+}

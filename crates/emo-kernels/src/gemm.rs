@@ -1,0 +1,135 @@
+//! 1x1 convolution / linear layer on channels-last data as a GEMM with a fused epilogue:
+//! `out = act(in · W + bias) (+ residual)`. The GEMM itself is the `gemm` crate's (runtime
+//! AVX-512/AVX2/NEON micro-kernels); the work is split into row x column tiles over the rayon
+//! pool, and each tile's epilogue runs right after its GEMM, while it is still in cache.
+
+use rayon::prelude::*;
+
+use crate::act::{Act, bias_act_rows_at};
+
+/// A weight laid out for `out[m, n] = in[m, k] · W[k, n]` (row-major `[k, n]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Weight {
+    pub k: usize,
+    pub n: usize,
+    pub data: Vec<f32>,
+}
+
+impl Weight {
+    /// From a PyTorch conv/linear weight `[n, k]` (a 1x1 conv `[n, k, 1, 1]` is the same).
+    pub fn from_torch(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "weight size");
+        let mut data = vec![0.0; n * k];
+        for o in 0..n {
+            for i in 0..k {
+                data[i * n + o] = w[o * k + i];
+            }
+        }
+        Weight { k, n, data }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `out[r, :n] = act(a[r, :k] · W + bias) (+ residual[r, :n])` for `r < m`.
+///
+/// Row strides: `lda` for `a`, `ldo` for `out`, and the one given with `residual`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &Weight,
+    bias: Option<&[f32]>,
+    act: Act,
+    residual: Option<(&[f32], usize)>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let (k, n) = (w.k, w.n);
+    if m == 0 {
+        return;
+    }
+    assert!(lda >= k && ldo >= n && a.len() >= (m - 1) * lda + k && out.len() >= (m - 1) * ldo + n);
+    if let Some(b) = bias {
+        assert!(b.len() >= n);
+    }
+    if let Some((r, ldr)) = residual {
+        assert!(ldr >= n && r.len() >= (m - 1) * ldr + n);
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // Row tiles of ~64 rows; split columns too when there are few row tiles.
+    let mt = 64usize.min(m.div_ceil(threads)).max(8);
+    let m_tiles = m.div_ceil(mt);
+    let n_splits = if m_tiles >= 2 * threads || n < 64 { 1 } else { (2 * threads).div_ceil(m_tiles).min(n / 32).max(1) };
+    let nt = n.div_ceil(n_splits).next_multiple_of(16).min(n);
+    let n_tiles = n.div_ceil(nt);
+    let level = crate::isa::level();
+    let dst = SendPtr(out.as_mut_ptr());
+    (0..m_tiles * n_tiles).into_par_iter().for_each(|t| {
+        let (mi, ni) = (t / n_tiles, t % n_tiles);
+        let (r0, c0) = (mi * mt, ni * nt);
+        let rows = mt.min(m - r0);
+        let cols = nt.min(n - c0);
+        let d = dst;
+        // SAFETY: tiles cover disjoint (row, column) ranges of `out`, all in bounds (asserted).
+        unsafe {
+            gemm::gemm(
+                rows,
+                cols,
+                k,
+                d.0.add(r0 * ldo + c0),
+                1,
+                ldo as isize,
+                false,
+                a.as_ptr().add(r0 * lda),
+                1,
+                lda as isize,
+                w.data.as_ptr().add(c0),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+            let tile = std::slice::from_raw_parts_mut(d.0.add(r0 * ldo + c0), (rows - 1) * ldo + cols);
+            let res = residual.map(|(r, ldr)| (&r[r0 * ldr + c0..], ldr));
+            bias_act_rows_at(level, tile, ldo, rows, cols, bias.map(|b| &b[c0..]), act, res);
+        }
+    });
+}
+
+/// Scalar reference of [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_reference(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &Weight,
+    bias: Option<&[f32]>,
+    act: Act,
+    residual: Option<(&[f32], usize)>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    for r in 0..m {
+        for c in 0..w.n {
+            let mut s = 0f64;
+            for i in 0..w.k {
+                s += a[r * lda + i] as f64 * w.data[i * w.n + c] as f64;
+            }
+            let mut v = s as f32 + bias.map_or(0.0, |b| b[c]);
+            v = crate::reference::act(act, v);
+            if let Some((res, ldr)) = residual {
+                v += res[r * ldr + c];
+            }
+            out[r * ldo + c] = v;
+        }
+    }
+}

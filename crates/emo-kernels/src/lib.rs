@@ -1,0 +1,25 @@
+//! CPU kernels for EMO inference on channels-last (NHWC) data.
+//!
+//! | kernel | what | where EMO uses it |
+//! |---|---|---|
+//! | [`gemm::matmul`] | 1x1 conv / linear as GEMM + fused bias, activation, residual | v, qk, proj |
+//! | [`dwconv::depthwise`] | depthwise kxk, stride 1/2, fused BN bias + SiLU + inner residual | conv_local |
+//! | [`conv::conv2d`] | direct dense conv for few input channels | stem |
+//! | [`norm::layer_norm`] | LayerNorm over channels per pixel | LN stages, head |
+//! | [`attention::window_attention`] | strided-window MHSA from pixel indices (no permutes) | stages 3-4 |
+//! | [`act`] | vectorisable exp / SiLU / erf-GELU | everywhere |
+//!
+//! Every kernel has a scalar reference in [`reference`]; the tests compare them on EMO's real
+//! layer shapes (odd sizes and stride 2 included) at every SIMD level the CPU supports
+//! ([`isa`]: AVX-512, AVX2+FMA, generic).
+
+pub mod act;
+pub mod attention;
+pub mod conv;
+pub mod dwconv;
+pub mod gemm;
+pub mod isa;
+pub mod norm;
+pub mod reference;
+
+pub use act::Act;

@@ -1,0 +1,169 @@
+//! Scalar references (f64 accumulation, libm functions) for every kernel. Slow and obvious;
+//! the tests compare the fast kernels against these on EMO's real shapes.
+
+use crate::act::Act;
+use crate::attention::Windows;
+use crate::dwconv::DwGeom;
+
+/// erf to ~1e-12 for |x| <= 4 (Taylor series in f64); ±1 beyond (erfc(4) < f32 epsilon).
+pub fn erf(x: f64) -> f64 {
+    if x.abs() > 4.0 {
+        return x.signum();
+    }
+    let (mut term, mut sum, x2) = (x, x, x * x);
+    for n in 1..200 {
+        term *= -x2 / n as f64;
+        let add = term / (2 * n + 1) as f64;
+        sum += add;
+        if add.abs() < 1e-17 {
+            break;
+        }
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+pub fn act(a: Act, x: f32) -> f32 {
+    let x = x as f64;
+    (match a {
+        Act::None => x,
+        Act::Silu => x / (1.0 + (-x).exp()),
+        Act::Gelu => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+    }) as f32
+}
+
+/// Reference of `dwconv::depthwise` with a PyTorch `[c, 1, k, k]` weight.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise(x: &[f32], batch: usize, h: usize, w: usize, c: usize, wt: &[f32], bias: &[f32], g: DwGeom, a: Act, residual: bool) -> Vec<f32> {
+    let (oh, ow) = (g.out_len(h), g.out_len(w));
+    let mut out = vec![0.0; batch * oh * ow * c];
+    for b in 0..batch {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ch in 0..c {
+                    let mut s = bias[ch] as f64;
+                    for ky in 0..g.k {
+                        for kx in 0..g.k {
+                            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                s += x[((b * h + iy as usize) * w + ix as usize) * c + ch] as f64
+                                    * wt[(ch * g.k + ky) * g.k + kx] as f64;
+                            }
+                        }
+                    }
+                    let mut v = act(a, s as f32);
+                    if residual {
+                        v += x[((b * h + oy) * w + ox) * c + ch];
+                    }
+                    out[((b * oh + oy) * ow + ox) * c + ch] = v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Reference of `conv::conv2d` with a PyTorch `[cout, cin, k, k]` weight.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d(x: &[f32], batch: usize, h: usize, w: usize, cin: usize, wt: &[f32], bias: &[f32], cout: usize, g: DwGeom, a: Act) -> Vec<f32> {
+    let (oh, ow) = (g.out_len(h), g.out_len(w));
+    let mut out = vec![0.0; batch * oh * ow * cout];
+    for b in 0..batch {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for co in 0..cout {
+                    let mut s = bias[co] as f64;
+                    for ci in 0..cin {
+                        for ky in 0..g.k {
+                            for kx in 0..g.k {
+                                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    s += x[((b * h + iy as usize) * w + ix as usize) * cin + ci] as f64
+                                        * wt[((co * cin + ci) * g.k + ky) * g.k + kx] as f64;
+                                }
+                            }
+                        }
+                    }
+                    out[((b * oh + oy) * ow + ox) * cout + co] = act(a, s as f32);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Reference LayerNorm over channels.
+pub fn layer_norm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for (xr, or) in x.chunks(c).zip(out.chunks_mut(c)) {
+        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+        let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+        for i in 0..c {
+            or[i] = (((xr[i] as f64 - mean) / (var + eps as f64).sqrt()) * gamma[i] as f64 + beta[i] as f64) as f32;
+        }
+    }
+    out
+}
+
+/// Reference strided-window attention: explicit zero padding, explicit partition, softmax over
+/// all tokens of the window (padded keys included), crop. `qk_w` is PyTorch `[2c, c]`.
+#[allow(clippy::too_many_arguments)]
+pub fn window_attention(x: &[f32], qk_w: &[f32], qk_b: &[f32], batch: usize, h: usize, w: usize, c: usize, heads: usize, ws: usize, scale: f32) -> Vec<f32> {
+    let g = Windows::new(h, w, ws);
+    let (hp, wp) = (g.wh * g.n1, g.ww * g.n2);
+    let dh = c / heads;
+    let l = g.wh * g.ww;
+    let mut out = vec![0.0; batch * h * w * c];
+    for b in 0..batch {
+        // padded map and its q / k
+        let mut xp = vec![0f64; hp * wp * c];
+        for y in 0..h {
+            for xx in 0..w {
+                for ch in 0..c {
+                    xp[(y * wp + xx) * c + ch] = x[((b * h + y) * w + xx) * c + ch] as f64;
+                }
+            }
+        }
+        let mut qk = vec![0f64; hp * wp * 2 * c];
+        for p in 0..hp * wp {
+            for o in 0..2 * c {
+                qk[p * 2 * c + o] = qk_b[o] as f64 + (0..c).map(|i| qk_w[o * c + i] as f64 * xp[p * c + i]).sum::<f64>();
+            }
+        }
+        for i1 in 0..g.n1 {
+            for i2 in 0..g.n2 {
+                let tok = |t: usize| ((t / g.ww) * g.n1 + i1, (t % g.ww) * g.n2 + i2);
+                for hd in 0..heads {
+                    for qi in 0..l {
+                        let (qy, qx) = tok(qi);
+                        if qy >= h || qx >= w {
+                            continue;
+                        }
+                        let qp = qy * wp + qx;
+                        let logits: Vec<f64> = (0..l)
+                            .map(|kj| {
+                                let (ky, kx) = tok(kj);
+                                let kp = ky * wp + kx;
+                                (0..dh).map(|d| qk[qp * 2 * c + hd * dh + d] * qk[kp * 2 * c + c + hd * dh + d]).sum::<f64>()
+                                    * scale as f64
+                            })
+                            .collect();
+                        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = logits.iter().map(|v| (v - m).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for d in 0..dh {
+                            let mut s = 0.0;
+                            for (kj, ej) in e.iter().enumerate() {
+                                let (ky, kx) = tok(kj);
+                                s += ej / z * xp[(ky * wp + kx) * c + hd * dh + d];
+                            }
+                            out[((b * h + qy) * w + qx) * c + hd * dh + d] = s as f32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,161 @@
+//! Every kernel against its scalar reference on real EMO layer shapes, at every SIMD level.
+
+use emo_kernels::act::{self, Act};
+use emo_kernels::attention::window_attention;
+use emo_kernels::conv::{self, conv2d};
+use emo_kernels::dwconv::{self, DwGeom, depthwise};
+use emo_kernels::gemm::{Weight, matmul, matmul_reference};
+use emo_kernels::isa::{available, with_level};
+use emo_kernels::norm::layer_norm;
+use emo_kernels::reference;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn rnd(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn activations_match_reference() {
+    let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.01).chain([-100.0, -88.0, 50.0, 90.0]).collect();
+    for l in available() {
+        for a in [Act::Silu, Act::Gelu] {
+            let mut y = xs.clone();
+            with_level(l, || act::apply(a, &mut y));
+            for (x, y) in xs.iter().zip(&y) {
+                let r = reference::act(a, *x);
+                assert!((y - r).abs() <= 2e-6 * (1.0 + r.abs()), "{l:?} {a:?}({x}) = {y}, want {r}");
+            }
+        }
+    }
+    // exp relative error
+    for i in -870..=880 {
+        let x = i as f32 * 0.1;
+        let (a, b) = (act::exp(x), (x as f64).exp() as f32);
+        assert!(((a - b) / b).abs() < 3e-7, "exp({x}) = {a} vs {b}");
+    }
+}
+
+#[test]
+fn gemm_epilogues_on_emo_shapes() {
+    // (m = pixels, k = c_in, n = c_out): EMO-1M stage1 v, stage2 proj, stage3 qk, stage4 v; odd m.
+    for (m, k, n) in [(3136, 32, 64), (784, 120, 48), (196, 80, 160), (49, 168, 588), (7, 13, 5), (1, 24, 24)] {
+        let a = rnd(m * k, 1);
+        let w = Weight::from_torch(&rnd(n * k, 2), n, k);
+        let bias = rnd(n, 3);
+        let res = rnd(m * n, 4);
+        for (act, with_res) in [(Act::None, true), (Act::Silu, false), (Act::Gelu, false)] {
+            let r = with_res.then_some((&res[..], n));
+            let mut want = vec![0.0; m * n];
+            matmul_reference(&a, k, m, &w, Some(&bias), act, r, &mut want, n);
+            for l in available() {
+                let mut got = vec![f32::NAN; m * n];
+                with_level(l, || matmul(&a, k, m, &w, Some(&bias), act, r, &mut got, n));
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-4, "{l:?} m{m} k{k} n{n} {act:?}: {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_with_row_strides() {
+    let (m, k, n, lda, ldo) = (50, 20, 30, 33, 41);
+    let a = rnd(m * lda, 5);
+    let w = Weight::from_torch(&rnd(n * k, 6), n, k);
+    let mut want = vec![0.0; m * ldo];
+    let mut got = vec![0.0; m * ldo];
+    matmul_reference(&a, lda, m, &w, None, Act::None, None, &mut want, ldo);
+    matmul(&a, lda, m, &w, None, Act::None, None, &mut got, ldo);
+    for r in 0..m {
+        assert!(max_diff(&got[r * ldo..r * ldo + n], &want[r * ldo..r * ldo + n]) < 1e-5);
+        assert!(got[r * ldo + n..(r + 1) * ldo].iter().all(|&v| v == 0.0), "wrote outside the row");
+    }
+}
+
+#[test]
+fn depthwise_on_emo_shapes() {
+    // (batch, h, w, c, k, stride): stem iRMB, stage1 down, stage2 body, stage3 k5 s2 odd, stage4 k5 7x7.
+    for (b, h, w, c, k, s) in [(1, 112, 112, 24, 3, 1), (2, 112, 112, 96, 3, 2), (1, 28, 28, 120, 3, 1), (1, 15, 29, 288, 5, 2), (2, 7, 7, 588, 5, 1), (1, 1, 1, 40, 5, 2)] {
+        let g = DwGeom { k, stride: s, pad: (k - s).div_ceil(2) };
+        let x = rnd(b * h * w * c, 7);
+        let wt = rnd(c * k * k, 8);
+        let bias = rnd(c, 9);
+        let packed = dwconv::weight_from_torch(&wt, c, k);
+        let (oh, ow) = (g.out_len(h), g.out_len(w));
+        assert_eq!((oh, ow), (h.div_ceil(s), w.div_ceil(s)));
+        for residual in [false, s == 1] {
+            let want = reference::depthwise(&x, b, h, w, c, &wt, &bias, g, Act::Silu, residual);
+            for l in available() {
+                let mut got = vec![f32::NAN; b * oh * ow * c];
+                with_level(l, || depthwise(&x, b, h, w, c, &packed, &bias, g, Act::Silu, residual, &mut got));
+                let d = max_diff(&got, &want);
+                assert!(d < 2e-5, "{l:?} {b}x{h}x{w}x{c} k{k} s{s} res {residual}: {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn stem_conv_matches_reference() {
+    for (h, w) in [(224, 224), (33, 17), (1, 1)] {
+        let g = DwGeom { k: 3, stride: 2, pad: 1 };
+        let x = rnd(2 * h * w * 3, 10);
+        let wt = rnd(24 * 3 * 9, 11);
+        let bias = rnd(24, 12);
+        let want = reference::conv2d(&x, 2, h, w, 3, &wt, &bias, 24, g, Act::None);
+        let packed = conv::weight_from_torch(&wt, 24, 3, 3);
+        for l in available() {
+            let mut got = vec![0.0; want.len()];
+            with_level(l, || conv2d(&x, 2, h, w, 3, &packed, &bias, 24, g, Act::None, &mut got));
+            assert!(max_diff(&got, &want) < 1e-5, "{l:?} {h}x{w}");
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_reference() {
+    for (p, c) in [(196, 48), (49, 168), (13, 320), (1, 80)] {
+        let x: Vec<f32> = rnd(p * c, 13).iter().map(|v| v * 3.0 + 0.5).collect();
+        let g = rnd(c, 14);
+        let b = rnd(c, 15);
+        let want = reference::layer_norm(&x, c, &g, &b, 1e-6);
+        for l in available() {
+            let mut got = vec![0.0; p * c];
+            with_level(l, || layer_norm(&x, p, c, &g, &b, 1e-6, &mut got));
+            assert!(max_diff(&got, &want) < 1e-5, "{l:?} {p}x{c}");
+        }
+    }
+}
+
+#[test]
+fn window_attention_matches_padded_partition_reference() {
+    // (batch, h, w, c, heads, ws): EMO-1M stage3/4 at 224 and 256x192 (padding), global, odd sizes.
+    for (b, h, w, c, heads, ws) in [(1, 14, 14, 80, 4, 7), (2, 16, 12, 80, 4, 7), (1, 8, 6, 168, 8, 7), (1, 5, 9, 40, 2, 0), (1, 3, 11, 32, 2, 4), (1, 1, 1, 16, 1, 7)] {
+        let x = rnd(b * h * w * c, 16);
+        let qk_w: Vec<f32> = rnd(2 * c * c, 17).iter().map(|v| v * 0.3).collect();
+        let qk_b = rnd(2 * c, 18);
+        let scale = ((c / heads) as f32).powf(-0.5);
+        let want = reference::window_attention(&x, &qk_w, &qk_b, b, h, w, c, heads, ws, scale);
+        // qk at every real pixel
+        let wt = Weight::from_torch(&qk_w, 2 * c, c);
+        let mut qk = vec![0.0; b * h * w * 2 * c];
+        matmul(&x, c, b * h * w, &wt, Some(&qk_b), Act::None, None, &mut qk, 2 * c);
+        for l in available() {
+            let mut got = vec![f32::NAN; b * h * w * c];
+            with_level(l, || window_attention(&x, &qk, &qk_b, b, h, w, c, heads, ws, scale, &mut got));
+            let d = max_diff(&got, &want);
+            assert!(d < 2e-5, "{l:?} {b}x{h}x{w}x{c} heads {heads} ws {ws}: {d}");
+        }
+    }
+}
