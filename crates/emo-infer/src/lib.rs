@@ -1,0 +1,375 @@
+//! A fast CPU inference engine for EMO, independent of any framework.
+//!
+//! At load time every BatchNorm is folded into the convolution next to it (the stem conv, each
+//! depthwise conv, and the `v` 1x1 conv after a block's input BN), weights are re-laid out for
+//! channels-last kernels, and nothing else is kept. A forward pass then runs on NHWC buffers
+//! that are allocated once per input shape and reused:
+//!
+//! ```text
+//! stem conv+BN (direct) -> [per iRMB] LN? -> qk GEMM -> strided-window attention (from
+//! pixel indices, no permutes) -> v GEMM + bias + act -> depthwise + bias + SiLU (+ inner
+//! residual) -> SE? -> proj GEMM (+ outer residual) -> [head] LN -> mean -> linear
+//! ```
+//! Results match the official model to ~1e-6 (see the parity tests); the kernels are in
+//! `emo-kernels`.
+
+use std::path::Path;
+
+use emo_kernels::Act as KAct;
+use emo_kernels::attention::window_attention;
+use emo_kernels::conv::{self, channel_mean, conv2d, linear};
+use emo_kernels::dwconv::{self, DwGeom, depthwise};
+use emo_kernels::gemm::{Weight, matmul};
+use emo_kernels::norm::layer_norm;
+use emo_spec::{Act, BlockSpec, EmoConfig, NORM_EPS, Norm};
+use emo_weights::{StateDict, WeightsError};
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error(transparent)]
+    Spec(#[from] emo_spec::SpecError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("bad input: {0}")]
+    Input(String),
+}
+
+fn kact(a: Act) -> KAct {
+    match a {
+        Act::Silu => KAct::Silu,
+        Act::Gelu => KAct::Gelu,
+    }
+}
+
+fn f32s<'a>(sd: &'a StateDict, key: &str) -> &'a [f32] {
+    sd.get(key).and_then(|t| t.as_f32()).unwrap_or_else(|| panic!("validated checkpoint lacks float `{key}`"))
+}
+
+/// BN as `x * scale + shift`.
+fn bn(sd: &StateDict, p: &str) -> (Vec<f32>, Vec<f32>) {
+    let (g, b) = (f32s(sd, &format!("{p}.weight")), f32s(sd, &format!("{p}.bias")));
+    let (m, v) = (f32s(sd, &format!("{p}.running_mean")), f32s(sd, &format!("{p}.running_var")));
+    let scale: Vec<f32> = g.iter().zip(v).map(|(g, v)| (*g as f64 / (*v as f64 + NORM_EPS).sqrt()) as f32).collect();
+    let shift = b.iter().zip(m).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+    (scale, shift)
+}
+
+struct Ln {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+fn ln(sd: &StateDict, p: &str) -> Ln {
+    Ln { gamma: f32s(sd, &format!("{p}.norm.weight")).to_vec(), beta: f32s(sd, &format!("{p}.norm.bias")).to_vec() }
+}
+
+struct Se {
+    rd: usize,
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    w2: Vec<f32>,
+    b2: Vec<f32>,
+}
+
+struct Block {
+    spec: BlockSpec,
+    ln: Option<Ln>,
+    qk: Option<(Weight, Vec<f32>)>,
+    v: Option<(Weight, Vec<f32>)>,
+    dw_w: Vec<f32>,
+    dw_b: Vec<f32>,
+    dw: DwGeom,
+    se: Option<Se>,
+    proj: Weight,
+}
+
+impl Block {
+    fn load(sd: &StateDict, b: &BlockSpec) -> Block {
+        let p = &b.name;
+        let mut ln_norm = None;
+        let mut bn_norm = None;
+        match b.norm {
+            Some(Norm::Layer) => ln_norm = Some(ln(sd, &format!("{p}.norm"))),
+            Some(Norm::Batch) => bn_norm = Some(bn(sd, &format!("{p}.norm"))),
+            None => {}
+        }
+        let qk = b.attention.map(|_| {
+            let w = f32s(sd, &format!("{p}.qk.conv.weight"));
+            (Weight::from_torch(w, 2 * b.dim_in, b.dim_in), f32s(sd, &format!("{p}.qk.conv.bias")).to_vec())
+        });
+        let v = b.v_proj.then(|| {
+            let mut w = f32s(sd, &format!("{p}.v.conv.weight")).to_vec();
+            let mut bias = f32s(sd, &format!("{p}.v.conv.bias")).to_vec();
+            if let Some((s, t)) = &bn_norm {
+                // v(BN(x)) = (W diag(s)) x + (W t + b)
+                for o in 0..b.dim_mid {
+                    let row = &mut w[o * b.dim_in..(o + 1) * b.dim_in];
+                    bias[o] += row.iter().zip(t).map(|(w, t)| w * t).sum::<f32>();
+                    row.iter_mut().zip(s).for_each(|(w, s)| *w *= s);
+                }
+            }
+            (Weight::from_torch(&w, b.dim_mid, b.dim_in), bias)
+        });
+        let (s, t) = bn(sd, &format!("{p}.conv_local.norm"));
+        let k = b.dw_kernel;
+        let mut w = f32s(sd, &format!("{p}.conv_local.conv.weight")).to_vec();
+        for (c, chunk) in w.chunks_mut(k * k).enumerate() {
+            chunk.iter_mut().for_each(|v| *v *= s[c]);
+        }
+        let se = b.se_channels.map(|rd| Se {
+            rd,
+            w1: f32s(sd, &format!("{p}.se.conv_reduce.weight")).to_vec(),
+            b1: f32s(sd, &format!("{p}.se.conv_reduce.bias")).to_vec(),
+            w2: f32s(sd, &format!("{p}.se.conv_expand.weight")).to_vec(),
+            b2: f32s(sd, &format!("{p}.se.conv_expand.bias")).to_vec(),
+        });
+        Block {
+            spec: b.clone(),
+            ln: ln_norm,
+            qk,
+            v,
+            dw_w: dwconv::weight_from_torch(&w, b.dim_mid, k),
+            dw_b: t,
+            dw: DwGeom { k, stride: b.stride, pad: emo_spec::conv_pad(k, b.stride) },
+            se,
+            proj: Weight::from_torch(f32s(sd, &format!("{p}.proj.conv.weight")), b.dim_out, b.dim_mid),
+        }
+    }
+}
+
+struct Head {
+    ln: Ln,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    classes: usize,
+}
+
+/// Reusable activation buffers (grown on demand, never shrunk).
+#[derive(Default)]
+struct Buffers {
+    x: Vec<f32>,
+    out: Vec<f32>,
+    xn: Vec<f32>,
+    qk: Vec<f32>,
+    att: Vec<f32>,
+    e: Vec<f32>,
+    y: Vec<f32>,
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// Output of [`Engine::run_with`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// Selected stage outputs: (stage index, NCHW shape, NCHW data).
+    pub features: Vec<(usize, [usize; 4], Vec<f32>)>,
+    /// `[batch * num_classes]` logits, when asked for.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// The EMO inference engine for one config and set of weights.
+pub struct Engine {
+    cfg: EmoConfig,
+    stem_w: Vec<f32>,
+    stem_b: Vec<f32>,
+    stem: DwGeom,
+    blocks: Vec<Block>,
+    head: Option<Head>,
+    buf: Buffers,
+}
+
+impl Engine {
+    /// Build from an official-layout state dict (validated strictly; with `num_classes == 0`
+    /// the head keys are dropped).
+    pub fn from_state_dict(cfg: &EmoConfig, sd: &StateDict) -> Result<Self, InferError> {
+        cfg.validate()?;
+        let owned;
+        let sd = if cfg.num_classes == 0 {
+            owned = emo_weights::backbone_only(sd.clone());
+            &owned
+        } else {
+            sd
+        };
+        emo_weights::validate(sd, cfg)?;
+        let st = cfg.stem();
+        let (s, t) = bn(sd, "stage0.0.convs.0.1");
+        let mut w = f32s(sd, "stage0.0.convs.0.0.weight").to_vec();
+        let per = st.in_chans * st.kernel * st.kernel;
+        for (co, chunk) in w.chunks_mut(per).enumerate() {
+            chunk.iter_mut().for_each(|v| *v *= s[co]);
+        }
+        let cb = f32s(sd, "stage0.0.convs.0.0.bias");
+        let stem_b = (0..st.dim).map(|co| cb[co] * s[co] + t[co]).collect();
+        let blocks = cfg.blocks().iter().map(|b| Block::load(sd, b)).collect();
+        let head = (cfg.num_classes > 0).then(|| Head {
+            ln: ln(sd, "norm"),
+            w: f32s(sd, "head.weight").to_vec(),
+            b: f32s(sd, "head.bias").to_vec(),
+            classes: cfg.num_classes,
+        });
+        Ok(Engine {
+            cfg: cfg.clone(),
+            stem_w: conv::weight_from_torch(&w, st.dim, st.in_chans, st.kernel),
+            stem_b,
+            stem: DwGeom { k: st.kernel, stride: 2, pad: emo_spec::conv_pad(st.kernel, 2) },
+            blocks,
+            head,
+            buf: Buffers::default(),
+        })
+    }
+
+    /// Load a `.pth` / `.safetensors` checkpoint.
+    pub fn load(cfg: &EmoConfig, path: impl AsRef<Path>) -> Result<(Self, emo_weights::Wrapping), InferError> {
+        let sd = emo_weights::load(path)?;
+        Ok((Self::from_state_dict(cfg, &sd)?, sd.wrapping))
+    }
+
+    pub fn config(&self) -> &EmoConfig {
+        &self.cfg
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.head.as_ref().map_or(0, |h| h.classes)
+    }
+
+    /// Logits `[batch, num_classes]` (row-major) for an NCHW input of any size >= 1x1.
+    pub fn run(&mut self, input: &[f32], batch: usize, h: usize, w: usize) -> Result<Vec<f32>, InferError> {
+        Ok(self.run_with(input, batch, h, w, &[], true)?.logits.expect("logits"))
+    }
+
+    /// Run and keep the stage outputs in `out_indices` (0..=4), optionally the logits.
+    pub fn run_with(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        h: usize,
+        w: usize,
+        out_indices: &[usize],
+        logits: bool,
+    ) -> Result<Output, InferError> {
+        let cin = self.cfg.in_chans;
+        if batch == 0 || h == 0 || w == 0 || input.len() != batch * cin * h * w {
+            return Err(InferError::Input(format!(
+                "expected {batch}x{cin}x{h}x{w} = {} values (NCHW, non-zero sizes), got {}",
+                batch * cin * h * w,
+                input.len()
+            )));
+        }
+        if logits && self.head.is_none() {
+            return Err(InferError::Input("this engine has no classifier head (num_classes = 0)".into()));
+        }
+        if let Some(&i) = out_indices.iter().find(|&&i| i > 4) {
+            return Err(InferError::Input(format!("out index {i} > 4")));
+        }
+        let last_stage = if logits { 4 } else { out_indices.iter().copied().max().unwrap_or(0) };
+        let Buffers { x, out, xn, qk, att, e, y } = &mut self.buf;
+        // NCHW -> NHWC
+        let xin = grow(xn, batch * h * w * cin);
+        for b in 0..batch {
+            for c in 0..cin {
+                let plane = &input[(b * cin + c) * h * w..(b * cin + c + 1) * h * w];
+                for (p, v) in plane.iter().enumerate() {
+                    xin[(b * h * w + p) * cin + c] = *v;
+                }
+            }
+        }
+        let (mut hh, mut ww) = (self.stem.out_len(h), self.stem.out_len(w));
+        let c0 = self.cfg.stem_dim;
+        conv2d(xin, batch, h, w, cin, &self.stem_w, &self.stem_b, c0, self.stem, KAct::None, grow(x, batch * hh * ww * c0));
+        let mut features = Vec::new();
+        let keep = |stage: usize, data: &[f32], hh: usize, ww: usize, c: usize, features: &mut Vec<_>| {
+            if out_indices.contains(&stage) {
+                features.push((stage, [batch, c, hh, ww], nhwc_to_nchw(data, batch, hh, ww, c)));
+            }
+        };
+        for blk in &self.blocks {
+            let s = &blk.spec;
+            if s.stage > last_stage {
+                break;
+            }
+            let p = batch * hh * ww;
+            let xcur = &x[..p * s.dim_in];
+            // expansion (with norm / attention)
+            let e_in: &[f32] = if let Some(l) = &blk.ln {
+                layer_norm(xcur, p, s.dim_in, &l.gamma, &l.beta, NORM_EPS as f32, grow(xn, p * s.dim_in));
+                &xn[..p * s.dim_in]
+            } else {
+                xcur
+            };
+            let expanded: &[f32] = match (&blk.qk, &blk.v, &s.attention) {
+                (Some((wqk, bqk)), Some((wv, bv)), Some(a)) => {
+                    let c = s.dim_in;
+                    matmul(e_in, c, p, wqk, Some(bqk), KAct::None, None, grow(qk, p * 2 * c), 2 * c);
+                    let o = grow(att, p * c);
+                    window_attention(e_in, &qk[..p * 2 * c], bqk, batch, hh, ww, c, a.num_heads, a.window_size, a.scale() as f32, o);
+                    matmul(o, c, p, wv, Some(bv), kact(s.act), None, grow(e, p * s.dim_mid), s.dim_mid);
+                    &e[..p * s.dim_mid]
+                }
+                (None, Some((wv, bv)), _) => {
+                    matmul(e_in, s.dim_in, p, wv, Some(bv), kact(s.act), None, grow(e, p * s.dim_mid), s.dim_mid);
+                    &e[..p * s.dim_mid]
+                }
+                _ => e_in,
+            };
+            let (oh, ow) = (blk.dw.out_len(hh), blk.dw.out_len(ww));
+            let po = batch * oh * ow;
+            let yb = grow(y, po * s.dim_mid);
+            depthwise(expanded, batch, hh, ww, s.dim_mid, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, s.skip, yb);
+            if let Some(se) = &blk.se {
+                let c = s.dim_mid;
+                let mut mean = vec![0.0; batch * c];
+                channel_mean(yb, batch, oh * ow, c, &mut mean);
+                let (mut r, mut g) = (vec![0.0; se.rd], vec![0.0; c]);
+                for b in 0..batch {
+                    linear(&mean[b * c..(b + 1) * c], &se.w1, &se.b1, se.rd, c, kact(s.act), &mut r);
+                    linear(&r, &se.w2, &se.b2, c, se.rd, KAct::None, &mut g);
+                    for px in yb[b * oh * ow * c..(b + 1) * oh * ow * c].chunks_mut(c) {
+                        px.iter_mut().zip(&g).for_each(|(v, g)| *v *= emo_kernels::act::sigmoid(*g));
+                    }
+                }
+            }
+            let residual = s.skip.then_some((&x[..p * s.dim_in], s.dim_in));
+            matmul(yb, s.dim_mid, po, &blk.proj, None, KAct::None, residual, grow(out, po * s.dim_out), s.dim_out);
+            std::mem::swap(x, out);
+            (hh, ww) = (oh, ow);
+            let is_last_of_stage = self.blocks.iter().filter(|b| b.spec.stage == s.stage).last().map(|b| &b.spec.name) == Some(&s.name);
+            if is_last_of_stage {
+                keep(s.stage, &x[..po * s.dim_out], hh, ww, s.dim_out, &mut features);
+            }
+        }
+        let logits = if logits {
+            let hd = self.head.as_ref().expect("head");
+            let c = self.cfg.stages[3].dim;
+            let p = batch * hh * ww;
+            layer_norm(&x[..p * c], p, c, &hd.ln.gamma, &hd.ln.beta, NORM_EPS as f32, grow(xn, p * c));
+            let mut pooled = vec![0.0; batch * c];
+            channel_mean(&xn[..p * c], batch, hh * ww, c, &mut pooled);
+            let mut out = vec![0.0; batch * hd.classes];
+            for b in 0..batch {
+                linear(&pooled[b * c..(b + 1) * c], &hd.w, &hd.b, hd.classes, c, KAct::None, &mut out[b * hd.classes..(b + 1) * hd.classes]);
+            }
+            Some(out)
+        } else {
+            None
+        };
+        Ok(Output { features, logits })
+    }
+}
+
+fn nhwc_to_nchw(x: &[f32], b: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0.0; b * c * h * w];
+    for n in 0..b {
+        for p in 0..h * w {
+            for ch in 0..c {
+                out[(n * c + ch) * h * w + p] = x[(n * h * w + p) * c + ch];
+            }
+        }
+    }
+    out
+}
