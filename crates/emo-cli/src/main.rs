@@ -11,6 +11,8 @@ use emo_model::preprocess::EvalTransform;
 use emo_spec::{EmoConfig, Variant};
 use emo_weights::npy;
 
+mod bench;
+
 const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
 /// The committed EMO-1M parity fixture (official layout, seeded random weights) and the
 /// official model's outputs for it, embedded so `emo verify` needs no files.
@@ -89,6 +91,31 @@ enum Cmd {
     },
     /// Check this build against the official PyTorch outputs embedded in the binary (EMO-1M).
     Verify,
+    /// Latency and throughput of the fast engine, optionally against ONNX Runtime and burn.
+    Bench {
+        #[arg(long, default_value = "emo-1m")]
+        variant: Variant,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value = "224x224", value_parser = parse_hw)]
+        size: (usize, usize),
+        /// Threads for our engine (and ONNX Runtime's intra-op pool); default: all cores.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Timed runs per round and engine.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Also time this ONNX model with ONNX Runtime (Python `onnxruntime`; see scripts/bench.sh),
+        /// interleaved with ours, and print `ratio_vs_onnx`.
+        #[arg(long)]
+        compare_onnx: Option<PathBuf>,
+        /// Also time the burn (flex) model, interleaved.
+        #[arg(long)]
+        compare_burn: bool,
+    },
 }
 
 fn parse_hw(s: &str) -> Result<(usize, usize), String> {
@@ -116,6 +143,12 @@ fn main() -> Result<()> {
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
+        Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn } => {
+            if let Some(t) = threads {
+                rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
+            }
+            bench::run(&bench::Args { variant, batch, size, runs, rounds, compare_onnx, compare_burn })
+        }
     }
 }
 

@@ -517,3 +517,26 @@ pub fn backbone_only(mut sd: StateDict) -> StateDict {
     sd.tensors.retain(|k, _| !(k.starts_with("norm.") || k.starts_with("head.")));
     sd
 }
+
+/// A deterministic synthetic state dict with the official layout of `cfg` (for benchmarks and
+/// tests where the values do not matter): weights in [-0.1, 0.1), BN variances in [0.5, 1.5).
+pub fn synthetic(cfg: &EmoConfig, seed: u64) -> StateDict {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let mut sd = StateDict::new();
+    for k in cfg.state_dict_keys() {
+        let n: usize = k.shape.iter().product();
+        let t = match k.kind {
+            KeyKind::Counter => Tensor { shape: k.shape.clone(), data: Data::I64(vec![0]) },
+            _ if k.name.ends_with("running_var") => Tensor::f32(k.shape.clone(), (0..n).map(|_| 0.5 + next()).collect()),
+            _ => Tensor::f32(k.shape.clone(), (0..n).map(|_| (next() - 0.5) * 0.2).collect()),
+        };
+        sd.insert(k.name, t);
+    }
+    sd
+}

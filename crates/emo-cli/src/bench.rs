@@ -1,0 +1,155 @@
+//! `emo bench`: latency percentiles and throughput of the fast engine, interleaved with ONNX
+//! Runtime (a Python child process) and the burn model in the same run.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::tensor::{Device, Tensor, TensorData};
+use emo_spec::Variant;
+
+pub struct Args {
+    pub variant: Variant,
+    pub batch: usize,
+    pub size: (usize, usize),
+    pub runs: usize,
+    pub rounds: usize,
+    pub compare_onnx: Option<PathBuf>,
+    pub compare_burn: bool,
+}
+
+const ORT_SERVER: &str = include_str!("../../../scripts/ort_server.py");
+
+struct Ort {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Ort {
+    fn start(model: &PathBuf, threads: usize) -> Result<(Self, String)> {
+        ensure!(model.exists(), "{} does not exist", model.display());
+        let script = std::env::temp_dir().join(format!("emo_ort_server_{}.py", std::process::id()));
+        std::fs::write(&script, ORT_SERVER)?;
+        let mut child = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+            .arg(&script)
+            .arg(model)
+            .arg(threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting python3 for ONNX Runtime")?;
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        let Some(shape) = line.trim().strip_prefix("ready ").map(str::to_string) else {
+            let _ = child.wait();
+            bail!("ONNX Runtime did not start (is `onnxruntime` installed? run scripts/bench.sh, or `pip install onnxruntime numpy`)");
+        };
+        Ok((Ort { child, out }, shape))
+    }
+    fn run(&mut self, k: usize) -> Result<Vec<f64>> {
+        writeln!(self.child.stdin.as_mut().expect("stdin"), "run {k}")?;
+        let mut line = String::new();
+        self.out.read_line(&mut line)?;
+        line.split_whitespace().map(|t| t.parse::<f64>().context("bad ORT timing")).collect()
+    }
+}
+
+impl Drop for Ort {
+    fn drop(&mut self) {
+        let _ = writeln!(self.child.stdin.as_mut().expect("stdin"), "quit");
+        let _ = self.child.wait();
+    }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn report(name: &str, times: &mut [f64], batch: usize) -> f64 {
+    times.sort_by(f64::total_cmp);
+    let med = pct(times, 0.5);
+    println!(
+        "{name:<14} {med:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>9.1}",
+        pct(times, 0.1),
+        pct(times, 0.9),
+        times[0],
+        batch as f64 * 1e3 / med
+    );
+    med
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    ensure!(a.batch > 0 && a.runs > 0 && a.rounds > 0, "batch, runs and rounds must be > 0");
+    let (h, w) = a.size;
+    let cfg = a.variant.config();
+    let sd = emo_weights::synthetic(&cfg, 0);
+    let mut engine = emo_infer::Engine::from_state_dict(&cfg, &sd)?;
+    let n = a.batch * 3 * h * w;
+    let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let threads = rayon::current_num_threads();
+    let mut ort = match &a.compare_onnx {
+        Some(p) => {
+            let (o, shape) = Ort::start(p, threads)?;
+            let want = format!("{}x3x{h}x{w}", a.batch);
+            ensure!(shape == want, "{} takes input {shape}, but the bench is {want} (use --batch/--size)", p.display());
+            Some(o)
+        }
+        None => None,
+    };
+    let device = Device::flex();
+    let burn_model = if a.compare_burn { Some(emo_model::Emo::from_state_dict(&cfg, &sd, &device)?) } else { None };
+    let burn_x = || Tensor::<4>::from_data(TensorData::new(x.clone(), [a.batch, 3, h, w]), &device);
+
+    println!(
+        "emo bench: {} batch {} {h}x{w}, {threads} threads, SIMD {:?}, {} rounds x {} runs (interleaved)",
+        a.variant.paper_name(),
+        a.batch,
+        emo_kernels::isa::level(),
+        a.rounds,
+        a.runs
+    );
+    // warm-up
+    let warm = if a.batch == 1 { 5 } else { 2 };
+    for _ in 0..warm {
+        engine.run(&x, a.batch, h, w)?;
+    }
+    if let Some(o) = ort.as_mut() {
+        o.run(warm)?;
+    }
+    if let Some(m) = &burn_model {
+        m.forward(burn_x())?.into_data();
+    }
+    let (mut ours, mut theirs, mut burn) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..a.rounds {
+        for _ in 0..a.runs {
+            let t = Instant::now();
+            std::hint::black_box(engine.run(&x, a.batch, h, w)?);
+            ours.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if let Some(o) = ort.as_mut() {
+            theirs.extend(o.run(a.runs)?);
+        }
+        if let Some(m) = &burn_model {
+            for _ in 0..a.runs.div_ceil(2) {
+                let xt = burn_x();
+                let t = Instant::now();
+                std::hint::black_box(m.forward(xt)?.into_data());
+                burn.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    println!("{:<14} {:>9} {:>8} {:>8} {:>8} {:>9}", "engine", "median ms", "p10", "p90", "min", "img/s");
+    let med = report("emo (fast)", &mut ours, a.batch);
+    let ort_med = (!theirs.is_empty()).then(|| report("onnxruntime", &mut theirs, a.batch));
+    let burn_med = (!burn.is_empty()).then(|| report("burn flex", &mut burn, a.batch));
+    if let Some(b) = burn_med {
+        println!("ratio_vs_burn: {:.3}", med / b);
+    }
+    if let Some(o) = ort_med {
+        println!("ratio_vs_onnx: {:.3}", med / o);
+    }
+    Ok(())
+}
