@@ -19,7 +19,11 @@ pub enum Act {
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    // Round x*log2(e) to the nearest integer n with the 1.5*2^23 trick: the integer then sits
+    // in the low mantissa bits of `t`, so 2^n is built with integer ops only (no float->int
+    // conversion, which Rust's saturating `as` would scalarise).
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -28,7 +32,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    y * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
 }
 
 #[inline(always)]
@@ -69,8 +73,16 @@ multiversion! {
     pub fn apply / apply_at(a: Act, x: &mut [f32]) {
         match a {
             Act::None => {}
-            Act::Silu => x.iter_mut().for_each(|v| *v = silu(*v)),
-            Act::Gelu => x.iter_mut().for_each(|v| *v = gelu(*v)),
+            Act::Silu => {
+                for i in 0..x.len() {
+                    x[i] = silu(x[i]);
+                }
+            }
+            Act::Gelu => {
+                for i in 0..x.len() {
+                    x[i] = gelu(x[i]);
+                }
+            }
         }
     }
 }
@@ -82,18 +94,28 @@ multiversion! {
         for r in 0..rows {
             let row = &mut y[r * ld..r * ld + n];
             if let Some(b) = bias {
-                for (v, b) in row.iter_mut().zip(&b[..n]) {
-                    *v += b;
+                let b = &b[..n];
+                for i in 0..n {
+                    row[i] += b[i];
                 }
             }
             match a {
                 Act::None => {}
-                Act::Silu => row.iter_mut().for_each(|v| *v = silu(*v)),
-                Act::Gelu => row.iter_mut().for_each(|v| *v = gelu(*v)),
+                Act::Silu => {
+                    for i in 0..n {
+                        row[i] = silu(row[i]);
+                    }
+                }
+                Act::Gelu => {
+                    for i in 0..n {
+                        row[i] = gelu(row[i]);
+                    }
+                }
             }
             if let Some((res, ldr)) = residual {
-                for (v, x) in row.iter_mut().zip(&res[r * ldr..r * ldr + n]) {
-                    *v += x;
+                let res = &res[r * ldr..r * ldr + n];
+                for i in 0..n {
+                    row[i] += res[i];
                 }
             }
         }

@@ -31,40 +31,47 @@ impl Windows {
 }
 
 multiversion! {
-    /// One head of one window: `o[i] = softmax(q[i] · kt * scale) · v` for each real query `i`.
-    /// `q`: `[lq, dh]`, `kt`: `[dh, l]`, `v`: `[l, dh]`, `s`: scratch of `l`, `o`: `[lq, dh]`.
-    #[allow(clippy::too_many_arguments)]
-    fn head / head_at(q: &[f32], kt: &[f32], v: &[f32], lq: usize, l: usize, dh: usize, scale: f32, s: &mut [f32], o: &mut [f32]) {
-        for i in 0..lq {
-            s.iter_mut().for_each(|x| *x = 0.0);
-            let qi = &q[i * dh..(i + 1) * dh];
-            for (d, &qd) in qi.iter().enumerate() {
-                let krow = &kt[d * l..(d + 1) * l];
-                for (sj, kj) in s.iter_mut().zip(krow) {
-                    *sj += qd * kj;
-                }
-            }
+    /// Row softmax of `s` (`rows x l`) in place.
+    fn softmax_rows / softmax_rows_at(s: &mut [f32], l: usize) {
+        for row in s.chunks_exact_mut(l) {
             let mut m = f32::NEG_INFINITY;
-            for sj in s.iter_mut() {
-                *sj *= scale;
-                m = m.max(*sj);
+            for i in 0..l {
+                m = m.max(row[i]);
+            }
+            for i in 0..l {
+                row[i] = exp(row[i] - m);
             }
             let mut sum = 0.0;
-            for sj in s.iter_mut() {
-                *sj = exp(*sj - m);
-                sum += *sj;
+            for i in 0..l {
+                sum += row[i];
             }
             let inv = 1.0 / sum;
-            let oi = &mut o[i * dh..(i + 1) * dh];
-            oi.iter_mut().for_each(|x| *x = 0.0);
-            for (j, &sj) in s.iter().enumerate() {
-                let p = sj * inv;
-                for (od, vd) in oi.iter_mut().zip(&v[j * dh..(j + 1) * dh]) {
-                    *od += p * vd;
-                }
+            for i in 0..l {
+                row[i] *= inv;
             }
         }
     }
+}
+
+/// `c[m, n] = scale * a[m, k] · b[k, n]` (all row-major, contiguous), single-threaded.
+fn small_gemm(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], scale: f32) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    // SAFETY: bounds asserted above; row-major strides.
+    unsafe {
+        gemm::gemm(
+            m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize, b.as_ptr(), 1, n as isize, 0.0, scale,
+            false, false, false, gemm::Parallelism::None,
+        );
+    }
+}
+
+/// One head of one window: `o = softmax(q · kt * scale) · v` for the `lq` real queries.
+/// `q`: `[lq, dh]`, `kt`: `[dh, l]`, `v`: `[l, dh]`, `s`: scratch `[lq, l]`, `o`: `[lq, dh]`.
+#[allow(clippy::too_many_arguments)]
+fn head_at(level: crate::isa::Level, q: &[f32], kt: &[f32], v: &[f32], lq: usize, l: usize, dh: usize, scale: f32, s: &mut [f32], o: &mut [f32]) {
+    small_gemm(lq, l, dh, q, kt, s, scale);
+    softmax_rows_at(level, &mut s[..lq * l], l);
+    small_gemm(lq, dh, l, s, v, o, 1.0);
 }
 
 #[derive(Clone, Copy)]
@@ -102,7 +109,7 @@ pub fn window_attention(
     let dst = SendPtr(out.as_mut_ptr());
     let tasks = batch * g.n1 * g.n2 * heads;
     (0..tasks).into_par_iter().for_each_init(
-        || (vec![0f32; l * dh], vec![0f32; dh * l], vec![0f32; l * dh], vec![0f32; l], vec![0f32; l * dh], vec![0usize; l]),
+        || (vec![0f32; l * dh], vec![0f32; dh * l], vec![0f32; l * dh], vec![0f32; l * l], vec![0f32; l * dh], vec![0usize; l]),
         |(q, kt, v, s, o, pix), t| {
             let hd = t % heads;
             let win = t / heads;
