@@ -7,12 +7,14 @@ use rayon::prelude::*;
 
 use crate::act::{Act, bias_act_rows_at};
 
-/// A weight laid out for `out[m, n] = in[m, k] · W[k, n]` (row-major `[k, n]`).
+/// A weight laid out for `out[m, n] = in[m, k] · W[k, n]` (row-major `[k, n]`), plus the
+/// same weight packed for the AVX-512 kernel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Weight {
     pub k: usize,
     pub n: usize,
     pub data: Vec<f32>,
+    pub packed: Vec<f32>,
 }
 
 impl Weight {
@@ -25,7 +27,8 @@ impl Weight {
                 data[i * n + o] = w[o * k + i];
             }
         }
-        Weight { k, n, data }
+        let packed = crate::gemm512::pack(&data, k, n);
+        Weight { k, n, data, packed }
     }
 }
 
@@ -61,6 +64,11 @@ pub fn matmul(
         assert!(ldr >= n && r.len() >= (m - 1) * ldr + n);
     }
     let threads = rayon::current_num_threads().max(1);
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa::level() == crate::isa::Level::Avx512 {
+        matmul512(a, lda, m, w, bias, act, residual, out, ldo, threads);
+        return;
+    }
     // Row tiles of ~64 rows; split columns too when there are few row tiles.
     let mt = 64usize.min(m.div_ceil(threads)).max(8);
     let m_tiles = m.div_ceil(mt);
@@ -101,6 +109,58 @@ pub fn matmul(
             let tile = std::slice::from_raw_parts_mut(d.0.add(r0 * ldo + c0), (rows - 1) * ldo + cols);
             let res = residual.map(|(r, ldr)| (&r[r0 * ldr + c0..], ldr));
             bias_act_rows_at(level, tile, ldo, rows, cols, bias.map(|b| &b[c0..]), act, res);
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn matmul512(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &Weight,
+    bias: Option<&[f32]>,
+    act: Act,
+    residual: Option<(&[f32], usize)>,
+    out: &mut [f32],
+    ldo: usize,
+    threads: usize,
+) {
+    use crate::gemm512::{MR, NR, band};
+    let (k, n) = (w.k, w.n);
+    let panels = n.div_ceil(NR);
+    // Bands of rows; split the panels too when there are few bands.
+    let bm = (4 * MR).min(m.div_ceil(threads).next_multiple_of(MR)).max(MR);
+    let m_bands = m.div_ceil(bm);
+    let p_splits = if m_bands >= 2 * threads { 1 } else { (2 * threads).div_ceil(m_bands).min(panels).max(1) };
+    let pp = panels.div_ceil(p_splits);
+    let level = crate::isa::level();
+    // Bias and residual go into the accumulators when there is no activation between them.
+    let fold_res = act == Act::None;
+    let dst = SendPtr(out.as_mut_ptr());
+    (0..m_bands * p_splits).into_par_iter().for_each(|t| {
+        let (bi, pi) = (t / p_splits, t % p_splits);
+        let r0 = bi * bm;
+        let rows = bm.min(m - r0);
+        let ps = (pi * pp).min(panels)..((pi + 1) * pp).min(panels);
+        if ps.is_empty() {
+            return;
+        }
+        let d = dst;
+        let res = residual.filter(|_| fold_res).map(|(r, ldr)| (r[r0 * ldr..].as_ptr(), ldr));
+        // SAFETY: AVX-512F is available (level check); bands x panel ranges are disjoint parts
+        // of `out`; all slices were bounds-checked in `matmul`.
+        unsafe {
+            band(rows, k, n, a.as_ptr().add(r0 * lda), lda, w.packed.as_ptr(), ps.clone(), d.0.add(r0 * ldo), ldo, bias, res);
+        }
+        if !fold_res {
+            let c0 = ps.start * NR;
+            let cols = (ps.end * NR).min(n) - c0;
+            // SAFETY: the same disjoint tile.
+            let tile = unsafe { std::slice::from_raw_parts_mut(d.0.add(r0 * ldo + c0), (rows - 1) * ldo + cols) };
+            let res = residual.map(|(r, ldr)| (&r[r0 * ldr + c0..], ldr));
+            bias_act_rows_at(level, tile, ldo, rows, cols, None, act, res);
         }
     });
 }

@@ -18,6 +18,7 @@ pub mod attention;
 pub mod conv;
 pub mod dwconv;
 pub mod gemm;
+pub mod gemm512;
 pub mod isa;
 pub mod norm;
 pub mod reference;
