@@ -73,6 +73,13 @@ pub fn conv2d(
     let level = crate::isa::level();
     out[..batch * oh * ow * cout].par_chunks_mut(ow * cout).enumerate().for_each(|(r, row)| {
         let (b, oy) = (r / oh, r % oh);
+        #[cfg(target_arch = "x86_64")]
+        if level == crate::isa::Level::Avx512 && cout <= 32 {
+            // SAFETY: AVX-512F available; sizes asserted above.
+            unsafe { conv_row_512(&input[b * h * w * cin..(b + 1) * h * w * cin], h, w, cin, weight, bias, cout, g, oy, row) };
+            crate::act::apply_at(level, act, row);
+            return;
+        }
         conv_row_at(level, &input[b * h * w * cin..(b + 1) * h * w * cin], h, w, cin, weight, bias, cout, g, oy, act, row);
     });
 }
@@ -96,5 +103,47 @@ pub fn linear(x: &[f32], w: &[f32], b: &[f32], n: usize, k: usize, act: Act, y: 
     for o in 0..n {
         let s: f32 = w[o * k..(o + 1) * k].iter().zip(x).map(|(a, b)| a * b).sum();
         y[o] = apply_one(act, s + b[o]);
+    }
+}
+
+/// AVX-512 body of one output row for `cout <= 32`: the output channels live in two zmm
+/// accumulators; each input value is broadcast against a weight vector.
+///
+/// # Safety
+/// AVX-512F must be available; `img` is `[h, w, cin]`, `out` `[ow, cout]`, weight `[k*k*cin, cout]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_row_512(img: &[f32], h: usize, w: usize, cin: usize, weight: &[f32], bias: &[f32], cout: usize, g: DwGeom, oy: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let ow = out.len() / cout;
+    let m0: __mmask16 = if cout >= 16 { 0xffff } else { ((1u32 << cout) - 1) as u16 };
+    let m1: __mmask16 = if cout >= 32 { 0xffff } else if cout <= 16 { 0 } else { ((1u32 << (cout - 16)) - 1) as u16 };
+    let (ip, wp, op) = (img.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
+    let ky0 = g.pad.saturating_sub(oy * g.stride);
+    let ky1 = g.k.min((h + g.pad).saturating_sub(oy * g.stride));
+    unsafe {
+        let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
+        let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(16));
+        for ox in 0..ow {
+            let (mut a0, mut a1) = (b0, b1);
+            let kx0 = g.pad.saturating_sub(ox * g.stride);
+            let kx1 = g.k.min((w + g.pad).saturating_sub(ox * g.stride));
+            for ky in ky0..ky1 {
+                let iy = oy * g.stride + ky - g.pad;
+                for kx in kx0..kx1 {
+                    let ix = ox * g.stride + kx - g.pad;
+                    let src = ip.add((iy * w + ix) * cin);
+                    for ci in 0..cin {
+                        let v = _mm512_set1_ps(*src.add(ci));
+                        let wk = wp.add(((ky * g.k + kx) * cin + ci) * cout);
+                        a0 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m0, wk), a0);
+                        a1 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m1, wk.add(16)), a1);
+                    }
+                }
+            }
+            _mm512_mask_storeu_ps(op.add(ox * cout), m0, a0);
+            _mm512_mask_storeu_ps(op.add(ox * cout + 16), m1, a1);
+        }
     }
 }

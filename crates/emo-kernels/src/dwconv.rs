@@ -97,6 +97,57 @@ pub fn depthwise(
     out[..batch * oh * ow * c].par_chunks_mut(ow * c).enumerate().for_each(|(r, row)| {
         let (b, oy) = (r / oh, r % oh);
         let img = &input[b * h * w * c..(b + 1) * h * w * c];
+        #[cfg(target_arch = "x86_64")]
+        if level == crate::isa::Level::Avx512 {
+            // SAFETY: AVX-512F available; sizes asserted above.
+            unsafe { dw_row_512(img, h, w, c, weight, bias, g, oy, row) };
+            crate::act::bias_act_rows_at(level, row, ow * c, 1, ow * c, None, act, residual.then(|| (&img[oy * w * c..], w * c)));
+            return;
+        }
         dw_row_at(level, img, h, w, c, weight, bias, g, oy, act, residual, row);
     });
+}
+
+/// AVX-512 body of one output row (no activation): 32-channel blocks in two zmm accumulators,
+/// masked loads / stores for the channel tail.
+///
+/// # Safety
+/// AVX-512F must be available; `img` is `[h, w, c]`, `out` is `[ow, c]`, `weight` `[k*k, c]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_row_512(img: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let ow = out.len() / c;
+    let (ip, wp, op) = (img.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
+    let ky0 = g.pad.saturating_sub(oy * g.stride);
+    let ky1 = g.k.min((h + g.pad).saturating_sub(oy * g.stride));
+    let mut cb = 0;
+    while cb < c {
+        let n = (c - cb).min(32);
+        let m0: __mmask16 = if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+        let m1: __mmask16 = if n >= 32 { 0xffff } else if n <= 16 { 0 } else { ((1u32 << (n - 16)) - 1) as u16 };
+        unsafe {
+            let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr().add(cb));
+            let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(cb + 16));
+            for ox in 0..ow {
+                let (mut a0, mut a1) = (b0, b1);
+                let kx0 = g.pad.saturating_sub(ox * g.stride);
+                let kx1 = g.k.min((w + g.pad).saturating_sub(ox * g.stride));
+                for ky in ky0..ky1 {
+                    let iy = oy * g.stride + ky - g.pad;
+                    for kx in kx0..kx1 {
+                        let ix = ox * g.stride + kx - g.pad;
+                        let src = ip.add((iy * w + ix) * c + cb);
+                        let wk = wp.add((ky * g.k + kx) * c + cb);
+                        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, src), _mm512_maskz_loadu_ps(m0, wk), a0);
+                        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, src.add(16)), _mm512_maskz_loadu_ps(m1, wk.add(16)), a1);
+                    }
+                }
+                _mm512_mask_storeu_ps(op.add(ox * c + cb), m0, a0);
+                _mm512_mask_storeu_ps(op.add(ox * c + cb + 16), m1, a1);
+            }
+        }
+        cb += 32;
+    }
 }
