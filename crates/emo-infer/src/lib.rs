@@ -20,6 +20,7 @@ use emo_kernels::attention::window_attention;
 use emo_kernels::conv::{self, channel_mean, conv2d, linear};
 use emo_kernels::dwconv::{self, DwGeom, depthwise};
 use emo_kernels::gemm::{Weight, matmul};
+use emo_kernels::fused::{dw_matmul, ln_matmul};
 use emo_kernels::norm::layer_norm;
 use emo_spec::{Act, BlockSpec, EmoConfig, NORM_EPS, Norm};
 use emo_weights::{StateDict, WeightsError};
@@ -296,32 +297,34 @@ impl Engine {
             let p = batch * hh * ww;
             let xcur = &x[..p * s.dim_in];
             // expansion (with norm / attention)
-            let e_in: &[f32] = if let Some(l) = &blk.ln {
-                layer_norm(xcur, p, s.dim_in, &l.gamma, &l.beta, NORM_EPS as f32, grow(xn, p * s.dim_in));
-                &xn[..p * s.dim_in]
-            } else {
-                xcur
-            };
-            let expanded: &[f32] = match (&blk.qk, &blk.v, &s.attention) {
-                (Some((wqk, bqk)), Some((wv, bv)), Some(a)) => {
+            let expanded: &[f32] = match (&blk.ln, &blk.qk, &blk.v, &s.attention) {
+                (Some(l), Some((wqk, bqk)), Some((wv, bv)), Some(a)) => {
                     let c = s.dim_in;
-                    matmul(e_in, c, p, wqk, Some(bqk), KAct::None, None, grow(qk, p * 2 * c), 2 * c);
+                    let xnb = grow(xn, p * c);
+                    ln_matmul(xcur, p, c, &l.gamma, &l.beta, NORM_EPS as f32, xnb, wqk, Some(bqk), KAct::None, grow(qk, p * 2 * c));
                     let o = grow(att, p * c);
-                    window_attention(e_in, &qk[..p * 2 * c], bqk, batch, hh, ww, c, a.num_heads, a.window_size, a.scale() as f32, o);
+                    window_attention(&xn[..p * c], &qk[..p * 2 * c], bqk, batch, hh, ww, c, a.num_heads, a.window_size, a.scale() as f32, o);
                     matmul(o, c, p, wv, Some(bv), kact(s.act), None, grow(e, p * s.dim_mid), s.dim_mid);
                     &e[..p * s.dim_mid]
                 }
-                (None, Some((wv, bv)), _) => {
-                    matmul(e_in, s.dim_in, p, wv, Some(bv), kact(s.act), None, grow(e, p * s.dim_mid), s.dim_mid);
+                (Some(l), None, Some((wv, bv)), _) => {
+                    let xnb = grow(xn, p * s.dim_in);
+                    ln_matmul(xcur, p, s.dim_in, &l.gamma, &l.beta, NORM_EPS as f32, xnb, wv, Some(bv), kact(s.act), grow(e, p * s.dim_mid));
                     &e[..p * s.dim_mid]
                 }
-                _ => e_in,
+                (None, None, Some((wv, bv)), _) => {
+                    matmul(xcur, s.dim_in, p, wv, Some(bv), kact(s.act), None, grow(e, p * s.dim_mid), s.dim_mid);
+                    &e[..p * s.dim_mid]
+                }
+                (None, None, None, _) => xcur,
+                _ => unreachable!("block layout is fixed by the plan"),
             };
             let (oh, ow) = (blk.dw.out_len(hh), blk.dw.out_len(ww));
             let po = batch * oh * ow;
-            let yb = grow(y, po * s.dim_mid);
-            depthwise(expanded, batch, hh, ww, s.dim_mid, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, s.skip, yb);
+            let residual = s.skip.then_some(&x[..p * s.dim_in]);
             if let Some(se) = &blk.se {
+                let yb = grow(y, po * s.dim_mid);
+                depthwise(expanded, batch, hh, ww, s.dim_mid, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, s.skip, yb);
                 let c = s.dim_mid;
                 let mut mean = vec![0.0; batch * c];
                 channel_mean(yb, batch, oh * ow, c, &mut mean);
@@ -329,13 +332,18 @@ impl Engine {
                 for b in 0..batch {
                     linear(&mean[b * c..(b + 1) * c], &se.w1, &se.b1, se.rd, c, kact(s.act), &mut r);
                     linear(&r, &se.w2, &se.b2, c, se.rd, KAct::None, &mut g);
+                    g.iter_mut().for_each(|v| *v = emo_kernels::act::sigmoid(*v));
                     for px in yb[b * oh * ow * c..(b + 1) * oh * ow * c].chunks_mut(c) {
-                        px.iter_mut().zip(&g).for_each(|(v, g)| *v *= emo_kernels::act::sigmoid(*g));
+                        px.iter_mut().zip(&g).for_each(|(v, g)| *v *= g);
                     }
                 }
+                matmul(yb, c, po, &blk.proj, None, KAct::None, residual.map(|r| (r, s.dim_out)), grow(out, po * s.dim_out), s.dim_out);
+            } else {
+                dw_matmul(
+                    expanded, batch, hh, ww, s.dim_mid, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, s.skip,
+                    grow(y, po * s.dim_mid), &blk.proj, residual, grow(out, po * s.dim_out),
+                );
             }
-            let residual = s.skip.then_some((&x[..p * s.dim_in], s.dim_in));
-            matmul(yb, s.dim_mid, po, &blk.proj, None, KAct::None, residual, grow(out, po * s.dim_out), s.dim_out);
             std::mem::swap(x, out);
             (hh, ww) = (oh, ow);
             let is_last_of_stage = self.blocks.iter().filter(|b| b.spec.stage == s.stage).last().map(|b| &b.spec.name) == Some(&s.name);

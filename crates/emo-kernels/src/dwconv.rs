@@ -36,7 +36,7 @@ pub fn weight_from_torch(w: &[f32], c: usize, k: usize) -> Vec<f32> {
 
 multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn dw_row / dw_row_at(input: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, act: Act, residual: bool, out: &mut [f32]) {
+    pub(crate) fn dw_row / dw_row_at(input: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, act: Act, residual: bool, out: &mut [f32]) {
         let ow = out.len() / c;
         for ox in 0..ow {
             let o = &mut out[ox * c..(ox + 1) * c];
@@ -116,7 +116,7 @@ pub fn depthwise(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dw_row_512(img: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, out: &mut [f32]) {
+pub(crate) unsafe fn dw_row_512(img: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let ow = out.len() / c;
     let (ip, wp, op) = (img.as_ptr(), weight.as_ptr(), out.as_mut_ptr());

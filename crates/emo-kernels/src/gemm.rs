@@ -193,3 +193,48 @@ pub fn matmul_reference(
         }
     }
 }
+
+/// Single-threaded [`matmul`], for use inside an already parallel task.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_st(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &Weight,
+    bias: Option<&[f32]>,
+    act: Act,
+    residual: Option<(&[f32], usize)>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let (k, n) = (w.k, w.n);
+    if m == 0 {
+        return;
+    }
+    assert!(lda >= k && ldo >= n && a.len() >= (m - 1) * lda + k && out.len() >= (m - 1) * ldo + n);
+    if let Some((r, ldr)) = residual {
+        assert!(ldr >= n && r.len() >= (m - 1) * ldr + n);
+    }
+    let level = crate::isa::level();
+    #[cfg(target_arch = "x86_64")]
+    if level == crate::isa::Level::Avx512 {
+        let fold = act == Act::None;
+        let res = residual.filter(|_| fold).map(|(r, ldr)| (r.as_ptr(), ldr));
+        // SAFETY: AVX-512F available; bounds asserted above.
+        unsafe {
+            crate::gemm512::band(m, k, n, a.as_ptr(), lda, w.packed.as_ptr(), 0..n.div_ceil(crate::gemm512::NR), out.as_mut_ptr(), ldo, bias, res);
+        }
+        if !fold {
+            bias_act_rows_at(level, out, ldo, m, n, None, act, residual);
+        }
+        return;
+    }
+    // SAFETY: bounds asserted above; row-major strides.
+    unsafe {
+        gemm::gemm(
+            m, n, k, out.as_mut_ptr(), 1, ldo as isize, false, a.as_ptr(), 1, lda as isize, w.data.as_ptr(), 1, n as isize,
+            0.0, 1.0, false, false, false, gemm::Parallelism::None,
+        );
+    }
+    bias_act_rows_at(level, out, ldo, m, n, bias, act, residual);
+}

@@ -52,6 +52,15 @@ pub fn with_level<R>(level: Level, f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// [`with_level`] for a level already known to be supported (propagates the caller's level
+/// into rayon worker threads).
+pub fn with_level_unchecked<R>(level: Level, f: impl FnOnce() -> R) -> R {
+    let old = OVERRIDE.with(|o| o.replace(level as u8));
+    let r = f();
+    OVERRIDE.with(|o| o.set(old));
+    r
+}
+
 fn from_u8(v: u8) -> Option<Level> {
     match v {
         1 => Some(Level::Generic),

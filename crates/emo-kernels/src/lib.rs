@@ -17,6 +17,7 @@ pub mod act;
 pub mod attention;
 pub mod conv;
 pub mod dwconv;
+pub mod fused;
 pub mod gemm;
 pub mod gemm512;
 pub mod isa;

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::multiversion;
 
 multiversion! {
-    fn ln_rows / ln_rows_at(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    pub(crate) fn ln_rows / ln_rows_at(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
         for (xr, or) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
             let mean = xr.iter().sum::<f32>() / c as f32;
             let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;

@@ -159,3 +159,44 @@ fn window_attention_matches_padded_partition_reference() {
         }
     }
 }
+
+#[test]
+fn fused_ln_matmul_and_dw_matmul_match_composed_references() {
+    use emo_kernels::fused::{dw_matmul, ln_matmul};
+    // LN + qk GEMM (EMO-1M stage3 body at 256x192, batch 2)
+    let (p, c, n) = (2 * 16 * 12, 80, 160);
+    let x: Vec<f32> = rnd(p * c, 20).iter().map(|v| v * 2.0 + 0.3).collect();
+    let (g, b) = (rnd(c, 21), rnd(c, 22));
+    let w = Weight::from_torch(&rnd(n * c, 23), n, c);
+    let bias = rnd(n, 24);
+    let xn_ref = reference::layer_norm(&x, c, &g, &b, 1e-6);
+    let mut want = vec![0.0; p * n];
+    matmul_reference(&xn_ref, c, p, &w, Some(&bias), Act::Gelu, None, &mut want, n);
+    for l in available() {
+        let (mut xn, mut got) = (vec![0.0; p * c], vec![0.0; p * n]);
+        with_level(l, || ln_matmul(&x, p, c, &g, &b, 1e-6, &mut xn, &w, Some(&bias), Act::Gelu, &mut got));
+        assert!(max_diff(&xn, &xn_ref) < 1e-5 && max_diff(&got, &want) < 1e-4, "{l:?}");
+    }
+    // dw (+inner residual) + proj (+outer residual): stage2 body, and a stride-2 block without residuals
+    for (bt, h, w_, c, k, s, out_c) in [(2, 28, 28, 120, 3, 1, 48), (1, 29, 15, 96, 3, 2, 32), (1, 7, 7, 588, 5, 1, 168)] {
+        let skip = s == 1;
+        let g = DwGeom { k, stride: s, pad: (k - s).div_ceil(2) };
+        let e = rnd(bt * h * w_ * c, 25);
+        let (dw_t, dw_b) = (rnd(c * k * k, 26), rnd(c, 27));
+        let proj = Weight::from_torch(&rnd(out_c * c, 28), out_c, c);
+        let (oh, ow) = (g.out_len(h), g.out_len(w_));
+        let res = rnd(bt * oh * ow * out_c, 29);
+        let y_ref = reference::depthwise(&e, bt, h, w_, c, &dw_t, &dw_b, g, Act::Silu, skip);
+        let mut want = vec![0.0; bt * oh * ow * out_c];
+        matmul_reference(&y_ref, c, bt * oh * ow, &proj, None, Act::None, skip.then_some((&res[..], out_c)), &mut want, out_c);
+        let dw_w = dwconv::weight_from_torch(&dw_t, c, k);
+        for l in available() {
+            let (mut y, mut got) = (vec![0.0; y_ref.len()], vec![0.0; want.len()]);
+            with_level(l, || {
+                dw_matmul(&e, bt, h, w_, c, &dw_w, &dw_b, g, Act::Silu, skip, &mut y, &proj, skip.then_some(&res[..]), &mut got)
+            });
+            assert!(max_diff(&y, &y_ref) < 2e-5, "{l:?} y {h}x{w_}x{c}");
+            assert!(max_diff(&got, &want) < 1e-4, "{l:?} out {h}x{w_}x{c}: {}", max_diff(&got, &want));
+        }
+    }
+}
