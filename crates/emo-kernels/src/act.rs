@@ -59,6 +59,45 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// Sum with 16 independent lanes (vectorisable, unlike a sequential float sum).
+#[inline(always)]
+pub fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for j in 0..16 {
+            acc[j] += c[j];
+        }
+    }
+    let mut s = 0.0;
+    for a in acc {
+        s += a;
+    }
+    for v in rem {
+        s += v;
+    }
+    s
+}
+
+/// Maximum with 16 independent lanes.
+#[inline(always)]
+pub fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for j in 0..16 {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for a in acc.iter().chain(rem) {
+        m = if *a > m { *a } else { m };
+    }
+    m
+}
+
 #[inline(always)]
 pub fn apply_one(a: Act, x: f32) -> f32 {
     match a {
@@ -68,9 +107,24 @@ pub fn apply_one(a: Act, x: f32) -> f32 {
     }
 }
 
+/// `x[i] = act(x[i])` in place.
+pub fn apply(a: Act, x: &mut [f32]) {
+    apply_at(crate::isa::level(), a, x)
+}
+
+/// [`apply`] at an explicit ISA level.
+pub fn apply_at(level: crate::isa::Level, a: Act, x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level == crate::isa::Level::Avx512 {
+        // SAFETY: the level is supported by this CPU.
+        unsafe { avx512::apply(a, x) };
+        return;
+    }
+    apply_portable_at(level, a, x)
+}
+
 multiversion! {
-    /// `x[i] = act(x[i])` in place.
-    pub fn apply / apply_at(a: Act, x: &mut [f32]) {
+    fn apply_portable / apply_portable_at(a: Act, x: &mut [f32]) {
         match a {
             Act::None => {}
             Act::Silu => {
@@ -88,35 +142,133 @@ multiversion! {
 }
 
 multiversion! {
-    /// Row-wise epilogue on a `rows x n` block with row stride `ld`:
-    /// `y = act(y + bias) (+ residual)`, the residual having row stride `ldr`.
-    pub fn bias_act_rows / bias_act_rows_at(y: &mut [f32], ld: usize, rows: usize, n: usize, bias: Option<&[f32]>, a: Act, residual: Option<(&[f32], usize)>) {
-        for r in 0..rows {
-            let row = &mut y[r * ld..r * ld + n];
-            if let Some(b) = bias {
-                let b = &b[..n];
-                for i in 0..n {
-                    row[i] += b[i];
-                }
-            }
-            match a {
-                Act::None => {}
-                Act::Silu => {
-                    for i in 0..n {
-                        row[i] = silu(row[i]);
-                    }
-                }
-                Act::Gelu => {
-                    for i in 0..n {
-                        row[i] = gelu(row[i]);
-                    }
-                }
-            }
-            if let Some((res, ldr)) = residual {
-                let res = &res[r * ldr..r * ldr + n];
-                for i in 0..n {
-                    row[i] += res[i];
-                }
+    /// `y += x` elementwise.
+    pub fn add / add_at(y: &mut [f32], x: &[f32]) {
+        let n = y.len();
+        let x = &x[..n];
+        for i in 0..n {
+            y[i] += x[i];
+        }
+    }
+}
+
+/// Row-wise epilogue on a `rows x n` block with row stride `ld`:
+/// `y = act(y + bias) (+ residual)`, the residual having row stride `ldr`.
+pub fn bias_act_rows(y: &mut [f32], ld: usize, rows: usize, n: usize, bias: Option<&[f32]>, a: Act, residual: Option<(&[f32], usize)>) {
+    bias_act_rows_at(crate::isa::level(), y, ld, rows, n, bias, a, residual)
+}
+
+/// [`bias_act_rows`] at an explicit ISA level.
+#[allow(clippy::too_many_arguments)]
+pub fn bias_act_rows_at(
+    level: crate::isa::Level,
+    y: &mut [f32],
+    ld: usize,
+    rows: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    a: Act,
+    residual: Option<(&[f32], usize)>,
+) {
+    for r in 0..rows {
+        let row = &mut y[r * ld..r * ld + n];
+        if let Some(b) = bias {
+            add_at(level, row, &b[..n]);
+        }
+        apply_at(level, a, row);
+        if let Some((res, ldr)) = residual {
+            add_at(level, row, &res[r * ldr..r * ldr + n]);
+        }
+    }
+}
+
+/// AVX-512 versions of the activations: same polynomials as the scalar code, with the
+/// divisions replaced by `rcp14` plus one Newton step (relative error ~1e-7).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Act;
+
+    #[inline(always)]
+    unsafe fn exp(x: __m512) -> __m512 {
+        unsafe {
+            let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.3));
+            let magic = _mm512_set1_ps(12_582_912.0);
+            let t = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
+            let n = _mm512_sub_ps(t, magic);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+            let mut p = _mm512_set1_ps(1.987_569_1e-4);
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_666_65));
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+            let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
+            let bits = _mm512_slli_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B40_0000 - 127)), 23);
+            _mm512_mul_ps(y, _mm512_castsi512_ps(bits))
+        }
+    }
+
+    /// 1 / d with one Newton step.
+    #[inline(always)]
+    unsafe fn recip(d: __m512) -> __m512 {
+        unsafe {
+            let r = _mm512_rcp14_ps(d);
+            _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn silu(x: __m512) -> __m512 {
+        unsafe {
+            let d = _mm512_add_ps(_mm512_set1_ps(1.0), exp(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+            _mm512_mul_ps(x, recip(d))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn gelu(x: __m512) -> __m512 {
+        unsafe {
+            let z = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+            let a = _mm512_abs_ps(z);
+            let t = recip(_mm512_fmadd_ps(a, _mm512_set1_ps(0.327_591_1), _mm512_set1_ps(1.0)));
+            let mut p = _mm512_set1_ps(1.061_405_4);
+            p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453_152));
+            p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421_413_8));
+            p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284_496_74));
+            p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254_829_6));
+            p = _mm512_mul_ps(p, t);
+            let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+            let erf_abs = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0));
+            // copy the sign of z
+            let sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN));
+            let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));
+            _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5)), _mm512_add_ps(erf, _mm512_set1_ps(1.0)))
+        }
+    }
+
+    /// `x = act(x)` in place.
+    ///
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn apply(a: Act, x: &mut [f32]) {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let mut i = 0;
+        unsafe {
+            while i < n {
+                let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
+                let v = _mm512_maskz_loadu_ps(m, p.add(i));
+                let y = match a {
+                    Act::None => v,
+                    Act::Silu => silu(v),
+                    Act::Gelu => gelu(v),
+                };
+                _mm512_mask_storeu_ps(p.add(i), m, y);
+                i += 16;
             }
         }
     }

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::act::exp;
+use crate::act::{exp, max_lanes, sum_lanes};
 use crate::multiversion;
 
 /// Window geometry (same rule as `emo_spec::AttnSpec::windows`).
@@ -34,17 +34,11 @@ multiversion! {
     /// Row softmax of `s` (`rows x l`) in place.
     fn softmax_rows / softmax_rows_at(s: &mut [f32], l: usize) {
         for row in s.chunks_exact_mut(l) {
-            let mut m = f32::NEG_INFINITY;
-            for i in 0..l {
-                m = m.max(row[i]);
-            }
+            let m = max_lanes(row);
             for i in 0..l {
                 row[i] = exp(row[i] - m);
             }
-            let mut sum = 0.0;
-            for i in 0..l {
-                sum += row[i];
-            }
+            let sum = sum_lanes(row);
             let inv = 1.0 / sum;
             for i in 0..l {
                 row[i] *= inv;

@@ -3,16 +3,29 @@
 
 use rayon::prelude::*;
 
+use crate::act::sum_lanes;
 use crate::multiversion;
 
 multiversion! {
     pub(crate) fn ln_rows / ln_rows_at(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
         for (xr, or) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-            let mean = xr.iter().sum::<f32>() / c as f32;
-            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+            let mean = sum_lanes(xr) / c as f32;
+            for i in 0..c {
+                or[i] = xr[i] - mean;
+            }
+            let mut sq = [0f32; 16];
+            let chunks = or.chunks_exact(16);
+            let rem: f32 = chunks.remainder().iter().map(|d| d * d).sum();
+            for ch in chunks {
+                for j in 0..16 {
+                    sq[j] += ch[j] * ch[j];
+                }
+            }
+            let var = (sum_lanes(&sq) + rem) / c as f32;
             let rstd = 1.0 / (var + eps).sqrt();
-            for (((o, v), g), b) in or.iter_mut().zip(xr).zip(gamma).zip(beta) {
-                *o = (v - mean) * rstd * g + b;
+            let (gamma, beta) = (&gamma[..c], &beta[..c]);
+            for i in 0..c {
+                or[i] = or[i] * rstd * gamma[i] + beta[i];
             }
         }
     }
