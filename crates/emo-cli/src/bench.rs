@@ -89,7 +89,7 @@ pub fn run(a: &Args) -> Result<()> {
     let mut engine = emo_infer::Engine::from_state_dict(&cfg, &sd)?;
     let n = a.batch * 3 * h * w;
     let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-    let threads = rayon::current_num_threads();
+    let threads = emo_kernels::pool::num_threads();
     let mut ort = match &a.compare_onnx {
         Some(p) => {
             let (o, shape) = Ort::start(p, threads)?;
@@ -129,8 +129,12 @@ pub fn run(a: &Args) -> Result<()> {
             std::hint::black_box(engine.run(&x, a.batch, h, w)?);
             ours.push(t.elapsed().as_secs_f64() * 1e3);
         }
+        // Hand the cores over cleanly: our workers stop spinning, ORT's spinning threads settle.
         if let Some(o) = ort.as_mut() {
+            // Our idle workers stop spinning so that ORT gets both cores.
+            emo_kernels::pool::release();
             theirs.extend(o.run(a.runs)?);
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         if let Some(m) = &burn_model {
             for _ in 0..a.runs.div_ceil(2) {

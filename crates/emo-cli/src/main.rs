@@ -145,6 +145,8 @@ fn main() -> Result<()> {
         Cmd::Verify => verify(),
         Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn } => {
             if let Some(t) = threads {
+                ensure!(t > 0, "--threads must be > 0");
+                emo_kernels::pool::set_num_threads(t);
                 rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
             }
             bench::run(&bench::Args { variant, batch, size, runs, rounds, compare_onnx, compare_burn })

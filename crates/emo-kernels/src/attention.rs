@@ -7,7 +7,9 @@
 //! tokens have `x = 0`, so their q / k equal the qk-conv bias and their value is 0; they are
 //! keys (not masked, as in the official model) but their query outputs are never computed.
 
-use rayon::prelude::*;
+use std::cell::RefCell;
+
+use crate::pool::{SendPtr, parallel_for};
 
 use crate::act::{exp, max_lanes, sum_lanes};
 use crate::multiversion;
@@ -68,10 +70,18 @@ fn head_at(level: crate::isa::Level, q: &[f32], kt: &[f32], v: &[f32], lq: usize
     small_gemm(lq, dh, l, s, v, o, 1.0);
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+/// Per-thread scratch: q, kt, v, s, o, pixel indices.
+type Scratch = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<usize>);
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Default::default());
+}
+
+fn fit<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
 
 /// Strided-window attention for a batch of channels-last maps.
 ///
@@ -102,9 +112,15 @@ pub fn window_attention(
     let level = crate::isa::level();
     let dst = SendPtr(out.as_mut_ptr());
     let tasks = batch * g.n1 * g.n2 * heads;
-    (0..tasks).into_par_iter().for_each_init(
-        || (vec![0f32; l * dh], vec![0f32; dh * l], vec![0f32; l * dh], vec![0f32; l * l], vec![0f32; l * dh], vec![0usize; l]),
-        |(q, kt, v, s, o, pix), t| {
+    parallel_for(tasks, |t| {
+        SCRATCH.with(|sc| {
+            let (q, kt, v, s, o, pix) = &mut *sc.borrow_mut();
+            fit(q, l * dh);
+            fit(kt, dh * l);
+            fit(v, l * dh);
+            fit(s, l * l);
+            fit(o, l * dh);
+            fit(pix, l);
             let hd = t % heads;
             let win = t / heads;
             let (b, i1, i2) = (win / (g.n1 * g.n2), (win / g.n2) % g.n1, win % g.n2);
@@ -141,6 +157,6 @@ pub fn window_attention(
                     d.copy_from_slice(&o[i * dh..(i + 1) * dh]);
                 }
             }
-        },
-    );
+        })
+    });
 }

@@ -2,7 +2,7 @@
 //! kernel whose inner loop runs over output channels. im2col + GEMM is a poor fit for 3 input
 //! channels.
 
-use rayon::prelude::*;
+use crate::pool::parallel_chunks_mut;
 
 use crate::act::{Act, apply_one};
 use crate::dwconv::DwGeom;
@@ -71,7 +71,7 @@ pub fn conv2d(
     let (oh, ow) = (g.out_len(h), g.out_len(w));
     assert!(input.len() >= batch * h * w * cin && out.len() >= batch * oh * ow * cout);
     let level = crate::isa::level();
-    out[..batch * oh * ow * cout].par_chunks_mut(ow * cout).enumerate().for_each(|(r, row)| {
+    parallel_chunks_mut(&mut out[..batch * oh * ow * cout], ow * cout, |r, row| {
         let (b, oy) = (r / oh, r % oh);
         #[cfg(target_arch = "x86_64")]
         if level == crate::isa::Level::Avx512 && cout <= 32 {

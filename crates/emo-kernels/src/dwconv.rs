@@ -1,9 +1,9 @@
 //! Depthwise k x k convolution on channels-last data, BN folded into weight and bias, with the
 //! activation and EMO's inner residual (`out = x + act(dw(x))`, stride 1 only) fused in.
-//! Rows of the output are spread over the rayon pool; within a row the channels are the
+//! Rows of the output are spread over the pool; within a row the channels are the
 //! vectorised inner loop.
 
-use rayon::prelude::*;
+use crate::pool::parallel_chunks_mut;
 
 use crate::act::{Act, silu, gelu};
 use crate::multiversion;
@@ -94,7 +94,7 @@ pub fn depthwise(
     assert!(input.len() >= batch * h * w * c && out.len() >= batch * oh * ow * c && weight.len() >= g.k * g.k * c);
     assert!(!residual || (g.stride == 1 && oh == h && ow == w), "inner residual needs a shape-preserving conv");
     let level = crate::isa::level();
-    out[..batch * oh * ow * c].par_chunks_mut(ow * c).enumerate().for_each(|(r, row)| {
+    parallel_chunks_mut(&mut out[..batch * oh * ow * c], ow * c, |r, row| {
         let (b, oy) = (r / oh, r % oh);
         let img = &input[b * h * w * c..(b + 1) * h * w * c];
         #[cfg(target_arch = "x86_64")]

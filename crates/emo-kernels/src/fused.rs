@@ -5,19 +5,14 @@
 //! * [`dw_matmul`]: depthwise conv (+ act, + inner residual), then the 1x1 projection
 //!   (+ outer residual) on the rows just produced.
 
-use rayon::prelude::*;
-
 use crate::act::{Act, bias_act_rows_at};
 use crate::dwconv::{DwGeom, dw_row_at};
 use crate::gemm::{Weight, matmul_st};
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+use crate::pool::{SendPtr, num_threads, parallel_chunks_mut};
 
 fn band_rows(total: usize, min_rows: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = num_threads();
     total.div_ceil(4 * threads).max(min_rows).max(1)
 }
 
@@ -41,13 +36,15 @@ pub fn ln_matmul(
     let level = crate::isa::level();
     let rows = band_rows(pixels, 8);
     let n = w.n;
-    xn[..pixels * c].par_chunks_mut(rows * c).zip(out[..pixels * n].par_chunks_mut(rows * n)).enumerate().for_each(
-        |(i, (xb, ob))| {
-            let r = xb.len() / c;
-            crate::norm::ln_rows_at(level, &x[i * rows * c..(i * rows + r) * c], c, gamma, beta, eps, xb);
-            crate::isa::with_level_unchecked(level, || matmul_st(xb, c, r, w, bias, act, None, ob, n));
-        },
-    );
+    let xp = SendPtr(xn.as_mut_ptr());
+    parallel_chunks_mut(&mut out[..pixels * n], rows * n, |i, ob| {
+        let xp = xp;
+        let r = ob.len() / n;
+        // SAFETY: band i owns rows i*rows..i*rows+r of `xn` (asserted in bounds).
+        let xb = unsafe { std::slice::from_raw_parts_mut(xp.0.add(i * rows * c), r * c) };
+        crate::norm::ln_rows_at(level, &x[i * rows * c..(i * rows + r) * c], c, gamma, beta, eps, xb);
+        crate::isa::with_level_unchecked(level, || matmul_st(xb, c, r, w, bias, act, None, ob, n));
+    });
 }
 
 /// `y = act(dw(e)) (+ e)` then `out = y · P (+ x)`, over bands of output rows.
@@ -82,7 +79,7 @@ pub fn dw_matmul(
     let level = crate::isa::level();
     let band = band_rows(rows_total, 1);
     let yp = SendPtr(y.as_mut_ptr());
-    out[..rows_total * ow * n].par_chunks_mut(band * ow * n).enumerate().for_each(|(i, ob)| {
+    parallel_chunks_mut(&mut out[..rows_total * ow * n], band * ow * n, |i, ob| {
         let r0 = i * band;
         let nr = ob.len() / (ow * n);
         let yp = yp;

@@ -1,9 +1,9 @@
 //! 1x1 convolution / linear layer on channels-last data as a GEMM with a fused epilogue:
 //! `out = act(in · W + bias) (+ residual)`. The GEMM itself is the `gemm` crate's (runtime
-//! AVX-512/AVX2/NEON micro-kernels); the work is split into row x column tiles over the rayon
-//! pool, and each tile's epilogue runs right after its GEMM, while it is still in cache.
+//! AVX-512/AVX2/NEON micro-kernels); the work is split into row x column tiles over the
+//! [`crate::pool`], and each tile's epilogue runs right after its GEMM, while it is still in cache.
 
-use rayon::prelude::*;
+use crate::pool::{SendPtr, num_threads, parallel_for};
 
 use crate::act::{Act, bias_act_rows_at};
 
@@ -32,10 +32,6 @@ impl Weight {
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// `out[r, :n] = act(a[r, :k] · W + bias) (+ residual[r, :n])` for `r < m`.
 ///
@@ -63,7 +59,7 @@ pub fn matmul(
     if let Some((r, ldr)) = residual {
         assert!(ldr >= n && r.len() >= (m - 1) * ldr + n);
     }
-    let threads = rayon::current_num_threads().max(1);
+    let threads = num_threads();
     #[cfg(target_arch = "x86_64")]
     if crate::isa::level() == crate::isa::Level::Avx512 {
         matmul512(a, lda, m, w, bias, act, residual, out, ldo, threads);
@@ -77,7 +73,7 @@ pub fn matmul(
     let n_tiles = n.div_ceil(nt);
     let level = crate::isa::level();
     let dst = SendPtr(out.as_mut_ptr());
-    (0..m_tiles * n_tiles).into_par_iter().for_each(|t| {
+    parallel_for(m_tiles * n_tiles, |t| {
         let (mi, ni) = (t / n_tiles, t % n_tiles);
         let (r0, c0) = (mi * mt, ni * nt);
         let rows = mt.min(m - r0);
@@ -139,7 +135,7 @@ fn matmul512(
     // Bias and residual go into the accumulators when there is no activation between them.
     let fold_res = act == Act::None;
     let dst = SendPtr(out.as_mut_ptr());
-    (0..m_bands * p_splits).into_par_iter().for_each(|t| {
+    parallel_for(m_bands * p_splits, |t| {
         let (bi, pi) = (t / p_splits, t % p_splits);
         let r0 = bi * bm;
         let rows = bm.min(m - r0);

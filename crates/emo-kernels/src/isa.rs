@@ -53,7 +53,7 @@ pub fn with_level<R>(level: Level, f: impl FnOnce() -> R) -> R {
 }
 
 /// [`with_level`] for a level already known to be supported (propagates the caller's level
-/// into rayon worker threads).
+/// into pool worker threads).
 pub fn with_level_unchecked<R>(level: Level, f: impl FnOnce() -> R) -> R {
     let old = OVERRIDE.with(|o| o.replace(level as u8));
     let r = f();

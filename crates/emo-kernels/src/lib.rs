@@ -22,6 +22,7 @@ pub mod gemm;
 pub mod gemm512;
 pub mod isa;
 pub mod norm;
+pub mod pool;
 pub mod reference;
 
 pub use act::Act;

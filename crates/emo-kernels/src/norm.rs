@@ -1,7 +1,7 @@
 //! LayerNorm over the channels of every pixel of a channels-last map (EMO's LayerNorm2d),
 //! without any transpose: each pixel's channels are contiguous.
 
-use rayon::prelude::*;
+use crate::pool::parallel_chunks_mut;
 
 use crate::act::sum_lanes;
 use crate::multiversion;
@@ -36,7 +36,7 @@ pub fn layer_norm(x: &[f32], pixels: usize, c: usize, gamma: &[f32], beta: &[f32
     assert!(x.len() >= pixels * c && out.len() >= pixels * c && gamma.len() == c && beta.len() == c);
     let level = crate::isa::level();
     let chunk = 64 * c;
-    x[..pixels * c].par_chunks(chunk).zip(out[..pixels * c].par_chunks_mut(chunk)).for_each(|(xs, os)| {
-        ln_rows_at(level, xs, c, gamma, beta, eps, os);
+    parallel_chunks_mut(&mut out[..pixels * c], chunk, |i, os| {
+        ln_rows_at(level, &x[i * chunk..i * chunk + os.len()], c, gamma, beta, eps, os);
     });
 }
