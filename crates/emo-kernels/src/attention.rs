@@ -77,6 +77,16 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Default::default());
 }
 
+/// Short copies (one head's channels) as a plain loop: `copy_from_slice` calls memmove,
+/// which costs more than the copy at these sizes.
+#[inline(always)]
+fn copy(dst: &mut [f32], src: &[f32]) {
+    let src = &src[..dst.len()];
+    for i in 0..dst.len() {
+        dst[i] = src[i];
+    }
+}
+
 fn fit<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
     if v.len() < n {
         v.resize(n, T::default());
@@ -133,11 +143,11 @@ pub fn window_attention(
                     if y < h && xx < w {
                         let p = (b * h + y) * w + xx;
                         let qkp = &qk[p * 2 * c..(p + 1) * 2 * c];
-                        q[lq * dh..(lq + 1) * dh].copy_from_slice(&qkp[hd * dh..(hd + 1) * dh]);
+                        copy(&mut q[lq * dh..(lq + 1) * dh], &qkp[hd * dh..(hd + 1) * dh]);
                         for d in 0..dh {
                             kt[d * l + tok] = qkp[c + hd * dh + d];
                         }
-                        v[tok * dh..(tok + 1) * dh].copy_from_slice(&x[p * c + hd * dh..p * c + (hd + 1) * dh]);
+                        copy(&mut v[tok * dh..(tok + 1) * dh], &x[p * c + hd * dh..p * c + (hd + 1) * dh]);
                         pix[lq] = p;
                         lq += 1;
                     } else {
@@ -154,7 +164,7 @@ pub fn window_attention(
                 // SAFETY: each (pixel, head) slot is written by exactly one task.
                 unsafe {
                     let d = std::slice::from_raw_parts_mut(dst.0.add(p * c + hd * dh), dh);
-                    d.copy_from_slice(&o[i * dh..(i + 1) * dh]);
+                    copy(d, &o[i * dh..(i + 1) * dh]);
                 }
             }
         })
