@@ -134,6 +134,7 @@ pub fn run(a: &Args) -> Result<()> {
             // Our idle workers stop spinning so that ORT gets both cores.
             emo_kernels::pool::release();
             theirs.extend(o.run(a.runs)?);
+            // ...and ORT's spinning intra-op threads settle before our next phase.
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         if let Some(m) = &burn_model {

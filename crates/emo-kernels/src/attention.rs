@@ -10,6 +10,9 @@
 use std::cell::RefCell;
 
 use crate::pool::{SendPtr, parallel_for};
+#[cfg(target_arch = "x86_64")]
+use crate::gemm512::band;
+use crate::gemm512::NR;
 
 use crate::act::{exp, max_lanes, sum_lanes};
 use crate::multiversion;
@@ -122,12 +125,15 @@ pub fn window_attention(
     let level = crate::isa::level();
     let dst = SendPtr(out.as_mut_ptr());
     let tasks = batch * g.n1 * g.n2 * heads;
+    // At the AVX-512 level, keys and values are gathered straight into the packed panels of
+    // the GEMM micro-kernel (and the scale folded into q).
+    let packed = cfg!(target_arch = "x86_64") && level == crate::isa::Level::Avx512;
     parallel_for(tasks, |t| {
         SCRATCH.with(|sc| {
             let (q, kt, v, s, o, pix) = &mut *sc.borrow_mut();
             fit(q, l * dh);
-            fit(kt, dh * l);
-            fit(v, l * dh);
+            fit(kt, l.div_ceil(NR) * NR * dh);
+            fit(v, dh.div_ceil(NR) * NR * l);
             fit(s, l * l);
             fit(o, l * dh);
             fit(pix, l);
@@ -143,22 +149,53 @@ pub fn window_attention(
                     if y < h && xx < w {
                         let p = (b * h + y) * w + xx;
                         let qkp = &qk[p * 2 * c..(p + 1) * 2 * c];
-                        copy(&mut q[lq * dh..(lq + 1) * dh], &qkp[hd * dh..(hd + 1) * dh]);
-                        for d in 0..dh {
-                            kt[d * l + tok] = qkp[c + hd * dh + d];
+                        let qd = &mut q[lq * dh..(lq + 1) * dh];
+                        copy(qd, &qkp[hd * dh..(hd + 1) * dh]);
+                        if packed {
+                            qd.iter_mut().for_each(|v| *v *= scale);
+                            let (pk, j) = (tok / NR, tok % NR);
+                            for d in 0..dh {
+                                kt[(pk * dh + d) * NR + j] = qkp[c + hd * dh + d];
+                            }
+                            let xv = &x[p * c + hd * dh..p * c + (hd + 1) * dh];
+                            for d in 0..dh {
+                                v[((d / NR) * l + tok) * NR + d % NR] = xv[d];
+                            }
+                        } else {
+                            for d in 0..dh {
+                                kt[d * l + tok] = qkp[c + hd * dh + d];
+                            }
+                            copy(&mut v[tok * dh..(tok + 1) * dh], &x[p * c + hd * dh..p * c + (hd + 1) * dh]);
                         }
-                        copy(&mut v[tok * dh..(tok + 1) * dh], &x[p * c + hd * dh..p * c + (hd + 1) * dh]);
                         pix[lq] = p;
                         lq += 1;
                     } else {
-                        for d in 0..dh {
-                            kt[d * l + tok] = qk_bias[c + hd * dh + d];
+                        if packed {
+                            let (pk, j) = (tok / NR, tok % NR);
+                            for d in 0..dh {
+                                kt[(pk * dh + d) * NR + j] = qk_bias[c + hd * dh + d];
+                                v[((d / NR) * l + tok) * NR + d % NR] = 0.0;
+                            }
+                        } else {
+                            for d in 0..dh {
+                                kt[d * l + tok] = qk_bias[c + hd * dh + d];
+                            }
+                            v[tok * dh..(tok + 1) * dh].iter_mut().for_each(|z| *z = 0.0);
                         }
-                        v[tok * dh..(tok + 1) * dh].iter_mut().for_each(|z| *z = 0.0);
                     }
                 }
             }
-            head_at(level, q, kt, v, lq, l, dh, scale, s, o);
+            if packed {
+                // SAFETY: AVX-512F available; q is [lq, dh], kt / v are packed panels of the
+                // sizes fitted above, s is [lq, l], o is [lq, dh].
+                unsafe {
+                    band(lq, dh, l, q.as_ptr(), dh, kt.as_ptr(), 0..l.div_ceil(NR), s.as_mut_ptr(), l, None, None);
+                    softmax_rows_at(level, &mut s[..lq * l], l);
+                    band(lq, l, dh, s.as_ptr(), l, v.as_ptr(), 0..dh.div_ceil(NR), o.as_mut_ptr(), dh, None, None);
+                }
+            } else {
+                head_at(level, q, kt, v, lq, l, dh, scale, s, o);
+            }
             let dst = dst;
             for (i, &p) in pix[..lq].iter().enumerate() {
                 // SAFETY: each (pixel, head) slot is written by exactly one task.
