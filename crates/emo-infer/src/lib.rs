@@ -183,6 +183,8 @@ pub struct Engine {
     blocks: Vec<Block>,
     head: Option<Head>,
     buf: Buffers,
+    /// Extra buffers for image-parallel batches (one per thread).
+    spare: Vec<Buffers>,
 }
 
 impl Engine {
@@ -222,6 +224,7 @@ impl Engine {
             blocks,
             head,
             buf: Buffers::default(),
+            spare: Vec::new(),
         })
     }
 
@@ -268,8 +271,52 @@ impl Engine {
         if let Some(&i) = out_indices.iter().find(|&&i| i > 4) {
             return Err(InferError::Input(format!("out index {i} > 4")));
         }
+        let per = cin * h * w;
+        let threads = emo_kernels::pool::num_threads();
+        let mut results: Vec<Option<Output>> = vec![None; batch];
+        if batch >= threads && threads > 1 {
+            // One image per thread, kernels single-threaded inside: no synchronisation at all.
+            let slots: Vec<std::sync::Mutex<Option<Output>>> = (0..batch).map(|_| std::sync::Mutex::new(None)).collect();
+            let pool = std::sync::Mutex::new(std::mem::take(&mut self.spare));
+            let this = &*self;
+            emo_kernels::pool::parallel_for(batch, |b| {
+                let mut buf = pool.lock().unwrap().pop().unwrap_or_default();
+                let o = this.forward(&mut buf, &input[b * per..(b + 1) * per], 1, h, w, out_indices, logits);
+                pool.lock().unwrap().push(buf);
+                *slots[b].lock().unwrap() = Some(o);
+            });
+            self.spare = pool.into_inner().unwrap();
+            for (r, s) in results.iter_mut().zip(slots) {
+                *r = s.into_inner().unwrap();
+            }
+        } else {
+            // Image after image, each with all threads (batch-1 working sets stay in cache).
+            let mut buf = std::mem::take(&mut self.buf);
+            for (b, r) in results.iter_mut().enumerate() {
+                *r = Some(self.forward(&mut buf, &input[b * per..(b + 1) * per], 1, h, w, out_indices, logits));
+            }
+            self.buf = buf;
+        }
+        // Concatenate along the batch.
+        let outs: Vec<Output> = results.into_iter().map(|o| o.expect("every image ran")).collect();
+        let mut features: Vec<(usize, [usize; 4], Vec<f32>)> = Vec::new();
+        for (k, (i, shape, _)) in outs[0].features.iter().enumerate() {
+            let mut data = Vec::with_capacity(batch * outs[0].features[k].2.len());
+            for o in &outs {
+                data.extend_from_slice(&o.features[k].2);
+            }
+            features.push((*i, [batch, shape[1], shape[2], shape[3]], data));
+        }
+        let logits = logits.then(|| outs.iter().flat_map(|o| o.logits.clone().expect("logits")).collect());
+        Ok(Output { features, logits })
+    }
+
+    /// One forward pass over `batch` images with the given buffers (input already checked).
+    #[allow(clippy::too_many_arguments)]
+    fn forward(&self, buf: &mut Buffers, input: &[f32], batch: usize, h: usize, w: usize, out_indices: &[usize], logits: bool) -> Output {
+        let cin = self.cfg.in_chans;
         let last_stage = if logits { 4 } else { out_indices.iter().copied().max().unwrap_or(0) };
-        let Buffers { x, out, xn, qk, att, e, y } = &mut self.buf;
+        let Buffers { x, out, xn, qk, att, e, y } = buf;
         // NCHW -> NHWC
         let xin = grow(xn, batch * h * w * cin);
         for b in 0..batch {
@@ -366,7 +413,7 @@ impl Engine {
         } else {
             None
         };
-        Ok(Output { features, logits })
+        Output { features, logits }
     }
 }
 
