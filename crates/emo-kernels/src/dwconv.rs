@@ -114,9 +114,89 @@ pub fn depthwise(
 /// # Safety
 /// AVX-512F must be available; `img` is `[h, w, c]`, `out` is `[ow, c]`, `weight` `[k*k, c]`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn dw_row_512(img: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, out: &mut [f32]) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match (g.k, g.stride) {
+            (3, 1) => dw_row_512_k::<3, 1>(img, h, w, c, weight, bias, g.pad, oy, out),
+            (3, 2) => dw_row_512_k::<3, 2>(img, h, w, c, weight, bias, g.pad, oy, out),
+            (5, 1) => dw_row_512_k::<5, 1>(img, h, w, c, weight, bias, g.pad, oy, out),
+            (5, 2) => dw_row_512_k::<5, 2>(img, h, w, c, weight, bias, g.pad, oy, out),
+            _ => dw_row_512_any(img, h, w, c, weight, bias, g, oy, out),
+        }
+    }
+}
+
+/// [`dw_row_512`] for a fixed kernel and stride: interior pixels run a fully unrolled tap loop
+/// without bounds checks; border pixels take the checked path.
+///
+/// # Safety
+/// As [`dw_row_512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_row_512_k<const K: usize, const S: usize>(img: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], pad: usize, oy: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let ow = out.len() / c;
+    let (ip, wp, op) = (img.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
+    let ky0 = pad.saturating_sub(oy * S);
+    let ky1 = K.min((h + pad).saturating_sub(oy * S));
+    let rows_full = ky0 == 0 && ky1 == K;
+    // interior columns: every kx in range
+    let ox_lo = pad.div_ceil(S);
+    let ox_hi = if w + pad >= K { ((w + pad - K) / S + 1).min(ow) } else { 0 };
+    let mut cb = 0;
+    while cb < c {
+        let n = (c - cb).min(32);
+        let full = n == 32;
+        let m0: __mmask16 = if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+        let m1: __mmask16 = if n >= 32 { 0xffff } else if n <= 16 { 0 } else { ((1u32 << (n - 16)) - 1) as u16 };
+        unsafe {
+            let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr().add(cb));
+            let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(cb + 16));
+            for ox in 0..ow {
+                let (mut a0, mut a1) = (b0, b1);
+                if rows_full && full && ox >= ox_lo && ox < ox_hi {
+                    let base = ip.add(((oy * S - pad) * w + ox * S - pad) * c + cb);
+                    for ky in 0..K {
+                        for kx in 0..K {
+                            let src = base.add((ky * w + kx) * c);
+                            let wk = wp.add((ky * K + kx) * c + cb);
+                            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(src), _mm512_loadu_ps(wk), a0);
+                            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(wk.add(16)), a1);
+                        }
+                    }
+                } else {
+                    let kx0 = pad.saturating_sub(ox * S);
+                    let kx1 = K.min((w + pad).saturating_sub(ox * S));
+                    for ky in ky0..ky1 {
+                        let iy = oy * S + ky - pad;
+                        for kx in kx0..kx1 {
+                            let ix = ox * S + kx - pad;
+                            let src = ip.add((iy * w + ix) * c + cb);
+                            let wk = wp.add((ky * K + kx) * c + cb);
+                            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, src), _mm512_maskz_loadu_ps(m0, wk), a0);
+                            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, src.add(16)), _mm512_maskz_loadu_ps(m1, wk.add(16)), a1);
+                        }
+                    }
+                }
+                _mm512_mask_storeu_ps(op.add(ox * c + cb), m0, a0);
+                _mm512_mask_storeu_ps(op.add(ox * c + cb + 16), m1, a1);
+            }
+        }
+        cb += 32;
+    }
+}
+
+/// [`dw_row_512`] for any kernel / stride.
+///
+/// # Safety
+/// As [`dw_row_512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_row_512_any(img: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let ow = out.len() / c;
     let (ip, wp, op) = (img.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
