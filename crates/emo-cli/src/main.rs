@@ -56,6 +56,8 @@ enum Cmd {
         /// Also write the stage outputs given here (e.g. 2,3,4) as OUTPUT.stageK.npy.
         #[arg(long, value_delimiter = ',')]
         features: Vec<i64>,
+        #[arg(long, value_enum, default_value = "fast")]
+        engine: EngineKind,
     },
     /// Top-k ImageNet labels for images, with the official eval preprocessing.
     Classify {
@@ -80,6 +82,8 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[arg(long, value_enum, default_value = "fast")]
+        engine: EngineKind,
     },
     /// Convert an official .pth checkpoint to .safetensors (validated against the variant).
     Convert {
@@ -132,14 +136,14 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Info { input, variant, window_size } => info(input, variant, window_size),
-        Cmd::Predict { variant, weights, input_npy, output_npy, features } => {
-            predict(variant, &weights, &input_npy, &output_npy, &features)
+        Cmd::Predict { variant, weights, input_npy, output_npy, features, engine } => {
+            predict(variant, &weights, &input_npy, &output_npy, &features, engine)
         }
-        Cmd::Classify { variant, weights, images, top, size, crop_pct, labels, json } => {
+        Cmd::Classify { variant, weights, images, top, size, crop_pct, labels, json, engine } => {
             ensure!(size > 0, "--size must be > 0");
             ensure!(crop_pct > 0.0 && crop_pct <= 1.0, "--crop-pct must be in (0, 1]");
             let t = EvalTransform { size, crop_pct, ..Default::default() };
-            classify(variant, &weights, &images, top, &t, labels.as_deref(), json)
+            classify(variant, &weights, &images, top, &t, labels.as_deref(), json, engine)
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
@@ -209,43 +213,95 @@ fn info(input: (usize, usize), variant: Option<Variant>, window_size: Option<usi
     Ok(())
 }
 
-/// Load weights for `variant`, taking the head width from the checkpoint.
-fn load_model(variant: Variant, weights: &Path, device: &Device) -> Result<Emo> {
-    let sd = emo_weights::load(weights).with_context(|| format!("loading {}", weights.display()))?;
-    let mut cfg = variant.config().with_drop_path(0.0);
-    if let Some(h) = sd.get("head.bias").filter(|t| t.shape.len() == 1) {
-        cfg.num_classes = h.shape[0];
+/// Which implementation runs the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum EngineKind {
+    /// The fused CPU engine (emo-infer).
+    Fast,
+    /// The burn model (flex backend).
+    Burn,
+}
+
+/// A loaded network, either engine.
+enum Runner {
+    Fast(Box<emo_infer::Engine>),
+    Burn(Box<Emo>, Device),
+}
+
+type Features = Vec<(usize, [usize; 4], Vec<f32>)>;
+
+impl Runner {
+    /// Load weights for `variant`, taking the head width from the checkpoint.
+    fn load(variant: Variant, weights: &Path, kind: EngineKind) -> Result<Self> {
+        let sd = emo_weights::load(weights).with_context(|| format!("loading {}", weights.display()))?;
+        let mut cfg = variant.config().with_drop_path(0.0);
+        if let Some(h) = sd.get("head.bias").filter(|t| t.shape.len() == 1) {
+            cfg.num_classes = h.shape[0];
+        }
+        let r = Self::from_state_dict(&cfg, &sd, kind).with_context(|| format!("loading {}", weights.display()))?;
+        eprintln!("loaded {} ({}) as {} with {} classes ({kind:?} engine)", weights.display(), sd.wrapping, variant, cfg.num_classes);
+        Ok(r)
     }
-    let model = Emo::from_state_dict(&cfg, &sd, device).with_context(|| format!("loading {}", weights.display()))?;
-    eprintln!("loaded {} ({}) as {} with {} classes", weights.display(), sd.wrapping, variant, cfg.num_classes);
-    Ok(model)
+
+    fn from_state_dict(cfg: &EmoConfig, sd: &emo_weights::StateDict, kind: EngineKind) -> Result<Self> {
+        Ok(match kind {
+            EngineKind::Fast => Runner::Fast(Box::new(emo_infer::Engine::from_state_dict(cfg, sd)?)),
+            EngineKind::Burn => {
+                let device = Device::flex();
+                Runner::Burn(Box::new(Emo::from_state_dict(cfg, sd, &device)?), device)
+            }
+        })
+    }
+
+    fn num_classes(&self) -> usize {
+        match self {
+            Runner::Fast(e) => e.num_classes(),
+            Runner::Burn(m, _) => m.num_classes(),
+        }
+    }
+
+    /// Logits (row-major `[B, classes]`) and the selected NCHW stage outputs.
+    fn run(&mut self, x: Vec<f32>, shape: [usize; 4], out_indices: &[usize]) -> Result<(Vec<f32>, Features)> {
+        let [b, _, h, w] = shape;
+        match self {
+            Runner::Fast(e) => {
+                let o = e.run_with(&x, b, h, w, out_indices, true)?;
+                Ok((o.logits.expect("logits"), o.features))
+            }
+            Runner::Burn(m, device) => {
+                let t = Tensor::<4>::from_data(TensorData::new(x, shape), &*device);
+                let o = m.forward_with(t, out_indices, true)?;
+                let feats = o.features.into_iter().map(|(i, f)| (i, f.dims(), to_vec(f))).collect();
+                Ok((to_vec(o.logits.expect("logits")), feats))
+            }
+        }
+    }
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
 }
 
-fn predict(variant: Variant, weights: &Path, input: &Path, output: &Path, features: &[i64]) -> Result<()> {
-    let device = Device::flex();
+fn predict(variant: Variant, weights: &Path, input: &Path, output: &Path, features: &[i64], kind: EngineKind) -> Result<()> {
     let x = npy::read(input).with_context(|| format!("reading {}", input.display()))?;
     ensure!(x.shape.len() == 4, "{}: expected a 4-D (B, C, H, W) array, got shape {:?}", input.display(), x.shape);
     ensure!(x.shape.iter().all(|&d| d > 0), "{}: empty dimension in shape {:?}", input.display(), x.shape);
+    ensure!(x.shape[1] == 3, "{}: expected 3 channels (RGB), got shape {:?}", input.display(), x.shape);
     ensure!(x.data.iter().all(|v| v.is_finite()), "{}: input contains NaN or inf", input.display());
-    let model = load_model(variant, weights, &device)?;
+    let mut model = Runner::load(variant, weights, kind)?;
     let out_indices = emo_spec::resolve_out_indices(features)?;
-    let t = Tensor::<4>::from_data(TensorData::new(x.data, x.shape.clone()), &device);
+    let shape = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
     let start = Instant::now();
-    let out = model.forward_with(t, &out_indices, true)?;
-    let logits = out.logits.expect("logits");
-    let shape = logits.dims().to_vec();
-    npy::write(output, &npy::Array { shape: shape.clone(), data: to_vec(logits) })?;
-    for (i, f) in out.features {
+    let (logits, feats) = model.run(x.data, shape, &out_indices)?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let oshape = vec![shape[0], logits.len() / shape[0]];
+    npy::write(output, &npy::Array { shape: oshape.clone(), data: logits })?;
+    for (i, fshape, data) in feats {
         let p = PathBuf::from(format!("{}.stage{i}.npy", output.display()));
-        let shape = f.dims().to_vec();
-        npy::write(&p, &npy::Array { shape, data: to_vec(f) })?;
+        npy::write(&p, &npy::Array { shape: fshape.to_vec(), data })?;
         eprintln!("wrote {}", p.display());
     }
-    eprintln!("wrote {} {:?} in {:.1} ms", output.display(), shape, start.elapsed().as_secs_f64() * 1e3);
+    eprintln!("wrote {} {:?} in {ms:.1} ms", output.display(), oshape);
     Ok(())
 }
 
@@ -264,9 +320,9 @@ fn classify(
     t: &EvalTransform,
     labels: Option<&Path>,
     json: bool,
+    kind: EngineKind,
 ) -> Result<()> {
-    let device = Device::flex();
-    let model = load_model(variant, weights, &device)?;
+    let mut model = Runner::load(variant, weights, kind)?;
     let n = model.num_classes();
     let names: Vec<String> = match labels {
         Some(p) => std::fs::read_to_string(p)
@@ -289,8 +345,7 @@ fn classify(
                 continue;
             }
         };
-        let xt = Tensor::<4>::from_data(TensorData::new(x, [1, 3, t.size, t.size]), &device);
-        let probs = softmax(&to_vec(model.forward(xt)?));
+        let probs = softmax(&model.run(x, [1, 3, t.size, t.size], &[])?.0);
         let mut idx: Vec<usize> = (0..probs.len()).collect();
         idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         let best: Vec<(usize, f32)> = idx.into_iter().take(top).map(|i| (i, probs[i])).collect();
@@ -330,31 +385,32 @@ fn convert(input: &Path, output: &Path, variant: Option<Variant>) -> Result<()> 
 }
 
 fn verify() -> Result<()> {
-    let device = Device::flex();
     let sd = emo_weights::load_safetensors_bytes(FIXTURE_WEIGHTS)?;
     let io = emo_weights::load_safetensors_bytes(FIXTURE_IO)?;
-    let model = Emo::from_state_dict(&EmoConfig::emo_1m(), &sd, &device)?;
     let get = |k: &str| io.get(k).and_then(|t| t.as_f32().map(|d| (t.shape.clone(), d.to_vec()))).context(k.to_string());
     let (shape, input) = get("input")?;
     let (_, want) = get("logits")?;
-    let start = Instant::now();
-    let out = model.forward_with(Tensor::from_data(TensorData::new(input, shape.clone()), &device), &[0, 1, 2, 3, 4], true)?;
-    let ms = start.elapsed().as_secs_f64() * 1e3;
-    println!("EMO-1M on the official fixture, input {shape:?} (burn flex, {ms:.1} ms):");
+    let shape4 = [shape[0], shape[1], shape[2], shape[3]];
     let mut ok = true;
-    for (i, f) in out.features {
-        let (_, w) = get(&format!("feat.stage{i}"))?;
-        let got = to_vec(f);
-        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = got.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    for kind in [EngineKind::Fast, EngineKind::Burn] {
+        let mut model = Runner::from_state_dict(&EmoConfig::emo_1m(), &sd, kind)?;
+        model.run(input.clone(), shape4, &[])?; // warm-up
+        let start = Instant::now();
+        let (logits, feats) = model.run(input.clone(), shape4, &[0, 1, 2, 3, 4])?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        println!("EMO-1M on the official fixture, input {shape:?}, {kind:?} engine ({ms:.1} ms):");
+        for (i, _, got) in feats {
+            let (_, w) = get(&format!("feat.stage{i}"))?;
+            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = got.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+            ok &= d <= 1e-4;
+            println!("  stage{i}: max relative diff {d:.2e}");
+        }
+        let d = logits.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         ok &= d <= 1e-4;
-        println!("  stage{i}: max relative diff {d:.2e}");
+        println!("  logits: max abs diff {d:.2e} (tolerance 1e-4)");
     }
-    let got = to_vec(out.logits.expect("logits"));
-    let d = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    ok &= d <= 1e-4;
-    println!("  logits: max abs diff {d:.2e} (tolerance 1e-4)");
     ensure!(ok, "parity check FAILED");
-    println!("parity OK: this build reproduces the official PyTorch EMO-1M");
+    println!("parity OK: both engines reproduce the official PyTorch EMO-1M");
     Ok(())
 }
