@@ -238,8 +238,13 @@ impl Runner {
         if let Some(h) = sd.get("head.bias").filter(|t| t.shape.len() == 1) {
             cfg.num_classes = h.shape[0];
         }
-        let r = Self::from_state_dict(&cfg, &sd, kind).with_context(|| format!("loading {}", weights.display()))?;
-        eprintln!("loaded {} ({}) as {} with {} classes ({kind:?} engine)", weights.display(), sd.wrapping, variant, cfg.num_classes);
+        let wrapping = sd.wrapping;
+        let ctx = || format!("loading {}", weights.display());
+        let r = match kind {
+            EngineKind::Fast => Runner::Fast(Box::new(emo_infer::Engine::from_owned(&cfg, sd).with_context(ctx)?)),
+            EngineKind::Burn => Self::from_state_dict(&cfg, &sd, kind).with_context(ctx)?,
+        };
+        eprintln!("loaded {} ({wrapping}) as {} with {} classes ({kind:?} engine)", weights.display(), variant, cfg.num_classes);
         Ok(r)
     }
 

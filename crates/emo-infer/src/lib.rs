@@ -43,16 +43,21 @@ fn kact(a: Act) -> KAct {
     }
 }
 
-fn f32s<'a>(sd: &'a StateDict, key: &str) -> &'a [f32] {
-    sd.get(key).and_then(|t| t.as_f32()).unwrap_or_else(|| panic!("validated checkpoint lacks float `{key}`"))
+/// Move a tensor out of the (validated) state dict: the engine takes the weights over without
+/// copies, so a checkpoint is in memory only once while the engine is built.
+fn take(sd: &mut StateDict, key: &str) -> Vec<f32> {
+    match sd.tensors.remove(key).map(|t| t.data) {
+        Some(emo_weights::Data::F32(v)) => v,
+        _ => panic!("validated checkpoint lacks float `{key}`"),
+    }
 }
 
 /// BN as `x * scale + shift`.
-fn bn(sd: &StateDict, p: &str) -> (Vec<f32>, Vec<f32>) {
-    let (g, b) = (f32s(sd, &format!("{p}.weight")), f32s(sd, &format!("{p}.bias")));
-    let (m, v) = (f32s(sd, &format!("{p}.running_mean")), f32s(sd, &format!("{p}.running_var")));
-    let scale: Vec<f32> = g.iter().zip(v).map(|(g, v)| (*g as f64 / (*v as f64 + NORM_EPS).sqrt()) as f32).collect();
-    let shift = b.iter().zip(m).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+fn bn(sd: &mut StateDict, p: &str) -> (Vec<f32>, Vec<f32>) {
+    let (g, b) = (take(sd, &format!("{p}.weight")), take(sd, &format!("{p}.bias")));
+    let (m, v) = (take(sd, &format!("{p}.running_mean")), take(sd, &format!("{p}.running_var")));
+    let scale: Vec<f32> = g.iter().zip(&v).map(|(g, v)| (*g as f64 / (*v as f64 + NORM_EPS).sqrt()) as f32).collect();
+    let shift = b.iter().zip(&m).zip(&scale).map(|((b, m), s)| b - m * s).collect();
     (scale, shift)
 }
 
@@ -61,8 +66,8 @@ struct Ln {
     beta: Vec<f32>,
 }
 
-fn ln(sd: &StateDict, p: &str) -> Ln {
-    Ln { gamma: f32s(sd, &format!("{p}.norm.weight")).to_vec(), beta: f32s(sd, &format!("{p}.norm.bias")).to_vec() }
+fn ln(sd: &mut StateDict, p: &str) -> Ln {
+    Ln { gamma: take(sd, &format!("{p}.norm.weight")), beta: take(sd, &format!("{p}.norm.bias")) }
 }
 
 struct Se {
@@ -86,7 +91,7 @@ struct Block {
 }
 
 impl Block {
-    fn load(sd: &StateDict, b: &BlockSpec) -> Block {
+    fn load(sd: &mut StateDict, b: &BlockSpec) -> Block {
         let p = &b.name;
         let mut ln_norm = None;
         let mut bn_norm = None;
@@ -96,12 +101,12 @@ impl Block {
             None => {}
         }
         let qk = b.attention.map(|_| {
-            let w = f32s(sd, &format!("{p}.qk.conv.weight"));
-            (Weight::from_torch(w, 2 * b.dim_in, b.dim_in), f32s(sd, &format!("{p}.qk.conv.bias")).to_vec())
+            let w = take(sd, &format!("{p}.qk.conv.weight"));
+            (Weight::from_torch(&w, 2 * b.dim_in, b.dim_in), take(sd, &format!("{p}.qk.conv.bias")))
         });
         let v = b.v_proj.then(|| {
-            let mut w = f32s(sd, &format!("{p}.v.conv.weight")).to_vec();
-            let mut bias = f32s(sd, &format!("{p}.v.conv.bias")).to_vec();
+            let mut w = take(sd, &format!("{p}.v.conv.weight"));
+            let mut bias = take(sd, &format!("{p}.v.conv.bias"));
             if let Some((s, t)) = &bn_norm {
                 // v(BN(x)) = (W diag(s)) x + (W t + b)
                 for o in 0..b.dim_mid {
@@ -114,16 +119,16 @@ impl Block {
         });
         let (s, t) = bn(sd, &format!("{p}.conv_local.norm"));
         let k = b.dw_kernel;
-        let mut w = f32s(sd, &format!("{p}.conv_local.conv.weight")).to_vec();
+        let mut w = take(sd, &format!("{p}.conv_local.conv.weight"));
         for (c, chunk) in w.chunks_mut(k * k).enumerate() {
             chunk.iter_mut().for_each(|v| *v *= s[c]);
         }
         let se = b.se_channels.map(|rd| Se {
             rd,
-            w1: f32s(sd, &format!("{p}.se.conv_reduce.weight")).to_vec(),
-            b1: f32s(sd, &format!("{p}.se.conv_reduce.bias")).to_vec(),
-            w2: f32s(sd, &format!("{p}.se.conv_expand.weight")).to_vec(),
-            b2: f32s(sd, &format!("{p}.se.conv_expand.bias")).to_vec(),
+            w1: take(sd, &format!("{p}.se.conv_reduce.weight")),
+            b1: take(sd, &format!("{p}.se.conv_reduce.bias")),
+            w2: take(sd, &format!("{p}.se.conv_expand.weight")),
+            b2: take(sd, &format!("{p}.se.conv_expand.bias")),
         });
         Block {
             spec: b.clone(),
@@ -134,7 +139,7 @@ impl Block {
             dw_b: t,
             dw: DwGeom { k, stride: b.stride, pad: emo_spec::conv_pad(k, b.stride) },
             se,
-            proj: Weight::from_torch(f32s(sd, &format!("{p}.proj.conv.weight")), b.dim_out, b.dim_mid),
+            proj: Weight::from_torch(&take(sd, &format!("{p}.proj.conv.weight")), b.dim_out, b.dim_mid),
         }
     }
 }
@@ -191,29 +196,29 @@ impl Engine {
     /// Build from an official-layout state dict (validated strictly; with `num_classes == 0`
     /// the head keys are dropped).
     pub fn from_state_dict(cfg: &EmoConfig, sd: &StateDict) -> Result<Self, InferError> {
+        Self::from_owned(cfg, sd.clone())
+    }
+
+    /// [`Engine::from_state_dict`], taking the tensors over (no copy of the checkpoint).
+    pub fn from_owned(cfg: &EmoConfig, sd: StateDict) -> Result<Self, InferError> {
         cfg.validate()?;
-        let owned;
-        let sd = if cfg.num_classes == 0 {
-            owned = emo_weights::backbone_only(sd.clone());
-            &owned
-        } else {
-            sd
-        };
-        emo_weights::validate(sd, cfg)?;
+        let mut sd = if cfg.num_classes == 0 { emo_weights::backbone_only(sd) } else { sd };
+        emo_weights::validate(&sd, cfg)?;
+        let sd = &mut sd;
         let st = cfg.stem();
         let (s, t) = bn(sd, "stage0.0.convs.0.1");
-        let mut w = f32s(sd, "stage0.0.convs.0.0.weight").to_vec();
+        let mut w = take(sd, "stage0.0.convs.0.0.weight");
         let per = st.in_chans * st.kernel * st.kernel;
         for (co, chunk) in w.chunks_mut(per).enumerate() {
             chunk.iter_mut().for_each(|v| *v *= s[co]);
         }
-        let cb = f32s(sd, "stage0.0.convs.0.0.bias");
+        let cb = take(sd, "stage0.0.convs.0.0.bias");
         let stem_b = (0..st.dim).map(|co| cb[co] * s[co] + t[co]).collect();
-        let blocks = cfg.blocks().iter().map(|b| Block::load(sd, b)).collect();
+        let blocks = cfg.blocks().iter().map(|b| Block::load(&mut *sd, b)).collect();
         let head = (cfg.num_classes > 0).then(|| Head {
             ln: ln(sd, "norm"),
-            w: f32s(sd, "head.weight").to_vec(),
-            b: f32s(sd, "head.bias").to_vec(),
+            w: take(sd, "head.weight"),
+            b: take(sd, "head.bias"),
             classes: cfg.num_classes,
         });
         Ok(Engine {
@@ -231,7 +236,8 @@ impl Engine {
     /// Load a `.pth` / `.safetensors` checkpoint.
     pub fn load(cfg: &EmoConfig, path: impl AsRef<Path>) -> Result<(Self, emo_weights::Wrapping), InferError> {
         let sd = emo_weights::load(path)?;
-        Ok((Self::from_state_dict(cfg, &sd)?, sd.wrapping))
+        let wrapping = sd.wrapping;
+        Ok((Self::from_owned(cfg, sd)?, wrapping))
     }
 
     pub fn config(&self) -> &EmoConfig {

@@ -1,19 +1,21 @@
 //! 1x1 convolution / linear layer on channels-last data as a GEMM with a fused epilogue:
-//! `out = act(in · W + bias) (+ residual)`. The GEMM itself is the `gemm` crate's (runtime
-//! AVX-512/AVX2/NEON micro-kernels); the work is split into row x column tiles over the
-//! [`crate::pool`], and each tile's epilogue runs right after its GEMM, while it is still in cache.
-
-use crate::pool::{SendPtr, num_threads, parallel_for};
+//! `out = act(in · W + bias) (+ residual)`. The weight is packed once, in panels of 32
+//! columns; at the AVX-512 level our micro-kernel ([`crate::gemm512`]) reads the panels and
+//! folds bias and residual into its accumulators, elsewhere the `gemm` crate runs on each panel.
+//! Work is split into row bands x panel ranges over [`crate::pool`], and each tile's epilogue
+//! runs right after its GEMM, while it is still in cache.
 
 use crate::act::{Act, bias_act_rows_at};
+use crate::gemm512::{MR, NR};
+use crate::isa::Level;
+use crate::pool::{SendPtr, num_threads, parallel_for};
 
-/// A weight laid out for `out[m, n] = in[m, k] · W[k, n]` (row-major `[k, n]`), plus the
-/// same weight packed for the AVX-512 kernel.
+/// A weight for `out[m, n] = in[m, k] · W[k, n]`, packed in panels of 32 columns
+/// (`[panel][k][32]`, zero-padded).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Weight {
     pub k: usize,
     pub n: usize,
-    pub data: Vec<f32>,
     pub packed: Vec<f32>,
 }
 
@@ -21,19 +23,85 @@ impl Weight {
     /// From a PyTorch conv/linear weight `[n, k]` (a 1x1 conv `[n, k, 1, 1]` is the same).
     pub fn from_torch(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight size");
-        let mut data = vec![0.0; n * k];
+        let mut packed = vec![0.0; n.div_ceil(NR) * k * NR];
         for o in 0..n {
+            let (p, j) = (o / NR, o % NR);
             for i in 0..k {
-                data[i * n + o] = w[o * k + i];
+                packed[(p * k + i) * NR + j] = w[o * k + i];
             }
         }
-        let packed = crate::gemm512::pack(&data, k, n);
-        Weight { k, n, data, packed }
+        Weight { k, n, packed }
+    }
+
+    /// `W[i, j]`.
+    pub fn get(&self, i: usize, j: usize) -> f32 {
+        self.packed[((j / NR) * self.k + i) * NR + j % NR]
     }
 }
 
+fn check(a: &[f32], lda: usize, m: usize, w: &Weight, bias: Option<&[f32]>, residual: Option<(&[f32], usize)>, out: &[f32], ldo: usize) {
+    let (k, n) = (w.k, w.n);
+    assert!(lda >= k && ldo >= n && a.len() >= (m - 1) * lda + k && out.len() >= (m - 1) * ldo + n);
+    if let Some(b) = bias {
+        assert!(b.len() >= n);
+    }
+    if let Some((r, ldr)) = residual {
+        assert!(ldr >= n && r.len() >= (m - 1) * ldr + n);
+    }
+}
 
-/// `out[r, :n] = act(a[r, :k] · W + bias) (+ residual[r, :n])` for `r < m`.
+/// One band of `rows` rows over the panels `ps`, with its epilogue.
+///
+/// # Safety
+/// `a`, `out` and `residual` must cover the band (checked by the callers), `level` supported.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_band(
+    level: Level,
+    rows: usize,
+    a: *const f32,
+    lda: usize,
+    w: &Weight,
+    ps: std::ops::Range<usize>,
+    out: *mut f32,
+    ldo: usize,
+    bias: Option<&[f32]>,
+    act: Act,
+    residual: Option<(*const f32, usize)>,
+) {
+    let (k, n) = (w.k, w.n);
+    let c0 = ps.start * NR;
+    let cols = (ps.end * NR).min(n) - c0;
+    let fold = act == Act::None;
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 {
+        let res = residual.filter(|_| fold);
+        // SAFETY: forwarded contract; AVX-512F available at this level.
+        unsafe { crate::gemm512::band(rows, k, n, a, lda, w.packed.as_ptr(), ps.clone(), out, ldo, bias, res) };
+        if !fold {
+            // SAFETY: the tile lies inside `out`.
+            let tile = unsafe { std::slice::from_raw_parts_mut(out.add(c0), (rows - 1) * ldo + cols) };
+            let res = residual.map(|(r, ldr)| (unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) }, ldr));
+            bias_act_rows_at(level, tile, ldo, rows, cols, None, act, res);
+        }
+        return;
+    }
+    for p in ps.clone() {
+        let pc = NR.min(n - p * NR);
+        // SAFETY: forwarded contract; the panel is `k x 32` row-major.
+        unsafe {
+            gemm::gemm(
+                rows, pc, k, out.add(p * NR), 1, ldo as isize, false, a, 1, lda as isize, w.packed.as_ptr().add(p * k * NR), 1,
+                NR as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            );
+        }
+    }
+    // SAFETY: the tile lies inside `out` / `residual`.
+    let tile = unsafe { std::slice::from_raw_parts_mut(out.add(c0), (rows - 1) * ldo + cols) };
+    let res = residual.map(|(r, ldr)| (unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) }, ldr));
+    bias_act_rows_at(level, tile, ldo, rows, cols, bias.map(|b| &b[c0..]), act, res);
+}
+
+/// `out[r, :n] = act(a[r, :k] · W + bias) (+ residual[r, :n])` for `r < m`, on the pool.
 ///
 /// Row strides: `lda` for `a`, `ldo` for `out`, and the one given with `residual`.
 #[allow(clippy::too_many_arguments)]
@@ -48,92 +116,18 @@ pub fn matmul(
     out: &mut [f32],
     ldo: usize,
 ) {
-    let (k, n) = (w.k, w.n);
     if m == 0 {
         return;
     }
-    assert!(lda >= k && ldo >= n && a.len() >= (m - 1) * lda + k && out.len() >= (m - 1) * ldo + n);
-    if let Some(b) = bias {
-        assert!(b.len() >= n);
-    }
-    if let Some((r, ldr)) = residual {
-        assert!(ldr >= n && r.len() >= (m - 1) * ldr + n);
-    }
+    check(a, lda, m, w, bias, residual, out, ldo);
     let threads = num_threads();
-    #[cfg(target_arch = "x86_64")]
-    if crate::isa::level() == crate::isa::Level::Avx512 {
-        matmul512(a, lda, m, w, bias, act, residual, out, ldo, threads);
-        return;
-    }
-    // Row tiles of ~64 rows; split columns too when there are few row tiles.
-    let mt = 64usize.min(m.div_ceil(threads)).max(8);
-    let m_tiles = m.div_ceil(mt);
-    let n_splits = if m_tiles >= 2 * threads || n < 64 { 1 } else { (2 * threads).div_ceil(m_tiles).min(n / 32).max(1) };
-    let nt = n.div_ceil(n_splits).next_multiple_of(16).min(n);
-    let n_tiles = n.div_ceil(nt);
-    let level = crate::isa::level();
-    let dst = SendPtr(out.as_mut_ptr());
-    parallel_for(m_tiles * n_tiles, |t| {
-        let (mi, ni) = (t / n_tiles, t % n_tiles);
-        let (r0, c0) = (mi * mt, ni * nt);
-        let rows = mt.min(m - r0);
-        let cols = nt.min(n - c0);
-        let d = dst;
-        // SAFETY: tiles cover disjoint (row, column) ranges of `out`, all in bounds (asserted).
-        unsafe {
-            gemm::gemm(
-                rows,
-                cols,
-                k,
-                d.0.add(r0 * ldo + c0),
-                1,
-                ldo as isize,
-                false,
-                a.as_ptr().add(r0 * lda),
-                1,
-                lda as isize,
-                w.data.as_ptr().add(c0),
-                1,
-                n as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-            let tile = std::slice::from_raw_parts_mut(d.0.add(r0 * ldo + c0), (rows - 1) * ldo + cols);
-            let res = residual.map(|(r, ldr)| (&r[r0 * ldr + c0..], ldr));
-            bias_act_rows_at(level, tile, ldo, rows, cols, bias.map(|b| &b[c0..]), act, res);
-        }
-    });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-fn matmul512(
-    a: &[f32],
-    lda: usize,
-    m: usize,
-    w: &Weight,
-    bias: Option<&[f32]>,
-    act: Act,
-    residual: Option<(&[f32], usize)>,
-    out: &mut [f32],
-    ldo: usize,
-    threads: usize,
-) {
-    use crate::gemm512::{MR, NR, band};
-    let (k, n) = (w.k, w.n);
-    let panels = n.div_ceil(NR);
+    let panels = w.n.div_ceil(NR);
     // Bands of rows; split the panels too when there are few bands.
     let bm = (4 * MR).min(m.div_ceil(threads).next_multiple_of(MR)).max(MR);
     let m_bands = m.div_ceil(bm);
     let p_splits = if m_bands >= 2 * threads { 1 } else { (2 * threads).div_ceil(m_bands).min(panels).max(1) };
     let pp = panels.div_ceil(p_splits);
     let level = crate::isa::level();
-    // Bias and residual go into the accumulators when there is no activation between them.
-    let fold_res = act == Act::None;
     let dst = SendPtr(out.as_mut_ptr());
     parallel_for(m_bands * p_splits, |t| {
         let (bi, pi) = (t / p_splits, t % p_splits);
@@ -144,21 +138,34 @@ fn matmul512(
             return;
         }
         let d = dst;
-        let res = residual.filter(|_| fold_res).map(|(r, ldr)| (r[r0 * ldr..].as_ptr(), ldr));
-        // SAFETY: AVX-512F is available (level check); bands x panel ranges are disjoint parts
-        // of `out`; all slices were bounds-checked in `matmul`.
-        unsafe {
-            band(rows, k, n, a.as_ptr().add(r0 * lda), lda, w.packed.as_ptr(), ps.clone(), d.0.add(r0 * ldo), ldo, bias, res);
-        }
-        if !fold_res {
-            let c0 = ps.start * NR;
-            let cols = (ps.end * NR).min(n) - c0;
-            // SAFETY: the same disjoint tile.
-            let tile = unsafe { std::slice::from_raw_parts_mut(d.0.add(r0 * ldo + c0), (rows - 1) * ldo + cols) };
-            let res = residual.map(|(r, ldr)| (&r[r0 * ldr + c0..], ldr));
-            bias_act_rows_at(level, tile, ldo, rows, cols, None, act, res);
-        }
+        let res = residual.map(|(r, ldr)| (r[r0 * ldr..].as_ptr(), ldr));
+        // SAFETY: bands x panel ranges are disjoint parts of `out`; bounds checked above.
+        unsafe { run_band(level, rows, a.as_ptr().add(r0 * lda), lda, w, ps, d.0.add(r0 * ldo), ldo, bias, act, res) };
     });
+}
+
+/// Single-threaded [`matmul`], for use inside an already parallel task.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_st(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &Weight,
+    bias: Option<&[f32]>,
+    act: Act,
+    residual: Option<(&[f32], usize)>,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if m == 0 {
+        return;
+    }
+    check(a, lda, m, w, bias, residual, out, ldo);
+    let res = residual.map(|(r, ldr)| (r.as_ptr(), ldr));
+    // SAFETY: bounds checked above.
+    unsafe {
+        run_band(crate::isa::level(), m, a.as_ptr(), lda, w, 0..w.n.div_ceil(NR), out.as_mut_ptr(), ldo, bias, act, res)
+    };
 }
 
 /// Scalar reference of [`matmul`].
@@ -178,7 +185,7 @@ pub fn matmul_reference(
         for c in 0..w.n {
             let mut s = 0f64;
             for i in 0..w.k {
-                s += a[r * lda + i] as f64 * w.data[i * w.n + c] as f64;
+                s += a[r * lda + i] as f64 * w.get(i, c) as f64;
             }
             let mut v = s as f32 + bias.map_or(0.0, |b| b[c]);
             v = crate::reference::act(act, v);
@@ -190,47 +197,3 @@ pub fn matmul_reference(
     }
 }
 
-/// Single-threaded [`matmul`], for use inside an already parallel task.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_st(
-    a: &[f32],
-    lda: usize,
-    m: usize,
-    w: &Weight,
-    bias: Option<&[f32]>,
-    act: Act,
-    residual: Option<(&[f32], usize)>,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    let (k, n) = (w.k, w.n);
-    if m == 0 {
-        return;
-    }
-    assert!(lda >= k && ldo >= n && a.len() >= (m - 1) * lda + k && out.len() >= (m - 1) * ldo + n);
-    if let Some((r, ldr)) = residual {
-        assert!(ldr >= n && r.len() >= (m - 1) * ldr + n);
-    }
-    let level = crate::isa::level();
-    #[cfg(target_arch = "x86_64")]
-    if level == crate::isa::Level::Avx512 {
-        let fold = act == Act::None;
-        let res = residual.filter(|_| fold).map(|(r, ldr)| (r.as_ptr(), ldr));
-        // SAFETY: AVX-512F available; bounds asserted above.
-        unsafe {
-            crate::gemm512::band(m, k, n, a.as_ptr(), lda, w.packed.as_ptr(), 0..n.div_ceil(crate::gemm512::NR), out.as_mut_ptr(), ldo, bias, res);
-        }
-        if !fold {
-            bias_act_rows_at(level, out, ldo, m, n, None, act, residual);
-        }
-        return;
-    }
-    // SAFETY: bounds asserted above; row-major strides.
-    unsafe {
-        gemm::gemm(
-            m, n, k, out.as_mut_ptr(), 1, ldo as isize, false, a.as_ptr(), 1, lda as isize, w.data.as_ptr(), 1, n as isize,
-            0.0, 1.0, false, false, false, gemm::Parallelism::None,
-        );
-    }
-    bias_act_rows_at(level, out, ldo, m, n, bias, act, residual);
-}

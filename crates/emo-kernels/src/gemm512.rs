@@ -14,20 +14,6 @@ pub const NR: usize = 32;
 /// Rows per micro-tile.
 pub const MR: usize = 8;
 
-/// Pack a row-major `[k, n]` matrix into 32-column panels.
-pub fn pack(b: &[f32], k: usize, n: usize) -> Vec<f32> {
-    let panels = n.div_ceil(NR);
-    let mut out = vec![0.0; panels * k * NR];
-    for p in 0..panels {
-        for kk in 0..k {
-            for j in 0..NR.min(n - p * NR) {
-                out[(p * k + kk) * NR + j] = b[kk * n + p * NR + j];
-            }
-        }
-    }
-    out
-}
-
 /// One `rows x 32` tile (`rows <= 8`, `cols <= 32` valid columns).
 ///
 /// # Safety
