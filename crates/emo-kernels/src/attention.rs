@@ -9,10 +9,10 @@
 
 use std::cell::RefCell;
 
-use crate::pool::{SendPtr, parallel_for};
+use crate::gemm512::NR;
 #[cfg(target_arch = "x86_64")]
 use crate::gemm512::band;
-use crate::gemm512::NR;
+use crate::pool::{SendPtr, parallel_for};
 
 use crate::act::{exp, max_lanes, sum_lanes};
 use crate::multiversion;
@@ -31,7 +31,12 @@ impl Windows {
         let (wh, ww) = if ws == 0 { (h, w) } else { (ws, ws) };
         let hp = h.div_ceil(wh) * wh;
         let wp = w.div_ceil(ww) * ww;
-        Windows { wh, ww, n1: hp / wh, n2: wp / ww }
+        Windows {
+            wh,
+            ww,
+            n1: hp / wh,
+            n2: wp / ww,
+        }
     }
 }
 
@@ -58,8 +63,25 @@ fn small_gemm(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32],
     // SAFETY: bounds asserted above; row-major strides.
     unsafe {
         gemm::gemm(
-            m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize, b.as_ptr(), 1, n as isize, 0.0, scale,
-            false, false, false, gemm::Parallelism::None,
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -67,7 +89,18 @@ fn small_gemm(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32],
 /// One head of one window: `o = softmax(q · kt * scale) · v` for the `lq` real queries.
 /// `q`: `[lq, dh]`, `kt`: `[dh, l]`, `v`: `[l, dh]`, `s`: scratch `[lq, l]`, `o`: `[lq, dh]`.
 #[allow(clippy::too_many_arguments)]
-fn head_at(level: crate::isa::Level, q: &[f32], kt: &[f32], v: &[f32], lq: usize, l: usize, dh: usize, scale: f32, s: &mut [f32], o: &mut [f32]) {
+fn head_at(
+    level: crate::isa::Level,
+    q: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    lq: usize,
+    l: usize,
+    dh: usize,
+    scale: f32,
+    s: &mut [f32],
+    o: &mut [f32],
+) {
     small_gemm(lq, l, dh, q, kt, s, scale);
     softmax_rows_at(level, &mut s[..lq * l], l);
     small_gemm(lq, dh, l, s, v, o, 1.0);
@@ -119,7 +152,9 @@ pub fn window_attention(
 ) {
     assert!(heads > 0 && c % heads == 0);
     let n = batch * h * w;
-    assert!(x.len() >= n * c && qk.len() >= n * 2 * c && out.len() >= n * c && qk_bias.len() >= 2 * c);
+    assert!(
+        x.len() >= n * c && qk.len() >= n * 2 * c && out.len() >= n * c && qk_bias.len() >= 2 * c
+    );
     let g = Windows::new(h, w, ws);
     let (l, dh) = (g.wh * g.ww, c / heads);
     let level = crate::isa::level();
@@ -165,7 +200,10 @@ pub fn window_attention(
                             for d in 0..dh {
                                 kt[d * l + tok] = qkp[c + hd * dh + d];
                             }
-                            copy(&mut v[tok * dh..(tok + 1) * dh], &x[p * c + hd * dh..p * c + (hd + 1) * dh]);
+                            copy(
+                                &mut v[tok * dh..(tok + 1) * dh],
+                                &x[p * c + hd * dh..p * c + (hd + 1) * dh],
+                            );
                         }
                         pix[lq] = p;
                         lq += 1;
@@ -180,7 +218,9 @@ pub fn window_attention(
                             for d in 0..dh {
                                 kt[d * l + tok] = qk_bias[c + hd * dh + d];
                             }
-                            v[tok * dh..(tok + 1) * dh].iter_mut().for_each(|z| *z = 0.0);
+                            v[tok * dh..(tok + 1) * dh]
+                                .iter_mut()
+                                .for_each(|z| *z = 0.0);
                         }
                     }
                 }
@@ -189,9 +229,33 @@ pub fn window_attention(
                 // SAFETY: AVX-512F available; q is [lq, dh], kt / v are packed panels of the
                 // sizes fitted above, s is [lq, l], o is [lq, dh].
                 unsafe {
-                    band(lq, dh, l, q.as_ptr(), dh, kt.as_ptr(), 0..l.div_ceil(NR), s.as_mut_ptr(), l, None, None);
+                    band(
+                        lq,
+                        dh,
+                        l,
+                        q.as_ptr(),
+                        dh,
+                        kt.as_ptr(),
+                        0..l.div_ceil(NR),
+                        s.as_mut_ptr(),
+                        l,
+                        None,
+                        None,
+                    );
                     softmax_rows_at(level, &mut s[..lq * l], l);
-                    band(lq, l, dh, s.as_ptr(), l, v.as_ptr(), 0..dh.div_ceil(NR), o.as_mut_ptr(), dh, None, None);
+                    band(
+                        lq,
+                        l,
+                        dh,
+                        s.as_ptr(),
+                        l,
+                        v.as_ptr(),
+                        0..dh.div_ceil(NR),
+                        o.as_mut_ptr(),
+                        dh,
+                        None,
+                        None,
+                    );
                 }
             } else {
                 head_at(level, q, kt, v, lq, l, dh, scale, s, o);

@@ -5,7 +5,7 @@
 
 use crate::pool::parallel_chunks_mut;
 
-use crate::act::{Act, silu, gelu};
+use crate::act::{Act, gelu, silu};
 use crate::multiversion;
 
 /// Geometry of a depthwise conv (square kernel, symmetric padding).
@@ -91,8 +91,15 @@ pub fn depthwise(
     out: &mut [f32],
 ) {
     let (oh, ow) = (g.out_len(h), g.out_len(w));
-    assert!(input.len() >= batch * h * w * c && out.len() >= batch * oh * ow * c && weight.len() >= g.k * g.k * c);
-    assert!(!residual || (g.stride == 1 && oh == h && ow == w), "inner residual needs a shape-preserving conv");
+    assert!(
+        input.len() >= batch * h * w * c
+            && out.len() >= batch * oh * ow * c
+            && weight.len() >= g.k * g.k * c
+    );
+    assert!(
+        !residual || (g.stride == 1 && oh == h && ow == w),
+        "inner residual needs a shape-preserving conv"
+    );
     let level = crate::isa::level();
     parallel_chunks_mut(&mut out[..batch * oh * ow * c], ow * c, |r, row| {
         let (b, oy) = (r / oh, r % oh);
@@ -100,8 +107,17 @@ pub fn depthwise(
         #[cfg(target_arch = "x86_64")]
         if level == crate::isa::Level::Avx512 {
             // SAFETY: AVX-512F available; sizes asserted above.
-            unsafe { dw_row_512(img, h, w, c, weight, bias, g, oy, row) };
-            crate::act::bias_act_rows_at(level, row, ow * c, 1, ow * c, None, act, residual.then(|| (&img[oy * w * c..], w * c)));
+            unsafe { dw_row_512(img.as_ptr(), h, w, c, weight, bias, g, oy, row) };
+            crate::act::bias_act_rows_at(
+                level,
+                row,
+                ow * c,
+                1,
+                ow * c,
+                None,
+                act,
+                residual.then(|| (&img[oy * w * c..], w * c)),
+            );
             return;
         }
         dw_row_at(level, img, h, w, c, weight, bias, g, oy, act, residual, row);
@@ -109,21 +125,33 @@ pub fn depthwise(
 }
 
 /// AVX-512 body of one output row (no activation): 32-channel blocks in two zmm accumulators,
-/// masked loads / stores for the channel tail.
+/// masked loads / stores for the channel tail. `ip` points at (virtual) row 0 of the `[h, w, c]`
+/// input; only the rows this output row needs are read (so a band of rows may be passed with
+/// `ip` shifted back by its first row).
 ///
 /// # Safety
 /// AVX-512F must be available; `img` is `[h, w, c]`, `out` is `[ow, c]`, `weight` `[k*k, c]`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn dw_row_512(img: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, out: &mut [f32]) {
+pub(crate) unsafe fn dw_row_512(
+    ip: *const f32,
+    h: usize,
+    w: usize,
+    c: usize,
+    weight: &[f32],
+    bias: &[f32],
+    g: DwGeom,
+    oy: usize,
+    out: &mut [f32],
+) {
     // SAFETY: forwarded contract.
     unsafe {
         match (g.k, g.stride) {
-            (3, 1) => dw_row_512_k::<3, 1>(img, h, w, c, weight, bias, g.pad, oy, out),
-            (3, 2) => dw_row_512_k::<3, 2>(img, h, w, c, weight, bias, g.pad, oy, out),
-            (5, 1) => dw_row_512_k::<5, 1>(img, h, w, c, weight, bias, g.pad, oy, out),
-            (5, 2) => dw_row_512_k::<5, 2>(img, h, w, c, weight, bias, g.pad, oy, out),
-            _ => dw_row_512_any(img, h, w, c, weight, bias, g, oy, out),
+            (3, 1) => dw_row_512_k::<3, 1>(ip, h, w, c, weight, bias, g.pad, oy, out),
+            (3, 2) => dw_row_512_k::<3, 2>(ip, h, w, c, weight, bias, g.pad, oy, out),
+            (5, 1) => dw_row_512_k::<5, 1>(ip, h, w, c, weight, bias, g.pad, oy, out),
+            (5, 2) => dw_row_512_k::<5, 2>(ip, h, w, c, weight, bias, g.pad, oy, out),
+            _ => dw_row_512_any(ip, h, w, c, weight, bias, g, oy, out),
         }
     }
 }
@@ -136,22 +164,46 @@ pub(crate) unsafe fn dw_row_512(img: &[f32], h: usize, w: usize, c: usize, weigh
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dw_row_512_k<const K: usize, const S: usize>(img: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], pad: usize, oy: usize, out: &mut [f32]) {
+unsafe fn dw_row_512_k<const K: usize, const S: usize>(
+    ip: *const f32,
+    h: usize,
+    w: usize,
+    c: usize,
+    weight: &[f32],
+    bias: &[f32],
+    pad: usize,
+    oy: usize,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let ow = out.len() / c;
-    let (ip, wp, op) = (img.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
+    let (wp, op) = (weight.as_ptr(), out.as_mut_ptr());
     let ky0 = pad.saturating_sub(oy * S);
     let ky1 = K.min((h + pad).saturating_sub(oy * S));
     let rows_full = ky0 == 0 && ky1 == K;
     // interior columns: every kx in range
     let ox_lo = pad.div_ceil(S);
-    let ox_hi = if w + pad >= K { ((w + pad - K) / S + 1).min(ow) } else { 0 };
+    let ox_hi = if w + pad >= K {
+        ((w + pad - K) / S + 1).min(ow)
+    } else {
+        0
+    };
     let mut cb = 0;
     while cb < c {
         let n = (c - cb).min(32);
         let full = n == 32;
-        let m0: __mmask16 = if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
-        let m1: __mmask16 = if n >= 32 { 0xffff } else if n <= 16 { 0 } else { ((1u32 << (n - 16)) - 1) as u16 };
+        let m0: __mmask16 = if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        };
+        let m1: __mmask16 = if n >= 32 {
+            0xffff
+        } else if n <= 16 {
+            0
+        } else {
+            ((1u32 << (n - 16)) - 1) as u16
+        };
         unsafe {
             let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr().add(cb));
             let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(cb + 16));
@@ -164,7 +216,11 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(img: &[f32], h: usize, w:
                             let src = base.add((ky * w + kx) * c);
                             let wk = wp.add((ky * K + kx) * c + cb);
                             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(src), _mm512_loadu_ps(wk), a0);
-                            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(wk.add(16)), a1);
+                            a1 = _mm512_fmadd_ps(
+                                _mm512_loadu_ps(src.add(16)),
+                                _mm512_loadu_ps(wk.add(16)),
+                                a1,
+                            );
                         }
                     }
                 } else {
@@ -176,8 +232,16 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(img: &[f32], h: usize, w:
                             let ix = ox * S + kx - pad;
                             let src = ip.add((iy * w + ix) * c + cb);
                             let wk = wp.add((ky * K + kx) * c + cb);
-                            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, src), _mm512_maskz_loadu_ps(m0, wk), a0);
-                            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, src.add(16)), _mm512_maskz_loadu_ps(m1, wk.add(16)), a1);
+                            a0 = _mm512_fmadd_ps(
+                                _mm512_maskz_loadu_ps(m0, src),
+                                _mm512_maskz_loadu_ps(m0, wk),
+                                a0,
+                            );
+                            a1 = _mm512_fmadd_ps(
+                                _mm512_maskz_loadu_ps(m1, src.add(16)),
+                                _mm512_maskz_loadu_ps(m1, wk.add(16)),
+                                a1,
+                            );
                         }
                     }
                 }
@@ -196,17 +260,37 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(img: &[f32], h: usize, w:
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dw_row_512_any(img: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, out: &mut [f32]) {
+unsafe fn dw_row_512_any(
+    ip: *const f32,
+    h: usize,
+    w: usize,
+    c: usize,
+    weight: &[f32],
+    bias: &[f32],
+    g: DwGeom,
+    oy: usize,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let ow = out.len() / c;
-    let (ip, wp, op) = (img.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
+    let (wp, op) = (weight.as_ptr(), out.as_mut_ptr());
     let ky0 = g.pad.saturating_sub(oy * g.stride);
     let ky1 = g.k.min((h + g.pad).saturating_sub(oy * g.stride));
     let mut cb = 0;
     while cb < c {
         let n = (c - cb).min(32);
-        let m0: __mmask16 = if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
-        let m1: __mmask16 = if n >= 32 { 0xffff } else if n <= 16 { 0 } else { ((1u32 << (n - 16)) - 1) as u16 };
+        let m0: __mmask16 = if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        };
+        let m1: __mmask16 = if n >= 32 {
+            0xffff
+        } else if n <= 16 {
+            0
+        } else {
+            ((1u32 << (n - 16)) - 1) as u16
+        };
         unsafe {
             let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr().add(cb));
             let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(cb + 16));
@@ -220,8 +304,16 @@ unsafe fn dw_row_512_any(img: &[f32], h: usize, w: usize, c: usize, weight: &[f3
                         let ix = ox * g.stride + kx - g.pad;
                         let src = ip.add((iy * w + ix) * c + cb);
                         let wk = wp.add((ky * g.k + kx) * c + cb);
-                        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, src), _mm512_maskz_loadu_ps(m0, wk), a0);
-                        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, src.add(16)), _mm512_maskz_loadu_ps(m1, wk.add(16)), a1);
+                        a0 = _mm512_fmadd_ps(
+                            _mm512_maskz_loadu_ps(m0, src),
+                            _mm512_maskz_loadu_ps(m0, wk),
+                            a0,
+                        );
+                        a1 = _mm512_fmadd_ps(
+                            _mm512_maskz_loadu_ps(m1, src.add(16)),
+                            _mm512_maskz_loadu_ps(m1, wk.add(16)),
+                            a1,
+                        );
                     }
                 }
                 _mm512_mask_storeu_ps(op.add(ox * c + cb), m0, a0);

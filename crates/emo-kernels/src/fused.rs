@@ -32,7 +32,9 @@ pub fn ln_matmul(
     act: Act,
     out: &mut [f32],
 ) {
-    assert!(x.len() >= pixels * c && xn.len() >= pixels * c && out.len() >= pixels * w.n && w.k == c);
+    assert!(
+        x.len() >= pixels * c && xn.len() >= pixels * c && out.len() >= pixels * w.n && w.k == c
+    );
     let level = crate::isa::level();
     let rows = band_rows(pixels, 8);
     let n = w.n;
@@ -42,14 +44,23 @@ pub fn ln_matmul(
         let r = ob.len() / n;
         // SAFETY: band i owns rows i*rows..i*rows+r of `xn` (asserted in bounds).
         let xb = unsafe { std::slice::from_raw_parts_mut(xp.0.add(i * rows * c), r * c) };
-        crate::norm::ln_rows_at(level, &x[i * rows * c..(i * rows + r) * c], c, gamma, beta, eps, xb);
+        crate::norm::ln_rows_at(
+            level,
+            &x[i * rows * c..(i * rows + r) * c],
+            c,
+            gamma,
+            beta,
+            eps,
+            xb,
+        );
         crate::isa::with_level_unchecked(level, || matmul_st(xb, c, r, w, bias, act, None, ob, n));
     });
 }
 
-/// `y = act(dw(e)) (+ e)` then `out = y · P (+ x)`, over bands of output rows.
+/// `y = act(dw(e)) (+ e)` then `out = y · P (+ x)`, over bands of output rows (`y` lives in a
+/// per-thread band scratch).
 ///
-/// `e`: `[batch, h, w, c]`; `y` (scratch) and the result `out`: `[batch, oh, ow, *]`;
+/// `e`: `[batch, h, w, c]`; the result `out`: `[batch, oh, ow, P.n]`;
 /// `residual`: the block input `[batch, oh, ow, P.n]` for the outer residual.
 #[allow(clippy::too_many_arguments)]
 pub fn dw_matmul(
@@ -63,7 +74,6 @@ pub fn dw_matmul(
     g: DwGeom,
     act: Act,
     inner_residual: bool,
-    y: &mut [f32],
     proj: &Weight,
     residual: Option<&[f32]>,
     out: &mut [f32],
@@ -71,35 +81,141 @@ pub fn dw_matmul(
     let (oh, ow) = (g.out_len(h), g.out_len(w));
     let n = proj.n;
     let rows_total = batch * oh;
-    assert!(e.len() >= batch * h * w * c && y.len() >= rows_total * ow * c && out.len() >= rows_total * ow * n && proj.k == c);
+    assert!(e.len() >= batch * h * w * c && out.len() >= rows_total * ow * n && proj.k == c);
     assert!(!inner_residual || (g.stride == 1 && oh == h && ow == w));
     if let Some(r) = residual {
         assert!(r.len() >= rows_total * ow * n);
     }
     let level = crate::isa::level();
     let band = band_rows(rows_total, 1);
-    let yp = SendPtr(y.as_mut_ptr());
     parallel_chunks_mut(&mut out[..rows_total * ow * n], band * ow * n, |i, ob| {
         let r0 = i * band;
         let nr = ob.len() / (ow * n);
-        let yp = yp;
-        // SAFETY: each band owns rows r0..r0+nr of `y` (asserted in bounds).
-        let yb = unsafe { std::slice::from_raw_parts_mut(yp.0.add(r0 * ow * c), nr * ow * c) };
-        for j in 0..nr {
-            let (b, oy) = ((r0 + j) / oh, (r0 + j) % oh);
-            let img = &e[b * h * w * c..(b + 1) * h * w * c];
-            let row = &mut yb[j * ow * c..(j + 1) * ow * c];
-            let res = inner_residual.then(|| (&img[oy * w * c..], w * c));
-            #[cfg(target_arch = "x86_64")]
-            if level == crate::isa::Level::Avx512 {
-                // SAFETY: AVX-512F available; sizes asserted above.
-                unsafe { crate::dwconv::dw_row_512(img, h, w, c, dw_w, dw_b, g, oy, row) };
-                bias_act_rows_at(level, row, ow * c, 1, ow * c, None, act, res);
-                continue;
+        BAND.with(|sc| {
+            let yv = &mut sc.borrow_mut().1;
+            if yv.len() < nr * ow * c {
+                yv.resize(nr * ow * c, 0.0);
             }
-            dw_row_at(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, row);
-        }
-        let res = residual.map(|r| (&r[r0 * ow * n..], n));
-        crate::isa::with_level_unchecked(level, || matmul_st(yb, c, nr * ow, proj, None, Act::None, res, ob, n));
+            let yb = &mut yv[..nr * ow * c];
+            for j in 0..nr {
+                let (b, oy) = ((r0 + j) / oh, (r0 + j) % oh);
+                let img = &e[b * h * w * c..(b + 1) * h * w * c];
+                let row = &mut yb[j * ow * c..(j + 1) * ow * c];
+                let res = inner_residual.then(|| (&img[oy * w * c..], w * c));
+                #[cfg(target_arch = "x86_64")]
+                if level == crate::isa::Level::Avx512 {
+                    // SAFETY: AVX-512F available; sizes asserted above.
+                    unsafe {
+                        crate::dwconv::dw_row_512(img.as_ptr(), h, w, c, dw_w, dw_b, g, oy, row)
+                    };
+                    bias_act_rows_at(level, row, ow * c, 1, ow * c, None, act, res);
+                    continue;
+                }
+                dw_row_at(
+                    level,
+                    img,
+                    h,
+                    w,
+                    c,
+                    dw_w,
+                    dw_b,
+                    g,
+                    oy,
+                    act,
+                    inner_residual,
+                    row,
+                );
+            }
+            let res = residual.map(|r| (&r[r0 * ow * n..], n));
+            crate::isa::with_level_unchecked(level, || {
+                matmul_st(yb, c, nr * ow, proj, None, Act::None, res, ob, n)
+            });
+        });
     });
+}
+
+thread_local! {
+    static BAND: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = std::cell::RefCell::new(Default::default());
+}
+
+/// The whole downsampling iRMB body in one region, at the AVX-512 level:
+/// `e = act(x · V + b)` on just the input rows a band of output rows needs (halo rows are
+/// recomputed), `y = SiLU(dw(e))`, `out = y · P`. The expanded map is never materialised in
+/// full. Returns `false` (doing nothing) when not at the AVX-512 level.
+///
+/// `x`: `[batch, h, w, V.k]`; `out`: `[batch, oh, ow, P.n]`; no residuals (stride-2 blocks).
+#[allow(clippy::too_many_arguments)]
+pub fn v_dw_matmul(
+    x: &[f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    v: &Weight,
+    v_bias: &[f32],
+    v_act: Act,
+    dw_w: &[f32],
+    dw_b: &[f32],
+    g: DwGeom,
+    proj: &Weight,
+    out: &mut [f32],
+) -> bool {
+    let level = crate::isa::level();
+    if !cfg!(target_arch = "x86_64") || level != crate::isa::Level::Avx512 {
+        return false;
+    }
+    let (cin, c, n) = (v.k, v.n, proj.n);
+    let (oh, ow) = (g.out_len(h), g.out_len(w));
+    assert!(
+        x.len() >= batch * h * w * cin
+            && out.len() >= batch * oh * ow * n
+            && proj.k == c
+            && dw_w.len() >= g.k * g.k * c
+    );
+    // Bands of up to 8 output rows: small scratch, halo recompute <= 1/16 of the v GEMM.
+    let band = oh.div_ceil(2 * num_threads()).clamp(4, 8).min(oh);
+    let per_img = oh.div_ceil(band);
+    let op = SendPtr(out.as_mut_ptr());
+    crate::pool::parallel_for(batch * per_img, |t| {
+        let op = op;
+        let (b, bi) = (t / per_img, t % per_img);
+        let (oy0, oy1) = (bi * band, ((bi + 1) * band).min(oh));
+        let iy0 = (oy0 * g.stride).saturating_sub(g.pad);
+        let iy1 = ((oy1 - 1) * g.stride + g.k).saturating_sub(g.pad).min(h);
+        let rows_in = iy1 - iy0;
+        BAND.with(|sc| {
+            let (e, y) = &mut *sc.borrow_mut();
+            if e.len() < rows_in * w * c {
+                e.resize(rows_in * w * c, 0.0);
+            }
+            if y.len() < (oy1 - oy0) * ow * c {
+                y.resize((oy1 - oy0) * ow * c, 0.0);
+            }
+            let xs = &x[(b * h + iy0) * w * cin..(b * h + iy1) * w * cin];
+            crate::isa::with_level_unchecked(level, || {
+                matmul_st(xs, cin, rows_in * w, v, Some(v_bias), v_act, None, e, c)
+            });
+            // `e` holds input rows iy0..iy1: point the kernel at its virtual row 0.
+            let base = e.as_ptr().wrapping_sub(iy0 * w * c);
+            for oy in oy0..oy1 {
+                let row = &mut y[(oy - oy0) * ow * c..(oy - oy0 + 1) * ow * c];
+                // SAFETY: AVX-512F available; the rows read (iy0..iy1) are inside `e`.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    crate::dwconv::dw_row_512(base, h, w, c, dw_w, dw_b, g, oy, row)
+                };
+                bias_act_rows_at(level, row, ow * c, 1, ow * c, None, Act::Silu, None);
+            }
+            // SAFETY: this task owns output rows oy0..oy1 of image b.
+            let ob = unsafe {
+                std::slice::from_raw_parts_mut(
+                    op.0.add((b * oh + oy0) * ow * n),
+                    (oy1 - oy0) * ow * n,
+                )
+            };
+            crate::isa::with_level_unchecked(level, || {
+                matmul_st(y, c, (oy1 - oy0) * ow, proj, None, Act::None, None, ob, n)
+            });
+        });
+    });
+    true
 }

@@ -39,7 +39,16 @@ impl Weight {
     }
 }
 
-fn check(a: &[f32], lda: usize, m: usize, w: &Weight, bias: Option<&[f32]>, residual: Option<(&[f32], usize)>, out: &[f32], ldo: usize) {
+fn check(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    w: &Weight,
+    bias: Option<&[f32]>,
+    residual: Option<(&[f32], usize)>,
+    out: &[f32],
+    ldo: usize,
+) {
     let (k, n) = (w.k, w.n);
     assert!(lda >= k && ldo >= n && a.len() >= (m - 1) * lda + k && out.len() >= (m - 1) * ldo + n);
     if let Some(b) = bias {
@@ -76,11 +85,31 @@ unsafe fn run_band(
     if level == Level::Avx512 {
         let res = residual.filter(|_| fold);
         // SAFETY: forwarded contract; AVX-512F available at this level.
-        unsafe { crate::gemm512::band(rows, k, n, a, lda, w.packed.as_ptr(), ps.clone(), out, ldo, bias, res) };
+        unsafe {
+            crate::gemm512::band(
+                rows,
+                k,
+                n,
+                a,
+                lda,
+                w.packed.as_ptr(),
+                ps.clone(),
+                out,
+                ldo,
+                bias,
+                res,
+            )
+        };
         if !fold {
             // SAFETY: the tile lies inside `out`.
-            let tile = unsafe { std::slice::from_raw_parts_mut(out.add(c0), (rows - 1) * ldo + cols) };
-            let res = residual.map(|(r, ldr)| (unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) }, ldr));
+            let tile =
+                unsafe { std::slice::from_raw_parts_mut(out.add(c0), (rows - 1) * ldo + cols) };
+            let res = residual.map(|(r, ldr)| {
+                (
+                    unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) },
+                    ldr,
+                )
+            });
             bias_act_rows_at(level, tile, ldo, rows, cols, None, act, res);
         }
         return;
@@ -90,15 +119,46 @@ unsafe fn run_band(
         // SAFETY: forwarded contract; the panel is `k x 32` row-major.
         unsafe {
             gemm::gemm(
-                rows, pc, k, out.add(p * NR), 1, ldo as isize, false, a, 1, lda as isize, w.packed.as_ptr().add(p * k * NR), 1,
-                NR as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                rows,
+                pc,
+                k,
+                out.add(p * NR),
+                1,
+                ldo as isize,
+                false,
+                a,
+                1,
+                lda as isize,
+                w.packed.as_ptr().add(p * k * NR),
+                1,
+                NR as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         }
     }
     // SAFETY: the tile lies inside `out` / `residual`.
     let tile = unsafe { std::slice::from_raw_parts_mut(out.add(c0), (rows - 1) * ldo + cols) };
-    let res = residual.map(|(r, ldr)| (unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) }, ldr));
-    bias_act_rows_at(level, tile, ldo, rows, cols, bias.map(|b| &b[c0..]), act, res);
+    let res = residual.map(|(r, ldr)| {
+        (
+            unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) },
+            ldr,
+        )
+    });
+    bias_act_rows_at(
+        level,
+        tile,
+        ldo,
+        rows,
+        cols,
+        bias.map(|b| &b[c0..]),
+        act,
+        res,
+    );
 }
 
 /// `out[r, :n] = act(a[r, :k] · W + bias) (+ residual[r, :n])` for `r < m`, on the pool.
@@ -123,9 +183,15 @@ pub fn matmul(
     let threads = num_threads();
     let panels = w.n.div_ceil(NR);
     // Bands of rows; split the panels too when there are few bands.
-    let bm = (4 * MR).min(m.div_ceil(threads).next_multiple_of(MR)).max(MR);
+    let bm = (4 * MR)
+        .min(m.div_ceil(threads).next_multiple_of(MR))
+        .max(MR);
     let m_bands = m.div_ceil(bm);
-    let p_splits = if m_bands >= 2 * threads { 1 } else { (2 * threads).div_ceil(m_bands).min(panels).max(1) };
+    let p_splits = if m_bands >= 2 * threads {
+        1
+    } else {
+        (2 * threads).div_ceil(m_bands).min(panels).max(1)
+    };
     let pp = panels.div_ceil(p_splits);
     let level = crate::isa::level();
     let dst = SendPtr(out.as_mut_ptr());
@@ -140,7 +206,21 @@ pub fn matmul(
         let d = dst;
         let res = residual.map(|(r, ldr)| (r[r0 * ldr..].as_ptr(), ldr));
         // SAFETY: bands x panel ranges are disjoint parts of `out`; bounds checked above.
-        unsafe { run_band(level, rows, a.as_ptr().add(r0 * lda), lda, w, ps, d.0.add(r0 * ldo), ldo, bias, act, res) };
+        unsafe {
+            run_band(
+                level,
+                rows,
+                a.as_ptr().add(r0 * lda),
+                lda,
+                w,
+                ps,
+                d.0.add(r0 * ldo),
+                ldo,
+                bias,
+                act,
+                res,
+            )
+        };
     });
 }
 
@@ -164,7 +244,19 @@ pub fn matmul_st(
     let res = residual.map(|(r, ldr)| (r.as_ptr(), ldr));
     // SAFETY: bounds checked above.
     unsafe {
-        run_band(crate::isa::level(), m, a.as_ptr(), lda, w, 0..w.n.div_ceil(NR), out.as_mut_ptr(), ldo, bias, act, res)
+        run_band(
+            crate::isa::level(),
+            m,
+            a.as_ptr(),
+            lda,
+            w,
+            0..w.n.div_ceil(NR),
+            out.as_mut_ptr(),
+            ldo,
+            bias,
+            act,
+            res,
+        )
     };
 }
 
@@ -196,4 +288,3 @@ pub fn matmul_reference(
         }
     }
 }
-

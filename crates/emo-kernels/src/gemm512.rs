@@ -35,8 +35,18 @@ unsafe fn tile<const R: usize>(
     ldr: usize,
 ) {
     unsafe {
-        let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
-        let m1: __mmask16 = if cols >= 32 { 0xffff } else if cols <= 16 { 0 } else { ((1u32 << (cols - 16)) - 1) as u16 };
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as u16
+        };
+        let m1: __mmask16 = if cols >= 32 {
+            0xffff
+        } else if cols <= 16 {
+            0
+        } else {
+            ((1u32 << (cols - 16)) - 1) as u16
+        };
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if !bias.is_null() {
             let b0 = _mm512_maskz_loadu_ps(m0, bias);
@@ -96,17 +106,52 @@ pub unsafe fn band(
                 None => (std::ptr::null(), 0),
             };
             let bptr = bias.map_or(std::ptr::null(), |b| unsafe { b.as_ptr().add(p * NR) });
-            let args = (k, unsafe { a.add(r0 * lda) }, lda, unsafe { packed.add(p * k * NR) }, unsafe { c.add(r0 * ldc + p * NR) }, ldc, cols, bptr, rp, ldr);
+            let args = (
+                k,
+                unsafe { a.add(r0 * lda) },
+                lda,
+                unsafe { packed.add(p * k * NR) },
+                unsafe { c.add(r0 * ldc + p * NR) },
+                ldc,
+                cols,
+                bptr,
+                rp,
+                ldr,
+            );
             unsafe {
                 match mr {
-                    8 => tile::<8>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
-                    7 => tile::<7>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
-                    6 => tile::<6>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
-                    5 => tile::<5>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
-                    4 => tile::<4>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
-                    3 => tile::<3>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
-                    2 => tile::<2>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
-                    _ => tile::<1>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
+                    8 => tile::<8>(
+                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
+                        args.9,
+                    ),
+                    7 => tile::<7>(
+                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
+                        args.9,
+                    ),
+                    6 => tile::<6>(
+                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
+                        args.9,
+                    ),
+                    5 => tile::<5>(
+                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
+                        args.9,
+                    ),
+                    4 => tile::<4>(
+                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
+                        args.9,
+                    ),
+                    3 => tile::<3>(
+                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
+                        args.9,
+                    ),
+                    2 => tile::<2>(
+                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
+                        args.9,
+                    ),
+                    _ => tile::<1>(
+                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
+                        args.9,
+                    ),
                 }
             }
         }

@@ -20,7 +20,10 @@ static LEVEL: AtomicU8 = AtomicU8::new(0);
 fn detect() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        let best = if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("fma") {
+        let best = if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("fma")
+        {
             Level::Avx512
         } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             Level::Avx2
@@ -45,7 +48,10 @@ thread_local! {
 /// Run `f` with kernels launched from this thread dispatching to `level` (tests, comparisons).
 /// Panics if the CPU does not support `level`.
 pub fn with_level<R>(level: Level, f: impl FnOnce() -> R) -> R {
-    assert!(available().contains(&level), "{level:?} is not supported by this CPU");
+    assert!(
+        available().contains(&level),
+        "{level:?} is not supported by this CPU"
+    );
     let old = OVERRIDE.with(|o| o.replace(level as u8));
     let r = f();
     OVERRIDE.with(|o| o.set(old));
@@ -92,7 +98,10 @@ pub fn available() -> Vec<Level> {
     let best = {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma")
+            {
                 Level::Avx512
             } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 Level::Avx2
@@ -103,7 +112,10 @@ pub fn available() -> Vec<Level> {
         #[cfg(not(target_arch = "x86_64"))]
         Level::Generic
     };
-    [Level::Generic, Level::Avx2, Level::Avx512].into_iter().filter(|l| *l <= best).collect()
+    [Level::Generic, Level::Avx2, Level::Avx512]
+        .into_iter()
+        .filter(|l| *l <= best)
+        .collect()
 }
 
 /// Define `fn $name(args)` (dispatching on [`level`]) and `fn $at(level, args)` from one body.

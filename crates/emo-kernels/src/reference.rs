@@ -33,7 +33,18 @@ pub fn act(a: Act, x: f32) -> f32 {
 
 /// Reference of `dwconv::depthwise` with a PyTorch `[c, 1, k, k]` weight.
 #[allow(clippy::too_many_arguments)]
-pub fn depthwise(x: &[f32], batch: usize, h: usize, w: usize, c: usize, wt: &[f32], bias: &[f32], g: DwGeom, a: Act, residual: bool) -> Vec<f32> {
+pub fn depthwise(
+    x: &[f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    wt: &[f32],
+    bias: &[f32],
+    g: DwGeom,
+    a: Act,
+    residual: bool,
+) -> Vec<f32> {
     let (oh, ow) = (g.out_len(h), g.out_len(w));
     let mut out = vec![0.0; batch * oh * ow * c];
     for b in 0..batch {
@@ -65,7 +76,18 @@ pub fn depthwise(x: &[f32], batch: usize, h: usize, w: usize, c: usize, wt: &[f3
 
 /// Reference of `conv::conv2d` with a PyTorch `[cout, cin, k, k]` weight.
 #[allow(clippy::too_many_arguments)]
-pub fn conv2d(x: &[f32], batch: usize, h: usize, w: usize, cin: usize, wt: &[f32], bias: &[f32], cout: usize, g: DwGeom, a: Act) -> Vec<f32> {
+pub fn conv2d(
+    x: &[f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    wt: &[f32],
+    bias: &[f32],
+    cout: usize,
+    g: DwGeom,
+    a: Act,
+) -> Vec<f32> {
     let (oh, ow) = (g.out_len(h), g.out_len(w));
     let mut out = vec![0.0; batch * oh * ow * cout];
     for b in 0..batch {
@@ -79,7 +101,8 @@ pub fn conv2d(x: &[f32], batch: usize, h: usize, w: usize, cin: usize, wt: &[f32
                                 let iy = (oy * g.stride + ky) as isize - g.pad as isize;
                                 let ix = (ox * g.stride + kx) as isize - g.pad as isize;
                                 if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                    s += x[((b * h + iy as usize) * w + ix as usize) * cin + ci] as f64
+                                    s += x[((b * h + iy as usize) * w + ix as usize) * cin + ci]
+                                        as f64
                                         * wt[((co * cin + ci) * g.k + ky) * g.k + kx] as f64;
                                 }
                             }
@@ -100,7 +123,8 @@ pub fn layer_norm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32) ->
         let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
         let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
         for i in 0..c {
-            or[i] = (((xr[i] as f64 - mean) / (var + eps as f64).sqrt()) * gamma[i] as f64 + beta[i] as f64) as f32;
+            or[i] = (((xr[i] as f64 - mean) / (var + eps as f64).sqrt()) * gamma[i] as f64
+                + beta[i] as f64) as f32;
         }
     }
     out
@@ -109,7 +133,18 @@ pub fn layer_norm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32) ->
 /// Reference strided-window attention: explicit zero padding, explicit partition, softmax over
 /// all tokens of the window (padded keys included), crop. `qk_w` is PyTorch `[2c, c]`.
 #[allow(clippy::too_many_arguments)]
-pub fn window_attention(x: &[f32], qk_w: &[f32], qk_b: &[f32], batch: usize, h: usize, w: usize, c: usize, heads: usize, ws: usize, scale: f32) -> Vec<f32> {
+pub fn window_attention(
+    x: &[f32],
+    qk_w: &[f32],
+    qk_b: &[f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    heads: usize,
+    ws: usize,
+    scale: f32,
+) -> Vec<f32> {
     let g = Windows::new(h, w, ws);
     let (hp, wp) = (g.wh * g.n1, g.ww * g.n2);
     let dh = c / heads;
@@ -128,7 +163,10 @@ pub fn window_attention(x: &[f32], qk_w: &[f32], qk_b: &[f32], batch: usize, h: 
         let mut qk = vec![0f64; hp * wp * 2 * c];
         for p in 0..hp * wp {
             for o in 0..2 * c {
-                qk[p * 2 * c + o] = qk_b[o] as f64 + (0..c).map(|i| qk_w[o * c + i] as f64 * xp[p * c + i]).sum::<f64>();
+                qk[p * 2 * c + o] = qk_b[o] as f64
+                    + (0..c)
+                        .map(|i| qk_w[o * c + i] as f64 * xp[p * c + i])
+                        .sum::<f64>();
             }
         }
         for i1 in 0..g.n1 {
@@ -145,7 +183,12 @@ pub fn window_attention(x: &[f32], qk_w: &[f32], qk_b: &[f32], batch: usize, h: 
                             .map(|kj| {
                                 let (ky, kx) = tok(kj);
                                 let kp = ky * wp + kx;
-                                (0..dh).map(|d| qk[qp * 2 * c + hd * dh + d] * qk[kp * 2 * c + c + hd * dh + d]).sum::<f64>()
+                                (0..dh)
+                                    .map(|d| {
+                                        qk[qp * 2 * c + hd * dh + d]
+                                            * qk[kp * 2 * c + c + hd * dh + d]
+                                    })
+                                    .sum::<f64>()
                                     * scale as f64
                             })
                             .collect();

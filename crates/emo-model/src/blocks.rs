@@ -121,7 +121,11 @@ impl IrmbConfig {
             norm: self.norm,
             act: self.act,
             v_proj: true,
-            attention: self.attention.map(|(dh, ws)| AttnSpec { num_heads: self.dim_in / dh, dim_head: dh, window_size: ws }),
+            attention: self.attention.map(|(dh, ws)| AttnSpec {
+                num_heads: self.dim_in / dh,
+                dim_head: dh,
+                window_size: ws,
+            }),
             se_channels: self.se_channels,
             skip: self.dim_in == self.dim_out && stride == 1,
             drop_path: self.drop_path,
@@ -134,7 +138,11 @@ impl IrmbConfig {
     /// If `dim_head` does not divide `dim_in`, or the kernel is even.
     pub fn init(&self, device: &Device) -> Irmb {
         if let Some((dh, _)) = self.attention {
-            assert!(dh > 0 && self.dim_in % dh == 0, "dim_head {dh} must divide dim_in {}", self.dim_in);
+            assert!(
+                dh > 0 && self.dim_in % dh == 0,
+                "dim_head {dh} must divide dim_in {}",
+                self.dim_in
+            );
         }
         assert!(self.dw_kernel % 2 == 1, "dw_kernel must be odd");
         Irmb::new(&self.spec(), device)
@@ -187,13 +195,24 @@ pub struct MetaMobileBlock {
 }
 
 fn src(device: &Device) -> Source<'static> {
-    Source { device: device.clone(), checkpoint: None }
+    Source {
+        device: device.clone(),
+        checkpoint: None,
+    }
 }
 
 impl MetaMobileBlock {
     /// MobileNetV2's inverted residual block: 1x1 expand + BN + act, depthwise kxk (stride) +
     /// BN + act, 1x1 shrink + BN; residual when stride 1 and dim_in == dim_out.
-    pub fn irb(dim_in: usize, dim_out: usize, exp_ratio: f64, kernel: usize, stride: usize, a: Act, device: &Device) -> Self {
+    pub fn irb(
+        dim_in: usize,
+        dim_out: usize,
+        exp_ratio: f64,
+        kernel: usize,
+        stride: usize,
+        a: Act,
+        device: &Device,
+    ) -> Self {
         let s = src(device);
         let mid = (dim_in as f64 * exp_ratio) as usize;
         MetaMobileBlock {
@@ -235,14 +254,21 @@ impl MetaMobileBlock {
     /// (λ = 1), softmax(Q K^T / sqrt(d)) V over all pixels (`window_size` 0) or over EMO's strided
     /// windows, output projection, residual.
     pub fn mhsa(dim: usize, num_heads: usize, window_size: usize, device: &Device) -> Self {
-        assert!(num_heads > 0 && dim % num_heads == 0, "num_heads must divide dim");
+        assert!(
+            num_heads > 0 && dim % num_heads == 0,
+            "num_heads must divide dim"
+        );
         let s = src(device);
         MetaMobileBlock {
             norm: Some(Norm2d::Layer(s.ln2d("norm", dim))),
             expand: s.conv("v", dim, dim, 1, 1, 1, true),
             expand_norm: None,
             expand_act: None,
-            operator: Operator::Attention(Attention { qk: s.conv("qk", dim, 2 * dim, 1, 1, 1, true), num_heads, window_size }),
+            operator: Operator::Attention(Attention {
+                qk: s.conv("qk", dim, 2 * dim, 1, 1, 1, true),
+                num_heads,
+                window_size,
+            }),
             shrink: s.conv("proj", dim, dim, 1, 1, 1, true),
             shrink_norm: None,
             skip: true,

@@ -22,7 +22,12 @@ pub struct EvalTransform {
 
 impl Default for EvalTransform {
     fn default() -> Self {
-        EvalTransform { size: 224, crop_pct: 0.875, mean: IMAGENET_MEAN, std: IMAGENET_STD }
+        EvalTransform {
+            size: 224,
+            crop_pct: 0.875,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
     }
 }
 
@@ -46,7 +51,11 @@ impl EvalTransform {
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
         let s = self.resize_size().max(self.size);
         // torchvision Resize(int): shorter side = s, longer = int(s * long / short)
-        let (nw, nh) = if w <= h { (s, (s as f64 * h as f64 / w as f64) as usize) } else { ((s as f64 * w as f64 / h as f64) as usize, s) };
+        let (nw, nh) = if w <= h {
+            (s, (s as f64 * h as f64 / w as f64) as usize)
+        } else {
+            ((s as f64 * w as f64 / h as f64) as usize, s)
+        };
         let resized: RgbImage = if (nw, nh) == (w, h) {
             rgb
         } else {
@@ -70,7 +79,10 @@ impl EvalTransform {
     /// Read, decode and transform an image file.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Vec<f32>, ImageError> {
         let path = path.as_ref();
-        let img = image::open(path).map_err(|e| ImageError { path: path.display().to_string(), reason: e.to_string() })?;
+        let img = image::open(path).map_err(|e| ImageError {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         Ok(self.apply(&img))
     }
 }

@@ -16,7 +16,9 @@ fn check(variant: Variant, weights: std::path::PathBuf, io: std::path::PathBuf) 
     let (_, shape, input) = get(&io, "input");
     // The committed input is the documented formula.
     assert!(max_abs_diff(input, &formula_input(shape[0], shape[2], shape[3])) < 1e-6);
-    let out = model.forward_with(to_tensor(shape, input, &device), &[0, 1, 2, 3, 4], true).unwrap();
+    let out = model
+        .forward_with(to_tensor(shape, input, &device), &[0, 1, 2, 3, 4], true)
+        .unwrap();
     for (i, feat) in out.features {
         let (_, fshape, want) = get(&io, &format!("feat.stage{i}"));
         assert_eq!(&feat.dims().to_vec(), fshape, "{variant} stage{i} shape");
@@ -33,7 +35,11 @@ fn check(variant: Variant, weights: std::path::PathBuf, io: std::path::PathBuf) 
 #[test]
 fn emo_1m_224_from_committed_pth_and_safetensors() {
     for w in ["emo_1m.pth", "emo_1m.safetensors"] {
-        check(Variant::Emo1M, repo_fixture(w), repo_fixture("emo_1m_224x224.io.safetensors"));
+        check(
+            Variant::Emo1M,
+            repo_fixture(w),
+            repo_fixture("emo_1m_224x224.io.safetensors"),
+        );
     }
 }
 
@@ -42,9 +48,10 @@ fn all_variants_both_sizes_from_shared_fixtures() {
     for v in Variant::ALL {
         let tag = v.name().replace('-', "_");
         for size in ["224x224", "256x192"] {
-            let (Some(w), Some(io)) =
-                (shared_fixture(&format!("{tag}.safetensors")), shared_fixture(&format!("{tag}_{size}.io.safetensors")))
-            else {
+            let (Some(w), Some(io)) = (
+                shared_fixture(&format!("{tag}.safetensors")),
+                shared_fixture(&format!("{tag}_{size}.io.safetensors")),
+            ) else {
                 continue;
             };
             check(v, w, io);
