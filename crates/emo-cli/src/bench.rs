@@ -55,9 +55,7 @@ impl Ort {
         writeln!(self.child.stdin.as_mut().expect("stdin"), "run {k}")?;
         let mut line = String::new();
         self.out.read_line(&mut line)?;
-        line.split_whitespace()
-            .map(|t| t.parse::<f64>().context("bad ORT timing"))
-            .collect()
+        line.split_whitespace().map(|t| t.parse::<f64>().context("bad ORT timing")).collect()
     }
 }
 
@@ -86,38 +84,25 @@ fn report(name: &str, times: &mut [f64], batch: usize) -> f64 {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    ensure!(
-        a.batch > 0 && a.runs > 0 && a.rounds > 0,
-        "batch, runs and rounds must be > 0"
-    );
+    ensure!(a.batch > 0 && a.runs > 0 && a.rounds > 0, "batch, runs and rounds must be > 0");
     let (h, w) = a.size;
     let cfg = a.variant.config();
     let sd = emo_weights::synthetic(&cfg, 0);
     let mut engine = emo_infer::Engine::from_state_dict(&cfg, &sd)?;
     let n = a.batch * 3 * h * w;
-    let x: Vec<f32> = (0..n)
-        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-        .collect();
+    let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
     let threads = emo_kernels::pool::num_threads();
     let mut ort = match &a.compare_onnx {
         Some(p) => {
             let (o, shape) = Ort::start(p, threads)?;
             let want = format!("{}x3x{h}x{w}", a.batch);
-            ensure!(
-                shape == want,
-                "{} takes input {shape}, but the bench is {want} (use --batch/--size)",
-                p.display()
-            );
+            ensure!(shape == want, "{} takes input {shape}, but the bench is {want} (use --batch/--size)", p.display());
             Some(o)
         }
         None => None,
     };
     let device = Device::flex();
-    let burn_model = if a.compare_burn {
-        Some(emo_model::Emo::from_state_dict(&cfg, &sd, &device)?)
-    } else {
-        None
-    };
+    let burn_model = if a.compare_burn { Some(emo_model::Emo::from_state_dict(&cfg, &sd, &device)?) } else { None };
     let burn_x = || Tensor::<4>::from_data(TensorData::new(x.clone(), [a.batch, 3, h, w]), &device);
 
     println!(
@@ -163,10 +148,7 @@ pub fn run(a: &Args) -> Result<()> {
             }
         }
     }
-    println!(
-        "{:<14} {:>9} {:>8} {:>8} {:>8} {:>9}",
-        "engine", "median ms", "p10", "p90", "min", "img/s"
-    );
+    println!("{:<14} {:>9} {:>8} {:>8} {:>8} {:>9}", "engine", "median ms", "p10", "p90", "min", "img/s");
     let med = report("emo (fast)", &mut ours, a.batch);
     let ort_med = (!theirs.is_empty()).then(|| report("onnxruntime", &mut theirs, a.batch));
     let burn_med = (!burn.is_empty()).then(|| report("burn flex", &mut burn, a.batch));

@@ -20,11 +20,7 @@ const FIXTURE_WEIGHTS: &[u8] = include_bytes!("../../../fixtures/emo/emo_1m.safe
 const FIXTURE_IO: &[u8] = include_bytes!("../../../fixtures/emo/emo_1m_224x224.io.safetensors");
 
 #[derive(Parser)]
-#[command(
-    name = "emo",
-    version,
-    about = "EMO (ICCV 2023) vision models in Rust: exact, official checkpoints"
-)]
+#[command(name = "emo", version, about = "EMO (ICCV 2023) vision models in Rust: exact, official checkpoints")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -127,17 +123,9 @@ enum Cmd {
 }
 
 fn parse_hw(s: &str) -> Result<(usize, usize), String> {
-    let (h, w) = s
-        .split_once(['x', 'X'])
-        .ok_or("expected HxW, e.g. 224x224")?;
-    let h: usize = h
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad height in `{s}`"))?;
-    let w: usize = w
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad width in `{s}`"))?;
+    let (h, w) = s.split_once(['x', 'X']).ok_or("expected HxW, e.g. 224x224")?;
+    let h: usize = h.trim().parse().map_err(|_| format!("bad height in `{s}`"))?;
+    let w: usize = w.trim().parse().map_err(|_| format!("bad width in `{s}`"))?;
     if h == 0 || w == 0 {
         return Err("sizes must be >= 1".into());
     }
@@ -147,90 +135,25 @@ fn parse_hw(s: &str) -> Result<(usize, usize), String> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Info {
-            input,
-            variant,
-            window_size,
-        } => info(input, variant, window_size),
-        Cmd::Predict {
-            variant,
-            weights,
-            input_npy,
-            output_npy,
-            features,
-            engine,
-        } => predict(
-            variant,
-            &weights,
-            &input_npy,
-            &output_npy,
-            &features,
-            engine,
-        ),
-        Cmd::Classify {
-            variant,
-            weights,
-            images,
-            top,
-            size,
-            crop_pct,
-            labels,
-            json,
-            engine,
-        } => {
-            ensure!(size > 0, "--size must be > 0");
-            ensure!(
-                crop_pct > 0.0 && crop_pct <= 1.0,
-                "--crop-pct must be in (0, 1]"
-            );
-            let t = EvalTransform {
-                size,
-                crop_pct,
-                ..Default::default()
-            };
-            classify(
-                variant,
-                &weights,
-                &images,
-                top,
-                &t,
-                labels.as_deref(),
-                json,
-                engine,
-            )
+        Cmd::Info { input, variant, window_size } => info(input, variant, window_size),
+        Cmd::Predict { variant, weights, input_npy, output_npy, features, engine } => {
+            predict(variant, &weights, &input_npy, &output_npy, &features, engine)
         }
-        Cmd::Convert {
-            input,
-            output,
-            variant,
-        } => convert(&input, &output, variant),
+        Cmd::Classify { variant, weights, images, top, size, crop_pct, labels, json, engine } => {
+            ensure!(size > 0, "--size must be > 0");
+            ensure!(crop_pct > 0.0 && crop_pct <= 1.0, "--crop-pct must be in (0, 1]");
+            let t = EvalTransform { size, crop_pct, ..Default::default() };
+            classify(variant, &weights, &images, top, &t, labels.as_deref(), json, engine)
+        }
+        Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
-        Cmd::Bench {
-            variant,
-            batch,
-            size,
-            threads,
-            runs,
-            rounds,
-            compare_onnx,
-            compare_burn,
-        } => {
+        Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn } => {
             if let Some(t) = threads {
                 ensure!(t > 0, "--threads must be > 0");
                 emo_kernels::pool::set_num_threads(t);
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(t)
-                    .build_global()?;
+                rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
             }
-            bench::run(&bench::Args {
-                variant,
-                batch,
-                size,
-                runs,
-                rounds,
-                compare_onnx,
-                compare_burn,
-            })
+            bench::run(&bench::Args { variant, batch, size, runs, rounds, compare_onnx, compare_burn })
         }
     }
 }
@@ -257,10 +180,7 @@ fn info(input: (usize, usize), variant: Option<Variant>, window_size: Option<usi
         }
     };
     let fl = format!("FLOPs@{h}x{w}");
-    println!(
-        "{:<8} {:>11} {:>15} {:>14} {:>12}",
-        "variant", "params", fl, "attn matmuls", "top-1 (paper)"
-    );
+    println!("{:<8} {:>11} {:>15} {:>14} {:>12}", "variant", "params", fl, "attn matmuls", "top-1 (paper)");
     for v in Variant::ALL {
         let c = cfg_of(v);
         let f = c.flops(h, w);
@@ -281,20 +201,15 @@ fn info(input: (usize, usize), variant: Option<Variant>, window_size: Option<usi
         println!("\n{} stages at {h}x{w}:", v.paper_name());
         let hw = c.stage_hw(h, w);
         for (fi, (fh, fw)) in c.feature_info().iter().zip(hw) {
-            println!(
-                "  {:<7} {:>4} ch  stride {:>2}  {fh}x{fw}",
-                fi.name, fi.channels, fi.reduction
-            );
+            println!("  {:<7} {:>4} ch  stride {:>2}  {fh}x{fw}", fi.name, fi.channels, fi.reduction);
         }
         println!(
             "\n{:<10} {:>6} {:>6} {:>6} {:>6} {:>5} {:>5} {:>12}",
             "block", "in", "mid", "out", "stride", "k", "skip", "attention"
         );
         for b in c.blocks() {
-            let a = b
-                .attention
-                .map(|a| format!("{}x{} w{}", a.num_heads, a.dim_head, a.window_size))
-                .unwrap_or_default();
+            let a =
+                b.attention.map(|a| format!("{}x{} w{}", a.num_heads, a.dim_head, a.window_size)).unwrap_or_default();
             println!(
                 "{:<10} {:>6} {:>6} {:>6} {:>6} {:>5} {:>5} {:>12}",
                 b.name, b.dim_in, b.dim_mid, b.dim_out, b.stride, b.dw_kernel, b.skip, a
@@ -324,8 +239,7 @@ type Features = Vec<(usize, [usize; 4], Vec<f32>)>;
 impl Runner {
     /// Load weights for `variant`, taking the head width from the checkpoint.
     fn load(variant: Variant, weights: &Path, kind: EngineKind) -> Result<Self> {
-        let sd =
-            emo_weights::load(weights).with_context(|| format!("loading {}", weights.display()))?;
+        let sd = emo_weights::load(weights).with_context(|| format!("loading {}", weights.display()))?;
         let mut cfg = variant.config().with_drop_path(0.0);
         if let Some(h) = sd.get("head.bias").filter(|t| t.shape.len() == 1) {
             cfg.num_classes = h.shape[0];
@@ -333,9 +247,7 @@ impl Runner {
         let wrapping = sd.wrapping;
         let ctx = || format!("loading {}", weights.display());
         let r = match kind {
-            EngineKind::Fast => Runner::Fast(Box::new(
-                emo_infer::Engine::from_owned(&cfg, sd).with_context(ctx)?,
-            )),
+            EngineKind::Fast => Runner::Fast(Box::new(emo_infer::Engine::from_owned(&cfg, sd).with_context(ctx)?)),
             EngineKind::Burn => Self::from_state_dict(&cfg, &sd, kind).with_context(ctx)?,
         };
         eprintln!(
@@ -347,15 +259,9 @@ impl Runner {
         Ok(r)
     }
 
-    fn from_state_dict(
-        cfg: &EmoConfig,
-        sd: &emo_weights::StateDict,
-        kind: EngineKind,
-    ) -> Result<Self> {
+    fn from_state_dict(cfg: &EmoConfig, sd: &emo_weights::StateDict, kind: EngineKind) -> Result<Self> {
         Ok(match kind {
-            EngineKind::Fast => {
-                Runner::Fast(Box::new(emo_infer::Engine::from_state_dict(cfg, sd)?))
-            }
+            EngineKind::Fast => Runner::Fast(Box::new(emo_infer::Engine::from_state_dict(cfg, sd)?)),
             EngineKind::Burn => {
                 let device = Device::flex();
                 Runner::Burn(Box::new(Emo::from_state_dict(cfg, sd, &device)?), device)
@@ -371,12 +277,7 @@ impl Runner {
     }
 
     /// Logits (row-major `[B, classes]`) and the selected NCHW stage outputs.
-    fn run(
-        &mut self,
-        x: Vec<f32>,
-        shape: [usize; 4],
-        out_indices: &[usize],
-    ) -> Result<(Vec<f32>, Features)> {
+    fn run(&mut self, x: Vec<f32>, shape: [usize; 4], out_indices: &[usize]) -> Result<(Vec<f32>, Features)> {
         let [b, _, h, w] = shape;
         match self {
             Runner::Fast(e) => {
@@ -386,11 +287,7 @@ impl Runner {
             Runner::Burn(m, device) => {
                 let t = Tensor::<4>::from_data(TensorData::new(x, shape), &*device);
                 let o = m.forward_with(t, out_indices, true)?;
-                let feats = o
-                    .features
-                    .into_iter()
-                    .map(|(i, f)| (i, f.dims(), to_vec(f)))
-                    .collect();
+                let feats = o.features.into_iter().map(|(i, f)| (i, f.dims(), to_vec(f))).collect();
                 Ok((to_vec(o.logits.expect("logits")), feats))
             }
         }
@@ -398,10 +295,7 @@ impl Runner {
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 data")
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
 }
 
 fn predict(
@@ -413,29 +307,10 @@ fn predict(
     kind: EngineKind,
 ) -> Result<()> {
     let x = npy::read(input).with_context(|| format!("reading {}", input.display()))?;
-    ensure!(
-        x.shape.len() == 4,
-        "{}: expected a 4-D (B, C, H, W) array, got shape {:?}",
-        input.display(),
-        x.shape
-    );
-    ensure!(
-        x.shape.iter().all(|&d| d > 0),
-        "{}: empty dimension in shape {:?}",
-        input.display(),
-        x.shape
-    );
-    ensure!(
-        x.shape[1] == 3,
-        "{}: expected 3 channels (RGB), got shape {:?}",
-        input.display(),
-        x.shape
-    );
-    ensure!(
-        x.data.iter().all(|v| v.is_finite()),
-        "{}: input contains NaN or inf",
-        input.display()
-    );
+    ensure!(x.shape.len() == 4, "{}: expected a 4-D (B, C, H, W) array, got shape {:?}", input.display(), x.shape);
+    ensure!(x.shape.iter().all(|&d| d > 0), "{}: empty dimension in shape {:?}", input.display(), x.shape);
+    ensure!(x.shape[1] == 3, "{}: expected 3 channels (RGB), got shape {:?}", input.display(), x.shape);
+    ensure!(x.data.iter().all(|v| v.is_finite()), "{}: input contains NaN or inf", input.display());
     let mut model = Runner::load(variant, weights, kind)?;
     let out_indices = emo_spec::resolve_out_indices(features)?;
     let shape = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
@@ -443,22 +318,10 @@ fn predict(
     let (logits, feats) = model.run(x.data, shape, &out_indices)?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
     let oshape = vec![shape[0], logits.len() / shape[0]];
-    npy::write(
-        output,
-        &npy::Array {
-            shape: oshape.clone(),
-            data: logits,
-        },
-    )?;
+    npy::write(output, &npy::Array { shape: oshape.clone(), data: logits })?;
     for (i, fshape, data) in feats {
         let p = PathBuf::from(format!("{}.stage{i}.npy", output.display()));
-        npy::write(
-            &p,
-            &npy::Array {
-                shape: fshape.to_vec(),
-                data,
-            },
-        )?;
+        npy::write(&p, &npy::Array { shape: fshape.to_vec(), data })?;
         eprintln!("wrote {}", p.display());
     }
     eprintln!("wrote {} {:?} in {ms:.1} ms", output.display(), oshape);
@@ -534,35 +397,22 @@ fn convert(input: &Path, output: &Path, variant: Option<Variant>) -> Result<()> 
     let v = match variant {
         Some(v) => v,
         None => emo_weights::detect_variant(&sd).with_context(|| {
-            format!(
-                "{} does not match any EMO variant; pass --variant to see why",
-                input.display()
-            )
+            format!("{} does not match any EMO variant; pass --variant to see why", input.display())
         })?,
     };
     let mut cfg = v.config();
     cfg.num_classes = sd.get("head.bias").map(|t| t.shape[0]).unwrap_or(0);
     emo_weights::validate(&sd, &cfg)?;
     emo_weights::save_safetensors(&sd, output)?;
-    println!(
-        "{} ({}, {}, {} tensors) -> {}",
-        input.display(),
-        v,
-        sd.wrapping,
-        sd.len(),
-        output.display()
-    );
+    println!("{} ({}, {}, {} tensors) -> {}", input.display(), v, sd.wrapping, sd.len(), output.display());
     Ok(())
 }
 
 fn verify() -> Result<()> {
     let sd = emo_weights::load_safetensors_bytes(FIXTURE_WEIGHTS)?;
     let io = emo_weights::load_safetensors_bytes(FIXTURE_IO)?;
-    let get = |k: &str| {
-        io.get(k)
-            .and_then(|t| t.as_f32().map(|d| (t.shape.clone(), d.to_vec())))
-            .context(k.to_string())
-    };
+    let get =
+        |k: &str| io.get(k).and_then(|t| t.as_f32().map(|d| (t.shape.clone(), d.to_vec()))).context(k.to_string());
     let (shape, input) = get("input")?;
     let (_, want) = get("logits")?;
     let shape4 = [shape[0], shape[1], shape[2], shape[3]];
@@ -577,18 +427,11 @@ fn verify() -> Result<()> {
         for (i, _, got) in feats {
             let (_, w) = get(&format!("feat.stage{i}"))?;
             let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = got
-                .iter()
-                .zip(&w)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-                / scale;
+            let d = got.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
             ok &= d <= 1e-4;
             println!("  stage{i}: max relative diff {d:.2e}");
         }
-        let d = logits
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let d = logits.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         ok &= d <= 1e-4;
         println!("  logits: max abs diff {d:.2e} (tolerance 1e-4)");
     }

@@ -6,11 +6,7 @@ use std::process::{Command, Output};
 use emo_weights::npy;
 
 fn emo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_emo"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_emo")).args(args).env("RUST_BACKTRACE", "0").output().unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -38,10 +34,7 @@ fn tmp(name: &str) -> PathBuf {
 fn io_tensor(key: &str) -> npy::Array {
     let sd = emo_weights::load(fixture("emo_1m_224x224.io.safetensors")).unwrap();
     let t = sd.get(key).unwrap();
-    npy::Array {
-        shape: t.shape.clone(),
-        data: t.as_f32().unwrap().to_vec(),
-    }
+    npy::Array { shape: t.shape.clone(), data: t.as_f32().unwrap().to_vec() }
 }
 
 #[test]
@@ -49,25 +42,12 @@ fn info_prints_the_paper_numbers() {
     let o = emo(&["info"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = stdout(&o);
-    for needle in [
-        "1,361,168",
-        "2,377,472",
-        "5,108,848",
-        "6,168,496",
-        "260.84M",
-        "439.36M",
-        "902.58M",
-        "960.75M",
-    ] {
+    for needle in ["1,361,168", "2,377,472", "5,108,848", "6,168,496", "260.84M", "439.36M", "902.58M", "960.75M"] {
         assert!(s.contains(needle), "{needle} missing in:\n{s}");
     }
     let o = emo(&["info", "--input", "256x192", "--variant", "emo-5m"]);
     assert!(o.status.success());
-    assert!(
-        stdout(&o).contains("stage4   288 ch  stride 32  8x6"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("stage4   288 ch  stride 32  8x6"), "{}", stdout(&o));
     assert!(!emo(&["info", "--input", "0x5"]).status.success());
 }
 
@@ -95,12 +75,7 @@ fn predict_matches_the_official_logits_from_pth_and_safetensors() {
         assert!(stderr(&o).contains("plain state_dict"), "{}", stderr(&o));
         let got = npy::read(&y).unwrap();
         assert_eq!(got.shape, vec![2, 1000]);
-        let d = got
-            .data
-            .iter()
-            .zip(&want.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = got.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(d <= 1e-4, "{w}: {d}");
         let f4 = npy::read(format!("{}.stage4.npy", y.display())).unwrap();
         assert_eq!(f4.shape, vec![2, 168, 7, 7]);
@@ -110,14 +85,7 @@ fn predict_matches_the_official_logits_from_pth_and_safetensors() {
 #[test]
 fn predict_rejects_bad_input_clearly() {
     let x = tmp("bad.npy");
-    npy::write(
-        &x,
-        &npy::Array {
-            shape: vec![3, 8, 8],
-            data: vec![0.0; 192],
-        },
-    )
-    .unwrap();
+    npy::write(&x, &npy::Array { shape: vec![3, 8, 8], data: vec![0.0; 192] }).unwrap();
     let y = tmp("never.npy");
     let o = emo(&[
         "predict",
@@ -134,14 +102,7 @@ fn predict_rejects_bad_input_clearly() {
     assert!(stderr(&o).contains("4-D"), "{}", stderr(&o));
     assert!(!y.exists());
     // wrong variant for the checkpoint
-    npy::write(
-        &x,
-        &npy::Array {
-            shape: vec![1, 3, 8, 8],
-            data: vec![0.0; 192],
-        },
-    )
-    .unwrap();
+    npy::write(&x, &npy::Array { shape: vec![1, 3, 8, 8], data: vec![0.0; 192] }).unwrap();
     let o = emo(&[
         "predict",
         "--variant",
@@ -160,15 +121,8 @@ fn predict_rejects_bad_input_clearly() {
 #[test]
 fn classify_prints_top5_and_json_and_reports_bad_images() {
     let dog = root().join("assets/dog.jpg");
-    let o = emo(&[
-        "classify",
-        "--variant",
-        "emo-1m",
-        "--weights",
-        &fixture("emo_1m.pth"),
-        "--json",
-        dog.to_str().unwrap(),
-    ]);
+    let o =
+        emo(&["classify", "--variant", "emo-1m", "--weights", &fixture("emo_1m.pth"), "--json", dog.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let top = v[0]["top"].as_array().unwrap();
@@ -190,10 +144,7 @@ fn classify_prints_top5_and_json_and_reports_bad_images() {
         broken.to_str().unwrap(),
     ]);
     assert!(!o.status.success());
-    assert!(
-        stdout(&o).contains("dog.jpg"),
-        "the good image is still classified"
-    );
+    assert!(stdout(&o).contains("dog.jpg"), "the good image is still classified");
     assert!(stderr(&o).contains("broken.jpg"), "{}", stderr(&o));
 }
 
@@ -202,23 +153,10 @@ fn convert_writes_a_validated_safetensors() {
     let out = tmp("converted.safetensors");
     let o = emo(&["convert", &fixture("emo_1m.pth"), out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(
-        std::fs::read(&out).unwrap(),
-        std::fs::read(fixture("emo_1m.safetensors")).unwrap()
-    );
-    let o = emo(&[
-        "convert",
-        "--variant",
-        "emo-2m",
-        &fixture("emo_1m.pth"),
-        tmp("x.safetensors").to_str().unwrap(),
-    ]);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(fixture("emo_1m.safetensors")).unwrap());
+    let o = emo(&["convert", "--variant", "emo-2m", &fixture("emo_1m.pth"), tmp("x.safetensors").to_str().unwrap()]);
     assert!(!o.status.success());
-    let o = emo(&[
-        "convert",
-        Path::new("/nonexistent.pth").to_str().unwrap(),
-        tmp("y.safetensors").to_str().unwrap(),
-    ]);
+    let o = emo(&["convert", Path::new("/nonexistent.pth").to_str().unwrap(), tmp("y.safetensors").to_str().unwrap()]);
     assert!(!o.status.success());
 }
 

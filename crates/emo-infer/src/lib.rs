@@ -54,25 +54,10 @@ fn take(sd: &mut StateDict, key: &str) -> Vec<f32> {
 
 /// BN as `x * scale + shift`.
 fn bn(sd: &mut StateDict, p: &str) -> (Vec<f32>, Vec<f32>) {
-    let (g, b) = (
-        take(sd, &format!("{p}.weight")),
-        take(sd, &format!("{p}.bias")),
-    );
-    let (m, v) = (
-        take(sd, &format!("{p}.running_mean")),
-        take(sd, &format!("{p}.running_var")),
-    );
-    let scale: Vec<f32> = g
-        .iter()
-        .zip(&v)
-        .map(|(g, v)| (*g as f64 / (*v as f64 + NORM_EPS).sqrt()) as f32)
-        .collect();
-    let shift = b
-        .iter()
-        .zip(&m)
-        .zip(&scale)
-        .map(|((b, m), s)| b - m * s)
-        .collect();
+    let (g, b) = (take(sd, &format!("{p}.weight")), take(sd, &format!("{p}.bias")));
+    let (m, v) = (take(sd, &format!("{p}.running_mean")), take(sd, &format!("{p}.running_var")));
+    let scale: Vec<f32> = g.iter().zip(&v).map(|(g, v)| (*g as f64 / (*v as f64 + NORM_EPS).sqrt()) as f32).collect();
+    let shift = b.iter().zip(&m).zip(&scale).map(|((b, m), s)| b - m * s).collect();
     (scale, shift)
 }
 
@@ -82,10 +67,7 @@ struct Ln {
 }
 
 fn ln(sd: &mut StateDict, p: &str) -> Ln {
-    Ln {
-        gamma: take(sd, &format!("{p}.norm.weight")),
-        beta: take(sd, &format!("{p}.norm.bias")),
-    }
+    Ln { gamma: take(sd, &format!("{p}.norm.weight")), beta: take(sd, &format!("{p}.norm.bias")) }
 }
 
 struct Se {
@@ -122,10 +104,7 @@ impl Block {
         }
         let qk = b.attention.map(|_| {
             let w = take(sd, &format!("{p}.qk.conv.weight"));
-            (
-                Weight::from_torch(&w, 2 * b.dim_in, b.dim_in),
-                take(sd, &format!("{p}.qk.conv.bias")),
-            )
+            (Weight::from_torch(&w, 2 * b.dim_in, b.dim_in), take(sd, &format!("{p}.qk.conv.bias")))
         });
         let v = b.v_proj.then(|| {
             let mut w = take(sd, &format!("{p}.v.conv.weight"));
@@ -161,17 +140,9 @@ impl Block {
             v,
             dw_w: dwconv::weight_from_torch(&w, b.dim_mid, k),
             dw_b: t,
-            dw: DwGeom {
-                k,
-                stride: b.stride,
-                pad: emo_spec::conv_pad(k, b.stride),
-            },
+            dw: DwGeom { k, stride: b.stride, pad: emo_spec::conv_pad(k, b.stride) },
             se,
-            proj: Weight::from_torch(
-                &take(sd, &format!("{p}.proj.conv.weight")),
-                b.dim_out,
-                b.dim_mid,
-            ),
+            proj: Weight::from_torch(&take(sd, &format!("{p}.proj.conv.weight")), b.dim_out, b.dim_mid),
         }
     }
 }
@@ -234,11 +205,7 @@ impl Engine {
     /// [`Engine::from_state_dict`], taking the tensors over (no copy of the checkpoint).
     pub fn from_owned(cfg: &EmoConfig, sd: StateDict) -> Result<Self, InferError> {
         cfg.validate()?;
-        let mut sd = if cfg.num_classes == 0 {
-            emo_weights::backbone_only(sd)
-        } else {
-            sd
-        };
+        let mut sd = if cfg.num_classes == 0 { emo_weights::backbone_only(sd) } else { sd };
         emo_weights::validate(&sd, cfg)?;
         let sd = &mut sd;
         let st = cfg.stem();
@@ -250,15 +217,9 @@ impl Engine {
         }
         let cb = take(sd, "stage0.0.convs.0.0.bias");
         let stem_b = (0..st.dim).map(|co| cb[co] * s[co] + t[co]).collect();
-        let mut blocks: Vec<Block> = cfg
-            .blocks()
-            .iter()
-            .map(|b| Block::load(&mut *sd, b))
-            .collect();
+        let mut blocks: Vec<Block> = cfg.blocks().iter().map(|b| Block::load(&mut *sd, b)).collect();
         for i in 0..blocks.len() {
-            blocks[i].last_of_stage = blocks
-                .get(i + 1)
-                .is_none_or(|n| n.spec.stage != blocks[i].spec.stage);
+            blocks[i].last_of_stage = blocks.get(i + 1).is_none_or(|n| n.spec.stage != blocks[i].spec.stage);
         }
         let head = (cfg.num_classes > 0).then(|| Head {
             ln: ln(sd, "norm"),
@@ -270,11 +231,7 @@ impl Engine {
             cfg: cfg.clone(),
             stem_w: conv::weight_from_torch(&w, st.dim, st.in_chans, st.kernel),
             stem_b,
-            stem: DwGeom {
-                k: st.kernel,
-                stride: 2,
-                pad: emo_spec::conv_pad(st.kernel, 2),
-            },
+            stem: DwGeom { k: st.kernel, stride: 2, pad: emo_spec::conv_pad(st.kernel, 2) },
             blocks,
             head,
             buf: Buffers::default(),
@@ -283,10 +240,7 @@ impl Engine {
     }
 
     /// Load a `.pth` / `.safetensors` checkpoint.
-    pub fn load(
-        cfg: &EmoConfig,
-        path: impl AsRef<Path>,
-    ) -> Result<(Self, emo_weights::Wrapping), InferError> {
+    pub fn load(cfg: &EmoConfig, path: impl AsRef<Path>) -> Result<(Self, emo_weights::Wrapping), InferError> {
         let sd = emo_weights::load(path)?;
         let wrapping = sd.wrapping;
         Ok((Self::from_owned(cfg, sd)?, wrapping))
@@ -301,17 +255,8 @@ impl Engine {
     }
 
     /// Logits `[batch, num_classes]` (row-major) for an NCHW input of any size >= 1x1.
-    pub fn run(
-        &mut self,
-        input: &[f32],
-        batch: usize,
-        h: usize,
-        w: usize,
-    ) -> Result<Vec<f32>, InferError> {
-        Ok(self
-            .run_with(input, batch, h, w, &[], true)?
-            .logits
-            .expect("logits"))
+    pub fn run(&mut self, input: &[f32], batch: usize, h: usize, w: usize) -> Result<Vec<f32>, InferError> {
+        Ok(self.run_with(input, batch, h, w, &[], true)?.logits.expect("logits"))
     }
 
     /// Run and keep the stage outputs in `out_indices` (0..=4), optionally the logits.
@@ -333,9 +278,7 @@ impl Engine {
             )));
         }
         if logits && self.head.is_none() {
-            return Err(InferError::Input(
-                "this engine has no classifier head (num_classes = 0)".into(),
-            ));
+            return Err(InferError::Input("this engine has no classifier head (num_classes = 0)".into()));
         }
         if let Some(&i) = out_indices.iter().find(|&&i| i > 4) {
             return Err(InferError::Input(format!("out index {i} > 4")));
@@ -351,15 +294,7 @@ impl Engine {
             let this = &*self;
             emo_kernels::pool::parallel_for(batch, |b| {
                 let mut buf = pool.lock().unwrap().pop().unwrap_or_default();
-                let o = this.forward(
-                    &mut buf,
-                    &input[b * per..(b + 1) * per],
-                    1,
-                    h,
-                    w,
-                    out_indices,
-                    logits,
-                );
+                let o = this.forward(&mut buf, &input[b * per..(b + 1) * per], 1, h, w, out_indices, logits);
                 pool.lock().unwrap().push(buf);
                 *slots[b].lock().unwrap() = Some(o);
             });
@@ -371,23 +306,12 @@ impl Engine {
             // Image after image, each with all threads (batch-1 working sets stay in cache).
             let mut buf = std::mem::take(&mut self.buf);
             for (b, r) in results.iter_mut().enumerate() {
-                *r = Some(self.forward(
-                    &mut buf,
-                    &input[b * per..(b + 1) * per],
-                    1,
-                    h,
-                    w,
-                    out_indices,
-                    logits,
-                ));
+                *r = Some(self.forward(&mut buf, &input[b * per..(b + 1) * per], 1, h, w, out_indices, logits));
             }
             self.buf = buf;
         }
         // Concatenate along the batch.
-        let outs: Vec<Output> = results
-            .into_iter()
-            .map(|o| o.expect("every image ran"))
-            .collect();
+        let outs: Vec<Output> = results.into_iter().map(|o| o.expect("every image ran")).collect();
         let mut features: Vec<(usize, [usize; 4], Vec<f32>)> = Vec::new();
         for (k, (i, shape, _)) in outs[0].features.iter().enumerate() {
             let mut data = Vec::with_capacity(batch * outs[0].features[k].2.len());
@@ -396,11 +320,7 @@ impl Engine {
             }
             features.push((*i, [batch, shape[1], shape[2], shape[3]], data));
         }
-        let logits = logits.then(|| {
-            outs.iter()
-                .flat_map(|o| o.logits.clone().expect("logits"))
-                .collect()
-        });
+        let logits = logits.then(|| outs.iter().flat_map(|o| o.logits.clone().expect("logits")).collect());
         Ok(Output { features, logits })
     }
 
@@ -417,20 +337,8 @@ impl Engine {
         logits: bool,
     ) -> Output {
         let cin = self.cfg.in_chans;
-        let last_stage = if logits {
-            4
-        } else {
-            out_indices.iter().copied().max().unwrap_or(0)
-        };
-        let Buffers {
-            x,
-            out,
-            xn,
-            qk,
-            att,
-            e,
-            y,
-        } = buf;
+        let last_stage = if logits { 4 } else { out_indices.iter().copied().max().unwrap_or(0) };
+        let Buffers { x, out, xn, qk, att, e, y } = buf;
         // NCHW -> NHWC
         let xin = grow(xn, batch * h * w * cin);
         for b in 0..batch {
@@ -457,16 +365,11 @@ impl Engine {
             grow(x, batch * hh * ww * c0),
         );
         let mut features = Vec::new();
-        let keep =
-            |stage: usize, data: &[f32], hh: usize, ww: usize, c: usize, features: &mut Vec<_>| {
-                if out_indices.contains(&stage) {
-                    features.push((
-                        stage,
-                        [batch, c, hh, ww],
-                        nhwc_to_nchw(data, batch, hh, ww, c),
-                    ));
-                }
-            };
+        let keep = |stage: usize, data: &[f32], hh: usize, ww: usize, c: usize, features: &mut Vec<_>| {
+            if out_indices.contains(&stage) {
+                features.push((stage, [batch, c, hh, ww], nhwc_to_nchw(data, batch, hh, ww, c)));
+            }
+        };
         for blk in &self.blocks {
             let s = &blk.spec;
             if s.stage > last_stage {
@@ -477,211 +380,27 @@ impl Engine {
             // A downsampling block on a large map runs as one fused region (AVX-512 only).
             let (oh, ow) = (blk.dw.out_len(hh), blk.dw.out_len(ww));
             let po = batch * oh * ow;
-            if let (None, None, Some((wv, bv)), true) = (
-                &blk.ln,
-                &blk.se,
-                &blk.v,
-                blk.dw.stride == 2 && blk.dw.k == 3 && oh >= 16,
-            ) {
-                if v_dw_matmul(
-                    xcur,
-                    batch,
-                    hh,
-                    ww,
-                    wv,
-                    bv,
-                    kact(s.act),
-                    &blk.dw_w,
-                    &blk.dw_b,
-                    blk.dw,
-                    &blk.proj,
-                    grow(out, po * s.dim_out),
-                ) {
-                    std::mem::swap(x, out);
-                    (hh, ww) = (oh, ow);
-                    if blk.last_of_stage {
-                        keep(
-                            s.stage,
-                            &x[..po * s.dim_out],
-                            hh,
-                            ww,
-                            s.dim_out,
-                            &mut features,
-                        );
-                    }
-                    continue;
+            let fused = match (&blk.ln, &blk.se, &blk.v) {
+                (None, None, Some((wv, bv))) if blk.dw.stride == 2 && blk.dw.k == 3 && oh >= 16 => {
+                    let o = grow(out, po * s.dim_out);
+                    v_dw_matmul(xcur, batch, hh, ww, wv, bv, kact(s.act), &blk.dw_w, &blk.dw_b, blk.dw, &blk.proj, o)
                 }
-            }
-            // expansion (with norm / attention)
-            let expanded: &[f32] = match (&blk.ln, &blk.qk, &blk.v, &s.attention) {
-                (Some(l), Some((wqk, bqk)), Some((wv, bv)), Some(a)) => {
-                    let c = s.dim_in;
-                    let xnb = grow(xn, p * c);
-                    ln_matmul(
-                        xcur,
-                        p,
-                        c,
-                        &l.gamma,
-                        &l.beta,
-                        NORM_EPS as f32,
-                        xnb,
-                        wqk,
-                        Some(bqk),
-                        KAct::None,
-                        grow(qk, p * 2 * c),
-                    );
-                    let o = grow(att, p * c);
-                    window_attention(
-                        &xn[..p * c],
-                        &qk[..p * 2 * c],
-                        bqk,
-                        batch,
-                        hh,
-                        ww,
-                        c,
-                        a.num_heads,
-                        a.window_size,
-                        a.scale() as f32,
-                        o,
-                    );
-                    matmul(
-                        o,
-                        c,
-                        p,
-                        wv,
-                        Some(bv),
-                        kact(s.act),
-                        None,
-                        grow(e, p * s.dim_mid),
-                        s.dim_mid,
-                    );
-                    &e[..p * s.dim_mid]
-                }
-                (Some(l), None, Some((wv, bv)), _) => {
-                    let xnb = grow(xn, p * s.dim_in);
-                    ln_matmul(
-                        xcur,
-                        p,
-                        s.dim_in,
-                        &l.gamma,
-                        &l.beta,
-                        NORM_EPS as f32,
-                        xnb,
-                        wv,
-                        Some(bv),
-                        kact(s.act),
-                        grow(e, p * s.dim_mid),
-                    );
-                    &e[..p * s.dim_mid]
-                }
-                (None, None, Some((wv, bv)), _) => {
-                    matmul(
-                        xcur,
-                        s.dim_in,
-                        p,
-                        wv,
-                        Some(bv),
-                        kact(s.act),
-                        None,
-                        grow(e, p * s.dim_mid),
-                        s.dim_mid,
-                    );
-                    &e[..p * s.dim_mid]
-                }
-                (None, None, None, _) => xcur,
-                _ => unreachable!("block layout is fixed by the plan"),
+                _ => false,
             };
-            let residual = s.skip.then_some(&x[..p * s.dim_in]);
-            if let Some(se) = &blk.se {
-                let yb = grow(y, po * s.dim_mid);
-                depthwise(
-                    expanded,
-                    batch,
-                    hh,
-                    ww,
-                    s.dim_mid,
-                    &blk.dw_w,
-                    &blk.dw_b,
-                    blk.dw,
-                    KAct::Silu,
-                    s.skip,
-                    yb,
-                );
-                let c = s.dim_mid;
-                let mut mean = vec![0.0; batch * c];
-                channel_mean(yb, batch, oh * ow, c, &mut mean);
-                let (mut r, mut g) = (vec![0.0; se.rd], vec![0.0; c]);
-                for b in 0..batch {
-                    linear(
-                        &mean[b * c..(b + 1) * c],
-                        &se.w1,
-                        &se.b1,
-                        se.rd,
-                        c,
-                        kact(s.act),
-                        &mut r,
-                    );
-                    linear(&r, &se.w2, &se.b2, c, se.rd, KAct::None, &mut g);
-                    g.iter_mut()
-                        .for_each(|v| *v = emo_kernels::act::sigmoid(*v));
-                    for px in yb[b * oh * ow * c..(b + 1) * oh * ow * c].chunks_mut(c) {
-                        px.iter_mut().zip(&g).for_each(|(v, g)| *v *= g);
-                    }
-                }
-                matmul(
-                    yb,
-                    c,
-                    po,
-                    &blk.proj,
-                    None,
-                    KAct::None,
-                    residual.map(|r| (r, s.dim_out)),
-                    grow(out, po * s.dim_out),
-                    s.dim_out,
-                );
-            } else {
-                dw_matmul(
-                    expanded,
-                    batch,
-                    hh,
-                    ww,
-                    s.dim_mid,
-                    &blk.dw_w,
-                    &blk.dw_b,
-                    blk.dw,
-                    KAct::Silu,
-                    s.skip,
-                    &blk.proj,
-                    residual,
-                    grow(out, po * s.dim_out),
-                );
+            if !fused {
+                self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e, y));
             }
             std::mem::swap(x, out);
             (hh, ww) = (oh, ow);
             if blk.last_of_stage {
-                keep(
-                    s.stage,
-                    &x[..po * s.dim_out],
-                    hh,
-                    ww,
-                    s.dim_out,
-                    &mut features,
-                );
+                keep(s.stage, &x[..po * s.dim_out], hh, ww, s.dim_out, &mut features);
             }
         }
         let logits = if logits {
             let hd = self.head.as_ref().expect("head");
             let c = self.cfg.stages[3].dim;
             let p = batch * hh * ww;
-            layer_norm(
-                &x[..p * c],
-                p,
-                c,
-                &hd.ln.gamma,
-                &hd.ln.beta,
-                NORM_EPS as f32,
-                grow(xn, p * c),
-            );
+            layer_norm(&x[..p * c], p, c, &hd.ln.gamma, &hd.ln.beta, NORM_EPS as f32, grow(xn, p * c));
             let mut pooled = vec![0.0; batch * c];
             channel_mean(&xn[..p * c], batch, hh * ww, c, &mut pooled);
             let mut out = vec![0.0; batch * hd.classes];
@@ -702,7 +421,85 @@ impl Engine {
         };
         Output { features, logits }
     }
+    /// One iRMB through the separate stages: (LN +) qk, attention, v / v alone / nothing, then
+    /// depthwise + projection (fused, or with the SE in between for the stem block).
+    /// Reads `x` (`[batch, h, w, dim_in]`), writes `out`.
+    fn block_unfused(&self, blk: &Block, batch: usize, h: usize, w: usize, bufs: BufRefs) {
+        let (x, out, xn, qk, att, e, y) = bufs;
+        let s = &blk.spec;
+        let p = batch * h * w;
+        let (oh, ow) = (blk.dw.out_len(h), blk.dw.out_len(w));
+        let po = batch * oh * ow;
+        let (cin, mid, eps) = (s.dim_in, s.dim_mid, NORM_EPS as f32);
+        let xcur = &x[..p * cin];
+        let expanded: &[f32] = match (&blk.ln, &blk.qk, &blk.v, &s.attention) {
+            (Some(l), Some((wqk, bqk)), Some((wv, bv)), Some(a)) => {
+                let (xnb, qkb) = (grow(xn, p * cin), grow(qk, p * 2 * cin));
+                ln_matmul(xcur, p, cin, &l.gamma, &l.beta, eps, xnb, wqk, Some(bqk), KAct::None, qkb);
+                let o = grow(att, p * cin);
+                let scale = a.scale() as f32;
+                window_attention(
+                    &xn[..p * cin],
+                    &qk[..p * 2 * cin],
+                    bqk,
+                    batch,
+                    h,
+                    w,
+                    cin,
+                    a.num_heads,
+                    a.window_size,
+                    scale,
+                    o,
+                );
+                matmul(o, cin, p, wv, Some(bv), kact(s.act), None, grow(e, p * mid), mid);
+                &e[..p * mid]
+            }
+            (Some(l), None, Some((wv, bv)), _) => {
+                let xnb = grow(xn, p * cin);
+                ln_matmul(xcur, p, cin, &l.gamma, &l.beta, eps, xnb, wv, Some(bv), kact(s.act), grow(e, p * mid));
+                &e[..p * mid]
+            }
+            (None, None, Some((wv, bv)), _) => {
+                matmul(xcur, cin, p, wv, Some(bv), kact(s.act), None, grow(e, p * mid), mid);
+                &e[..p * mid]
+            }
+            (None, None, None, _) => xcur,
+            _ => unreachable!("block layout is fixed by the plan"),
+        };
+        let residual = s.skip.then_some(xcur);
+        let outb = grow(out, po * s.dim_out);
+        let Some(se) = &blk.se else {
+            let (dw_w, dw_b) = (&blk.dw_w, &blk.dw_b);
+            dw_matmul(expanded, batch, h, w, mid, dw_w, dw_b, blk.dw, KAct::Silu, s.skip, &blk.proj, residual, outb);
+            return;
+        };
+        let yb = grow(y, po * mid);
+        depthwise(expanded, batch, h, w, mid, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, s.skip, yb);
+        let mut mean = vec![0.0; batch * mid];
+        channel_mean(yb, batch, oh * ow, mid, &mut mean);
+        let (mut r, mut g) = (vec![0.0; se.rd], vec![0.0; mid]);
+        for b in 0..batch {
+            linear(&mean[b * mid..(b + 1) * mid], &se.w1, &se.b1, se.rd, mid, kact(s.act), &mut r);
+            linear(&r, &se.w2, &se.b2, mid, se.rd, KAct::None, &mut g);
+            g.iter_mut().for_each(|v| *v = emo_kernels::act::sigmoid(*v));
+            for px in yb[b * oh * ow * mid..(b + 1) * oh * ow * mid].chunks_mut(mid) {
+                px.iter_mut().zip(&g).for_each(|(v, g)| *v *= g);
+            }
+        }
+        matmul(yb, mid, po, &blk.proj, None, KAct::None, residual.map(|r| (r, s.dim_out)), outb, s.dim_out);
+    }
 }
+
+/// Mutable views of the buffers a block uses: x, out, xn, qk, att, e, y.
+type BufRefs<'a> = (
+    &'a mut Vec<f32>,
+    &'a mut Vec<f32>,
+    &'a mut Vec<f32>,
+    &'a mut Vec<f32>,
+    &'a mut Vec<f32>,
+    &'a mut Vec<f32>,
+    &'a mut Vec<f32>,
+);
 
 fn nhwc_to_nchw(x: &[f32], b: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
     let mut out = vec![0.0; b * c * h * w];

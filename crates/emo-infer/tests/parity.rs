@@ -17,10 +17,7 @@ fn fixture(name: &str) -> Option<PathBuf> {
         }
     }
     if std::env::var("EMO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!(
-            "fixture {name} required but missing in {}",
-            shared.display()
-        );
+        panic!("fixture {name} required but missing in {}", shared.display());
     }
     eprintln!("skipping: {name} not found");
     None
@@ -28,10 +25,7 @@ fn fixture(name: &str) -> Option<PathBuf> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -49,9 +43,7 @@ fn engine_matches_official_outputs_for_all_variants() {
             let io = emo_weights::load(io).unwrap();
             let x = io.get("input").unwrap();
             let [b, _, h, w] = x.shape[..] else { panic!() };
-            let out = engine
-                .run_with(x.as_f32().unwrap(), b, h, w, &[0, 1, 2, 3, 4], true)
-                .unwrap();
+            let out = engine.run_with(x.as_f32().unwrap(), b, h, w, &[0, 1, 2, 3, 4], true).unwrap();
             for (i, shape, data) in &out.features {
                 let want = io.get(&format!("feat.stage{i}")).unwrap();
                 assert_eq!(&shape[..], &want.shape[..], "{v} {size} stage{i}");
@@ -60,10 +52,7 @@ fn engine_matches_official_outputs_for_all_variants() {
                 let rel = max_abs_diff(data, want) / scale;
                 assert!(rel <= 1e-4, "{v} {size} stage{i}: {rel}");
             }
-            let d = max_abs_diff(
-                &out.logits.unwrap(),
-                io.get("logits").unwrap().as_f32().unwrap(),
-            );
+            let d = max_abs_diff(&out.logits.unwrap(), io.get("logits").unwrap().as_f32().unwrap());
             eprintln!("{v} {size}: max |logits diff| {d:e}");
             assert!(d <= 1e-4, "{v} {size}: {d}");
         }
@@ -75,25 +64,13 @@ fn engine_matches_burn_model_at_odd_sizes_and_batches() {
     use burn::tensor::{Device, Distribution, Tensor, TensorData};
     let device = Device::flex();
     device.seed(3);
-    for cfg in [
-        EmoConfig::emo_1m(),
-        EmoConfig::emo_5m()
-            .with_window_size(10)
-            .with_num_classes(10),
-    ] {
+    for cfg in [EmoConfig::emo_1m(), EmoConfig::emo_5m().with_window_size(10).with_num_classes(10)] {
         let model = emo_model::Emo::new(&cfg, &device).unwrap();
         let mut engine = Engine::from_state_dict(&cfg, &model.state_dict()).unwrap();
         for (b, h, w) in [(2, 97, 131), (1, 1, 1), (3, 33, 64)] {
-            let x: Tensor<4> =
-                Tensor::random([b, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
+            let x: Tensor<4> = Tensor::random([b, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
             let data = x.to_data().convert::<f32>().try_into_vec::<f32>().unwrap();
-            let want = model
-                .forward(x)
-                .unwrap()
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .unwrap();
+            let want = model.forward(x).unwrap().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
             let got = engine.run(&data, b, h, w).unwrap();
             let d = max_abs_diff(&got, &want);
             assert!(d <= 1e-4, "{} {b}x{h}x{w}: {d}", cfg.name());

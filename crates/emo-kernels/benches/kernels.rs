@@ -17,9 +17,7 @@ use emo_kernels::gemm::{Weight, matmul, matmul_reference};
 use emo_kernels::norm::layer_norm;
 
 fn rnd(n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5)
-        .collect()
+    (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5).collect()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -45,10 +43,7 @@ unsafe fn fma_chains(iters: usize) -> f32 {
 fn peak() -> f64 {
     static PEAK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *PEAK.get_or_init(|| {
-        if let Some(p) = std::env::var("EMO_PEAK_GFLOPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
+        if let Some(p) = std::env::var("EMO_PEAK_GFLOPS").ok().and_then(|v| v.parse().ok()) {
             return p;
         }
         #[cfg(target_arch = "x86_64")]
@@ -80,24 +75,13 @@ fn report(name: &str, flops: f64, mut f: impl FnMut()) {
     }
     let s = t.elapsed().as_secs_f64() / iters as f64;
     let g = flops / s / 1e9;
-    eprintln!(
-        "{name:<44} {:>9.1} us {:>8.1} GFLOP/s {:>6.1}% of peak",
-        s * 1e6,
-        g,
-        100.0 * g / peak()
-    );
+    eprintln!("{name:<44} {:>9.1} us {:>8.1} GFLOP/s {:>6.1}% of peak", s * 1e6, g, 100.0 * g / peak());
 }
 
 fn gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm_1x1");
     // (pixels, c_in, c_out): EMO-1M stage1.0 v at 112^2, stage2 proj, stage3 v, stage4 v; EMO-5M stage3 v
-    for (m, k, n) in [
-        (12544, 24, 96),
-        (784, 120, 48),
-        (196, 80, 240),
-        (49, 168, 588),
-        (196, 160, 640),
-    ] {
+    for (m, k, n) in [(12544, 24, 96), (784, 120, 48), (196, 80, 240), (49, 168, 588), (196, 160, 640)] {
         let a = rnd(m * k);
         let w = Weight::from_torch(&rnd(n * k), n, k);
         let bias = rnd(n);
@@ -106,38 +90,14 @@ fn gemm(c: &mut Criterion) {
         g.throughput(Throughput::Elements((m * k * n) as u64));
         let id = format!("{m}x{k}x{n}");
         g.bench_with_input(BenchmarkId::new("emo", &id), &(), |b, _| {
-            b.iter(|| {
-                matmul(
-                    black_box(&a),
-                    k,
-                    m,
-                    &w,
-                    Some(&bias),
-                    Act::Gelu,
-                    None,
-                    &mut out,
-                    n,
-                )
-            })
+            b.iter(|| matmul(black_box(&a), k, m, &w, Some(&bias), Act::Gelu, None, &mut out, n))
         });
         report(&format!("gemm+bias+gelu {id}"), flops, || {
             matmul(&a, k, m, &w, Some(&bias), Act::Gelu, None, &mut out, n)
         });
         if m * k * n < 5_000_000 {
             g.bench_with_input(BenchmarkId::new("naive", &id), &(), |b, _| {
-                b.iter(|| {
-                    matmul_reference(
-                        black_box(&a),
-                        k,
-                        m,
-                        &w,
-                        Some(&bias),
-                        Act::Gelu,
-                        None,
-                        &mut out,
-                        n,
-                    )
-                })
+                b.iter(|| matmul_reference(black_box(&a), k, m, &w, Some(&bias), Act::Gelu, None, &mut out, n))
             });
         }
     }
@@ -147,17 +107,8 @@ fn gemm(c: &mut Criterion) {
 fn dw(c: &mut Criterion) {
     let mut g = c.benchmark_group("depthwise");
     // (h, w, c, k, stride): EMO-1M stage1.0 (s2), stage1.1, stage3 body (k5), stage4 body
-    for (h, w, ch, k, s) in [
-        (112, 112, 96, 3, 2),
-        (56, 56, 64, 3, 1),
-        (14, 14, 240, 5, 1),
-        (7, 7, 588, 5, 1),
-    ] {
-        let geom = DwGeom {
-            k,
-            stride: s,
-            pad: (k - s).div_ceil(2),
-        };
+    for (h, w, ch, k, s) in [(112, 112, 96, 3, 2), (56, 56, 64, 3, 1), (14, 14, 240, 5, 1), (7, 7, 588, 5, 1)] {
+        let geom = DwGeom { k, stride: s, pad: (k - s).div_ceil(2) };
         let x = rnd(h * w * ch);
         let wt = dwconv::weight_from_torch(&rnd(ch * k * k), ch, k);
         let bias = rnd(ch);
@@ -165,56 +116,15 @@ fn dw(c: &mut Criterion) {
         let mut out = vec![0.0; oh * ow * ch];
         let id = format!("{h}x{w}x{ch}_k{k}s{s}");
         g.bench_with_input(BenchmarkId::new("emo", &id), &(), |b, _| {
-            b.iter(|| {
-                depthwise(
-                    black_box(&x),
-                    1,
-                    h,
-                    w,
-                    ch,
-                    &wt,
-                    &bias,
-                    geom,
-                    Act::Silu,
-                    s == 1,
-                    &mut out,
-                )
-            })
+            b.iter(|| depthwise(black_box(&x), 1, h, w, ch, &wt, &bias, geom, Act::Silu, s == 1, &mut out))
         });
-        report(
-            &format!("dw+bias+silu {id}"),
-            2.0 * (oh * ow * ch * k * k) as f64,
-            || {
-                depthwise(
-                    &x,
-                    1,
-                    h,
-                    w,
-                    ch,
-                    &wt,
-                    &bias,
-                    geom,
-                    Act::Silu,
-                    s == 1,
-                    &mut out,
-                )
-            },
-        );
+        report(&format!("dw+bias+silu {id}"), 2.0 * (oh * ow * ch * k * k) as f64, || {
+            depthwise(&x, 1, h, w, ch, &wt, &bias, geom, Act::Silu, s == 1, &mut out)
+        });
         let wt_t = rnd(ch * k * k);
         g.bench_with_input(BenchmarkId::new("naive", &id), &(), |b, _| {
             b.iter(|| {
-                emo_kernels::reference::depthwise(
-                    black_box(&x),
-                    1,
-                    h,
-                    w,
-                    ch,
-                    &wt_t,
-                    &bias,
-                    geom,
-                    Act::Silu,
-                    s == 1,
-                )
+                emo_kernels::reference::depthwise(black_box(&x), 1, h, w, ch, &wt_t, &bias, geom, Act::Silu, s == 1)
             })
         });
     }
@@ -224,11 +134,7 @@ fn dw(c: &mut Criterion) {
 fn fused(c: &mut Criterion) {
     let mut g = c.benchmark_group("dw_then_proj");
     let (h, w, ch, out_c) = (28, 28, 120, 48);
-    let geom = DwGeom {
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
+    let geom = DwGeom { k: 3, stride: 1, pad: 1 };
     let e = rnd(h * w * ch);
     let wt = dwconv::weight_from_torch(&rnd(ch * 9), ch, 3);
     let bias = rnd(ch);
@@ -237,67 +143,15 @@ fn fused(c: &mut Criterion) {
     let (mut y, mut out) = (vec![0.0; h * w * ch], vec![0.0; h * w * out_c]);
     let flops = 2.0 * (h * w * ch * (9 + out_c)) as f64;
     g.bench_function("fused_28x28x120", |b| {
-        b.iter(|| {
-            dw_matmul(
-                black_box(&e),
-                1,
-                h,
-                w,
-                ch,
-                &wt,
-                &bias,
-                geom,
-                Act::Silu,
-                true,
-                &proj,
-                Some(&res),
-                &mut out,
-            )
-        })
+        b.iter(|| dw_matmul(black_box(&e), 1, h, w, ch, &wt, &bias, geom, Act::Silu, true, &proj, Some(&res), &mut out))
     });
     report("fused dw+proj 28x28x120->48", flops, || {
-        dw_matmul(
-            &e,
-            1,
-            h,
-            w,
-            ch,
-            &wt,
-            &bias,
-            geom,
-            Act::Silu,
-            true,
-            &proj,
-            Some(&res),
-            &mut out,
-        )
+        dw_matmul(&e, 1, h, w, ch, &wt, &bias, geom, Act::Silu, true, &proj, Some(&res), &mut out)
     });
     g.bench_function("separate_28x28x120", |b| {
         b.iter(|| {
-            depthwise(
-                black_box(&e),
-                1,
-                h,
-                w,
-                ch,
-                &wt,
-                &bias,
-                geom,
-                Act::Silu,
-                true,
-                &mut y,
-            );
-            matmul(
-                &y,
-                ch,
-                h * w,
-                &proj,
-                None,
-                Act::None,
-                Some((&res, out_c)),
-                &mut out,
-                out_c,
-            );
+            depthwise(black_box(&e), 1, h, w, ch, &wt, &bias, geom, Act::Silu, true, &mut y);
+            matmul(&y, ch, h * w, &proj, None, Act::None, Some((&res, out_c)), &mut out, out_c);
         })
     });
     g.finish();
@@ -306,58 +160,22 @@ fn fused(c: &mut Criterion) {
 fn others(c: &mut Criterion) {
     let mut g = c.benchmark_group("others");
     // stem conv 3x3 s2, 3 -> 24 on 224^2
-    let geom = DwGeom {
-        k: 3,
-        stride: 2,
-        pad: 1,
-    };
+    let geom = DwGeom { k: 3, stride: 2, pad: 1 };
     let x = rnd(224 * 224 * 3);
     let wt = conv::weight_from_torch(&rnd(24 * 27), 24, 3, 3);
     let bias = rnd(24);
     let mut out = vec![0.0; 112 * 112 * 24];
     g.bench_function("stem_conv_224", |b| {
-        b.iter(|| {
-            conv2d(
-                black_box(&x),
-                1,
-                224,
-                224,
-                3,
-                &wt,
-                &bias,
-                24,
-                geom,
-                Act::None,
-                &mut out,
-            )
-        })
+        b.iter(|| conv2d(black_box(&x), 1, 224, 224, 3, &wt, &bias, 24, geom, Act::None, &mut out))
     });
-    report(
-        "stem conv 224x224x3 -> 24",
-        2.0 * (112 * 112 * 24 * 27) as f64,
-        || {
-            conv2d(
-                &x,
-                1,
-                224,
-                224,
-                3,
-                &wt,
-                &bias,
-                24,
-                geom,
-                Act::None,
-                &mut out,
-            )
-        },
-    );
+    report("stem conv 224x224x3 -> 24", 2.0 * (112 * 112 * 24 * 27) as f64, || {
+        conv2d(&x, 1, 224, 224, 3, &wt, &bias, 24, geom, Act::None, &mut out)
+    });
     // LayerNorm over 80 channels at 14x14 (stage 3)
     let x = rnd(196 * 80);
     let (gm, bt) = (rnd(80), rnd(80));
     let mut o = vec![0.0; 196 * 80];
-    g.bench_function("layernorm_196x80", |b| {
-        b.iter(|| layer_norm(black_box(&x), 196, 80, &gm, &bt, 1e-6, &mut o))
-    });
+    g.bench_function("layernorm_196x80", |b| b.iter(|| layer_norm(black_box(&x), 196, 80, &gm, &bt, 1e-6, &mut o)));
     // strided-window attention: EMO-1M stage3 at 224 (4 windows of 7x7, 4 heads of 20)
     let (h, w, ch, heads) = (14, 14, 80, 4);
     let x = rnd(h * w * ch);
@@ -366,21 +184,7 @@ fn others(c: &mut Criterion) {
     let mut o = vec![0.0; h * w * ch];
     let flops = 2.0 * 2.0 * (4 * 49 * 49 * ch) as f64;
     g.bench_function("window_attention_14x14x80", |b| {
-        b.iter(|| {
-            window_attention(
-                black_box(&x),
-                &qk,
-                &qb,
-                1,
-                h,
-                w,
-                ch,
-                heads,
-                7,
-                0.2236,
-                &mut o,
-            )
-        })
+        b.iter(|| window_attention(black_box(&x), &qk, &qb, 1, h, w, ch, heads, 7, 0.2236, &mut o))
     });
     report("window attention 14x14x80 (4 heads, ws 7)", flops, || {
         window_attention(&x, &qk, &qb, 1, h, w, ch, heads, 7, 0.2236, &mut o)

@@ -65,11 +65,7 @@ pub fn erf(x: f32) -> f32 {
     q = q * x2 + -1.426_474e-2;
     // Saturate where erf rounds to +-1 in f32 anyway (the fit's error would otherwise leave
     // a residue of ~6e-8 that GELU multiplies by x).
-    if x.abs() >= 3.92 {
-        1f32.copysign(x)
-    } else {
-        x * p / q
-    }
+    if x.abs() >= 3.92 { 1f32.copysign(x) } else { x * p / q }
 }
 
 #[inline(always)]
@@ -219,10 +215,7 @@ pub(crate) mod avx512 {
     #[inline(always)]
     unsafe fn exp(x: __m512) -> __m512 {
         unsafe {
-            let x = _mm512_min_ps(
-                _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
-                _mm512_set1_ps(88.3),
-            );
+            let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.3));
             let magic = _mm512_set1_ps(12_582_912.0);
             let t = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
             let n = _mm512_sub_ps(t, magic);
@@ -234,14 +227,9 @@ pub(crate) mod avx512 {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_666_65));
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
-            let y = _mm512_add_ps(
-                _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r),
-                _mm512_set1_ps(1.0),
-            );
-            let bits = _mm512_slli_epi32(
-                _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B40_0000 - 127)),
-                23,
-            );
+            let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
+            let bits =
+                _mm512_slli_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B40_0000 - 127)), 23);
             _mm512_mul_ps(y, _mm512_castsi512_ps(bits))
         }
     }
@@ -258,10 +246,7 @@ pub(crate) mod avx512 {
     #[inline(always)]
     unsafe fn silu(x: __m512) -> __m512 {
         unsafe {
-            let d = _mm512_add_ps(
-                _mm512_set1_ps(1.0),
-                exp(_mm512_sub_ps(_mm512_setzero_ps(), x)),
-            );
+            let d = _mm512_add_ps(_mm512_set1_ps(1.0), exp(_mm512_sub_ps(_mm512_setzero_ps(), x)));
             _mm512_mul_ps(x, recip(d))
         }
     }
@@ -273,14 +258,8 @@ pub(crate) mod avx512 {
             let z = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-4.0)), _mm512_set1_ps(4.0));
             let x2 = _mm512_mul_ps(z, z);
             let mut p = _mm512_set1_ps(-2.726_142_3e-10);
-            for c in [
-                2.770_681_4e-8,
-                -2.101_024e-6,
-                -5.692_506_4e-5,
-                -7.349_906_3e-4,
-                -2.954_600_1e-3,
-                -1.609_603_3e-2,
-            ] {
+            for c in [2.770_681_4e-8, -2.101_024e-6, -5.692_506_4e-5, -7.349_906_3e-4, -2.954_600_1e-3, -1.609_603_3e-2]
+            {
                 p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(c));
             }
             let mut q = _mm512_set1_ps(-1.456_607_2e-5);
@@ -294,10 +273,7 @@ pub(crate) mod avx512 {
                 _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN)),
             ));
             let erf = _mm512_mask_blend_ps(sat, erf, one);
-            _mm512_mul_ps(
-                _mm512_mul_ps(x, _mm512_set1_ps(0.5)),
-                _mm512_add_ps(erf, _mm512_set1_ps(1.0)),
-            )
+            _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5)), _mm512_add_ps(erf, _mm512_set1_ps(1.0)))
         }
     }
 
@@ -312,11 +288,7 @@ pub(crate) mod avx512 {
         let mut i = 0;
         unsafe {
             while i < n {
-                let m: __mmask16 = if n - i >= 16 {
-                    0xffff
-                } else {
-                    ((1u32 << (n - i)) - 1) as u16
-                };
+                let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
                 let v = _mm512_maskz_loadu_ps(m, p.add(i));
                 let y = match a {
                     Act::None => v,

@@ -31,12 +31,7 @@ impl Windows {
         let (wh, ww) = if ws == 0 { (h, w) } else { (ws, ws) };
         let hp = h.div_ceil(wh) * wh;
         let wp = w.div_ceil(ww) * ww;
-        Windows {
-            wh,
-            ww,
-            n1: hp / wh,
-            n2: wp / ww,
-        }
+        Windows { wh, ww, n1: hp / wh, n2: wp / ww }
     }
 }
 
@@ -152,9 +147,7 @@ pub fn window_attention(
 ) {
     assert!(heads > 0 && c % heads == 0);
     let n = batch * h * w;
-    assert!(
-        x.len() >= n * c && qk.len() >= n * 2 * c && out.len() >= n * c && qk_bias.len() >= 2 * c
-    );
+    assert!(x.len() >= n * c && qk.len() >= n * 2 * c && out.len() >= n * c && qk_bias.len() >= 2 * c);
     let g = Windows::new(h, w, ws);
     let (l, dh) = (g.wh * g.ww, c / heads);
     let level = crate::isa::level();
@@ -200,10 +193,7 @@ pub fn window_attention(
                             for d in 0..dh {
                                 kt[d * l + tok] = qkp[c + hd * dh + d];
                             }
-                            copy(
-                                &mut v[tok * dh..(tok + 1) * dh],
-                                &x[p * c + hd * dh..p * c + (hd + 1) * dh],
-                            );
+                            copy(&mut v[tok * dh..(tok + 1) * dh], &x[p * c + hd * dh..p * c + (hd + 1) * dh]);
                         }
                         pix[lq] = p;
                         lq += 1;
@@ -218,9 +208,7 @@ pub fn window_attention(
                             for d in 0..dh {
                                 kt[d * l + tok] = qk_bias[c + hd * dh + d];
                             }
-                            v[tok * dh..(tok + 1) * dh]
-                                .iter_mut()
-                                .for_each(|z| *z = 0.0);
+                            v[tok * dh..(tok + 1) * dh].iter_mut().for_each(|z| *z = 0.0);
                         }
                     }
                 }
@@ -229,33 +217,9 @@ pub fn window_attention(
                 // SAFETY: AVX-512F available; q is [lq, dh], kt / v are packed panels of the
                 // sizes fitted above, s is [lq, l], o is [lq, dh].
                 unsafe {
-                    band(
-                        lq,
-                        dh,
-                        l,
-                        q.as_ptr(),
-                        dh,
-                        kt.as_ptr(),
-                        0..l.div_ceil(NR),
-                        s.as_mut_ptr(),
-                        l,
-                        None,
-                        None,
-                    );
+                    band(lq, dh, l, q.as_ptr(), dh, kt.as_ptr(), 0..l.div_ceil(NR), s.as_mut_ptr(), l, None, None);
                     softmax_rows_at(level, &mut s[..lq * l], l);
-                    band(
-                        lq,
-                        l,
-                        dh,
-                        s.as_ptr(),
-                        l,
-                        v.as_ptr(),
-                        0..dh.div_ceil(NR),
-                        o.as_mut_ptr(),
-                        dh,
-                        None,
-                        None,
-                    );
+                    band(lq, l, dh, s.as_ptr(), l, v.as_ptr(), 0..dh.div_ceil(NR), o.as_mut_ptr(), dh, None, None);
                 }
             } else {
                 head_at(level, q, kt, v, lq, l, dh, scale, s, o);

@@ -77,18 +77,7 @@ pub fn conv2d(
         if level == crate::isa::Level::Avx512 && cout <= 32 {
             // SAFETY: AVX-512F available; sizes asserted above.
             unsafe {
-                conv_row_512(
-                    &input[b * h * w * cin..(b + 1) * h * w * cin],
-                    h,
-                    w,
-                    cin,
-                    weight,
-                    bias,
-                    cout,
-                    g,
-                    oy,
-                    row,
-                )
+                conv_row_512(&input[b * h * w * cin..(b + 1) * h * w * cin], h, w, cin, weight, bias, cout, g, oy, row)
             };
             crate::act::apply_at(level, act, row);
             return;
@@ -116,10 +105,7 @@ pub fn channel_mean(x: &[f32], batch: usize, pixels: usize, c: usize, out: &mut 
         let o = &mut out[b * c..(b + 1) * c];
         o.iter_mut().for_each(|v| *v = 0.0);
         for p in 0..pixels {
-            for (v, s) in o
-                .iter_mut()
-                .zip(&x[(b * pixels + p) * c..(b * pixels + p + 1) * c])
-            {
+            for (v, s) in o.iter_mut().zip(&x[(b * pixels + p) * c..(b * pixels + p + 1) * c]) {
                 *v += s;
             }
         }
@@ -130,11 +116,7 @@ pub fn channel_mean(x: &[f32], batch: usize, pixels: usize, c: usize, out: &mut 
 /// Small dense layer `y = act(W x + b)` with a PyTorch `[n, k]` weight (SE convs, classifier).
 pub fn linear(x: &[f32], w: &[f32], b: &[f32], n: usize, k: usize, act: Act, y: &mut [f32]) {
     for o in 0..n {
-        let s: f32 = w[o * k..(o + 1) * k]
-            .iter()
-            .zip(x)
-            .map(|(a, b)| a * b)
-            .sum();
+        let s: f32 = w[o * k..(o + 1) * k].iter().zip(x).map(|(a, b)| a * b).sum();
         y[o] = apply_one(act, s + b[o]);
     }
 }
@@ -161,18 +143,7 @@ unsafe fn conv_row_512(
 ) {
     use std::arch::x86_64::*;
     let ow = out.len() / cout;
-    let m0: __mmask16 = if cout >= 16 {
-        0xffff
-    } else {
-        ((1u32 << cout) - 1) as u16
-    };
-    let m1: __mmask16 = if cout >= 32 {
-        0xffff
-    } else if cout <= 16 {
-        0
-    } else {
-        ((1u32 << (cout - 16)) - 1) as u16
-    };
+    let (m0, m1) = crate::gemm512::masks32(cout);
     let (ip, wp, op) = (img.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
     let ky0 = g.pad.saturating_sub(oy * g.stride);
     let ky1 = g.k.min((h + g.pad).saturating_sub(oy * g.stride));

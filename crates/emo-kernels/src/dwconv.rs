@@ -91,15 +91,8 @@ pub fn depthwise(
     out: &mut [f32],
 ) {
     let (oh, ow) = (g.out_len(h), g.out_len(w));
-    assert!(
-        input.len() >= batch * h * w * c
-            && out.len() >= batch * oh * ow * c
-            && weight.len() >= g.k * g.k * c
-    );
-    assert!(
-        !residual || (g.stride == 1 && oh == h && ow == w),
-        "inner residual needs a shape-preserving conv"
-    );
+    assert!(input.len() >= batch * h * w * c && out.len() >= batch * oh * ow * c && weight.len() >= g.k * g.k * c);
+    assert!(!residual || (g.stride == 1 && oh == h && ow == w), "inner residual needs a shape-preserving conv");
     let level = crate::isa::level();
     parallel_chunks_mut(&mut out[..batch * oh * ow * c], ow * c, |r, row| {
         let (b, oy) = (r / oh, r % oh);
@@ -147,17 +140,18 @@ pub(crate) unsafe fn dw_row_512(
     // SAFETY: forwarded contract.
     unsafe {
         match (g.k, g.stride) {
-            (3, 1) => dw_row_512_k::<3, 1>(ip, h, w, c, weight, bias, g.pad, oy, out),
-            (3, 2) => dw_row_512_k::<3, 2>(ip, h, w, c, weight, bias, g.pad, oy, out),
-            (5, 1) => dw_row_512_k::<5, 1>(ip, h, w, c, weight, bias, g.pad, oy, out),
-            (5, 2) => dw_row_512_k::<5, 2>(ip, h, w, c, weight, bias, g.pad, oy, out),
-            _ => dw_row_512_any(ip, h, w, c, weight, bias, g, oy, out),
+            (3, 1) => dw_row_512_k::<3, 1>(ip, h, w, c, weight, bias, g, oy, out),
+            (3, 2) => dw_row_512_k::<3, 2>(ip, h, w, c, weight, bias, g, oy, out),
+            (5, 1) => dw_row_512_k::<5, 1>(ip, h, w, c, weight, bias, g, oy, out),
+            (5, 2) => dw_row_512_k::<5, 2>(ip, h, w, c, weight, bias, g, oy, out),
+            _ => dw_row_512_k::<0, 0>(ip, h, w, c, weight, bias, g, oy, out),
         }
     }
 }
 
-/// [`dw_row_512`] for a fixed kernel and stride: interior pixels run a fully unrolled tap loop
-/// without bounds checks; border pixels take the checked path.
+/// [`dw_row_512`] for a kernel / stride known at compile time (`K, S > 0`: interior pixels run a
+/// fully unrolled tap loop without bounds checks) or at run time (`K = S = 0`: `g` is used).
+/// Border pixels take the checked path.
 ///
 /// # Safety
 /// As [`dw_row_512`].
@@ -171,39 +165,25 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(
     c: usize,
     weight: &[f32],
     bias: &[f32],
-    pad: usize,
+    g: DwGeom,
     oy: usize,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
+    let (k, st, pad) = if K == 0 { (g.k, g.stride, g.pad) } else { (K, S, g.pad) };
     let ow = out.len() / c;
     let (wp, op) = (weight.as_ptr(), out.as_mut_ptr());
-    let ky0 = pad.saturating_sub(oy * S);
-    let ky1 = K.min((h + pad).saturating_sub(oy * S));
-    let rows_full = ky0 == 0 && ky1 == K;
+    let ky0 = pad.saturating_sub(oy * st);
+    let ky1 = k.min((h + pad).saturating_sub(oy * st));
+    let rows_full = K > 0 && ky0 == 0 && ky1 == k;
     // interior columns: every kx in range
-    let ox_lo = pad.div_ceil(S);
-    let ox_hi = if w + pad >= K {
-        ((w + pad - K) / S + 1).min(ow)
-    } else {
-        0
-    };
+    let ox_lo = pad.div_ceil(st);
+    let ox_hi = if w + pad >= k { ((w + pad - k) / st + 1).min(ow) } else { 0 };
     let mut cb = 0;
     while cb < c {
         let n = (c - cb).min(32);
         let full = n == 32;
-        let m0: __mmask16 = if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as u16
-        };
-        let m1: __mmask16 = if n >= 32 {
-            0xffff
-        } else if n <= 16 {
-            0
-        } else {
-            ((1u32 << (n - 16)) - 1) as u16
-        };
+        let (m0, m1) = crate::gemm512::masks32(n);
         unsafe {
             let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr().add(cb));
             let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(cb + 16));
@@ -216,104 +196,22 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(
                             let src = base.add((ky * w + kx) * c);
                             let wk = wp.add((ky * K + kx) * c + cb);
                             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(src), _mm512_loadu_ps(wk), a0);
-                            a1 = _mm512_fmadd_ps(
-                                _mm512_loadu_ps(src.add(16)),
-                                _mm512_loadu_ps(wk.add(16)),
-                                a1,
-                            );
+                            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(wk.add(16)), a1);
                         }
                     }
                 } else {
-                    let kx0 = pad.saturating_sub(ox * S);
-                    let kx1 = K.min((w + pad).saturating_sub(ox * S));
+                    let kx0 = pad.saturating_sub(ox * st);
+                    let kx1 = k.min((w + pad).saturating_sub(ox * st));
                     for ky in ky0..ky1 {
-                        let iy = oy * S + ky - pad;
+                        let iy = oy * st + ky - pad;
                         for kx in kx0..kx1 {
-                            let ix = ox * S + kx - pad;
+                            let ix = ox * st + kx - pad;
                             let src = ip.add((iy * w + ix) * c + cb);
-                            let wk = wp.add((ky * K + kx) * c + cb);
-                            a0 = _mm512_fmadd_ps(
-                                _mm512_maskz_loadu_ps(m0, src),
-                                _mm512_maskz_loadu_ps(m0, wk),
-                                a0,
-                            );
-                            a1 = _mm512_fmadd_ps(
-                                _mm512_maskz_loadu_ps(m1, src.add(16)),
-                                _mm512_maskz_loadu_ps(m1, wk.add(16)),
-                                a1,
-                            );
+                            let wk = wp.add((ky * k + kx) * c + cb);
+                            let (s0, s1) = (_mm512_maskz_loadu_ps(m0, src), _mm512_maskz_loadu_ps(m1, src.add(16)));
+                            a0 = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m0, wk), a0);
+                            a1 = _mm512_fmadd_ps(s1, _mm512_maskz_loadu_ps(m1, wk.add(16)), a1);
                         }
-                    }
-                }
-                _mm512_mask_storeu_ps(op.add(ox * c + cb), m0, a0);
-                _mm512_mask_storeu_ps(op.add(ox * c + cb + 16), m1, a1);
-            }
-        }
-        cb += 32;
-    }
-}
-
-/// [`dw_row_512`] for any kernel / stride.
-///
-/// # Safety
-/// As [`dw_row_512`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dw_row_512_any(
-    ip: *const f32,
-    h: usize,
-    w: usize,
-    c: usize,
-    weight: &[f32],
-    bias: &[f32],
-    g: DwGeom,
-    oy: usize,
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let ow = out.len() / c;
-    let (wp, op) = (weight.as_ptr(), out.as_mut_ptr());
-    let ky0 = g.pad.saturating_sub(oy * g.stride);
-    let ky1 = g.k.min((h + g.pad).saturating_sub(oy * g.stride));
-    let mut cb = 0;
-    while cb < c {
-        let n = (c - cb).min(32);
-        let m0: __mmask16 = if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as u16
-        };
-        let m1: __mmask16 = if n >= 32 {
-            0xffff
-        } else if n <= 16 {
-            0
-        } else {
-            ((1u32 << (n - 16)) - 1) as u16
-        };
-        unsafe {
-            let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr().add(cb));
-            let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(cb + 16));
-            for ox in 0..ow {
-                let (mut a0, mut a1) = (b0, b1);
-                let kx0 = g.pad.saturating_sub(ox * g.stride);
-                let kx1 = g.k.min((w + g.pad).saturating_sub(ox * g.stride));
-                for ky in ky0..ky1 {
-                    let iy = oy * g.stride + ky - g.pad;
-                    for kx in kx0..kx1 {
-                        let ix = ox * g.stride + kx - g.pad;
-                        let src = ip.add((iy * w + ix) * c + cb);
-                        let wk = wp.add((ky * g.k + kx) * c + cb);
-                        a0 = _mm512_fmadd_ps(
-                            _mm512_maskz_loadu_ps(m0, src),
-                            _mm512_maskz_loadu_ps(m0, wk),
-                            a0,
-                        );
-                        a1 = _mm512_fmadd_ps(
-                            _mm512_maskz_loadu_ps(m1, src.add(16)),
-                            _mm512_maskz_loadu_ps(m1, wk.add(16)),
-                            a1,
-                        );
                     }
                 }
                 _mm512_mask_storeu_ps(op.add(ox * c + cb), m0, a0);

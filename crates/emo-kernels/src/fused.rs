@@ -32,9 +32,7 @@ pub fn ln_matmul(
     act: Act,
     out: &mut [f32],
 ) {
-    assert!(
-        x.len() >= pixels * c && xn.len() >= pixels * c && out.len() >= pixels * w.n && w.k == c
-    );
+    assert!(x.len() >= pixels * c && xn.len() >= pixels * c && out.len() >= pixels * w.n && w.k == c);
     let level = crate::isa::level();
     let rows = band_rows(pixels, 8);
     let n = w.n;
@@ -44,15 +42,7 @@ pub fn ln_matmul(
         let r = ob.len() / n;
         // SAFETY: band i owns rows i*rows..i*rows+r of `xn` (asserted in bounds).
         let xb = unsafe { std::slice::from_raw_parts_mut(xp.0.add(i * rows * c), r * c) };
-        crate::norm::ln_rows_at(
-            level,
-            &x[i * rows * c..(i * rows + r) * c],
-            c,
-            gamma,
-            beta,
-            eps,
-            xb,
-        );
+        crate::norm::ln_rows_at(level, &x[i * rows * c..(i * rows + r) * c], c, gamma, beta, eps, xb);
         crate::isa::with_level_unchecked(level, || matmul_st(xb, c, r, w, bias, act, None, ob, n));
     });
 }
@@ -105,31 +95,14 @@ pub fn dw_matmul(
                 #[cfg(target_arch = "x86_64")]
                 if level == crate::isa::Level::Avx512 {
                     // SAFETY: AVX-512F available; sizes asserted above.
-                    unsafe {
-                        crate::dwconv::dw_row_512(img.as_ptr(), h, w, c, dw_w, dw_b, g, oy, row)
-                    };
+                    unsafe { crate::dwconv::dw_row_512(img.as_ptr(), h, w, c, dw_w, dw_b, g, oy, row) };
                     bias_act_rows_at(level, row, ow * c, 1, ow * c, None, act, res);
                     continue;
                 }
-                dw_row_at(
-                    level,
-                    img,
-                    h,
-                    w,
-                    c,
-                    dw_w,
-                    dw_b,
-                    g,
-                    oy,
-                    act,
-                    inner_residual,
-                    row,
-                );
+                dw_row_at(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, row);
             }
             let res = residual.map(|r| (&r[r0 * ow * n..], n));
-            crate::isa::with_level_unchecked(level, || {
-                matmul_st(yb, c, nr * ow, proj, None, Act::None, res, ob, n)
-            });
+            crate::isa::with_level_unchecked(level, || matmul_st(yb, c, nr * ow, proj, None, Act::None, res, ob, n));
         });
     });
 }
@@ -206,12 +179,7 @@ pub fn v_dw_matmul(
                 bias_act_rows_at(level, row, ow * c, 1, ow * c, None, Act::Silu, None);
             }
             // SAFETY: this task owns output rows oy0..oy1 of image b.
-            let ob = unsafe {
-                std::slice::from_raw_parts_mut(
-                    op.0.add((b * oh + oy0) * ow * n),
-                    (oy1 - oy0) * ow * n,
-                )
-            };
+            let ob = unsafe { std::slice::from_raw_parts_mut(op.0.add((b * oh + oy0) * ow * n), (oy1 - oy0) * ow * n) };
             crate::isa::with_level_unchecked(level, || {
                 matmul_st(y, c, (oy1 - oy0) * ow, proj, None, Act::None, None, ob, n)
             });

@@ -85,31 +85,12 @@ unsafe fn run_band(
     if level == Level::Avx512 {
         let res = residual.filter(|_| fold);
         // SAFETY: forwarded contract; AVX-512F available at this level.
-        unsafe {
-            crate::gemm512::band(
-                rows,
-                k,
-                n,
-                a,
-                lda,
-                w.packed.as_ptr(),
-                ps.clone(),
-                out,
-                ldo,
-                bias,
-                res,
-            )
-        };
+        unsafe { crate::gemm512::band(rows, k, n, a, lda, w.packed.as_ptr(), ps.clone(), out, ldo, bias, res) };
         if !fold {
             // SAFETY: the tile lies inside `out`.
-            let tile =
-                unsafe { std::slice::from_raw_parts_mut(out.add(c0), (rows - 1) * ldo + cols) };
-            let res = residual.map(|(r, ldr)| {
-                (
-                    unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) },
-                    ldr,
-                )
-            });
+            let tile = unsafe { std::slice::from_raw_parts_mut(out.add(c0), (rows - 1) * ldo + cols) };
+            let res = residual
+                .map(|(r, ldr)| (unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) }, ldr));
             bias_act_rows_at(level, tile, ldo, rows, cols, None, act, res);
         }
         return;
@@ -143,22 +124,8 @@ unsafe fn run_band(
     }
     // SAFETY: the tile lies inside `out` / `residual`.
     let tile = unsafe { std::slice::from_raw_parts_mut(out.add(c0), (rows - 1) * ldo + cols) };
-    let res = residual.map(|(r, ldr)| {
-        (
-            unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) },
-            ldr,
-        )
-    });
-    bias_act_rows_at(
-        level,
-        tile,
-        ldo,
-        rows,
-        cols,
-        bias.map(|b| &b[c0..]),
-        act,
-        res,
-    );
+    let res = residual.map(|(r, ldr)| (unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) }, ldr));
+    bias_act_rows_at(level, tile, ldo, rows, cols, bias.map(|b| &b[c0..]), act, res);
 }
 
 /// `out[r, :n] = act(a[r, :k] · W + bias) (+ residual[r, :n])` for `r < m`, on the pool.
@@ -183,15 +150,9 @@ pub fn matmul(
     let threads = num_threads();
     let panels = w.n.div_ceil(NR);
     // Bands of rows; split the panels too when there are few bands.
-    let bm = (4 * MR)
-        .min(m.div_ceil(threads).next_multiple_of(MR))
-        .max(MR);
+    let bm = (4 * MR).min(m.div_ceil(threads).next_multiple_of(MR)).max(MR);
     let m_bands = m.div_ceil(bm);
-    let p_splits = if m_bands >= 2 * threads {
-        1
-    } else {
-        (2 * threads).div_ceil(m_bands).min(panels).max(1)
-    };
+    let p_splits = if m_bands >= 2 * threads { 1 } else { (2 * threads).div_ceil(m_bands).min(panels).max(1) };
     let pp = panels.div_ceil(p_splits);
     let level = crate::isa::level();
     let dst = SendPtr(out.as_mut_ptr());
@@ -206,21 +167,7 @@ pub fn matmul(
         let d = dst;
         let res = residual.map(|(r, ldr)| (r[r0 * ldr..].as_ptr(), ldr));
         // SAFETY: bands x panel ranges are disjoint parts of `out`; bounds checked above.
-        unsafe {
-            run_band(
-                level,
-                rows,
-                a.as_ptr().add(r0 * lda),
-                lda,
-                w,
-                ps,
-                d.0.add(r0 * ldo),
-                ldo,
-                bias,
-                act,
-                res,
-            )
-        };
+        unsafe { run_band(level, rows, a.as_ptr().add(r0 * lda), lda, w, ps, d.0.add(r0 * ldo), ldo, bias, act, res) };
     });
 }
 
@@ -244,19 +191,7 @@ pub fn matmul_st(
     let res = residual.map(|(r, ldr)| (r.as_ptr(), ldr));
     // SAFETY: bounds checked above.
     unsafe {
-        run_band(
-            crate::isa::level(),
-            m,
-            a.as_ptr(),
-            lda,
-            w,
-            0..w.n.div_ceil(NR),
-            out.as_mut_ptr(),
-            ldo,
-            bias,
-            act,
-            res,
-        )
+        run_band(crate::isa::level(), m, a.as_ptr(), lda, w, 0..w.n.div_ceil(NR), out.as_mut_ptr(), ldo, bias, act, res)
     };
 }
 

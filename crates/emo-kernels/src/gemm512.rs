@@ -9,6 +9,14 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+/// Load / store masks for the first `n` (<= 32) lanes of a pair of zmm registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn masks32(n: usize) -> (__mmask16, __mmask16) {
+    let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+    (lanes(n), lanes(n.saturating_sub(16)))
+}
+
 /// Columns per packed panel.
 pub const NR: usize = 32;
 /// Rows per micro-tile.
@@ -35,18 +43,7 @@ unsafe fn tile<const R: usize>(
     ldr: usize,
 ) {
     unsafe {
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            ((1u32 << cols) - 1) as u16
-        };
-        let m1: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols <= 16 {
-            0
-        } else {
-            ((1u32 << (cols - 16)) - 1) as u16
-        };
+        let (m0, m1) = crate::gemm512::masks32(cols);
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if !bias.is_null() {
             let b0 = _mm512_maskz_loadu_ps(m0, bias);
@@ -120,38 +117,14 @@ pub unsafe fn band(
             );
             unsafe {
                 match mr {
-                    8 => tile::<8>(
-                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-                        args.9,
-                    ),
-                    7 => tile::<7>(
-                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-                        args.9,
-                    ),
-                    6 => tile::<6>(
-                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-                        args.9,
-                    ),
-                    5 => tile::<5>(
-                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-                        args.9,
-                    ),
-                    4 => tile::<4>(
-                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-                        args.9,
-                    ),
-                    3 => tile::<3>(
-                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-                        args.9,
-                    ),
-                    2 => tile::<2>(
-                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-                        args.9,
-                    ),
-                    _ => tile::<1>(
-                        args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8,
-                        args.9,
-                    ),
+                    8 => tile::<8>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
+                    7 => tile::<7>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
+                    6 => tile::<6>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
+                    5 => tile::<5>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
+                    4 => tile::<4>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
+                    3 => tile::<3>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
+                    2 => tile::<2>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
+                    _ => tile::<1>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9),
                 }
             }
         }

@@ -17,28 +17,31 @@ pub enum Level {
 
 static LEVEL: AtomicU8 = AtomicU8::new(0);
 
-fn detect() -> Level {
+/// The best level this CPU supports.
+fn best() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        let best = if is_x86_feature_detected!("avx512f")
+        if is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("fma")
         {
-            Level::Avx512
-        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            Level::Avx2
-        } else {
-            Level::Generic
-        };
-        let forced = match std::env::var("EMO_SIMD").as_deref() {
-            Ok("generic") => Level::Generic,
-            Ok("avx2") => Level::Avx2,
-            _ => Level::Avx512,
-        };
-        best.min(forced)
+            return Level::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Level::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
     Level::Generic
+}
+
+/// The best level, lowered by `EMO_SIMD` if set.
+fn detect() -> Level {
+    let forced = match std::env::var("EMO_SIMD").as_deref() {
+        Ok("generic") => Level::Generic,
+        Ok("avx2") => Level::Avx2,
+        _ => Level::Avx512,
+    };
+    best().min(forced)
 }
 
 thread_local! {
@@ -48,10 +51,7 @@ thread_local! {
 /// Run `f` with kernels launched from this thread dispatching to `level` (tests, comparisons).
 /// Panics if the CPU does not support `level`.
 pub fn with_level<R>(level: Level, f: impl FnOnce() -> R) -> R {
-    assert!(
-        available().contains(&level),
-        "{level:?} is not supported by this CPU"
-    );
+    assert!(available().contains(&level), "{level:?} is not supported by this CPU");
     let old = OVERRIDE.with(|o| o.replace(level as u8));
     let r = f();
     OVERRIDE.with(|o| o.set(old));
@@ -95,27 +95,8 @@ pub fn level() -> Level {
 
 /// The levels this CPU can run (for tests that check every path).
 pub fn available() -> Vec<Level> {
-    let best = {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("fma")
-            {
-                Level::Avx512
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                Level::Avx2
-            } else {
-                Level::Generic
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Level::Generic
-    };
-    [Level::Generic, Level::Avx2, Level::Avx512]
-        .into_iter()
-        .filter(|l| *l <= best)
-        .collect()
+    let best = best();
+    [Level::Generic, Level::Avx2, Level::Avx512].into_iter().filter(|l| *l <= best).collect()
 }
 
 /// Define `fn $name(args)` (dispatching on [`level`]) and `fn $at(level, args)` from one body.

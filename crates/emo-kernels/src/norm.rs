@@ -32,29 +32,11 @@ multiversion! {
 }
 
 /// `out[p, :] = (x[p, :] - mean) / sqrt(var + eps) * gamma + beta` for `pixels` rows of `c`.
-pub fn layer_norm(
-    x: &[f32],
-    pixels: usize,
-    c: usize,
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-    out: &mut [f32],
-) {
-    assert!(
-        x.len() >= pixels * c && out.len() >= pixels * c && gamma.len() == c && beta.len() == c
-    );
+pub fn layer_norm(x: &[f32], pixels: usize, c: usize, gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    assert!(x.len() >= pixels * c && out.len() >= pixels * c && gamma.len() == c && beta.len() == c);
     let level = crate::isa::level();
     let chunk = 64 * c;
     parallel_chunks_mut(&mut out[..pixels * c], chunk, |i, os| {
-        ln_rows_at(
-            level,
-            &x[i * chunk..i * chunk + os.len()],
-            c,
-            gamma,
-            beta,
-            eps,
-            os,
-        );
+        ln_rows_at(level, &x[i * chunk..i * chunk + os.len()], c, gamma, beta, eps, os);
     });
 }

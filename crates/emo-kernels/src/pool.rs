@@ -45,8 +45,7 @@ thread_local! {
 /// Returns false if the pool was already started with another count.
 pub fn set_num_threads(n: usize) -> bool {
     THREADS.store(n.max(1), Ordering::Relaxed);
-    POOL.get()
-        .is_none_or(|p| p.shared.workers.get().map_or(0, Vec::len) + 1 == n.max(1))
+    POOL.get().is_none_or(|p| p.shared.workers.get().map_or(0, Vec::len) + 1 == n.max(1))
 }
 
 /// The number of threads regions run on (the caller included).
@@ -79,10 +78,7 @@ fn run_tasks(s: &Shared, epoch: usize, n: usize, f: Task) {
         if cur & !0xffff_ffff != tag || (cur & 0xffff_ffff) as usize >= n {
             break;
         }
-        match s
-            .claim
-            .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
-        {
+        match s.claim.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
                 f((cur & 0xffff_ffff) as usize);
                 s.done.fetch_add(1, Ordering::AcqRel);
@@ -107,9 +103,7 @@ fn worker(s: &'static Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0
-                && (RELEASE.load(Ordering::Acquire) != released || start.elapsed() > SPIN)
-            {
+            if spins % 256 == 0 && (RELEASE.load(Ordering::Acquire) != released || start.elapsed() > SPIN) {
                 std::thread::park_timeout(Duration::from_millis(50));
             } else {
                 std::hint::spin_loop();
@@ -144,10 +138,7 @@ fn pool() -> &'static Pool {
             })
             .collect();
         let _ = shared.workers.set(handles);
-        Pool {
-            shared,
-            lock: Mutex::new(()),
-        }
+        Pool { shared, lock: Mutex::new(()) }
     })
 }
 
@@ -175,8 +166,7 @@ pub fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
         let mut job = s.job.lock().unwrap();
         s.n.store(n, Ordering::Release);
         s.done.store(0, Ordering::Release);
-        s.claim
-            .store((epoch as u64 & 0xffff_ffff) << 32, Ordering::Release);
+        s.claim.store((epoch as u64 & 0xffff_ffff) << 32, Ordering::Release);
         *job = (epoch, Some(fr));
     }
     s.epoch.store(epoch, Ordering::Release);
@@ -207,8 +197,6 @@ pub fn parallel_chunks_mut(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut
         let start = i * chunk;
         let n = chunk.min(len - start);
         // SAFETY: chunks are disjoint and inside `out`, which outlives the call.
-        f(i, unsafe {
-            std::slice::from_raw_parts_mut(p.0.add(start), n)
-        });
+        f(i, unsafe { std::slice::from_raw_parts_mut(p.0.add(start), n) });
     });
 }

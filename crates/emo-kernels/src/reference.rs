@@ -101,8 +101,7 @@ pub fn conv2d(
                                 let iy = (oy * g.stride + ky) as isize - g.pad as isize;
                                 let ix = (ox * g.stride + kx) as isize - g.pad as isize;
                                 if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                    s += x[((b * h + iy as usize) * w + ix as usize) * cin + ci]
-                                        as f64
+                                    s += x[((b * h + iy as usize) * w + ix as usize) * cin + ci] as f64
                                         * wt[((co * cin + ci) * g.k + ky) * g.k + kx] as f64;
                                 }
                             }
@@ -123,8 +122,7 @@ pub fn layer_norm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32) ->
         let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
         let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
         for i in 0..c {
-            or[i] = (((xr[i] as f64 - mean) / (var + eps as f64).sqrt()) * gamma[i] as f64
-                + beta[i] as f64) as f32;
+            or[i] = (((xr[i] as f64 - mean) / (var + eps as f64).sqrt()) * gamma[i] as f64 + beta[i] as f64) as f32;
         }
     }
     out
@@ -163,10 +161,8 @@ pub fn window_attention(
         let mut qk = vec![0f64; hp * wp * 2 * c];
         for p in 0..hp * wp {
             for o in 0..2 * c {
-                qk[p * 2 * c + o] = qk_b[o] as f64
-                    + (0..c)
-                        .map(|i| qk_w[o * c + i] as f64 * xp[p * c + i])
-                        .sum::<f64>();
+                qk[p * 2 * c + o] =
+                    qk_b[o] as f64 + (0..c).map(|i| qk_w[o * c + i] as f64 * xp[p * c + i]).sum::<f64>();
             }
         }
         for i1 in 0..g.n1 {
@@ -184,10 +180,7 @@ pub fn window_attention(
                                 let (ky, kx) = tok(kj);
                                 let kp = ky * wp + kx;
                                 (0..dh)
-                                    .map(|d| {
-                                        qk[qp * 2 * c + hd * dh + d]
-                                            * qk[kp * 2 * c + c + hd * dh + d]
-                                    })
+                                    .map(|d| qk[qp * 2 * c + hd * dh + d] * qk[kp * 2 * c + c + hd * dh + d])
                                     .sum::<f64>()
                                     * scale as f64
                             })

@@ -11,14 +11,10 @@ use emo_kernels::reference;
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn rnd(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -26,28 +22,19 @@ fn rnd(n: usize, seed: u64) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
 fn activations_match_reference() {
-    let xs: Vec<f32> = (-2000..=2000)
-        .map(|i| i as f32 * 0.01)
-        .chain([-100.0, -88.0, 50.0, 90.0])
-        .collect();
+    let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.01).chain([-100.0, -88.0, 50.0, 90.0]).collect();
     for l in available() {
         for a in [Act::Silu, Act::Gelu] {
             let mut y = xs.clone();
             with_level(l, || act::apply(a, &mut y));
             for (x, y) in xs.iter().zip(&y) {
                 let r = reference::act(a, *x);
-                assert!(
-                    (y - r).abs() <= 2e-6 * (1.0 + r.abs()),
-                    "{l:?} {a:?}({x}) = {y}, want {r}"
-                );
+                assert!((y - r).abs() <= 2e-6 * (1.0 + r.abs()), "{l:?} {a:?}({x}) = {y}, want {r}");
             }
         }
     }
@@ -62,14 +49,7 @@ fn activations_match_reference() {
 #[test]
 fn gemm_epilogues_on_emo_shapes() {
     // (m = pixels, k = c_in, n = c_out): EMO-1M stage1 v, stage2 proj, stage3 qk, stage4 v; odd m.
-    for (m, k, n) in [
-        (3136, 32, 64),
-        (784, 120, 48),
-        (196, 80, 160),
-        (49, 168, 588),
-        (7, 13, 5),
-        (1, 24, 24),
-    ] {
+    for (m, k, n) in [(3136, 32, 64), (784, 120, 48), (196, 80, 160), (49, 168, 588), (7, 13, 5), (1, 24, 24)] {
         let a = rnd(m * k, 1);
         let w = Weight::from_torch(&rnd(n * k, 2), n, k);
         let bias = rnd(n, 3);
@@ -99,10 +79,7 @@ fn gemm_with_row_strides() {
     matmul(&a, lda, m, &w, None, Act::None, None, &mut got, ldo);
     for r in 0..m {
         assert!(max_diff(&got[r * ldo..r * ldo + n], &want[r * ldo..r * ldo + n]) < 1e-5);
-        assert!(
-            got[r * ldo + n..(r + 1) * ldo].iter().all(|&v| v == 0.0),
-            "wrote outside the row"
-        );
+        assert!(got[r * ldo + n..(r + 1) * ldo].iter().all(|&v| v == 0.0), "wrote outside the row");
     }
 }
 
@@ -116,12 +93,11 @@ fn depthwise_on_emo_shapes() {
         (1, 15, 29, 288, 5, 2),
         (2, 7, 7, 588, 5, 1),
         (1, 1, 1, 40, 5, 2),
+        // run-time kernel path (custom configs): k7 s1 and k7 s2
+        (1, 13, 11, 40, 7, 1),
+        (1, 13, 11, 48, 7, 2),
     ] {
-        let g = DwGeom {
-            k,
-            stride: s,
-            pad: (k - s).div_ceil(2),
-        };
+        let g = DwGeom { k, stride: s, pad: (k - s).div_ceil(2) };
         let x = rnd(b * h * w * c, 7);
         let wt = rnd(c * k * k, 8);
         let bias = rnd(c, 9);
@@ -132,26 +108,9 @@ fn depthwise_on_emo_shapes() {
             let want = reference::depthwise(&x, b, h, w, c, &wt, &bias, g, Act::Silu, residual);
             for l in available() {
                 let mut got = vec![f32::NAN; b * oh * ow * c];
-                with_level(l, || {
-                    depthwise(
-                        &x,
-                        b,
-                        h,
-                        w,
-                        c,
-                        &packed,
-                        &bias,
-                        g,
-                        Act::Silu,
-                        residual,
-                        &mut got,
-                    )
-                });
+                with_level(l, || depthwise(&x, b, h, w, c, &packed, &bias, g, Act::Silu, residual, &mut got));
                 let d = max_diff(&got, &want);
-                assert!(
-                    d < 2e-5,
-                    "{l:?} {b}x{h}x{w}x{c} k{k} s{s} res {residual}: {d}"
-                );
+                assert!(d < 2e-5, "{l:?} {b}x{h}x{w}x{c} k{k} s{s} res {residual}: {d}");
             }
         }
     }
@@ -160,11 +119,7 @@ fn depthwise_on_emo_shapes() {
 #[test]
 fn stem_conv_matches_reference() {
     for (h, w) in [(224, 224), (33, 17), (1, 1)] {
-        let g = DwGeom {
-            k: 3,
-            stride: 2,
-            pad: 1,
-        };
+        let g = DwGeom { k: 3, stride: 2, pad: 1 };
         let x = rnd(2 * h * w * 3, 10);
         let wt = rnd(24 * 3 * 9, 11);
         let bias = rnd(24, 12);
@@ -172,9 +127,7 @@ fn stem_conv_matches_reference() {
         let packed = conv::weight_from_torch(&wt, 24, 3, 3);
         for l in available() {
             let mut got = vec![0.0; want.len()];
-            with_level(l, || {
-                conv2d(&x, 2, h, w, 3, &packed, &bias, 24, g, Act::None, &mut got)
-            });
+            with_level(l, || conv2d(&x, 2, h, w, 3, &packed, &bias, 24, g, Act::None, &mut got));
             assert!(max_diff(&got, &want) < 1e-5, "{l:?} {h}x{w}");
         }
     }
@@ -214,22 +167,10 @@ fn window_attention_matches_padded_partition_reference() {
         // qk at every real pixel
         let wt = Weight::from_torch(&qk_w, 2 * c, c);
         let mut qk = vec![0.0; b * h * w * 2 * c];
-        matmul(
-            &x,
-            c,
-            b * h * w,
-            &wt,
-            Some(&qk_b),
-            Act::None,
-            None,
-            &mut qk,
-            2 * c,
-        );
+        matmul(&x, c, b * h * w, &wt, Some(&qk_b), Act::None, None, &mut qk, 2 * c);
         for l in available() {
             let mut got = vec![f32::NAN; b * h * w * c];
-            with_level(l, || {
-                window_attention(&x, &qk, &qk_b, b, h, w, c, heads, ws, scale, &mut got)
-            });
+            with_level(l, || window_attention(&x, &qk, &qk_b, b, h, w, c, heads, ws, scale, &mut got));
             let d = max_diff(&got, &want);
             assert!(d < 2e-5, "{l:?} {b}x{h}x{w}x{c} heads {heads} ws {ws}: {d}");
         }
@@ -247,51 +188,18 @@ fn fused_ln_matmul_and_dw_matmul_match_composed_references() {
     let bias = rnd(n, 24);
     let xn_ref = reference::layer_norm(&x, c, &g, &b, 1e-6);
     let mut want = vec![0.0; p * n];
-    matmul_reference(
-        &xn_ref,
-        c,
-        p,
-        &w,
-        Some(&bias),
-        Act::Gelu,
-        None,
-        &mut want,
-        n,
-    );
+    matmul_reference(&xn_ref, c, p, &w, Some(&bias), Act::Gelu, None, &mut want, n);
     for l in available() {
         let (mut xn, mut got) = (vec![0.0; p * c], vec![0.0; p * n]);
-        with_level(l, || {
-            ln_matmul(
-                &x,
-                p,
-                c,
-                &g,
-                &b,
-                1e-6,
-                &mut xn,
-                &w,
-                Some(&bias),
-                Act::Gelu,
-                &mut got,
-            )
-        });
-        assert!(
-            max_diff(&xn, &xn_ref) < 1e-5 && max_diff(&got, &want) < 1e-4,
-            "{l:?}"
-        );
+        with_level(l, || ln_matmul(&x, p, c, &g, &b, 1e-6, &mut xn, &w, Some(&bias), Act::Gelu, &mut got));
+        assert!(max_diff(&xn, &xn_ref) < 1e-5 && max_diff(&got, &want) < 1e-4, "{l:?}");
     }
     // dw (+inner residual) + proj (+outer residual): stage2 body, and a stride-2 block without residuals
-    for (bt, h, w_, c, k, s, out_c) in [
-        (2, 28, 28, 120, 3, 1, 48),
-        (1, 29, 15, 96, 3, 2, 32),
-        (1, 7, 7, 588, 5, 1, 168),
-    ] {
+    for (bt, h, w_, c, k, s, out_c) in
+        [(2, 28, 28, 120, 3, 1, 48), (1, 29, 15, 96, 3, 2, 32), (1, 7, 7, 588, 5, 1, 168)]
+    {
         let skip = s == 1;
-        let g = DwGeom {
-            k,
-            stride: s,
-            pad: (k - s).div_ceil(2),
-        };
+        let g = DwGeom { k, stride: s, pad: (k - s).div_ceil(2) };
         let e = rnd(bt * h * w_ * c, 25);
         let (dw_t, dw_b) = (rnd(c * k * k, 26), rnd(c, 27));
         let proj = Weight::from_torch(&rnd(out_c * c, 28), out_c, c);
@@ -314,27 +222,9 @@ fn fused_ln_matmul_and_dw_matmul_match_composed_references() {
         for l in available() {
             let mut got = vec![0.0; want.len()];
             with_level(l, || {
-                dw_matmul(
-                    &e,
-                    bt,
-                    h,
-                    w_,
-                    c,
-                    &dw_w,
-                    &dw_b,
-                    g,
-                    Act::Silu,
-                    skip,
-                    &proj,
-                    skip.then_some(&res[..]),
-                    &mut got,
-                )
+                dw_matmul(&e, bt, h, w_, c, &dw_w, &dw_b, g, Act::Silu, skip, &proj, skip.then_some(&res[..]), &mut got)
             });
-            assert!(
-                max_diff(&got, &want) < 1e-4,
-                "{l:?} out {h}x{w_}x{c}: {}",
-                max_diff(&got, &want)
-            );
+            assert!(max_diff(&got, &want) < 1e-4, "{l:?} out {h}x{w_}x{c}: {}", max_diff(&got, &want));
         }
     }
 }
@@ -349,42 +239,18 @@ fn fused_downsampling_block_matches_composed_references() {
     }
     // EMO-1M stage1.0 (112 -> 56, 24 -> 96 -> 32) and an odd-sized map, batch 2.
     for (b, h, w, cin, mid, cout) in [(1, 112, 112, 24, 96, 32), (2, 37, 21, 32, 160, 48)] {
-        let g = DwGeom {
-            k: 3,
-            stride: 2,
-            pad: 1,
-        };
+        let g = DwGeom { k: 3, stride: 2, pad: 1 };
         let x = rnd(b * h * w * cin, 30);
         let v = Weight::from_torch(&rnd(mid * cin, 31), mid, cin);
         let vb = rnd(mid, 32);
         let (dw_t, dw_b) = (rnd(mid * 9, 33), rnd(mid, 34));
         let proj = Weight::from_torch(&rnd(cout * mid, 35), cout, mid);
         let mut e = vec![0.0; b * h * w * mid];
-        matmul_reference(
-            &x,
-            cin,
-            b * h * w,
-            &v,
-            Some(&vb),
-            Act::Silu,
-            None,
-            &mut e,
-            mid,
-        );
+        matmul_reference(&x, cin, b * h * w, &v, Some(&vb), Act::Silu, None, &mut e, mid);
         let y = reference::depthwise(&e, b, h, w, mid, &dw_t, &dw_b, g, Act::Silu, false);
         let (oh, ow) = (g.out_len(h), g.out_len(w));
         let mut want = vec![0.0; b * oh * ow * cout];
-        matmul_reference(
-            &y,
-            mid,
-            b * oh * ow,
-            &proj,
-            None,
-            Act::None,
-            None,
-            &mut want,
-            cout,
-        );
+        matmul_reference(&y, mid, b * oh * ow, &proj, None, Act::None, None, &mut want, cout);
         let mut got = vec![f32::NAN; want.len()];
         let dw_w = dwconv::weight_from_torch(&dw_t, mid, 3);
         assert!(with_level(Level::Avx512, || v_dw_matmul(

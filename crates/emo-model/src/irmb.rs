@@ -51,13 +51,7 @@ pub struct Irmb {
 impl Irmb {
     /// A randomly initialised block (PyTorch's default conv init) on `device`.
     pub fn new(spec: &BlockSpec, device: &burn::tensor::Device) -> Self {
-        Self::build(
-            spec,
-            &Source {
-                device: device.clone(),
-                checkpoint: None,
-            },
-        )
+        Self::build(spec, &Source { device: device.clone(), checkpoint: None })
     }
 
     pub(crate) fn build(b: &BlockSpec, src: &Source) -> Self {
@@ -66,20 +60,8 @@ impl Irmb {
             Norm::Batch => Norm2d::Batch(src.bn(&format!("{p}.norm"), b.dim_in)),
             Norm::Layer => Norm2d::Layer(src.ln2d(&format!("{p}.norm"), b.dim_in)),
         });
-        let qk = b.attention.map(|_| {
-            src.conv(
-                &format!("{p}.qk.conv"),
-                b.dim_in,
-                2 * b.dim_in,
-                1,
-                1,
-                1,
-                true,
-            )
-        });
-        let v = b
-            .v_proj
-            .then(|| src.conv(&format!("{p}.v.conv"), b.dim_in, b.dim_mid, 1, 1, 1, true));
+        let qk = b.attention.map(|_| src.conv(&format!("{p}.qk.conv"), b.dim_in, 2 * b.dim_in, 1, 1, 1, true));
+        let v = b.v_proj.then(|| src.conv(&format!("{p}.v.conv"), b.dim_in, b.dim_mid, 1, 1, 1, true));
         let conv_local = ConvBn {
             conv: src.conv(
                 &format!("{p}.conv_local.conv"),
@@ -97,15 +79,7 @@ impl Irmb {
             conv_expand: src.conv(&format!("{p}.se.conv_expand"), rd, b.dim_mid, 1, 1, 1, true),
             act: b.act,
         });
-        let proj = src.conv(
-            &format!("{p}.proj.conv"),
-            b.dim_mid,
-            b.dim_out,
-            1,
-            1,
-            1,
-            false,
-        );
+        let proj = src.conv(&format!("{p}.proj.conv"), b.dim_mid, b.dim_out, 1, 1, 1, false);
         Irmb {
             norm,
             qk,
@@ -180,57 +154,29 @@ impl Irmb {
 pub fn partition(x: Tensor<4>, window_size: usize) -> (Tensor<4>, WindowGeom, [usize; 4]) {
     let dims = x.dims();
     let [b, c, h, w] = dims;
-    let g = AttnSpec {
-        num_heads: 1,
-        dim_head: 1,
-        window_size,
-    }
-    .windows(h, w);
-    let x = if g.hp != h || g.wp != w {
-        x.pad([(0, g.hp - h), (0, g.wp - w)], PadMode::Constant(0.0))
-    } else {
-        x
-    };
-    let xw = x
-        .reshape([b, c, g.wh, g.n1, g.ww, g.n2])
-        .permute([0, 3, 5, 1, 2, 4])
-        .reshape([b * g.n1 * g.n2, c, g.wh, g.ww]);
+    let g = AttnSpec { num_heads: 1, dim_head: 1, window_size }.windows(h, w);
+    let x = if g.hp != h || g.wp != w { x.pad([(0, g.hp - h), (0, g.wp - w)], PadMode::Constant(0.0)) } else { x };
+    let xw =
+        x.reshape([b, c, g.wh, g.n1, g.ww, g.n2]).permute([0, 3, 5, 1, 2, 4]).reshape([b * g.n1 * g.n2, c, g.wh, g.ww]);
     (xw, g, dims)
 }
 
 /// Inverse of [`partition`]: scatter windows back and crop the padding away.
 pub fn unpartition(o: Tensor<4>, g: &WindowGeom, b: usize, h: usize, w: usize) -> Tensor<4> {
     let c = o.dims()[1];
-    let o = o
-        .reshape([b, g.n1, g.n2, c, g.wh, g.ww])
-        .permute([0, 3, 4, 1, 5, 2])
-        .reshape([b, c, g.hp, g.wp]);
-    if g.hp != h || g.wp != w {
-        o.narrow(2, 0, h).narrow(3, 0, w)
-    } else {
-        o
-    }
+    let o = o.reshape([b, g.n1, g.n2, c, g.wh, g.ww]).permute([0, 3, 4, 1, 5, 2]).reshape([b, c, g.hp, g.wp]);
+    if g.hp != h || g.wp != w { o.narrow(2, 0, h).narrow(3, 0, w) } else { o }
 }
 
 /// Multi-head attention inside each window: q and k from `qk(xw)` (channels `[q | k]`, each
 /// head-major), softmax(q k^T * scale) applied to `values` split into `num_heads` heads.
 /// No masking: padded tokens take part as keys (as in the official model).
-pub fn attend(
-    qk: &Conv2d,
-    xw: Tensor<4>,
-    values: Tensor<4>,
-    num_heads: usize,
-    scale: f64,
-) -> Tensor<4> {
+pub fn attend(qk: &Conv2d, xw: Tensor<4>, values: Tensor<4>, num_heads: usize, scale: f64) -> Tensor<4> {
     let [nw, c, wh, ww] = xw.dims();
     let cv = values.dims()[1];
     let (l, dh, dv) = (wh * ww, c / num_heads, cv / num_heads);
     let qk = qk.forward(xw).reshape([nw, 2, num_heads, dh, l]);
-    let q = qk
-        .clone()
-        .narrow(1, 0, 1)
-        .reshape([nw, num_heads, dh, l])
-        .swap_dims(2, 3);
+    let q = qk.clone().narrow(1, 0, 1).reshape([nw, num_heads, dh, l]).swap_dims(2, 3);
     let k = qk.narrow(1, 1, 1).reshape([nw, num_heads, dh, l]);
     let attn = softmax(q.matmul(k).mul_scalar(scale), 3);
     let v = values.reshape([nw, num_heads, dv, l]).swap_dims(2, 3);

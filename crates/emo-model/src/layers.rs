@@ -44,12 +44,8 @@ impl Source<'_> {
     /// config before building, so a missing key here is a bug in the key layout.
     pub fn tensor<const D: usize>(&self, key: &str, shape: [usize; D], init: Init) -> Tensor<D> {
         if let Some(sd) = self.checkpoint {
-            let t = sd
-                .get(key)
-                .unwrap_or_else(|| panic!("validated checkpoint lacks `{key}`"));
-            let data = t
-                .as_f32()
-                .unwrap_or_else(|| panic!("validated checkpoint: `{key}` is not float"));
+            let t = sd.get(key).unwrap_or_else(|| panic!("validated checkpoint lacks `{key}`"));
+            let data = t.as_f32().unwrap_or_else(|| panic!("validated checkpoint: `{key}` is not float"));
             return Tensor::from_data(TensorData::new(data.to_vec(), shape), &self.device);
         }
         match init {
@@ -57,21 +53,13 @@ impl Source<'_> {
                 let b = 1.0 / (fan_in as f64).sqrt();
                 Tensor::random(shape, Distribution::Uniform(-b, b), &self.device)
             }
-            Init::TruncNormal => {
-                Tensor::random(shape, Distribution::Normal(0.0, 0.02), &self.device)
-                    .clamp(-2.0, 2.0)
-            }
+            Init::TruncNormal => Tensor::random(shape, Distribution::Normal(0.0, 0.02), &self.device).clamp(-2.0, 2.0),
             Init::Ones => Tensor::ones(shape, &self.device),
             Init::Zeros => Tensor::zeros(shape, &self.device),
         }
     }
 
-    pub fn param<const D: usize>(
-        &self,
-        key: &str,
-        shape: [usize; D],
-        init: Init,
-    ) -> Param<Tensor<D>> {
+    pub fn param<const D: usize>(&self, key: &str, shape: [usize; D], init: Init) -> Param<Tensor<D>> {
         Param::from_tensor(self.tensor(key, shape, init))
     }
 
@@ -89,13 +77,8 @@ impl Source<'_> {
         let fan_in = cin / groups * k * k;
         let p = conv_pad(k, stride);
         Conv2d {
-            weight: self.param(
-                &format!("{key}.weight"),
-                [cout, cin / groups, k, k],
-                Init::ConvDefault { fan_in },
-            ),
-            bias: bias
-                .then(|| self.param(&format!("{key}.bias"), [cout], Init::ConvDefault { fan_in })),
+            weight: self.param(&format!("{key}.weight"), [cout, cin / groups, k, k], Init::ConvDefault { fan_in }),
+            bias: bias.then(|| self.param(&format!("{key}.bias"), [cout], Init::ConvDefault { fan_in })),
             stride: [stride, stride],
             kernel_size: [k, k],
             dilation: [1, 1],
@@ -110,16 +93,8 @@ impl Source<'_> {
             gamma: self.param(&format!("{key}.weight"), [c], Init::Ones),
             beta: self.param(&format!("{key}.bias"), [c], Init::Zeros),
             training: Param::from_bool(true),
-            running_mean: RunningState::new(self.tensor(
-                &format!("{key}.running_mean"),
-                [c],
-                Init::Zeros,
-            )),
-            running_var: RunningState::new(self.tensor(
-                &format!("{key}.running_var"),
-                [c],
-                Init::Ones,
-            )),
+            running_mean: RunningState::new(self.tensor(&format!("{key}.running_mean"), [c], Init::Zeros)),
+            running_var: RunningState::new(self.tensor(&format!("{key}.running_var"), [c], Init::Ones)),
             momentum: 0.1,
             epsilon: NORM_EPS,
         }
@@ -139,11 +114,7 @@ pub(crate) struct Sink<'a>(pub &'a mut StateDict);
 
 fn stored<const D: usize>(t: Tensor<D>) -> StoredTensor {
     let shape = t.dims().to_vec();
-    let data = t
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 tensor data");
+    let data = t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data");
     StoredTensor::f32(shape, data)
 }
 
@@ -164,10 +135,7 @@ impl Sink<'_> {
         self.put(format!("{key}.running_var"), b.running_var.value());
         self.0.insert(
             format!("{key}.num_batches_tracked"),
-            StoredTensor {
-                shape: vec![],
-                data: emo_weights::Data::I64(vec![0]),
-            },
+            StoredTensor { shape: vec![], data: emo_weights::Data::I64(vec![0]) },
         );
     }
     pub fn ln2d(&mut self, key: &str, n: &LayerNorm2d) {

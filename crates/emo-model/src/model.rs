@@ -53,23 +53,13 @@ impl Emo {
     /// trunc_normal(0.02) for the Linear, ones/zeros for norms).
     pub fn new(cfg: &EmoConfig, device: &Device) -> Result<Self, ModelError> {
         cfg.validate()?;
-        Ok(Self::build(
-            cfg,
-            &Source {
-                device: device.clone(),
-                checkpoint: None,
-            },
-        ))
+        Ok(Self::build(cfg, &Source { device: device.clone(), checkpoint: None }))
     }
 
     /// Build from a state dict with the official key names. Strict: every missing,
     /// unexpected, mis-shaped or mis-typed key is reported in one error. With
     /// `cfg.num_classes == 0` a classification checkpoint's `norm.*` / `head.*` are dropped.
-    pub fn from_state_dict(
-        cfg: &EmoConfig,
-        sd: &StateDict,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
+    pub fn from_state_dict(cfg: &EmoConfig, sd: &StateDict, device: &Device) -> Result<Self, ModelError> {
         cfg.validate()?;
         let backbone;
         let sd = if cfg.num_classes == 0 {
@@ -79,13 +69,7 @@ impl Emo {
             sd
         };
         emo_weights::validate(sd, cfg)?;
-        Ok(Self::build(
-            cfg,
-            &Source {
-                device: device.clone(),
-                checkpoint: Some(sd),
-            },
-        ))
+        Ok(Self::build(cfg, &Source { device: device.clone(), checkpoint: Some(sd) }))
     }
 
     /// Load a `.pth` or `.safetensors` checkpoint (see [`Emo::from_state_dict`]). Returns the
@@ -100,28 +84,15 @@ impl Emo {
     }
 
     fn build(cfg: &EmoConfig, src: &Source) -> Self {
-        let StemSpec {
-            in_chans,
-            dim,
-            kernel,
-        } = cfg.stem();
+        let StemSpec { in_chans, dim, kernel } = cfg.stem();
         let stem_conv = ConvBn {
             conv: src.conv("stage0.0.convs.0.0", in_chans, dim, kernel, 2, 1, true),
             norm: src.bn("stage0.0.convs.0.1", dim),
         };
         let blocks = cfg.blocks();
-        let stem = Stem {
-            conv: stem_conv,
-            block: Irmb::build(&blocks[0], src),
-        };
+        let stem = Stem { conv: stem_conv, block: Irmb::build(&blocks[0], src) };
         let stages = (1..=4)
-            .map(|s| Stage {
-                blocks: blocks
-                    .iter()
-                    .filter(|b| b.stage == s)
-                    .map(|b| Irmb::build(b, src))
-                    .collect(),
-            })
+            .map(|s| Stage { blocks: blocks.iter().filter(|b| b.stage == s).map(|b| Irmb::build(b, src)).collect() })
             .collect();
         let head = (cfg.num_classes > 0).then(|| {
             let c4 = cfg.stages[3].dim;
@@ -163,10 +134,7 @@ impl Emo {
 
     /// Number of classes (0 for a backbone).
     pub fn num_classes(&self) -> usize {
-        self.head
-            .as_ref()
-            .map(|h| h.head.bias.dims()[0])
-            .unwrap_or(0)
+        self.head.as_ref().map(|h| h.head.bias.dims()[0]).unwrap_or(0)
     }
 
     fn check_input(&self, x: &Tensor<4>) -> Result<(), ModelError> {
@@ -182,23 +150,12 @@ impl Emo {
 
     /// Run the network. `out_indices` selects which stage outputs (0 = stage0 .. 4 = stage4)
     /// are kept; `logits` asks for the classifier output. Stops after the last stage needed.
-    pub fn forward_with(
-        &self,
-        x: Tensor<4>,
-        out_indices: &[usize],
-        logits: bool,
-    ) -> Result<EmoOutput, ModelError> {
+    pub fn forward_with(&self, x: Tensor<4>, out_indices: &[usize], logits: bool) -> Result<EmoOutput, ModelError> {
         self.check_input(&x)?;
         if logits && self.head.is_none() {
-            return Err(ModelError::Input(
-                "this model has no classifier head (num_classes = 0)".into(),
-            ));
+            return Err(ModelError::Input("this model has no classifier head (num_classes = 0)".into()));
         }
-        let last = if logits {
-            4
-        } else {
-            out_indices.iter().copied().max().unwrap_or(0)
-        };
+        let last = if logits { 4 } else { out_indices.iter().copied().max().unwrap_or(0) };
         let mut features = Vec::new();
         let mut x = self.stem.block.forward(self.stem.conv.forward(x));
         if out_indices.contains(&0) {
@@ -212,34 +169,18 @@ impl Emo {
                 features.push((i + 1, x.clone()));
             }
         }
-        let logits = if logits {
-            Some(self.forward_head(x))
-        } else {
-            None
-        };
+        let logits = if logits { Some(self.forward_head(x)) } else { None };
         Ok(EmoOutput { features, logits })
     }
 
     /// Classifier logits `[B, num_classes]` for an NCHW batch of any size >= 1x1.
     pub fn forward(&self, x: Tensor<4>) -> Result<Tensor<2>, ModelError> {
-        Ok(self
-            .forward_with(x, &[], true)?
-            .logits
-            .expect("logits requested"))
+        Ok(self.forward_with(x, &[], true)?.logits.expect("logits requested"))
     }
 
     /// The stage outputs selected by `out_indices` (timm `features_only`).
-    pub fn forward_features(
-        &self,
-        x: Tensor<4>,
-        out_indices: &[usize],
-    ) -> Result<Vec<Tensor<4>>, ModelError> {
-        Ok(self
-            .forward_with(x, out_indices, false)?
-            .features
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect())
+    pub fn forward_features(&self, x: Tensor<4>, out_indices: &[usize]) -> Result<Vec<Tensor<4>>, ModelError> {
+        Ok(self.forward_with(x, out_indices, false)?.features.into_iter().map(|(_, t)| t).collect())
     }
 
     /// Final norm, pooled features `[B, C4]` (before the Linear).
@@ -258,16 +199,9 @@ impl Emo {
     /// Replace the classifier by a fresh one with `n` outputs (fine-tuning); `n == 0` removes it.
     pub fn reset_classifier(mut self, n: usize, device: &Device) -> Self {
         let c4 = self.stages[3].blocks[0].proj.weight.dims()[0];
-        let src = Source {
-            device: device.clone(),
-            checkpoint: None,
-        };
+        let src = Source { device: device.clone(), checkpoint: None };
         self.head = (n > 0).then(|| Head {
-            norm: self
-                .head
-                .take()
-                .map(|h| h.norm)
-                .unwrap_or_else(|| src.ln2d("norm", c4)),
+            norm: self.head.take().map(|h| h.norm).unwrap_or_else(|| src.ln2d("norm", c4)),
             head: Linear {
                 weight: src.param("head.weight", [n, c4], Init::TruncNormal),
                 bias: src.param("head.bias", [n], Init::Zeros),

@@ -22,12 +22,7 @@ pub struct EvalTransform {
 
 impl Default for EvalTransform {
     fn default() -> Self {
-        EvalTransform {
-            size: 224,
-            crop_pct: 0.875,
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
-        }
+        EvalTransform { size: 224, crop_pct: 0.875, mean: IMAGENET_MEAN, std: IMAGENET_STD }
     }
 }
 
@@ -79,10 +74,8 @@ impl EvalTransform {
     /// Read, decode and transform an image file.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Vec<f32>, ImageError> {
         let path = path.as_ref();
-        let img = image::open(path).map_err(|e| ImageError {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let img =
+            image::open(path).map_err(|e| ImageError { path: path.display().to_string(), reason: e.to_string() })?;
         Ok(self.apply(&img))
     }
 }

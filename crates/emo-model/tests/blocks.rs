@@ -25,16 +25,8 @@ fn strided_partition_is_a_grid_and_inverts() {
             for h1 in 0..4 {
                 for w1 in 0..4 {
                     let (y, x) = (h1 * 3 + i1, w1 * 3 + i2);
-                    let want = if y < h && x < w {
-                        (y * 100 + x) as f32
-                    } else {
-                        0.0
-                    };
-                    assert_eq!(
-                        win[(i1 * 3 + i2) * 16 + h1 * 4 + w1],
-                        want,
-                        "window ({i1},{i2}) token ({h1},{w1})"
-                    );
+                    let want = if y < h && x < w { (y * 100 + x) as f32 } else { 0.0 };
+                    assert_eq!(win[(i1 * 3 + i2) * 16 + h1 * 4 + w1], want, "window ({i1},{i2}) token ({h1},{w1})");
                 }
             }
         }
@@ -45,10 +37,7 @@ fn strided_partition_is_a_grid_and_inverts() {
 #[test]
 fn irmb_runs_on_any_size_and_downsamples_by_ceil() {
     let device = Device::flex();
-    let down = IrmbConfig::new(24, 32)
-        .with_stride(2)
-        .with_exp_ratio(2.0)
-        .init(&device);
+    let down = IrmbConfig::new(24, 32).with_stride(2).with_exp_ratio(2.0).init(&device);
     let attn = IrmbConfig::new(32, 32)
         .with_norm(Some(Norm::Layer))
         .with_act(Act::Gelu)
@@ -78,9 +67,7 @@ fn mhsa_global_equals_one_window_covering_the_map() {
     let device = Device::flex();
     let a = MetaMobileBlock::mhsa(32, 4, 0, &device);
     let mut b = a.clone();
-    let Operator::Attention(att) = &mut b.operator else {
-        panic!()
-    };
+    let Operator::Attention(att) = &mut b.operator else { panic!() };
     att.window_size = 12;
     let x = randn([2, 32, 12, 12], &device);
     let d = max_abs_diff(&to_vec(a.forward(x.clone())), &to_vec(b.forward(x)));
@@ -92,10 +79,7 @@ fn irb_and_ffn_shapes_and_residuals() {
     let device = Device::flex();
     let irb = MetaMobileBlock::irb(16, 24, 6.0, 3, 2, Act::Silu, &device);
     assert!(!irb.skip);
-    assert_eq!(
-        irb.forward(randn([1, 16, 15, 15], &device)).dims(),
-        [1, 24, 8, 8]
-    );
+    assert_eq!(irb.forward(randn([1, 16, 15, 15], &device)).dims(), [1, 24, 8, 8]);
     let mut ffn = MetaMobileBlock::ffn(16, 4.0, &device);
     ffn.shrink.weight = ffn.shrink.weight.map(|w| w.zeros_like());
     ffn.shrink.bias = ffn.shrink.bias.map(|b| b.map(|b| b.zeros_like()));

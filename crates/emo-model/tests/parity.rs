@@ -16,9 +16,7 @@ fn check(variant: Variant, weights: std::path::PathBuf, io: std::path::PathBuf) 
     let (_, shape, input) = get(&io, "input");
     // The committed input is the documented formula.
     assert!(max_abs_diff(input, &formula_input(shape[0], shape[2], shape[3])) < 1e-6);
-    let out = model
-        .forward_with(to_tensor(shape, input, &device), &[0, 1, 2, 3, 4], true)
-        .unwrap();
+    let out = model.forward_with(to_tensor(shape, input, &device), &[0, 1, 2, 3, 4], true).unwrap();
     for (i, feat) in out.features {
         let (_, fshape, want) = get(&io, &format!("feat.stage{i}"));
         assert_eq!(&feat.dims().to_vec(), fshape, "{variant} stage{i} shape");
@@ -35,11 +33,7 @@ fn check(variant: Variant, weights: std::path::PathBuf, io: std::path::PathBuf) 
 #[test]
 fn emo_1m_224_from_committed_pth_and_safetensors() {
     for w in ["emo_1m.pth", "emo_1m.safetensors"] {
-        check(
-            Variant::Emo1M,
-            repo_fixture(w),
-            repo_fixture("emo_1m_224x224.io.safetensors"),
-        );
+        check(Variant::Emo1M, repo_fixture(w), repo_fixture("emo_1m_224x224.io.safetensors"));
     }
 }
 

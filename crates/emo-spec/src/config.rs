@@ -37,12 +37,7 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 4] = [
-        Variant::Emo1M,
-        Variant::Emo2M,
-        Variant::Emo5M,
-        Variant::Emo6M,
-    ];
+    pub const ALL: [Variant; 4] = [Variant::Emo1M, Variant::Emo2M, Variant::Emo5M, Variant::Emo6M];
 
     /// The command-line name: `emo-1m`, `emo-2m`, `emo-5m`, `emo-6m`.
     pub fn name(self) -> &'static str {
@@ -143,12 +138,7 @@ pub struct EmoConfig {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn stages(
-    depths: [usize; 4],
-    dims: [usize; 4],
-    exp: [f64; 4],
-    heads: [usize; 4],
-) -> [StageConfig; 4] {
+fn stages(depths: [usize; 4], dims: [usize; 4], exp: [f64; 4], heads: [usize; 4]) -> [StageConfig; 4] {
     let norms = [Norm::Batch, Norm::Batch, Norm::Layer, Norm::Layer];
     let acts = [Act::Silu, Act::Silu, Act::Gelu, Act::Gelu];
     let kernels = [3, 3, 5, 5];
@@ -225,28 +215,17 @@ impl EmoConfig {
     /// Check the invariants the model relies on.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.in_chans == 0 || self.stem_dim == 0 {
-            return Err(SpecError::Invalid(
-                "in_chans and stem_dim must be > 0".into(),
-            ));
+            return Err(SpecError::Invalid("in_chans and stem_dim must be > 0".into()));
         }
         if !(0.0..1.0).contains(&self.drop_path) {
-            return Err(SpecError::Invalid(format!(
-                "drop_path {} not in [0, 1)",
-                self.drop_path
-            )));
+            return Err(SpecError::Invalid(format!("drop_path {} not in [0, 1)", self.drop_path)));
         }
         for (i, s) in self.stages.iter().enumerate() {
             if s.depth == 0 || s.dim == 0 || s.exp_ratio <= 0.0 {
-                return Err(SpecError::Invalid(format!(
-                    "stage {}: depth, dim and exp_ratio must be > 0",
-                    i + 1
-                )));
+                return Err(SpecError::Invalid(format!("stage {}: depth, dim and exp_ratio must be > 0", i + 1)));
             }
             if s.dw_kernel % 2 == 0 {
-                return Err(SpecError::Invalid(format!(
-                    "stage {}: dw_kernel must be odd",
-                    i + 1
-                )));
+                return Err(SpecError::Invalid(format!("stage {}: dw_kernel must be odd", i + 1)));
             }
             if s.attention && (s.dim_head == 0 || s.dim % s.dim_head != 0) {
                 return Err(SpecError::Invalid(format!(

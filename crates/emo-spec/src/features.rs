@@ -19,12 +19,7 @@ impl EmoConfig {
         self.stage_dims()
             .iter()
             .enumerate()
-            .map(|(i, &c)| FeatureInfo {
-                index: i,
-                name: format!("stage{i}"),
-                channels: c,
-                reduction: 2 << i,
-            })
+            .map(|(i, &c)| FeatureInfo { index: i, name: format!("stage{i}"), channels: c, reduction: 2 << i })
             .collect()
     }
 }

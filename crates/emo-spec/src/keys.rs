@@ -26,18 +26,10 @@ struct Keys(Vec<KeySpec>);
 
 impl Keys {
     fn push(&mut self, name: String, shape: &[usize], kind: KeyKind) {
-        self.0.push(KeySpec {
-            name,
-            shape: shape.to_vec(),
-            kind,
-        });
+        self.0.push(KeySpec { name, shape: shape.to_vec(), kind });
     }
     fn conv(&mut self, p: &str, cout: usize, cin_per_group: usize, k: usize, bias: bool) {
-        self.push(
-            format!("{p}.weight"),
-            &[cout, cin_per_group, k, k],
-            KeyKind::Param,
-        );
+        self.push(format!("{p}.weight"), &[cout, cin_per_group, k, k], KeyKind::Param);
         if bias {
             self.push(format!("{p}.bias"), &[cout], KeyKind::Param);
         }
@@ -76,13 +68,7 @@ impl EmoConfig {
             if b.v_proj {
                 k.conv(&format!("{p}.v.conv"), b.dim_mid, b.dim_in, 1, true);
             }
-            k.conv(
-                &format!("{p}.conv_local.conv"),
-                b.dim_mid,
-                1,
-                b.dw_kernel,
-                false,
-            );
+            k.conv(&format!("{p}.conv_local.conv"), b.dim_mid, 1, b.dw_kernel, false);
             k.bn(&format!("{p}.conv_local.norm"), b.dim_mid);
             if let Some(rd) = b.se_channels {
                 k.conv(&format!("{p}.se.conv_reduce"), rd, b.dim_mid, 1, true);
@@ -93,11 +79,7 @@ impl EmoConfig {
         if self.num_classes > 0 {
             let c4 = self.stages[3].dim;
             k.ln2d("norm", c4);
-            k.push(
-                "head.weight".into(),
-                &[self.num_classes, c4],
-                KeyKind::Param,
-            );
+            k.push("head.weight".into(), &[self.num_classes, c4], KeyKind::Param);
             k.push("head.bias".into(), &[self.num_classes], KeyKind::Param);
         }
         k.0

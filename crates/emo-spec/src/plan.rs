@@ -20,22 +20,11 @@ impl AttnSpec {
 
     /// Window geometry for an `h` x `w` map: (wsH, wsW, padded H, padded W, n1, n2).
     pub fn windows(&self, h: usize, w: usize) -> WindowGeom {
-        let (wh, ww) = if self.window_size == 0 {
-            (h, w)
-        } else {
-            (self.window_size, self.window_size)
-        };
+        let (wh, ww) = if self.window_size == 0 { (h, w) } else { (self.window_size, self.window_size) };
         let pad_b = (wh - h % wh) % wh;
         let pad_r = (ww - w % ww) % ww;
         let (hp, wp) = (h + pad_b, w + pad_r);
-        WindowGeom {
-            wh,
-            ww,
-            hp,
-            wp,
-            n1: hp / wh,
-            n2: wp / ww,
-        }
+        WindowGeom { wh, ww, hp, wp, n1: hp / wh, n2: wp / ww }
     }
 }
 
@@ -82,10 +71,7 @@ pub struct BlockSpec {
 impl BlockSpec {
     /// Output size of the depthwise conv for an input of `h` x `w` (ceil(h/s) for every odd k).
     pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
-        (
-            conv_out(h, self.dw_kernel, self.stride),
-            conv_out(w, self.dw_kernel, self.stride),
-        )
+        (conv_out(h, self.dw_kernel, self.stride), conv_out(w, self.dw_kernel, self.stride))
     }
 }
 
@@ -109,22 +95,12 @@ pub struct StemSpec {
 
 impl EmoConfig {
     pub fn stem(&self) -> StemSpec {
-        StemSpec {
-            in_chans: self.in_chans,
-            dim: self.stem_dim,
-            kernel: self.stem_kernel,
-        }
+        StemSpec { in_chans: self.in_chans, dim: self.stem_dim, kernel: self.stem_kernel }
     }
 
     /// Channels of the five stage outputs `stage0`..`stage4`.
     pub fn stage_dims(&self) -> [usize; 5] {
-        [
-            self.stem_dim,
-            self.stages[0].dim,
-            self.stages[1].dim,
-            self.stages[2].dim,
-            self.stages[3].dim,
-        ]
+        [self.stem_dim, self.stages[0].dim, self.stages[1].dim, self.stages[2].dim, self.stages[3].dim]
     }
 
     /// Spatial sizes of the five stage outputs for an `h` x `w` input (each stage is ceil(/2)).
@@ -161,11 +137,7 @@ impl EmoConfig {
         }];
         let total: usize = self.stages.iter().map(|s| s.depth).sum();
         let dpr = |i: usize| {
-            if total > 1 {
-                self.drop_path * i as f64 / (total - 1) as f64
-            } else {
-                0.0
-            }
+            if total > 1 { self.drop_path * i as f64 / (total - 1) as f64 } else { 0.0 }
         };
         let mut k = 0;
         let mut prev = self.stem_dim;

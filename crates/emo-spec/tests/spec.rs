@@ -11,26 +11,11 @@ fn params_match_paper_counts() {
 #[test]
 fn flops_match_fvcore() {
     // fvcore at 224x224 (spec §9): total and the attention-matmul share, in MFLOPs (2 decimals).
-    let want = [
-        (260.84, 12.37),
-        (439.36, 20.36),
-        (902.58, 27.35),
-        (960.75, 27.66),
-    ];
+    let want = [(260.84, 12.37), (439.36, 20.36), (902.58, 27.35), (960.75, 27.66)];
     for (v, (tot, attn)) in Variant::ALL.iter().zip(want) {
         let f = v.config().flops(224, 224);
-        assert_eq!(
-            (f.total() as f64 / 1e4).round() / 100.0,
-            tot,
-            "{v} total {}",
-            f.total()
-        );
-        assert_eq!(
-            (f.attention as f64 / 1e4).round() / 100.0,
-            attn,
-            "{v} attn {}",
-            f.attention
-        );
+        assert_eq!((f.total() as f64 / 1e4).round() / 100.0, tot, "{v} total {}", f.total());
+        assert_eq!((f.attention as f64 / 1e4).round() / 100.0, attn, "{v} attn {}", f.attention);
     }
 }
 
@@ -48,11 +33,7 @@ fn dim_mid_table_matches_spec() {
         for s in 1..=4 {
             let down = b.iter().find(|x| x.stage == s && x.index == 0).unwrap();
             let body = b.iter().find(|x| x.stage == s && x.index == 1).unwrap();
-            assert_eq!(
-                [down.dim_mid, body.dim_mid],
-                [w[2 * s - 2], w[2 * s - 1]],
-                "{v} stage {s}"
-            );
+            assert_eq!([down.dim_mid, body.dim_mid], [w[2 * s - 2], w[2 * s - 1]], "{v} stage {s}");
             assert!(!down.skip && down.attention.is_none() && down.stride == 2);
             assert!(body.skip && body.stride == 1);
             assert_eq!(body.attention.is_some(), s >= 3);
@@ -64,28 +45,16 @@ fn dim_mid_table_matches_spec() {
 fn key_count_of_emo_1m() {
     let keys = EmoConfig::emo_1m().state_dict_keys();
     assert_eq!(keys.len(), 217);
-    assert_eq!(
-        keys.iter().filter(|k| k.kind == KeyKind::Counter).count(),
-        21
-    );
+    assert_eq!(keys.iter().filter(|k| k.kind == KeyKind::Counter).count(), 21);
 }
 
 #[test]
 fn stage_shapes_follow_ceil_rule() {
     let c = EmoConfig::emo_1m();
-    assert_eq!(
-        c.stage_hw(256, 192),
-        [(128, 96), (64, 48), (32, 24), (16, 12), (8, 6)]
-    );
+    assert_eq!(c.stage_hw(256, 192), [(128, 96), (64, 48), (32, 24), (16, 12), (8, 6)]);
     assert_eq!(c.stage_hw(1, 1), [(1, 1); 5]);
     assert_eq!(c.stage_hw(33, 300)[4], (2, 10));
-    let a = c
-        .blocks()
-        .iter()
-        .find(|b| b.name == "stage3.1")
-        .unwrap()
-        .attention
-        .unwrap();
+    let a = c.blocks().iter().find(|b| b.name == "stage3.1").unwrap().attention.unwrap();
     let g = a.windows(16, 12);
     assert_eq!((g.hp, g.wp, g.n1, g.n2), (21, 14, 3, 2));
 }
@@ -94,10 +63,7 @@ fn stage_shapes_follow_ceil_rule() {
 fn variant_names_parse() {
     for v in Variant::ALL {
         assert_eq!(v.name().parse::<Variant>().unwrap(), v);
-        assert_eq!(
-            v.paper_name().replace('-', "_").parse::<Variant>().unwrap(),
-            v
-        );
+        assert_eq!(v.paper_name().replace('-', "_").parse::<Variant>().unwrap(), v);
     }
     assert!("emo-3m".parse::<Variant>().is_err());
 }

@@ -23,25 +23,15 @@ use emo_spec::{EmoConfig, KeyKind, Variant};
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("corrupt or truncated checkpoint: {0}")]
     Corrupt(String),
     #[error("unsupported checkpoint: {0}")]
     Unsupported(String),
     #[error("tensor `{key}` has dtype {dtype}, expected {expected}")]
-    DType {
-        key: String,
-        dtype: String,
-        expected: String,
-    },
+    DType { key: String, dtype: String, expected: String },
     #[error("{0}")]
     Mismatch(Box<Mismatch>),
 }
@@ -63,15 +53,8 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor shape/data mismatch"
-        );
-        Tensor {
-            shape,
-            data: Data::F32(data),
-        }
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape/data mismatch");
+        Tensor { shape, data: Data::F32(data) }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -121,10 +104,7 @@ pub struct StateDict {
 
 impl StateDict {
     pub fn new() -> Self {
-        StateDict {
-            tensors: BTreeMap::new(),
-            wrapping: Wrapping::Plain,
-        }
+        StateDict { tensors: BTreeMap::new(), wrapping: Wrapping::Plain }
     }
     pub fn get(&self, key: &str) -> Option<&Tensor> {
         self.tensors.get(key)
@@ -147,10 +127,7 @@ impl Default for StateDict {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, WeightsError> {
-    std::fs::read(path).map_err(|source| WeightsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| WeightsError::Io { path: path.to_path_buf(), source })
 }
 
 /// Load a checkpoint, choosing the reader from the file's content (zip = `.pth`, otherwise
@@ -212,32 +189,14 @@ fn f16_to_f32(h: u16) -> f32 {
 
 fn decode_elems(kind: &str, raw: &[u8], idx: impl Iterator<Item = usize>) -> Data {
     match kind {
-        "f32" => Data::F32(
-            idx.map(|i| f32::from_le_bytes(raw[4 * i..4 * i + 4].try_into().unwrap()))
-                .collect(),
-        ),
-        "f64" => Data::F32(
-            idx.map(|i| f64::from_le_bytes(raw[8 * i..8 * i + 8].try_into().unwrap()) as f32)
-                .collect(),
-        ),
-        "f16" => Data::F32(
-            idx.map(|i| f16_to_f32(u16::from_le_bytes([raw[2 * i], raw[2 * i + 1]])))
-                .collect(),
-        ),
+        "f32" => Data::F32(idx.map(|i| f32::from_le_bytes(raw[4 * i..4 * i + 4].try_into().unwrap())).collect()),
+        "f64" => Data::F32(idx.map(|i| f64::from_le_bytes(raw[8 * i..8 * i + 8].try_into().unwrap()) as f32).collect()),
+        "f16" => Data::F32(idx.map(|i| f16_to_f32(u16::from_le_bytes([raw[2 * i], raw[2 * i + 1]]))).collect()),
         "bf16" => Data::F32(
-            idx.map(|i| {
-                f32::from_bits((u16::from_le_bytes([raw[2 * i], raw[2 * i + 1]]) as u32) << 16)
-            })
-            .collect(),
+            idx.map(|i| f32::from_bits((u16::from_le_bytes([raw[2 * i], raw[2 * i + 1]]) as u32) << 16)).collect(),
         ),
-        "i64" => Data::I64(
-            idx.map(|i| i64::from_le_bytes(raw[8 * i..8 * i + 8].try_into().unwrap()))
-                .collect(),
-        ),
-        _ => Data::I64(
-            idx.map(|i| i32::from_le_bytes(raw[4 * i..4 * i + 4].try_into().unwrap()) as i64)
-                .collect(),
-        ),
+        "i64" => Data::I64(idx.map(|i| i64::from_le_bytes(raw[8 * i..8 * i + 8].try_into().unwrap())).collect()),
+        _ => Data::I64(idx.map(|i| i32::from_le_bytes(raw[4 * i..4 * i + 4].try_into().unwrap()) as i64).collect()),
     }
 }
 
@@ -261,30 +220,20 @@ fn strided_indices(offset: usize, shape: &[usize], stride: &[usize]) -> Vec<usiz
 
 /// Read a `.pth` (PyTorch zip) checkpoint from memory.
 pub fn load_pth_bytes(bytes: &[u8]) -> Result<StateDict, WeightsError> {
-    let corrupt = |e: zip::result::ZipError| {
-        WeightsError::Corrupt(format!("not a readable zip archive ({e})"))
-    };
+    let corrupt = |e: zip::result::ZipError| WeightsError::Corrupt(format!("not a readable zip archive ({e})"));
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(corrupt)?;
-    let names: Vec<String> = zip
-        .file_names()
-        .map(|n| n.map(String::from))
-        .collect::<Result<_, _>>()
-        .map_err(corrupt)?;
+    let names: Vec<String> =
+        zip.file_names().map(|n| n.map(String::from)).collect::<Result<_, _>>().map_err(corrupt)?;
     let pkl = names
         .iter()
         .find(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
         .cloned()
-        .ok_or_else(|| {
-            WeightsError::Corrupt("zip has no data.pkl: not a PyTorch checkpoint".into())
-        })?;
+        .ok_or_else(|| WeightsError::Corrupt("zip has no data.pkl: not a PyTorch checkpoint".into()))?;
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
     let mut read = |name: &str| -> Result<Vec<u8>, WeightsError> {
-        let mut f = zip
-            .by_name(name)
-            .map_err(|e| WeightsError::Corrupt(format!("{name}: {e}")))?;
+        let mut f = zip.by_name(name).map_err(|e| WeightsError::Corrupt(format!("{name}: {e}")))?;
         let mut v = Vec::new();
-        f.read_to_end(&mut v)
-            .map_err(|e| WeightsError::Corrupt(format!("{name}: {e}")))?;
+        f.read_to_end(&mut v).map_err(|e| WeightsError::Corrupt(format!("{name}: {e}")))?;
         Ok(v)
     };
     let root = pickle::load(&read(&pkl)?)?;
@@ -301,11 +250,7 @@ pub fn load_pth_bytes(bytes: &[u8]) -> Result<StateDict, WeightsError> {
     };
     // Unwrap `net_E` (EMA, preferred) or `net`.
     let (entries, wrapping) = {
-        let find = |name: &str| {
-            top.iter()
-                .find(|(k, _)| key_of(k).as_deref() == Some(name))
-                .map(|(_, v)| v.clone())
-        };
+        let find = |name: &str| top.iter().find(|(k, _)| key_of(k).as_deref() == Some(name)).map(|(_, v)| v.clone());
         let has_tensors = top.iter().any(|(_, v)| matches!(v, Value::Tensor { .. }));
         match (has_tensors, find("net_E"), find("net")) {
             (false, Some(Value::Dict(d)), _) => (d, Wrapping::NetE),
@@ -315,35 +260,17 @@ pub fn load_pth_bytes(bytes: &[u8]) -> Result<StateDict, WeightsError> {
     };
 
     let mut storages: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut sd = StateDict {
-        tensors: BTreeMap::new(),
-        wrapping,
-    };
+    let mut sd = StateDict { tensors: BTreeMap::new(), wrapping };
     let mut non_tensors = Vec::new();
     for (k, v) in entries {
         let Some(key) = key_of(&k) else {
-            return Err(WeightsError::Corrupt(
-                "state_dict key is not a string".into(),
-            ));
+            return Err(WeightsError::Corrupt("state_dict key is not a string".into()));
         };
-        let Value::Tensor {
-            storage,
-            offset,
-            shape,
-            stride,
-        } = v
-        else {
+        let Value::Tensor { storage, offset, shape, stride } = v else {
             non_tensors.push(format!("{key} ({})", v.type_name()));
             continue;
         };
-        let Value::Storage {
-            dtype,
-            key: skey,
-            numel,
-        } = *storage
-        else {
-            unreachable!()
-        };
+        let Value::Storage { dtype, key: skey, numel } = *storage else { unreachable!() };
         let (esize, kind) = storage_elem(&dtype)?;
         if !storages.contains_key(&skey) {
             let raw = read(&format!("{prefix}data/{skey}"))?;
@@ -358,32 +285,19 @@ pub fn load_pth_bytes(bytes: &[u8]) -> Result<StateDict, WeightsError> {
             )));
         }
         if shape.len() != stride.len() {
-            return Err(WeightsError::Corrupt(format!(
-                "`{key}`: size and stride ranks differ"
-            )));
+            return Err(WeightsError::Corrupt(format!("`{key}`: size and stride ranks differ")));
         }
         let idx = strided_indices(offset, &shape, &stride);
         if idx.iter().any(|&i| i >= numel) {
-            return Err(WeightsError::Corrupt(format!(
-                "`{key}` points outside its storage"
-            )));
+            return Err(WeightsError::Corrupt(format!("`{key}` points outside its storage")));
         }
-        sd.tensors.insert(
-            key,
-            Tensor {
-                shape,
-                data: decode_elems(kind, raw, idx.into_iter()),
-            },
-        );
+        sd.tensors.insert(key, Tensor { shape, data: decode_elems(kind, raw, idx.into_iter()) });
     }
     if sd.tensors.is_empty() {
         return Err(WeightsError::Unsupported(if non_tensors.is_empty() {
             "the checkpoint holds no tensors".into()
         } else {
-            format!(
-                "the checkpoint holds no tensors (entries: {})",
-                non_tensors.join(", ")
-            )
+            format!("the checkpoint holds no tensors (entries: {})", non_tensors.join(", "))
         }));
     }
     if !non_tensors.is_empty() {
@@ -425,13 +339,7 @@ pub fn load_safetensors_bytes(bytes: &[u8]) -> Result<StateDict, WeightsError> {
                 });
             }
         };
-        sd.tensors.insert(
-            name,
-            Tensor {
-                shape,
-                data: decode_elems(kind, raw, 0..n),
-            },
-        );
+        sd.tensors.insert(name, Tensor { shape, data: decode_elems(kind, raw, 0..n) });
     }
     Ok(sd)
 }
@@ -453,9 +361,7 @@ pub fn safetensors_bytes(sd: &StateDict) -> Result<Vec<u8>, WeightsError> {
     let views = raw
         .iter()
         .map(|(k, dt, s, b)| {
-            TensorView::new(*dt, s.clone(), b)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| WeightsError::Corrupt(e.to_string()))
+            TensorView::new(*dt, s.clone(), b).map(|v| (k.clone(), v)).map_err(|e| WeightsError::Corrupt(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     safetensors::serialize(views, None).map_err(|e| WeightsError::Corrupt(e.to_string()))
@@ -464,18 +370,9 @@ pub fn safetensors_bytes(sd: &StateDict) -> Result<Vec<u8>, WeightsError> {
 /// Write `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
 /// A failure (e.g. a full disk) leaves any previous file at `path` untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WeightsError> {
-    let werr = |source| WeightsError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let werr = |source| WeightsError::Write { path: path.to_path_buf(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -516,12 +413,7 @@ pub struct Mismatch {
 
 fn list(keys: &[String]) -> String {
     const MAX: usize = 12;
-    let mut s = keys
-        .iter()
-        .take(MAX)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut s = keys.iter().take(MAX).cloned().collect::<Vec<_>>().join(", ");
     if keys.len() > MAX {
         s.push_str(&format!(", ... ({} more)", keys.len() - MAX));
     }
@@ -537,33 +429,16 @@ impl fmt::Display for Mismatch {
             write!(f, ": its head has {n} classes (set num_classes to {n})")?;
         }
         if !self.missing.is_empty() {
-            write!(
-                f,
-                "\n  missing keys ({}): {}",
-                self.missing.len(),
-                list(&self.missing)
-            )?;
+            write!(f, "\n  missing keys ({}): {}", self.missing.len(), list(&self.missing))?;
         }
         if !self.unexpected.is_empty() {
-            write!(
-                f,
-                "\n  unexpected keys ({}): {}",
-                self.unexpected.len(),
-                list(&self.unexpected)
-            )?;
+            write!(f, "\n  unexpected keys ({}): {}", self.unexpected.len(), list(&self.unexpected))?;
         }
         for (k, got, want) in self.shapes.iter().take(12) {
-            write!(
-                f,
-                "\n  shape mismatch: {k} is {got:?} in the file, expected {want:?}"
-            )?;
+            write!(f, "\n  shape mismatch: {k} is {got:?} in the file, expected {want:?}")?;
         }
         if self.shapes.len() > 12 {
-            write!(
-                f,
-                "\n  ... ({} more shape mismatches)",
-                self.shapes.len() - 12
-            )?;
+            write!(f, "\n  ... ({} more shape mismatches)", self.shapes.len() - 12)?;
         }
         for (k, dt) in &self.dtypes {
             write!(f, "\n  wrong dtype: {k} is {dt}")?;
@@ -573,10 +448,7 @@ impl fmt::Display for Mismatch {
 }
 
 fn check(sd: &StateDict, cfg: &EmoConfig) -> Mismatch {
-    let mut m = Mismatch {
-        expected: cfg.name().to_string(),
-        ..Default::default()
-    };
+    let mut m = Mismatch { expected: cfg.name().to_string(), ..Default::default() };
     let expected = cfg.state_dict_keys();
     for k in &expected {
         match sd.get(&k.name) {
@@ -584,8 +456,7 @@ fn check(sd: &StateDict, cfg: &EmoConfig) -> Mismatch {
             None => m.missing.push(k.name.clone()),
             Some(t) => {
                 if t.shape != k.shape && !(k.kind == KeyKind::Counter && t.numel() == 1) {
-                    m.shapes
-                        .push((k.name.clone(), t.shape.clone(), k.shape.clone()));
+                    m.shapes.push((k.name.clone(), t.shape.clone(), k.shape.clone()));
                 }
                 let want_float = k.kind != KeyKind::Counter;
                 if want_float != matches!(t.data, Data::F32(_)) {
@@ -595,21 +466,13 @@ fn check(sd: &StateDict, cfg: &EmoConfig) -> Mismatch {
         }
     }
     let known: std::collections::HashSet<&str> = expected.iter().map(|k| k.name.as_str()).collect();
-    m.unexpected = sd
-        .tensors
-        .keys()
-        .filter(|k| !known.contains(k.as_str()))
-        .cloned()
-        .collect();
+    m.unexpected = sd.tensors.keys().filter(|k| !known.contains(k.as_str())).cloned().collect();
     m
 }
 
 impl Mismatch {
     fn is_ok(&self) -> bool {
-        self.missing.is_empty()
-            && self.unexpected.is_empty()
-            && self.shapes.is_empty()
-            && self.dtypes.is_empty()
+        self.missing.is_empty() && self.unexpected.is_empty() && self.shapes.is_empty() && self.dtypes.is_empty()
     }
 }
 
@@ -635,10 +498,7 @@ pub fn validate(sd: &StateDict, cfg: &EmoConfig) -> Result<(), WeightsError> {
             }
             let mut c = v.config();
             c.num_classes = sd.get("head.bias").map(|t| t.shape[0]).unwrap_or(0);
-            c.stages
-                .iter_mut()
-                .zip(&cfg.stages)
-                .for_each(|(a, b)| a.window_size = b.window_size);
+            c.stages.iter_mut().zip(&cfg.stages).for_each(|(a, b)| a.window_size = b.window_size);
             if check(sd, &c).is_ok() {
                 m.looks_like = Some(v);
                 break;
@@ -651,16 +511,13 @@ pub fn validate(sd: &StateDict, cfg: &EmoConfig) -> Result<(), WeightsError> {
 /// Guess the variant of a checkpoint from its layout (any head width, or none).
 pub fn detect_variant(sd: &StateDict) -> Option<Variant> {
     let n = sd.get("head.bias").map(|t| t.shape[0]).unwrap_or(0);
-    Variant::ALL
-        .into_iter()
-        .find(|v| check(sd, &v.config().with_num_classes(n)).is_ok())
+    Variant::ALL.into_iter().find(|v| check(sd, &v.config().with_num_classes(n)).is_ok())
 }
 
 /// Keep only the backbone keys (drop the classifier's `norm.*` and `head.*`), as the official
 /// detection / segmentation backbones do when they load a classification checkpoint.
 pub fn backbone_only(mut sd: StateDict) -> StateDict {
-    sd.tensors
-        .retain(|k, _| !(k.starts_with("norm.") || k.starts_with("head.")));
+    sd.tensors.retain(|k, _| !(k.starts_with("norm.") || k.starts_with("head.")));
     sd
 }
 
@@ -678,17 +535,11 @@ pub fn synthetic(cfg: &EmoConfig, seed: u64) -> StateDict {
     for k in cfg.state_dict_keys() {
         let n: usize = k.shape.iter().product();
         let t = match k.kind {
-            KeyKind::Counter => Tensor {
-                shape: k.shape.clone(),
-                data: Data::I64(vec![0]),
-            },
+            KeyKind::Counter => Tensor { shape: k.shape.clone(), data: Data::I64(vec![0]) },
             _ if k.name.ends_with("running_var") => {
                 Tensor::f32(k.shape.clone(), (0..n).map(|_| 0.5 + next()).collect())
             }
-            _ => Tensor::f32(
-                k.shape.clone(),
-                (0..n).map(|_| (next() - 0.5) * 0.2).collect(),
-            ),
+            _ => Tensor::f32(k.shape.clone(), (0..n).map(|_| (next() - 0.5) * 0.2).collect()),
         };
         sd.insert(k.name, t);
     }

@@ -110,20 +110,14 @@ impl<'a> Reader<'a> {
 fn as_usize(v: &Value, what: &str) -> Result<usize, WeightsError> {
     match v {
         Value::Int(i) if *i >= 0 => Ok(*i as usize),
-        other => Err(err(format!(
-            "{what}: expected a non-negative int, got {}",
-            other.type_name()
-        ))),
+        other => Err(err(format!("{what}: expected a non-negative int, got {}", other.type_name()))),
     }
 }
 
 fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>, WeightsError> {
     match v {
         Value::Tuple(xs) | Value::List(xs) => xs.iter().map(|x| as_usize(x, what)).collect(),
-        other => Err(err(format!(
-            "{what}: expected a tuple, got {}",
-            other.type_name()
-        ))),
+        other => Err(err(format!("{what}: expected a tuple, got {}", other.type_name()))),
     }
 }
 
@@ -136,10 +130,7 @@ fn reduce(func: Value, args: Value) -> Result<Value, WeightsError> {
     let args = match args {
         Value::Tuple(a) => a,
         other => {
-            return Err(err(format!(
-                "REDUCE args must be a tuple, got {}",
-                other.type_name()
-            )));
+            return Err(err(format!("REDUCE args must be a tuple, got {}", other.type_name())));
         }
     };
     match name.as_str() {
@@ -158,10 +149,9 @@ fn reduce(func: Value, args: Value) -> Result<Value, WeightsError> {
                 stride: as_usizes(&args[3], "tensor stride")?,
             })
         }
-        "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => args
-            .into_iter()
-            .next()
-            .ok_or_else(|| err("_rebuild_parameter without tensor")),
+        "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
+            args.into_iter().next().ok_or_else(|| err("_rebuild_parameter without tensor"))
+        }
         _ => Ok(Value::Object(name)),
     }
 }
@@ -173,10 +163,7 @@ pub fn load(data: &[u8]) -> Result<Value, WeightsError> {
     let mut memo: HashMap<u32, Value> = HashMap::new();
     let pop = |stack: &mut Vec<Value>| stack.pop().ok_or_else(|| err("stack underflow"));
     let pop_mark = |stack: &mut Vec<Value>| -> Result<Vec<Value>, WeightsError> {
-        let pos = stack
-            .iter()
-            .rposition(|v| matches!(v, Value::Mark))
-            .ok_or_else(|| err("missing MARK"))?;
+        let pos = stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or_else(|| err("missing MARK"))?;
         let items = stack.split_off(pos + 1);
         stack.pop();
         Ok(items)
@@ -217,11 +204,7 @@ pub fn load(data: &[u8]) -> Result<Value, WeightsError> {
                 if n > 8 {
                     return Err(err("LONG1 wider than 64 bits"));
                 }
-                let mut buf = if bytes.last().is_some_and(|b| b & 0x80 != 0) {
-                    [0xffu8; 8]
-                } else {
-                    [0u8; 8]
-                };
+                let mut buf = if bytes.last().is_some_and(|b| b & 0x80 != 0) { [0xffu8; 8] } else { [0u8; 8] };
                 buf[..n].copy_from_slice(bytes);
                 stack.push(Value::Int(i64::from_le_bytes(buf)))
             }
@@ -270,49 +253,23 @@ pub fn load(data: &[u8]) -> Result<Value, WeightsError> {
             }
             b'q' => {
                 let i = r.u8()? as u32;
-                memo.insert(
-                    i,
-                    stack
-                        .last()
-                        .cloned()
-                        .ok_or_else(|| err("BINPUT on empty stack"))?,
-                );
+                memo.insert(i, stack.last().cloned().ok_or_else(|| err("BINPUT on empty stack"))?);
             }
             b'r' => {
                 let i = r.u32()?;
-                memo.insert(
-                    i,
-                    stack
-                        .last()
-                        .cloned()
-                        .ok_or_else(|| err("LONG_BINPUT on empty stack"))?,
-                );
+                memo.insert(i, stack.last().cloned().ok_or_else(|| err("LONG_BINPUT on empty stack"))?);
             }
             0x94 => {
                 let i = memo.len() as u32;
-                memo.insert(
-                    i,
-                    stack
-                        .last()
-                        .cloned()
-                        .ok_or_else(|| err("MEMOIZE on empty stack"))?,
-                );
+                memo.insert(i, stack.last().cloned().ok_or_else(|| err("MEMOIZE on empty stack"))?);
             }
             b'h' => {
                 let i = r.u8()? as u32;
-                stack.push(
-                    memo.get(&i)
-                        .cloned()
-                        .ok_or_else(|| err(format!("BINGET {i} not in memo")))?,
-                )
+                stack.push(memo.get(&i).cloned().ok_or_else(|| err(format!("BINGET {i} not in memo")))?)
             }
             b'j' => {
                 let i = r.u32()?;
-                stack.push(
-                    memo.get(&i)
-                        .cloned()
-                        .ok_or_else(|| err(format!("LONG_BINGET {i} not in memo")))?,
-                )
+                stack.push(memo.get(&i).cloned().ok_or_else(|| err(format!("LONG_BINGET {i} not in memo")))?)
             }
             b't' => {
                 let items = pop_mark(&mut stack)?;
@@ -428,17 +385,11 @@ pub fn load(data: &[u8]) -> Result<Value, WeightsError> {
                 pop(&mut stack)?;
             }
             b'2' => {
-                let v = stack
-                    .last()
-                    .cloned()
-                    .ok_or_else(|| err("DUP on empty stack"))?;
+                let v = stack.last().cloned().ok_or_else(|| err("DUP on empty stack"))?;
                 stack.push(v)
             }
             other => {
-                return Err(err(format!(
-                    "unsupported opcode 0x{other:02x} at byte {}",
-                    r.p - 1
-                )));
+                return Err(err(format!("unsupported opcode 0x{other:02x} at byte {}", r.p - 1)));
             }
         }
     }

@@ -8,9 +8,7 @@ use emo_spec::{EmoConfig, Variant};
 use emo_weights::{Data, Tensor, WeightsError, Wrapping, load, load_pth_bytes, validate};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/emo")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/emo").join(name)
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -26,12 +24,7 @@ fn pth_and_safetensors_hold_the_same_state_dict() {
     assert_eq!(a.wrapping, Wrapping::Plain);
     assert_eq!(a.len(), 217);
     assert_eq!(a.tensors, b.tensors);
-    assert!(matches!(
-        a.get("stage0.0.convs.0.1.num_batches_tracked")
-            .unwrap()
-            .data,
-        Data::I64(_)
-    ));
+    assert!(matches!(a.get("stage0.0.convs.0.1.num_batches_tracked").unwrap().data, Data::I64(_)));
     validate(&a, &EmoConfig::emo_1m()).unwrap();
     assert_eq!(emo_weights::detect_variant(&a), Some(Variant::Emo1M));
 }
@@ -40,14 +33,9 @@ fn pth_and_safetensors_hold_the_same_state_dict() {
 fn other_variant_is_named_in_the_error() {
     let sd = load(fixture("emo_1m.safetensors")).unwrap();
     let e = validate(&sd, &EmoConfig::emo_5m()).unwrap_err();
-    let WeightsError::Mismatch(m) = &e else {
-        panic!("{e}")
-    };
+    let WeightsError::Mismatch(m) = &e else { panic!("{e}") };
     assert_eq!(m.looks_like, Some(Variant::Emo1M));
-    assert!(
-        e.to_string().contains("looks like a emo-1m checkpoint"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("looks like a emo-1m checkpoint"), "{e}");
 }
 
 #[test]
@@ -56,17 +44,9 @@ fn missing_unexpected_and_misshaped_keys_are_all_named() {
     sd.tensors.remove("stage3.1.qk.conv.bias");
     sd.tensors.remove("head.weight");
     sd.insert("stage9.0.extra", Tensor::f32(vec![1], vec![0.0]));
-    sd.insert(
-        "stage2.0.proj.conv.weight",
-        Tensor::f32(vec![48, 160, 1, 2], vec![0.0; 48 * 160 * 2]),
-    );
+    sd.insert("stage2.0.proj.conv.weight", Tensor::f32(vec![48, 160, 1, 2], vec![0.0; 48 * 160 * 2]));
     let e = validate(&sd, &EmoConfig::emo_1m()).unwrap_err().to_string();
-    for needle in [
-        "stage3.1.qk.conv.bias",
-        "head.weight",
-        "stage9.0.extra",
-        "stage2.0.proj.conv.weight",
-    ] {
+    for needle in ["stage3.1.qk.conv.bias", "head.weight", "stage9.0.extra", "stage2.0.proj.conv.weight"] {
         assert!(e.contains(needle), "{needle} not in: {e}");
     }
 }
@@ -74,22 +54,14 @@ fn missing_unexpected_and_misshaped_keys_are_all_named() {
 #[test]
 fn head_width_mismatch_says_how_many_classes() {
     let sd = load(fixture("emo_1m.safetensors")).unwrap();
-    let e = validate(&sd, &EmoConfig::emo_1m().with_num_classes(10))
-        .unwrap_err()
-        .to_string();
+    let e = validate(&sd, &EmoConfig::emo_1m().with_num_classes(10)).unwrap_err().to_string();
     assert!(e.contains("1000 classes"), "{e}");
 }
 
 #[test]
 fn wrong_dtype_is_reported() {
     let mut sd = load(fixture("emo_1m.safetensors")).unwrap();
-    sd.insert(
-        "head.bias",
-        Tensor {
-            shape: vec![1000],
-            data: Data::I64(vec![0; 1000]),
-        },
-    );
+    sd.insert("head.bias", Tensor { shape: vec![1000], data: Data::I64(vec![0; 1000]) });
     let e = validate(&sd, &EmoConfig::emo_1m()).unwrap_err().to_string();
     assert!(e.contains("wrong dtype: head.bias"), "{e}");
 }
@@ -102,19 +74,13 @@ fn truncated_and_garbage_files_give_errors_not_panics() {
             let p = tmp(&format!("cut{cut}-{src}"));
             std::fs::write(&p, &bytes[..cut]).unwrap();
             let e = load(&p).unwrap_err();
-            assert!(
-                matches!(e, WeightsError::Corrupt(_)),
-                "{src} cut at {cut}: {e}"
-            );
+            assert!(matches!(e, WeightsError::Corrupt(_)), "{src} cut at {cut}: {e}");
         }
     }
     let p = tmp("garbage.pth");
     std::fs::write(&p, b"hello, this is not a checkpoint").unwrap();
     assert!(load(&p).is_err());
-    assert!(matches!(
-        load(tmp("does-not-exist.pth")).unwrap_err(),
-        WeightsError::Io { .. }
-    ));
+    assert!(matches!(load(tmp("does-not-exist.pth")).unwrap_err(), WeightsError::Io { .. }));
 }
 
 /// Rewrite the fixture's zip with a new data.pkl.
@@ -122,8 +88,7 @@ fn with_pickle(f: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
     let bytes = std::fs::read(fixture("emo_1m.pth")).unwrap();
     let mut zin = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
     let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     for i in 0..zin.len() {
         let mut e = zin.by_index(i).unwrap();
         let name = e.name().unwrap().to_string();
@@ -170,10 +135,7 @@ fn non_state_dict_pickles_are_rejected_clearly() {
     // A pickled object of an unknown class (what torch.save(model) produces).
     let z = with_pickle(|_| b"\x80\x02cmodel.emo\nEMO\nq\x00)\x81q\x01}b.".to_vec());
     let e = load_pth_bytes(&z).unwrap_err().to_string();
-    assert!(
-        e.contains("model.emo.EMO") && e.contains("state_dict"),
-        "{e}"
-    );
+    assert!(e.contains("model.emo.EMO") && e.contains("state_dict"), "{e}");
     // A dict without tensors.
     let z = with_pickle(|_| {
         let mut p = vec![0x80, 2, b'}'];
@@ -193,8 +155,5 @@ fn safetensors_round_trip_is_exact_and_atomic() {
     assert_eq!(load(&p).unwrap().tensors, sd.tensors);
     // Writing into a folder that does not exist fails without touching anything.
     let bad = tmp("no/such/dir/x.safetensors");
-    assert!(matches!(
-        emo_weights::save_safetensors(&sd, &bad),
-        Err(WeightsError::Write { .. })
-    ));
+    assert!(matches!(emo_weights::save_safetensors(&sd, &bad), Err(WeightsError::Write { .. })));
 }

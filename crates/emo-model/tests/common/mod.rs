@@ -7,9 +7,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 /// The committed fixtures (EMO-1M weights + 224x224 io).
 pub fn repo_fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/emo")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/emo").join(name)
 }
 
 /// A fixture from `../shared/fixtures/emo` (or `$EMO_SHARED_FIXTURES`). `None` when absent,
@@ -17,9 +15,7 @@ pub fn repo_fixture(name: &str) -> PathBuf {
 pub fn shared_fixture(name: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("EMO_SHARED_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/emo")
-        });
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/emo"));
     let p = dir.join(name);
     if p.exists() {
         return Some(p);
@@ -29,10 +25,7 @@ pub fn shared_fixture(name: &str) -> Option<PathBuf> {
         return Some(local);
     }
     if std::env::var("EMO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!(
-            "fixture {} is required (EMO_REQUIRE_SHARED=1) but missing",
-            p.display()
-        );
+        panic!("fixture {} is required (EMO_REQUIRE_SHARED=1) but missing", p.display());
     }
     eprintln!("skipping: fixture {} not found", p.display());
     None
@@ -45,23 +38,14 @@ pub fn read_io(path: &PathBuf) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     st.tensors()
         .into_iter()
         .map(|(k, v)| {
-            let data = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
+            let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
             (k, v.shape().to_vec(), data)
         })
         .collect()
 }
 
-pub fn get<'a>(
-    io: &'a [(String, Vec<usize>, Vec<f32>)],
-    key: &str,
-) -> &'a (String, Vec<usize>, Vec<f32>) {
-    io.iter()
-        .find(|(k, _, _)| k == key)
-        .unwrap_or_else(|| panic!("io fixture lacks {key}"))
+pub fn get<'a>(io: &'a [(String, Vec<usize>, Vec<f32>)], key: &str) -> &'a (String, Vec<usize>, Vec<f32>) {
+    io.iter().find(|(k, _, _)| k == key).unwrap_or_else(|| panic!("io fixture lacks {key}"))
 }
 
 pub fn to_tensor<const D: usize>(shape: &[usize], data: &[f32], device: &Device) -> Tensor<D> {
@@ -69,10 +53,7 @@ pub fn to_tensor<const D: usize>(shape: &[usize], data: &[f32], device: &Device)
 }
 
 pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap()
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
 }
 
 /// The fixtures' input: x[n,c,h,w] = 2 sin(0.37h + 0.23w + 1.1c + 0.5n) cos(0.05(h-w) + 0.3c).
@@ -83,9 +64,7 @@ pub fn formula_input(b: usize, h: usize, w: usize) -> Vec<f32> {
             for y in 0..h {
                 for x in 0..w {
                     let (n, c, y, x) = (n as f64, c as f64, y as f64, x as f64);
-                    let val = 2.0
-                        * (0.37 * y + 0.23 * x + 1.1 * c + 0.5 * n).sin()
-                        * (0.05 * (y - x) + 0.3 * c).cos();
+                    let val = 2.0 * (0.37 * y + 0.23 * x + 1.1 * c + 0.5 * n).sin() * (0.05 * (y - x) + 0.3 * c).cos();
                     v.push(val as f32);
                 }
             }
@@ -96,10 +75,7 @@ pub fn formula_input(b: usize, h: usize, w: usize) -> Vec<f32> {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 pub fn max_abs(a: &[f32]) -> f32 {
