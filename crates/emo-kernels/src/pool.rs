@@ -105,6 +105,9 @@ fn worker(s: &'static Shared) {
             spins = spins.wrapping_add(1);
             if spins % 256 == 0 && (RELEASE.load(Ordering::Acquire) != released || start.elapsed() > SPIN) {
                 std::thread::park_timeout(Duration::from_millis(50));
+            } else if spins % 64 == 0 {
+                // Let other runnable threads in now and then (an oversubscribed machine).
+                std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
             }
@@ -174,8 +177,16 @@ pub fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
         w.unpark();
     }
     run_tasks(s, epoch, n, fr);
+    // Wait for the stragglers: spin briefly, then yield so that a descheduled worker (busy
+    // machine) gets the core back instead of us burning its time slice.
+    let mut spins = 0u32;
     while s.done.load(Ordering::Acquire) < n {
-        std::hint::spin_loop();
+        spins = spins.wrapping_add(1);
+        if spins < 4096 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
     }
     *s.job.lock().unwrap() = (epoch, None);
 }
