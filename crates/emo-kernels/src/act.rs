@@ -243,6 +243,18 @@ pub(crate) mod avx512 {
         }
     }
 
+    /// `act(x)` on one vector.
+    #[inline(always)]
+    pub(crate) unsafe fn act(a: Act, x: __m512) -> __m512 {
+        unsafe {
+            match a {
+                Act::None => x,
+                Act::Silu => silu(x),
+                Act::Gelu => gelu(x),
+            }
+        }
+    }
+
     #[inline(always)]
     unsafe fn silu(x: __m512) -> __m512 {
         unsafe {
@@ -290,11 +302,7 @@ pub(crate) mod avx512 {
             while i < n {
                 let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
                 let v = _mm512_maskz_loadu_ps(m, p.add(i));
-                let y = match a {
-                    Act::None => v,
-                    Act::Silu => silu(v),
-                    Act::Gelu => gelu(v),
-                };
+                let y = act(a, v);
                 _mm512_mask_storeu_ps(p.add(i), m, y);
                 i += 16;
             }

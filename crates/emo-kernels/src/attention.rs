@@ -14,7 +14,7 @@ use crate::gemm512::NR;
 use crate::gemm512::band;
 use crate::pool::{SendPtr, parallel_for};
 
-use crate::act::{exp, max_lanes, sum_lanes};
+use crate::act::{Act, exp, max_lanes, sum_lanes};
 use crate::multiversion;
 
 /// Window geometry (same rule as `emo_spec::AttnSpec::windows`).
@@ -217,9 +217,35 @@ pub fn window_attention(
                 // SAFETY: AVX-512F available; q is [lq, dh], kt / v are packed panels of the
                 // sizes fitted above, s is [lq, l], o is [lq, dh].
                 unsafe {
-                    band(lq, dh, l, q.as_ptr(), dh, kt.as_ptr(), 0..l.div_ceil(NR), s.as_mut_ptr(), l, None, None);
+                    band(
+                        lq,
+                        dh,
+                        l,
+                        q.as_ptr(),
+                        dh,
+                        kt.as_ptr(),
+                        0..l.div_ceil(NR),
+                        s.as_mut_ptr(),
+                        l,
+                        None,
+                        None,
+                        Act::None,
+                    );
                     softmax_rows_at(level, &mut s[..lq * l], l);
-                    band(lq, l, dh, s.as_ptr(), l, v.as_ptr(), 0..dh.div_ceil(NR), o.as_mut_ptr(), dh, None, None);
+                    band(
+                        lq,
+                        l,
+                        dh,
+                        s.as_ptr(),
+                        l,
+                        v.as_ptr(),
+                        0..dh.div_ceil(NR),
+                        o.as_mut_ptr(),
+                        dh,
+                        None,
+                        None,
+                        Act::None,
+                    );
                 }
             } else {
                 head_at(level, q, kt, v, lq, l, dh, scale, s, o);

@@ -100,17 +100,7 @@ pub fn depthwise(
         #[cfg(target_arch = "x86_64")]
         if level == crate::isa::Level::Avx512 {
             // SAFETY: AVX-512F available; sizes asserted above.
-            unsafe { dw_row_512(img.as_ptr(), h, w, c, weight, bias, g, oy, row) };
-            crate::act::bias_act_rows_at(
-                level,
-                row,
-                ow * c,
-                1,
-                ow * c,
-                None,
-                act,
-                residual.then(|| (&img[oy * w * c..], w * c)),
-            );
+            unsafe { dw_row_512(img.as_ptr(), h, w, c, weight, bias, g, oy, act, residual, row) };
             return;
         }
         dw_row_at(level, img, h, w, c, weight, bias, g, oy, act, residual, row);
@@ -135,16 +125,18 @@ pub(crate) unsafe fn dw_row_512(
     bias: &[f32],
     g: DwGeom,
     oy: usize,
+    act: Act,
+    residual: bool,
     out: &mut [f32],
 ) {
     // SAFETY: forwarded contract.
     unsafe {
         match (g.k, g.stride) {
-            (3, 1) => dw_row_512_k::<3, 1>(ip, h, w, c, weight, bias, g, oy, out),
-            (3, 2) => dw_row_512_k::<3, 2>(ip, h, w, c, weight, bias, g, oy, out),
-            (5, 1) => dw_row_512_k::<5, 1>(ip, h, w, c, weight, bias, g, oy, out),
-            (5, 2) => dw_row_512_k::<5, 2>(ip, h, w, c, weight, bias, g, oy, out),
-            _ => dw_row_512_k::<0, 0>(ip, h, w, c, weight, bias, g, oy, out),
+            (3, 1) => dw_row_512_k::<3, 1>(ip, h, w, c, weight, bias, g, oy, act, residual, out),
+            (3, 2) => dw_row_512_k::<3, 2>(ip, h, w, c, weight, bias, g, oy, act, residual, out),
+            (5, 1) => dw_row_512_k::<5, 1>(ip, h, w, c, weight, bias, g, oy, act, residual, out),
+            (5, 2) => dw_row_512_k::<5, 2>(ip, h, w, c, weight, bias, g, oy, act, residual, out),
+            _ => dw_row_512_k::<0, 0>(ip, h, w, c, weight, bias, g, oy, act, residual, out),
         }
     }
 }
@@ -167,6 +159,8 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(
     bias: &[f32],
     g: DwGeom,
     oy: usize,
+    act: Act,
+    residual: bool,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
@@ -213,6 +207,13 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(
                             a1 = _mm512_fmadd_ps(s1, _mm512_maskz_loadu_ps(m1, wk.add(16)), a1);
                         }
                     }
+                }
+                a0 = crate::act::avx512::act(act, a0);
+                a1 = crate::act::avx512::act(act, a1);
+                if residual {
+                    let src = ip.add((oy * w + ox) * c + cb);
+                    a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(m0, src));
+                    a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(m1, src.add(16)));
                 }
                 _mm512_mask_storeu_ps(op.add(ox * c + cb), m0, a0);
                 _mm512_mask_storeu_ps(op.add(ox * c + cb + 16), m1, a1);

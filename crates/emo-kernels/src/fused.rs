@@ -5,7 +5,7 @@
 //! * [`dw_matmul`]: depthwise conv (+ act, + inner residual), then the 1x1 projection
 //!   (+ outer residual) on the rows just produced.
 
-use crate::act::{Act, bias_act_rows_at};
+use crate::act::Act;
 use crate::dwconv::{DwGeom, dw_row_at};
 use crate::gemm::{Weight, matmul_st};
 
@@ -91,12 +91,12 @@ pub fn dw_matmul(
                 let (b, oy) = ((r0 + j) / oh, (r0 + j) % oh);
                 let img = &e[b * h * w * c..(b + 1) * h * w * c];
                 let row = &mut yb[j * ow * c..(j + 1) * ow * c];
-                let res = inner_residual.then(|| (&img[oy * w * c..], w * c));
                 #[cfg(target_arch = "x86_64")]
                 if level == crate::isa::Level::Avx512 {
                     // SAFETY: AVX-512F available; sizes asserted above.
-                    unsafe { crate::dwconv::dw_row_512(img.as_ptr(), h, w, c, dw_w, dw_b, g, oy, row) };
-                    bias_act_rows_at(level, row, ow * c, 1, ow * c, None, act, res);
+                    unsafe {
+                        crate::dwconv::dw_row_512(img.as_ptr(), h, w, c, dw_w, dw_b, g, oy, act, inner_residual, row)
+                    };
                     continue;
                 }
                 dw_row_at(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, row);
@@ -174,9 +174,8 @@ pub fn v_dw_matmul(
                 // SAFETY: AVX-512F available; the rows read (iy0..iy1) are inside `e`.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    crate::dwconv::dw_row_512(base, h, w, c, dw_w, dw_b, g, oy, row)
+                    crate::dwconv::dw_row_512(base, h, w, c, dw_w, dw_b, g, oy, Act::Silu, false, row)
                 };
-                bias_act_rows_at(level, row, ow * c, 1, ow * c, None, Act::Silu, None);
             }
             // SAFETY: this task owns output rows oy0..oy1 of image b.
             let ob = unsafe { std::slice::from_raw_parts_mut(op.0.add((b * oh + oy0) * ow * n), (oy1 - oy0) * ow * n) };

@@ -80,18 +80,19 @@ unsafe fn run_band(
     let (k, n) = (w.k, w.n);
     let c0 = ps.start * NR;
     let cols = (ps.end * NR).min(n) - c0;
-    let fold = act == Act::None;
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 {
+        // Bias, residual (when no activation follows it) and activation are all applied in the
+        // micro-kernel; a residual after an activation gets a second pass.
+        let fold = act == Act::None;
         let res = residual.filter(|_| fold);
         // SAFETY: forwarded contract; AVX-512F available at this level.
-        unsafe { crate::gemm512::band(rows, k, n, a, lda, w.packed.as_ptr(), ps.clone(), out, ldo, bias, res) };
-        if !fold {
-            // SAFETY: the tile lies inside `out`.
+        unsafe { crate::gemm512::band(rows, k, n, a, lda, w.packed.as_ptr(), ps.clone(), out, ldo, bias, res, act) };
+        if let (false, Some((r, ldr))) = (fold, residual) {
+            // SAFETY: the tile lies inside `out` / `residual`.
             let tile = unsafe { std::slice::from_raw_parts_mut(out.add(c0), (rows - 1) * ldo + cols) };
-            let res = residual
-                .map(|(r, ldr)| (unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) }, ldr));
-            bias_act_rows_at(level, tile, ldo, rows, cols, None, act, res);
+            let res = unsafe { std::slice::from_raw_parts(r.add(c0), (rows - 1) * ldr + cols) };
+            bias_act_rows_at(level, tile, ldo, rows, cols, None, Act::None, Some((res, ldr)));
         }
         return;
     }
