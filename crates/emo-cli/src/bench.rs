@@ -18,6 +18,7 @@ pub struct Args {
     pub rounds: usize,
     pub compare_onnx: Option<PathBuf>,
     pub compare_burn: bool,
+    pub profile: bool,
 }
 
 const ORT_SERVER: &str = include_str!("../../../scripts/ort_server.py");
@@ -152,6 +153,19 @@ pub fn run(a: &Args) -> Result<()> {
     let med = report("emo (fast)", &mut ours, a.batch);
     let ort_med = (!theirs.is_empty()).then(|| report("onnxruntime", &mut theirs, a.batch));
     let burn_med = (!burn.is_empty()).then(|| report("burn flex", &mut burn, a.batch));
+    if a.profile {
+        engine.set_profiling(true);
+        let n = a.runs * a.rounds;
+        for _ in 0..n {
+            engine.run(&x, a.batch, h, w)?;
+        }
+        let prof = engine.profile();
+        let total: f64 = prof.iter().map(|(_, t)| t).sum();
+        println!("\nper-step time (mean of {n} runs; {:.2} ms in all):", total * 1e3 / n as f64);
+        for (name, t) in prof {
+            println!("  {name:<10} {:>8.3} ms {:>5.1}%", t * 1e3 / n as f64, 100.0 * t / total);
+        }
+    }
     if let Some(b) = burn_med {
         println!("ratio_vs_burn: {:.3}", med / b);
     }

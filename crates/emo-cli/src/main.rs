@@ -119,6 +119,9 @@ enum Cmd {
         /// Also time the burn (flex) model, interleaved.
         #[arg(long)]
         compare_burn: bool,
+        /// Also print the time of every step (stem, each block, head).
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -147,13 +150,13 @@ fn main() -> Result<()> {
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
-        Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn } => {
+        Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn, profile } => {
             if let Some(t) = threads {
                 ensure!(t > 0, "--threads must be > 0");
                 emo_kernels::pool::set_num_threads(t);
                 rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
             }
-            bench::run(&bench::Args { variant, batch, size, runs, rounds, compare_onnx, compare_burn })
+            bench::run(&bench::Args { variant, batch, size, runs, rounds, compare_onnx, compare_burn, profile })
         }
     }
 }

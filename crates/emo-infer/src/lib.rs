@@ -193,6 +193,8 @@ pub struct Engine {
     buf: Buffers,
     /// Extra buffers for image-parallel batches (one per thread).
     spare: Vec<Buffers>,
+    /// Per-step wall times (stem, each block, head) when profiling is on.
+    profile: Option<std::sync::Mutex<Vec<f64>>>,
 }
 
 impl Engine {
@@ -236,6 +238,7 @@ impl Engine {
             head,
             buf: Buffers::default(),
             spare: Vec::new(),
+            profile: None,
         })
     }
 
@@ -244,6 +247,30 @@ impl Engine {
         let sd = emo_weights::load(path)?;
         let wrapping = sd.wrapping;
         Ok((Self::from_owned(cfg, sd)?, wrapping))
+    }
+
+    /// Turn per-step timing on (accumulated over runs) or off.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(|| std::sync::Mutex::new(vec![0.0; self.blocks.len() + 2]));
+    }
+
+    /// Accumulated seconds per step: `("stem", t)`, one entry per iRMB (`stage3.1`, ...),
+    /// `("head", t)`. Empty unless profiling is on.
+    pub fn profile(&self) -> Vec<(String, f64)> {
+        let Some(p) = &self.profile else { return Vec::new() };
+        let t = p.lock().unwrap();
+        let mut names = vec!["stem conv".to_string()];
+        names.extend(self.blocks.iter().map(|b| b.spec.name.clone()));
+        names.push("head".into());
+        names.into_iter().zip(t.iter().copied()).collect()
+    }
+
+    fn tick(&self, slot: usize, since: &mut std::time::Instant) {
+        if let Some(p) = &self.profile {
+            let now = std::time::Instant::now();
+            p.lock().unwrap()[slot] += (now - *since).as_secs_f64();
+            *since = now;
+        }
     }
 
     pub fn config(&self) -> &EmoConfig {
@@ -339,6 +366,7 @@ impl Engine {
         let cin = self.cfg.in_chans;
         let last_stage = if logits { 4 } else { out_indices.iter().copied().max().unwrap_or(0) };
         let Buffers { x, out, xn, qk, att, e, y } = buf;
+        let mut clock = std::time::Instant::now();
         // NCHW -> NHWC
         let xin = grow(xn, batch * h * w * cin);
         for b in 0..batch {
@@ -370,7 +398,8 @@ impl Engine {
                 features.push((stage, [batch, c, hh, ww], nhwc_to_nchw(data, batch, hh, ww, c)));
             }
         };
-        for blk in &self.blocks {
+        self.tick(0, &mut clock);
+        for (bi, blk) in self.blocks.iter().enumerate() {
             let s = &blk.spec;
             if s.stage > last_stage {
                 break;
@@ -392,6 +421,7 @@ impl Engine {
             }
             std::mem::swap(x, out);
             (hh, ww) = (oh, ow);
+            self.tick(bi + 1, &mut clock);
             if blk.last_of_stage {
                 keep(s.stage, &x[..po * s.dim_out], hh, ww, s.dim_out, &mut features);
             }
@@ -419,6 +449,7 @@ impl Engine {
         } else {
             None
         };
+        self.tick(self.blocks.len() + 1, &mut clock);
         Output { features, logits }
     }
     /// One iRMB through the separate stages: (LN +) qk, attention, v / v alone / nothing, then
