@@ -149,7 +149,7 @@ impl Block {
 
 struct Head {
     ln: Ln,
-    w: Vec<f32>,
+    w: Weight,
     b: Vec<f32>,
     classes: usize,
 }
@@ -225,7 +225,7 @@ impl Engine {
         }
         let head = (cfg.num_classes > 0).then(|| Head {
             ln: ln(sd, "norm"),
-            w: take(sd, "head.weight"),
+            w: Weight::from_torch(&take(sd, "head.weight"), cfg.num_classes, cfg.stages[3].dim),
             b: take(sd, "head.bias"),
             classes: cfg.num_classes,
         });
@@ -367,20 +367,12 @@ impl Engine {
         let last_stage = if logits { 4 } else { out_indices.iter().copied().max().unwrap_or(0) };
         let Buffers { x, out, xn, qk, att, e, y } = buf;
         let mut clock = std::time::Instant::now();
-        // NCHW -> NHWC
-        let xin = grow(xn, batch * h * w * cin);
-        for b in 0..batch {
-            for c in 0..cin {
-                let plane = &input[(b * cin + c) * h * w..(b * cin + c + 1) * h * w];
-                for (p, v) in plane.iter().enumerate() {
-                    xin[(b * h * w + p) * cin + c] = *v;
-                }
-            }
-        }
         let (mut hh, mut ww) = (self.stem.out_len(h), self.stem.out_len(w));
         let c0 = self.cfg.stem_dim;
+        // The stem conv reads the NCHW input in place.
         conv2d(
-            xin,
+            input,
+            true,
             batch,
             h,
             w,
@@ -434,17 +426,7 @@ impl Engine {
             let mut pooled = vec![0.0; batch * c];
             channel_mean(&xn[..p * c], batch, hh * ww, c, &mut pooled);
             let mut out = vec![0.0; batch * hd.classes];
-            for b in 0..batch {
-                linear(
-                    &pooled[b * c..(b + 1) * c],
-                    &hd.w,
-                    &hd.b,
-                    hd.classes,
-                    c,
-                    KAct::None,
-                    &mut out[b * hd.classes..(b + 1) * hd.classes],
-                );
-            }
+            matmul(&pooled, c, batch, &hd.w, Some(&hd.b), KAct::None, None, &mut out, hd.classes);
             Some(out)
         } else {
             None
@@ -512,12 +494,14 @@ impl Engine {
         for b in 0..batch {
             linear(&mean[b * mid..(b + 1) * mid], &se.w1, &se.b1, se.rd, mid, kact(s.act), &mut r);
             linear(&r, &se.w2, &se.b2, mid, se.rd, KAct::None, &mut g);
-            g.iter_mut().for_each(|v| *v = emo_kernels::act::sigmoid(*v));
-            for px in yb[b * oh * ow * mid..(b + 1) * oh * ow * mid].chunks_mut(mid) {
-                px.iter_mut().zip(&g).for_each(|(v, g)| *v *= g);
-            }
+            // (y * gate) . P = y . (diag(gate) P): scale the projection's input rows instead of y.
+            let mut proj = blk.proj.clone();
+            proj.scale_rows(|i| emo_kernels::act::sigmoid(g[i]));
+            let rows = oh * ow;
+            let res = residual.map(|r| (&r[b * rows * s.dim_out..], s.dim_out));
+            let ob = &mut outb[b * rows * s.dim_out..(b + 1) * rows * s.dim_out];
+            matmul(&yb[b * rows * mid..(b + 1) * rows * mid], mid, rows, &proj, None, KAct::None, res, ob, s.dim_out);
         }
-        matmul(yb, mid, po, &blk.proj, None, KAct::None, residual.map(|r| (r, s.dim_out)), outb, s.dim_out);
     }
 }
 

@@ -166,10 +166,10 @@ fn others(c: &mut Criterion) {
     let bias = rnd(24);
     let mut out = vec![0.0; 112 * 112 * 24];
     g.bench_function("stem_conv_224", |b| {
-        b.iter(|| conv2d(black_box(&x), 1, 224, 224, 3, &wt, &bias, 24, geom, Act::None, &mut out))
+        b.iter(|| conv2d(black_box(&x), true, 1, 224, 224, 3, &wt, &bias, 24, geom, Act::None, &mut out))
     });
     report("stem conv 224x224x3 -> 24", 2.0 * (112 * 112 * 24 * 27) as f64, || {
-        conv2d(&x, 1, 224, 224, 3, &wt, &bias, 24, geom, Act::None, &mut out)
+        conv2d(&x, true, 1, 224, 224, 3, &wt, &bias, 24, geom, Act::None, &mut out)
     });
     // LayerNorm over 80 channels at 14x14 (stage 3)
     let x = rnd(196 * 80);

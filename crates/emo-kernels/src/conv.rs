@@ -24,7 +24,8 @@ pub fn weight_from_torch(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f3
 
 multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn conv_row / conv_row_at(input: &[f32], h: usize, w: usize, cin: usize, weight: &[f32], bias: &[f32], cout: usize, g: DwGeom, oy: usize, act: Act, out: &mut [f32]) {
+    fn conv_row / conv_row_at(input: &[f32], h: usize, w: usize, cin: usize, strides: (usize, usize), weight: &[f32], bias: &[f32], cout: usize, g: DwGeom, oy: usize, act: Act, out: &mut [f32]) {
+        let (ps, cs) = strides;
         let ow = out.len() / cout;
         for ox in 0..ow {
             let o = &mut out[ox * cout..(ox + 1) * cout];
@@ -39,8 +40,9 @@ multiversion! {
                     if ix < 0 || ix >= w as isize {
                         continue;
                     }
-                    let src = &input[(iy as usize * w + ix as usize) * cin..][..cin];
-                    for (ci, &s) in src.iter().enumerate() {
+                    let base = (iy as usize * w + ix as usize) * ps;
+                    for ci in 0..cin {
+                        let s = input[base + ci * cs];
                         let wk = &weight[((ky * g.k + kx) * cin + ci) * cout..][..cout];
                         for (o, wv) in o.iter_mut().zip(wk) {
                             *o += s * wv;
@@ -54,9 +56,13 @@ multiversion! {
 }
 
 /// `out[b, oy, ox, :] = act(bias + sum_{taps, ci} in[b, iy, ix, ci] * w[tap, ci, :])`.
+///
+/// The input is `[batch, h, w, cin]`, or `[batch, cin, h, w]` when `planar` (the network input
+/// is read in place, without a transpose); the output is channels-last.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d(
     input: &[f32],
+    planar: bool,
     batch: usize,
     h: usize,
     w: usize,
@@ -71,13 +77,26 @@ pub fn conv2d(
     let (oh, ow) = (g.out_len(h), g.out_len(w));
     assert!(input.len() >= batch * h * w * cin && out.len() >= batch * oh * ow * cout);
     let level = crate::isa::level();
+    let strides = if planar { (1, h * w) } else { (cin, 1) };
     parallel_chunks_mut(&mut out[..batch * oh * ow * cout], ow * cout, |r, row| {
         let (b, oy) = (r / oh, r % oh);
         #[cfg(target_arch = "x86_64")]
         if level == crate::isa::Level::Avx512 && cout <= 32 {
             // SAFETY: AVX-512F available; sizes asserted above.
             unsafe {
-                conv_row_512(&input[b * h * w * cin..(b + 1) * h * w * cin], h, w, cin, weight, bias, cout, g, oy, row)
+                conv_row_512(
+                    &input[b * h * w * cin..(b + 1) * h * w * cin],
+                    h,
+                    w,
+                    cin,
+                    strides,
+                    weight,
+                    bias,
+                    cout,
+                    g,
+                    oy,
+                    row,
+                )
             };
             crate::act::apply_at(level, act, row);
             return;
@@ -88,6 +107,7 @@ pub fn conv2d(
             h,
             w,
             cin,
+            strides,
             weight,
             bias,
             cout,
@@ -99,17 +119,25 @@ pub fn conv2d(
     });
 }
 
-/// Per-image channel means of `[batch, pixels, c]` into `[batch, c]`.
+/// Per-image channel means of `[batch, pixels, c]` into `[batch, c]` (pixel chunks summed on
+/// the pool, then combined).
 pub fn channel_mean(x: &[f32], batch: usize, pixels: usize, c: usize, out: &mut [f32]) {
+    let level = crate::isa::level();
+    let chunks = (pixels / 512).clamp(1, 4 * crate::pool::num_threads());
+    let per = pixels.div_ceil(chunks);
     for b in 0..batch {
-        let o = &mut out[b * c..(b + 1) * c];
-        o.iter_mut().for_each(|v| *v = 0.0);
-        for p in 0..pixels {
-            for (v, s) in o.iter_mut().zip(&x[(b * pixels + p) * c..(b * pixels + p + 1) * c]) {
-                *v += s;
+        let partial = std::sync::Mutex::new(vec![0f32; c]);
+        crate::pool::parallel_for(chunks, |i| {
+            let mut acc = vec![0f32; c];
+            for p in i * per..((i + 1) * per).min(pixels) {
+                crate::act::add_at(level, &mut acc, &x[(b * pixels + p) * c..(b * pixels + p + 1) * c]);
             }
+            crate::act::add_at(level, &mut partial.lock().unwrap(), &acc);
+        });
+        let sums = partial.into_inner().unwrap();
+        for (o, s) in out[b * c..(b + 1) * c].iter_mut().zip(sums) {
+            *o = s / pixels as f32;
         }
-        o.iter_mut().for_each(|v| *v /= pixels as f32);
     }
 }
 
@@ -134,6 +162,7 @@ unsafe fn conv_row_512(
     h: usize,
     w: usize,
     cin: usize,
+    strides: (usize, usize),
     weight: &[f32],
     bias: &[f32],
     cout: usize,
@@ -158,9 +187,9 @@ unsafe fn conv_row_512(
                 let iy = oy * g.stride + ky - g.pad;
                 for kx in kx0..kx1 {
                     let ix = ox * g.stride + kx - g.pad;
-                    let src = ip.add((iy * w + ix) * cin);
+                    let src = ip.add((iy * w + ix) * strides.0);
                     for ci in 0..cin {
-                        let v = _mm512_set1_ps(*src.add(ci));
+                        let v = _mm512_set1_ps(*src.add(ci * strides.1));
                         let wk = wp.add(((ky * g.k + kx) * cin + ci) * cout);
                         a0 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m0, wk), a0);
                         a1 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m1, wk.add(16)), a1);

@@ -33,6 +33,16 @@ impl Weight {
         Weight { k, n, packed }
     }
 
+    /// Multiply row `i` (input channel `i`) by `f(i)`.
+    pub fn scale_rows(&mut self, f: impl Fn(usize) -> f32) {
+        for p in 0..self.n.div_ceil(NR) {
+            for i in 0..self.k {
+                let s = f(i);
+                self.packed[(p * self.k + i) * NR..(p * self.k + i + 1) * NR].iter_mut().for_each(|v| *v *= s);
+            }
+        }
+    }
+
     /// `W[i, j]`.
     pub fn get(&self, i: usize, j: usize) -> f32 {
         self.packed[((j / NR) * self.k + i) * NR + j % NR]

@@ -127,8 +127,20 @@ fn stem_conv_matches_reference() {
         let packed = conv::weight_from_torch(&wt, 24, 3, 3);
         for l in available() {
             let mut got = vec![0.0; want.len()];
-            with_level(l, || conv2d(&x, 2, h, w, 3, &packed, &bias, 24, g, Act::None, &mut got));
+            with_level(l, || conv2d(&x, false, 2, h, w, 3, &packed, &bias, 24, g, Act::None, &mut got));
             assert!(max_diff(&got, &want) < 1e-5, "{l:?} {h}x{w}");
+            // the same input in NCHW, read in place
+            let mut planar = vec![0.0; x.len()];
+            for b in 0..2 {
+                for p in 0..h * w {
+                    for c in 0..3 {
+                        planar[(b * 3 + c) * h * w + p] = x[(b * h * w + p) * 3 + c];
+                    }
+                }
+            }
+            let mut got2 = vec![0.0; want.len()];
+            with_level(l, || conv2d(&planar, true, 2, h, w, 3, &packed, &bias, 24, g, Act::None, &mut got2));
+            assert!(max_diff(&got2, &want) < 1e-5, "{l:?} {h}x{w} planar");
         }
     }
 }
