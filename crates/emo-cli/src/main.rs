@@ -95,6 +95,45 @@ enum Cmd {
     },
     /// Check this build against the official PyTorch outputs embedded in the binary (EMO-1M).
     Verify,
+    /// Train (or fine-tune) on Fashion-MNIST with the paper's recipe; resumable.
+    Train {
+        #[arg(long, default_value = "emo-1m")]
+        variant: Variant,
+        /// `fashion-mnist` (Debian's dataset-fashion-mnist) or `fashion-mnist:DIR`.
+        #[arg(long, default_value = "fashion-mnist")]
+        data: String,
+        /// Run folder (default: runs/VARIANT-DATA).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in this folder from its last checkpoint.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Training / evaluation input side (the 28x28 images are upscaled by an integer factor).
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        /// Learning rate per 512 images (scaled linearly with the batch).
+        #[arg(long, default_value_t = 1.5e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 0.999)]
+        ema_decay: f64,
+        /// Use only the first N training / evaluation images (0 = all).
+        #[arg(long, default_value_t = 0)]
+        train_limit: usize,
+        #[arg(long, default_value_t = 0)]
+        eval_limit: usize,
+        /// Fine-tune from these weights (e.g. official ImageNet weights; the head is replaced).
+        #[arg(long)]
+        init_weights: Option<PathBuf>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Stop after this many epochs of this invocation (the run stays resumable).
+        #[arg(long)]
+        stop_after: Option<usize>,
+    },
     /// Latency and throughput of the fast engine, optionally against ONNX Runtime and burn.
     Bench {
         #[arg(long, default_value = "emo-1m")]
@@ -150,6 +189,46 @@ fn main() -> Result<()> {
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
+        Cmd::Train {
+            variant,
+            data,
+            out,
+            resume,
+            epochs,
+            batch,
+            size,
+            lr,
+            ema_decay,
+            train_limit,
+            eval_limit,
+            init_weights,
+            seed,
+            stop_after,
+        } => {
+            let dir_of_data = match data.split_once(':') {
+                None if data == "fashion-mnist" => None,
+                Some(("fashion-mnist", dir)) => Some(PathBuf::from(dir)),
+                _ => bail!("unknown --data `{data}` (supported: fashion-mnist, fashion-mnist:DIR)"),
+            };
+            let (train, eval) = emo_train::data::fashion_mnist(dir_of_data.as_deref())?;
+            let device = Device::flex().autodiff();
+            let mut t = match resume {
+                Some(dir) => emo_train::Trainer::resume(&dir, train, eval, device)?,
+                None => {
+                    let mut cfg = emo_train::TrainConfig::fashion_mnist(variant);
+                    cfg.data = data.clone();
+                    (cfg.epochs, cfg.batch, cfg.lr_per_512, cfg.ema_decay, cfg.seed) = (epochs, batch, lr, ema_decay, seed);
+                    (cfg.train_limit, cfg.eval_limit, cfg.init_weights) = (train_limit, eval_limit, init_weights);
+                    cfg.pipeline.size = size;
+                    let dir = out.unwrap_or_else(|| PathBuf::from(format!("runs/{variant}-{}", data.replace([':', '/'], "_"))));
+                    emo_train::Trainer::new(cfg, &dir, train, eval, device)?
+                }
+            };
+            eprintln!("run folder: {}", t.dir.display());
+            t.run(stop_after)?;
+            println!("best EMA top-1: {:.2}% ({})", t.state.best_ema_top1, t.dir.join("best.safetensors").display());
+            Ok(())
+        }
         Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn, profile } => {
             if let Some(t) = threads {
                 ensure!(t > 0, "--threads must be > 0");

@@ -191,7 +191,7 @@ pub struct MetaMobileBlock {
 }
 
 fn src(device: &Device) -> Source<'static> {
-    Source { device: device.clone(), checkpoint: None }
+    Source { device: device.clone(), checkpoint: None, stable_ids: false }
 }
 
 impl MetaMobileBlock {

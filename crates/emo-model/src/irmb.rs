@@ -51,7 +51,7 @@ pub struct Irmb {
 impl Irmb {
     /// A randomly initialised block (PyTorch's default conv init) on `device`.
     pub fn new(spec: &BlockSpec, device: &burn::tensor::Device) -> Self {
-        Self::build(spec, &Source { device: device.clone(), checkpoint: None })
+        Self::build(spec, &Source { device: device.clone(), checkpoint: None, stable_ids: false })
     }
 
     pub(crate) fn build(b: &BlockSpec, src: &Source) -> Self {

@@ -37,6 +37,14 @@ pub(crate) enum Init {
 pub(crate) struct Source<'a> {
     pub device: Device,
     pub checkpoint: Option<&'a StateDict>,
+    /// Derive each parameter's id from its official key (FNV-1a), so that a model rebuilt from
+    /// a checkpoint has the same ids and a saved optimizer state applies to it (exact resume).
+    pub stable_ids: bool,
+}
+
+/// FNV-1a of a key: a stable parameter id.
+pub(crate) fn key_id(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl Source<'_> {
@@ -60,7 +68,11 @@ impl Source<'_> {
     }
 
     pub fn param<const D: usize>(&self, key: &str, shape: [usize; D], init: Init) -> Param<Tensor<D>> {
-        Param::from_tensor(self.tensor(key, shape, init))
+        let mut p = Param::from_tensor(self.tensor(key, shape, init));
+        if self.stable_ids {
+            p.id = burn::module::ParamId::from(key_id(key));
+        }
+        p
     }
 
     /// A Conv2d with EMO's padding rule; `key` is the official prefix (`...conv`).
@@ -131,8 +143,8 @@ impl Sink<'_> {
     pub fn bn(&mut self, key: &str, b: &BatchNorm) {
         self.put(format!("{key}.weight"), b.gamma.val());
         self.put(format!("{key}.bias"), b.beta.val());
-        self.put(format!("{key}.running_mean"), b.running_mean.value());
-        self.put(format!("{key}.running_var"), b.running_var.value());
+        self.put(format!("{key}.running_mean"), b.running_mean.value_sync());
+        self.put(format!("{key}.running_var"), b.running_var.value_sync());
         self.0.insert(
             format!("{key}.num_batches_tracked"),
             StoredTensor { shape: vec![], data: emo_weights::Data::I64(vec![0]) },

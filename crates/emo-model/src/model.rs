@@ -53,7 +53,7 @@ impl Emo {
     /// trunc_normal(0.02) for the Linear, ones/zeros for norms).
     pub fn new(cfg: &EmoConfig, device: &Device) -> Result<Self, ModelError> {
         cfg.validate()?;
-        Ok(Self::build(cfg, &Source { device: device.clone(), checkpoint: None }))
+        Ok(Self::build(cfg, &Source { device: device.clone(), checkpoint: None, stable_ids: true }))
     }
 
     /// Build from a state dict with the official key names. Strict: every missing,
@@ -69,7 +69,7 @@ impl Emo {
             sd
         };
         emo_weights::validate(sd, cfg)?;
-        Ok(Self::build(cfg, &Source { device: device.clone(), checkpoint: Some(sd) }))
+        Ok(Self::build(cfg, &Source { device: device.clone(), checkpoint: Some(sd), stable_ids: true }))
     }
 
     /// Load a `.pth` or `.safetensors` checkpoint (see [`Emo::from_state_dict`]). Returns the
@@ -199,7 +199,7 @@ impl Emo {
     /// Replace the classifier by a fresh one with `n` outputs (fine-tuning); `n == 0` removes it.
     pub fn reset_classifier(mut self, n: usize, device: &Device) -> Self {
         let c4 = self.stages[3].blocks[0].proj.weight.dims()[0];
-        let src = Source { device: device.clone(), checkpoint: None };
+        let src = Source { device: device.clone(), checkpoint: None, stable_ids: true };
         self.head = (n > 0).then(|| Head {
             norm: self.head.take().map(|h| h.norm).unwrap_or_else(|| src.ln2d("norm", c4)),
             head: Linear {

@@ -1,0 +1,66 @@
+//! Input pipeline for small grey images (Fashion-MNIST): pad-and-random-crop + horizontal
+//! flip at the native resolution, nearest-neighbour upscaling by an integer factor to the
+//! training size, grey replicated to 3 channels, normalised. Evaluation skips the crop/flip.
+
+use crate::rng::Rng;
+
+/// Fashion-MNIST pixel statistics (train split).
+pub const FMNIST_MEAN: f32 = 0.2860;
+pub const FMNIST_STD: f32 = 0.3530;
+
+/// How one image becomes a network input.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Pipeline {
+    /// Side of the network input (a multiple of the source side after padding, e.g. 32 or 64).
+    pub size: usize,
+    /// Zero padding for the random crop, in source pixels (0 disables the crop).
+    pub crop_pad: usize,
+    /// Probability of a horizontal flip.
+    pub flip: f32,
+    pub mean: f32,
+    pub std: f32,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Pipeline { size: 32, crop_pad: 2, flip: 0.5, mean: FMNIST_MEAN, std: FMNIST_STD }
+    }
+}
+
+impl Pipeline {
+    /// Write the `3 x size x size` input for a grey `h x w` image into `out`. With `rng`, the
+    /// training augmentations are applied; without, the deterministic evaluation transform.
+    pub fn apply(&self, img: &[u8], h: usize, w: usize, rng: Option<&mut Rng>, out: &mut [f32]) {
+        let n = self.size;
+        // The source is centred in a `side x side` canvas (28 -> 32 with 2 px of border).
+        let side = h.max(w).next_multiple_of(4).max(1);
+        let (oy, ox) = ((side - h) / 2, (side - w) / 2);
+        let (mut dy, mut dx, mut flip) = (0isize, 0isize, false);
+        if let Some(r) = rng {
+            let p = self.crop_pad as isize;
+            if p > 0 {
+                dy = r.below(2 * p as u64 + 1) as isize - p;
+                dx = r.below(2 * p as u64 + 1) as isize - p;
+            }
+            flip = r.uniform() < self.flip;
+        }
+        let scale = n as f32 / side as f32;
+        let plane = n * n;
+        for y in 0..n {
+            let sy = ((y as f32 + 0.5) / scale) as isize + dy - oy as isize;
+            for x in 0..n {
+                let xx = if flip { n - 1 - x } else { x };
+                let sx = ((xx as f32 + 0.5) / scale) as isize + dx - ox as isize;
+                let v = if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
+                    img[sy as usize * w + sx as usize] as f32 / 255.0
+                } else {
+                    0.0
+                };
+                let v = (v - self.mean) / self.std;
+                out[y * n + x] = v;
+                out[plane + y * n + x] = v;
+                out[2 * plane + y * n + x] = v;
+            }
+        }
+    }
+}

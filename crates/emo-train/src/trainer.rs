@@ -1,0 +1,433 @@
+//! The training loop: burn autodiff on any device (flex by default), the paper's recipe, and a
+//! run folder that a killed run resumes from exactly.
+//!
+//! ```text
+//! RUN/config.json        resolved TrainConfig
+//! RUN/metrics.jsonl      one JSON line per epoch (loss, lr, val top-1/top-5 raw and EMA, time)
+//! RUN/checkpoint/        model.safetensors, ema.safetensors, optim.bin, state.json (epoch, iter,
+//!                        RNG) -- replaced atomically at the end of every epoch
+//! RUN/best.safetensors   the EMA weights of the best epoch (by EMA top-1)
+//! RUN/ema.safetensors    the final EMA weights
+//! ```
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+use emo_model::Emo;
+use emo_spec::{EmoConfig, Variant};
+use emo_weights::StateDict;
+use serde::{Deserialize, Serialize};
+
+use crate::augment::Pipeline;
+use crate::data::Split;
+use crate::ema::Ema;
+use crate::rng::Rng;
+use crate::schedule::{Cosine, scaled_lr};
+use crate::TrainError;
+
+/// Everything that defines a run (saved as `config.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub variant: Variant,
+    pub num_classes: usize,
+    /// Dataset spec as given on the command line (`fashion-mnist[:DIR]`).
+    pub data: String,
+    pub epochs: usize,
+    pub batch: usize,
+    /// Base learning rate per 512 images (scaled linearly with the batch).
+    pub lr_per_512: f64,
+    pub min_lr: f64,
+    pub warmup_lr: f64,
+    pub warmup_epochs: usize,
+    pub weight_decay: f64,
+    pub label_smoothing: f64,
+    /// Global gradient-norm clipping (0 = off).
+    pub clip_grad: f64,
+    pub ema_decay: f64,
+    pub drop_path: f64,
+    pub seed: u64,
+    pub pipeline: Pipeline,
+    /// Use only the first N training images (0 = all).
+    pub train_limit: usize,
+    /// Use only the first N evaluation images (0 = all).
+    pub eval_limit: usize,
+    /// Initialise from these weights (fine-tuning); the head is replaced when its width differs.
+    pub init_weights: Option<PathBuf>,
+}
+
+impl TrainConfig {
+    /// The paper's recipe (spec §10) adapted to Fashion-MNIST on a CPU.
+    pub fn fashion_mnist(variant: Variant) -> Self {
+        TrainConfig {
+            variant,
+            num_classes: 10,
+            data: "fashion-mnist".into(),
+            epochs: 10,
+            batch: 64,
+            lr_per_512: 1.5e-3,
+            min_lr: 1e-6,
+            warmup_lr: 1e-6,
+            warmup_epochs: 1,
+            weight_decay: 0.05,
+            label_smoothing: 0.1,
+            clip_grad: 5.0,
+            ema_decay: 0.999,
+            drop_path: variant.config().drop_path,
+            seed: 42,
+            pipeline: Pipeline::default(),
+            train_limit: 0,
+            eval_limit: 0,
+            init_weights: None,
+        }
+    }
+
+    fn model_config(&self) -> EmoConfig {
+        self.variant.config().with_num_classes(self.num_classes).with_drop_path(self.drop_path)
+    }
+}
+
+/// Progress that survives a restart (`checkpoint/state.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Iterations completed.
+    pub iter: usize,
+    pub rng: Rng,
+    pub best_ema_top1: f64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub iter: usize,
+    pub train_loss: f64,
+    pub lr: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub ema_top1: f64,
+    pub ema_top5: f64,
+    pub seconds: f64,
+    pub images_per_s: f64,
+}
+
+/// Collects the ids of 1-D parameters (norm weights, biases: no weight decay).
+struct OneDimIds(Vec<ParamId>);
+impl ModuleVisitor for OneDimIds {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if D == 1 {
+            self.0.push(param.id);
+        }
+    }
+}
+
+/// Sum of squares of all gradients.
+struct GradNorm<'a>(&'a GradientsParams, f64);
+impl ModuleVisitor for GradNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.0.get::<D>(param.id) {
+            self.1 += scalar(g.powi_scalar(2).sum()) as f64;
+        }
+    }
+}
+
+/// Multiply all gradients by a factor.
+struct GradScale<'a>(&'a mut GradientsParams, f64);
+impl ModuleVisitor for GradScale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.0.remove::<D>(param.id) {
+            self.0.register(param.id, g.mul_scalar(self.1));
+        }
+    }
+}
+
+fn scalar(t: Tensor<1>) -> f32 {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().map(|v| v[0]).unwrap_or(f32::NAN)
+}
+
+fn optimizer(cfg: &TrainConfig, model: &Emo) -> ModuleOptimizer {
+    let adamw = |wd: f64| AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(wd as f32);
+    let mut ids = OneDimIds(Vec::new());
+    model.visit(&mut ids);
+    adamw(cfg.weight_decay).init().with_group(ParamGroup::from_ids(ids.0), adamw(0.0).build(), None)
+}
+
+/// A training run bound to its folder.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub dir: PathBuf,
+    pub state: TrainState,
+    device: Device,
+    model: Option<Emo>,
+    optim: ModuleOptimizer,
+    ema: Ema,
+    train: Split,
+    eval: Split,
+    /// Print progress lines.
+    pub verbose: bool,
+}
+
+fn write_json(path: &Path, v: &impl Serialize) -> Result<(), TrainError> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| TrainError::Io(e.to_string()))?;
+    emo_weights::write_atomic(path, s.as_bytes())?;
+    Ok(())
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError> {
+    let s = std::fs::read_to_string(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&s).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
+}
+
+impl Trainer {
+    /// Start a new run in `dir` (created; must not hold a run already).
+    pub fn new(cfg: TrainConfig, dir: impl AsRef<Path>, train: Split, eval: Split, device: Device) -> Result<Self, TrainError> {
+        let dir = dir.as_ref().to_path_buf();
+        if dir.join("config.json").exists() {
+            return Err(TrainError::Config(format!("{} already holds a run (use --resume)", dir.display())));
+        }
+        if cfg.batch == 0 || cfg.epochs == 0 {
+            return Err(TrainError::Config("batch and epochs must be > 0".into()));
+        }
+        if train.classes != cfg.num_classes {
+            return Err(TrainError::Config(format!("data has {} classes, config {}", train.classes, cfg.num_classes)));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io(format!("{}: {e}", dir.display())))?;
+        let (train, eval) = limit(&cfg, train, eval);
+        device.seed(cfg.seed);
+        let mcfg = cfg.model_config();
+        let model = match &cfg.init_weights {
+            Some(w) => {
+                let sd = emo_weights::load(w)?;
+                let n = sd.get("head.bias").map_or(0, |t| t.shape[0]);
+                let m = Emo::from_state_dict(&mcfg.clone().with_num_classes(n), &sd, &device)?;
+                if n == cfg.num_classes { m } else { m.reset_classifier(cfg.num_classes, &device) }
+            }
+            None => Emo::new(&mcfg, &device)?,
+        };
+        let optim = optimizer(&cfg, &model);
+        let ema = Ema::new(cfg.ema_decay, &model.state_dict());
+        write_json(&dir.join("config.json"), &cfg)?;
+        let state = TrainState { epoch: 0, iter: 0, rng: Rng::new(cfg.seed), best_ema_top1: 0.0 };
+        Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, verbose: true })
+    }
+
+    /// Reopen a run folder and continue from its last complete checkpoint.
+    pub fn resume(dir: impl AsRef<Path>, train: Split, eval: Split, device: Device) -> Result<Self, TrainError> {
+        let dir = dir.as_ref().to_path_buf();
+        let cfg: TrainConfig = read_json(&dir.join("config.json"))?;
+        let (train, eval) = limit(&cfg, train, eval);
+        let ck = ["checkpoint", "checkpoint.old"]
+            .iter()
+            .map(|n| dir.join(n))
+            .find(|p| p.join("state.json").exists())
+            .ok_or_else(|| TrainError::Config(format!("{} has no complete checkpoint", dir.display())))?;
+        let state: TrainState = read_json(&ck.join("state.json"))?;
+        let sd = emo_weights::load(ck.join("model.safetensors"))?;
+        let model = Emo::from_state_dict(&cfg.model_config(), &sd, &device)?;
+        let optim = optimizer(&cfg, &model).load(ck.join("optim.bin")).map_err(|e| TrainError::Io(format!("optim.bin: {e:?}")))?;
+        let ema = Ema::from_state_dict(cfg.ema_decay, &emo_weights::load(ck.join("ema.safetensors"))?);
+        Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, verbose: true })
+    }
+
+    pub fn model(&self) -> &Emo {
+        self.model.as_ref().expect("model")
+    }
+
+    /// The EMA weights.
+    pub fn ema_state_dict(&self) -> StateDict {
+        self.ema.state_dict(&self.model().state_dict())
+    }
+
+    fn iters_per_epoch(&self) -> usize {
+        self.train.len() / self.cfg.batch // drop_last
+    }
+
+    fn schedule(&self) -> Cosine {
+        let ipe = self.iters_per_epoch().max(1);
+        Cosine {
+            lr: scaled_lr(self.cfg.lr_per_512, self.cfg.batch),
+            min_lr: self.cfg.min_lr,
+            warmup_lr: self.cfg.warmup_lr,
+            warmup_iters: self.cfg.warmup_epochs * ipe,
+            total_iters: self.cfg.epochs * ipe,
+        }
+    }
+
+    /// One optimisation step on a batch; returns the loss.
+    fn step(&mut self, x: Vec<f32>, labels: &[u8], lr: f64) -> Result<f64, TrainError> {
+        let (b, s, c) = (labels.len(), self.cfg.pipeline.size, self.cfg.num_classes);
+        let eps = self.cfg.label_smoothing;
+        let mut t = vec![(eps / c as f64) as f32; b * c];
+        for (i, &l) in labels.iter().enumerate() {
+            t[i * c + l as usize] += (1.0 - eps) as f32;
+        }
+        let model = self.model.take().expect("model");
+        let xt = Tensor::<4>::from_data(TensorData::new(x, [b, 3, s, s]), &self.device);
+        let tt = Tensor::<2>::from_data(TensorData::new(t, [b, c]), &self.device);
+        let logits = model.forward(xt)?;
+        let loss = (tt * log_softmax(logits, 1)).sum_dim(1).mean().neg();
+        let value = scalar(loss.clone()) as f64;
+        if !value.is_finite() {
+            self.model = Some(model);
+            return Err(TrainError::Diverged { iter: self.state.iter, loss: value });
+        }
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        if self.cfg.clip_grad > 0.0 {
+            let mut norm = GradNorm(&grads, 0.0);
+            model.visit(&mut norm);
+            let total = norm.1.sqrt();
+            if total > self.cfg.clip_grad {
+                model.visit(&mut GradScale(&mut grads, self.cfg.clip_grad / (total + 1e-6)));
+            }
+        }
+        let model = self.optim.step(lr, model, grads);
+        self.ema.update(&model.state_dict());
+        self.model = Some(model);
+        Ok(value)
+    }
+
+    /// Top-1 / top-5 (%) of a state dict on the evaluation split, with the fast engine.
+    pub fn evaluate(&self, sd: StateDict) -> Result<(f64, f64), TrainError> {
+        let cfg = self.cfg.model_config().with_drop_path(0.0);
+        let mut engine = emo_infer::Engine::from_owned(&cfg, sd)?;
+        let (s, c) = (self.cfg.pipeline.size, self.cfg.num_classes);
+        let (mut top1, mut top5) = (0usize, 0usize);
+        let chunk = 256;
+        for start in (0..self.eval.len()).step_by(chunk) {
+            let n = chunk.min(self.eval.len() - start);
+            let mut x = vec![0f32; n * 3 * s * s];
+            for i in 0..n {
+                let img = self.eval.image(start + i);
+                self.cfg.pipeline.apply(img, self.eval.h, self.eval.w, None, &mut x[i * 3 * s * s..(i + 1) * 3 * s * s]);
+            }
+            let logits = engine.run(&x, n, s, s)?;
+            for i in 0..n {
+                let row = &logits[i * c..(i + 1) * c];
+                let label = self.eval.labels[start + i] as usize;
+                let better = row.iter().filter(|&&v| v > row[label]).count();
+                top1 += (better == 0) as usize;
+                top5 += (better < 5) as usize;
+            }
+        }
+        let n = self.eval.len().max(1) as f64;
+        Ok((100.0 * top1 as f64 / n, 100.0 * top5 as f64 / n))
+    }
+
+    /// Write the checkpoint folder atomically: `checkpoint.tmp` is filled and synced, the old
+    /// checkpoint is moved to `checkpoint.old`, the new one renamed into place, the old removed.
+    /// A kill at any point leaves a complete `checkpoint` or `checkpoint.old`.
+    fn save_checkpoint(&self) -> Result<(), TrainError> {
+        let (tmp, cur, old) = (self.dir.join("checkpoint.tmp"), self.dir.join("checkpoint"), self.dir.join("checkpoint.old"));
+        let io = |e: std::io::Error| TrainError::Io(format!("checkpoint: {e}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io)?;
+        emo_weights::save_safetensors(&self.model().state_dict(), tmp.join("model.safetensors"))?;
+        emo_weights::save_safetensors(&self.ema_state_dict(), tmp.join("ema.safetensors"))?;
+        self.optim.save(tmp.join("optim.bin")).map_err(|e| TrainError::Io(format!("optim.bin: {e:?}")))?;
+        write_json(&tmp.join("state.json"), &self.state)?;
+        let _ = std::fs::remove_dir_all(&old);
+        if cur.exists() {
+            std::fs::rename(&cur, &old).map_err(io)?;
+        }
+        std::fs::rename(&tmp, &cur).map_err(io)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Train until `cfg.epochs` (or `stop_after` more epochs), evaluating and checkpointing
+    /// after every epoch. Returns the metrics of the epochs run.
+    pub fn run(&mut self, stop_after: Option<usize>) -> Result<Vec<EpochMetrics>, TrainError> {
+        let ipe = self.iters_per_epoch();
+        if ipe == 0 {
+            return Err(TrainError::Config(format!("{} training images < batch {}", self.train.len(), self.cfg.batch)));
+        }
+        let sched = self.schedule();
+        let s = self.cfg.pipeline.size;
+        let per = 3 * s * s;
+        let mut out = Vec::new();
+        let last = stop_after.map_or(self.cfg.epochs, |n| (self.state.epoch + n).min(self.cfg.epochs));
+        while self.state.epoch < last {
+            let start = Instant::now();
+            // The device RNG (drop path) restarts from a seed per epoch, so a run resumed at an
+            // epoch boundary draws the same masks as an uninterrupted one.
+            self.device.seed(self.cfg.seed ^ (self.state.epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let order = self.state.rng.permutation(self.train.len());
+            let (mut loss_sum, mut lr) = (0.0, 0.0);
+            for it in 0..ipe {
+                let idx = &order[it * self.cfg.batch..(it + 1) * self.cfg.batch];
+                let mut x = vec![0f32; idx.len() * per];
+                let mut labels = Vec::with_capacity(idx.len());
+                for (j, &i) in idx.iter().enumerate() {
+                    let img = self.train.image(i);
+                    self.cfg.pipeline.apply(img, self.train.h, self.train.w, Some(&mut self.state.rng), &mut x[j * per..(j + 1) * per]);
+                    labels.push(self.train.labels[i]);
+                }
+                lr = sched.at(self.state.iter);
+                loss_sum += self.step(x, &labels, lr)?;
+                self.state.iter += 1;
+                if self.verbose && (it % 20 == 0 || it + 1 == ipe) {
+                    let ips = ((it + 1) * self.cfg.batch) as f64 / start.elapsed().as_secs_f64();
+                    eprint!(
+                        "\repoch {}/{} iter {}/{ipe} loss {:.4} lr {lr:.2e} {ips:.0} img/s   ",
+                        self.state.epoch + 1,
+                        self.cfg.epochs,
+                        it + 1,
+                        loss_sum / (it + 1) as f64
+                    );
+                }
+            }
+            let train_secs = start.elapsed().as_secs_f64();
+            self.state.epoch += 1;
+            let (top1, top5) = self.evaluate(self.model().state_dict())?;
+            let ema_sd = self.ema_state_dict();
+            let (ema_top1, ema_top5) = self.evaluate(ema_sd.clone())?;
+            if ema_top1 >= self.state.best_ema_top1 {
+                self.state.best_ema_top1 = ema_top1;
+                emo_weights::save_safetensors(&ema_sd, self.dir.join("best.safetensors"))?;
+            }
+            let m = EpochMetrics {
+                epoch: self.state.epoch,
+                iter: self.state.iter,
+                train_loss: loss_sum / ipe as f64,
+                lr,
+                top1,
+                top5,
+                ema_top1,
+                ema_top5,
+                seconds: start.elapsed().as_secs_f64(),
+                images_per_s: (ipe * self.cfg.batch) as f64 / train_secs,
+            };
+            if self.verbose {
+                eprintln!(
+                    "\repoch {}: loss {:.4}  val top-1 {top1:.2} top-5 {top5:.2}  EMA top-1 {ema_top1:.2} top-5 {ema_top5:.2}  ({:.0} s)",
+                    m.epoch, m.train_loss, m.seconds
+                );
+            }
+            let line = serde_json::to_string(&m).map_err(|e| TrainError::Io(e.to_string()))?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join("metrics.jsonl"))
+                .map_err(|e| TrainError::Io(format!("metrics.jsonl: {e}")))?;
+            writeln!(f, "{line}").map_err(|e| TrainError::Io(format!("metrics.jsonl: {e}")))?;
+            self.save_checkpoint()?;
+            out.push(m);
+        }
+        if self.state.epoch == self.cfg.epochs {
+            emo_weights::save_safetensors(&self.ema_state_dict(), self.dir.join("ema.safetensors"))?;
+        }
+        Ok(out)
+    }
+}
+
+fn limit(cfg: &TrainConfig, train: Split, eval: Split) -> (Split, Split) {
+    let t = if cfg.train_limit > 0 { train.take(cfg.train_limit) } else { train };
+    let e = if cfg.eval_limit > 0 { eval.take(cfg.eval_limit) } else { eval };
+    (t, e)
+}
