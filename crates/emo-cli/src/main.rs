@@ -217,10 +217,12 @@ fn main() -> Result<()> {
                 None => {
                     let mut cfg = emo_train::TrainConfig::fashion_mnist(variant);
                     cfg.data = data.clone();
-                    (cfg.epochs, cfg.batch, cfg.lr_per_512, cfg.ema_decay, cfg.seed) = (epochs, batch, lr, ema_decay, seed);
+                    (cfg.epochs, cfg.batch, cfg.lr_per_512, cfg.ema_decay, cfg.seed) =
+                        (epochs, batch, lr, ema_decay, seed);
                     (cfg.train_limit, cfg.eval_limit, cfg.init_weights) = (train_limit, eval_limit, init_weights);
                     cfg.pipeline.size = size;
-                    let dir = out.unwrap_or_else(|| PathBuf::from(format!("runs/{variant}-{}", data.replace([':', '/'], "_"))));
+                    let dir = out
+                        .unwrap_or_else(|| PathBuf::from(format!("runs/{variant}-{}", data.replace([':', '/'], "_"))));
                     emo_train::Trainer::new(cfg, &dir, train, eval, device)?
                 }
             };

@@ -102,5 +102,8 @@ pub fn fashion_mnist(dir: Option<&Path>) -> Result<(Split, Split), TrainError> {
     let load = |img: &str, lbl: &str| -> Result<Split, TrainError> {
         parse_idx(&read_maybe_gz(&find(img)?)?, &read_maybe_gz(&find(lbl)?)?, 10)
     };
-    Ok((load("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?, load("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?))
+    Ok((
+        load("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
+        load("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
+    ))
 }

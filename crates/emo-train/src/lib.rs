@@ -10,6 +10,7 @@
 pub mod augment;
 pub mod data;
 pub mod ema;
+pub mod plot;
 pub mod rng;
 pub mod schedule;
 pub mod trainer;

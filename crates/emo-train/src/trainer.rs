@@ -8,6 +8,8 @@
 //!                        RNG) -- replaced atomically at the end of every epoch
 //! RUN/best.safetensors   the EMA weights of the best epoch (by EMA top-1)
 //! RUN/ema.safetensors    the final EMA weights
+//! RUN/loss.csv           iteration, running training loss of the epoch, learning rate
+//! RUN/curves.png         loss and accuracy curves
 //! ```
 
 use std::io::Write;
@@ -23,12 +25,12 @@ use emo_spec::{EmoConfig, Variant};
 use emo_weights::StateDict;
 use serde::{Deserialize, Serialize};
 
+use crate::TrainError;
 use crate::augment::Pipeline;
 use crate::data::Split;
 use crate::ema::Ema;
 use crate::rng::Rng;
 use crate::schedule::{Cosine, scaled_lr};
-use crate::TrainError;
 
 /// Everything that defines a run (saved as `config.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -152,7 +154,9 @@ fn scalar(t: Tensor<1>) -> f32 {
 }
 
 fn optimizer(cfg: &TrainConfig, model: &Emo) -> ModuleOptimizer {
-    let adamw = |wd: f64| AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(wd as f32);
+    let adamw = |wd: f64| {
+        AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(wd as f32)
+    };
     let mut ids = OneDimIds(Vec::new());
     model.visit(&mut ids);
     adamw(cfg.weight_decay).init().with_group(ParamGroup::from_ids(ids.0), adamw(0.0).build(), None)
@@ -186,7 +190,13 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError>
 
 impl Trainer {
     /// Start a new run in `dir` (created; must not hold a run already).
-    pub fn new(cfg: TrainConfig, dir: impl AsRef<Path>, train: Split, eval: Split, device: Device) -> Result<Self, TrainError> {
+    pub fn new(
+        cfg: TrainConfig,
+        dir: impl AsRef<Path>,
+        train: Split,
+        eval: Split,
+        device: Device,
+    ) -> Result<Self, TrainError> {
         let dir = dir.as_ref().to_path_buf();
         if dir.join("config.json").exists() {
             return Err(TrainError::Config(format!("{} already holds a run (use --resume)", dir.display())));
@@ -230,7 +240,9 @@ impl Trainer {
         let state: TrainState = read_json(&ck.join("state.json"))?;
         let sd = emo_weights::load(ck.join("model.safetensors"))?;
         let model = Emo::from_state_dict(&cfg.model_config(), &sd, &device)?;
-        let optim = optimizer(&cfg, &model).load(ck.join("optim.bin")).map_err(|e| TrainError::Io(format!("optim.bin: {e:?}")))?;
+        let optim = optimizer(&cfg, &model)
+            .load(ck.join("optim.bin"))
+            .map_err(|e| TrainError::Io(format!("optim.bin: {e:?}")))?;
         let ema = Ema::from_state_dict(cfg.ema_decay, &emo_weights::load(ck.join("ema.safetensors"))?);
         Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, verbose: true })
     }
@@ -304,7 +316,13 @@ impl Trainer {
             let mut x = vec![0f32; n * 3 * s * s];
             for i in 0..n {
                 let img = self.eval.image(start + i);
-                self.cfg.pipeline.apply(img, self.eval.h, self.eval.w, None, &mut x[i * 3 * s * s..(i + 1) * 3 * s * s]);
+                self.cfg.pipeline.apply(
+                    img,
+                    self.eval.h,
+                    self.eval.w,
+                    None,
+                    &mut x[i * 3 * s * s..(i + 1) * 3 * s * s],
+                );
             }
             let logits = engine.run(&x, n, s, s)?;
             for i in 0..n {
@@ -323,7 +341,8 @@ impl Trainer {
     /// checkpoint is moved to `checkpoint.old`, the new one renamed into place, the old removed.
     /// A kill at any point leaves a complete `checkpoint` or `checkpoint.old`.
     fn save_checkpoint(&self) -> Result<(), TrainError> {
-        let (tmp, cur, old) = (self.dir.join("checkpoint.tmp"), self.dir.join("checkpoint"), self.dir.join("checkpoint.old"));
+        let (tmp, cur, old) =
+            (self.dir.join("checkpoint.tmp"), self.dir.join("checkpoint"), self.dir.join("checkpoint.old"));
         let io = |e: std::io::Error| TrainError::Io(format!("checkpoint: {e}"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io)?;
@@ -365,12 +384,26 @@ impl Trainer {
                 let mut labels = Vec::with_capacity(idx.len());
                 for (j, &i) in idx.iter().enumerate() {
                     let img = self.train.image(i);
-                    self.cfg.pipeline.apply(img, self.train.h, self.train.w, Some(&mut self.state.rng), &mut x[j * per..(j + 1) * per]);
+                    self.cfg.pipeline.apply(
+                        img,
+                        self.train.h,
+                        self.train.w,
+                        Some(&mut self.state.rng),
+                        &mut x[j * per..(j + 1) * per],
+                    );
                     labels.push(self.train.labels[i]);
                 }
                 lr = sched.at(self.state.iter);
                 loss_sum += self.step(x, &labels, lr)?;
                 self.state.iter += 1;
+                if it % 20 == 19 || it + 1 == ipe {
+                    let line = format!("{},{:.5},{lr:.3e}\n", self.state.iter, loss_sum / (it + 1) as f64);
+                    let _ = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(self.dir.join("loss.csv"))
+                        .and_then(|mut f| f.write_all(line.as_bytes()));
+                }
                 if self.verbose && (it % 20 == 0 || it + 1 == ipe) {
                     let ips = ((it + 1) * self.cfg.batch) as f64 / start.elapsed().as_secs_f64();
                     eprint!(
@@ -418,6 +451,12 @@ impl Trainer {
             writeln!(f, "{line}").map_err(|e| TrainError::Io(format!("metrics.jsonl: {e}")))?;
             self.save_checkpoint()?;
             out.push(m);
+            let all: Vec<EpochMetrics> = std::fs::read_to_string(self.dir.join("metrics.jsonl"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            crate::plot::write(&self.dir, &all, self.cfg.epochs * ipe)?;
         }
         if self.state.epoch == self.cfg.epochs {
             emo_weights::save_safetensors(&self.ema_state_dict(), self.dir.join("ema.safetensors"))?;

@@ -73,7 +73,16 @@ fn it_learns_a_small_task() {
     assert_eq!(m.len(), 5);
     assert!(m[4].train_loss < m[0].train_loss, "loss did not drop: {m:?}");
     assert!(m[4].top1 > 60.0, "top-1 {} on a 4-class task: {m:?}", m[4].top1);
-    for f in ["config.json", "metrics.jsonl", "best.safetensors", "ema.safetensors", "checkpoint/state.json", "checkpoint/optim.bin"] {
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "loss.csv",
+        "curves.png",
+        "best.safetensors",
+        "ema.safetensors",
+        "checkpoint/state.json",
+        "checkpoint/optim.bin",
+    ] {
         assert!(dir.join(f).exists(), "{f} missing");
     }
     // the EMA weights are a valid official-layout checkpoint
