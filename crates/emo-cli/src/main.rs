@@ -134,6 +134,19 @@ enum Cmd {
         #[arg(long)]
         stop_after: Option<usize>,
     },
+    /// Top-1 / top-5 of weights on a dataset's test split (the training run's eval transform).
+    Eval {
+        #[arg(long, default_value = "emo-1m")]
+        variant: Variant,
+        #[arg(long)]
+        weights: PathBuf,
+        /// `fashion-mnist` or `fashion-mnist:DIR`.
+        #[arg(long, default_value = "fashion-mnist")]
+        data: String,
+        /// Input side used in training.
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+    },
     /// Latency and throughput of the fast engine, optionally against ONNX Runtime and burn.
     Bench {
         #[arg(long, default_value = "emo-1m")]
@@ -189,6 +202,16 @@ fn main() -> Result<()> {
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
+        Cmd::Eval { variant, weights, data, size } => {
+            let (_, test) = load_data(&data)?;
+            let sd = emo_weights::load(&weights).with_context(|| format!("loading {}", weights.display()))?;
+            let n = sd.get("head.bias").map_or(0, |t| t.shape[0]);
+            ensure!(n == test.classes, "{} has {n} classes, the data {}", weights.display(), test.classes);
+            let pipeline = emo_train::augment::Pipeline { size, ..Default::default() };
+            let (top1, top5) = emo_train::evaluate(&variant.config().with_num_classes(n), sd, &test, &pipeline)?;
+            println!("{}: top-1 {top1:.2}%  top-5 {top5:.2}%  ({} images of {data})", weights.display(), test.len());
+            Ok(())
+        }
         Cmd::Train {
             variant,
             data,
@@ -205,12 +228,7 @@ fn main() -> Result<()> {
             seed,
             stop_after,
         } => {
-            let dir_of_data = match data.split_once(':') {
-                None if data == "fashion-mnist" => None,
-                Some(("fashion-mnist", dir)) => Some(PathBuf::from(dir)),
-                _ => bail!("unknown --data `{data}` (supported: fashion-mnist, fashion-mnist:DIR)"),
-            };
-            let (train, eval) = emo_train::data::fashion_mnist(dir_of_data.as_deref())?;
+            let (train, eval) = load_data(&data)?;
             let device = Device::flex().autodiff();
             let mut t = match resume {
                 Some(dir) => emo_train::Trainer::resume(&dir, train, eval, device)?,
@@ -240,6 +258,16 @@ fn main() -> Result<()> {
             bench::run(&bench::Args { variant, batch, size, runs, rounds, compare_onnx, compare_burn, profile })
         }
     }
+}
+
+/// `fashion-mnist` or `fashion-mnist:DIR` -> (train, test).
+fn load_data(spec: &str) -> Result<(emo_train::data::Split, emo_train::data::Split)> {
+    let dir = match spec.split_once(':') {
+        None if spec == "fashion-mnist" => None,
+        Some(("fashion-mnist", dir)) => Some(PathBuf::from(dir)),
+        _ => bail!("unknown --data `{spec}` (supported: fashion-mnist, fashion-mnist:DIR)"),
+    };
+    Ok(emo_train::data::fashion_mnist(dir.as_deref())?)
 }
 
 fn thousands(n: usize) -> String {

@@ -166,3 +166,27 @@ fn verify_reproduces_the_embedded_official_outputs() {
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("parity OK"));
 }
+
+#[test]
+fn train_and_eval_end_to_end_on_fashion_mnist_when_installed() {
+    let o = emo(&["train", "--data", "imagefolder:/nowhere"]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown --data"), "{}", stderr(&o));
+    let o = emo(&["eval", "--weights", &fixture("emo_1m.safetensors")]);
+    if stderr(&o).contains("apt-get install") {
+        eprintln!("skipping: Fashion-MNIST not installed");
+        return;
+    }
+    assert!(!o.status.success() && stderr(&o).contains("1000 classes"), "{}", stderr(&o));
+    let run = tmp("fmnist-run");
+    let _ = std::fs::remove_dir_all(&run);
+    let args = ["train", "--epochs", "1", "--train-limit", "128", "--eval-limit", "64", "--out", run.to_str().unwrap()];
+    let o = emo(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("best EMA top-1"));
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 1);
+    // the run folder is not overwritten by a second `train --out`
+    assert!(!emo(&args).status.success());
+    let o = emo(&["eval", "--weights", run.join("best.safetensors").to_str().unwrap()]);
+    assert!(o.status.success() && stdout(&o).contains("top-1"), "{}", stderr(&o));
+}

@@ -15,7 +15,7 @@ pub mod rng;
 pub mod schedule;
 pub mod trainer;
 
-pub use trainer::{EpochMetrics, TrainConfig, TrainState, Trainer};
+pub use trainer::{EpochMetrics, TrainConfig, TrainState, Trainer, evaluate};
 
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]

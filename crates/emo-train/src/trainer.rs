@@ -306,35 +306,7 @@ impl Trainer {
 
     /// Top-1 / top-5 (%) of a state dict on the evaluation split, with the fast engine.
     pub fn evaluate(&self, sd: StateDict) -> Result<(f64, f64), TrainError> {
-        let cfg = self.cfg.model_config().with_drop_path(0.0);
-        let mut engine = emo_infer::Engine::from_owned(&cfg, sd)?;
-        let (s, c) = (self.cfg.pipeline.size, self.cfg.num_classes);
-        let (mut top1, mut top5) = (0usize, 0usize);
-        let chunk = 256;
-        for start in (0..self.eval.len()).step_by(chunk) {
-            let n = chunk.min(self.eval.len() - start);
-            let mut x = vec![0f32; n * 3 * s * s];
-            for i in 0..n {
-                let img = self.eval.image(start + i);
-                self.cfg.pipeline.apply(
-                    img,
-                    self.eval.h,
-                    self.eval.w,
-                    None,
-                    &mut x[i * 3 * s * s..(i + 1) * 3 * s * s],
-                );
-            }
-            let logits = engine.run(&x, n, s, s)?;
-            for i in 0..n {
-                let row = &logits[i * c..(i + 1) * c];
-                let label = self.eval.labels[start + i] as usize;
-                let better = row.iter().filter(|&&v| v > row[label]).count();
-                top1 += (better == 0) as usize;
-                top5 += (better < 5) as usize;
-            }
-        }
-        let n = self.eval.len().max(1) as f64;
-        Ok((100.0 * top1 as f64 / n, 100.0 * top5 as f64 / n))
+        evaluate(&self.cfg.model_config(), sd, &self.eval, &self.cfg.pipeline)
     }
 
     /// Write the checkpoint folder atomically: `checkpoint.tmp` is filled and synced, the old
@@ -469,4 +441,32 @@ fn limit(cfg: &TrainConfig, train: Split, eval: Split) -> (Split, Split) {
     let t = if cfg.train_limit > 0 { train.take(cfg.train_limit) } else { train };
     let e = if cfg.eval_limit > 0 { eval.take(cfg.eval_limit) } else { eval };
     (t, e)
+}
+
+/// Top-1 / top-5 (%) of the weights `sd` (for `cfg`) on `split`, with the evaluation transform
+/// of `pipeline`, on the fast engine.
+pub fn evaluate(cfg: &EmoConfig, sd: StateDict, split: &Split, pipeline: &Pipeline) -> Result<(f64, f64), TrainError> {
+    let cfg = cfg.clone().with_drop_path(0.0);
+    let c = cfg.num_classes;
+    let mut engine = emo_infer::Engine::from_owned(&cfg, sd)?;
+    let s = pipeline.size;
+    let (mut top1, mut top5) = (0usize, 0usize);
+    let chunk = 256;
+    for start in (0..split.len()).step_by(chunk) {
+        let n = chunk.min(split.len() - start);
+        let mut x = vec![0f32; n * 3 * s * s];
+        for i in 0..n {
+            pipeline.apply(split.image(start + i), split.h, split.w, None, &mut x[i * 3 * s * s..(i + 1) * 3 * s * s]);
+        }
+        let logits = engine.run(&x, n, s, s)?;
+        for i in 0..n {
+            let row = &logits[i * c..(i + 1) * c];
+            let label = split.labels[start + i] as usize;
+            let better = row.iter().filter(|&&v| v > row[label]).count();
+            top1 += (better == 0) as usize;
+            top5 += (better < 5) as usize;
+        }
+    }
+    let n = split.len().max(1) as f64;
+    Ok((100.0 * top1 as f64 / n, 100.0 * top5 as f64 / n))
 }
