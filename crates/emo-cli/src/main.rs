@@ -99,7 +99,8 @@ enum Cmd {
     Train {
         #[arg(long, default_value = "emo-1m")]
         variant: Variant,
-        /// `fashion-mnist` (Debian's dataset-fashion-mnist) or `fashion-mnist:DIR`.
+        /// `fashion-mnist` (Debian's dataset-fashion-mnist), `fashion-mnist:DIR`, or
+        /// `imagefolder:PATH` (PATH/train/<class>/*, PATH/val/<class>/*).
         #[arg(long, default_value = "fashion-mnist")]
         data: String,
         /// Run folder (default: runs/VARIANT-DATA).
@@ -140,7 +141,7 @@ enum Cmd {
         variant: Variant,
         #[arg(long)]
         weights: PathBuf,
-        /// `fashion-mnist` or `fashion-mnist:DIR`.
+        /// `fashion-mnist`, `fashion-mnist:DIR` or `imagefolder:PATH` (its val split).
         #[arg(long, default_value = "fashion-mnist")]
         data: String,
         /// Input side used in training.
@@ -203,7 +204,7 @@ fn main() -> Result<()> {
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
         Cmd::Eval { variant, weights, data, size } => {
-            let (_, test) = load_data(&data)?;
+            let (_, test) = load_data(&data, size)?;
             let sd = emo_weights::load(&weights).with_context(|| format!("loading {}", weights.display()))?;
             let n = sd.get("head.bias").map_or(0, |t| t.shape[0]);
             ensure!(n == test.classes, "{} has {n} classes, the data {}", weights.display(), test.classes);
@@ -228,13 +229,25 @@ fn main() -> Result<()> {
             seed,
             stop_after,
         } => {
-            let (train, eval) = load_data(&data)?;
+            // A resumed run reads its data spec and input size from its own config.
+            let (data, size) = match &resume {
+                Some(dir) => {
+                    let p = dir.join("config.json");
+                    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+                    let cfg: emo_train::TrainConfig =
+                        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+                    (cfg.data, cfg.pipeline.size)
+                }
+                None => (data, size),
+            };
+            let (train, eval) = load_data(&data, size)?;
             let device = Device::flex().autodiff();
             let mut t = match resume {
                 Some(dir) => emo_train::Trainer::resume(&dir, train, eval, device)?,
                 None => {
                     let mut cfg = emo_train::TrainConfig::fashion_mnist(variant);
                     cfg.data = data.clone();
+                    cfg.num_classes = train.classes;
                     (cfg.epochs, cfg.batch, cfg.lr_per_512, cfg.ema_decay, cfg.seed) =
                         (epochs, batch, lr, ema_decay, seed);
                     (cfg.train_limit, cfg.eval_limit, cfg.init_weights) = (train_limit, eval_limit, init_weights);
@@ -260,14 +273,26 @@ fn main() -> Result<()> {
     }
 }
 
-/// `fashion-mnist` or `fashion-mnist:DIR` -> (train, test).
-fn load_data(spec: &str) -> Result<(emo_train::data::Split, emo_train::data::Split)> {
-    let dir = match spec.split_once(':') {
-        None if spec == "fashion-mnist" => None,
-        Some(("fashion-mnist", dir)) => Some(PathBuf::from(dir)),
-        _ => bail!("unknown --data `{spec}` (supported: fashion-mnist, fashion-mnist:DIR)"),
-    };
-    Ok(emo_train::data::fashion_mnist(dir.as_deref())?)
+/// `fashion-mnist[:DIR]` or `imagefolder:PATH` -> (train, test); `size` is the network input
+/// side (folder images are stored at size / 0.875 for cropping).
+fn load_data(spec: &str, size: usize) -> Result<(emo_train::data::Split, emo_train::data::Split)> {
+    match spec.split_once(':') {
+        None if spec == "fashion-mnist" => Ok(emo_train::data::fashion_mnist(None)?),
+        Some(("fashion-mnist", dir)) => Ok(emo_train::data::fashion_mnist(Some(Path::new(dir)))?),
+        Some(("imagefolder", dir)) => {
+            let store = (size as f64 / 0.875).round() as usize;
+            let (train, val, classes, skipped) = emo_train::data::image_folder(Path::new(dir), store)?;
+            eprintln!(
+                "{dir}: {} classes, {} train / {} val images{}",
+                classes.len(),
+                train.len(),
+                val.len(),
+                if skipped > 0 { format!(", {skipped} unreadable images skipped") } else { String::new() }
+            );
+            Ok((train, val))
+        }
+        _ => bail!("unknown --data `{spec}` (supported: fashion-mnist, fashion-mnist:DIR, imagefolder:PATH)"),
+    }
 }
 
 fn thousands(n: usize) -> String {

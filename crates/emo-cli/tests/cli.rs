@@ -190,3 +190,46 @@ fn train_and_eval_end_to_end_on_fashion_mnist_when_installed() {
     let o = emo(&["eval", "--weights", run.join("best.safetensors").to_str().unwrap()]);
     assert!(o.status.success() && stdout(&o).contains("top-1"), "{}", stderr(&o));
 }
+
+#[test]
+fn train_on_an_image_folder_skips_unreadable_images_and_rejects_empty_classes() {
+    let root = tmp("imagefolder");
+    let _ = std::fs::remove_dir_all(&root);
+    for split in ["train", "val"] {
+        for (ci, class) in ["bright", "dark"].iter().enumerate() {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..(if split == "train" { 8 } else { 4 }) {
+                let v = if ci == 0 { 200 + i as u8 } else { 20 + i as u8 };
+                let img = image::RgbImage::from_pixel(40 + i, 30, image::Rgb([v, v / 2, v]));
+                img.save(d.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+    std::fs::write(root.join("train/dark/broken.jpg"), b"not an image").unwrap();
+    let run = tmp("imagefolder-run");
+    let _ = std::fs::remove_dir_all(&run);
+    let data = format!("imagefolder:{}", root.display());
+    let o = emo(&[
+        "train",
+        "--data",
+        &data,
+        "--epochs",
+        "1",
+        "--batch",
+        "8",
+        "--size",
+        "32",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("2 classes, 16 train / 8 val images, 1 unreadable images skipped"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("broken.jpg"));
+    let o = emo(&["eval", "--data", &data, "--weights", run.join("best.safetensors").to_str().unwrap()]);
+    assert!(o.status.success() && stdout(&o).contains("8 images"), "{}{}", stdout(&o), stderr(&o));
+    std::fs::create_dir_all(root.join("train/empty")).unwrap();
+    std::fs::create_dir_all(root.join("val/empty")).unwrap();
+    let o = emo(&["train", "--data", &data, "--out", tmp("never").to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("is empty"), "{}", stderr(&o));
+}

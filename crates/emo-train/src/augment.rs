@@ -27,7 +27,39 @@ impl Default for Pipeline {
     }
 }
 
+/// ImageNet statistics, for colour images.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
 impl Pipeline {
+    /// The input for image `i` of `split`: grey images go through [`Pipeline::apply`]; colour
+    /// images (stored at a side >= `size`) get a random `size` crop + flip for training, the
+    /// centre crop for evaluation, and ImageNet normalisation.
+    pub fn apply_split(&self, split: &crate::data::Split, i: usize, rng: Option<&mut Rng>, out: &mut [f32]) {
+        let img = split.image(i);
+        if split.channels == 1 {
+            return self.apply(img, split.h, split.w, rng, out);
+        }
+        let n = self.size;
+        let (h, w) = (split.h, split.w);
+        let (mut y0, mut x0, mut flip) = (h.saturating_sub(n) / 2, w.saturating_sub(n) / 2, false);
+        if let Some(r) = rng {
+            y0 = r.below((h.saturating_sub(n) + 1) as u64) as usize;
+            x0 = r.below((w.saturating_sub(n) + 1) as u64) as usize;
+            flip = r.uniform() < self.flip;
+        }
+        for c in 0..3 {
+            for y in 0..n {
+                for x in 0..n {
+                    let xx = if flip { n - 1 - x } else { x };
+                    let (sy, sx) = ((y0 + y).min(h - 1), (x0 + xx).min(w - 1));
+                    let v = img[(c * h + sy) * w + sx] as f32 / 255.0;
+                    out[(c * n + y) * n + x] = (v - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+                }
+            }
+        }
+    }
+
     /// Write the `3 x size x size` input for a grey `h x w` image into `out`. With `rng`, the
     /// training augmentations are applied; without, the deterministic evaluation transform.
     pub fn apply(&self, img: &[u8], h: usize, w: usize, rng: Option<&mut Rng>, out: &mut [f32]) {

@@ -107,3 +107,104 @@ pub fn fashion_mnist(dir: Option<&Path>) -> Result<(Split, Split), TrainError> {
         load("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
     ))
 }
+
+/// An ImageNet-style folder: `ROOT/train/<class>/*` and `ROOT/val/<class>/*` (the classes are
+/// the sorted sub-folder names of `train`; `val` must have the same). Images are decoded on all
+/// cores, resized (shorter side, bicubic) and centre-cropped to `store x store`, and kept as u8
+/// RGB in memory. Unreadable images are skipped and counted (returned as the third value).
+pub fn image_folder(root: &Path, store: usize) -> Result<(Split, Split, Vec<String>, usize), TrainError> {
+    let classes = class_dirs(&root.join("train"))?;
+    let val_classes = class_dirs(&root.join("val"))?;
+    if val_classes != classes {
+        return Err(TrainError::Data(format!(
+            "{}: val classes differ from train classes ({} vs {})",
+            root.display(),
+            val_classes.len(),
+            classes.len()
+        )));
+    }
+    let (train, s1) = load_folder(&root.join("train"), &classes, store)?;
+    let (val, s2) = load_folder(&root.join("val"), &classes, store)?;
+    Ok((train, val, classes, s1 + s2))
+}
+
+fn class_dirs(dir: &Path) -> Result<Vec<String>, TrainError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| TrainError::Data(format!("{}: {e}", dir.display())))?;
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        return Err(TrainError::Data(format!("{} has no class folders", dir.display())));
+    }
+    Ok(v)
+}
+
+fn load_folder(dir: &Path, classes: &[String], store: usize) -> Result<(Split, usize), TrainError> {
+    let mut files = Vec::new();
+    for (ci, c) in classes.iter().enumerate() {
+        let cdir = dir.join(c);
+        let mut n = 0;
+        let rd = std::fs::read_dir(&cdir).map_err(|e| TrainError::Data(format!("{}: {e}", cdir.display())))?;
+        let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+        entries.sort();
+        for p in entries {
+            files.push((p, ci as u8));
+            n += 1;
+        }
+        if n == 0 {
+            return Err(TrainError::Data(format!("class folder {} is empty", cdir.display())));
+        }
+    }
+    let per = 3 * store * store;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = files.len().div_ceil(threads).max(1);
+    let results: Vec<Vec<Option<Vec<u8>>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(|(p, _)| decode(p, store)).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+    });
+    let (mut images, mut labels, mut skipped) = (Vec::with_capacity(files.len() * per), Vec::new(), 0);
+    for (img, (path, label)) in results.into_iter().flatten().zip(&files) {
+        match img {
+            Some(px) => {
+                images.extend(px);
+                labels.push(*label);
+            }
+            None => {
+                skipped += 1;
+                eprintln!("warning: skipping unreadable image {}", path.display());
+            }
+        }
+    }
+    if labels.is_empty() {
+        return Err(TrainError::Data(format!("{}: no readable images", dir.display())));
+    }
+    Ok((Split { images, labels, channels: 3, h: store, w: store, classes: classes.len() }, skipped))
+}
+
+/// Decode, resize the shorter side to `store` (bicubic), centre-crop, CHW u8.
+fn decode(path: &Path, store: usize) -> Option<Vec<u8>> {
+    let img = image::open(path).ok()?.to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return None;
+    }
+    let (nw, nh) = if w <= h { (store, (store * h).div_ceil(w)) } else { ((store * w).div_ceil(h), store) };
+    let r = image::imageops::resize(&img, nw as u32, nh as u32, image::imageops::FilterType::CatmullRom);
+    let (y0, x0) = ((nh - store) / 2, (nw - store) / 2);
+    let mut out = vec![0u8; 3 * store * store];
+    for y in 0..store {
+        for x in 0..store {
+            let p = r.get_pixel((x0 + x) as u32, (y0 + y) as u32);
+            for c in 0..3 {
+                out[(c * store + y) * store + x] = p[c];
+            }
+        }
+    }
+    Some(out)
+}

@@ -355,11 +355,9 @@ impl Trainer {
                 let mut x = vec![0f32; idx.len() * per];
                 let mut labels = Vec::with_capacity(idx.len());
                 for (j, &i) in idx.iter().enumerate() {
-                    let img = self.train.image(i);
-                    self.cfg.pipeline.apply(
-                        img,
-                        self.train.h,
-                        self.train.w,
+                    self.cfg.pipeline.apply_split(
+                        &self.train,
+                        i,
                         Some(&mut self.state.rng),
                         &mut x[j * per..(j + 1) * per],
                     );
@@ -456,7 +454,7 @@ pub fn evaluate(cfg: &EmoConfig, sd: StateDict, split: &Split, pipeline: &Pipeli
         let n = chunk.min(split.len() - start);
         let mut x = vec![0f32; n * 3 * s * s];
         for i in 0..n {
-            pipeline.apply(split.image(start + i), split.h, split.w, None, &mut x[i * 3 * s * s..(i + 1) * 3 * s * s]);
+            pipeline.apply_split(split, start + i, None, &mut x[i * 3 * s * s..(i + 1) * 3 * s * s]);
         }
         let logits = engine.run(&x, n, s, s)?;
         for i in 0..n {
