@@ -356,6 +356,16 @@ fn info(input: (usize, usize), variant: Option<Variant>, window_size: Option<usi
     Ok(())
 }
 
+/// Give the memory freed while loading (file bytes, the checkpoint's tensors) back to the OS
+/// (glibc keeps freed heap memory otherwise), so the forward pass starts from the engine alone.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it has no other effect.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Which implementation runs the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum EngineKind {
@@ -387,6 +397,7 @@ impl Runner {
             EngineKind::Fast => Runner::Fast(Box::new(emo_infer::Engine::from_owned(&cfg, sd).with_context(ctx)?)),
             EngineKind::Burn => Self::from_state_dict(&cfg, &sd, kind).with_context(ctx)?,
         };
+        release_freed_memory();
         eprintln!(
             "loaded {} ({wrapping}) as {} with {} classes ({kind:?} engine)",
             weights.display(),

@@ -18,8 +18,8 @@ use std::path::Path;
 use emo_kernels::Act as KAct;
 use emo_kernels::attention::window_attention;
 use emo_kernels::conv::{self, channel_mean, conv2d, linear};
-use emo_kernels::dwconv::{self, DwGeom, depthwise};
-use emo_kernels::fused::{dw_matmul, ln_matmul, v_dw_matmul};
+use emo_kernels::dwconv::{self, DwGeom};
+use emo_kernels::fused::{dw_channel_mean, dw_matmul, ln_matmul, v_dw_matmul};
 use emo_kernels::gemm::{Weight, matmul};
 use emo_kernels::norm::layer_norm;
 use emo_spec::{Act, BlockSpec, EmoConfig, NORM_EPS, Norm};
@@ -163,7 +163,6 @@ struct Buffers {
     qk: Vec<f32>,
     att: Vec<f32>,
     e: Vec<f32>,
-    y: Vec<f32>,
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -365,7 +364,7 @@ impl Engine {
     ) -> Output {
         let cin = self.cfg.in_chans;
         let last_stage = if logits { 4 } else { out_indices.iter().copied().max().unwrap_or(0) };
-        let Buffers { x, out, xn, qk, att, e, y } = buf;
+        let Buffers { x, out, xn, qk, att, e } = buf;
         let mut clock = std::time::Instant::now();
         let (mut hh, mut ww) = (self.stem.out_len(h), self.stem.out_len(w));
         let c0 = self.cfg.stem_dim;
@@ -409,7 +408,7 @@ impl Engine {
                 _ => false,
             };
             if !fused {
-                self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e, y));
+                self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e));
             }
             std::mem::swap(x, out);
             (hh, ww) = (oh, ow);
@@ -438,7 +437,7 @@ impl Engine {
     /// depthwise + projection (fused, or with the SE in between for the stem block).
     /// Reads `x` (`[batch, h, w, dim_in]`), writes `out`.
     fn block_unfused(&self, blk: &Block, batch: usize, h: usize, w: usize, bufs: BufRefs) {
-        let (x, out, xn, qk, att, e, y) = bufs;
+        let (x, out, xn, qk, att, e) = bufs;
         let s = &blk.spec;
         let p = batch * h * w;
         let (oh, ow) = (blk.dw.out_len(h), blk.dw.out_len(w));
@@ -486,35 +485,28 @@ impl Engine {
             dw_matmul(expanded, batch, h, w, mid, dw_w, dw_b, blk.dw, KAct::Silu, s.skip, &blk.proj, residual, outb);
             return;
         };
-        let yb = grow(y, po * mid);
-        depthwise(expanded, batch, h, w, mid, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, s.skip, yb);
+        // SE: channel means of the depthwise output in a first pass (not stored), the gate folded
+        // into the projection ((y * gate) . P = y . diag(gate) P), then depthwise + projection.
         let mut mean = vec![0.0; batch * mid];
-        channel_mean(yb, batch, oh * ow, mid, &mut mean);
+        dw_channel_mean(expanded, batch, h, w, mid, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, s.skip, &mut mean);
         let (mut r, mut g) = (vec![0.0; se.rd], vec![0.0; mid]);
+        let (per_in, per_out) = (h * w * mid, oh * ow * s.dim_out);
         for b in 0..batch {
             linear(&mean[b * mid..(b + 1) * mid], &se.w1, &se.b1, se.rd, mid, kact(s.act), &mut r);
             linear(&r, &se.w2, &se.b2, mid, se.rd, KAct::None, &mut g);
-            // (y * gate) . P = y . (diag(gate) P): scale the projection's input rows instead of y.
             let mut proj = blk.proj.clone();
             proj.scale_rows(|i| emo_kernels::act::sigmoid(g[i]));
-            let rows = oh * ow;
-            let res = residual.map(|r| (&r[b * rows * s.dim_out..], s.dim_out));
-            let ob = &mut outb[b * rows * s.dim_out..(b + 1) * rows * s.dim_out];
-            matmul(&yb[b * rows * mid..(b + 1) * rows * mid], mid, rows, &proj, None, KAct::None, res, ob, s.dim_out);
+            let res = residual.map(|r| &r[b * per_out..(b + 1) * per_out]);
+            let (dw_w, dw_b) = (&blk.dw_w, &blk.dw_b);
+            let (eb, ob) = (&expanded[b * per_in..(b + 1) * per_in], &mut outb[b * per_out..(b + 1) * per_out]);
+            dw_matmul(eb, 1, h, w, mid, dw_w, dw_b, blk.dw, KAct::Silu, s.skip, &proj, res, ob);
         }
     }
 }
 
-/// Mutable views of the buffers a block uses: x, out, xn, qk, att, e, y.
-type BufRefs<'a> = (
-    &'a mut Vec<f32>,
-    &'a mut Vec<f32>,
-    &'a mut Vec<f32>,
-    &'a mut Vec<f32>,
-    &'a mut Vec<f32>,
-    &'a mut Vec<f32>,
-    &'a mut Vec<f32>,
-);
+/// Mutable views of the buffers a block uses: x, out, xn, qk, att, e.
+type BufRefs<'a> =
+    (&'a mut Vec<f32>, &'a mut Vec<f32>, &'a mut Vec<f32>, &'a mut Vec<f32>, &'a mut Vec<f32>, &'a mut Vec<f32>);
 
 fn nhwc_to_nchw(x: &[f32], b: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
     let mut out = vec![0.0; b * c * h * w];

@@ -186,3 +186,67 @@ pub fn v_dw_matmul(
     });
     true
 }
+
+/// Channel means of `act(dw(e))` for each image, computed band by band without storing the
+/// depthwise output (the SE of the stem block needs them before its projection).
+#[allow(clippy::too_many_arguments)]
+pub fn dw_channel_mean(
+    e: &[f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    dw_w: &[f32],
+    dw_b: &[f32],
+    g: DwGeom,
+    act: Act,
+    inner_residual: bool,
+    out: &mut [f32],
+) {
+    let (oh, ow) = (g.out_len(h), g.out_len(w));
+    assert!(e.len() >= batch * h * w * c && out.len() >= batch * c);
+    let level = crate::isa::level();
+    let bands = oh.clamp(1, 4 * num_threads());
+    let band = oh.div_ceil(bands);
+    for b in 0..batch {
+        let img = &e[b * h * w * c..(b + 1) * h * w * c];
+        let sums = std::sync::Mutex::new(vec![0f32; c]);
+        crate::pool::parallel_for(oh.div_ceil(band), |bi| {
+            let mut acc = vec![0f32; c];
+            let mut row = vec![0f32; ow * c];
+            for oy in bi * band..((bi + 1) * band).min(oh) {
+                #[cfg(target_arch = "x86_64")]
+                if level == crate::isa::Level::Avx512 {
+                    // SAFETY: AVX-512F available; sizes asserted above.
+                    unsafe {
+                        crate::dwconv::dw_row_512(
+                            img.as_ptr(),
+                            h,
+                            w,
+                            c,
+                            dw_w,
+                            dw_b,
+                            g,
+                            oy,
+                            act,
+                            inner_residual,
+                            &mut row,
+                        )
+                    };
+                } else {
+                    dw_row_at(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, &mut row);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                dw_row_at(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, &mut row);
+                for px in row.chunks_exact(c) {
+                    crate::act::add_at(level, &mut acc, px);
+                }
+            }
+            crate::act::add_at(level, &mut sums.lock().unwrap(), &acc);
+        });
+        let sums = sums.into_inner().unwrap();
+        for (o, s) in out[b * c..(b + 1) * c].iter_mut().zip(sums) {
+            *o = s / (oh * ow) as f32;
+        }
+    }
+}

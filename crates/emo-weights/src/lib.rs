@@ -14,7 +14,7 @@ mod pickle;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use emo_spec::{EmoConfig, KeyKind, Variant};
@@ -126,25 +126,94 @@ impl Default for StateDict {
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, WeightsError> {
-    std::fs::read(path).map_err(|source| WeightsError::Io { path: path.to_path_buf(), source })
-}
-
 /// Load a checkpoint, choosing the reader from the file's content (zip = `.pth`, otherwise
 /// safetensors).
+///
+/// Files are read tensor by tensor, so a checkpoint is in memory once (decoded), not twice.
 pub fn load(path: impl AsRef<Path>) -> Result<StateDict, WeightsError> {
     let path = path.as_ref();
-    let bytes = read_file(path)?;
-    if bytes.starts_with(b"PK") {
-        load_pth_bytes(&bytes)
-    } else if bytes.first() == Some(&0x80) {
+    let io = |source| WeightsError::Io { path: path.to_path_buf(), source };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut magic = [0u8; 2];
+    let n = f.read(&mut magic).map_err(io)?;
+    f.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+    if n == 2 && &magic == b"PK" {
+        load_pth_reader(std::io::BufReader::new(f))
+    } else if n >= 1 && magic[0] == 0x80 {
         Err(WeightsError::Unsupported(
             "legacy (pre-1.6) PyTorch serialization; re-save it with torch.save(..., _use_new_zipfile_serialization=True)"
                 .into(),
         ))
     } else {
-        load_safetensors_bytes(&bytes)
+        load_safetensors_file(f, path)
     }
+}
+
+/// Read a safetensors file tensor by tensor (header parsed here, each tensor's bytes read and
+/// decoded in turn).
+fn load_safetensors_file(mut f: std::fs::File, path: &Path) -> Result<StateDict, WeightsError> {
+    let corrupt = |m: String| WeightsError::Corrupt(format!("not a readable safetensors file ({m})"));
+    let io = |source| WeightsError::Io { path: path.to_path_buf(), source };
+    let len = f.metadata().map_err(io)?.len();
+    let mut n8 = [0u8; 8];
+    f.read_exact(&mut n8).map_err(|e| corrupt(format!("header: {e}")))?;
+    let n = u64::from_le_bytes(n8);
+    if n > 100_000_000 || 8 + n > len {
+        return Err(corrupt(format!("header length {n} for a {len}-byte file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| corrupt(format!("header: {e}")))?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| corrupt(format!("header JSON: {e}")))?;
+    let entries = json.as_object().ok_or_else(|| corrupt("header is not a JSON object".into()))?;
+    let data_start = 8 + n;
+    let mut sd = StateDict::new();
+    for (name, info) in entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = || corrupt(format!("bad header entry for `{name}`"));
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(bad)?;
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(bad)?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?;
+        let offs = info.get("data_offsets").and_then(|o| o.as_array()).ok_or_else(bad)?;
+        let (start, end) = match (offs.first().and_then(|v| v.as_u64()), offs.get(1).and_then(|v| v.as_u64())) {
+            (Some(a), Some(b)) if a <= b => (a, b),
+            _ => return Err(bad()),
+        };
+        if data_start + end > len {
+            return Err(corrupt(format!("`{name}` points past the end of the file (truncated?)")));
+        }
+        let (kind, esize) = match dtype {
+            "F32" => ("f32", 4),
+            "F64" => ("f64", 8),
+            "F16" => ("f16", 2),
+            "BF16" => ("bf16", 2),
+            "I64" => ("i64", 8),
+            "I32" => ("i32", 4),
+            other => {
+                return Err(WeightsError::DType {
+                    key: name.clone(),
+                    dtype: other.into(),
+                    expected: "a float type".into(),
+                });
+            }
+        };
+        let numel: usize = shape.iter().product();
+        if (end - start) as usize != numel * esize {
+            return Err(corrupt(format!("`{name}`: {} bytes for shape {shape:?} of {dtype}", end - start)));
+        }
+        let mut raw = vec![0u8; numel * esize];
+        f.seek(std::io::SeekFrom::Start(data_start + start)).map_err(io)?;
+        f.read_exact(&mut raw).map_err(|e| corrupt(format!("`{name}`: {e}")))?;
+        sd.insert(name.clone(), Tensor { shape, data: decode_elems(kind, &raw, 0..numel) });
+    }
+    Ok(sd)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -220,8 +289,13 @@ fn strided_indices(offset: usize, shape: &[usize], stride: &[usize]) -> Vec<usiz
 
 /// Read a `.pth` (PyTorch zip) checkpoint from memory.
 pub fn load_pth_bytes(bytes: &[u8]) -> Result<StateDict, WeightsError> {
+    load_pth_reader(std::io::Cursor::new(bytes))
+}
+
+/// Read a `.pth` (PyTorch zip) checkpoint, one storage at a time.
+pub fn load_pth_reader<R: Read + std::io::Seek>(reader: R) -> Result<StateDict, WeightsError> {
     let corrupt = |e: zip::result::ZipError| WeightsError::Corrupt(format!("not a readable zip archive ({e})"));
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(corrupt)?;
+    let mut zip = zip::ZipArchive::new(reader).map_err(corrupt)?;
     let names: Vec<String> =
         zip.file_names().map(|n| n.map(String::from)).collect::<Result<_, _>>().map_err(corrupt)?;
     let pkl = names
@@ -259,7 +333,8 @@ pub fn load_pth_bytes(bytes: &[u8]) -> Result<StateDict, WeightsError> {
         }
     };
 
-    let mut storages: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // Only the storage of the current tensor is held (state dicts rarely share storages).
+    let mut cached: Option<(String, Vec<u8>)> = None;
     let mut sd = StateDict { tensors: BTreeMap::new(), wrapping };
     let mut non_tensors = Vec::new();
     for (k, v) in entries {
@@ -272,11 +347,10 @@ pub fn load_pth_bytes(bytes: &[u8]) -> Result<StateDict, WeightsError> {
         };
         let Value::Storage { dtype, key: skey, numel } = *storage else { unreachable!() };
         let (esize, kind) = storage_elem(&dtype)?;
-        if !storages.contains_key(&skey) {
-            let raw = read(&format!("{prefix}data/{skey}"))?;
-            storages.insert(skey.clone(), raw);
+        if cached.as_ref().is_none_or(|(k, _)| *k != skey) {
+            cached = Some((skey.clone(), read(&format!("{prefix}data/{skey}"))?));
         }
-        let raw = &storages[&skey];
+        let raw = &cached.as_ref().expect("storage just read").1;
         if raw.len() < numel * esize {
             return Err(WeightsError::Corrupt(format!(
                 "storage of `{key}` holds {} bytes, needs {}",
