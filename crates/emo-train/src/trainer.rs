@@ -430,6 +430,13 @@ impl Trainer {
         }
         if self.state.epoch == self.cfg.epochs {
             emo_weights::save_safetensors(&self.ema_state_dict(), self.dir.join("ema.safetensors"))?;
+            // (also redraws the curves of a finished run that is resumed)
+            let all: Vec<EpochMetrics> = std::fs::read_to_string(self.dir.join("metrics.jsonl"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            crate::plot::write(&self.dir, &all, self.cfg.epochs * ipe)?;
         }
         Ok(out)
     }
