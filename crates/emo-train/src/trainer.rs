@@ -421,25 +421,24 @@ impl Trainer {
             writeln!(f, "{line}").map_err(|e| TrainError::Io(format!("metrics.jsonl: {e}")))?;
             self.save_checkpoint()?;
             out.push(m);
-            let all: Vec<EpochMetrics> = std::fs::read_to_string(self.dir.join("metrics.jsonl"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            crate::plot::write(&self.dir, &all, self.cfg.epochs * ipe)?;
+            crate::plot::write(&self.dir, &read_metrics(&self.dir), self.cfg.epochs * ipe)?;
         }
         if self.state.epoch == self.cfg.epochs {
             emo_weights::save_safetensors(&self.ema_state_dict(), self.dir.join("ema.safetensors"))?;
             // (also redraws the curves of a finished run that is resumed)
-            let all: Vec<EpochMetrics> = std::fs::read_to_string(self.dir.join("metrics.jsonl"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            crate::plot::write(&self.dir, &all, self.cfg.epochs * ipe)?;
+            crate::plot::write(&self.dir, &read_metrics(&self.dir), self.cfg.epochs * ipe)?;
         }
         Ok(out)
     }
+}
+
+/// The epoch lines of a run's `metrics.jsonl`.
+pub fn read_metrics(dir: &Path) -> Vec<EpochMetrics> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 fn limit(cfg: &TrainConfig, train: Split, eval: Split) -> (Split, Split) {
