@@ -119,7 +119,8 @@ enum Cmd {
         /// Learning rate per 512 images (scaled linearly with the batch).
         #[arg(long, default_value_t = 1.5e-3)]
         lr: f64,
-        #[arg(long, default_value_t = 0.999)]
+        /// EMA decay per iteration (0 = automatic: about the last 10% of the run, at most 0.9998).
+        #[arg(long, default_value_t = 0.0)]
         ema_decay: f64,
         /// Use only the first N training / evaluation images (0 = all).
         #[arg(long, default_value_t = 0)]
