@@ -260,7 +260,7 @@ fn main() -> Result<()> {
             };
             eprintln!("run folder: {}", t.dir.display());
             t.run(stop_after)?;
-            println!("best EMA top-1: {:.2}% ({})", t.state.best_ema_top1, t.dir.join("best.safetensors").display());
+            println!("best top-1: {:.2}% ({})", t.state.best_ema_top1, t.dir.join("best.safetensors").display());
             Ok(())
         }
         Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn, profile } => {

@@ -182,7 +182,7 @@ fn train_and_eval_end_to_end_on_fashion_mnist_when_installed() {
     let args = ["train", "--epochs", "1", "--train-limit", "128", "--eval-limit", "64", "--out", run.to_str().unwrap()];
     let o = emo(&args);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("best EMA top-1"));
+    assert!(stdout(&o).contains("best top-1"));
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 1);
     // the run folder is not overwritten by a second `train --out`

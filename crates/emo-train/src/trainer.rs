@@ -6,7 +6,7 @@
 //! RUN/metrics.jsonl      one JSON line per epoch (loss, lr, val top-1/top-5 raw and EMA, time)
 //! RUN/checkpoint/        model.safetensors, ema.safetensors, optim.bin, state.json (epoch, iter,
 //!                        RNG) -- replaced atomically at the end of every epoch
-//! RUN/best.safetensors   the EMA weights of the best epoch (by EMA top-1)
+//! RUN/best.safetensors   the best epoch's weights (EMA or raw, whichever scores higher)
 //! RUN/ema.safetensors    the final EMA weights
 //! RUN/loss.csv           iteration, running training loss of the epoch, learning rate
 //! RUN/curves.png         loss and accuracy curves
@@ -109,6 +109,7 @@ pub struct TrainState {
     /// Iterations completed.
     pub iter: usize,
     pub rng: Rng,
+    /// Best top-1 so far (of the EMA or the raw weights).
     pub best_ema_top1: f64,
 }
 
@@ -400,9 +401,12 @@ impl Trainer {
             let (top1, top5) = self.evaluate(self.model().state_dict())?;
             let ema_sd = self.ema_state_dict();
             let (ema_top1, ema_top5) = self.evaluate(ema_sd.clone())?;
-            if ema_top1 >= self.state.best_ema_top1 {
-                self.state.best_ema_top1 = ema_top1;
-                emo_weights::save_safetensors(&ema_sd, self.dir.join("best.safetensors"))?;
+            // best.safetensors: the better of the EMA and the raw weights of the best epoch.
+            let best = top1.max(ema_top1);
+            if best >= self.state.best_ema_top1 {
+                self.state.best_ema_top1 = best;
+                let sd = if ema_top1 >= top1 { ema_sd.clone() } else { self.model().state_dict() };
+                emo_weights::save_safetensors(&sd, self.dir.join("best.safetensors"))?;
             }
             let m = EpochMetrics {
                 epoch: self.state.epoch,
