@@ -169,7 +169,7 @@ fn verify_reproduces_the_embedded_official_outputs() {
 
 #[test]
 fn train_and_eval_end_to_end_on_fashion_mnist_when_installed() {
-    let o = emo(&["train", "--data", "imagefolder:/nowhere"]);
+    let o = emo(&["train", "--data", "cifar10"]);
     assert!(!o.status.success() && stderr(&o).contains("unknown --data"), "{}", stderr(&o));
     let o = emo(&["eval", "--weights", &fixture("emo_1m.safetensors")]);
     if stderr(&o).contains("apt-get install") {
