@@ -97,14 +97,35 @@ pub fn depthwise(
     parallel_chunks_mut(&mut out[..batch * oh * ow * c], ow * c, |r, row| {
         let (b, oy) = (r / oh, r % oh);
         let img = &input[b * h * w * c..(b + 1) * h * w * c];
-        #[cfg(target_arch = "x86_64")]
-        if level == crate::isa::Level::Avx512 {
-            // SAFETY: AVX-512F available; sizes asserted above.
-            unsafe { dw_row_512(img.as_ptr(), h, w, c, weight, bias, g, oy, act, residual, row) };
-            return;
-        }
-        dw_row_at(level, img, h, w, c, weight, bias, g, oy, act, residual, row);
+        dw_row_level(level, img, h, w, c, weight, bias, g, oy, act, residual, row);
     });
+}
+
+/// One output row of [`depthwise`] for one `[h, w, c]` image at the given ISA level (the
+/// AVX-512 kernel or the portable one).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dw_row_level(
+    level: crate::isa::Level,
+    img: &[f32],
+    h: usize,
+    w: usize,
+    c: usize,
+    weight: &[f32],
+    bias: &[f32],
+    g: DwGeom,
+    oy: usize,
+    act: Act,
+    residual: bool,
+    row: &mut [f32],
+) {
+    assert!(img.len() >= h * w * c && weight.len() >= g.k * g.k * c && row.len() == g.out_len(w) * c);
+    #[cfg(target_arch = "x86_64")]
+    if level == crate::isa::Level::Avx512 {
+        // SAFETY: AVX-512F available at this level; sizes asserted above.
+        unsafe { dw_row_512(img.as_ptr(), h, w, c, weight, bias, g, oy, act, residual, row) };
+        return;
+    }
+    dw_row_at(level, img, h, w, c, weight, bias, g, oy, act, residual, row);
 }
 
 /// AVX-512 body of one output row (no activation): 32-channel blocks in two zmm accumulators,

@@ -6,7 +6,7 @@
 //!   (+ outer residual) on the rows just produced.
 
 use crate::act::Act;
-use crate::dwconv::{DwGeom, dw_row_at};
+use crate::dwconv::{DwGeom, dw_row_level};
 use crate::gemm::{Weight, matmul_st};
 
 use crate::pool::{SendPtr, num_threads, parallel_chunks_mut};
@@ -91,15 +91,7 @@ pub fn dw_matmul(
                 let (b, oy) = ((r0 + j) / oh, (r0 + j) % oh);
                 let img = &e[b * h * w * c..(b + 1) * h * w * c];
                 let row = &mut yb[j * ow * c..(j + 1) * ow * c];
-                #[cfg(target_arch = "x86_64")]
-                if level == crate::isa::Level::Avx512 {
-                    // SAFETY: AVX-512F available; sizes asserted above.
-                    unsafe {
-                        crate::dwconv::dw_row_512(img.as_ptr(), h, w, c, dw_w, dw_b, g, oy, act, inner_residual, row)
-                    };
-                    continue;
-                }
-                dw_row_at(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, row);
+                dw_row_level(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, row);
             }
             let res = residual.map(|r| (&r[r0 * ow * n..], n));
             crate::isa::with_level_unchecked(level, || matmul_st(yb, c, nr * ow, proj, None, Act::None, res, ob, n));
@@ -215,29 +207,7 @@ pub fn dw_channel_mean(
             let mut acc = vec![0f32; c];
             let mut row = vec![0f32; ow * c];
             for oy in bi * band..((bi + 1) * band).min(oh) {
-                #[cfg(target_arch = "x86_64")]
-                if level == crate::isa::Level::Avx512 {
-                    // SAFETY: AVX-512F available; sizes asserted above.
-                    unsafe {
-                        crate::dwconv::dw_row_512(
-                            img.as_ptr(),
-                            h,
-                            w,
-                            c,
-                            dw_w,
-                            dw_b,
-                            g,
-                            oy,
-                            act,
-                            inner_residual,
-                            &mut row,
-                        )
-                    };
-                } else {
-                    dw_row_at(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, &mut row);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                dw_row_at(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, &mut row);
+                dw_row_level(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, &mut row);
                 for px in row.chunks_exact(c) {
                     crate::act::add_at(level, &mut acc, px);
                 }
