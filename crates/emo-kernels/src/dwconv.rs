@@ -128,8 +128,8 @@ pub(crate) fn dw_row_level(
     dw_row_at(level, img, h, w, c, weight, bias, g, oy, act, residual, row);
 }
 
-/// AVX-512 body of one output row (no activation): 32-channel blocks in two zmm accumulators,
-/// masked loads / stores for the channel tail. `ip` points at (virtual) row 0 of the `[h, w, c]`
+/// AVX-512 body of one output row, activation and inner residual applied in registers: 32-channel
+/// blocks in two zmm accumulators, masked loads / stores for the channel tail. `ip` points at (virtual) row 0 of the `[h, w, c]`
 /// input; only the rows this output row needs are read (so a band of rows may be passed with
 /// `ip` shifted back by its first row).
 ///
