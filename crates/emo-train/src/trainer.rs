@@ -91,6 +91,11 @@ impl TrainConfig {
         }
     }
 
+    /// Iterations of the whole run over `train_len` images (drop_last).
+    pub fn total_iters(&self, train_len: usize) -> usize {
+        (train_len / self.batch.max(1)) * self.epochs
+    }
+
     /// The EMA decay in use for `iters` total iterations.
     pub fn effective_ema_decay(&self, iters: usize) -> f64 {
         if self.ema_decay > 0.0 { self.ema_decay } else { (1.0 - 10.0 / iters.max(1) as f64).clamp(0.0, 0.9998) }
@@ -230,8 +235,7 @@ impl Trainer {
             None => Emo::new(&mcfg, &device)?,
         };
         let optim = optimizer(&cfg, &model);
-        let total = (train.len() / cfg.batch) * cfg.epochs;
-        let ema = Ema::new(cfg.effective_ema_decay(total), &model.state_dict());
+        let ema = Ema::new(cfg.effective_ema_decay(cfg.total_iters(train.len())), &model.state_dict());
         write_json(&dir.join("config.json"), &cfg)?;
         let state = TrainState { epoch: 0, iter: 0, rng: Rng::new(cfg.seed), best_ema_top1: 0.0 };
         Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, verbose: true })
@@ -253,8 +257,10 @@ impl Trainer {
         let optim = optimizer(&cfg, &model)
             .load(ck.join("optim.bin"))
             .map_err(|e| TrainError::Io(format!("optim.bin: {e:?}")))?;
-        let total = (train.len() / cfg.batch) * cfg.epochs;
-        let ema = Ema::from_state_dict(cfg.effective_ema_decay(total), &emo_weights::load(ck.join("ema.safetensors"))?);
+        let ema = Ema::from_state_dict(
+            cfg.effective_ema_decay(cfg.total_iters(train.len())),
+            &emo_weights::load(ck.join("ema.safetensors"))?,
+        );
         Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, verbose: true })
     }
 
@@ -268,7 +274,7 @@ impl Trainer {
     }
 
     fn iters_per_epoch(&self) -> usize {
-        self.train.len() / self.cfg.batch // drop_last
+        self.cfg.total_iters(self.train.len()) / self.cfg.epochs.max(1)
     }
 
     fn schedule(&self) -> Cosine {
