@@ -82,3 +82,65 @@ fn validate_rejects_bad_heads() {
     c.stages[2].dim_head = 7;
     assert!(c.validate().is_err());
 }
+
+mod tasks {
+    use emo_spec::{DenseConfig, Task, Variant};
+
+    /// The paper's params column truncates to 0.1M (spec §9): ours must fall in that interval.
+    #[test]
+    fn params_match_the_paper_tables() {
+        for task in Task::ALL {
+            for v in [Variant::Emo1M, Variant::Emo2M, Variant::Emo5M] {
+                let cfg = DenseConfig::paper(task, v);
+                let (p, _) = task.paper_params_flops(v).unwrap();
+                let ours = cfg.num_params() as f64 / 1e6;
+                assert!(ours >= p - 1e-9 && ours < p + 0.1, "{task} {v}: {ours:.3}M vs paper {p}M");
+            }
+        }
+    }
+
+    #[test]
+    fn flops_are_close_to_the_paper_tables() {
+        for task in Task::ALL {
+            for v in [Variant::Emo1M, Variant::Emo2M, Variant::Emo5M] {
+                let (_, g) = task.paper_params_flops(v).unwrap();
+                // The paper used mmcv's counter, which misses the attention matmuls.
+                let ours = DenseConfig::paper(task, v).flops().mmcv_like() as f64 / 1e9;
+                assert!((ours - g).abs() / g < 0.1, "{task} {v}: {ours:.3}G vs paper {g}G");
+            }
+        }
+    }
+
+    #[test]
+    fn official_windows_and_levels() {
+        let d = DenseConfig::paper(Task::SsdLite, Variant::Emo5M);
+        assert!(d.backbone.stages.iter().all(|s| s.window_size == 10));
+        let s = DenseConfig::paper(Task::PspNet, Variant::Emo5M);
+        assert!(s.backbone.stages.iter().all(|s| s.window_size == 16));
+        assert!(DenseConfig::paper(Task::DeepLabV3, Variant::Emo1M).backbone.stages.iter().all(|s| s.window_size == 7));
+        let sizes: Vec<usize> = d.level_sizes().iter().map(|s| s.0).collect();
+        assert_eq!(sizes, [20, 10, 5, 3, 2, 1]);
+        let r = DenseConfig::paper(Task::RetinaNet, Variant::Emo1M);
+        assert_eq!(r.level_sizes(), [(160, 100), (80, 50), (40, 25), (20, 13), (10, 7)]);
+        let a = d.ssd_anchor_levels();
+        assert_eq!((a[3].stride, a[3].min_size, a[5].max_size), ((107.0, 107.0), 202.0, 320.0));
+        let small = DenseConfig::new(Task::SsdLite, Variant::Emo1M, 10, (128, 128)).ssd_anchor_levels();
+        assert_eq!(small[0].stride, (16.0, 16.0));
+        assert!((small[0].min_size - 19.2).abs() < 1e-9);
+        assert_eq!("PSPNet".parse::<Task>().unwrap(), Task::PspNet);
+        assert!("yolo".parse::<Task>().is_err());
+    }
+
+    #[test]
+    fn keys_are_unique_and_prefixed() {
+        for task in Task::ALL {
+            let keys = DenseConfig::paper(task, Variant::Emo1M).state_dict_keys();
+            let mut names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+            let n = names.len();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), n, "{task}");
+            assert!(names.iter().any(|k| k.starts_with("backbone.stage4.")));
+        }
+    }
+}
