@@ -42,6 +42,12 @@ pub(crate) struct Source<'a> {
     pub stable_ids: bool,
 }
 
+/// The stable parameter id of an official key (what every model of this workspace uses, so an
+/// optimizer state saved for one build applies to a rebuilt model).
+pub fn param_id(key: &str) -> burn::module::ParamId {
+    burn::module::ParamId::from(key_id(key))
+}
+
 /// FNV-1a of a key: a stable parameter id.
 pub(crate) fn key_id(key: &str) -> u64 {
     key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))

@@ -17,7 +17,7 @@ use std::fmt;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use emo_spec::{EmoConfig, KeyKind, Variant};
+use emo_spec::{EmoConfig, KeyKind, KeySpec, Variant};
 
 /// Errors of checkpoint I/O and validation.
 #[derive(Debug, thiserror::Error)]
@@ -522,9 +522,12 @@ impl fmt::Display for Mismatch {
 }
 
 fn check(sd: &StateDict, cfg: &EmoConfig) -> Mismatch {
-    let mut m = Mismatch { expected: cfg.name().to_string(), ..Default::default() };
-    let expected = cfg.state_dict_keys();
-    for k in &expected {
+    check_keys(sd, &cfg.state_dict_keys(), cfg.name())
+}
+
+fn check_keys(sd: &StateDict, expected: &[KeySpec], name: &str) -> Mismatch {
+    let mut m = Mismatch { expected: name.to_string(), ..Default::default() };
+    for k in expected {
         match sd.get(&k.name) {
             None if k.kind == KeyKind::Counter => {}
             None => m.missing.push(k.name.clone()),
@@ -580,6 +583,13 @@ pub fn validate(sd: &StateDict, cfg: &EmoConfig) -> Result<(), WeightsError> {
         }
     }
     Err(WeightsError::Mismatch(Box::new(m)))
+}
+
+/// Check `sd` strictly against any expected key list (e.g. a detector's
+/// `DenseConfig::state_dict_keys`); `what` names the model in the error.
+pub fn validate_keys(sd: &StateDict, expected: &[KeySpec], what: &str) -> Result<(), WeightsError> {
+    let m = check_keys(sd, expected, what);
+    if m.is_ok() { Ok(()) } else { Err(WeightsError::Mismatch(Box::new(m))) }
 }
 
 /// Guess the variant of a checkpoint from its layout (any head width, or none).

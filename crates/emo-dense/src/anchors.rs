@@ -1,0 +1,63 @@
+//! Anchor grids in mmdet 2.x order: level by level, row-major over the feature map, the base
+//! anchors of a location innermost. The heads flatten their outputs in the same order.
+
+use emo_spec::DenseConfig;
+
+use crate::boxes::BBox;
+
+/// SSD anchors (`SSDAnchorGenerator`): per location, the square `min` box, the square
+/// `sqrt(min * max)` box, then `min` boxes of ratios 2, 1/2, 3, 1/3 (ratio = h / w); centred at
+/// `(i + 0.5) * stride`.
+pub fn ssd_anchors(cfg: &DenseConfig) -> Vec<BBox> {
+    let mut out = Vec::new();
+    for lv in cfg.ssd_anchor_levels() {
+        let big = (lv.min_size * lv.max_size).sqrt();
+        let mut base: Vec<(f64, f64)> = vec![(lv.min_size, lv.min_size), (big, big)];
+        for r in [2.0f64, 0.5, 3.0, 1.0 / 3.0] {
+            base.push((lv.min_size / r.sqrt(), lv.min_size * r.sqrt()));
+        }
+        for y in 0..lv.size.0 {
+            for x in 0..lv.size.1 {
+                let (cy, cx) = ((y as f64 + 0.5) * lv.stride.0, (x as f64 + 0.5) * lv.stride.1);
+                for &(w, h) in &base {
+                    out.push([(cx - w / 2.0) as f32, (cy - h / 2.0) as f32, (cx + w / 2.0) as f32, (cy + h / 2.0) as f32]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// RetinaNet anchors (`AnchorGenerator`, octave base scale 4, 3 scales per octave, ratios
+/// 0.5/1/2, strides 8..128, centre offset 0): per location, ratio-major then scale.
+pub fn retina_anchors(cfg: &DenseConfig) -> Vec<BBox> {
+    let mut out = Vec::new();
+    for (l, size) in cfg.level_sizes().into_iter().enumerate() {
+        let stride = (8usize << l) as f64;
+        let mut base = Vec::new();
+        for r in [0.5f64, 1.0, 2.0] {
+            for s in 0..3 {
+                let scale = 4.0 * 2f64.powf(s as f64 / 3.0);
+                let (hr, wr) = (r.sqrt(), 1.0 / r.sqrt());
+                base.push((stride * wr * scale, stride * hr * scale));
+            }
+        }
+        for y in 0..size.0 {
+            for x in 0..size.1 {
+                let (cy, cx) = (y as f64 * stride, x as f64 * stride);
+                for &(w, h) in &base {
+                    out.push([(cx - w / 2.0) as f32, (cy - h / 2.0) as f32, (cx + w / 2.0) as f32, (cy + h / 2.0) as f32]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The anchors of a detection config.
+pub fn anchors(cfg: &DenseConfig) -> Vec<BBox> {
+    match cfg.task {
+        emo_spec::Task::SsdLite => ssd_anchors(cfg),
+        _ => retina_anchors(cfg),
+    }
+}

@@ -1,0 +1,100 @@
+//! mmdet's `MaxIoUAssigner`: anchors with IoU >= `pos` to their best box are positives, those
+//! below `neg` negatives, the rest ignored; then every box claims its best anchor (if that IoU is
+//! at least `min_pos`), so no box is left without a positive.
+
+use crate::boxes::{BBox, BoxCoder, iou};
+
+/// What an anchor was assigned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Assigned {
+    Ignore,
+    Negative,
+    /// Index of the ground-truth box.
+    Positive(usize),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaxIou {
+    pub pos: f32,
+    pub neg: f32,
+    pub min_pos: f32,
+}
+
+impl MaxIou {
+    /// SSD: 0.5 / 0.5 / 0.
+    pub const SSD: MaxIou = MaxIou { pos: 0.5, neg: 0.5, min_pos: 0.0 };
+    /// RetinaNet: 0.5 / 0.4 / 0.
+    pub const RETINA: MaxIou = MaxIou { pos: 0.5, neg: 0.4, min_pos: 0.0 };
+
+    pub fn assign(&self, anchors: &[BBox], gts: &[BBox]) -> Vec<Assigned> {
+        if gts.is_empty() {
+            return vec![Assigned::Negative; anchors.len()];
+        }
+        let mut best_gt = vec![(0usize, -1.0f32); anchors.len()];
+        let mut best_anchor = vec![(0usize, -1.0f32); gts.len()];
+        for (a, an) in anchors.iter().enumerate() {
+            for (g, gt) in gts.iter().enumerate() {
+                let o = iou(an, gt);
+                if o > best_gt[a].1 {
+                    best_gt[a] = (g, o);
+                }
+                if o > best_anchor[g].1 {
+                    best_anchor[g] = (a, o);
+                }
+            }
+        }
+        let mut out: Vec<Assigned> = best_gt
+            .iter()
+            .map(|&(g, o)| {
+                if o >= self.pos {
+                    Assigned::Positive(g)
+                } else if o >= 0.0 && o < self.neg {
+                    Assigned::Negative
+                } else {
+                    Assigned::Ignore
+                }
+            })
+            .collect();
+        for (g, &(a, o)) in best_anchor.iter().enumerate() {
+            if o >= self.min_pos {
+                out[a] = Assigned::Positive(g);
+            }
+        }
+        out
+    }
+}
+
+/// Training targets of one image: per anchor a class (`num_classes` = background, `-1` =
+/// ignore) and, for positives, the encoded box.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Targets {
+    pub labels: Vec<i64>,
+    pub deltas: Vec<[f32; 4]>,
+    pub num_pos: usize,
+}
+
+pub fn targets(
+    assigner: &MaxIou,
+    coder: &BoxCoder,
+    anchors: &[BBox],
+    gts: &[BBox],
+    gt_labels: &[usize],
+    num_classes: usize,
+) -> Targets {
+    let a = assigner.assign(anchors, gts);
+    let mut labels = vec![num_classes as i64; anchors.len()];
+    let mut deltas = vec![[0.0; 4]; anchors.len()];
+    let mut num_pos = 0;
+    for (i, s) in a.iter().enumerate() {
+        match *s {
+            Assigned::Ignore => labels[i] = -1,
+            Assigned::Negative => {}
+            Assigned::Positive(g) => {
+                labels[i] = gt_labels[g] as i64;
+                deltas[i] = coder.encode(&anchors[i], &gts[g]);
+                num_pos += 1;
+            }
+        }
+    }
+    Targets { labels, deltas, num_pos }
+}
