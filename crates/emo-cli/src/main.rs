@@ -8,10 +8,11 @@ use burn::tensor::{Device, Tensor, TensorData};
 use clap::{Parser, Subcommand};
 use emo_model::Emo;
 use emo_model::preprocess::EvalTransform;
-use emo_spec::{EmoConfig, Variant};
+use emo_spec::{EmoConfig, Task, Variant};
 use emo_weights::npy;
 
 mod bench;
+mod dense;
 
 const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
 /// The committed EMO-1M parity fixture (official layout, seeded random weights) and the
@@ -39,6 +40,13 @@ enum Cmd {
         /// Window size override (EMO-5M uses 10 for detection, 16 for segmentation).
         #[arg(long)]
         window_size: Option<usize>,
+        /// Params and FLOPs of a detector / segmenter instead (ssdlite, retinanet, deeplabv3,
+        /// pspnet), at the paper's input unless --input is given.
+        #[arg(long)]
+        task: Option<Task>,
+        /// Classes of the task's head (default: 80 for COCO, 150 for ADE20K).
+        #[arg(long)]
+        classes: Option<usize>,
     },
     /// Raw logits for an NCHW f32 .npy tensor (the scripting and testing interface).
     Predict {
@@ -95,10 +103,23 @@ enum Cmd {
     },
     /// Check this build against the official PyTorch outputs embedded in the binary (EMO-1M).
     Verify,
-    /// Train (or fine-tune) on Fashion-MNIST with the paper's recipe; resumable.
+    /// Train (or fine-tune) on Fashion-MNIST with the paper's recipe; resumable. With --task,
+    /// train a detector (COCO-layout --data) or segmenter (mask-folder --data).
     Train {
         #[arg(long, default_value = "emo-1m")]
         variant: Variant,
+        /// ssdlite, retinanet, deeplabv3 or pspnet (default: classification).
+        #[arg(long)]
+        task: Option<Task>,
+        /// Dense tasks: model input HxW (default: the paper's).
+        #[arg(long, value_parser = parse_hw)]
+        input: Option<(usize, usize)>,
+        /// Dense tasks: initial backbone weights (classification checkpoint; norm/head dropped).
+        #[arg(long)]
+        backbone_weights: Option<PathBuf>,
+        /// Dense detection tasks: linear warm-up iterations (default 500).
+        #[arg(long)]
+        warmup_iters: Option<usize>,
         /// `fashion-mnist` (Debian's dataset-fashion-mnist), `fashion-mnist:DIR`, or
         /// `imagefolder:PATH` (PATH/train/<class>/*, PATH/val/<class>/*).
         #[arg(long, default_value = "fashion-mnist")]
@@ -116,9 +137,11 @@ enum Cmd {
         /// Training / evaluation input side (the 28x28 images are upscaled by an integer factor).
         #[arg(long, default_value_t = 32)]
         size: usize,
-        /// Learning rate per 512 images (scaled linearly with the batch).
-        #[arg(long, default_value_t = 1.5e-3)]
-        lr: f64,
+        /// Classification: learning rate per 512 images (scaled with the batch; default 1.5e-3).
+        /// Dense tasks: the learning rate (default: the paper's, 1.2e-3 SSDLite, 2e-4 RetinaNet,
+        /// 1.2e-4 segmentation).
+        #[arg(long)]
+        lr: Option<f64>,
         /// EMA decay per iteration (0 = automatic: about the last 10% of the run, at most 0.9998).
         #[arg(long, default_value_t = 0.0)]
         ema_decay: f64,
@@ -137,17 +160,82 @@ enum Cmd {
         stop_after: Option<usize>,
     },
     /// Top-1 / top-5 of weights on a dataset's test split (the training run's eval transform).
+    /// With --task: COCO mAP (detection) or mIoU / aAcc / mAcc (segmentation).
     Eval {
         #[arg(long, default_value = "emo-1m")]
         variant: Variant,
         #[arg(long)]
         weights: PathBuf,
+        /// Evaluate a detector / segmenter (its model.json is read from beside the weights).
+        #[arg(long)]
+        task: Option<Task>,
+        /// Dense tasks: the split folder name.
+        #[arg(long, default_value = "val")]
+        split: String,
+        /// Dense tasks: model card (default: model.json beside the weights).
+        #[arg(long)]
+        card: Option<PathBuf>,
+        /// Dense tasks: evaluate only the first N images (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
         /// `fashion-mnist`, `fashion-mnist:DIR` or `imagefolder:PATH` (its val split).
         #[arg(long, default_value = "fashion-mnist")]
         data: String,
         /// Input side used in training.
         #[arg(long, default_value_t = 32)]
         size: usize,
+    },
+    /// Detect objects in images with a trained SSDLite / RetinaNet: writes OUT/NAME.json (boxes
+    /// in image pixels) and OUT/NAME.png (annotated).
+    Detect {
+        #[arg(long)]
+        weights: PathBuf,
+        /// Model card (default: model.json beside the weights, as `emo train --task` writes it).
+        #[arg(long)]
+        card: Option<PathBuf>,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[arg(long, default_value = "detections")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0.3)]
+        score_thr: f32,
+    },
+    /// Segment images with a trained DeepLabv3 / PSPNet: writes OUT/NAME.png (colour mask).
+    Segment {
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        card: Option<PathBuf>,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[arg(long, default_value = "masks")]
+        out: PathBuf,
+    },
+    /// Build the Fashion-MNIST canvas set (real items on larger canvases; boxes and masks from
+    /// placement) in COCO and mask-folder layout.
+    MakeCanvas {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        #[arg(long, default_value_t = 4000)]
+        train: usize,
+        #[arg(long, default_value_t = 500)]
+        val: usize,
+        /// Items per canvas, MIN-MAX.
+        #[arg(long, default_value = "1-3")]
+        items: String,
+        /// Item scale range (x 28 px), MIN-MAX.
+        #[arg(long, default_value = "1.5-3.0")]
+        scale: String,
+        /// 4 coarse classes (top, trouser, footwear, bag) instead of the 10 Fashion-MNIST ones.
+        #[arg(long)]
+        coarse: bool,
+        /// Fashion-MNIST IDX folder (default: Debian's /usr/share/datasets/fashion-mnist).
+        #[arg(long)]
+        fmnist: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Latency and throughput of the fast engine, optionally against ONNX Runtime and burn.
     Bench {
@@ -192,7 +280,38 @@ fn parse_hw(s: &str) -> Result<(usize, usize), String> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Info { input, variant, window_size } => info(input, variant, window_size),
+        Cmd::Info { input, variant, window_size, task, classes } => match task {
+            Some(t) => {
+                let explicit = std::env::args().any(|a| a.starts_with("--input"));
+                dense::info(t, variant, explicit.then_some(input), classes)
+            }
+            None => info(input, variant, window_size),
+        },
+        Cmd::Detect { weights, card, images, out, score_thr } => {
+            dense::detect_cmd(&weights, card.as_deref(), &images, &out, score_thr)
+        }
+        Cmd::Segment { weights, card, images, out } => dense::segment_cmd(&weights, card.as_deref(), &images, &out),
+        Cmd::MakeCanvas { out, size, train, val, items, scale, coarse, fmnist, seed } => {
+            let range = |s: &str, what: &str| -> Result<(f64, f64)> {
+                let (a, b) = s.split_once('-').with_context(|| format!("--{what} expects MIN-MAX"))?;
+                let (a, b): (f64, f64) = (a.parse()?, b.parse()?);
+                ensure!(a > 0.0 && a <= b, "--{what}: need 0 < MIN <= MAX");
+                Ok((a, b))
+            };
+            let (i0, i1) = range(&items, "items")?;
+            let (s0, s1) = range(&scale, "scale")?;
+            ensure!(size >= 32 && s1 * 28.0 <= size as f64, "--size must be >= 32 and hold the largest item");
+            let cfg = emo_dense::data::CanvasConfig {
+                size,
+                train,
+                val,
+                items: (i0 as usize, i1 as usize),
+                scale: (s0 as f32, s1 as f32),
+                coarse,
+                seed,
+            };
+            dense::make_canvas(&out, &cfg, fmnist.as_deref())
+        }
         Cmd::Predict { variant, weights, input_npy, output_npy, features, engine } => {
             predict(variant, &weights, &input_npy, &output_npy, &features, engine)
         }
@@ -204,7 +323,10 @@ fn main() -> Result<()> {
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
-        Cmd::Eval { variant, weights, data, size } => {
+        Cmd::Eval { weights, task: Some(_), data, split, card, limit, .. } => {
+            dense::eval(&weights, card.as_deref(), Path::new(&data), &split, limit)
+        }
+        Cmd::Eval { variant, weights, data, size, .. } => {
             let (_, test) = load_data(&data, size)?;
             let sd = emo_weights::load(&weights).with_context(|| format!("loading {}", weights.display()))?;
             let n = sd.get("head.bias").map_or(0, |t| t.shape[0]);
@@ -213,6 +335,25 @@ fn main() -> Result<()> {
             let (top1, top5) = emo_train::evaluate(&variant.config().with_num_classes(n), sd, &test, &pipeline)?;
             println!("{}: top-1 {top1:.2}%  top-5 {top5:.2}%  ({} images of {data})", weights.display(), test.len());
             Ok(())
+        }
+        Cmd::Train { task: Some(task), variant, data, out, resume, epochs, batch, lr, input, backbone_weights, train_limit, eval_limit, seed, stop_after, warmup_iters, .. } => {
+            dense::train(dense::TrainArgs {
+                task,
+                variant,
+                data: PathBuf::from(data),
+                out,
+                resume,
+                epochs,
+                batch,
+                lr,
+                input,
+                backbone_weights,
+                train_limit,
+                eval_limit,
+                seed,
+                stop_after,
+                warmup_iters,
+            })
         }
         Cmd::Train {
             variant,
@@ -229,7 +370,9 @@ fn main() -> Result<()> {
             init_weights,
             seed,
             stop_after,
+            ..
         } => {
+            let lr = lr.unwrap_or(1.5e-3);
             // A resumed run reads its data spec and input size from its own config.
             let (data, size) = match &resume {
                 Some(dir) => {

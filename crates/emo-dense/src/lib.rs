@@ -7,8 +7,12 @@
 pub mod anchors;
 pub mod assign;
 pub mod boxes;
+pub mod data;
+pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod predict;
+pub mod train;
 
 pub use boxes::{BBox, BoxCoder, Detection};
 pub use emo_spec::{DenseConfig, Task};

@@ -1,0 +1,255 @@
+//! The dense-prediction commands: `info --task`, `train --task`, `eval --task`, `detect`,
+//! `segment` and `make-canvas`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::tensor::Device;
+use emo_dense::data::CanvasConfig;
+use emo_dense::predict::{DetTestCfg, batch_tensor, detect, draw_boxes, palette, segment};
+use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, evaluate, load_split};
+use emo_dense::{DenseConfig, DenseModel, Task};
+use emo_spec::Variant;
+
+pub fn info(task: Task, variant: Option<Variant>, input: Option<(usize, usize)>, classes: Option<usize>) -> Result<()> {
+    let input = input.unwrap_or(task.paper_input());
+    let classes = classes.unwrap_or(task.paper_classes());
+    println!(
+        "{task} at {}x{}, {classes} classes (window {}):",
+        input.0,
+        input.1,
+        if task.is_detection() { "10 for EMO-5M" } else { "16 for EMO-5M" }
+    );
+    println!(
+        "{:<8} {:>12} {:>13} {:>13} {:>15} {:>15}",
+        "backbone", "params", "FLOPs", "mmcv-like", "paper params", "paper FLOPs"
+    );
+    let variants: Vec<Variant> = variant.map_or(Variant::ALL.to_vec(), |v| vec![v]);
+    for v in variants {
+        let cfg = DenseConfig::new(task, v, classes, input);
+        let f = cfg.flops();
+        let paper = task
+            .paper_params_flops(v)
+            .filter(|_| input == task.paper_input() && classes == task.paper_classes())
+            .map_or(("-".to_string(), "-".to_string()), |(p, g)| (format!("{p:.1}M"), format!("{g:.1}G")));
+        println!(
+            "{:<8} {:>12} {:>12.3}G {:>12.3}G {:>15} {:>15}",
+            v.paper_name(),
+            cfg.num_params(),
+            f.inference() as f64 / 1e9,
+            f.mmcv_like() as f64 / 1e9,
+            paper.0,
+            paper.1
+        );
+    }
+    println!(
+        "params include the auxiliary FCN head (segmentation), as the paper's tables do; FLOPs are one inference\n\
+         (fvcore convention); `mmcv-like` leaves out the attention matmuls, which mmcv's counter (the paper's) misses."
+    );
+    Ok(())
+}
+
+pub struct TrainArgs {
+    pub task: Task,
+    pub variant: Variant,
+    pub data: PathBuf,
+    pub out: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: Option<f64>,
+    pub input: Option<(usize, usize)>,
+    pub backbone_weights: Option<PathBuf>,
+    pub train_limit: usize,
+    pub eval_limit: usize,
+    pub seed: u64,
+    pub stop_after: Option<usize>,
+    pub warmup_iters: Option<usize>,
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let device = Device::flex().autodiff();
+    let mut t = match &a.resume {
+        Some(dir) => DenseTrainer::resume(dir, device)?,
+        None => {
+            let input = a.input.unwrap_or(a.task.paper_input());
+            let mut cfg = DenseTrainConfig::new(a.task, a.variant, a.data.clone(), input);
+            (cfg.epochs, cfg.batch, cfg.seed) = (a.epochs, a.batch, a.seed);
+            if let Some(lr) = a.lr {
+                cfg.lr = lr;
+            }
+            if let Some(w) = a.warmup_iters {
+                cfg.warmup_iters = w;
+            }
+            (cfg.limit_train, cfg.limit_val, cfg.backbone_weights) = (a.train_limit, a.eval_limit, a.backbone_weights.clone());
+            let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.task, a.variant)));
+            DenseTrainer::new(cfg, &dir, device)?
+        }
+    };
+    eprintln!(
+        "run folder: {} ({} on {}, {} classes, input {}x{})",
+        t.dir.display(),
+        t.cfg.task,
+        t.cfg.variant,
+        t.card.classes.len(),
+        t.cfg.input.0,
+        t.cfg.input.1
+    );
+    t.run(a.stop_after)?;
+    let best = emo_dense::train::read_metrics(&t.dir).into_iter().max_by(|x, y| x.key_metric().total_cmp(&y.key_metric()));
+    if let Some(b) = best {
+        let what = if t.cfg.task.is_detection() { "mAP50" } else { "mIoU" };
+        let v = if t.cfg.task.is_detection() { 100.0 * b.key_metric() } else { b.key_metric() };
+        println!("best {what}: {v:.2} at epoch {} ({})", b.epoch, t.dir.join("best.safetensors").display());
+    }
+    Ok(())
+}
+
+/// Load `weights` with the card from `--card` or `model.json` next to them.
+fn load_model(weights: &Path, card: Option<&Path>, device: &Device) -> Result<(DenseModel, ModelCard)> {
+    let card_path = card.map(Path::to_path_buf).unwrap_or_else(|| weights.with_file_name("model.json"));
+    let text = std::fs::read_to_string(&card_path)
+        .with_context(|| format!("reading {} (the model card written by `emo train --task`; pass --card)", card_path.display()))?;
+    let card: ModelCard = serde_json::from_str(&text).with_context(|| format!("parsing {}", card_path.display()))?;
+    let sd = emo_weights::load(weights).with_context(|| format!("loading {}", weights.display()))?;
+    let model = DenseModel::from_state_dict(&card.model, &sd, device)?;
+    Ok((model, card))
+}
+
+pub fn eval(weights: &Path, card: Option<&Path>, data: &Path, split: &str, limit: usize) -> Result<()> {
+    let device = Device::flex();
+    let (model, card) = load_model(weights, card, &device)?;
+    let d = load_split(card.model.task, data, split, card.model.input, false, false, limit)?;
+    if let Some(w) = d.skipped_warning() {
+        eprintln!("{}: {w}", data.display());
+    }
+    ensure!(
+        d.classes() == card.classes.as_slice(),
+        "{} has classes {:?}, the model {:?}",
+        data.display(),
+        d.classes(),
+        card.classes
+    );
+    let e = evaluate(&model, &d, &device)?;
+    println!("{} on {} ({split}, {} images): {}", card.model.task, data.display(), d.len(), describe(&e));
+    Ok(())
+}
+
+fn read_image(p: &Path, input: (usize, usize)) -> Result<(image::RgbImage, Vec<u8>)> {
+    let img = image::open(p).with_context(|| format!("reading {}", p.display()))?.to_rgb8();
+    let resized = image::imageops::resize(&img, input.1 as u32, input.0 as u32, image::imageops::FilterType::Triangle);
+    Ok((img, resized.into_raw()))
+}
+
+fn out_name(out: &Path, img: &Path, ext: &str) -> PathBuf {
+    out.join(format!("{}.{ext}", img.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()))
+}
+
+pub fn detect_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: &Path, score_thr: f32) -> Result<()> {
+    let device = Device::flex();
+    let (model, card) = load_model(weights, card, &device)?;
+    ensure!(card.model.task.is_detection(), "{} is a {} model; use `emo segment`", weights.display(), card.model.task);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let anchors = emo_dense::anchors::anchors(&card.model);
+    let mut test = DetTestCfg::official(card.model.task);
+    test.score_thr = score_thr;
+    let input = card.model.input;
+    let mut failed = 0;
+    for p in images {
+        let (mut orig, rgb) = match read_image(p, input) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("skipping: {e:#}");
+                failed += 1;
+                continue;
+            }
+        };
+        let x = batch_tensor(&[&rgb], input, &device);
+        let (sx, sy) = (orig.width() as f32 / input.1 as f32, orig.height() as f32 / input.0 as f32);
+        let mut dets = detect(&model, x, &anchors, &test)?.remove(0);
+        for d in &mut dets {
+            d.bbox = [d.bbox[0] * sx, d.bbox[1] * sy, d.bbox[2] * sx, d.bbox[3] * sy];
+        }
+        let json: Vec<_> = dets
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "bbox_xyxy": d.bbox, "score": d.score, "label": d.label,
+                    "class": card.classes.get(d.label), "category_id": card.cat_ids.get(d.label),
+                })
+            })
+            .collect();
+        let jp = out_name(out, p, "json");
+        emo_weights::write_atomic(&jp, serde_json::to_string_pretty(&json)?.as_bytes())?;
+        draw_boxes(&mut orig, &dets);
+        let pp = out_name(out, p, "png");
+        orig.save(&pp).with_context(|| format!("writing {}", pp.display()))?;
+        let top: Vec<String> = dets
+            .iter()
+            .take(5)
+            .map(|d| format!("{} {:.2}", card.classes.get(d.label).map_or("?", String::as_str), d.score))
+            .collect();
+        println!("{}: {} detections [{}] -> {}", p.display(), dets.len(), top.join(", "), pp.display());
+    }
+    ensure!(failed < images.len(), "no image could be read");
+    Ok(())
+}
+
+pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: &Path) -> Result<()> {
+    let device = Device::flex();
+    let (model, card) = load_model(weights, card, &device)?;
+    ensure!(!card.model.task.is_detection(), "{} is a {} model; use `emo detect`", weights.display(), card.model.task);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let input = card.model.input;
+    let mut failed = 0;
+    for p in images {
+        let (orig, rgb) = match read_image(p, input) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("skipping: {e:#}");
+                failed += 1;
+                continue;
+            }
+        };
+        let x = batch_tensor(&[&rgb], input, &device);
+        let pred = segment(&model, x)?.remove(0);
+        let mask = image::GrayImage::from_raw(input.1 as u32, input.0 as u32, pred).context("mask size")?;
+        let mask = image::imageops::resize(&mask, orig.width(), orig.height(), image::imageops::FilterType::Nearest);
+        let mut colour = image::RgbImage::new(orig.width(), orig.height());
+        let mut counts = vec![0usize; card.classes.len()];
+        for (c, m) in colour.pixels_mut().zip(mask.pixels()) {
+            *c = image::Rgb(palette(m.0[0] as usize));
+            if let Some(n) = counts.get_mut(m.0[0] as usize) {
+                *n += 1;
+            }
+        }
+        let pp = out_name(out, p, "png");
+        colour.save(&pp).with_context(|| format!("writing {}", pp.display()))?;
+        let total = (orig.width() * orig.height()) as f64;
+        let present: Vec<String> = counts
+            .iter()
+            .enumerate()
+            .filter(|&(_, &n)| n > 0)
+            .map(|(c, &n)| format!("{} {:.0}%", card.classes[c], 100.0 * n as f64 / total))
+            .collect();
+        println!("{}: [{}] -> {}", p.display(), present.join(", "), pp.display());
+    }
+    ensure!(failed < images.len(), "no image could be read");
+    Ok(())
+}
+
+pub fn make_canvas(out: &Path, cfg: &CanvasConfig, fmnist: Option<&Path>) -> Result<()> {
+    if out.join("annotations").exists() {
+        bail!("{} already holds a dataset", out.display());
+    }
+    emo_dense::data::make_canvas(out, cfg, fmnist)?;
+    println!(
+        "{}: {} train + {} val canvases of {}x{} (COCO: annotations/instances_*.json; masks: labels/*; classes.txt)",
+        out.display(),
+        cfg.train,
+        cfg.val,
+        cfg.size,
+        cfg.size
+    );
+    Ok(())
+}

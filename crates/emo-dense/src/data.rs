@@ -1,0 +1,490 @@
+//! Data for the dense tasks:
+//! - COCO-format detection sets (`annotations/instances_<split>.json` + `images/<split>/`);
+//! - segmentation folders (`images/<split>/` + `labels/<split>/*.png` label maps, or ADE20K's
+//!   `images/training` + `annotations/training`); 255 is the ignore index;
+//! - a canvas set built from real Fashion-MNIST items ([`make_canvas`]): boxes from placement,
+//!   masks from the item's pixels, written in both layouts.
+//!
+//! Images are decoded in parallel and resized to the model input once, at load time. Bad
+//! entries are skipped and counted ([`Skipped`]), never a crash mid-epoch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use emo_train::rng::Rng;
+use image::imageops::FilterType;
+use serde::{Deserialize, Serialize};
+
+use crate::DenseError;
+use crate::boxes::BBox;
+use crate::metrics::GtBox;
+
+/// Counts of skipped input, reported after loading.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Skipped {
+    pub unreadable_images: usize,
+    pub unknown_category: usize,
+    pub unknown_image: usize,
+    pub box_outside_image: usize,
+    pub degenerate_box: usize,
+    pub clipped_box: usize,
+    pub empty_images: usize,
+    pub missing_label_map: usize,
+}
+
+impl Skipped {
+    /// One line for the user, or None when nothing was skipped.
+    pub fn warning(&self) -> Option<String> {
+        let v = serde_json::to_value(self).ok()?;
+        let parts: Vec<String> = v
+            .as_object()?
+            .iter()
+            .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+            .map(|(k, n)| format!("{} {}", n, k.replace('_', " ")))
+            .collect();
+        (!parts.is_empty()).then(|| format!("skipped: {}", parts.join(", ")))
+    }
+}
+
+/// One detection image, resized to the model input.
+#[derive(Clone, Debug)]
+pub struct DetImage {
+    pub id: u64,
+    pub file: String,
+    /// Original size (H, W).
+    pub orig: (usize, usize),
+    /// RGB HWC at the model input size.
+    pub rgb: Vec<u8>,
+    /// Boxes in input coordinates.
+    pub boxes: Vec<BBox>,
+    /// 0-based class indices.
+    pub labels: Vec<usize>,
+}
+
+/// A COCO-format detection split.
+#[derive(Clone, Debug)]
+pub struct DetDataset {
+    pub images: Vec<DetImage>,
+    /// Class names, index = contiguous label.
+    pub classes: Vec<String>,
+    /// COCO category id of each class.
+    pub cat_ids: Vec<u64>,
+    /// The ground truth as in the file (original coordinates) for COCO evaluation.
+    pub gt: Vec<GtBox>,
+    pub input: (usize, usize),
+    pub skipped: Skipped,
+}
+
+#[derive(Deserialize)]
+struct CocoFile {
+    images: Vec<CocoImage>,
+    #[serde(default)]
+    annotations: Vec<CocoAnn>,
+    categories: Vec<CocoCat>,
+}
+#[derive(Deserialize)]
+struct CocoImage {
+    id: u64,
+    file_name: String,
+    width: usize,
+    height: usize,
+}
+#[derive(Deserialize)]
+struct CocoAnn {
+    image_id: u64,
+    category_id: u64,
+    bbox: Vec<f64>,
+    #[serde(default)]
+    area: Option<f64>,
+    #[serde(default)]
+    iscrowd: u8,
+}
+#[derive(Deserialize)]
+struct CocoCat {
+    id: u64,
+    name: String,
+}
+
+fn io_err(p: &Path, e: impl std::fmt::Display) -> DenseError {
+    DenseError::Io(format!("{}: {e}", p.display()))
+}
+
+/// Decode and resize images in parallel; `None` for unreadable ones.
+fn decode_all(paths: &[PathBuf], size: (usize, usize), nearest: bool) -> Vec<Option<(Vec<u8>, (usize, usize))>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len().max(1));
+    let chunk = paths.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = paths
+            .chunks(chunk)
+            .map(|ps| {
+                s.spawn(move || {
+                    ps.iter()
+                        .map(|p| {
+                            let img = image::open(p).ok()?;
+                            let orig = (img.height() as usize, img.width() as usize);
+                            let filter = if nearest { FilterType::Nearest } else { FilterType::Triangle };
+                            let r = if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, filter) };
+                            let data = if nearest { r.to_luma8().into_raw() } else { r.to_rgb8().into_raw() };
+                            Some((data, orig))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("decoder thread")).collect()
+    })
+}
+
+/// Load `<root>/annotations/instances_<split>.json` with images under `<root>/images/<split>/`
+/// (or `<root>/<split>/` / `<root>/images/`), resized to `input` (H, W).
+/// `keep_empty`: keep images without boxes (evaluation) or skip them (training, as mmdet's
+/// `filter_empty_gt`).
+pub fn load_coco(root: &Path, split: &str, input: (usize, usize), keep_empty: bool) -> Result<DetDataset, DenseError> {
+    let json = root.join("annotations").join(format!("instances_{split}.json"));
+    let text = std::fs::read_to_string(&json).map_err(|e| io_err(&json, e))?;
+    let file: CocoFile = serde_json::from_str(&text).map_err(|e| DenseError::Data(format!("{}: not a COCO file: {e}", json.display())))?;
+    if file.categories.is_empty() {
+        return Err(DenseError::Data(format!("{}: no categories", json.display())));
+    }
+    let img_dir = [root.join("images").join(split), root.join(split), root.join("images")]
+        .into_iter()
+        .find(|d| d.is_dir())
+        .ok_or_else(|| DenseError::Data(format!("{}: no images/{split} folder", root.display())))?;
+    let mut cats: Vec<&CocoCat> = file.categories.iter().collect();
+    cats.sort_by_key(|c| c.id);
+    let cat_index: HashMap<u64, usize> = cats.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+    let mut skipped = Skipped::default();
+    let sizes: HashMap<u64, (usize, usize)> = file.images.iter().map(|i| (i.id, (i.height, i.width))).collect();
+    let mut per_image: BTreeMap<u64, Vec<(BBox, usize)>> = BTreeMap::new();
+    let mut gt = Vec::new();
+    for a in &file.annotations {
+        let Some(&(h, w)) = sizes.get(&a.image_id) else {
+            skipped.unknown_image += 1;
+            continue;
+        };
+        let Some(&label) = cat_index.get(&a.category_id) else {
+            skipped.unknown_category += 1;
+            continue;
+        };
+        if a.bbox.len() != 4 || a.bbox.iter().any(|v| !v.is_finite()) || a.bbox[2] <= 0.0 || a.bbox[3] <= 0.0 {
+            skipped.degenerate_box += 1;
+            continue;
+        }
+        let (x1, y1, x2, y2) = (a.bbox[0], a.bbox[1], a.bbox[0] + a.bbox[2], a.bbox[1] + a.bbox[3]);
+        let (cx1, cy1, cx2, cy2) = (x1.max(0.0), y1.max(0.0), x2.min(w as f64), y2.min(h as f64));
+        if cx2 - cx1 < 1.0 || cy2 - cy1 < 1.0 {
+            skipped.box_outside_image += 1;
+            continue;
+        }
+        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2) {
+            skipped.clipped_box += 1;
+        }
+        let bbox = [cx1, cy1, cx2 - cx1, cy2 - cy1];
+        gt.push(GtBox {
+            image_id: a.image_id,
+            category_id: a.category_id,
+            bbox,
+            area: a.area.unwrap_or(bbox[2] * bbox[3]),
+            iscrowd: a.iscrowd != 0,
+        });
+        if a.iscrowd == 0 {
+            per_image.entry(a.image_id).or_default().push(([cx1 as f32, cy1 as f32, cx2 as f32, cy2 as f32], label));
+        }
+    }
+    let mut entries: Vec<&CocoImage> = file.images.iter().collect();
+    entries.sort_by_key(|i| i.id);
+    if !keep_empty {
+        let before = entries.len();
+        entries.retain(|i| per_image.contains_key(&i.id));
+        skipped.empty_images = before - entries.len();
+    }
+    let paths: Vec<PathBuf> = entries.iter().map(|i| img_dir.join(&i.file_name)).collect();
+    let decoded = decode_all(&paths, input, false);
+    let mut images = Vec::new();
+    for (e, d) in entries.iter().zip(decoded) {
+        let Some((rgb, orig)) = d else {
+            skipped.unreadable_images += 1;
+            continue;
+        };
+        let (sy, sx) = (input.0 as f32 / orig.0 as f32, input.1 as f32 / orig.1 as f32);
+        let anns = per_image.remove(&e.id).unwrap_or_default();
+        images.push(DetImage {
+            id: e.id,
+            file: e.file_name.clone(),
+            orig,
+            rgb,
+            boxes: anns.iter().map(|(b, _)| [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy]).collect(),
+            labels: anns.iter().map(|&(_, l)| l).collect(),
+        });
+    }
+    if images.is_empty() {
+        return Err(DenseError::Data(format!("{}: no usable images", json.display())));
+    }
+    let kept: std::collections::HashSet<u64> = images.iter().map(|i| i.id).collect();
+    gt.retain(|g| kept.contains(&g.image_id));
+    Ok(DetDataset {
+        images,
+        classes: cats.iter().map(|c| c.name.clone()).collect(),
+        cat_ids: cats.iter().map(|c| c.id).collect(),
+        gt,
+        input,
+        skipped,
+    })
+}
+
+/// One segmentation image and its label map, both at the model input size.
+#[derive(Clone, Debug)]
+pub struct SegImage {
+    pub file: String,
+    pub rgb: Vec<u8>,
+    pub label: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SegDataset {
+    pub images: Vec<SegImage>,
+    pub classes: Vec<String>,
+    pub input: (usize, usize),
+    pub skipped: Skipped,
+}
+
+/// Class names of a segmentation folder: `classes.txt` (one per line) if present.
+fn seg_classes(root: &Path, n: Option<usize>) -> Result<Vec<String>, DenseError> {
+    let p = root.join("classes.txt");
+    if p.exists() {
+        let s = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
+        return Ok(s.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect());
+    }
+    n.map(|n| (0..n).map(|i| format!("class{i}")).collect())
+        .ok_or_else(|| DenseError::Data(format!("{}: no classes.txt (give the number of classes)", root.display())))
+}
+
+/// Load a segmentation split: `images/<split>/NAME.{png,jpg}` with `labels/<split>/NAME.png`
+/// (or ADE20K's `annotations/<split>/`). Label values >= the class count other than 255 are an
+/// error that names the file; `reduce_zero_label` maps 0 to 255 and shifts the rest down (ADE20K).
+pub fn load_seg(
+    root: &Path,
+    split: &str,
+    input: (usize, usize),
+    reduce_zero_label: bool,
+    num_classes: Option<usize>,
+) -> Result<SegDataset, DenseError> {
+    let classes = seg_classes(root, num_classes)?;
+    let img_dir = root.join("images").join(split);
+    let lab_dir = [root.join("labels").join(split), root.join("annotations").join(split)]
+        .into_iter()
+        .find(|d| d.is_dir())
+        .ok_or_else(|| DenseError::Data(format!("{}: no labels/{split} or annotations/{split} folder", root.display())))?;
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&img_dir)
+        .map_err(|e| io_err(&img_dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    names.sort();
+    let mut skipped = Skipped::default();
+    let mut pairs = Vec::new();
+    for p in names {
+        let stem = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let lab = lab_dir.join(format!("{stem}.png"));
+        if lab.exists() {
+            pairs.push((p, lab));
+        } else {
+            skipped.missing_label_map += 1;
+        }
+    }
+    let imgs = decode_all(&pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>(), input, false);
+    let labs = decode_all(&pairs.iter().map(|p| p.1.clone()).collect::<Vec<_>>(), input, true);
+    let mut images = Vec::new();
+    for ((pair, im), lb) in pairs.iter().zip(imgs).zip(labs) {
+        let (Some((rgb, _)), Some((mut label, _))) = (im, lb) else {
+            skipped.unreadable_images += 1;
+            continue;
+        };
+        if reduce_zero_label {
+            label.iter_mut().for_each(|v| *v = if *v == 0 { 255 } else if *v == 255 { 255 } else { *v - 1 });
+        }
+        if let Some(bad) = label.iter().find(|&&v| v != 255 && v as usize >= classes.len()) {
+            return Err(DenseError::Data(format!(
+                "{}: label {bad} but only {} classes (255 = ignore)",
+                pair.1.display(),
+                classes.len()
+            )));
+        }
+        images.push(SegImage { file: pair.0.file_name().unwrap_or_default().to_string_lossy().into(), rgb, label });
+    }
+    if images.is_empty() {
+        return Err(DenseError::Data(format!("{}: no usable image/label pairs", img_dir.display())));
+    }
+    Ok(SegDataset { images, classes, input, skipped })
+}
+
+/// Settings of the Fashion-MNIST canvas set.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CanvasConfig {
+    /// Canvas side in pixels.
+    pub size: usize,
+    pub train: usize,
+    pub val: usize,
+    /// Items per canvas (inclusive range).
+    pub items: (usize, usize),
+    /// Item scale range (28 px times this).
+    pub scale: (f32, f32),
+    /// `fine`: the 10 Fashion-MNIST classes; `coarse`: tops / trousers / footwear / bags.
+    pub coarse: bool,
+    pub seed: u64,
+}
+
+impl Default for CanvasConfig {
+    fn default() -> Self {
+        CanvasConfig { size: 128, train: 4000, val: 500, items: (1, 3), scale: (1.5, 3.0), coarse: false, seed: 0 }
+    }
+}
+
+pub const FMNIST_CLASSES: [&str; 10] =
+    ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"];
+const COARSE: [(&str, &[usize]); 4] =
+    [("top", &[0, 2, 3, 4, 6]), ("trouser", &[1]), ("footwear", &[5, 7, 9]), ("bag", &[8])];
+
+/// Build the canvas set from real Fashion-MNIST items (train items for `train`, test items
+/// for `val`) under `out`: `images/{train,val}/*.png`, `annotations/instances_{train,val}.json`
+/// (COCO; `area` = mask pixels), `labels/{train,val}/*.png` (0 = background, class + 1 per
+/// item pixel) and `classes.txt` (background first).
+pub fn make_canvas(out: &Path, cfg: &CanvasConfig, fmnist_dir: Option<&Path>) -> Result<(), DenseError> {
+    let (train, test) = emo_train::data::fashion_mnist(fmnist_dir).map_err(|e| DenseError::Data(e.to_string()))?;
+    let names: Vec<&str> = if cfg.coarse { COARSE.iter().map(|c| c.0).collect() } else { FMNIST_CLASSES.to_vec() };
+    let class_of = |l: u8| -> usize {
+        if cfg.coarse { COARSE.iter().position(|c| c.1.contains(&(l as usize))).expect("coarse class") } else { l as usize }
+    };
+    let mut rng = Rng::new(cfg.seed);
+    for (split, src, n) in [("train", &train, cfg.train), ("val", &test, cfg.val)] {
+        let (idir, ldir) = (out.join("images").join(split), out.join("labels").join(split));
+        for d in [&idir, &ldir, &out.join("annotations")] {
+            std::fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
+        }
+        let mut images = Vec::new();
+        let mut anns = Vec::new();
+        let s = cfg.size;
+        for i in 0..n {
+            // Background: a random flat colour with mild noise.
+            let bg: [f32; 3] = std::array::from_fn(|_| 20.0 + 80.0 * rng.uniform());
+            let mut rgb: Vec<f32> = (0..s * s * 3).map(|k| bg[k % 3] + 12.0 * (rng.uniform() - 0.5)).collect();
+            let mut label = vec![0u8; s * s];
+            let count = cfg.items.0 + rng.below((cfg.items.1 - cfg.items.0 + 1) as u64) as usize;
+            let mut placed: Vec<BBox> = Vec::new();
+            for _ in 0..count {
+                let idx = rng.below(src.len() as u64) as usize;
+                let item = src.image(idx);
+                let side = ((28.0 * (cfg.scale.0 + (cfg.scale.1 - cfg.scale.0) * rng.uniform())) as usize).min(s);
+                let (mut x0, mut y0) = (0, 0);
+                let mut ok = false;
+                for _ in 0..20 {
+                    x0 = rng.below((s - side + 1) as u64) as usize;
+                    y0 = rng.below((s - side + 1) as u64) as usize;
+                    let b = [x0 as f32, y0 as f32, (x0 + side) as f32, (y0 + side) as f32];
+                    if placed.iter().all(|p| crate::boxes::iou(p, &b) < 0.2) {
+                        ok = true;
+                        break;
+                    }
+                }
+                if !ok {
+                    continue;
+                }
+                let tint: [f32; 3] = std::array::from_fn(|_| 0.5 + 0.5 * rng.uniform());
+                let cls = class_of(src.labels[idx]);
+                let (mut bx0, mut by0, mut bx1, mut by1, mut area) = (usize::MAX, usize::MAX, 0, 0, 0);
+                for y in 0..side {
+                    for x in 0..side {
+                        // Bilinear sample of the 28x28 item.
+                        let fy = ((y as f32 + 0.5) * 28.0 / side as f32 - 0.5).clamp(0.0, 27.0);
+                        let fx = ((x as f32 + 0.5) * 28.0 / side as f32 - 0.5).clamp(0.0, 27.0);
+                        let (iy, ix) = (fy as usize, fx as usize);
+                        let (iy1, ix1) = ((iy + 1).min(27), (ix + 1).min(27));
+                        let (dy, dx) = (fy - iy as f32, fx - ix as f32);
+                        let p = |yy: usize, xx: usize| item[yy * 28 + xx] as f32;
+                        let v = p(iy, ix) * (1.0 - dy) * (1.0 - dx)
+                            + p(iy, ix1) * (1.0 - dy) * dx
+                            + p(iy1, ix) * dy * (1.0 - dx)
+                            + p(iy1, ix1) * dy * dx;
+                        if v < 32.0 {
+                            continue;
+                        }
+                        let (py, px) = (y0 + y, x0 + x);
+                        let a = (v / 255.0).min(1.0);
+                        for c in 0..3 {
+                            let k = (py * s + px) * 3 + c;
+                            rgb[k] = rgb[k] * (1.0 - a) + 255.0 * tint[c] * a;
+                        }
+                        label[py * s + px] = cls as u8 + 1;
+                        area += 1;
+                        (bx0, by0, bx1, by1) = (bx0.min(px), by0.min(py), bx1.max(px + 1), by1.max(py + 1));
+                    }
+                }
+                if area == 0 {
+                    continue;
+                }
+                placed.push([x0 as f32, y0 as f32, (x0 + side) as f32, (y0 + side) as f32]);
+                anns.push(serde_json::json!({
+                    "id": anns.len() + 1, "image_id": i + 1, "category_id": cls + 1,
+                    "bbox": [bx0, by0, bx1 - bx0, by1 - by0], "area": area, "iscrowd": 0,
+                }));
+            }
+            let file = format!("{i:06}.png");
+            let bytes: Vec<u8> = rgb.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect();
+            let img = image::RgbImage::from_raw(s as u32, s as u32, bytes).expect("canvas size");
+            img.save(idir.join(&file)).map_err(|e| io_err(&idir.join(&file), e))?;
+            let lab = image::GrayImage::from_raw(s as u32, s as u32, label).expect("label size");
+            lab.save(ldir.join(&file)).map_err(|e| io_err(&ldir.join(&file), e))?;
+            images.push(serde_json::json!({"id": i + 1, "file_name": file, "width": s, "height": s}));
+        }
+        let cats: Vec<_> =
+            names.iter().enumerate().map(|(i, n)| serde_json::json!({"id": i + 1, "name": n})).collect();
+        let coco = serde_json::json!({"images": images, "annotations": anns, "categories": cats});
+        let p = out.join("annotations").join(format!("instances_{split}.json"));
+        emo_weights::write_atomic(&p, coco.to_string().as_bytes())?;
+    }
+    let classes: Vec<&str> = std::iter::once("background").chain(names.iter().copied()).collect();
+    let p = out.join("classes.txt");
+    emo_weights::write_atomic(&p, (classes.join("\n") + "\n").as_bytes())?;
+    emo_weights::write_atomic(&out.join("canvas.json"), serde_json::to_string_pretty(cfg).unwrap_or_default().as_bytes())?;
+    Ok(())
+}
+
+/// ImageNet mean / std (RGB, 0-255), as in the mmdet / mmseg configs.
+pub const MEAN: [f32; 3] = [123.675, 116.28, 103.53];
+pub const STD: [f32; 3] = [58.395, 57.12, 57.375];
+
+/// HWC u8 RGB to normalised CHW f32 appended to `out`.
+pub fn normalize_into(rgb: &[u8], h: usize, w: usize, out: &mut Vec<f32>) {
+    for c in 0..3 {
+        out.extend((0..h * w).map(|i| (rgb[i * 3 + c] as f32 - MEAN[c]) / STD[c]));
+    }
+}
+
+/// Training augmentation shared by both tasks: horizontal flip and mmdet's photometric
+/// distortion (brightness +-32, contrast 0.5-1.5, each with probability 0.5).
+pub fn augment(rng: &mut Rng, rgb: &mut [u8], label: Option<&mut [u8]>, boxes: Option<&mut [BBox]>, h: usize, w: usize) {
+    if rng.uniform() < 0.5 {
+        for y in 0..h {
+            for x in 0..w / 2 {
+                for c in 0..3 {
+                    rgb.swap((y * w + x) * 3 + c, (y * w + w - 1 - x) * 3 + c);
+                }
+            }
+        }
+        if let Some(l) = label {
+            for y in 0..h {
+                l[y * w..(y + 1) * w].reverse();
+            }
+        }
+        if let Some(bs) = boxes {
+            for b in bs.iter_mut() {
+                *b = [w as f32 - b[2], b[1], w as f32 - b[0], b[3]];
+            }
+        }
+    }
+    let delta = if rng.uniform() < 0.5 { 64.0 * (rng.uniform() - 0.5) } else { 0.0 };
+    let alpha = if rng.uniform() < 0.5 { 0.5 + rng.uniform() } else { 1.0 };
+    if delta != 0.0 || alpha != 1.0 {
+        rgb.iter_mut().for_each(|v| *v = ((*v as f32 + delta) * alpha).round().clamp(0.0, 255.0) as u8);
+    }
+}

@@ -1,0 +1,148 @@
+//! Training losses of the dense heads, as in mmdet 2.x / mmseg 0.x:
+//! - SSD: softmax cross-entropy with hard-negative mining (3 negatives per positive, the
+//!   highest-loss ones) plus smooth-L1 (beta 1) on the positives' deltas, both over the number
+//!   of positives in the batch;
+//! - RetinaNet: sigmoid focal loss (gamma 2, alpha 0.25) over all non-ignored anchors plus L1
+//!   on the positives' deltas, both over the number of positives;
+//! - segmentation: pixel cross-entropy on logits resized (bilinear) to the label size, with
+//!   255 ignored; the auxiliary head's loss is weighted 0.4.
+
+use burn::tensor::activation::{log_softmax, relu, sigmoid};
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::assign::Targets;
+
+/// A loss and its parts (for logging).
+pub struct Loss {
+    pub total: Tensor<1>,
+    pub parts: Vec<(&'static str, f64)>,
+}
+
+pub(crate) fn scalar(t: Tensor<1>) -> f64 {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().map(|v| v[0] as f64).unwrap_or(f64::NAN)
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
+}
+
+/// Per-anchor box weights `[B, N, 1]` (1 for positives) and the stacked targets `[B, N, 4]`.
+fn box_targets(t: &[Targets], num_classes: usize, device: &Device) -> (Tensor<3>, Tensor<3>, f64) {
+    let (b, n) = (t.len(), t[0].labels.len());
+    let pos: Vec<f32> = t.iter().flat_map(|t| t.labels.iter().map(|&l| (l >= 0 && (l as usize) < num_classes) as u8 as f32)).collect();
+    let deltas: Vec<f32> = t.iter().flat_map(|t| t.deltas.iter().flatten().copied()).collect();
+    let num_pos = pos.iter().sum::<f32>().max(1.0) as f64;
+    (
+        Tensor::from_data(TensorData::new(pos, [b, n, 1]), device),
+        Tensor::from_data(TensorData::new(deltas, [b, n, 4]), device),
+        num_pos,
+    )
+}
+
+/// The SSD loss. `cls` is `[B, N, classes + 1]` (background last), `reg` `[B, N, 4]`.
+pub fn ssd_loss(cls: Tensor<3>, reg: Tensor<3>, t: &[Targets], num_classes: usize, neg_pos_ratio: usize) -> Loss {
+    let device = cls.device();
+    let [b, n, _] = cls.dims();
+    let labels: Vec<i64> = t.iter().flat_map(|t| t.labels.iter().map(|&l| if l < 0 { num_classes as i64 } else { l })).collect();
+    let idx = Tensor::<3, Int>::from_data(TensorData::new(labels.clone(), [b, n, 1]), &device);
+    let ce = log_softmax(cls, 2).gather(2, idx).neg(); // [B, N, 1]
+    // Hard-negative mining on the detached losses.
+    let values = to_vec(ce.clone().detach());
+    let mut mask = vec![0f32; b * n];
+    for (i, ti) in t.iter().enumerate() {
+        let row = i * n..(i + 1) * n;
+        let mut negs: Vec<usize> = Vec::new();
+        for (j, &l) in ti.labels.iter().enumerate() {
+            if l >= 0 && (l as usize) < num_classes {
+                mask[i * n + j] = 1.0;
+            } else if l == num_classes as i64 {
+                negs.push(j);
+            }
+        }
+        let k = (neg_pos_ratio * ti.num_pos).min(negs.len());
+        let v = &values[row];
+        negs.sort_by(|&a, &c| v[c].total_cmp(&v[a]));
+        for &j in &negs[..k] {
+            mask[i * n + j] = 1.0;
+        }
+    }
+    let mask = Tensor::<3>::from_data(TensorData::new(mask, [b, n, 1]), &device);
+    let (pos, target, num_pos) = box_targets(t, num_classes, &device);
+    let loss_cls = (ce * mask).sum().div_scalar(num_pos);
+    let d = (reg - target).abs();
+    let small = d.clone().lower_elem(1.0).float();
+    let smooth = small.clone() * d.clone().powi_scalar(2).mul_scalar(0.5) + (small.neg().add_scalar(1.0)) * d.sub_scalar(0.5);
+    let loss_box = (smooth * pos).sum().div_scalar(num_pos);
+    let parts = vec![("cls", scalar(loss_cls.clone())), ("box", scalar(loss_box.clone()))];
+    Loss { total: loss_cls + loss_box, parts }
+}
+
+/// The RetinaNet loss. `cls` is `[B, N, classes]` (sigmoid logits), `reg` `[B, N, 4]`.
+pub fn focal_loss(cls: Tensor<3>, reg: Tensor<3>, t: &[Targets], num_classes: usize) -> Loss {
+    let (gamma, alpha) = (2.0, 0.25);
+    let device = cls.device();
+    let [b, n, c] = cls.dims();
+    let mut onehot = vec![0f32; b * n * c];
+    let mut valid = vec![1f32; b * n];
+    for (i, ti) in t.iter().enumerate() {
+        for (j, &l) in ti.labels.iter().enumerate() {
+            if l < 0 {
+                valid[i * n + j] = 0.0;
+            } else if (l as usize) < num_classes {
+                onehot[(i * n + j) * c + l as usize] = 1.0;
+            }
+        }
+    }
+    let tt = Tensor::<3>::from_data(TensorData::new(onehot, [b, n, c]), &device);
+    let w = Tensor::<3>::from_data(TensorData::new(valid, [b, n, 1]), &device);
+    let p = sigmoid(cls.clone());
+    // Binary cross-entropy with logits, stable form.
+    let bce = relu(cls.clone()) - cls.clone() * tt.clone() + cls.abs().neg().exp().log1p();
+    let pt = p.clone() * tt.clone() + (p.neg().add_scalar(1.0)) * (tt.clone().neg().add_scalar(1.0));
+    let a = tt.clone().mul_scalar(alpha) + tt.neg().add_scalar(1.0).mul_scalar(1.0 - alpha);
+    let focal = bce * pt.neg().add_scalar(1.0).powf_scalar(gamma) * a;
+    let (pos, target, num_pos) = box_targets(t, num_classes, &device);
+    let loss_cls = (focal * w).sum().div_scalar(num_pos);
+    let loss_box = ((reg - target).abs() * pos).sum().div_scalar(num_pos);
+    let parts = vec![("cls", scalar(loss_cls.clone())), ("box", scalar(loss_box.clone()))];
+    Loss { total: loss_cls + loss_box, parts }
+}
+
+/// Resize `[B, K, h, w]` logits to `(H, W)` (bilinear, align_corners false).
+pub fn resize_logits(x: Tensor<4>, hw: (usize, usize)) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    if (h, w) == hw {
+        return x;
+    }
+    interpolate(x, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([hw.0, hw.1]))
+}
+
+/// Pixel cross-entropy with 255 ignored; `labels` is `B * H * W` bytes.
+pub fn seg_ce(logits: Tensor<4>, labels: &[u8], hw: (usize, usize)) -> Tensor<1> {
+    let device = logits.device();
+    let b = logits.dims()[0];
+    let x = resize_logits(logits, hw);
+    let idx: Vec<i64> = labels.iter().map(|&l| if l == 255 { 0 } else { l as i64 }).collect();
+    let valid: Vec<f32> = labels.iter().map(|&l| (l != 255) as u8 as f32).collect();
+    let count = valid.iter().sum::<f32>().max(1.0) as f64;
+    let idx = Tensor::<4, Int>::from_data(TensorData::new(idx, [b, 1, hw.0, hw.1]), &device);
+    let valid = Tensor::<4>::from_data(TensorData::new(valid, [b, 1, hw.0, hw.1]), &device);
+    (log_softmax(x, 1).gather(1, idx) * valid).sum().neg().div_scalar(count)
+}
+
+/// Decode + auxiliary (weight `aux_weight`) segmentation loss.
+pub fn seg_loss(logits: Tensor<4>, aux: Option<Tensor<4>>, labels: &[u8], hw: (usize, usize), aux_weight: f64) -> Loss {
+    let main = seg_ce(logits, labels, hw);
+    let mut parts = vec![("seg", scalar(main.clone()))];
+    let total = match aux {
+        Some(a) => {
+            let l = seg_ce(a, labels, hw).mul_scalar(aux_weight);
+            parts.push(("aux", scalar(l.clone())));
+            main + l
+        }
+        None => main,
+    };
+    Loss { total, parts }
+}

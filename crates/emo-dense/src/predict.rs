@@ -1,0 +1,147 @@
+//! Inference helpers: batching images into normalised tensors, turning detection outputs into
+//! boxes (decode, score threshold, top-k, class-aware NMS), segmentation argmax, and drawing.
+
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::{Device, Tensor, TensorData};
+use emo_spec::Task;
+
+use crate::boxes::{BBox, BoxCoder, Detection, batched_nms};
+use crate::data::normalize_into;
+use crate::loss::resize_logits;
+use crate::model::{DenseModel, DenseOutput};
+use crate::DenseError;
+
+/// Test-time settings (mmdet `test_cfg`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DetTestCfg {
+    pub score_thr: f32,
+    pub nms_iou: f32,
+    pub max_per_img: usize,
+    pub nms_pre: usize,
+}
+
+impl DetTestCfg {
+    pub fn official(task: Task) -> Self {
+        match task {
+            Task::SsdLite => DetTestCfg { score_thr: 0.02, nms_iou: 0.45, max_per_img: 200, nms_pre: 1000 },
+            _ => DetTestCfg { score_thr: 0.05, nms_iou: 0.5, max_per_img: 100, nms_pre: 1000 },
+        }
+    }
+}
+
+/// Normalised `[B, 3, H, W]` from HWC RGB images of the model input size.
+pub fn batch_tensor(images: &[&[u8]], hw: (usize, usize), device: &Device) -> Tensor<4> {
+    let mut x = Vec::with_capacity(images.len() * 3 * hw.0 * hw.1);
+    for im in images {
+        normalize_into(im, hw.0, hw.1, &mut x);
+    }
+    Tensor::from_data(TensorData::new(x, [images.len(), 3, hw.0, hw.1]), device)
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
+}
+
+/// Detections per image, in input coordinates.
+pub fn detect(model: &DenseModel, x: Tensor<4>, anchors: &[BBox], cfg: &DetTestCfg) -> Result<Vec<Vec<Detection>>, DenseError> {
+    let [b, _, h, w] = x.dims();
+    let DenseOutput::Det { cls, reg } = model.forward(x, false)? else {
+        return Err(DenseError::Data(format!("{} is not a detector", model.cfg.task)));
+    };
+    let (ssd, coder) = match model.cfg.task {
+        Task::SsdLite => (true, BoxCoder::SSD),
+        _ => (false, BoxCoder::RETINA),
+    };
+    let k = model.cfg.num_classes;
+    let scores = to_vec(if ssd { softmax(cls, 2) } else { sigmoid(cls) });
+    let deltas = to_vec(reg);
+    let n = anchors.len();
+    let per = if ssd { k + 1 } else { k };
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let mut cand: Vec<(f32, usize, usize)> = Vec::new();
+        for a in 0..n {
+            let row = &scores[(i * n + a) * per..(i * n + a) * per + per];
+            for (c, &s) in row[..k].iter().enumerate() {
+                if s > cfg.score_thr {
+                    cand.push((s, a, c));
+                }
+            }
+        }
+        cand.sort_by(|x, y| y.0.total_cmp(&x.0));
+        cand.truncate(cfg.nms_pre);
+        let dets = cand
+            .into_iter()
+            .map(|(score, a, label)| {
+                let d: [f32; 4] = std::array::from_fn(|j| deltas[(i * n + a) * 4 + j]);
+                Detection { bbox: coder.decode(&anchors[a], &d, (h, w)), score, label }
+            })
+            .collect();
+        out.push(batched_nms(dets, cfg.nms_iou, cfg.max_per_img));
+    }
+    Ok(out)
+}
+
+/// Per-pixel class maps `(H * W)` per image at the input size.
+pub fn segment(model: &DenseModel, x: Tensor<4>) -> Result<Vec<Vec<u8>>, DenseError> {
+    let [b, _, h, w] = x.dims();
+    let DenseOutput::Seg { logits, .. } = model.forward(x, false)? else {
+        return Err(DenseError::Data(format!("{} is not a segmenter", model.cfg.task)));
+    };
+    let k = logits.dims()[1];
+    let p = to_vec(resize_logits(logits, (h, w)));
+    Ok((0..b)
+        .map(|i| {
+            (0..h * w)
+                .map(|px| {
+                    let mut best = (f32::NEG_INFINITY, 0u8);
+                    for c in 0..k {
+                        let v = p[(i * k + c) * h * w + px];
+                        if v > best.0 {
+                            best = (v, c as u8);
+                        }
+                    }
+                    best.1
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// A distinct colour per class (0 = black background in segmentation maps).
+pub fn palette(c: usize) -> [u8; 3] {
+    if c == 0 {
+        return [0, 0, 0];
+    }
+    let h = (c as f32 * 0.618_034).fract();
+    let f = |n: f32| {
+        let k = (n + h * 6.0) % 6.0;
+        (255.0 * (1.0 - (k.min(4.0 - k).clamp(0.0, 1.0)) * 0.85)) as u8
+    };
+    [f(5.0), f(3.0), f(1.0)]
+}
+
+/// Draw boxes (2 px outlines in the class colour) on an RGB image.
+pub fn draw_boxes(img: &mut image::RgbImage, dets: &[Detection]) {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    for d in dets {
+        let col = image::Rgb(palette(d.label + 1));
+        let [x1, y1, x2, y2] = d.bbox.map(|v| v.round() as i64);
+        for t in 0..2 {
+            for x in x1..=x2 {
+                for y in [y1 + t, y2 - t] {
+                    if (0..w).contains(&x) && (0..h).contains(&y) {
+                        img.put_pixel(x as u32, y as u32, col);
+                    }
+                }
+            }
+            for y in y1..=y2 {
+                for x in [x1 + t, x2 - t] {
+                    if (0..w).contains(&x) && (0..h).contains(&y) {
+                        img.put_pixel(x as u32, y as u32, col);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! COCO mAP against pycocotools (a committed case, and fresh random cases when Python has
+//! pycocotools), segmentation metrics, and the box / anchor / assigner helpers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use emo_dense::assign::{Assigned, MaxIou, targets};
+use emo_dense::boxes::{BoxCoder, Detection, batched_nms, iou};
+use emo_dense::metrics::{DetBox, GtBox, SegMetrics, coco_map};
+use emo_dense::{DenseConfig, Task, anchors};
+use emo_spec::Variant;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn read(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn bbox(v: &Value) -> [f64; 4] {
+    std::array::from_fn(|i| v["bbox"][i].as_f64().unwrap())
+}
+
+/// Our stats for a case folder (gt.json + dets.json).
+fn ours(dir: &Path) -> [f64; 6] {
+    let gt = read(&dir.join("gt.json"));
+    let dets = read(&dir.join("dets.json"));
+    let g: Vec<GtBox> = gt["annotations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| GtBox {
+            image_id: a["image_id"].as_u64().unwrap(),
+            category_id: a["category_id"].as_u64().unwrap(),
+            bbox: bbox(a),
+            area: a["area"].as_f64().unwrap(),
+            iscrowd: a["iscrowd"].as_u64().unwrap() != 0,
+        })
+        .collect();
+    let d: Vec<DetBox> = dets
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| DetBox {
+            image_id: a["image_id"].as_u64().unwrap(),
+            category_id: a["category_id"].as_u64().unwrap(),
+            bbox: bbox(a),
+            score: a["score"].as_f64().unwrap(),
+        })
+        .collect();
+    let ids: Vec<u64> = gt["images"].as_array().unwrap().iter().map(|i| i["id"].as_u64().unwrap()).collect();
+    let cats: Vec<u64> = gt["categories"].as_array().unwrap().iter().map(|c| c["id"].as_u64().unwrap()).collect();
+    coco_map(&g, &d, &ids, &cats).as_array()
+}
+
+fn assert_close(a: [f64; 6], b: &[f64], what: &str) {
+    for i in 0..6 {
+        assert!((a[i] - b[i]).abs() < 1e-9, "{what}: stat {i}: ours {} pycocotools {}\nours {a:?}\nref  {b:?}", a[i], b[i]);
+    }
+}
+
+#[test]
+fn coco_map_matches_pycocotools_on_the_committed_case() {
+    let dir = root().join("fixtures/coco");
+    let expected: Vec<f64> = serde_json::from_value(read(&dir.join("expected.json"))).unwrap();
+    assert_close(ours(&dir), &expected, "fixtures/coco");
+}
+
+fn python_has_pycocotools() -> bool {
+    Command::new("python3").args(["-c", "import pycocotools, numpy"]).status().is_ok_and(|s| s.success())
+}
+
+#[test]
+fn coco_map_matches_pycocotools_on_fresh_cases() {
+    if !python_has_pycocotools() {
+        assert!(std::env::var("EMO_REQUIRE_PYCOCOTOOLS").is_err(), "EMO_REQUIRE_PYCOCOTOOLS is set but pycocotools is missing");
+        eprintln!("pycocotools not installed: only the committed case is checked");
+        return;
+    }
+    let script = root().join("scripts/coco_reference.py");
+    for seed in 100..106 {
+        let dir = std::env::temp_dir().join(format!("emo-coco-{}-{seed}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("python3").arg(&script).args(["--make-case", &seed.to_string()]).arg(&dir).status().unwrap();
+        assert!(ok.success());
+        let out = Command::new("python3").arg(&script).arg(dir.join("gt.json")).arg(dir.join("dets.json")).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let expected: Vec<f64> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_close(ours(&dir), &expected, &format!("seed {seed}"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn perfect_and_empty_detections() {
+    let g = vec![
+        GtBox { image_id: 1, category_id: 1, bbox: [10.0, 10.0, 50.0, 40.0], area: 2000.0, iscrowd: false },
+        GtBox { image_id: 2, category_id: 2, bbox: [0.0, 0.0, 200.0, 100.0], area: 20000.0, iscrowd: false },
+    ];
+    let d: Vec<DetBox> =
+        g.iter().map(|g| DetBox { image_id: g.image_id, category_id: g.category_id, bbox: g.bbox, score: 0.9 }).collect();
+    let s = coco_map(&g, &d, &[1, 2], &[1, 2]);
+    // (pycocotools divides by tp + fp + eps, so "1" is 1 - 2e-16)
+    assert!((s.ap - 1.0).abs() < 1e-12 && (s.ap50 - 1.0).abs() < 1e-12 && s.ap_s == -1.0, "{s:?}");
+    let s = coco_map(&g, &[], &[1, 2], &[1, 2]);
+    assert_eq!((s.ap, s.ap50), (0.0, 0.0));
+}
+
+#[test]
+fn seg_metrics_by_hand() {
+    let mut m = SegMetrics::new(3);
+    // gt: 0 0 1 1 2 255 ; pred: 0 1 1 1 0 2
+    m.add(&[0, 1, 1, 1, 0, 2], &[0, 0, 1, 1, 2, 255], 255);
+    let iou = m.class_iou();
+    assert_eq!(iou, vec![1.0 / 3.0, 2.0 / 3.0, 0.0]);
+    let s = m.stats();
+    assert!((s.a_acc - 60.0).abs() < 1e-9);
+    assert!((s.miou - 100.0 / 3.0).abs() < 1e-9);
+    assert!((s.m_acc - 50.0).abs() < 1e-9);
+    // A class absent from both gt and prediction is left out of the mean (NaN).
+    let mut m = SegMetrics::new(4);
+    m.add(&[0, 1], &[0, 1], 255);
+    assert!(m.class_iou()[3].is_nan());
+    assert_eq!(m.stats().miou, 100.0);
+}
+
+#[test]
+fn box_coder_round_trips_and_nms_is_class_aware() {
+    let a = [10.0, 20.0, 60.0, 80.0];
+    let g = [15.0, 18.0, 70.0, 90.0];
+    for c in [BoxCoder::SSD, BoxCoder::RETINA] {
+        let d = c.encode(&a, &g);
+        let back = c.decode(&a, &d, (1000, 1000));
+        for i in 0..4 {
+            assert!((back[i] - g[i]).abs() < 1e-4, "{back:?}");
+        }
+    }
+    assert_eq!(BoxCoder::SSD.decode(&a, &[0.0, 0.0, 0.0, 0.0], (50, 50)), [10.0, 20.0, 50.0, 50.0]);
+    assert!((iou(&a, &a) - 1.0).abs() < 1e-6 && iou(&a, &[100.0, 100.0, 120.0, 120.0]) == 0.0);
+    let det = |x: f32, score, label| Detection { bbox: [x, 0.0, x + 10.0, 10.0], score, label };
+    let kept = batched_nms(vec![det(0.0, 0.9, 0), det(1.0, 0.8, 0), det(1.0, 0.7, 1), det(50.0, 0.6, 0)], 0.45, 10);
+    assert_eq!(kept.iter().map(|d| d.score).collect::<Vec<_>>(), [0.9, 0.7, 0.6]);
+    assert_eq!(batched_nms(vec![det(0.0, 0.9, 0), det(50.0, 0.6, 0)], 0.45, 1).len(), 1);
+}
+
+#[test]
+fn anchors_follow_the_official_generators() {
+    let ssd = DenseConfig::paper(Task::SsdLite, Variant::Emo1M);
+    let a = anchors::anchors(&ssd);
+    assert_eq!(a.len(), 6 * (400 + 100 + 25 + 9 + 4 + 1));
+    // First location of level 0: centre (8, 8); min 48, sqrt(48 * 100), then ratio 2 (h / w).
+    assert_eq!(a[0], [-16.0, -16.0, 32.0, 32.0]);
+    let big = (48.0f64 * 100.0).sqrt() as f32 / 2.0;
+    assert!((a[1][0] - (8.0 - big)).abs() < 1e-4);
+    let (w, h) = (a[2][2] - a[2][0], a[2][3] - a[2][1]);
+    assert!((h / w - 2.0).abs() < 1e-4 && (w * h - 48.0 * 48.0).abs() < 1e-1);
+    let retina = DenseConfig::paper(Task::RetinaNet, Variant::Emo1M);
+    let r = anchors::anchors(&retina);
+    let locs: usize = retina.level_sizes().iter().map(|(h, w)| h * w).sum();
+    assert_eq!(r.len(), 9 * locs);
+    // Level 0 (stride 8), location (0, 0): ratio 0.5 first, octave scales 4, 4*2^(1/3), ...
+    let (w0, h0) = (r[0][2] - r[0][0], r[0][3] - r[0][1]);
+    assert!((w0 - 32.0 * 2f32.sqrt()).abs() < 1e-3 && (h0 - 32.0 / 2f32.sqrt()).abs() < 1e-3, "{:?}", r[0]);
+    assert_eq!(r[4], [-16.0, -16.0, 16.0, 16.0].map(|v: f32| v * 2f32.powf(1.0 / 3.0)));
+}
+
+#[test]
+fn every_box_gets_a_positive_anchor() {
+    let cfg = DenseConfig::new(Task::SsdLite, Variant::Emo1M, 3, (128, 128));
+    let a = anchors::anchors(&cfg);
+    // A tiny box no anchor overlaps by 0.5 still claims its best anchor.
+    let gts = [[60.0, 60.0, 66.0, 66.0], [0.0, 0.0, 120.0, 120.0]];
+    let s = MaxIou::SSD.assign(&a, &gts);
+    for g in 0..2 {
+        assert!(s.contains(&Assigned::Positive(g)), "box {g} has no positive");
+    }
+    let t = targets(&MaxIou::SSD, &BoxCoder::SSD, &a, &gts, &[2, 0], 3);
+    assert_eq!(t.num_pos, s.iter().filter(|x| matches!(x, Assigned::Positive(_))).count());
+    assert!(t.labels.iter().all(|&l| l == 3 || l == 2 || l == 0));
+    let none = targets(&MaxIou::SSD, &BoxCoder::SSD, &a, &[], &[], 3);
+    assert!(none.labels.iter().all(|&l| l == 3) && none.num_pos == 0);
+}
