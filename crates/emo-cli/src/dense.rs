@@ -65,6 +65,7 @@ pub struct TrainArgs {
     pub seed: u64,
     pub stop_after: Option<usize>,
     pub warmup_iters: Option<usize>,
+    pub norm_eval: Option<bool>,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -82,6 +83,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 cfg.warmup_iters = w;
             }
             (cfg.limit_train, cfg.limit_val, cfg.backbone_weights) = (a.train_limit, a.eval_limit, a.backbone_weights.clone());
+            // mmdet's norm_eval / frozen_stages assume a pretrained backbone.
+            let pretrained = a.backbone_weights.is_some();
+            cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval && pretrained);
+            if !pretrained {
+                cfg.frozen_stages = -1;
+            }
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.task, a.variant)));
             DenseTrainer::new(cfg, &dir, device)?
         }

@@ -120,6 +120,11 @@ enum Cmd {
         /// Dense detection tasks: linear warm-up iterations (default 500).
         #[arg(long)]
         warmup_iters: Option<usize>,
+        /// Dense tasks: keep the backbone's BatchNorms in eval mode (mmdet `norm_eval`).
+        /// Default: on for detection from --backbone-weights, off otherwise (a backbone trained
+        /// from scratch needs its BN statistics).
+        #[arg(long)]
+        norm_eval: Option<bool>,
         /// `fashion-mnist` (Debian's dataset-fashion-mnist), `fashion-mnist:DIR`, or
         /// `imagefolder:PATH` (PATH/train/<class>/*, PATH/val/<class>/*).
         #[arg(long, default_value = "fashion-mnist")]
@@ -336,7 +341,7 @@ fn main() -> Result<()> {
             println!("{}: top-1 {top1:.2}%  top-5 {top5:.2}%  ({} images of {data})", weights.display(), test.len());
             Ok(())
         }
-        Cmd::Train { task: Some(task), variant, data, out, resume, epochs, batch, lr, input, backbone_weights, train_limit, eval_limit, seed, stop_after, warmup_iters, .. } => {
+        Cmd::Train { task: Some(task), variant, data, out, resume, epochs, batch, lr, input, backbone_weights, train_limit, eval_limit, seed, stop_after, warmup_iters, norm_eval, .. } => {
             dense::train(dense::TrainArgs {
                 task,
                 variant,
@@ -353,6 +358,7 @@ fn main() -> Result<()> {
                 seed,
                 stop_after,
                 warmup_iters,
+                norm_eval,
             })
         }
         Cmd::Train {

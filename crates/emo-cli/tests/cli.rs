@@ -233,3 +233,59 @@ fn train_on_an_image_folder_skips_unreadable_images_and_rejects_empty_classes() 
     let o = emo(&["train", "--data", &data, "--out", tmp("never").to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("is empty"), "{}", stderr(&o));
 }
+
+#[test]
+fn info_task_prints_the_paper_tables() {
+    let o = emo(&["info", "--task", "ssdlite"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(s.contains("EMO-1M") && s.contains("2311980") && s.contains("2.3M") && s.contains("0.6G"), "{s}");
+    let o = emo(&["info", "--task", "deeplabv3", "--variant", "emo-5m"]);
+    assert!(stdout(&o).contains("10.3M") && stdout(&o).contains("5.8G"), "{}", stdout(&o));
+    let o = emo(&["info", "--task", "yolo"]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown task"), "{}", stderr(&o));
+}
+
+#[test]
+fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
+    let data = tmp("canvas");
+    let _ = std::fs::remove_dir_all(&data);
+    let d = data.to_str().unwrap();
+    let o = emo(&["make-canvas", "--out", d, "--size", "64", "--train", "16", "--val", "8", "--scale", "1.0-2.0"]);
+    if stderr(&o).contains("apt-get install") {
+        eprintln!("skipping: Fashion-MNIST not installed");
+        return;
+    }
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!emo(&["make-canvas", "--out", d]).status.success(), "a dataset folder is not overwritten");
+    let img = data.join("images/val/000000.png");
+    let bad = tmp("corrupt.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    for (task, cmd) in [("ssdlite", "detect"), ("deeplabv3", "segment")] {
+        let run = tmp(&format!("run-{task}"));
+        let _ = std::fs::remove_dir_all(&run);
+        let args = ["train", "--task", task, "--data", d, "--input", "64x64", "--epochs", "1", "--batch", "8"];
+        let o = emo(&[&args[..], &["--out", run.to_str().unwrap()]].concat());
+        assert!(o.status.success(), "{task}: {}", stderr(&o));
+        assert!(stdout(&o).contains(if task == "ssdlite" { "best mAP50" } else { "best mIoU" }), "{}", stdout(&o));
+        assert!(stderr(&o).contains("epoch 1/1 ["), "progress bar: {}", stderr(&o));
+        let w = run.join("best.safetensors");
+        let o = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d]);
+        let want = if task == "ssdlite" { "AP50" } else { "mIoU" };
+        assert!(o.status.success() && stdout(&o).contains(want), "{}{}", stdout(&o), stderr(&o));
+        let out = tmp(&format!("out-{task}"));
+        let o = emo(&[cmd, "--weights", w.to_str().unwrap(), "--out", out.to_str().unwrap(), img.to_str().unwrap(), bad.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains("skipping") && stderr(&o).contains("corrupt.png"), "{}", stderr(&o));
+        let png = image::open(out.join("000000.png")).unwrap();
+        assert_eq!((png.width(), png.height()), (64, 64));
+        if cmd == "detect" {
+            let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("000000.json")).unwrap()).unwrap();
+            assert!(j.is_array());
+        }
+        // The wrong command for the model says which one to use.
+        let other = if cmd == "detect" { "segment" } else { "detect" };
+        let o = emo(&[other, "--weights", w.to_str().unwrap(), img.to_str().unwrap()]);
+        assert!(!o.status.success() && stderr(&o).contains(&format!("emo {cmd}")), "{}", stderr(&o));
+    }
+}

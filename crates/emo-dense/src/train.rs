@@ -151,6 +151,7 @@ pub struct DenseState {
 }
 
 /// A loaded dataset of either kind.
+#[derive(Debug)]
 pub enum DenseData {
     Det(DetDataset),
     Seg(SegDataset),

@@ -1,0 +1,250 @@
+//! The dense models on burn: shapes, the state-dict layout, strict loading, backbone loading
+//! from a classification checkpoint, norm_eval / frozen stages, and the trainer (learning,
+//! exact resume, bad data).
+
+use std::path::{Path, PathBuf};
+
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Distribution, Tensor};
+use emo_dense::model::DenseHead;
+use emo_dense::train::{DenseData, DenseTrainConfig, DenseTrainer, load_split};
+use emo_dense::{DenseConfig, DenseError, DenseModel, DenseOutput, Task, anchors};
+use emo_spec::Variant;
+use emo_weights::StateDict;
+
+fn small(task: Task, classes: usize) -> DenseConfig {
+    DenseConfig::new(task, Variant::Emo1M, classes, (64, 64))
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn outputs(m: &DenseModel, x: Tensor<4>) -> Vec<f32> {
+    match m.forward(x, true).unwrap() {
+        DenseOutput::Det { cls, reg } => [to_vec(cls), to_vec(reg)].concat(),
+        DenseOutput::Seg { logits, aux } => [to_vec(logits), to_vec(aux.unwrap())].concat(),
+    }
+}
+
+#[test]
+fn shapes_layout_and_state_dict_round_trip() {
+    let device = Device::flex();
+    for task in Task::ALL {
+        let cfg = small(task, 3);
+        let m = DenseModel::new(&cfg, None, &device).unwrap();
+        let x = Tensor::<4>::random([2, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), &device);
+        match m.forward(x.clone(), true).unwrap() {
+            DenseOutput::Det { cls, reg } => {
+                let n = anchors::anchors(&cfg).len();
+                let k = if task == Task::SsdLite { 4 } else { 3 };
+                assert_eq!((cls.dims(), reg.dims()), ([2, n, k], [2, n, 4]), "{task}");
+            }
+            DenseOutput::Seg { logits, aux } => {
+                assert_eq!(logits.dims(), [2, 3, 2, 2], "{task}");
+                assert_eq!(aux.unwrap().dims(), [2, 3, 4, 4], "{task}");
+            }
+        }
+        let sd = m.state_dict();
+        emo_weights::validate_keys(&sd, &cfg.state_dict_keys(), "x").unwrap();
+        let params: usize = cfg
+            .state_dict_keys()
+            .iter()
+            .filter(|k| k.kind == emo_spec::KeyKind::Param)
+            .map(|k| k.shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(params, cfg.num_params(), "{task}");
+        let m2 = DenseModel::from_state_dict(&cfg, &sd, &device).unwrap();
+        let (a, b) = (outputs(&m, x.clone()), outputs(&m2, x));
+        assert_eq!(a, b, "{task}: reloaded model differs");
+    }
+}
+
+#[test]
+fn loading_is_strict_and_names_the_keys() {
+    let device = Device::flex();
+    let cfg = small(Task::SsdLite, 3);
+    let sd = DenseModel::new(&cfg, None, &device).unwrap().state_dict();
+    let mut missing = sd.clone();
+    missing.tensors.remove("bbox_head.cls_convs.2.1.weight");
+    missing.insert("neck.extra.bogus", emo_weights::Tensor::f32(vec![1], vec![0.0]));
+    let e = DenseModel::from_state_dict(&cfg, &missing, &device).unwrap_err().to_string();
+    assert!(e.contains("bbox_head.cls_convs.2.1.weight") && e.contains("neck.extra.bogus"), "{e}");
+    // Another class count: shape mismatches name the head convs.
+    let e = DenseModel::from_state_dict(&small(Task::SsdLite, 5), &sd, &device).unwrap_err().to_string();
+    assert!(e.contains("shape mismatch: bbox_head.cls_convs.0.1.weight"), "{e}");
+    // A segmentation checkpoint is not a detector.
+    let seg = DenseModel::new(&small(Task::PspNet, 3), None, &device).unwrap().state_dict();
+    assert!(DenseModel::from_state_dict(&cfg, &seg, &device).is_err());
+}
+
+#[test]
+fn backbone_loads_from_a_classification_checkpoint() {
+    let device = Device::flex();
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/emo/emo_1m.safetensors");
+    let cls = emo_weights::load(&p).unwrap();
+    assert!(cls.get("head.weight").is_some());
+    let m = DenseModel::new(&small(Task::DeepLabV3, 4), Some(&cls), &device).unwrap();
+    let sd = m.state_dict();
+    for k in ["stage4.2.proj.conv.weight", "stage0.0.convs.0.1.running_var"] {
+        assert_eq!(sd.get(&format!("backbone.{k}")).unwrap().as_f32(), cls.get(k).unwrap().as_f32(), "{k}");
+    }
+    assert!(sd.tensors.keys().all(|k| !k.starts_with("backbone.head") && !k.starts_with("backbone.norm")));
+    // Strict about everything but norm/head: a broken backbone key is an error naming it.
+    let mut bad = cls.clone();
+    bad.tensors.remove("stage2.0.proj.conv.weight");
+    let e = DenseModel::new(&small(Task::DeepLabV3, 4), Some(&bad), &device).unwrap_err().to_string();
+    assert!(e.contains("stage2.0.proj.conv.weight"), "{e}");
+}
+
+fn get(sd: &StateDict, k: &str) -> Vec<f32> {
+    sd.get(k).unwrap().as_f32().unwrap().to_vec()
+}
+
+#[test]
+fn norm_eval_and_frozen_stages() {
+    let device = Device::flex().autodiff();
+    let cfg = small(Task::SsdLite, 2);
+    let m = DenseModel::new(&cfg, None, &device).unwrap().with_frozen_stages(1).with_norm_eval();
+    let before = m.state_dict();
+    let x = Tensor::<4>::random([2, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), &device);
+    let DenseOutput::Det { cls, reg } = m.forward(x, true).unwrap() else { panic!() };
+    let loss = cls.powi_scalar(2).mean() + reg.powi_scalar(2).mean();
+    let grads = GradientsParams::from_grads(loss.backward(), &m);
+    let mut opt = AdamWConfig::new().init();
+    let m = opt.step(1e-2, m, grads);
+    let after = m.state_dict();
+    // Frozen: the stem and stage 1 do not move.
+    for k in ["backbone.stage0.0.convs.0.0.weight", "backbone.stage1.0.proj.conv.weight"] {
+        assert_eq!(get(&before, k), get(&after, k), "{k} moved");
+    }
+    // Trained: later stages and the head move.
+    for k in ["backbone.stage3.1.proj.conv.weight", "bbox_head.cls_convs.0.1.weight"] {
+        assert_ne!(get(&before, k), get(&after, k), "{k} did not move");
+    }
+    // norm_eval: backbone BN statistics stay; the neck's BN (eps 1e-3) does update.
+    let bb = "backbone.stage3.1.conv_local.norm.running_mean";
+    assert_eq!(get(&before, bb), get(&after, bb));
+    let neck = "neck.extra_layers.0.0.bn.running_mean";
+    assert_ne!(get(&before, neck), get(&after, neck));
+    let DenseHead::Ssd(h) = &m.head else { panic!() };
+    assert_eq!(h.extra[0].bn.as_ref().unwrap().epsilon, 1e-3);
+}
+
+/// A small real-looking dataset: filled rectangles of 2 classes (red, green) with masks, in
+/// COCO and mask-folder layout.
+fn synthetic_set(dir: &Path, n_train: usize, n_val: usize) {
+    let mut seed = 7u64;
+    let mut rnd = |m: u64| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) % m
+    };
+    for (split, n) in [("train", n_train), ("val", n_val)] {
+        std::fs::create_dir_all(dir.join("images").join(split)).unwrap();
+        std::fs::create_dir_all(dir.join("labels").join(split)).unwrap();
+        std::fs::create_dir_all(dir.join("annotations")).unwrap();
+        let (mut images, mut anns) = (vec![], vec![]);
+        for i in 0..n {
+            let mut img = image::RgbImage::from_pixel(64, 64, image::Rgb([90, 90, 90]));
+            let mut lab = image::GrayImage::new(64, 64);
+            let c = rnd(2) as u32;
+            let (w, h) = (16 + rnd(24) as u32, 16 + rnd(24) as u32);
+            let (x0, y0) = (rnd((64 - w) as u64) as u32, rnd((64 - h) as u64) as u32);
+            for y in y0..y0 + h {
+                for x in x0..x0 + w {
+                    img.put_pixel(x, y, image::Rgb(if c == 0 { [220, 40, 40] } else { [40, 220, 40] }));
+                    lab.put_pixel(x, y, image::Luma([c as u8 + 1]));
+                }
+            }
+            let f = format!("{i:04}.png");
+            img.save(dir.join("images").join(split).join(&f)).unwrap();
+            lab.save(dir.join("labels").join(split).join(&f)).unwrap();
+            images.push(serde_json::json!({"id": i + 1, "file_name": f, "width": 64, "height": 64}));
+            anns.push(serde_json::json!({"id": i + 1, "image_id": i + 1, "category_id": c + 1,
+                "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0}));
+        }
+        let cats = serde_json::json!([{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]);
+        let coco = serde_json::json!({"images": images, "annotations": anns, "categories": cats});
+        std::fs::write(dir.join(format!("annotations/instances_{split}.json")), coco.to_string()).unwrap();
+    }
+    std::fs::write(dir.join("classes.txt"), "background\nred\ngreen\n").unwrap();
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("emo-dense-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn cfg(task: Task, data: &Path) -> DenseTrainConfig {
+    let mut c = DenseTrainConfig::new(task, Variant::Emo1M, data.to_path_buf(), (64, 64));
+    (c.epochs, c.batch, c.lr, c.warmup_iters) = (2, 8, 2e-3, 2);
+    c
+}
+
+#[test]
+fn training_resumes_exactly_and_learns() {
+    let data = tmp("data");
+    synthetic_set(&data, 24, 8);
+    for task in [Task::SsdLite, Task::DeepLabV3] {
+        let device = Device::flex().autodiff();
+        let (a, b) = (tmp(&format!("{task}-a")), tmp(&format!("{task}-b")));
+        let mut ta = DenseTrainer::new(cfg(task, &data), &a, device.clone()).unwrap();
+        ta.verbose = false;
+        let full = ta.run(None).unwrap();
+        let mut tb = DenseTrainer::new(cfg(task, &data), &b, device.clone()).unwrap();
+        tb.verbose = false;
+        tb.run(Some(1)).unwrap();
+        drop(tb);
+        let mut tb = DenseTrainer::resume(&b, device.clone()).unwrap();
+        tb.verbose = false;
+        let rest = tb.run(None).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(full[1].train_loss, rest[0].train_loss, "{task}: resumed loss differs");
+        let (ma, mb) = (std::fs::read(a.join("checkpoint/model.safetensors")).unwrap(), std::fs::read(b.join("checkpoint/model.safetensors")).unwrap());
+        assert!(ma == mb, "{task}: resumed weights differ");
+        assert!(a.join("best.safetensors").exists() && a.join("model.json").exists());
+        assert!(full[1].train_loss < full[0].train_loss, "{task}: loss did not go down: {full:?}");
+        // A run folder is never overwritten.
+        assert!(DenseTrainer::new(cfg(task, &data), &a, device).is_err());
+        let _ = std::fs::remove_dir_all(&a);
+        let _ = std::fs::remove_dir_all(&b);
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
+fn bad_data_is_skipped_and_counted_or_rejected() {
+    let data = tmp("bad");
+    synthetic_set(&data, 6, 2);
+    let json = data.join("annotations/instances_train.json");
+    let mut coco: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let anns = coco["annotations"].as_array_mut().unwrap();
+    anns.push(serde_json::json!({"id": 90, "image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]}));
+    anns.push(serde_json::json!({"id": 91, "image_id": 2, "category_id": 1, "bbox": [70, 70, 5, 5]}));
+    anns.push(serde_json::json!({"id": 92, "image_id": 3, "category_id": 1, "bbox": [60, 60, 10, 10]}));
+    anns.push(serde_json::json!({"id": 93, "image_id": 77, "category_id": 1, "bbox": [1, 1, 5, 5]}));
+    anns.push(serde_json::json!({"id": 94, "image_id": 4, "category_id": 1, "bbox": [1, 1, 0, 5]}));
+    std::fs::write(&json, coco.to_string()).unwrap();
+    std::fs::write(data.join("images/train/0005.png"), b"not a png").unwrap();
+    let d = load_split(Task::SsdLite, &data, "train", (64, 64), true, false, 0).unwrap();
+    let DenseData::Det(det) = &d else { panic!() };
+    let s = &det.skipped;
+    assert_eq!(
+        (s.unknown_category, s.box_outside_image, s.clipped_box, s.unknown_image, s.degenerate_box, s.unreadable_images),
+        (1, 1, 1, 1, 1, 1),
+        "{s:?}"
+    );
+    assert_eq!(det.images.len(), 5);
+    assert!(d.skipped_warning().unwrap().contains("1 unreadable images"));
+    // A corrupt annotation file and label values beyond the classes are errors that say where.
+    std::fs::write(&json, b"{\"images\": [").unwrap();
+    let e = load_split(Task::SsdLite, &data, "train", (64, 64), true, false, 0).unwrap_err();
+    assert!(matches!(e, DenseError::Data(_)) && e.to_string().contains("instances_train.json"), "{e}");
+    let mut lab = image::GrayImage::new(64, 64);
+    lab.put_pixel(3, 3, image::Luma([7]));
+    lab.save(data.join("labels/val/0001.png")).unwrap();
+    let e = load_split(Task::DeepLabV3, &data, "val", (64, 64), false, false, 0).unwrap_err().to_string();
+    assert!(e.contains("0001.png") && e.contains("label 7"), "{e}");
+    let _ = std::fs::remove_dir_all(&data);
+}
