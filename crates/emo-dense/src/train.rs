@@ -217,7 +217,8 @@ pub enum Eval {
 }
 
 /// Evaluate a model on a loaded split (COCO mAP in original coordinates, or mIoU at the input
-/// size). `model` should be a validation copy (`Module::valid`).
+/// size). `model` should be a validation copy (`Module::valid`); inputs are made without
+/// autodiff, so no training-only layer (drop path, dropout) runs.
 pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result<Eval, DenseError> {
     const B: usize = 16;
     let hw = model.cfg.input;
@@ -227,7 +228,7 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
             let test = DetTestCfg::official(model.cfg.task);
             let mut dets = Vec::new();
             for chunk in d.images.chunks(B) {
-                let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device);
+                let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device).without_autodiff();
                 for (img, ds) in chunk.iter().zip(detect(model, x, &anchors, &test)?) {
                     let (sx, sy) = (img.orig.1 as f64 / hw.1 as f64, img.orig.0 as f64 / hw.0 as f64);
                     for det in ds {
@@ -247,7 +248,7 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
         DenseData::Seg(d) => {
             let mut m = SegMetrics::new(model.cfg.num_classes);
             for chunk in d.images.chunks(B) {
-                let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device);
+                let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device).without_autodiff();
                 for (img, pred) in chunk.iter().zip(segment(model, x)?) {
                     m.add(&pred, &img.label, 255);
                 }

@@ -12,6 +12,14 @@ use emo_dense::{DenseConfig, DenseError, DenseModel, DenseOutput, Task, anchors}
 use emo_spec::Variant;
 use emo_weights::StateDict;
 
+/// burn's RNG is global: tests that build or train models run one at a time, so a seeded run
+/// draws the same numbers as its twin.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn small(task: Task, classes: usize) -> DenseConfig {
     DenseConfig::new(task, Variant::Emo1M, classes, (64, 64))
 }
@@ -29,6 +37,7 @@ fn outputs(m: &DenseModel, x: Tensor<4>) -> Vec<f32> {
 
 #[test]
 fn shapes_layout_and_state_dict_round_trip() {
+    let _g = serial();
     let device = Device::flex();
     for task in Task::ALL {
         let cfg = small(task, 3);
@@ -62,6 +71,7 @@ fn shapes_layout_and_state_dict_round_trip() {
 
 #[test]
 fn loading_is_strict_and_names_the_keys() {
+    let _g = serial();
     let device = Device::flex();
     let cfg = small(Task::SsdLite, 3);
     let sd = DenseModel::new(&cfg, None, &device).unwrap().state_dict();
@@ -80,6 +90,7 @@ fn loading_is_strict_and_names_the_keys() {
 
 #[test]
 fn backbone_loads_from_a_classification_checkpoint() {
+    let _g = serial();
     let device = Device::flex();
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/emo/emo_1m.safetensors");
     let cls = emo_weights::load(&p).unwrap();
@@ -103,6 +114,7 @@ fn get(sd: &StateDict, k: &str) -> Vec<f32> {
 
 #[test]
 fn norm_eval_and_frozen_stages() {
+    let _g = serial();
     let device = Device::flex().autodiff();
     let cfg = small(Task::SsdLite, 2);
     let m = DenseModel::new(&cfg, None, &device).unwrap().with_frozen_stages(1).with_norm_eval();
@@ -184,6 +196,7 @@ fn cfg(task: Task, data: &Path) -> DenseTrainConfig {
 
 #[test]
 fn training_resumes_exactly_and_learns() {
+    let _g = serial();
     let data = tmp("data");
     synthetic_set(&data, 24, 8);
     for task in [Task::SsdLite, Task::DeepLabV3] {
@@ -215,6 +228,7 @@ fn training_resumes_exactly_and_learns() {
 
 #[test]
 fn bad_data_is_skipped_and_counted_or_rejected() {
+    let _g = serial();
     let data = tmp("bad");
     synthetic_set(&data, 6, 2);
     let json = data.join("annotations/instances_train.json");
