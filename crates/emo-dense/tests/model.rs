@@ -227,6 +227,25 @@ fn training_resumes_exactly_and_learns() {
 }
 
 #[test]
+fn retinanet_and_pspnet_train_too() {
+    let _g = serial();
+    let data = tmp("data-rp");
+    synthetic_set(&data, 16, 8);
+    for task in [Task::RetinaNet, Task::PspNet] {
+        let run = tmp(&format!("{task}-run"));
+        let mut c = cfg(task, &data);
+        c.epochs = 3;
+        let mut t = DenseTrainer::new(c, &run, Device::flex().autodiff()).unwrap();
+        t.verbose = false;
+        let m = t.run(None).unwrap();
+        assert!(m.iter().all(|e| e.train_loss.is_finite()), "{task}: {m:?}");
+        assert!(m[2].train_loss < m[0].train_loss, "{task}: loss did not go down: {m:?}");
+        let _ = std::fs::remove_dir_all(&run);
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
 fn bad_data_is_skipped_and_counted_or_rejected() {
     let _g = serial();
     let data = tmp("bad");
