@@ -66,6 +66,7 @@ pub struct TrainArgs {
     pub stop_after: Option<usize>,
     pub warmup_iters: Option<usize>,
     pub norm_eval: Option<bool>,
+    pub light_augment: bool,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -89,6 +90,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             if !pretrained {
                 cfg.frozen_stages = -1;
             }
+            cfg.geometric_augment = !a.light_augment;
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.task, a.variant)));
             DenseTrainer::new(cfg, &dir, device)?
         }

@@ -125,6 +125,10 @@ enum Cmd {
         /// from scratch needs its BN statistics).
         #[arg(long)]
         norm_eval: Option<bool>,
+        /// Dense tasks: flip + photometric distortion only, without the paper's geometric
+        /// augmentation (SSD Expand + MinIoURandomCrop; segmentation rescale + crop).
+        #[arg(long)]
+        light_augment: bool,
         /// `fashion-mnist` (Debian's dataset-fashion-mnist), `fashion-mnist:DIR`, or
         /// `imagefolder:PATH` (PATH/train/<class>/*, PATH/val/<class>/*).
         #[arg(long, default_value = "fashion-mnist")]
@@ -341,7 +345,7 @@ fn main() -> Result<()> {
             println!("{}: top-1 {top1:.2}%  top-5 {top5:.2}%  ({} images of {data})", weights.display(), test.len());
             Ok(())
         }
-        Cmd::Train { task: Some(task), variant, data, out, resume, epochs, batch, lr, input, backbone_weights, train_limit, eval_limit, seed, stop_after, warmup_iters, norm_eval, .. } => {
+        Cmd::Train { task: Some(task), variant, data, out, resume, epochs, batch, lr, input, backbone_weights, train_limit, eval_limit, seed, stop_after, warmup_iters, norm_eval, light_augment, .. } => {
             dense::train(dense::TrainArgs {
                 task,
                 variant,
@@ -359,6 +363,7 @@ fn main() -> Result<()> {
                 stop_after,
                 warmup_iters,
                 norm_eval,
+                light_augment,
             })
         }
         Cmd::Train {

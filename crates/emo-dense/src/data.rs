@@ -488,3 +488,114 @@ pub fn augment(rng: &mut Rng, rgb: &mut [u8], label: Option<&mut [u8]>, boxes: O
         rgb.iter_mut().for_each(|v| *v = ((*v as f32 + delta) * alpha).round().clamp(0.0, 255.0) as u8);
     }
 }
+
+/// Resample the region `src` (x0, y0, x1, y1 in source pixels, may extend past the image) of an
+/// HWC image with `ch` channels to `out` (H, W); outside pixels take `fill`. Bilinear, or
+/// nearest for label maps.
+fn resample(img: &[u8], hw: (usize, usize), ch: usize, src: [f32; 4], out: (usize, usize), fill: &[u8], nearest: bool) -> Vec<u8> {
+    let (h, w) = hw;
+    let (sx, sy) = ((src[2] - src[0]) / out.1 as f32, (src[3] - src[1]) / out.0 as f32);
+    let mut o = vec![0u8; out.0 * out.1 * ch];
+    for y in 0..out.0 {
+        for x in 0..out.1 {
+            let fx = src[0] + (x as f32 + 0.5) * sx - 0.5;
+            let fy = src[1] + (y as f32 + 0.5) * sy - 0.5;
+            let dst = &mut o[(y * out.1 + x) * ch..(y * out.1 + x + 1) * ch];
+            if fx < -0.5 || fy < -0.5 || fx > w as f32 - 0.5 || fy > h as f32 - 0.5 {
+                dst.copy_from_slice(fill);
+                continue;
+            }
+            if nearest {
+                let (ix, iy) = ((fx.round().max(0.0) as usize).min(w - 1), (fy.round().max(0.0) as usize).min(h - 1));
+                dst.copy_from_slice(&img[(iy * w + ix) * ch..(iy * w + ix + 1) * ch]);
+                continue;
+            }
+            let (fx, fy) = (fx.clamp(0.0, (w - 1) as f32), fy.clamp(0.0, (h - 1) as f32));
+            let (x0, y0) = (fx as usize, fy as usize);
+            let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+            let (dx, dy) = (fx - x0 as f32, fy - y0 as f32);
+            for c in 0..ch {
+                let p = |yy: usize, xx: usize| img[(yy * w + xx) * ch + c] as f32;
+                let v = p(y0, x0) * (1.0 - dx) * (1.0 - dy) + p(y0, x1) * dx * (1.0 - dy) + p(y1, x0) * (1.0 - dx) * dy + p(y1, x1) * dx * dy;
+                dst[c] = v.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    o
+}
+
+/// mmdet's SSD geometry: `Expand` (p 0.5: the image shrunk by 1-4x into a mean-filled canvas)
+/// then `MinIoURandomCrop` (a crop whose IoU with some box is at least one of 0.1 / 0.3 / 0.5 /
+/// 0.7 / 0.9, or none; boxes whose centre falls outside are dropped), resized back to the
+/// input. Boxes and labels are updated; at least one box always survives.
+pub fn ssd_geometry(rng: &mut Rng, rgb: &mut Vec<u8>, boxes: &mut Vec<BBox>, labels: &mut Vec<usize>, hw: (usize, usize)) {
+    let (h, w) = (hw.0 as f32, hw.1 as f32);
+    // Work in "expanded canvas" coordinates: the source image occupies [ox, oy, ox + w, oy + h]
+    // of a (r*w) x (r*h) canvas.
+    let r = if rng.uniform() < 0.5 { 1.0 + 3.0 * rng.uniform() } else { 1.0 };
+    let (cw, chh) = (w * r, h * r);
+    let (ox, oy) = (rng.uniform() * (cw - w), rng.uniform() * (chh - h));
+    let canvas_boxes: Vec<BBox> = boxes.iter().map(|b| [b[0] + ox, b[1] + oy, b[2] + ox, b[3] + oy]).collect();
+    let mut crop = [0.0, 0.0, cw, chh];
+    let modes = [0.0f32, 0.1, 0.3, 0.5, 0.7, 0.9];
+    let min_iou = modes[rng.below(modes.len() as u64) as usize];
+    if min_iou > 0.0 {
+        for _ in 0..50 {
+            let (nw, nh) = ((0.3 + 0.7 * rng.uniform()) * cw, (0.3 + 0.7 * rng.uniform()) * chh);
+            if nh / nw < 0.5 || nh / nw > 2.0 {
+                continue;
+            }
+            let (l, t) = (rng.uniform() * (cw - nw), rng.uniform() * (chh - nh));
+            let c = [l, t, l + nw, t + nh];
+            let centred = |b: &BBox| {
+                let (cx, cy) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
+                cx > c[0] && cx < c[2] && cy > c[1] && cy < c[3]
+            };
+            let best = canvas_boxes.iter().map(|b| crate::boxes::iou(b, &c)).fold(0.0f32, f32::max);
+            if best >= min_iou && canvas_boxes.iter().any(centred) {
+                crop = c;
+                break;
+            }
+        }
+    }
+    // Keep boxes whose centre is inside the crop, clipped, in output coordinates.
+    let (sx, sy) = (w / (crop[2] - crop[0]), h / (crop[3] - crop[1]));
+    let mut nb = Vec::new();
+    let mut nl = Vec::new();
+    for (b, &l) in canvas_boxes.iter().zip(labels.iter()) {
+        let (cx, cy) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
+        if cx <= crop[0] || cx >= crop[2] || cy <= crop[1] || cy >= crop[3] {
+            continue;
+        }
+        let c = [b[0].max(crop[0]), b[1].max(crop[1]), b[2].min(crop[2]), b[3].min(crop[3])];
+        let o = [(c[0] - crop[0]) * sx, (c[1] - crop[1]) * sy, (c[2] - crop[0]) * sx, (c[3] - crop[1]) * sy];
+        if o[2] - o[0] >= 1.0 && o[3] - o[1] >= 1.0 {
+            nb.push(o);
+            nl.push(l);
+        }
+    }
+    if nb.is_empty() {
+        return; // nothing left: keep the sample unchanged
+    }
+    // The crop in source-image coordinates.
+    let src = [crop[0] - ox, crop[1] - oy, crop[2] - ox, crop[3] - oy];
+    let fill = MEAN.map(|m| m.round() as u8);
+    *rgb = resample(rgb, hw, 3, src, hw, &fill, false);
+    *boxes = nb;
+    *labels = nl;
+}
+
+/// mmseg's geometry for segmentation: random rescale by 0.5-2.0 and a random crop back to the
+/// input (padding with ignore = 255), applied to the image and the label map together.
+pub fn seg_geometry(rng: &mut Rng, rgb: &mut Vec<u8>, label: &mut Vec<u8>, hw: (usize, usize)) {
+    let s = 0.5 + 1.5 * rng.uniform();
+    let (h, w) = (hw.0 as f32, hw.1 as f32);
+    // The output window covers (h/s) x (w/s) source pixels, placed anywhere it overlaps.
+    let (vw, vh) = (w / s, h / s);
+    let x0 = if vw <= w { rng.uniform() * (w - vw) } else { -rng.uniform() * (vw - w) };
+    let y0 = if vh <= h { rng.uniform() * (h - vh) } else { -rng.uniform() * (vh - h) };
+    let src = [x0, y0, x0 + vw, y0 + vh];
+    let fill = MEAN.map(|m| m.round() as u8);
+    *rgb = resample(rgb, hw, 3, src, hw, &fill, false);
+    *label = resample(label, hw, 1, src, hw, &[255], true);
+}

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::assign::{MaxIou, Targets, targets};
 use crate::boxes::{BBox, BoxCoder};
-use crate::data::{DetDataset, SegDataset, augment, load_coco, load_seg};
+use crate::data::{DetDataset, SegDataset, augment, load_coco, load_seg, seg_geometry, ssd_geometry};
 use crate::loss::{Loss, focal_loss, seg_loss, ssd_loss};
 use crate::metrics::{CocoStats, DetBox, SegMetrics, SegStats, coco_map};
 use crate::model::{DenseModel, DenseOutput};
@@ -59,6 +59,10 @@ pub struct DenseTrainConfig {
     pub reduce_zero_label: bool,
     pub aux_weight: f64,
     pub neg_pos_ratio: usize,
+    /// The paper's geometric augmentation too (SSD: Expand + MinIoURandomCrop; segmentation:
+    /// rescale 0.5-2 + crop), besides flip and photometric distortion.
+    #[serde(default = "yes")]
+    pub geometric_augment: bool,
     /// Use at most this many training / validation images (0 = all).
     pub limit_train: usize,
     pub limit_val: usize,
@@ -88,6 +92,7 @@ impl DenseTrainConfig {
             reduce_zero_label: false,
             aux_weight: 0.4,
             neg_pos_ratio: 3,
+            geometric_augment: true,
             limit_train: 0,
             limit_val: 0,
         }
@@ -108,6 +113,10 @@ impl DenseTrainConfig {
             self.lr * (1.0 - t as f64 / total.max(1) as f64).max(0.0).powf(0.9)
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What `emo detect` / `emo segment` need to rebuild a trained model (`RUN/model.json`).
@@ -391,16 +400,22 @@ impl DenseTrainer {
             match &self.train {
                 DenseData::Det(d) => {
                     let im = &d.images[i];
-                    let (mut rgb, mut boxes) = (im.rgb.clone(), im.boxes.clone());
+                    let (mut rgb, mut boxes, mut labels) = (im.rgb.clone(), im.boxes.clone(), im.labels.clone());
+                    if self.cfg.geometric_augment {
+                        ssd_geometry(&mut self.state.rng, &mut rgb, &mut boxes, &mut labels, hw);
+                    }
                     augment(&mut self.state.rng, &mut rgb, None, Some(&mut boxes), hw.0, hw.1);
                     let (assigner, coder) =
                         if self.cfg.task == Task::SsdLite { (MaxIou::SSD, BoxCoder::SSD) } else { (MaxIou::RETINA, BoxCoder::RETINA) };
-                    tgts.push(targets(&assigner, &coder, &self.anchors, &boxes, &im.labels, k));
+                    tgts.push(targets(&assigner, &coder, &self.anchors, &boxes, &labels, k));
                     rgbs.push(rgb);
                 }
                 DenseData::Seg(d) => {
                     let im = &d.images[i];
                     let (mut rgb, mut lab) = (im.rgb.clone(), im.label.clone());
+                    if self.cfg.geometric_augment {
+                        seg_geometry(&mut self.state.rng, &mut rgb, &mut lab, hw);
+                    }
                     augment(&mut self.state.rng, &mut rgb, Some(&mut lab), None, hw.0, hw.1);
                     labels.extend(lab);
                     rgbs.push(rgb);

@@ -182,3 +182,47 @@ fn every_box_gets_a_positive_anchor() {
     let none = targets(&MaxIou::SSD, &BoxCoder::SSD, &a, &[], &[], 3);
     assert!(none.labels.iter().all(|&l| l == 3) && none.num_pos == 0);
 }
+
+#[test]
+fn geometric_augmentation_keeps_boxes_and_labels_consistent() {
+    use emo_dense::data::{seg_geometry, ssd_geometry};
+    let hw = (64, 64);
+    let mut rng = emo_train::rng::Rng::new(3);
+    let mut changed = 0;
+    for _ in 0..200 {
+        // A white square (label 1) on black.
+        let mut rgb = vec![0u8; 64 * 64 * 3];
+        let mut lab = vec![0u8; 64 * 64];
+        for y in 20..40 {
+            for x in 10..30 {
+                rgb[(y * 64 + x) * 3..(y * 64 + x) * 3 + 3].copy_from_slice(&[255, 255, 255]);
+                lab[y * 64 + x] = 1;
+            }
+        }
+        let (mut r2, mut boxes, mut labels) = (rgb.clone(), vec![[10.0, 20.0, 30.0, 40.0], [50.0, 50.0, 60.0, 60.0]], vec![4, 7]);
+        ssd_geometry(&mut rng, &mut r2, &mut boxes, &mut labels, hw);
+        assert_eq!(r2.len(), rgb.len());
+        assert!(!boxes.is_empty() && boxes.len() == labels.len());
+        for (b, l) in boxes.iter().zip(&labels) {
+            assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= 64.0 + 1e-3 && b[3] <= 64.0 + 1e-3 && b[2] > b[0] && b[3] > b[1], "{b:?}");
+            assert!(*l == 4 || *l == 7);
+        }
+        // The first box, when kept, still frames white pixels at its centre.
+        if let Some(i) = labels.iter().position(|&l| l == 4) {
+            let b = boxes[i];
+            let (cx, cy) = (((b[0] + b[2]) / 2.0) as usize, ((b[1] + b[3]) / 2.0) as usize);
+            assert!(r2[(cy * 64 + cx) * 3] > 200, "centre of {b:?} is not white");
+        }
+        changed += (r2 != rgb) as usize;
+        let (mut r3, mut l3) = (rgb.clone(), lab.clone());
+        seg_geometry(&mut rng, &mut r3, &mut l3, hw);
+        assert!(l3.iter().all(|&v| v == 0 || v == 1 || v == 255));
+        // Image and label stay aligned: label-1 pixels are bright.
+        for (i, &v) in l3.iter().enumerate() {
+            if v == 1 {
+                assert!(r3[i * 3] > 50, "label 1 on a dark pixel"); // (>= 1/4 bilinear weight at a corner)
+            }
+        }
+    }
+    assert!(changed > 50, "the augmentation rarely changes anything ({changed}/200)");
+}
