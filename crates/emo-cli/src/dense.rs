@@ -125,9 +125,10 @@ fn load_model(weights: &Path, card: Option<&Path>, device: &Device) -> Result<(D
     Ok((model, card))
 }
 
-pub fn eval(weights: &Path, card: Option<&Path>, data: &Path, split: &str, limit: usize) -> Result<()> {
+pub fn eval(task: Task, weights: &Path, card: Option<&Path>, data: &Path, split: &str, limit: usize) -> Result<()> {
     let device = Device::flex();
     let (model, card) = load_model(weights, card, &device)?;
+    ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
     let d = load_split(card.model.task, data, split, card.model.input, false, false, limit)?;
     if let Some(w) = d.skipped_warning() {
         eprintln!("{}: {w}", data.display());

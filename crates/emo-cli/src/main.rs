@@ -332,8 +332,8 @@ fn main() -> Result<()> {
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
-        Cmd::Eval { weights, task: Some(_), data, split, card, limit, .. } => {
-            dense::eval(&weights, card.as_deref(), Path::new(&data), &split, limit)
+        Cmd::Eval { weights, task: Some(task), data, split, card, limit, .. } => {
+            dense::eval(task, &weights, card.as_deref(), Path::new(&data), &split, limit)
         }
         Cmd::Eval { variant, weights, data, size, .. } => {
             let (_, test) = load_data(&data, size)?;

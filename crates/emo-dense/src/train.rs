@@ -494,7 +494,7 @@ impl DenseTrainer {
                 if self.verbose && (it % 10 == 0 || it + 1 == ipe) {
                     let ips = ((it + 1) * self.cfg.batch) as f64 / start.elapsed().as_secs_f64();
                     let parts: Vec<String> = loss.parts.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
-                    let bar = progress_bar(it + 1, ipe, 20);
+                    let bar = emo_train::progress_bar(it + 1, ipe, 20);
                     eprint!(
                         "\repoch {}/{} {bar} {}/{ipe} loss {:.4} ({}) lr {lr:.2e} {ips:.1} img/s   ",
                         self.state.epoch + 1,
@@ -541,12 +541,6 @@ impl DenseTrainer {
         }
         Ok(out)
     }
-}
-
-/// `[#####-----]`.
-fn progress_bar(done: usize, total: usize, width: usize) -> String {
-    let n = (done * width).checked_div(total).unwrap_or(width);
-    format!("[{}{}]", "#".repeat(n), "-".repeat(width - n))
 }
 
 /// One line for an evaluation result (percentages).

@@ -15,7 +15,7 @@ pub mod rng;
 pub mod schedule;
 pub mod trainer;
 
-pub use trainer::{EpochMetrics, TrainConfig, TrainState, Trainer, evaluate};
+pub use trainer::{EpochMetrics, TrainConfig, TrainState, Trainer, evaluate, progress_bar};
 
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]

@@ -394,9 +394,10 @@ impl Trainer {
                 if self.verbose && (it % 20 == 0 || it + 1 == ipe) {
                     let ips = ((it + 1) * self.cfg.batch) as f64 / start.elapsed().as_secs_f64();
                     eprint!(
-                        "\repoch {}/{} iter {}/{ipe} loss {:.4} lr {lr:.2e} {ips:.0} img/s   ",
+                        "\repoch {}/{} {} {}/{ipe} loss {:.4} lr {lr:.2e} {ips:.0} img/s   ",
                         self.state.epoch + 1,
                         self.cfg.epochs,
+                        progress_bar(it + 1, ipe, 20),
                         it + 1,
                         loss_sum / (it + 1) as f64
                     );
@@ -450,6 +451,12 @@ impl Trainer {
         }
         Ok(out)
     }
+}
+
+/// A text progress bar, `[#####---------------]`.
+pub fn progress_bar(done: usize, total: usize, width: usize) -> String {
+    let n = (done * width).checked_div(total).unwrap_or(width).min(width);
+    format!("[{}{}]", "#".repeat(n), "-".repeat(width - n))
 }
 
 /// The epoch lines of a run's `metrics.jsonl`.
