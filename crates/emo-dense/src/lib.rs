@@ -27,6 +27,8 @@ pub enum DenseError {
     Weights(#[from] emo_weights::WeightsError),
     #[error(transparent)]
     Model(#[from] emo_model::ModelError),
+    #[error(transparent)]
+    Train(#[from] emo_train::TrainError),
     #[error("{0}")]
     Data(String),
     #[error("{0}")]

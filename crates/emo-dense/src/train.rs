@@ -15,9 +15,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor};
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::Device;
 use emo_spec::{DenseConfig, Task, Variant};
 use emo_train::rng::Rng;
 use serde::{Deserialize, Serialize};
@@ -267,31 +267,16 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
     }
 }
 
-/// Collects the ids of 1-D parameters (norm weights, biases: no weight decay).
-struct OneDimIds(Vec<ParamId>);
-impl ModuleVisitor for OneDimIds {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if D == 1 {
-            self.0.push(param.id);
-        }
-    }
-}
-
 fn optimizer(cfg: &DenseTrainConfig, model: &DenseModel) -> ModuleOptimizer {
-    let adamw = |wd: f64| AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(wd as f32);
-    let mut ids = OneDimIds(Vec::new());
-    model.visit(&mut ids);
-    adamw(cfg.weight_decay).init().with_group(ParamGroup::from_ids(ids.0), adamw(0.0).build(), None)
+    emo_train::run::adamw(model, cfg.weight_decay)
 }
 
 fn write_json(path: &Path, v: &impl Serialize) -> Result<(), DenseError> {
-    let s = serde_json::to_string_pretty(v).map_err(|e| DenseError::Io(e.to_string()))?;
-    Ok(emo_weights::write_atomic(path, s.as_bytes())?)
+    Ok(emo_train::run::write_json(path, v)?)
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, DenseError> {
-    let s = std::fs::read_to_string(path).map_err(|e| DenseError::Io(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&s).map_err(|e| DenseError::Io(format!("{}: {e}", path.display())))
+    Ok(emo_train::run::read_json(path)?)
 }
 
 /// A dense training run bound to its folder.
@@ -366,11 +351,7 @@ impl DenseTrainer {
         let cfg: DenseTrainConfig = read_json(&dir.join("config.json"))?;
         let card: ModelCard = read_json(&dir.join("model.json"))?;
         let (train, val) = Self::load_data(&cfg)?;
-        let ck = ["checkpoint", "checkpoint.old"]
-            .iter()
-            .map(|n| dir.join(n))
-            .find(|p| p.join("state.json").exists())
-            .ok_or_else(|| DenseError::Data(format!("{} has no complete checkpoint", dir.display())))?;
+        let ck = emo_train::run::last_checkpoint(&dir)?;
         let state: DenseState = read_json(&ck.join("state.json"))?;
         let sd = emo_weights::load(ck.join("model.safetensors"))?;
         let model = Self::prepare(DenseModel::from_state_dict(&card.model, &sd, &device)?, &cfg);
@@ -454,20 +435,11 @@ impl DenseTrainer {
     }
 
     fn save_checkpoint(&self) -> Result<(), DenseError> {
-        let (tmp, cur, old) = (self.dir.join("checkpoint.tmp"), self.dir.join("checkpoint"), self.dir.join("checkpoint.old"));
-        let io = |e: std::io::Error| DenseError::Io(format!("checkpoint: {e}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io)?;
-        emo_weights::save_safetensors(&self.model().state_dict(), tmp.join("model.safetensors"))?;
-        self.optim.save(tmp.join("optim.bin")).map_err(|e| DenseError::Io(format!("optim.bin: {e:?}")))?;
-        write_json(&tmp.join("state.json"), &self.state)?;
-        let _ = std::fs::remove_dir_all(&old);
-        if cur.exists() {
-            std::fs::rename(&cur, &old).map_err(io)?;
-        }
-        std::fs::rename(&tmp, &cur).map_err(io)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        Ok(emo_train::run::replace_checkpoint(&self.dir, |tmp| {
+            emo_weights::save_safetensors(&self.model().state_dict(), tmp.join("model.safetensors"))?;
+            self.optim.save(tmp.join("optim.bin")).map_err(|e| emo_train::TrainError::Io(format!("optim.bin: {e:?}")))?;
+            emo_train::run::write_json(&tmp.join("state.json"), &self.state)
+        })?)
     }
 
     /// Train to `cfg.epochs` (or `stop_after` more epochs), evaluating and checkpointing after

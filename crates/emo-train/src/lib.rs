@@ -12,10 +12,12 @@ pub mod data;
 pub mod ema;
 pub mod plot;
 pub mod rng;
+pub mod run;
 pub mod schedule;
 pub mod trainer;
 
-pub use trainer::{EpochMetrics, TrainConfig, TrainState, Trainer, evaluate, progress_bar};
+pub use run::progress_bar;
+pub use trainer::{EpochMetrics, TrainConfig, TrainState, Trainer, evaluate};
 
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]

@@ -16,8 +16,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use emo_model::Emo;
@@ -30,6 +30,7 @@ use crate::augment::Pipeline;
 use crate::data::Split;
 use crate::ema::Ema;
 use crate::rng::Rng;
+use crate::run::{adamw, last_checkpoint, progress_bar, read_json, replace_checkpoint, write_json};
 use crate::schedule::{Cosine, scaled_lr};
 
 /// Everything that defines a run (saved as `config.json`).
@@ -133,16 +134,6 @@ pub struct EpochMetrics {
     pub images_per_s: f64,
 }
 
-/// Collects the ids of 1-D parameters (norm weights, biases: no weight decay).
-struct OneDimIds(Vec<ParamId>);
-impl ModuleVisitor for OneDimIds {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if D == 1 {
-            self.0.push(param.id);
-        }
-    }
-}
-
 /// Sum of squares of all gradients.
 struct GradNorm<'a>(&'a GradientsParams, f64);
 impl ModuleVisitor for GradNorm<'_> {
@@ -168,12 +159,7 @@ fn scalar(t: Tensor<1>) -> f32 {
 }
 
 fn optimizer(cfg: &TrainConfig, model: &Emo) -> ModuleOptimizer {
-    let adamw = |wd: f64| {
-        AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(wd as f32)
-    };
-    let mut ids = OneDimIds(Vec::new());
-    model.visit(&mut ids);
-    adamw(cfg.weight_decay).init().with_group(ParamGroup::from_ids(ids.0), adamw(0.0).build(), None)
+    adamw(model, cfg.weight_decay)
 }
 
 /// A training run bound to its folder.
@@ -189,17 +175,6 @@ pub struct Trainer {
     eval: Split,
     /// Print progress lines.
     pub verbose: bool,
-}
-
-fn write_json(path: &Path, v: &impl Serialize) -> Result<(), TrainError> {
-    let s = serde_json::to_string_pretty(v).map_err(|e| TrainError::Io(e.to_string()))?;
-    emo_weights::write_atomic(path, s.as_bytes())?;
-    Ok(())
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError> {
-    let s = std::fs::read_to_string(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&s).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
 }
 
 impl Trainer {
@@ -246,11 +221,7 @@ impl Trainer {
         let dir = dir.as_ref().to_path_buf();
         let cfg: TrainConfig = read_json(&dir.join("config.json"))?;
         let (train, eval) = limit(&cfg, train, eval);
-        let ck = ["checkpoint", "checkpoint.old"]
-            .iter()
-            .map(|n| dir.join(n))
-            .find(|p| p.join("state.json").exists())
-            .ok_or_else(|| TrainError::Config(format!("{} has no complete checkpoint", dir.display())))?;
+        let ck = last_checkpoint(&dir)?;
         let state: TrainState = read_json(&ck.join("state.json"))?;
         let sd = emo_weights::load(ck.join("model.safetensors"))?;
         let model = Emo::from_state_dict(&cfg.model_config(), &sd, &device)?;
@@ -330,22 +301,12 @@ impl Trainer {
     /// checkpoint is moved to `checkpoint.old`, the new one renamed into place, the old removed.
     /// A kill at any point leaves a complete `checkpoint` or `checkpoint.old`.
     fn save_checkpoint(&self) -> Result<(), TrainError> {
-        let (tmp, cur, old) =
-            (self.dir.join("checkpoint.tmp"), self.dir.join("checkpoint"), self.dir.join("checkpoint.old"));
-        let io = |e: std::io::Error| TrainError::Io(format!("checkpoint: {e}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io)?;
-        emo_weights::save_safetensors(&self.model().state_dict(), tmp.join("model.safetensors"))?;
-        emo_weights::save_safetensors(&self.ema_state_dict(), tmp.join("ema.safetensors"))?;
-        self.optim.save(tmp.join("optim.bin")).map_err(|e| TrainError::Io(format!("optim.bin: {e:?}")))?;
-        write_json(&tmp.join("state.json"), &self.state)?;
-        let _ = std::fs::remove_dir_all(&old);
-        if cur.exists() {
-            std::fs::rename(&cur, &old).map_err(io)?;
-        }
-        std::fs::rename(&tmp, &cur).map_err(io)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        replace_checkpoint(&self.dir, |tmp| {
+            emo_weights::save_safetensors(&self.model().state_dict(), tmp.join("model.safetensors"))?;
+            emo_weights::save_safetensors(&self.ema_state_dict(), tmp.join("ema.safetensors"))?;
+            self.optim.save(tmp.join("optim.bin")).map_err(|e| TrainError::Io(format!("optim.bin: {e:?}")))?;
+            write_json(&tmp.join("state.json"), &self.state)
+        })
     }
 
     /// Train until `cfg.epochs` (or `stop_after` more epochs), evaluating and checkpointing
@@ -451,12 +412,6 @@ impl Trainer {
         }
         Ok(out)
     }
-}
-
-/// A text progress bar, `[#####---------------]`.
-pub fn progress_bar(done: usize, total: usize, width: usize) -> String {
-    let n = (done * width).checked_div(total).unwrap_or(width).min(width);
-    format!("[{}{}]", "#".repeat(n), "-".repeat(width - n))
 }
 
 /// The epoch lines of a run's `metrics.jsonl`.
