@@ -95,8 +95,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
             DenseTrainer::new(cfg, &dir, device)?
         }
     };
+    let (n_train, n_val) = t.data_sizes();
     eprintln!(
-        "run folder: {} ({} on {}, {} classes, input {}x{})",
+        "run folder: {} ({} on {}, {} classes, input {}x{}, {n_train} train / {n_val} val images)",
         t.dir.display(),
         t.cfg.task,
         t.cfg.variant,
@@ -104,6 +105,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
         t.cfg.input.0,
         t.cfg.input.1
     );
+    for w in t.data_warnings() {
+        eprintln!("warning: {w}");
+    }
     t.run(a.stop_after)?;
     let best = emo_dense::train::read_metrics(&t.dir).into_iter().max_by(|x, y| x.key_metric().total_cmp(&y.key_metric()));
     if let Some(b) = best {

@@ -366,6 +366,19 @@ impl DenseTrainer {
         self.model.as_ref().expect("model")
     }
 
+    /// What was skipped while loading each split (`"train: skipped: 3 unknown category"`).
+    pub fn data_warnings(&self) -> Vec<String> {
+        [("train", &self.train), ("val", &self.val)]
+            .into_iter()
+            .filter_map(|(n, d)| d.skipped_warning().map(|w| format!("{n}: {w}")))
+            .collect()
+    }
+
+    /// Number of (training, validation) images.
+    pub fn data_sizes(&self) -> (usize, usize) {
+        (self.train.len(), self.val.len())
+    }
+
     pub fn iters_per_epoch(&self) -> usize {
         self.train.len() / self.cfg.batch
     }
