@@ -109,8 +109,11 @@ fn io_err(p: &Path, e: impl std::fmt::Display) -> DenseError {
     DenseError::Io(format!("{}: {e}", p.display()))
 }
 
+/// Decoded pixels (RGB, or grey for label maps) at the model input, and the original (H, W).
+type Decoded = Option<(Vec<u8>, (usize, usize))>;
+
 /// Decode and resize images in parallel; `None` for unreadable ones.
-fn decode_all(paths: &[PathBuf], size: (usize, usize), nearest: bool) -> Vec<Option<(Vec<u8>, (usize, usize))>> {
+fn decode_all(paths: &[PathBuf], size: (usize, usize), nearest: bool) -> Vec<Decoded> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len().max(1));
     let chunk = paths.len().div_ceil(threads).max(1);
     std::thread::scope(|s| {
@@ -301,7 +304,7 @@ pub fn load_seg(
             continue;
         };
         if reduce_zero_label {
-            label.iter_mut().for_each(|v| *v = if *v == 0 { 255 } else if *v == 255 { 255 } else { *v - 1 });
+            label.iter_mut().for_each(|v| *v = if *v == 0 || *v == 255 { 255 } else { *v - 1 });
         }
         if let Some(bad) = label.iter().find(|&&v| v != 255 && v as usize >= classes.len()) {
             return Err(DenseError::Data(format!(
