@@ -83,7 +83,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
             if let Some(w) = a.warmup_iters {
                 cfg.warmup_iters = w;
             }
-            (cfg.limit_train, cfg.limit_val, cfg.backbone_weights) = (a.train_limit, a.eval_limit, a.backbone_weights.clone());
+            (cfg.limit_train, cfg.limit_val, cfg.backbone_weights) =
+                (a.train_limit, a.eval_limit, a.backbone_weights.clone());
             // mmdet's norm_eval / frozen_stages assume a pretrained backbone.
             let pretrained = a.backbone_weights.is_some();
             cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval && pretrained);
@@ -109,7 +110,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         eprintln!("warning: {w}");
     }
     t.run(a.stop_after)?;
-    let best = emo_dense::train::read_metrics(&t.dir).into_iter().max_by(|x, y| x.key_metric().total_cmp(&y.key_metric()));
+    let best =
+        emo_dense::train::read_metrics(&t.dir).into_iter().max_by(|x, y| x.key_metric().total_cmp(&y.key_metric()));
     if let Some(b) = best {
         let what = if t.cfg.task.is_detection() { "mAP50" } else { "mIoU" };
         let v = if t.cfg.task.is_detection() { 100.0 * b.key_metric() } else { b.key_metric() };
@@ -121,8 +123,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
 /// Load `weights` with the card from `--card` or `model.json` next to them.
 fn load_model(weights: &Path, card: Option<&Path>, device: &Device) -> Result<(DenseModel, ModelCard)> {
     let card_path = card.map(Path::to_path_buf).unwrap_or_else(|| weights.with_file_name("model.json"));
-    let text = std::fs::read_to_string(&card_path)
-        .with_context(|| format!("reading {} (the model card written by `emo train --task`; pass --card)", card_path.display()))?;
+    let text = std::fs::read_to_string(&card_path).with_context(|| {
+        format!("reading {} (the model card written by `emo train --task`; pass --card)", card_path.display())
+    })?;
     let card: ModelCard = serde_json::from_str(&text).with_context(|| format!("parsing {}", card_path.display()))?;
     let sd = emo_weights::load(weights).with_context(|| format!("loading {}", weights.display()))?;
     let model = DenseModel::from_state_dict(&card.model, &sd, device)?;
@@ -155,6 +158,27 @@ fn read_image(p: &Path, input: (usize, usize)) -> Result<(image::RgbImage, Vec<u
     Ok((img, resized.into_raw()))
 }
 
+/// Run `f` on every readable image (original, and RGB resized to `input`); unreadable ones are
+/// reported and skipped, and it is an error only when none could be read.
+fn for_each_image(
+    images: &[PathBuf],
+    input: (usize, usize),
+    mut f: impl FnMut(&Path, image::RgbImage, Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let mut failed = 0;
+    for p in images {
+        match read_image(p, input) {
+            Ok((orig, rgb)) => f(p, orig, rgb)?,
+            Err(e) => {
+                eprintln!("skipping: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    ensure!(failed < images.len(), "no image could be read");
+    Ok(())
+}
+
 fn out_name(out: &Path, img: &Path, ext: &str) -> PathBuf {
     out.join(format!("{}.{ext}", img.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()))
 }
@@ -168,16 +192,7 @@ pub fn detect_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: 
     let mut test = DetTestCfg::official(card.model.task);
     test.score_thr = score_thr;
     let input = card.model.input;
-    let mut failed = 0;
-    for p in images {
-        let (mut orig, rgb) = match read_image(p, input) {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("skipping: {e:#}");
-                failed += 1;
-                continue;
-            }
-        };
+    for_each_image(images, input, |p, mut orig, rgb| {
         let x = batch_tensor(&[&rgb], input, &device);
         let (sx, sy) = (orig.width() as f32 / input.1 as f32, orig.height() as f32 / input.0 as f32);
         let mut dets = detect(&model, x, &anchors, &test)?.remove(0);
@@ -204,9 +219,8 @@ pub fn detect_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: 
             .map(|d| format!("{} {:.2}", card.classes.get(d.label).map_or("?", String::as_str), d.score))
             .collect();
         println!("{}: {} detections [{}] -> {}", p.display(), dets.len(), top.join(", "), pp.display());
-    }
-    ensure!(failed < images.len(), "no image could be read");
-    Ok(())
+        Ok(())
+    })
 }
 
 pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: &Path) -> Result<()> {
@@ -215,16 +229,7 @@ pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out:
     ensure!(!card.model.task.is_detection(), "{} is a {} model; use `emo detect`", weights.display(), card.model.task);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let input = card.model.input;
-    let mut failed = 0;
-    for p in images {
-        let (orig, rgb) = match read_image(p, input) {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("skipping: {e:#}");
-                failed += 1;
-                continue;
-            }
-        };
+    for_each_image(images, input, |p, orig, rgb| {
         let x = batch_tensor(&[&rgb], input, &device);
         let pred = segment(&model, x)?.remove(0);
         let mask = image::GrayImage::from_raw(input.1 as u32, input.0 as u32, pred).context("mask size")?;
@@ -247,9 +252,8 @@ pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out:
             .map(|(c, &n)| format!("{} {:.0}%", card.classes[c], 100.0 * n as f64 / total))
             .collect();
         println!("{}: [{}] -> {}", p.display(), present.join(", "), pp.display());
-    }
-    ensure!(failed < images.len(), "no image could be read");
-    Ok(())
+        Ok(())
+    })
 }
 
 pub fn make_canvas(out: &Path, cfg: &CanvasConfig, fmnist: Option<&Path>) -> Result<()> {

@@ -274,13 +274,22 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         let want = if task == "ssdlite" { "AP50" } else { "mIoU" };
         assert!(o.status.success() && stdout(&o).contains(want), "{}{}", stdout(&o), stderr(&o));
         let out = tmp(&format!("out-{task}"));
-        let o = emo(&[cmd, "--weights", w.to_str().unwrap(), "--out", out.to_str().unwrap(), img.to_str().unwrap(), bad.to_str().unwrap()]);
+        let o = emo(&[
+            cmd,
+            "--weights",
+            w.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            img.to_str().unwrap(),
+            bad.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stderr(&o).contains("skipping") && stderr(&o).contains("corrupt.png"), "{}", stderr(&o));
         let png = image::open(out.join("000000.png")).unwrap();
         assert_eq!((png.width(), png.height()), (64, 64));
         if cmd == "detect" {
-            let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("000000.json")).unwrap()).unwrap();
+            let j: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("000000.json")).unwrap()).unwrap();
             assert!(j.is_array());
         }
         // The wrong command for the model says which one to use.

@@ -20,7 +20,12 @@ pub fn ssd_anchors(cfg: &DenseConfig) -> Vec<BBox> {
             for x in 0..lv.size.1 {
                 let (cy, cx) = ((y as f64 + 0.5) * lv.stride.0, (x as f64 + 0.5) * lv.stride.1);
                 for &(w, h) in &base {
-                    out.push([(cx - w / 2.0) as f32, (cy - h / 2.0) as f32, (cx + w / 2.0) as f32, (cy + h / 2.0) as f32]);
+                    out.push([
+                        (cx - w / 2.0) as f32,
+                        (cy - h / 2.0) as f32,
+                        (cx + w / 2.0) as f32,
+                        (cy + h / 2.0) as f32,
+                    ]);
                 }
             }
         }
@@ -46,7 +51,12 @@ pub fn retina_anchors(cfg: &DenseConfig) -> Vec<BBox> {
             for x in 0..size.1 {
                 let (cy, cx) = (y as f64 * stride, x as f64 * stride);
                 for &(w, h) in &base {
-                    out.push([(cx - w / 2.0) as f32, (cy - h / 2.0) as f32, (cx + w / 2.0) as f32, (cy + h / 2.0) as f32]);
+                    out.push([
+                        (cx - w / 2.0) as f32,
+                        (cy - h / 2.0) as f32,
+                        (cx + w / 2.0) as f32,
+                        (cy + h / 2.0) as f32,
+                    ]);
                 }
             }
         }

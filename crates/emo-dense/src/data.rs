@@ -126,7 +126,8 @@ fn decode_all(paths: &[PathBuf], size: (usize, usize), nearest: bool) -> Vec<Dec
                             let img = image::open(p).ok()?;
                             let orig = (img.height() as usize, img.width() as usize);
                             let filter = if nearest { FilterType::Nearest } else { FilterType::Triangle };
-                            let r = if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, filter) };
+                            let r =
+                                if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, filter) };
                             let data = if nearest { r.to_luma8().into_raw() } else { r.to_rgb8().into_raw() };
                             Some((data, orig))
                         })
@@ -145,7 +146,8 @@ fn decode_all(paths: &[PathBuf], size: (usize, usize), nearest: bool) -> Vec<Dec
 pub fn load_coco(root: &Path, split: &str, input: (usize, usize), keep_empty: bool) -> Result<DetDataset, DenseError> {
     let json = root.join("annotations").join(format!("instances_{split}.json"));
     let text = std::fs::read_to_string(&json).map_err(|e| io_err(&json, e))?;
-    let file: CocoFile = serde_json::from_str(&text).map_err(|e| DenseError::Data(format!("{}: not a COCO file: {e}", json.display())))?;
+    let file: CocoFile = serde_json::from_str(&text)
+        .map_err(|e| DenseError::Data(format!("{}: not a COCO file: {e}", json.display())))?;
     if file.categories.is_empty() {
         return Err(DenseError::Data(format!("{}: no categories", json.display())));
     }
@@ -277,7 +279,9 @@ pub fn load_seg(
     let lab_dir = [root.join("labels").join(split), root.join("annotations").join(split)]
         .into_iter()
         .find(|d| d.is_dir())
-        .ok_or_else(|| DenseError::Data(format!("{}: no labels/{split} or annotations/{split} folder", root.display())))?;
+        .ok_or_else(|| {
+            DenseError::Data(format!("{}: no labels/{split} or annotations/{split} folder", root.display()))
+        })?;
     let mut names: Vec<PathBuf> = std::fs::read_dir(&img_dir)
         .map_err(|e| io_err(&img_dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -356,7 +360,11 @@ pub fn make_canvas(out: &Path, cfg: &CanvasConfig, fmnist_dir: Option<&Path>) ->
     let (train, test) = emo_train::data::fashion_mnist(fmnist_dir).map_err(|e| DenseError::Data(e.to_string()))?;
     let names: Vec<&str> = if cfg.coarse { COARSE.iter().map(|c| c.0).collect() } else { FMNIST_CLASSES.to_vec() };
     let class_of = |l: u8| -> usize {
-        if cfg.coarse { COARSE.iter().position(|c| c.1.contains(&(l as usize))).expect("coarse class") } else { l as usize }
+        if cfg.coarse {
+            COARSE.iter().position(|c| c.1.contains(&(l as usize))).expect("coarse class")
+        } else {
+            l as usize
+        }
     };
     let mut rng = Rng::new(cfg.seed);
     for (split, src, n) in [("train", &train, cfg.train), ("val", &test, cfg.val)] {
@@ -439,8 +447,7 @@ pub fn make_canvas(out: &Path, cfg: &CanvasConfig, fmnist_dir: Option<&Path>) ->
             lab.save(ldir.join(&file)).map_err(|e| io_err(&ldir.join(&file), e))?;
             images.push(serde_json::json!({"id": i + 1, "file_name": file, "width": s, "height": s}));
         }
-        let cats: Vec<_> =
-            names.iter().enumerate().map(|(i, n)| serde_json::json!({"id": i + 1, "name": n})).collect();
+        let cats: Vec<_> = names.iter().enumerate().map(|(i, n)| serde_json::json!({"id": i + 1, "name": n})).collect();
         let coco = serde_json::json!({"images": images, "annotations": anns, "categories": cats});
         let p = out.join("annotations").join(format!("instances_{split}.json"));
         emo_weights::write_atomic(&p, coco.to_string().as_bytes())?;
@@ -448,7 +455,10 @@ pub fn make_canvas(out: &Path, cfg: &CanvasConfig, fmnist_dir: Option<&Path>) ->
     let classes: Vec<&str> = std::iter::once("background").chain(names.iter().copied()).collect();
     let p = out.join("classes.txt");
     emo_weights::write_atomic(&p, (classes.join("\n") + "\n").as_bytes())?;
-    emo_weights::write_atomic(&out.join("canvas.json"), serde_json::to_string_pretty(cfg).unwrap_or_default().as_bytes())?;
+    emo_weights::write_atomic(
+        &out.join("canvas.json"),
+        serde_json::to_string_pretty(cfg).unwrap_or_default().as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -465,7 +475,14 @@ pub fn normalize_into(rgb: &[u8], h: usize, w: usize, out: &mut Vec<f32>) {
 
 /// Training augmentation shared by both tasks: horizontal flip and mmdet's photometric
 /// distortion (brightness +-32, contrast 0.5-1.5, each with probability 0.5).
-pub fn augment(rng: &mut Rng, rgb: &mut [u8], label: Option<&mut [u8]>, boxes: Option<&mut [BBox]>, h: usize, w: usize) {
+pub fn augment(
+    rng: &mut Rng,
+    rgb: &mut [u8],
+    label: Option<&mut [u8]>,
+    boxes: Option<&mut [BBox]>,
+    h: usize,
+    w: usize,
+) {
     if rng.uniform() < 0.5 {
         for y in 0..h {
             for x in 0..w / 2 {
@@ -495,7 +512,15 @@ pub fn augment(rng: &mut Rng, rgb: &mut [u8], label: Option<&mut [u8]>, boxes: O
 /// Resample the region `src` (x0, y0, x1, y1 in source pixels, may extend past the image) of an
 /// HWC image with `ch` channels to `out` (H, W); outside pixels take `fill`. Bilinear, or
 /// nearest for label maps.
-fn resample(img: &[u8], hw: (usize, usize), ch: usize, src: [f32; 4], out: (usize, usize), fill: &[u8], nearest: bool) -> Vec<u8> {
+fn resample(
+    img: &[u8],
+    hw: (usize, usize),
+    ch: usize,
+    src: [f32; 4],
+    out: (usize, usize),
+    fill: &[u8],
+    nearest: bool,
+) -> Vec<u8> {
     let (h, w) = hw;
     let (sx, sy) = ((src[2] - src[0]) / out.1 as f32, (src[3] - src[1]) / out.0 as f32);
     let mut o = vec![0u8; out.0 * out.1 * ch];
@@ -519,7 +544,10 @@ fn resample(img: &[u8], hw: (usize, usize), ch: usize, src: [f32; 4], out: (usiz
             let (dx, dy) = (fx - x0 as f32, fy - y0 as f32);
             for c in 0..ch {
                 let p = |yy: usize, xx: usize| img[(yy * w + xx) * ch + c] as f32;
-                let v = p(y0, x0) * (1.0 - dx) * (1.0 - dy) + p(y0, x1) * dx * (1.0 - dy) + p(y1, x0) * (1.0 - dx) * dy + p(y1, x1) * dx * dy;
+                let v = p(y0, x0) * (1.0 - dx) * (1.0 - dy)
+                    + p(y0, x1) * dx * (1.0 - dy)
+                    + p(y1, x0) * (1.0 - dx) * dy
+                    + p(y1, x1) * dx * dy;
                 dst[c] = v.round().clamp(0.0, 255.0) as u8;
             }
         }
@@ -531,7 +559,13 @@ fn resample(img: &[u8], hw: (usize, usize), ch: usize, src: [f32; 4], out: (usiz
 /// then `MinIoURandomCrop` (a crop whose IoU with some box is at least one of 0.1 / 0.3 / 0.5 /
 /// 0.7 / 0.9, or none; boxes whose centre falls outside are dropped), resized back to the
 /// input. Boxes and labels are updated; at least one box always survives.
-pub fn ssd_geometry(rng: &mut Rng, rgb: &mut Vec<u8>, boxes: &mut Vec<BBox>, labels: &mut Vec<usize>, hw: (usize, usize)) {
+pub fn ssd_geometry(
+    rng: &mut Rng,
+    rgb: &mut Vec<u8>,
+    boxes: &mut Vec<BBox>,
+    labels: &mut Vec<usize>,
+    hw: (usize, usize),
+) {
     let (h, w) = (hw.0 as f32, hw.1 as f32);
     // Work in "expanded canvas" coordinates: the source image occupies [ox, oy, ox + w, oy + h]
     // of a (r*w) x (r*h) canvas.

@@ -31,7 +31,8 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// Per-anchor box weights `[B, N, 1]` (1 for positives) and the stacked targets `[B, N, 4]`.
 fn box_targets(t: &[Targets], num_classes: usize, device: &Device) -> (Tensor<3>, Tensor<3>, f64) {
     let (b, n) = (t.len(), t[0].labels.len());
-    let pos: Vec<f32> = t.iter().flat_map(|t| t.labels.iter().map(|&l| (l >= 0 && (l as usize) < num_classes) as u8 as f32)).collect();
+    let pos: Vec<f32> =
+        t.iter().flat_map(|t| t.labels.iter().map(|&l| (l >= 0 && (l as usize) < num_classes) as u8 as f32)).collect();
     let deltas: Vec<f32> = t.iter().flat_map(|t| t.deltas.iter().flatten().copied()).collect();
     let num_pos = pos.iter().sum::<f32>().max(1.0) as f64;
     (
@@ -45,7 +46,8 @@ fn box_targets(t: &[Targets], num_classes: usize, device: &Device) -> (Tensor<3>
 pub fn ssd_loss(cls: Tensor<3>, reg: Tensor<3>, t: &[Targets], num_classes: usize, neg_pos_ratio: usize) -> Loss {
     let device = cls.device();
     let [b, n, _] = cls.dims();
-    let labels: Vec<i64> = t.iter().flat_map(|t| t.labels.iter().map(|&l| if l < 0 { num_classes as i64 } else { l })).collect();
+    let labels: Vec<i64> =
+        t.iter().flat_map(|t| t.labels.iter().map(|&l| if l < 0 { num_classes as i64 } else { l })).collect();
     let idx = Tensor::<3, Int>::from_data(TensorData::new(labels.clone(), [b, n, 1]), &device);
     let ce = log_softmax(cls, 2).gather(2, idx).neg(); // [B, N, 1]
     // Hard-negative mining on the detached losses.
@@ -73,7 +75,8 @@ pub fn ssd_loss(cls: Tensor<3>, reg: Tensor<3>, t: &[Targets], num_classes: usiz
     let loss_cls = (ce * mask).sum().div_scalar(num_pos);
     let d = (reg - target).abs();
     let small = d.clone().lower_elem(1.0).float();
-    let smooth = small.clone() * d.clone().powi_scalar(2).mul_scalar(0.5) + (small.neg().add_scalar(1.0)) * d.sub_scalar(0.5);
+    let smooth =
+        small.clone() * d.clone().powi_scalar(2).mul_scalar(0.5) + (small.neg().add_scalar(1.0)) * d.sub_scalar(0.5);
     let loss_box = (smooth * pos).sum().div_scalar(num_pos);
     let parts = vec![("cls", scalar(loss_cls.clone())), ("box", scalar(loss_box.clone()))];
     Loss { total: loss_cls + loss_box, parts }
@@ -116,7 +119,10 @@ pub fn resize_logits(x: Tensor<4>, hw: (usize, usize)) -> Tensor<4> {
     if (h, w) == hw {
         return x;
     }
-    interpolate(x, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([hw.0, hw.1]))
+    interpolate(
+        x,
+        InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([hw.0, hw.1]),
+    )
 }
 
 /// Pixel cross-entropy with 255 ignored; `labels` is `B * H * W` bytes.

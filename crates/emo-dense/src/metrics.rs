@@ -69,8 +69,10 @@ fn evaluate_img(gts: &[&GtBox], dets: &[&DetBox], rng: (f64, f64), thrs: &[f64])
     let mut di: Vec<usize> = (0..dets.len()).collect();
     di.sort_by(|&a, &b| dets[b].score.total_cmp(&dets[a].score));
     di.truncate(MAX_DETS);
-    let ious: Vec<Vec<f64>> =
-        di.iter().map(|&d| gi.iter().map(|&g| box_iou(&dets[d].bbox, &gts[g].bbox, gts[g].iscrowd)).collect()).collect();
+    let ious: Vec<Vec<f64>> = di
+        .iter()
+        .map(|&d| gi.iter().map(|&g| box_iou(&dets[d].bbox, &gts[g].bbox, gts[g].iscrowd)).collect())
+        .collect();
     let mut matched = vec![vec![false; di.len()]; thrs.len()];
     let mut ignored = vec![vec![false; di.len()]; thrs.len()];
     for (t, &thr) in thrs.iter().enumerate() {
@@ -171,7 +173,11 @@ pub fn coco_map(gts: &[GtBox], dets: &[DetBox], image_ids: &[u64], category_ids:
                     if per_img[k].ignored[t][j] {
                         continue;
                     }
-                    if per_img[k].matched[t][j] { tp += 1.0 } else { fp += 1.0 }
+                    if per_img[k].matched[t][j] {
+                        tp += 1.0
+                    } else {
+                        fp += 1.0
+                    }
                     rc.push(tp / npig as f64);
                     pr.push(tp / (fp + tp + f64::EPSILON));
                 }

@@ -9,7 +9,9 @@ use burn::tensor::module::{adaptive_avg_pool2d, interpolate};
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use emo_model::{Emo, param_id};
-use emo_spec::{ASPP_DILATIONS, DenseConfig, HeadAct, HeadConv, PSP_SCALES, SEG_BN_EPS, SSD_BN_EPS, SSD_BN_MOMENTUM, Task};
+use emo_spec::{
+    ASPP_DILATIONS, DenseConfig, HeadAct, HeadConv, PSP_SCALES, SEG_BN_EPS, SSD_BN_EPS, SSD_BN_MOMENTUM, Task,
+};
 use emo_weights::{Data, StateDict, Tensor as Stored};
 
 use crate::DenseError;
@@ -66,7 +68,12 @@ impl Builder<'_> {
         }
     }
 
-    fn param<const D: usize>(&self, key: &str, shape: [usize; D], fresh: impl FnOnce() -> Tensor<D>) -> Param<Tensor<D>> {
+    fn param<const D: usize>(
+        &self,
+        key: &str,
+        shape: [usize; D],
+        fresh: impl FnOnce() -> Tensor<D>,
+    ) -> Param<Tensor<D>> {
         let mut p = Param::from_tensor(self.tensor(key, shape, fresh));
         p.id = param_id(key);
         p
@@ -92,13 +99,19 @@ impl Builder<'_> {
             Init::Normal(_, b) => b,
             _ => 0.0,
         };
-        let bias = c.bias.then(|| self.param(&format!("{key}.bias"), [c.cout], || Tensor::full([c.cout], bias_value, &d)));
-        let (eps, momentum) = if self.cfg.task == Task::SsdLite { (SSD_BN_EPS, SSD_BN_MOMENTUM) } else { (SEG_BN_EPS, 0.1) };
+        let bias =
+            c.bias.then(|| self.param(&format!("{key}.bias"), [c.cout], || Tensor::full([c.cout], bias_value, &d)));
+        let (eps, momentum) =
+            if self.cfg.task == Task::SsdLite { (SSD_BN_EPS, SSD_BN_MOMENTUM) } else { (SEG_BN_EPS, 0.1) };
         let bn = c.bn.as_ref().map(|p| BatchNorm {
             gamma: self.param(&format!("{p}.weight"), [c.cout], || Tensor::ones([c.cout], &d)),
             beta: self.param(&format!("{p}.bias"), [c.cout], || Tensor::zeros([c.cout], &d)),
-            running_mean: RunningState::new(self.tensor(&format!("{p}.running_mean"), [c.cout], || Tensor::zeros([c.cout], &d))),
-            running_var: RunningState::new(self.tensor(&format!("{p}.running_var"), [c.cout], || Tensor::ones([c.cout], &d))),
+            running_mean: RunningState::new(
+                self.tensor(&format!("{p}.running_mean"), [c.cout], || Tensor::zeros([c.cout], &d)),
+            ),
+            running_var: RunningState::new(
+                self.tensor(&format!("{p}.running_var"), [c.cout], || Tensor::ones([c.cout], &d)),
+            ),
             training: Param::from_bool(true),
             momentum,
             epsilon: eps,
@@ -145,7 +158,8 @@ impl SsdLite {
         let mut extra = Vec::new();
         for i in 0..4 {
             let p = format!("neck.extra_layers.{i}");
-            for k in [format!("{p}.0.conv"), format!("{p}.1.depthwise_conv.conv"), format!("{p}.1.pointwise_conv.conv")] {
+            for k in [format!("{p}.0.conv"), format!("{p}.1.depthwise_conv.conv"), format!("{p}.1.pointwise_conv.conv")]
+            {
                 extra.push(b.module(&k, neck));
             }
         }
@@ -216,7 +230,8 @@ impl RetinaNet {
         let mut lat: Vec<Tensor<4>> = feats.iter().zip(&self.lateral).map(|(f, l)| l.forward(f.clone())).collect();
         for i in (1..3).rev() {
             let [_, _, h, w] = lat[i - 1].dims();
-            let up = interpolate(lat[i].clone(), InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([h, w]));
+            let up =
+                interpolate(lat[i].clone(), InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([h, w]));
             lat[i - 1] = lat[i - 1].clone() + up;
         }
         let mut outs: Vec<Tensor<4>> = lat.into_iter().zip(&self.fpn).map(|(x, c)| c.forward(x)).collect();
@@ -276,7 +291,10 @@ impl SegHead {
     }
 
     fn resize(x: Tensor<4>, h: usize, w: usize) -> Tensor<4> {
-        interpolate(x, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([h, w]))
+        interpolate(
+            x,
+            InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([h, w]),
+        )
     }
 
     /// `(logits at stage-4 size, auxiliary logits at stage-3 size)`.

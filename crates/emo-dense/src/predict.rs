@@ -5,11 +5,11 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 use emo_spec::Task;
 
+use crate::DenseError;
 use crate::boxes::{BBox, BoxCoder, Detection, batched_nms};
 use crate::data::normalize_into;
 use crate::loss::resize_logits;
 use crate::model::{DenseModel, DenseOutput};
-use crate::DenseError;
 
 /// Test-time settings (mmdet `test_cfg`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,7 +43,12 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 /// Detections per image, in input coordinates.
-pub fn detect(model: &DenseModel, x: Tensor<4>, anchors: &[BBox], cfg: &DetTestCfg) -> Result<Vec<Vec<Detection>>, DenseError> {
+pub fn detect(
+    model: &DenseModel,
+    x: Tensor<4>,
+    anchors: &[BBox],
+    cfg: &DetTestCfg,
+) -> Result<Vec<Vec<Detection>>, DenseError> {
     let [b, _, h, w] = x.dims();
     let DenseOutput::Det { cls, reg } = model.forward(x, false)? else {
         return Err(DenseError::Data(format!("{} is not a detector", model.cfg.task)));

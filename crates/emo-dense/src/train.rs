@@ -82,7 +82,13 @@ impl DenseTrainConfig {
             input,
             epochs: 12,
             batch: 16,
-            lr: if task == Task::RetinaNet { 2e-4 } else if det { 1.2e-3 } else { 1.2e-4 },
+            lr: if task == Task::RetinaNet {
+                2e-4
+            } else if det {
+                1.2e-3
+            } else {
+                1.2e-4
+            },
             weight_decay: if det { 0.05 } else { 0.01 },
             warmup_iters: if det { 500 } else { 0 },
             seed: 0,
@@ -237,7 +243,8 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
             let test = DetTestCfg::official(model.cfg.task);
             let mut dets = Vec::new();
             for chunk in d.images.chunks(B) {
-                let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device).without_autodiff();
+                let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
+                    .without_autodiff();
                 for (img, ds) in chunk.iter().zip(detect(model, x, &anchors, &test)?) {
                     let (sx, sy) = (img.orig.1 as f64 / hw.1 as f64, img.orig.0 as f64 / hw.0 as f64);
                     for det in ds {
@@ -257,7 +264,8 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
         DenseData::Seg(d) => {
             let mut m = SegMetrics::new(model.cfg.num_classes);
             for chunk in d.images.chunks(B) {
-                let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device).without_autodiff();
+                let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
+                    .without_autodiff();
                 for (img, pred) in chunk.iter().zip(segment(model, x)?) {
                     m.add(&pred, &img.label, 255);
                 }
@@ -311,8 +319,10 @@ impl DenseTrainer {
     }
 
     fn load_data(cfg: &DenseTrainConfig) -> Result<(DenseData, DenseData), DenseError> {
-        let train = load_split(cfg.task, &cfg.data, &cfg.train_split, cfg.input, true, cfg.reduce_zero_label, cfg.limit_train)?;
-        let val = load_split(cfg.task, &cfg.data, &cfg.val_split, cfg.input, false, cfg.reduce_zero_label, cfg.limit_val)?;
+        let train =
+            load_split(cfg.task, &cfg.data, &cfg.train_split, cfg.input, true, cfg.reduce_zero_label, cfg.limit_train)?;
+        let val =
+            load_split(cfg.task, &cfg.data, &cfg.val_split, cfg.input, false, cfg.reduce_zero_label, cfg.limit_val)?;
         Ok((train, val))
     }
 
@@ -342,7 +352,19 @@ impl DenseTrainer {
         write_json(&dir.join("model.json"), &card)?;
         let state = DenseState { epoch: 0, iter: 0, rng: Rng::new(cfg.seed), best: f64::NEG_INFINITY };
         let anchors = if cfg.task.is_detection() { anchors::anchors(&card.model) } else { vec![] };
-        Ok(DenseTrainer { cfg, card, dir, state, device, model: Some(model), optim, train, val, anchors, verbose: true })
+        Ok(DenseTrainer {
+            cfg,
+            card,
+            dir,
+            state,
+            device,
+            model: Some(model),
+            optim,
+            train,
+            val,
+            anchors,
+            verbose: true,
+        })
     }
 
     /// Reopen a run and continue from its last complete checkpoint.
@@ -359,7 +381,19 @@ impl DenseTrainer {
             .load(ck.join("optim.bin"))
             .map_err(|e| DenseError::Io(format!("optim.bin: {e:?}")))?;
         let anchors = if cfg.task.is_detection() { anchors::anchors(&card.model) } else { vec![] };
-        Ok(DenseTrainer { cfg, card, dir, state, device, model: Some(model), optim, train, val, anchors, verbose: true })
+        Ok(DenseTrainer {
+            cfg,
+            card,
+            dir,
+            state,
+            device,
+            model: Some(model),
+            optim,
+            train,
+            val,
+            anchors,
+            verbose: true,
+        })
     }
 
     pub fn model(&self) -> &DenseModel {
@@ -399,8 +433,11 @@ impl DenseTrainer {
                         ssd_geometry(&mut self.state.rng, &mut rgb, &mut boxes, &mut labels, hw);
                     }
                     augment(&mut self.state.rng, &mut rgb, None, Some(&mut boxes), hw.0, hw.1);
-                    let (assigner, coder) =
-                        if self.cfg.task == Task::SsdLite { (MaxIou::SSD, BoxCoder::SSD) } else { (MaxIou::RETINA, BoxCoder::RETINA) };
+                    let (assigner, coder) = if self.cfg.task == Task::SsdLite {
+                        (MaxIou::SSD, BoxCoder::SSD)
+                    } else {
+                        (MaxIou::RETINA, BoxCoder::RETINA)
+                    };
                     tgts.push(targets(&assigner, &coder, &self.anchors, &boxes, &labels, k));
                     rgbs.push(rgb);
                 }
@@ -428,7 +465,11 @@ impl DenseTrainer {
         let loss = match out {
             DenseOutput::Det { cls, reg } => {
                 let t: &[Targets] = &tgts;
-                if self.cfg.task == Task::SsdLite { ssd_loss(cls, reg, t, k, self.cfg.neg_pos_ratio) } else { focal_loss(cls, reg, t, k) }
+                if self.cfg.task == Task::SsdLite {
+                    ssd_loss(cls, reg, t, k, self.cfg.neg_pos_ratio)
+                } else {
+                    focal_loss(cls, reg, t, k)
+                }
             }
             DenseOutput::Seg { logits, aux } => seg_loss(logits, aux, &labels, hw, self.cfg.aux_weight),
         };
@@ -450,7 +491,9 @@ impl DenseTrainer {
     fn save_checkpoint(&self) -> Result<(), DenseError> {
         Ok(emo_train::run::replace_checkpoint(&self.dir, |tmp| {
             emo_weights::save_safetensors(&self.model().state_dict(), tmp.join("model.safetensors"))?;
-            self.optim.save(tmp.join("optim.bin")).map_err(|e| emo_train::TrainError::Io(format!("optim.bin: {e:?}")))?;
+            self.optim
+                .save(tmp.join("optim.bin"))
+                .map_err(|e| emo_train::TrainError::Io(format!("optim.bin: {e:?}")))?;
             emo_train::run::write_json(&tmp.join("state.json"), &self.state)
         })?)
     }
@@ -512,7 +555,13 @@ impl DenseTrainer {
                 emo_weights::save_safetensors(&self.model().state_dict(), self.dir.join("best.safetensors"))?;
             }
             if self.verbose {
-                eprintln!("\repoch {}: loss {:.4}  {}  ({:.0} s)          ", m.epoch, m.train_loss, describe(&ev), m.seconds);
+                eprintln!(
+                    "\repoch {}: loss {:.4}  {}  ({:.0} s)          ",
+                    m.epoch,
+                    m.train_loss,
+                    describe(&ev),
+                    m.seconds
+                );
             }
             let line = serde_json::to_string(&m).map_err(|e| DenseError::Io(e.to_string()))?;
             let mut f = std::fs::OpenOptions::new()

@@ -57,7 +57,12 @@ fn ours(dir: &Path) -> [f64; 6] {
 
 fn assert_close(a: [f64; 6], b: &[f64], what: &str) {
     for i in 0..6 {
-        assert!((a[i] - b[i]).abs() < 1e-9, "{what}: stat {i}: ours {} pycocotools {}\nours {a:?}\nref  {b:?}", a[i], b[i]);
+        assert!(
+            (a[i] - b[i]).abs() < 1e-9,
+            "{what}: stat {i}: ours {} pycocotools {}\nours {a:?}\nref  {b:?}",
+            a[i],
+            b[i]
+        );
     }
 }
 
@@ -75,7 +80,10 @@ fn python_has_pycocotools() -> bool {
 #[test]
 fn coco_map_matches_pycocotools_on_fresh_cases() {
     if !python_has_pycocotools() {
-        assert!(std::env::var("EMO_REQUIRE_PYCOCOTOOLS").is_err(), "EMO_REQUIRE_PYCOCOTOOLS is set but pycocotools is missing");
+        assert!(
+            std::env::var("EMO_REQUIRE_PYCOCOTOOLS").is_err(),
+            "EMO_REQUIRE_PYCOCOTOOLS is set but pycocotools is missing"
+        );
         eprintln!("pycocotools not installed: only the committed case is checked");
         return;
     }
@@ -83,9 +91,11 @@ fn coco_map_matches_pycocotools_on_fresh_cases() {
     for seed in 100..106 {
         let dir = std::env::temp_dir().join(format!("emo-coco-{}-{seed}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ok = Command::new("python3").arg(&script).args(["--make-case", &seed.to_string()]).arg(&dir).status().unwrap();
+        let ok =
+            Command::new("python3").arg(&script).args(["--make-case", &seed.to_string()]).arg(&dir).status().unwrap();
         assert!(ok.success());
-        let out = Command::new("python3").arg(&script).arg(dir.join("gt.json")).arg(dir.join("dets.json")).output().unwrap();
+        let out =
+            Command::new("python3").arg(&script).arg(dir.join("gt.json")).arg(dir.join("dets.json")).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let expected: Vec<f64> = serde_json::from_slice(&out.stdout).unwrap();
         assert_close(ours(&dir), &expected, &format!("seed {seed}"));
@@ -99,8 +109,10 @@ fn perfect_and_empty_detections() {
         GtBox { image_id: 1, category_id: 1, bbox: [10.0, 10.0, 50.0, 40.0], area: 2000.0, iscrowd: false },
         GtBox { image_id: 2, category_id: 2, bbox: [0.0, 0.0, 200.0, 100.0], area: 20000.0, iscrowd: false },
     ];
-    let d: Vec<DetBox> =
-        g.iter().map(|g| DetBox { image_id: g.image_id, category_id: g.category_id, bbox: g.bbox, score: 0.9 }).collect();
+    let d: Vec<DetBox> = g
+        .iter()
+        .map(|g| DetBox { image_id: g.image_id, category_id: g.category_id, bbox: g.bbox, score: 0.9 })
+        .collect();
     let s = coco_map(&g, &d, &[1, 2], &[1, 2]);
     // (pycocotools divides by tp + fp + eps, so "1" is 1 - 2e-16)
     assert!((s.ap - 1.0).abs() < 1e-12 && (s.ap50 - 1.0).abs() < 1e-12 && s.ap_s == -1.0, "{s:?}");
@@ -199,12 +211,16 @@ fn geometric_augmentation_keeps_boxes_and_labels_consistent() {
                 lab[y * 64 + x] = 1;
             }
         }
-        let (mut r2, mut boxes, mut labels) = (rgb.clone(), vec![[10.0, 20.0, 30.0, 40.0], [50.0, 50.0, 60.0, 60.0]], vec![4, 7]);
+        let (mut r2, mut boxes, mut labels) =
+            (rgb.clone(), vec![[10.0, 20.0, 30.0, 40.0], [50.0, 50.0, 60.0, 60.0]], vec![4, 7]);
         ssd_geometry(&mut rng, &mut r2, &mut boxes, &mut labels, hw);
         assert_eq!(r2.len(), rgb.len());
         assert!(!boxes.is_empty() && boxes.len() == labels.len());
         for (b, l) in boxes.iter().zip(&labels) {
-            assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= 64.0 + 1e-3 && b[3] <= 64.0 + 1e-3 && b[2] > b[0] && b[3] > b[1], "{b:?}");
+            assert!(
+                b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= 64.0 + 1e-3 && b[3] <= 64.0 + 1e-3 && b[2] > b[0] && b[3] > b[1],
+                "{b:?}"
+            );
             assert!(*l == 4 || *l == 7);
         }
         // The first box, when kept, still frames white pixels at its centre.

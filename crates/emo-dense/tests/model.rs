@@ -217,7 +217,10 @@ fn training_resumes_exactly_and_learns() {
         let rest = tb.run(None).unwrap();
         assert_eq!(rest.len(), 1);
         assert_eq!(full[1].train_loss, rest[0].train_loss, "{task}: resumed loss differs");
-        let (ma, mb) = (std::fs::read(a.join("checkpoint/model.safetensors")).unwrap(), std::fs::read(b.join("checkpoint/model.safetensors")).unwrap());
+        let (ma, mb) = (
+            std::fs::read(a.join("checkpoint/model.safetensors")).unwrap(),
+            std::fs::read(b.join("checkpoint/model.safetensors")).unwrap(),
+        );
         assert!(ma == mb, "{task}: resumed weights differ");
         assert!(a.join("best.safetensors").exists() && a.join("model.json").exists());
         assert!(full[1].train_loss < full[0].train_loss, "{task}: loss did not go down: {full:?}");
@@ -267,7 +270,14 @@ fn bad_data_is_skipped_and_counted_or_rejected() {
     let DenseData::Det(det) = &d else { panic!() };
     let s = &det.skipped;
     assert_eq!(
-        (s.unknown_category, s.box_outside_image, s.clipped_box, s.unknown_image, s.degenerate_box, s.unreadable_images),
+        (
+            s.unknown_category,
+            s.box_outside_image,
+            s.clipped_box,
+            s.unknown_image,
+            s.degenerate_box,
+            s.unreadable_images
+        ),
         (1, 1, 1, 1, 1, 1),
         "{s:?}"
     );

@@ -16,11 +16,11 @@ pub use config::{Act, EmoConfig, NORM_EPS, Norm, StageConfig, Variant};
 pub use features::{FeatureInfo, resolve_out_indices};
 pub use flops::Flops;
 pub use keys::{KeyKind, KeySpec};
-pub use tasks::{
-    ASPP_DILATIONS, DenseConfig, DenseFlops, HEAD_CHANNELS, HeadAct, HeadConv, PSP_SCALES, RETINA_ANCHORS, SEG_BN_EPS, SSD_ANCHORS,
-    SSD_BN_EPS, SSD_BN_MOMENTUM, SSD_EXTRA, SsdLevel, Task,
-};
 pub use plan::{AttnSpec, BlockSpec, StemSpec, WindowGeom, conv_out, conv_pad};
+pub use tasks::{
+    ASPP_DILATIONS, DenseConfig, DenseFlops, HEAD_CHANNELS, HeadAct, HeadConv, PSP_SCALES, RETINA_ANCHORS, SEG_BN_EPS,
+    SSD_ANCHORS, SSD_BN_EPS, SSD_BN_MOMENTUM, SSD_EXTRA, SsdLevel, Task,
+};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -11,10 +11,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::SpecError;
 use crate::config::{EmoConfig, Variant};
 use crate::keys::{KeyKind, KeySpec};
 use crate::plan::conv_out;
-use crate::SpecError;
 
 /// A dense-prediction task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -84,10 +84,9 @@ impl fmt::Display for Task {
 impl FromStr for Task {
     type Err = SpecError;
     fn from_str(s: &str) -> Result<Self, SpecError> {
-        Task::ALL
-            .into_iter()
-            .find(|t| t.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| SpecError::Invalid(format!("unknown task `{s}` (expected ssdlite, retinanet, deeplabv3 or pspnet)")))
+        Task::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            SpecError::Invalid(format!("unknown task `{s}` (expected ssdlite, retinanet, deeplabv3 or pspnet)"))
+        })
     }
 }
 
@@ -220,7 +219,8 @@ impl DenseConfig {
         let hw = self.backbone.stage_hw(self.input.0, self.input.1);
         let mut v = Vec::new();
         let mut conv = |key: String, cin, cout, k, stride, dilation, groups, bias, bn: bool, act, out_hw| {
-            let bn = bn.then(|| format!("{}.bn", key.strip_suffix(".conv").expect("a conv with BN is keyed `<module>.conv`")));
+            let bn = bn
+                .then(|| format!("{}.bn", key.strip_suffix(".conv").expect("a conv with BN is keyed `<module>.conv`")));
             v.push(HeadConv {
                 pad: dilation * (k - 1) / 2,
                 key,
@@ -248,7 +248,9 @@ impl DenseConfig {
                     conv(format!("{p}.1.depthwise_conv.conv"), mid, mid, 3, 2, 1, mid, false, true, r, out);
                     conv(format!("{p}.1.pointwise_conv.conv"), mid, cout, 1, 1, 1, 1, false, true, r, out);
                 }
-                for (branch, per) in [("cls_convs", (self.num_classes + 1) * SSD_ANCHORS), ("reg_convs", 4 * SSD_ANCHORS)] {
+                for (branch, per) in
+                    [("cls_convs", (self.num_classes + 1) * SSD_ANCHORS), ("reg_convs", 4 * SSD_ANCHORS)]
+                {
                     for (l, (&c, &out)) in chans.iter().zip(&levels).enumerate() {
                         let p = format!("bbox_head.{branch}.{l}");
                         conv(format!("{p}.0.conv"), c, c, 3, 1, 1, c, false, true, HeadAct::Relu6, out);
@@ -259,7 +261,19 @@ impl DenseConfig {
             Task::RetinaNet => {
                 let c = HEAD_CHANNELS;
                 for (i, s) in (2..=4).enumerate() {
-                    conv(format!("neck.lateral_convs.{i}.conv"), dims[s], c, 1, 1, 1, 1, true, false, HeadAct::None, hw[s]);
+                    conv(
+                        format!("neck.lateral_convs.{i}.conv"),
+                        dims[s],
+                        c,
+                        1,
+                        1,
+                        1,
+                        1,
+                        true,
+                        false,
+                        HeadAct::None,
+                        hw[s],
+                    );
                 }
                 for (i, s) in (2..=4).enumerate() {
                     conv(format!("neck.fpn_convs.{i}.conv"), c, c, 3, 1, 1, 1, true, false, HeadAct::None, hw[s]);
@@ -272,11 +286,47 @@ impl DenseConfig {
                 let shared = (area, 1);
                 for branch in ["cls_convs", "reg_convs"] {
                     for i in 0..4 {
-                        conv(format!("bbox_head.{branch}.{i}.conv"), c, c, 3, 1, 1, 1, true, false, HeadAct::Relu, shared);
+                        conv(
+                            format!("bbox_head.{branch}.{i}.conv"),
+                            c,
+                            c,
+                            3,
+                            1,
+                            1,
+                            1,
+                            true,
+                            false,
+                            HeadAct::Relu,
+                            shared,
+                        );
                     }
                 }
-                conv("bbox_head.retina_cls".into(), c, self.num_classes * RETINA_ANCHORS, 3, 1, 1, 1, true, false, HeadAct::None, shared);
-                conv("bbox_head.retina_reg".into(), c, 4 * RETINA_ANCHORS, 3, 1, 1, 1, true, false, HeadAct::None, shared);
+                conv(
+                    "bbox_head.retina_cls".into(),
+                    c,
+                    self.num_classes * RETINA_ANCHORS,
+                    3,
+                    1,
+                    1,
+                    1,
+                    true,
+                    false,
+                    HeadAct::None,
+                    shared,
+                );
+                conv(
+                    "bbox_head.retina_reg".into(),
+                    c,
+                    4 * RETINA_ANCHORS,
+                    3,
+                    1,
+                    1,
+                    1,
+                    true,
+                    false,
+                    HeadAct::None,
+                    shared,
+                );
             }
             Task::DeepLabV3 | Task::PspNet => {
                 let (c, c4, h4) = (HEAD_CHANNELS, dims[4], hw[4]);
@@ -296,7 +346,19 @@ impl DenseConfig {
                 }
                 conv("decode_head.conv_seg".into(), c, self.num_classes, 1, 1, 1, 1, true, false, HeadAct::None, h4);
                 conv("auxiliary_head.convs.0.conv".into(), dims[3], c, 3, 1, 1, 1, false, true, r, hw[3]);
-                conv("auxiliary_head.conv_seg".into(), c, self.num_classes, 1, 1, 1, 1, true, false, HeadAct::None, hw[3]);
+                conv(
+                    "auxiliary_head.conv_seg".into(),
+                    c,
+                    self.num_classes,
+                    1,
+                    1,
+                    1,
+                    1,
+                    true,
+                    false,
+                    HeadAct::None,
+                    hw[3],
+                );
             }
         }
         v
@@ -344,7 +406,8 @@ impl DenseConfig {
     /// FLOPs of one image at `self.input`, by part (see [`DenseFlops`]).
     pub fn flops(&self) -> DenseFlops {
         let convs = self.head_convs();
-        let sum = |aux: bool| convs.iter().filter(|c| c.key.starts_with("auxiliary_head") == aux).map(HeadConv::flops).sum();
+        let sum =
+            |aux: bool| convs.iter().filter(|c| c.key.starts_with("auxiliary_head") == aux).map(HeadConv::flops).sum();
         DenseFlops { backbone: self.backbone.flops(self.input.0, self.input.1), head: sum(false), aux: sum(true) }
     }
 

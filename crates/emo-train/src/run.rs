@@ -24,7 +24,9 @@ impl ModuleVisitor for OneDimIds {
 /// AdamW (betas 0.9 / 0.999, eps 1e-8) with `weight_decay` on the weights and none on the 1-D
 /// parameters (norms and biases), for any model.
 pub fn adamw<M: Module>(model: &M, weight_decay: f64) -> ModuleOptimizer {
-    let cfg = |wd: f64| AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(wd as f32);
+    let cfg = |wd: f64| {
+        AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(wd as f32)
+    };
     let mut ids = OneDimIds(Vec::new());
     model.visit(&mut ids);
     cfg(weight_decay).init().with_group(ParamGroup::from_ids(ids.0), cfg(0.0).build(), None)
