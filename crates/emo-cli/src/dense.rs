@@ -11,6 +11,8 @@ use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, eval
 use emo_dense::{DenseConfig, DenseModel, Task};
 use emo_spec::Variant;
 
+use crate::TrainOpts;
+
 pub fn info(task: Task, variant: Option<Variant>, input: Option<(usize, usize)>, classes: Option<usize>) -> Result<()> {
     let input = input.unwrap_or(task.paper_input());
     let classes = classes.unwrap_or(task.paper_classes());
@@ -49,42 +51,18 @@ pub fn info(task: Task, variant: Option<Variant>, input: Option<(usize, usize)>,
     Ok(())
 }
 
-pub struct TrainArgs {
-    pub task: Task,
-    pub variant: Variant,
-    pub data: PathBuf,
-    pub out: Option<PathBuf>,
-    pub resume: Option<PathBuf>,
-    pub epochs: usize,
-    pub batch: usize,
-    pub lr: Option<f64>,
-    pub input: Option<(usize, usize)>,
-    pub backbone_weights: Option<PathBuf>,
-    pub train_limit: usize,
-    pub eval_limit: usize,
-    pub seed: u64,
-    pub stop_after: Option<usize>,
-    pub warmup_iters: Option<usize>,
-    pub norm_eval: Option<bool>,
-    pub light_augment: bool,
-}
-
-pub fn train(a: TrainArgs) -> Result<()> {
+pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
     let device = Device::flex().autodiff();
     let mut t = match &a.resume {
         Some(dir) => DenseTrainer::resume(dir, device)?,
         None => {
-            let input = a.input.unwrap_or(a.task.paper_input());
-            let mut cfg = DenseTrainConfig::new(a.task, a.variant, a.data.clone(), input);
+            let input = a.input.unwrap_or(task.paper_input());
+            let mut cfg = DenseTrainConfig::new(task, a.variant, PathBuf::from(&a.data), input);
             (cfg.epochs, cfg.batch, cfg.seed) = (a.epochs, a.batch, a.seed);
-            if let Some(lr) = a.lr {
-                cfg.lr = lr;
-            }
-            if let Some(w) = a.warmup_iters {
-                cfg.warmup_iters = w;
-            }
             (cfg.limit_train, cfg.limit_val, cfg.backbone_weights) =
                 (a.train_limit, a.eval_limit, a.backbone_weights.clone());
+            cfg.lr = a.lr.unwrap_or(cfg.lr);
+            cfg.warmup_iters = a.warmup_iters.unwrap_or(cfg.warmup_iters);
             // mmdet's norm_eval / frozen_stages assume a pretrained backbone.
             let pretrained = a.backbone_weights.is_some();
             cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval && pretrained);
@@ -92,7 +70,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 cfg.frozen_stages = -1;
             }
             cfg.geometric_augment = !a.light_augment;
-            let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.task, a.variant)));
+            let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{}", a.variant)));
             DenseTrainer::new(cfg, &dir, device)?
         }
     };

@@ -31,9 +31,9 @@ struct Cli {
 enum Cmd {
     /// Params and FLOPs of the four variants (fvcore convention, computed from the model definition).
     Info {
-        /// Input size HxW for the FLOPs column.
-        #[arg(long, default_value = "224x224", value_parser = parse_hw)]
-        input: (usize, usize),
+        /// Input size HxW for the FLOPs column (default 224x224, or the paper's input with --task).
+        #[arg(long, value_parser = parse_hw)]
+        input: Option<(usize, usize)>,
         /// Also print the per-stage layout of this variant.
         #[arg(long)]
         variant: Option<Variant>,
@@ -105,69 +105,7 @@ enum Cmd {
     Verify,
     /// Train (or fine-tune) on Fashion-MNIST with the paper's recipe; resumable. With --task,
     /// train a detector (COCO-layout --data) or segmenter (mask-folder --data).
-    Train {
-        #[arg(long, default_value = "emo-1m")]
-        variant: Variant,
-        /// ssdlite, retinanet, deeplabv3 or pspnet (default: classification).
-        #[arg(long)]
-        task: Option<Task>,
-        /// Dense tasks: model input HxW (default: the paper's).
-        #[arg(long, value_parser = parse_hw)]
-        input: Option<(usize, usize)>,
-        /// Dense tasks: initial backbone weights (classification checkpoint; norm/head dropped).
-        #[arg(long)]
-        backbone_weights: Option<PathBuf>,
-        /// Dense detection tasks: linear warm-up iterations (default 500).
-        #[arg(long)]
-        warmup_iters: Option<usize>,
-        /// Dense tasks: keep the backbone's BatchNorms in eval mode (mmdet `norm_eval`).
-        /// Default: on for detection from --backbone-weights, off otherwise (a backbone trained
-        /// from scratch needs its BN statistics).
-        #[arg(long)]
-        norm_eval: Option<bool>,
-        /// Dense tasks: flip + photometric distortion only, without the paper's geometric
-        /// augmentation (SSD Expand + MinIoURandomCrop; segmentation rescale + crop).
-        #[arg(long)]
-        light_augment: bool,
-        /// `fashion-mnist` (Debian's dataset-fashion-mnist), `fashion-mnist:DIR`, or
-        /// `imagefolder:PATH` (PATH/train/<class>/*, PATH/val/<class>/*).
-        #[arg(long, default_value = "fashion-mnist")]
-        data: String,
-        /// Run folder (default: runs/VARIANT-DATA).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Continue the run in this folder from its last checkpoint.
-        #[arg(long)]
-        resume: Option<PathBuf>,
-        #[arg(long, default_value_t = 10)]
-        epochs: usize,
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-        /// Training / evaluation input side (the 28x28 images are upscaled by an integer factor).
-        #[arg(long, default_value_t = 32)]
-        size: usize,
-        /// Classification: learning rate per 512 images (scaled with the batch; default 1.5e-3).
-        /// Dense tasks: the learning rate (default: the paper's, 1.2e-3 SSDLite, 2e-4 RetinaNet,
-        /// 1.2e-4 segmentation).
-        #[arg(long)]
-        lr: Option<f64>,
-        /// EMA decay per iteration (0 = automatic: about the last 10% of the run, at most 0.9998).
-        #[arg(long, default_value_t = 0.0)]
-        ema_decay: f64,
-        /// Use only the first N training / evaluation images (0 = all).
-        #[arg(long, default_value_t = 0)]
-        train_limit: usize,
-        #[arg(long, default_value_t = 0)]
-        eval_limit: usize,
-        /// Fine-tune from these weights (e.g. official ImageNet weights; the head is replaced).
-        #[arg(long)]
-        init_weights: Option<PathBuf>,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Stop after this many epochs of this invocation (the run stays resumable).
-        #[arg(long)]
-        stop_after: Option<usize>,
-    },
+    Train(TrainOpts),
     /// Top-1 / top-5 of weights on a dataset's test split (the training run's eval transform).
     /// With --task: COCO mAP (detection) or mIoU / aAcc / mAcc (segmentation).
     Eval {
@@ -276,6 +214,72 @@ enum Cmd {
     },
 }
 
+/// Options of `emo train` (classification, or a dense task with `--task`).
+#[derive(clap::Args)]
+pub(crate) struct TrainOpts {
+    #[arg(long, default_value = "emo-1m")]
+    pub variant: Variant,
+    /// ssdlite, retinanet, deeplabv3 or pspnet (default: classification).
+    #[arg(long)]
+    pub task: Option<Task>,
+    /// Dense tasks: model input HxW (default: the paper's).
+    #[arg(long, value_parser = parse_hw)]
+    pub input: Option<(usize, usize)>,
+    /// Dense tasks: initial backbone weights (classification checkpoint; norm/head dropped).
+    #[arg(long)]
+    pub backbone_weights: Option<PathBuf>,
+    /// Dense detection tasks: linear warm-up iterations (default 500).
+    #[arg(long)]
+    pub warmup_iters: Option<usize>,
+    /// Dense tasks: keep the backbone's BatchNorms in eval mode (mmdet `norm_eval`).
+    /// Default: on for detection from --backbone-weights, off otherwise (a backbone trained
+    /// from scratch needs its BN statistics).
+    #[arg(long)]
+    pub norm_eval: Option<bool>,
+    /// Dense tasks: flip + photometric distortion only, without the paper's geometric
+    /// augmentation (SSD Expand + MinIoURandomCrop; segmentation rescale + crop).
+    #[arg(long)]
+    pub light_augment: bool,
+    /// `fashion-mnist` (Debian's dataset-fashion-mnist), `fashion-mnist:DIR`, or
+    /// `imagefolder:PATH` (PATH/train/<class>/*, PATH/val/<class>/*).
+    #[arg(long, default_value = "fashion-mnist")]
+    pub data: String,
+    /// Run folder (default: runs/VARIANT-DATA).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Training / evaluation input side (the 28x28 images are upscaled by an integer factor).
+    #[arg(long, default_value_t = 32)]
+    pub size: usize,
+    /// Classification: learning rate per 512 images (scaled with the batch; default 1.5e-3).
+    /// Dense tasks: the learning rate (default: the paper's, 1.2e-3 SSDLite, 2e-4 RetinaNet,
+    /// 1.2e-4 segmentation).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// EMA decay per iteration (0 = automatic: about the last 10% of the run, at most 0.9998).
+    #[arg(long, default_value_t = 0.0)]
+    pub ema_decay: f64,
+    /// Use only the first N training / evaluation images (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub train_limit: usize,
+    #[arg(long, default_value_t = 0)]
+    pub eval_limit: usize,
+    /// Fine-tune from these weights (e.g. official ImageNet weights; the head is replaced).
+    #[arg(long)]
+    pub init_weights: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Stop after this many epochs of this invocation (the run stays resumable).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+}
+
 fn parse_hw(s: &str) -> Result<(usize, usize), String> {
     let (h, w) = s.split_once(['x', 'X']).ok_or("expected HxW, e.g. 224x224")?;
     let h: usize = h.trim().parse().map_err(|_| format!("bad height in `{s}`"))?;
@@ -290,11 +294,8 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Info { input, variant, window_size, task, classes } => match task {
-            Some(t) => {
-                let explicit = std::env::args().any(|a| a.starts_with("--input"));
-                dense::info(t, variant, explicit.then_some(input), classes)
-            }
-            None => info(input, variant, window_size),
+            Some(t) => dense::info(t, variant, input, classes),
+            None => info(input.unwrap_or((224, 224)), variant, window_size),
         },
         Cmd::Detect { weights, card, images, out, score_thr } => {
             dense::detect_cmd(&weights, card.as_deref(), &images, &out, score_thr)
@@ -345,95 +346,10 @@ fn main() -> Result<()> {
             println!("{}: top-1 {top1:.2}%  top-5 {top5:.2}%  ({} images of {data})", weights.display(), test.len());
             Ok(())
         }
-        Cmd::Train {
-            task: Some(task),
-            variant,
-            data,
-            out,
-            resume,
-            epochs,
-            batch,
-            lr,
-            input,
-            backbone_weights,
-            train_limit,
-            eval_limit,
-            seed,
-            stop_after,
-            warmup_iters,
-            norm_eval,
-            light_augment,
-            ..
-        } => dense::train(dense::TrainArgs {
-            task,
-            variant,
-            data: PathBuf::from(data),
-            out,
-            resume,
-            epochs,
-            batch,
-            lr,
-            input,
-            backbone_weights,
-            train_limit,
-            eval_limit,
-            seed,
-            stop_after,
-            warmup_iters,
-            norm_eval,
-            light_augment,
-        }),
-        Cmd::Train {
-            variant,
-            data,
-            out,
-            resume,
-            epochs,
-            batch,
-            size,
-            lr,
-            ema_decay,
-            train_limit,
-            eval_limit,
-            init_weights,
-            seed,
-            stop_after,
-            ..
-        } => {
-            let lr = lr.unwrap_or(1.5e-3);
-            // A resumed run reads its data spec and input size from its own config.
-            let (data, size) = match &resume {
-                Some(dir) => {
-                    let p = dir.join("config.json");
-                    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-                    let cfg: emo_train::TrainConfig =
-                        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
-                    (cfg.data, cfg.pipeline.size)
-                }
-                None => (data, size),
-            };
-            let (train, eval) = load_data(&data, size)?;
-            let device = Device::flex().autodiff();
-            let mut t = match resume {
-                Some(dir) => emo_train::Trainer::resume(&dir, train, eval, device)?,
-                None => {
-                    let mut cfg = emo_train::TrainConfig::fashion_mnist(variant);
-                    cfg.data = data.clone();
-                    cfg.num_classes = train.classes;
-                    (cfg.epochs, cfg.batch, cfg.lr_per_512, cfg.ema_decay, cfg.seed) =
-                        (epochs, batch, lr, ema_decay, seed);
-                    (cfg.train_limit, cfg.eval_limit, cfg.init_weights) = (train_limit, eval_limit, init_weights);
-                    cfg.pipeline.size = size;
-                    let dir = out
-                        .unwrap_or_else(|| PathBuf::from(format!("runs/{variant}-{}", data.replace([':', '/'], "_"))));
-                    emo_train::Trainer::new(cfg, &dir, train, eval, device)?
-                }
-            };
-            eprintln!("run folder: {}", t.dir.display());
-            t.run(stop_after)?;
-            println!("best top-1: {:.2}% ({})", t.state.best_ema_top1, t.dir.join("best.safetensors").display());
-            Ok(())
-        }
+        Cmd::Train(o) => match o.task {
+            Some(task) => dense::train(task, o),
+            None => train_classifier(o),
+        },
         Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn, profile } => {
             if let Some(t) = threads {
                 ensure!(t > 0, "--threads must be > 0");
@@ -443,6 +359,58 @@ fn main() -> Result<()> {
             bench::run(&bench::Args { variant, batch, size, runs, rounds, compare_onnx, compare_burn, profile })
         }
     }
+}
+
+/// `emo train` without `--task`: classification on Fashion-MNIST or an image folder.
+fn train_classifier(o: TrainOpts) -> Result<()> {
+    let TrainOpts {
+        variant,
+        data,
+        out,
+        resume,
+        epochs,
+        batch,
+        size,
+        lr,
+        ema_decay,
+        train_limit,
+        eval_limit,
+        init_weights,
+        seed,
+        stop_after,
+        ..
+    } = o;
+    let lr = lr.unwrap_or(1.5e-3);
+    // A resumed run reads its data spec and input size from its own config.
+    let (data, size) = match &resume {
+        Some(dir) => {
+            let p = dir.join("config.json");
+            let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            let cfg: emo_train::TrainConfig =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+            (cfg.data, cfg.pipeline.size)
+        }
+        None => (data, size),
+    };
+    let (train, eval) = load_data(&data, size)?;
+    let device = Device::flex().autodiff();
+    let mut t = match resume {
+        Some(dir) => emo_train::Trainer::resume(&dir, train, eval, device)?,
+        None => {
+            let mut cfg = emo_train::TrainConfig::fashion_mnist(variant);
+            cfg.data = data.clone();
+            cfg.num_classes = train.classes;
+            (cfg.epochs, cfg.batch, cfg.lr_per_512, cfg.ema_decay, cfg.seed) = (epochs, batch, lr, ema_decay, seed);
+            (cfg.train_limit, cfg.eval_limit, cfg.init_weights) = (train_limit, eval_limit, init_weights);
+            cfg.pipeline.size = size;
+            let dir = out.unwrap_or_else(|| PathBuf::from(format!("runs/{variant}-{}", data.replace([':', '/'], "_"))));
+            emo_train::Trainer::new(cfg, &dir, train, eval, device)?
+        }
+    };
+    eprintln!("run folder: {}", t.dir.display());
+    t.run(stop_after)?;
+    println!("best top-1: {:.2}% ({})", t.state.best_ema_top1, t.dir.join("best.safetensors").display());
+    Ok(())
 }
 
 /// `fashion-mnist[:DIR]` or `imagefolder:PATH` -> (train, test); `size` is the network input
