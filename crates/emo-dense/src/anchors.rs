@@ -5,6 +5,19 @@ use emo_spec::DenseConfig;
 
 use crate::boxes::BBox;
 
+/// Place the `(w, h)` base anchors at every location of a `size` (H, W) grid, centred at
+/// `(i + offset) * stride`, row-major with the base anchors innermost.
+fn grid(out: &mut Vec<BBox>, size: (usize, usize), stride: (f64, f64), offset: f64, base: &[(f64, f64)]) {
+    for y in 0..size.0 {
+        for x in 0..size.1 {
+            let (cy, cx) = ((y as f64 + offset) * stride.0, (x as f64 + offset) * stride.1);
+            for &(w, h) in base {
+                out.push([(cx - w / 2.0) as f32, (cy - h / 2.0) as f32, (cx + w / 2.0) as f32, (cy + h / 2.0) as f32]);
+            }
+        }
+    }
+}
+
 /// SSD anchors (`SSDAnchorGenerator`): per location, the square `min` box, the square
 /// `sqrt(min * max)` box, then `min` boxes of ratios 2, 1/2, 3, 1/3 (ratio = h / w); centred at
 /// `(i + 0.5) * stride`.
@@ -16,19 +29,7 @@ pub fn ssd_anchors(cfg: &DenseConfig) -> Vec<BBox> {
         for r in [2.0f64, 0.5, 3.0, 1.0 / 3.0] {
             base.push((lv.min_size / r.sqrt(), lv.min_size * r.sqrt()));
         }
-        for y in 0..lv.size.0 {
-            for x in 0..lv.size.1 {
-                let (cy, cx) = ((y as f64 + 0.5) * lv.stride.0, (x as f64 + 0.5) * lv.stride.1);
-                for &(w, h) in &base {
-                    out.push([
-                        (cx - w / 2.0) as f32,
-                        (cy - h / 2.0) as f32,
-                        (cx + w / 2.0) as f32,
-                        (cy + h / 2.0) as f32,
-                    ]);
-                }
-            }
-        }
+        grid(&mut out, lv.size, lv.stride, 0.5, &base);
     }
     out
 }
@@ -47,19 +48,7 @@ pub fn retina_anchors(cfg: &DenseConfig) -> Vec<BBox> {
                 base.push((stride * wr * scale, stride * hr * scale));
             }
         }
-        for y in 0..size.0 {
-            for x in 0..size.1 {
-                let (cy, cx) = (y as f64 * stride, x as f64 * stride);
-                for &(w, h) in &base {
-                    out.push([
-                        (cx - w / 2.0) as f32,
-                        (cy - h / 2.0) as f32,
-                        (cx + w / 2.0) as f32,
-                        (cy + h / 2.0) as f32,
-                    ]);
-                }
-            }
-        }
+        grid(&mut out, size, (stride, stride), 0.0, &base);
     }
     out
 }

@@ -26,6 +26,11 @@ impl MaxIou {
     /// RetinaNet: 0.5 / 0.4 / 0.
     pub const RETINA: MaxIou = MaxIou { pos: 0.5, neg: 0.4, min_pos: 0.0 };
 
+    /// The assigner of a detection task (SSD for SSDLite, RetinaNet's otherwise).
+    pub fn for_task(task: emo_spec::Task) -> MaxIou {
+        if task == emo_spec::Task::SsdLite { MaxIou::SSD } else { MaxIou::RETINA }
+    }
+
     pub fn assign(&self, anchors: &[BBox], gts: &[BBox]) -> Vec<Assigned> {
         if gts.is_empty() {
             return vec![Assigned::Negative; anchors.len()];

@@ -31,6 +31,11 @@ impl BoxCoder {
     /// RetinaNet: stds (1, 1, 1, 1).
     pub const RETINA: BoxCoder = BoxCoder { stds: [1.0, 1.0, 1.0, 1.0] };
 
+    /// The coder of a detection task (SSD for SSDLite, RetinaNet's otherwise).
+    pub fn for_task(task: emo_spec::Task) -> BoxCoder {
+        if task == emo_spec::Task::SsdLite { BoxCoder::SSD } else { BoxCoder::RETINA }
+    }
+
     pub fn encode(&self, anchor: &BBox, gt: &BBox) -> [f32; 4] {
         let (pw, ph) = (anchor[2] - anchor[0], anchor[3] - anchor[1]);
         let (px, py) = (anchor[0] + 0.5 * pw, anchor[1] + 0.5 * ph);

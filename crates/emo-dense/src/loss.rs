@@ -24,7 +24,7 @@ pub(crate) fn scalar(t: Tensor<1>) -> f64 {
     t.into_data().convert::<f32>().try_into_vec::<f32>().map(|v| v[0] as f64).unwrap_or(f64::NAN)
 }
 
-fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+pub(crate) fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
 }
 

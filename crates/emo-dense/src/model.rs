@@ -8,7 +8,7 @@ use burn::nn::{BatchNorm, Dropout, DropoutConfig, PaddingConfig2d};
 use burn::tensor::module::{adaptive_avg_pool2d, interpolate};
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use emo_model::{Emo, param_id};
+use emo_model::{Emo, param_id, stored};
 use emo_spec::{
     ASPP_DILATIONS, DenseConfig, HeadAct, HeadConv, PSP_SCALES, SEG_BN_EPS, SSD_BN_EPS, SSD_BN_MOMENTUM, Task,
 };
@@ -52,6 +52,8 @@ impl ConvModule {
 
 struct Builder<'a> {
     cfg: &'a DenseConfig,
+    /// `cfg.head_convs()`, computed once.
+    convs: Vec<HeadConv>,
     sd: Option<&'a StateDict>,
     device: Device,
 }
@@ -80,7 +82,8 @@ impl Builder<'_> {
     }
 
     fn module(&self, key: &str, init: Init) -> ConvModule {
-        let c: HeadConv = self.cfg.head_conv(key);
+        let c =
+            self.convs.iter().find(|c| c.key == key).unwrap_or_else(|| panic!("no head conv `{key}` in the layout"));
         let shape = [c.cout, c.cin / c.groups, c.k, c.k];
         let d = self.device.clone();
         let (fan_in, fan_out) = ((c.cin / c.groups * c.k * c.k) as f64, (c.cout / c.groups * c.k * c.k) as f64);
@@ -380,7 +383,7 @@ impl DenseModel {
     }
 
     fn assemble(cfg: &DenseConfig, backbone: Emo, sd: Option<&StateDict>, device: &Device) -> Self {
-        let b = Builder { cfg, sd, device: device.clone() };
+        let b = Builder { cfg, convs: cfg.head_convs(), sd, device: device.clone() };
         let head = match cfg.task {
             Task::SsdLite => DenseHead::Ssd(SsdLite::build(&b)),
             Task::RetinaNet => DenseHead::Retina(RetinaNet::build(&b)),
@@ -474,9 +477,4 @@ impl DenseModel {
             }
         }
     }
-}
-
-fn stored<const D: usize>(t: Tensor<D>) -> Stored {
-    let shape = t.dims().to_vec();
-    Stored::f32(shape, t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data"))
 }

@@ -8,7 +8,7 @@ use emo_spec::Task;
 use crate::DenseError;
 use crate::boxes::{BBox, BoxCoder, Detection, batched_nms};
 use crate::data::normalize_into;
-use crate::loss::resize_logits;
+use crate::loss::{resize_logits, to_vec};
 use crate::model::{DenseModel, DenseOutput};
 
 /// Test-time settings (mmdet `test_cfg`).
@@ -38,10 +38,6 @@ pub fn batch_tensor(images: &[&[u8]], hw: (usize, usize), device: &Device) -> Te
     Tensor::from_data(TensorData::new(x, [images.len(), 3, hw.0, hw.1]), device)
 }
 
-fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
-}
-
 /// Detections per image, in input coordinates.
 pub fn detect(
     model: &DenseModel,
@@ -53,10 +49,7 @@ pub fn detect(
     let DenseOutput::Det { cls, reg } = model.forward(x, false)? else {
         return Err(DenseError::Data(format!("{} is not a detector", model.cfg.task)));
     };
-    let (ssd, coder) = match model.cfg.task {
-        Task::SsdLite => (true, BoxCoder::SSD),
-        _ => (false, BoxCoder::RETINA),
-    };
+    let (ssd, coder) = (model.cfg.task == Task::SsdLite, BoxCoder::for_task(model.cfg.task));
     let k = model.cfg.num_classes;
     let scores = to_vec(if ssd { softmax(cls, 2) } else { sigmoid(cls) });
     let deltas = to_vec(reg);

@@ -11,7 +11,6 @@
 //! RUN/checkpoint/        model.safetensors, optim.bin, state.json (replaced atomically)
 //! ```
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -351,20 +350,23 @@ impl DenseTrainer {
         write_json(&dir.join("config.json"), &cfg)?;
         write_json(&dir.join("model.json"), &card)?;
         let state = DenseState { epoch: 0, iter: 0, rng: Rng::new(cfg.seed), best: f64::NEG_INFINITY };
+        Ok(Self::assemble(cfg, card, dir, state, device, model, optim, (train, val)))
+    }
+
+    /// The trainer around its parts (the anchors derive from the model card).
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        cfg: DenseTrainConfig,
+        card: ModelCard,
+        dir: PathBuf,
+        state: DenseState,
+        device: Device,
+        model: DenseModel,
+        optim: ModuleOptimizer,
+        (train, val): (DenseData, DenseData),
+    ) -> Self {
         let anchors = if cfg.task.is_detection() { anchors::anchors(&card.model) } else { vec![] };
-        Ok(DenseTrainer {
-            cfg,
-            card,
-            dir,
-            state,
-            device,
-            model: Some(model),
-            optim,
-            train,
-            val,
-            anchors,
-            verbose: true,
-        })
+        DenseTrainer { cfg, card, dir, state, device, model: Some(model), optim, train, val, anchors, verbose: true }
     }
 
     /// Reopen a run and continue from its last complete checkpoint.
@@ -380,20 +382,7 @@ impl DenseTrainer {
         let optim = optimizer(&cfg, &model)
             .load(ck.join("optim.bin"))
             .map_err(|e| DenseError::Io(format!("optim.bin: {e:?}")))?;
-        let anchors = if cfg.task.is_detection() { anchors::anchors(&card.model) } else { vec![] };
-        Ok(DenseTrainer {
-            cfg,
-            card,
-            dir,
-            state,
-            device,
-            model: Some(model),
-            optim,
-            train,
-            val,
-            anchors,
-            verbose: true,
-        })
+        Ok(Self::assemble(cfg, card, dir, state, device, model, optim, (train, val)))
     }
 
     pub fn model(&self) -> &DenseModel {
@@ -424,6 +413,7 @@ impl DenseTrainer {
         let mut labels = Vec::new();
         let mut tgts = Vec::new();
         let k = self.card.model.num_classes;
+        let (assigner, coder) = (MaxIou::for_task(self.cfg.task), BoxCoder::for_task(self.cfg.task));
         for &i in idx {
             match &self.train {
                 DenseData::Det(d) => {
@@ -433,11 +423,6 @@ impl DenseTrainer {
                         ssd_geometry(&mut self.state.rng, &mut rgb, &mut boxes, &mut labels, hw);
                     }
                     augment(&mut self.state.rng, &mut rgb, None, Some(&mut boxes), hw.0, hw.1);
-                    let (assigner, coder) = if self.cfg.task == Task::SsdLite {
-                        (MaxIou::SSD, BoxCoder::SSD)
-                    } else {
-                        (MaxIou::RETINA, BoxCoder::RETINA)
-                    };
                     tgts.push(targets(&assigner, &coder, &self.anchors, &boxes, &labels, k));
                     rgbs.push(rgb);
                 }
@@ -563,13 +548,7 @@ impl DenseTrainer {
                     m.seconds
                 );
             }
-            let line = serde_json::to_string(&m).map_err(|e| DenseError::Io(e.to_string()))?;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.join("metrics.jsonl"))
-                .map_err(|e| DenseError::Io(format!("metrics.jsonl: {e}")))?;
-            writeln!(f, "{line}").map_err(|e| DenseError::Io(format!("metrics.jsonl: {e}")))?;
+            emo_train::run::append_metrics(&self.dir, &m)?;
             self.save_checkpoint()?;
             out.push(m);
         }
@@ -595,9 +574,5 @@ pub fn describe(e: &Eval) -> String {
 
 /// Read a run's `metrics.jsonl`.
 pub fn read_metrics(dir: &Path) -> Vec<DenseEpoch> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    emo_train::run::read_metrics(dir)
 }

@@ -130,7 +130,8 @@ impl Source<'_> {
 /// Collects a model's tensors under their official names.
 pub(crate) struct Sink<'a>(pub &'a mut StateDict);
 
-fn stored<const D: usize>(t: Tensor<D>) -> StoredTensor {
+/// A burn tensor as a checkpoint tensor (f32, same shape).
+pub fn stored<const D: usize>(t: Tensor<D>) -> StoredTensor {
     let shape = t.dims().to_vec();
     let data = t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data");
     StoredTensor::f32(shape, data)

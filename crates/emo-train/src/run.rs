@@ -44,6 +44,24 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainEr
     serde_json::from_str(&s).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
 }
 
+/// Append one epoch's line to `dir/metrics.jsonl`.
+pub fn append_metrics(dir: &Path, m: &impl Serialize) -> Result<(), TrainError> {
+    use std::io::Write;
+    let line = serde_json::to_string(m).map_err(|e| TrainError::Io(e.to_string()))?;
+    let io = |e: std::io::Error| TrainError::Io(format!("metrics.jsonl: {e}"));
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("metrics.jsonl")).map_err(io)?;
+    writeln!(f, "{line}").map_err(io)
+}
+
+/// The epoch lines of `dir/metrics.jsonl` (unreadable lines are skipped).
+pub fn read_metrics<T: for<'de> Deserialize<'de>>(dir: &Path) -> Vec<T> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// Replace `dir/checkpoint` atomically: `fill` writes `checkpoint.tmp`, the old checkpoint is
 /// moved to `checkpoint.old`, the new one renamed into place, the old removed. A kill at any
 /// point leaves a complete `checkpoint` or `checkpoint.old` ([`last_checkpoint`] finds it).

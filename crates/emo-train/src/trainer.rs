@@ -30,7 +30,7 @@ use crate::augment::Pipeline;
 use crate::data::Split;
 use crate::ema::Ema;
 use crate::rng::Rng;
-use crate::run::{adamw, last_checkpoint, progress_bar, read_json, replace_checkpoint, write_json};
+use crate::run::{adamw, append_metrics, last_checkpoint, progress_bar, read_json, replace_checkpoint, write_json};
 use crate::schedule::{Cosine, scaled_lr};
 
 /// Everything that defines a run (saved as `config.json`).
@@ -394,13 +394,7 @@ impl Trainer {
                     m.epoch, m.train_loss, m.seconds
                 );
             }
-            let line = serde_json::to_string(&m).map_err(|e| TrainError::Io(e.to_string()))?;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.join("metrics.jsonl"))
-                .map_err(|e| TrainError::Io(format!("metrics.jsonl: {e}")))?;
-            writeln!(f, "{line}").map_err(|e| TrainError::Io(format!("metrics.jsonl: {e}")))?;
+            append_metrics(&self.dir, &m)?;
             self.save_checkpoint()?;
             out.push(m);
             crate::plot::write(&self.dir, &read_metrics(&self.dir), self.cfg.epochs * ipe)?;
@@ -416,11 +410,7 @@ impl Trainer {
 
 /// The epoch lines of a run's `metrics.jsonl`.
 pub fn read_metrics(dir: &Path) -> Vec<EpochMetrics> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    crate::run::read_metrics(dir)
 }
 
 fn limit(cfg: &TrainConfig, train: Split, eval: Split) -> (Split, Split) {
