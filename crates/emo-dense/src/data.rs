@@ -142,8 +142,15 @@ fn decode_all(paths: &[PathBuf], size: (usize, usize), nearest: bool) -> Vec<Dec
 /// Load `<root>/annotations/instances_<split>.json` with images under `<root>/images/<split>/`
 /// (or `<root>/<split>/` / `<root>/images/`), resized to `input` (H, W).
 /// `keep_empty`: keep images without boxes (evaluation) or skip them (training, as mmdet's
-/// `filter_empty_gt`).
-pub fn load_coco(root: &Path, split: &str, input: (usize, usize), keep_empty: bool) -> Result<DetDataset, DenseError> {
+/// `filter_empty_gt`). `limit > 0` keeps only the first `limit` images (by id), and only those
+/// are decoded.
+pub fn load_coco(
+    root: &Path,
+    split: &str,
+    input: (usize, usize),
+    keep_empty: bool,
+    limit: usize,
+) -> Result<DetDataset, DenseError> {
     let json = root.join("annotations").join(format!("instances_{split}.json"));
     let text = std::fs::read_to_string(&json).map_err(|e| io_err(&json, e))?;
     let file: CocoFile = serde_json::from_str(&text)
@@ -202,6 +209,9 @@ pub fn load_coco(root: &Path, split: &str, input: (usize, usize), keep_empty: bo
         let before = entries.len();
         entries.retain(|i| per_image.contains_key(&i.id));
         skipped.empty_images = before - entries.len();
+    }
+    if limit > 0 {
+        entries.truncate(limit);
     }
     let paths: Vec<PathBuf> = entries.iter().map(|i| img_dir.join(&i.file_name)).collect();
     let decoded = decode_all(&paths, input, false);
@@ -267,12 +277,14 @@ fn seg_classes(root: &Path, n: Option<usize>) -> Result<Vec<String>, DenseError>
 /// Load a segmentation split: `images/<split>/NAME.{png,jpg}` with `labels/<split>/NAME.png`
 /// (or ADE20K's `annotations/<split>/`). Label values >= the class count other than 255 are an
 /// error that names the file; `reduce_zero_label` maps 0 to 255 and shifts the rest down (ADE20K).
+/// `limit > 0` keeps only the first `limit` pairs (by name), and only those are decoded.
 pub fn load_seg(
     root: &Path,
     split: &str,
     input: (usize, usize),
     reduce_zero_label: bool,
     num_classes: Option<usize>,
+    limit: usize,
 ) -> Result<SegDataset, DenseError> {
     let classes = seg_classes(root, num_classes)?;
     let img_dir = root.join("images").join(split);
@@ -298,6 +310,9 @@ pub fn load_seg(
         } else {
             skipped.missing_label_map += 1;
         }
+    }
+    if limit > 0 {
+        pairs.truncate(limit);
     }
     let imgs = decode_all(&pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>(), input, false);
     let labs = decode_all(&pairs.iter().map(|p| p.1.clone()).collect::<Vec<_>>(), input, true);

@@ -205,22 +205,11 @@ pub fn load_split(
     reduce_zero_label: bool,
     limit: usize,
 ) -> Result<DenseData, DenseError> {
-    let mut d = if task.is_detection() {
-        DenseData::Det(load_coco(root, split, input, !training)?)
+    Ok(if task.is_detection() {
+        DenseData::Det(load_coco(root, split, input, !training, limit)?)
     } else {
-        DenseData::Seg(load_seg(root, split, input, reduce_zero_label, None)?)
-    };
-    if limit > 0 {
-        match &mut d {
-            DenseData::Det(x) => {
-                x.images.truncate(limit);
-                let ids: std::collections::HashSet<u64> = x.images.iter().map(|i| i.id).collect();
-                x.gt.retain(|g| ids.contains(&g.image_id));
-            }
-            DenseData::Seg(x) => x.images.truncate(limit),
-        }
-    }
-    Ok(d)
+        DenseData::Seg(load_seg(root, split, input, reduce_zero_label, None, limit)?)
+    })
 }
 
 /// Evaluation result of one split.
