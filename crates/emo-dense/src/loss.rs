@@ -48,7 +48,7 @@ pub fn ssd_loss(cls: Tensor<3>, reg: Tensor<3>, t: &[Targets], num_classes: usiz
     let [b, n, _] = cls.dims();
     let labels: Vec<i64> =
         t.iter().flat_map(|t| t.labels.iter().map(|&l| if l < 0 { num_classes as i64 } else { l })).collect();
-    let idx = Tensor::<3, Int>::from_data(TensorData::new(labels.clone(), [b, n, 1]), &device);
+    let idx = Tensor::<3, Int>::from_data(TensorData::new(labels, [b, n, 1]), &device);
     let ce = log_softmax(cls, 2).gather(2, idx).neg(); // [B, N, 1]
     // Hard-negative mining on the detached losses.
     let values = to_vec(ce.clone().detach());

@@ -201,12 +201,13 @@ impl DenseConfig {
     pub fn level_sizes(&self) -> Vec<(usize, usize)> {
         let hw = self.backbone.stage_hw(self.input.0, self.input.1);
         let down = |(h, w): (usize, usize)| (conv_out(h, 3, 2), conv_out(w, 3, 2));
-        let mut v = match self.task {
-            Task::SsdLite => vec![hw[3], hw[4]],
-            Task::RetinaNet => vec![hw[2], hw[3], hw[4]],
+        // (backbone levels, total levels): SSDLite C3, C4 + 4 extra; RetinaNet P3-P5 + P6, P7.
+        let (mut v, levels) = match self.task {
+            Task::SsdLite => (vec![hw[3], hw[4]], 6),
+            Task::RetinaNet => (vec![hw[2], hw[3], hw[4]], 5),
             _ => return vec![],
         };
-        while v.len() < 6 && !(self.task == Task::RetinaNet && v.len() == 5) {
+        while v.len() < levels {
             let last = *v.last().expect("levels");
             v.push(down(last));
         }
