@@ -278,6 +278,10 @@ pub(crate) struct TrainOpts {
     /// Stop after this many epochs of this invocation (the run stays resumable).
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// Data-parallel replicas (threads) per batch (default: one per core, each with >= 8
+    /// images). Saved in the run's config: BatchNorm normalises each replica's shard.
+    #[arg(long)]
+    pub workers: Option<usize>,
 }
 
 fn parse_hw(s: &str) -> Result<(usize, usize), String> {
@@ -378,6 +382,7 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         init_weights,
         seed,
         stop_after,
+        workers,
         ..
     } = o;
     let lr = lr.unwrap_or(1.5e-3);
@@ -403,6 +408,7 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
             (cfg.epochs, cfg.batch, cfg.lr_per_512, cfg.ema_decay, cfg.seed) = (epochs, batch, lr, ema_decay, seed);
             (cfg.train_limit, cfg.eval_limit, cfg.init_weights) = (train_limit, eval_limit, init_weights);
             cfg.pipeline.size = size;
+            cfg.workers = workers.unwrap_or_else(|| emo_train::parallel::default_workers(batch));
             let dir = out.unwrap_or_else(|| PathBuf::from(format!("runs/{variant}-{}", data.replace([':', '/'], "_"))));
             emo_train::Trainer::new(cfg, &dir, train, eval, device)?
         }

@@ -241,13 +241,54 @@ impl SqueezeExcite {
     }
 }
 
+thread_local! {
+    /// The random source of drop path and dropout on this thread (see [`seed_stochastic`]).
+    static STOCHASTIC: std::cell::Cell<u64> = const { std::cell::Cell::new(0x853C_49E6_748F_EA9B) };
+}
+
+/// Seed this thread's source of drop-path and dropout draws. Trainers seed it per step (and
+/// per data-parallel replica), so the draws depend neither on thread timing nor on how many
+/// other random tensors were made, and a resumed run draws exactly what an uninterrupted one
+/// would.
+pub fn seed_stochastic(seed: u64) {
+    STOCHASTIC.with(|s| s.set(seed));
+}
+
+/// The next uniform draw in [0, 1) of this thread's stochastic source (splitmix64).
+fn stochastic_uniform() -> f32 {
+    STOCHASTIC.with(|s| {
+        let x = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        s.set(x);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    })
+}
+
+/// A mask of `n` values: 1 / keep with probability `keep`, else 0.
+fn keep_mask(n: usize, keep: f64) -> Vec<f32> {
+    let scale = (1.0 / keep) as f32;
+    (0..n).map(|_| if (stochastic_uniform() as f64) < keep { scale } else { 0.0 }).collect()
+}
+
 /// Stochastic depth on the residual branch: active only on an autodiff (training) device.
 pub fn drop_path(x: Tensor<4>, rate: f64) -> Tensor<4> {
     if rate <= 0.0 || !x.device().is_autodiff() {
         return x;
     }
-    let keep = 1.0 - rate;
     let b = x.dims()[0];
-    let mask = Tensor::<4>::random([b, 1, 1, 1], Distribution::Bernoulli(keep), &x.device());
-    x * mask.div_scalar(keep)
+    let mask = Tensor::<4>::from_data(TensorData::new(keep_mask(b, 1.0 - rate), [b, 1, 1, 1]), &x.device());
+    x * mask
+}
+
+/// Element-wise dropout (inverted scaling): active only on an autodiff (training) device.
+pub fn dropout(x: Tensor<4>, rate: f64) -> Tensor<4> {
+    if rate <= 0.0 || !x.device().is_autodiff() {
+        return x;
+    }
+    let dims = x.dims();
+    let mask = Tensor::<4>::from_data(TensorData::new(keep_mask(dims.iter().product(), 1.0 - rate), dims), &x.device());
+    x * mask
 }

@@ -24,7 +24,9 @@ pub mod preprocess;
 
 pub use emo_spec::{EmoConfig, Variant};
 pub use irmb::Irmb;
-pub use layers::{ConvBn, LayerNorm2d, Linear, Norm2d, SqueezeExcite, act, drop_path, param_id, stored};
+pub use layers::{
+    ConvBn, LayerNorm2d, Linear, Norm2d, SqueezeExcite, act, drop_path, dropout, param_id, seed_stochastic, stored,
+};
 pub use model::{Emo, EmoOutput, Head, Stage, Stem};
 
 /// Errors of model construction and forward.

@@ -10,12 +10,14 @@
 pub mod augment;
 pub mod data;
 pub mod ema;
+pub mod parallel;
 pub mod plot;
 pub mod rng;
 pub mod run;
 pub mod schedule;
 pub mod trainer;
 
+pub use parallel::DataParallel;
 pub use run::progress_bar;
 pub use trainer::{EpochMetrics, TrainConfig, TrainState, Trainer, evaluate};
 

@@ -29,6 +29,7 @@ use crate::TrainError;
 use crate::augment::Pipeline;
 use crate::data::Split;
 use crate::ema::Ema;
+use crate::parallel::{DataParallel, add_grads, shards, step_seed};
 use crate::rng::Rng;
 use crate::run::{adamw, append_metrics, last_checkpoint, progress_bar, read_json, replace_checkpoint, write_json};
 use crate::schedule::{Cosine, scaled_lr};
@@ -64,6 +65,14 @@ pub struct TrainConfig {
     pub eval_limit: usize,
     /// Initialise from these weights (fine-tuning); the head is replaced when its width differs.
     pub init_weights: Option<PathBuf>,
+    /// Data-parallel replicas (threads) each batch is split over ([`crate::parallel`]); part of
+    /// the run's definition, since BatchNorm normalises each replica's shard.
+    #[serde(default = "one")]
+    pub workers: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainConfig {
@@ -89,6 +98,7 @@ impl TrainConfig {
             train_limit: 0,
             eval_limit: 0,
             init_weights: None,
+            workers: 1,
         }
     }
 
@@ -173,6 +183,7 @@ pub struct Trainer {
     ema: Ema,
     train: Split,
     eval: Split,
+    pool: DataParallel,
     /// Print progress lines.
     pub verbose: bool,
 }
@@ -190,8 +201,8 @@ impl Trainer {
         if dir.join("config.json").exists() {
             return Err(TrainError::Config(format!("{} already holds a run (use --resume)", dir.display())));
         }
-        if cfg.batch == 0 || cfg.epochs == 0 {
-            return Err(TrainError::Config("batch and epochs must be > 0".into()));
+        if cfg.batch == 0 || cfg.epochs == 0 || cfg.workers == 0 {
+            return Err(TrainError::Config("batch, epochs and workers must be > 0".into()));
         }
         if train.classes != cfg.num_classes {
             return Err(TrainError::Config(format!("data has {} classes, config {}", train.classes, cfg.num_classes)));
@@ -213,7 +224,8 @@ impl Trainer {
         let ema = Ema::new(cfg.effective_ema_decay(cfg.total_iters(train.len())), &model.state_dict());
         write_json(&dir.join("config.json"), &cfg)?;
         let state = TrainState { epoch: 0, iter: 0, rng: Rng::new(cfg.seed), best_ema_top1: 0.0 };
-        Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, verbose: true })
+        let pool = DataParallel::new(cfg.workers);
+        Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, pool, verbose: true })
     }
 
     /// Reopen a run folder and continue from its last complete checkpoint.
@@ -232,7 +244,8 @@ impl Trainer {
             cfg.effective_ema_decay(cfg.total_iters(train.len())),
             &emo_weights::load(ck.join("ema.safetensors"))?,
         );
-        Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, verbose: true })
+        let pool = DataParallel::new(cfg.workers);
+        Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, pool, verbose: true })
     }
 
     pub fn model(&self) -> &Emo {
@@ -259,7 +272,9 @@ impl Trainer {
         }
     }
 
-    /// One optimisation step on a batch; returns the loss.
+    /// One optimisation step on a batch; returns the loss. The batch is split over the
+    /// data-parallel replicas; their gradients (each of the shard's mean loss weighted by the
+    /// shard's share of the batch) add up to the gradient of the batch's mean loss.
     fn step(&mut self, x: Vec<f32>, labels: &[u8], lr: f64) -> Result<f64, TrainError> {
         let (b, s, c) = (labels.len(), self.cfg.pipeline.size, self.cfg.num_classes);
         let eps = self.cfg.label_smoothing;
@@ -268,16 +283,50 @@ impl Trainer {
             t[i * c + l as usize] += (1.0 - eps) as f32;
         }
         let model = self.model.take().expect("model");
-        let xt = Tensor::<4>::from_data(TensorData::new(x, [b, 3, s, s]), &self.device);
-        let tt = Tensor::<2>::from_data(TensorData::new(t, [b, c]), &self.device);
-        let logits = model.forward(xt)?;
-        let loss = (tt * log_softmax(logits, 1)).sum_dim(1).mean().neg();
-        let value = scalar(loss.clone()) as f64;
+        let per = 3 * s * s;
+        let jobs: Vec<Box<dyn FnOnce() -> Result<(f64, GradientsParams), TrainError> + Send>> =
+            shards(b, self.pool.len())
+                .into_iter()
+                .enumerate()
+                .map(|(w, r)| {
+                    let replica = model.clone().fork(&self.device);
+                    let (n, device) = (r.len(), self.device.clone());
+                    let xs = x[r.start * per..r.end * per].to_vec();
+                    let ts = t[r.start * c..r.end * c].to_vec();
+                    let (seed, share) = (step_seed(self.cfg.seed, self.state.iter, w), n as f64 / b as f64);
+                    Box::new(move || {
+                        emo_model::seed_stochastic(seed);
+                        let xt = Tensor::<4>::from_data(TensorData::new(xs, [n, 3, s, s]), &device);
+                        let tt = Tensor::<2>::from_data(TensorData::new(ts, [n, c]), &device);
+                        let logits = replica.forward(xt)?;
+                        let loss = (tt * log_softmax(logits, 1)).sum_dim(1).mean().neg().mul_scalar(share);
+                        let value = scalar(loss.clone()) as f64;
+                        if !value.is_finite() {
+                            return Ok((value, GradientsParams::new()));
+                        }
+                        Ok((value, GradientsParams::from_grads(loss.backward(), &replica)))
+                    }) as _
+                })
+                .collect();
+        let results = self.pool.run(jobs);
+        let mut value = 0.0;
+        let mut grads = GradientsParams::new();
+        for r in results {
+            match r {
+                Ok((v, g)) => {
+                    value += v;
+                    add_grads(&model, &mut grads, g);
+                }
+                Err(e) => {
+                    self.model = Some(model);
+                    return Err(e);
+                }
+            }
+        }
         if !value.is_finite() {
             self.model = Some(model);
             return Err(TrainError::Diverged { iter: self.state.iter, loss: value });
         }
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         if self.cfg.clip_grad > 0.0 {
             let mut norm = GradNorm(&grads, 0.0);
             model.visit(&mut norm);
@@ -323,9 +372,6 @@ impl Trainer {
         let last = stop_after.map_or(self.cfg.epochs, |n| (self.state.epoch + n).min(self.cfg.epochs));
         while self.state.epoch < last {
             let start = Instant::now();
-            // The device RNG (drop path) restarts from a seed per epoch, so a run resumed at an
-            // epoch boundary draws the same masks as an uninterrupted one.
-            self.device.seed(self.cfg.seed ^ (self.state.epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let order = self.state.rng.permutation(self.train.len());
             let (mut loss_sum, mut lr) = (0.0, 0.0);
             for it in 0..ipe {
