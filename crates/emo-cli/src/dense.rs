@@ -70,6 +70,7 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 cfg.frozen_stages = -1;
             }
             cfg.geometric_augment = !a.light_augment;
+            cfg.workers = a.workers.unwrap_or_else(|| emo_train::parallel::default_workers(a.batch));
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{}", a.variant)));
             DenseTrainer::new(cfg, &dir, device)?
         }

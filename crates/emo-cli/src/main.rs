@@ -257,7 +257,7 @@ pub(crate) struct TrainOpts {
     /// Training / evaluation input side (the 28x28 images are upscaled by an integer factor).
     #[arg(long, default_value_t = 32)]
     pub size: usize,
-    /// Classification: learning rate per 512 images (scaled with the batch; default 1.5e-3).
+    /// Classification: learning rate per 512 images (scaled with the batch; default 1.5e-2).
     /// Dense tasks: the learning rate (default: the paper's, 1.2e-3 SSDLite, 2e-4 RetinaNet,
     /// 1.2e-4 segmentation).
     #[arg(long)]
@@ -385,7 +385,6 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         workers,
         ..
     } = o;
-    let lr = lr.unwrap_or(1.5e-3);
     // A resumed run reads its data spec and input size from its own config.
     let (data, size) = match &resume {
         Some(dir) => {
@@ -405,7 +404,8 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
             let mut cfg = emo_train::TrainConfig::fashion_mnist(variant);
             cfg.data = data.clone();
             cfg.num_classes = train.classes;
-            (cfg.epochs, cfg.batch, cfg.lr_per_512, cfg.ema_decay, cfg.seed) = (epochs, batch, lr, ema_decay, seed);
+            (cfg.epochs, cfg.batch, cfg.ema_decay, cfg.seed) = (epochs, batch, ema_decay, seed);
+            cfg.lr_per_512 = lr.unwrap_or(cfg.lr_per_512);
             (cfg.train_limit, cfg.eval_limit, cfg.init_weights) = (train_limit, eval_limit, init_weights);
             cfg.pipeline.size = size;
             cfg.workers = workers.unwrap_or_else(|| emo_train::parallel::default_workers(batch));

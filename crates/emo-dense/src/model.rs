@@ -4,11 +4,11 @@
 
 use burn::module::{Flag, Module, ModuleMapper, Param, RunningState};
 use burn::nn::conv::Conv2d;
-use burn::nn::{BatchNorm, Dropout, DropoutConfig, PaddingConfig2d};
+use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::module::{adaptive_avg_pool2d, interpolate};
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use emo_model::{Emo, param_id, stored};
+use emo_model::{Emo, dropout, param_id, stored};
 use emo_spec::{
     ASPP_DILATIONS, DenseConfig, HeadAct, HeadConv, PSP_SCALES, SEG_BN_EPS, SSD_BN_EPS, SSD_BN_MOMENTUM, Task,
 };
@@ -267,7 +267,9 @@ pub struct SegHead {
     pub conv_seg: ConvModule,
     pub aux_conv: ConvModule,
     pub aux_seg: ConvModule,
-    pub dropout: Dropout,
+    /// Dropout before both classifiers (mmseg `dropout_ratio`).
+    #[module(skip)]
+    pub dropout: f64,
     #[module(skip)]
     pub task: Task,
 }
@@ -288,7 +290,7 @@ impl SegHead {
             conv_seg: b.module("decode_head.conv_seg", Init::Normal(0.01, 0.0)),
             aux_conv: b.module("auxiliary_head.convs.0.conv", k),
             aux_seg: b.module("auxiliary_head.conv_seg", Init::Normal(0.01, 0.0)),
-            dropout: DropoutConfig::new(0.1).init(),
+            dropout: 0.1,
             task: b.cfg.task,
         }
     }
@@ -315,8 +317,8 @@ impl SegHead {
             }
         }
         let x = self.bottleneck.forward(Tensor::cat(parts, 1));
-        let logits = self.conv_seg.forward(self.dropout.forward(x));
-        let aux = aux.then(|| self.aux_seg.forward(self.dropout.forward(self.aux_conv.forward(c3))));
+        let logits = self.conv_seg.forward(dropout(x, self.dropout));
+        let aux = aux.then(|| self.aux_seg.forward(dropout(self.aux_conv.forward(c3), self.dropout)));
         (logits, aux)
     }
 }

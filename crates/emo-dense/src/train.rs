@@ -18,13 +18,14 @@ use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::Device;
 use emo_spec::{DenseConfig, Task, Variant};
+use emo_train::parallel::{DataParallel, add_grads, shards, step_seed};
 use emo_train::rng::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::assign::{MaxIou, Targets, targets};
 use crate::boxes::{BBox, BoxCoder};
 use crate::data::{DetDataset, SegDataset, augment, load_coco, load_seg, seg_geometry, ssd_geometry};
-use crate::loss::{Loss, focal_loss, seg_loss, ssd_loss};
+use crate::loss::{focal_loss, seg_loss, ssd_loss};
 use crate::metrics::{CocoStats, DetBox, SegMetrics, SegStats, coco_map};
 use crate::model::{DenseModel, DenseOutput};
 use crate::predict::{DetTestCfg, batch_tensor, detect, segment};
@@ -65,6 +66,15 @@ pub struct DenseTrainConfig {
     /// Use at most this many training / validation images (0 = all).
     pub limit_train: usize,
     pub limit_val: usize,
+    /// Data-parallel replicas (threads) each batch is split over (`emo_train::parallel`);
+    /// part of the run's definition, since BatchNorm normalises each replica's shard and the
+    /// detection losses are normalised per shard (as mmdet does per GPU).
+    #[serde(default = "one")]
+    pub workers: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl DenseTrainConfig {
@@ -100,6 +110,7 @@ impl DenseTrainConfig {
             geometric_augment: true,
             limit_train: 0,
             limit_val: 0,
+            workers: 1,
         }
     }
 
@@ -287,6 +298,7 @@ pub struct DenseTrainer {
     train: DenseData,
     val: DenseData,
     anchors: Vec<BBox>,
+    pool: DataParallel,
     pub verbose: bool,
 }
 
@@ -320,8 +332,8 @@ impl DenseTrainer {
         if dir.join("config.json").exists() {
             return Err(DenseError::Data(format!("{} already holds a run (use --resume)", dir.display())));
         }
-        if cfg.batch == 0 || cfg.epochs == 0 {
-            return Err(DenseError::Data("batch and epochs must be > 0".into()));
+        if cfg.batch == 0 || cfg.epochs == 0 || cfg.workers == 0 {
+            return Err(DenseError::Data("batch, epochs and workers must be > 0".into()));
         }
         let (train, val) = Self::load_data(&cfg)?;
         if train.classes() != val.classes() {
@@ -355,7 +367,8 @@ impl DenseTrainer {
         (train, val): (DenseData, DenseData),
     ) -> Self {
         let anchors = if cfg.task.is_detection() { anchors::anchors(&card.model) } else { vec![] };
-        DenseTrainer { cfg, card, dir, state, device, model: Some(model), optim, train, val, anchors, verbose: true }
+        let pool = DataParallel::new(cfg.workers);
+        DenseTrainer { cfg, card, dir, state, device, model: Some(model), optim, train, val, anchors, pool, verbose: true }
     }
 
     /// Reopen a run and continue from its last complete checkpoint.
@@ -395,8 +408,8 @@ impl DenseTrainer {
         self.train.len() / self.cfg.batch
     }
 
-    /// Build a batch (with augmentation) and take one optimiser step.
-    fn step(&mut self, idx: &[usize], lr: f64) -> Result<Loss, DenseError> {
+    /// Build a batch (with augmentation) and take one optimiser step; returns the named loss parts.
+    fn step(&mut self, idx: &[usize], lr: f64) -> Result<Vec<(&'static str, f64)>, DenseError> {
         let hw = self.cfg.input;
         let mut rgbs = Vec::with_capacity(idx.len());
         let mut labels = Vec::new();
@@ -427,34 +440,68 @@ impl DenseTrainer {
                 }
             }
         }
-        let x = batch_tensor(&rgbs.iter().map(Vec::as_slice).collect::<Vec<_>>(), hw, &self.device);
+        // Forward and backward per data-parallel shard; each shard's loss is weighted by its
+        // share of the batch, so the summed gradients are those of the mean over shards.
         let model = self.model.take().expect("model");
-        let out = match model.forward(x, true) {
-            Ok(o) => o,
-            Err(e) => {
-                self.model = Some(model);
-                return Err(e);
-            }
-        };
-        let loss = match out {
-            DenseOutput::Det { cls, reg } => {
-                let t: &[Targets] = &tgts;
-                if self.cfg.task == Task::SsdLite {
-                    ssd_loss(cls, reg, t, k, self.cfg.neg_pos_ratio)
-                } else {
-                    focal_loss(cls, reg, t, k)
+        let (task, npr, aux_w) = (self.cfg.task, self.cfg.neg_pos_ratio, self.cfg.aux_weight);
+        let b = idx.len();
+        type Out = Result<(f64, Vec<(&'static str, f64)>, GradientsParams), DenseError>;
+        let jobs: Vec<Box<dyn FnOnce() -> Out + Send>> = shards(b, self.pool.len())
+            .into_iter()
+            .enumerate()
+            .map(|(w, r)| {
+                let replica = model.clone().fork(&self.device);
+                let device = self.device.clone();
+                let share = r.len() as f64 / b as f64;
+                let seed = step_seed(self.cfg.seed, self.state.iter, w);
+                let imgs: Vec<Vec<u8>> = rgbs[r.clone()].to_vec();
+                let t: Vec<Targets> = if tgts.is_empty() { vec![] } else { tgts[r.clone()].to_vec() };
+                let lab: Vec<u8> =
+                    if labels.is_empty() { vec![] } else { labels[r.start * hw.0 * hw.1..r.end * hw.0 * hw.1].to_vec() };
+                Box::new(move || -> Out {
+                    emo_model::seed_stochastic(seed);
+                    let x = batch_tensor(&imgs.iter().map(Vec::as_slice).collect::<Vec<_>>(), hw, &device);
+                    let loss = match replica.forward(x, true)? {
+                        DenseOutput::Det { cls, reg } if task == Task::SsdLite => ssd_loss(cls, reg, &t, k, npr),
+                        DenseOutput::Det { cls, reg } => focal_loss(cls, reg, &t, k),
+                        DenseOutput::Seg { logits, aux } => seg_loss(logits, aux, &lab, hw, aux_w),
+                    };
+                    let total = loss.total.mul_scalar(share);
+                    let value = crate::loss::scalar(total.clone());
+                    let parts = loss.parts.iter().map(|&(n, v)| (n, v * share)).collect();
+                    if !value.is_finite() {
+                        return Ok((value, parts, GradientsParams::new()));
+                    }
+                    Ok((value, parts, GradientsParams::from_grads(total.backward(), &replica)))
+                }) as _
+            })
+            .collect();
+        let mut value = 0.0;
+        let mut parts: Vec<(&'static str, f64)> = Vec::new();
+        let mut grads = GradientsParams::new();
+        for r in self.pool.run(jobs) {
+            match r {
+                Ok((v, p, g)) => {
+                    value += v;
+                    if parts.is_empty() {
+                        parts = p;
+                    } else {
+                        parts.iter_mut().zip(p).for_each(|(a, (_, v))| a.1 += v);
+                    }
+                    add_grads(&model, &mut grads, g);
+                }
+                Err(e) => {
+                    self.model = Some(model);
+                    return Err(e);
                 }
             }
-            DenseOutput::Seg { logits, aux } => seg_loss(logits, aux, &labels, hw, self.cfg.aux_weight),
-        };
-        let value = crate::loss::scalar(loss.total.clone());
+        }
         if !value.is_finite() {
             self.model = Some(model);
             return Err(DenseError::Diverged { iter: self.state.iter, loss: value });
         }
-        let grads = GradientsParams::from_grads(loss.total.backward(), &model);
         self.model = Some(self.optim.step(lr, model, grads));
-        Ok(Loss { total: loss.total.detach(), parts: loss.parts })
+        Ok(parts)
     }
 
     /// Evaluate the current weights on the validation split.
@@ -484,18 +531,17 @@ impl DenseTrainer {
         let mut out = Vec::new();
         while self.state.epoch < last {
             let start = Instant::now();
-            self.device.seed(self.cfg.seed ^ (self.state.epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let order = self.state.rng.permutation(self.train.len());
             let (mut loss_sum, mut lr) = (0.0, 0.0);
             for it in 0..ipe {
                 let idx = order[it * self.cfg.batch..(it + 1) * self.cfg.batch].to_vec();
                 lr = self.cfg.lr_at(self.state.iter, total);
                 let loss = self.step(&idx, lr)?;
-                loss_sum += loss.parts.iter().map(|p| p.1).sum::<f64>();
+                loss_sum += loss.iter().map(|p| p.1).sum::<f64>();
                 self.state.iter += 1;
                 if self.verbose && (it % 10 == 0 || it + 1 == ipe) {
                     let ips = ((it + 1) * self.cfg.batch) as f64 / start.elapsed().as_secs_f64();
-                    let parts: Vec<String> = loss.parts.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
+                    let parts: Vec<String> = loss.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
                     let bar = emo_train::progress_bar(it + 1, ipe, 20);
                     eprint!(
                         "\repoch {}/{} {bar} {}/{ipe} loss {:.4} ({}) lr {lr:.2e} {ips:.1} img/s   ",

@@ -84,7 +84,9 @@ impl TrainConfig {
             data: "fashion-mnist".into(),
             epochs: 10,
             batch: 64,
-            lr_per_512: 1.5e-3,
+            // 10x the paper's 1.5e-3: a 10-epoch run needs it (2-epoch probes on 12,800 images:
+            // 76.0 / 80.95 / 82.0% top-1 at 1.5e-3 / 6e-3 / 1.5e-2).
+            lr_per_512: 1.5e-2,
             min_lr: 1e-6,
             warmup_lr: 1e-6,
             warmup_epochs: 1,
