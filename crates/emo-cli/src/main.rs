@@ -69,16 +69,19 @@ enum Cmd {
     },
     /// Top-k ImageNet labels for images, with the official eval preprocessing.
     Classify {
+        /// Variant of --weights (default emo-1m).
         #[arg(long)]
-        variant: Variant,
+        variant: Option<Variant>,
+        /// Checkpoint (.pth or .safetensors). Default: the embedded EMO-1M trained on
+        /// Fashion-MNIST (see assets/emo1m-fashion-mnist.json), with its own grey 32x32 input.
         #[arg(long)]
-        weights: PathBuf,
+        weights: Option<PathBuf>,
         /// Image files (JPEG, PNG, ...).
         #[arg(required = true)]
         images: Vec<PathBuf>,
         #[arg(long, default_value_t = 5)]
         top: usize,
-        /// Crop size.
+        /// Crop size (ImageNet checkpoints).
         #[arg(long, default_value_t = 224)]
         size: usize,
         /// Crop ratio: the shorter side is resized to floor(size / crop_pct) before the crop.
@@ -332,8 +335,22 @@ fn main() -> Result<()> {
         Cmd::Classify { variant, weights, images, top, size, crop_pct, labels, json, engine } => {
             ensure!(size > 0, "--size must be > 0");
             ensure!(crop_pct > 0.0 && crop_pct <= 1.0, "--crop-pct must be in (0, 1]");
-            let t = EvalTransform { size, crop_pct, ..Default::default() };
-            classify(variant, &weights, &images, top, &t, labels.as_deref(), json, engine)
+            let (model, input, names) = match &weights {
+                Some(w) => {
+                    let t = EvalTransform { size, crop_pct, ..Default::default() };
+                    (Runner::load(variant.unwrap_or(Variant::Emo1M), w, engine)?, Input::ImageNet(t), None)
+                }
+                None => {
+                    ensure!(
+                        variant.is_none_or(|v| v == Variant::Emo1M),
+                        "the embedded weights are EMO-1M; pass --weights for {}",
+                        variant.map_or(String::new(), |v| v.to_string())
+                    );
+                    let (runner, pipeline, names) = embedded_fashion(engine)?;
+                    (runner, Input::Fashion(pipeline), Some(names))
+                }
+            };
+            classify(model, input, names, &images, top, labels.as_deref(), json)
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
@@ -629,32 +646,91 @@ fn softmax(v: &[f32]) -> Vec<f32> {
     e.into_iter().map(|x| x / s).collect()
 }
 
-fn classify(
+/// The embedded default classifier: EMO-1M trained on Fashion-MNIST by `emo train` (its run is
+/// recorded in docs/runs/; the card says how it was made and how well it does).
+const FASHION_WEIGHTS: &[u8] = include_bytes!("../../../assets/emo1m-fashion-mnist.safetensors");
+const FASHION_CARD: &str = include_str!("../../../assets/emo1m-fashion-mnist.json");
+
+/// The card of the embedded Fashion-MNIST weights.
+#[derive(serde::Deserialize)]
+struct FashionCard {
     variant: Variant,
-    weights: &Path,
+    classes: Vec<String>,
+    pipeline: emo_train::augment::Pipeline,
+    test_top1: f64,
+    run: String,
+}
+
+/// The embedded Fashion-MNIST classifier, its input pipeline and class names.
+fn embedded_fashion(kind: EngineKind) -> Result<(Runner, emo_train::augment::Pipeline, Vec<String>)> {
+    let card: FashionCard = serde_json::from_str(FASHION_CARD).context("embedded model card")?;
+    let sd = emo_weights::load_safetensors_bytes(FASHION_WEIGHTS).context("embedded weights")?;
+    let cfg = card.variant.config().with_num_classes(card.classes.len()).with_drop_path(0.0);
+    let runner = Runner::from_state_dict(&cfg, &sd, kind)?;
+    eprintln!(
+        "embedded {} trained on Fashion-MNIST ({:.2}% test top-1, {}); --weights for ImageNet checkpoints",
+        card.variant, card.test_top1, card.run
+    );
+    Ok((runner, card.pipeline, card.classes))
+}
+
+/// How `classify` turns an image file into the network input.
+enum Input {
+    /// The official ImageNet evaluation transform.
+    ImageNet(EvalTransform),
+    /// Fashion-MNIST style: grey, light on black, 28x28, then the training pipeline's
+    /// evaluation transform.
+    Fashion(emo_train::augment::Pipeline),
+}
+
+impl Input {
+    fn size(&self) -> usize {
+        match self {
+            Input::ImageNet(t) => t.size,
+            Input::Fashion(p) => p.size,
+        }
+    }
+
+    fn load(&self, path: &Path) -> Result<Vec<f32>, String> {
+        match self {
+            Input::ImageNet(t) => t.load(path).map_err(|e| e.to_string()),
+            Input::Fashion(p) => {
+                let img = image::open(path).map_err(|e| format!("cannot read image {}: {e}", path.display()))?;
+                let grey = emo_train::augment::fashion_like(&img, 28);
+                let mut x = vec![0f32; 3 * p.size * p.size];
+                p.apply(&grey, 28, 28, None, &mut x);
+                Ok(x)
+            }
+        }
+    }
+}
+
+fn classify(
+    mut model: Runner,
+    input: Input,
+    names: Option<Vec<String>>,
     images: &[PathBuf],
     top: usize,
-    t: &EvalTransform,
     labels: Option<&Path>,
     json: bool,
-    kind: EngineKind,
 ) -> Result<()> {
-    let mut model = Runner::load(variant, weights, kind)?;
     let n = model.num_classes();
-    let names: Vec<String> = match labels {
-        Some(p) => std::fs::read_to_string(p)
+    let names: Vec<String> = match (labels, names) {
+        (Some(p), _) => std::fs::read_to_string(p)
             .with_context(|| format!("reading labels {}", p.display()))?
             .lines()
             .map(str::to_string)
             .collect(),
-        None if n == 1000 => IMAGENET_CLASSES.lines().map(str::to_string).collect(),
-        None => (0..n).map(|i| format!("class {i}")).collect(),
+        (None, Some(names)) => names,
+        (None, None) if n == 1000 => IMAGENET_CLASSES.lines().map(str::to_string).collect(),
+        (None, None) => (0..n).map(|i| format!("class {i}")).collect(),
     };
     ensure!(names.len() >= n, "{} labels for {n} classes", names.len());
+    let s = input.size();
     let mut results = Vec::new();
     let mut failed = 0;
     for path in images {
-        let x = match t.load(path) {
+        let x = match input.load(path) {
             Ok(x) => x,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -662,7 +738,7 @@ fn classify(
                 continue;
             }
         };
-        let probs = softmax(&model.run(x, [1, 3, t.size, t.size], &[])?.0);
+        let probs = softmax(&model.run(x, [1, 3, s, s], &[])?.0);
         let mut idx: Vec<usize> = (0..probs.len()).collect();
         idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         let best: Vec<(usize, f32)> = idx.into_iter().take(top).map(|i| (i, probs[i])).collect();

@@ -368,7 +368,20 @@ impl DenseTrainer {
     ) -> Self {
         let anchors = if cfg.task.is_detection() { anchors::anchors(&card.model) } else { vec![] };
         let pool = DataParallel::new(cfg.workers);
-        DenseTrainer { cfg, card, dir, state, device, model: Some(model), optim, train, val, anchors, pool, verbose: true }
+        DenseTrainer {
+            cfg,
+            card,
+            dir,
+            state,
+            device,
+            model: Some(model),
+            optim,
+            train,
+            val,
+            anchors,
+            pool,
+            verbose: true,
+        }
     }
 
     /// Reopen a run and continue from its last complete checkpoint.
@@ -456,8 +469,11 @@ impl DenseTrainer {
                 let seed = step_seed(self.cfg.seed, self.state.iter, w);
                 let imgs: Vec<Vec<u8>> = rgbs[r.clone()].to_vec();
                 let t: Vec<Targets> = if tgts.is_empty() { vec![] } else { tgts[r.clone()].to_vec() };
-                let lab: Vec<u8> =
-                    if labels.is_empty() { vec![] } else { labels[r.start * hw.0 * hw.1..r.end * hw.0 * hw.1].to_vec() };
+                let lab: Vec<u8> = if labels.is_empty() {
+                    vec![]
+                } else {
+                    labels[r.start * hw.0 * hw.1..r.end * hw.0 * hw.1].to_vec()
+                };
                 Box::new(move || -> Out {
                     emo_model::seed_stochastic(seed);
                     let x = batch_tensor(&imgs.iter().map(Vec::as_slice).collect::<Vec<_>>(), hw, &device);

@@ -96,3 +96,84 @@ impl Pipeline {
         }
     }
 }
+
+/// Any decoded image as a Fashion-MNIST-style grey `side x side` image (u8, row-major), for
+/// classifying with a Fashion-MNIST model: converted to grey, inverted when its border is
+/// lighter than its centre (Fashion-MNIST items are light on a black background, photos of
+/// products usually dark on white), fitted into the square keeping its aspect ratio, centred
+/// on black. A `side x side` grey image with a dark border (a Fashion-MNIST image) passes
+/// through unchanged.
+pub fn fashion_like(img: &image::DynamicImage, side: usize) -> Vec<u8> {
+    let grey = img.to_luma8();
+    let (w, h) = (grey.width() as usize, grey.height() as usize);
+    if w == 0 || h == 0 || side == 0 {
+        return vec![0; side * side];
+    }
+    let px = |x: usize, y: usize| grey.get_pixel(x as u32, y as u32)[0] as f64;
+    let (mut border, mut nb) = (0.0, 0usize);
+    for x in 0..w {
+        border += px(x, 0) + px(x, h - 1);
+        nb += 2;
+    }
+    for y in 0..h {
+        border += px(0, y) + px(w - 1, y);
+        nb += 2;
+    }
+    let (mut centre, mut nc) = (0.0, 0usize);
+    for y in h / 4..(3 * h / 4).max(h / 4 + 1) {
+        for x in w / 4..(3 * w / 4).max(w / 4 + 1) {
+            centre += px(x, y);
+            nc += 1;
+        }
+    }
+    let invert = border / nb as f64 > centre / nc as f64;
+    let (nw, nh) = if w >= h {
+        (side, ((side * h) as f64 / w as f64).round().max(1.0) as usize)
+    } else {
+        (((side * w) as f64 / h as f64).round().max(1.0) as usize, side)
+    };
+    let small = if (nw, nh) == (w, h) {
+        grey
+    } else {
+        image::imageops::resize(&grey, nw as u32, nh as u32, image::imageops::FilterType::Triangle)
+    };
+    let (oy, ox) = ((side - nh) / 2, (side - nw) / 2);
+    let mut out = vec![0u8; side * side];
+    for y in 0..nh {
+        for x in 0..nw {
+            let v = small.get_pixel(x as u32, y as u32)[0];
+            out[(oy + y) * side + ox + x] = if invert { 255 - v } else { v };
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fashion_like_keeps_a_fashion_mnist_image_and_inverts_a_product_photo() {
+        // A light item on black, 28x28: unchanged.
+        let mut item = image::GrayImage::new(28, 28);
+        for y in 6..22 {
+            for x in 8..20 {
+                item.put_pixel(x, y, image::Luma([200]));
+            }
+        }
+        let d = image::DynamicImage::ImageLuma8(item.clone());
+        assert_eq!(fashion_like(&d, 28), item.as_raw().clone());
+        // The same item dark on white, twice as large and wider than tall: inverted, fitted
+        // and centred.
+        let mut photo = image::RgbImage::from_pixel(112, 56, image::Rgb([255, 255, 255]));
+        for y in 12..44 {
+            for x in 40..72 {
+                photo.put_pixel(x, y, image::Rgb([55, 55, 55]));
+            }
+        }
+        let g = fashion_like(&image::DynamicImage::ImageRgb8(photo), 28);
+        assert_eq!(g[0], 0, "white background becomes black");
+        assert_eq!(g[14 * 28 + 14], 200, "dark item becomes light");
+        assert!(g[3 * 28 + 14] == 0 && g[25 * 28 + 14] == 0, "letterboxed: 28x14 centred");
+    }
+}

@@ -163,7 +163,7 @@ mod tests {
         let pool = DataParallel::new(3);
         let ids = |pool: &DataParallel| {
             let jobs: Vec<Box<dyn FnOnce() -> (usize, std::thread::ThreadId) + Send>> =
-                (0..3).map(|i| Box::new(move || (i * 10, std::thread::current().id())) as _).collect();
+                (0..3usize).map(|i| Box::new(move || (i * 10, std::thread::current().id())) as _).collect();
             pool.run(jobs)
         };
         let a = ids(&pool);

@@ -1,9 +1,13 @@
 //! Training on a small synthetic task (CI-sized): it learns, resumes bit-exactly, keeps the
 //! last good checkpoint, and rejects bad data clearly.
 
-use burn::tensor::Device;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use emo_model::Emo;
 use emo_spec::Variant;
 use emo_train::data::{Split, parse_idx};
+use emo_train::parallel::{DataParallel, add_grads};
 use emo_train::schedule::Cosine;
 use emo_train::{TrainConfig, TrainError, Trainer};
 
@@ -93,24 +97,90 @@ fn it_learns_a_small_task() {
 #[test]
 fn a_resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
     let _g = serial();
-    let (a, b) = (tmp("resume-a"), tmp("resume-b"));
-    let mut ta = Trainer::new(config(2), &a, quadrants(96, 3), quadrants(32, 4), device()).unwrap();
-    ta.verbose = false;
-    ta.run(None).unwrap();
-    let mut tb = Trainer::new(config(2), &b, quadrants(96, 3), quadrants(32, 4), device()).unwrap();
-    tb.verbose = false;
-    tb.run(Some(1)).unwrap();
-    drop(tb);
-    // a kill during the next save leaves a partial checkpoint.tmp behind: it must be ignored
-    std::fs::create_dir_all(b.join("checkpoint.tmp")).unwrap();
-    std::fs::write(b.join("checkpoint.tmp/model.safetensors"), b"partial").unwrap();
-    let mut tb = Trainer::resume(&b, quadrants(96, 3), quadrants(32, 4), device()).unwrap();
-    tb.verbose = false;
-    assert_eq!(tb.state.epoch, 1);
-    tb.run(None).unwrap();
-    for f in ["checkpoint/model.safetensors", "checkpoint/ema.safetensors"] {
-        assert!(std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(), "{f} differs");
+    for workers in [1, 2] {
+        let (a, b) = (tmp(&format!("resume-a{workers}")), tmp(&format!("resume-b{workers}")));
+        let mut c = config(2);
+        c.workers = workers;
+        let mut ta = Trainer::new(c.clone(), &a, quadrants(96, 3), quadrants(32, 4), device()).unwrap();
+        ta.verbose = false;
+        ta.run(None).unwrap();
+        let mut tb = Trainer::new(c, &b, quadrants(96, 3), quadrants(32, 4), device()).unwrap();
+        tb.verbose = false;
+        tb.run(Some(1)).unwrap();
+        drop(tb);
+        // a kill during the next save leaves a partial checkpoint.tmp behind: it must be ignored
+        std::fs::create_dir_all(b.join("checkpoint.tmp")).unwrap();
+        std::fs::write(b.join("checkpoint.tmp/model.safetensors"), b"partial").unwrap();
+        let mut tb = Trainer::resume(&b, quadrants(96, 3), quadrants(32, 4), device()).unwrap();
+        tb.verbose = false;
+        assert_eq!(tb.state.epoch, 1);
+        tb.run(None).unwrap();
+        for f in ["checkpoint/model.safetensors", "checkpoint/ema.safetensors"] {
+            let same = std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap();
+            assert!(same, "{f} differs with {workers} workers");
+        }
     }
+}
+
+/// Compares two gradient sets over a model's parameters: the worst difference as a share of
+/// the tolerance `1e-4 * max|a| + 1e-6` (relative, plus an absolute floor for gradients that
+/// are zero in exact arithmetic, such as a conv bias before a BatchNorm), and the number of
+/// parameters compared.
+struct GradDiff<'a>(&'a GradientsParams, &'a GradientsParams, f32, usize);
+impl ModuleVisitor for GradDiff<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let (Some(a), Some(b)) = (self.0.get::<D>(param.id), self.1.get::<D>(param.id)) {
+            let max = |t: Tensor<D>| t.abs().max().into_data().convert::<f32>().try_into_vec::<f32>().unwrap()[0];
+            let tol = 1e-4 * max(a.clone()) + 1e-6;
+            self.2 = self.2.max(max(a - b) / tol);
+            self.3 += 1;
+        }
+    }
+}
+
+#[test]
+fn replicas_on_identical_halves_give_the_whole_batch_gradient() {
+    // Each replica normalises its own shard; with two identical shards the batch statistics
+    // equal the whole batch's, so the summed, share-weighted replica gradients must equal the
+    // gradient of one replica on the whole batch (and the running statistics must agree).
+    let _g = serial();
+    let device = device();
+    device.seed(7);
+    let cfg = Variant::Emo1M.config().with_num_classes(4).with_drop_path(0.0);
+    let model = Emo::new(&cfg, &device).unwrap();
+    let model2 = Emo::from_state_dict(&cfg, &model.state_dict(), &device).unwrap();
+    let (n, s) = (4, 64);
+    let half: Vec<f32> = (0..n * 3 * s * s).map(|i| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5).collect();
+    let whole: Vec<f32> = half.iter().chain(&half).copied().collect();
+    type Job = Box<dyn FnOnce() -> GradientsParams + Send>;
+    let job = |m: Emo, x: Vec<f32>, b: usize, share: f32, device: Device| -> Job {
+        Box::new(move || {
+            let logits = m.forward(Tensor::<4>::from_data(TensorData::new(x, [b, 3, s, s]), &device)).unwrap();
+            let w = Tensor::<2>::from_data(
+                TensorData::new((0..4 * b).map(|i| (i % 4) as f32 - 1.5).collect::<Vec<f32>>(), [b, 4]),
+                &device,
+            );
+            let loss = (logits * w).sum().div_scalar(b as f32).mul_scalar(share);
+            GradientsParams::from_grads(loss.backward(), &m)
+        })
+    };
+    let one = DataParallel::new(1);
+    let g1 = one.run(vec![job(model.clone().fork(&device), whole, 2 * n, 1.0, device.clone())]).remove(0);
+    let key = "stage0.0.convs.0.1.running_mean";
+    let mean_one = model.state_dict().get(key).map(|t| t.as_f32().unwrap().to_vec());
+    let two = DataParallel::new(2);
+    let jobs = (0..2).map(|_| job(model2.clone().fork(&device), half.clone(), n, 0.5, device.clone())).collect();
+    let mut gs = two.run(jobs).into_iter();
+    let mut g2 = gs.next().unwrap();
+    add_grads(&model2, &mut g2, gs.next().unwrap());
+    let mut d = GradDiff(&g1, &g2, 0.0, 0);
+    model.visit(&mut d);
+    assert!(d.3 > 100, "only {} parameters compared", d.3);
+    assert!(d.2 <= 1.0, "replica gradients differ from the whole batch's by {}x the tolerance", d.2);
+    let mean_two = model2.state_dict().get(key).map(|t| t.as_f32().unwrap().to_vec());
+    let (a, b) = (mean_one.unwrap(), mean_two.unwrap());
+    assert!(a.iter().any(|&v| v != 0.0), "the running mean was not updated");
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-6), "running statistics differ: {a:?} vs {b:?}");
 }
 
 #[test]
