@@ -226,12 +226,49 @@ fn train_on_an_image_folder_skips_unreadable_images_and_rejects_empty_classes() 
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("2 classes, 16 train / 8 val images, 1 unreadable images skipped"), "{}", stderr(&o));
     assert!(stderr(&o).contains("broken.jpg"));
+    // colour folders get the paper's RandomResizedCrop + RandAugment m9-mstd0.5 by default
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["pipeline"]["random_resized_crop"], true, "{cfg}");
+    assert_eq!(cfg["pipeline"]["rand_augment"]["magnitude"], 9.0, "{cfg}");
     let o = emo(&["eval", "--data", &data, "--weights", run.join("best.safetensors").to_str().unwrap()]);
     assert!(o.status.success() && stdout(&o).contains("8 images"), "{}{}", stdout(&o), stderr(&o));
     std::fs::create_dir_all(root.join("train/empty")).unwrap();
     std::fs::create_dir_all(root.join("val/empty")).unwrap();
     let o = emo(&["train", "--data", &data, "--out", tmp("never").to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("is empty"), "{}", stderr(&o));
+}
+
+#[test]
+fn classify_defaults_to_the_embedded_fashion_mnist_model() {
+    // The shipped sample images: the first test image of each class, named after its label.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/fashion-mnist");
+    let mut images: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().to_str().unwrap().to_string())
+        .filter(|p| p.ends_with(".png"))
+        .collect();
+    images.sort();
+    assert_eq!(images.len(), 10);
+    let mut args = vec!["classify", "--json", "--top", "1"];
+    args.extend(images.iter().map(String::as_str));
+    let o = emo(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("trained on Fashion-MNIST"), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let slug = |l: &str| l.to_lowercase().replace(['/', ' '], "-");
+    let correct = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["image"].as_str().unwrap().ends_with(&format!("-{}.png", slug(r["top"][0]["label"].as_str().unwrap())))
+        })
+        .count();
+    assert!(correct >= 9, "{correct} of 10 sample images classified correctly: {v}");
+    // another variant needs its own weights
+    let o = emo(&["classify", "--variant", "emo-5m", &images[0]]);
+    assert!(!o.status.success() && stderr(&o).contains("pass --weights"), "{}", stderr(&o));
 }
 
 #[test]

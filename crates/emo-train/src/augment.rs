@@ -2,7 +2,28 @@
 //! flip at the native resolution, nearest-neighbour upscaling by an integer factor to the
 //! training size, grey replicated to 3 channels, normalised. Evaluation skips the crop/flip.
 
+use crate::randaug::{Img, RandAugment, random_resized_crop};
 use crate::rng::Rng;
+
+/// The `n x n` crop at (y0, x0) of a planar 3-channel `h x w` image (edge pixels repeated where
+/// the image is smaller).
+fn crop_at(img: &[u8], h: usize, w: usize, n: usize, y0: usize, x0: usize) -> Vec<u8> {
+    let mut out = vec![0u8; 3 * n * n];
+    for c in 0..3 {
+        for y in 0..n {
+            for x in 0..n {
+                let (sy, sx) = ((y0 + y).min(h - 1), (x0 + x).min(w - 1));
+                out[(c * n + y) * n + x] = img[(c * h + sy) * w + sx];
+            }
+        }
+    }
+    out
+}
+
+/// The centred `n x n` crop.
+fn centre_crop(img: &[u8], h: usize, w: usize, n: usize) -> Vec<u8> {
+    crop_at(img, h, w, n, h.saturating_sub(n) / 2, w.saturating_sub(n) / 2)
+}
 
 /// Fashion-MNIST pixel statistics (train split).
 pub const FMNIST_MEAN: f32 = 0.2860;
@@ -19,13 +40,40 @@ pub struct Pipeline {
     pub flip: f32,
     pub mean: f32,
     pub std: f32,
+    /// RandAugment on the training images (grey: before the pad-and-crop; colour: after the
+    /// crop and flip). The paper's `rand-m9-mstd0.5-inc1` is [`RandAugment::default`].
+    #[serde(default)]
+    pub rand_augment: Option<RandAugment>,
+    /// Colour images: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) instead of a random
+    /// `size` crop of the stored image.
+    #[serde(default)]
+    pub random_resized_crop: bool,
 }
 
 impl Default for Pipeline {
     fn default() -> Self {
-        Pipeline { size: 32, crop_pad: 2, flip: 0.5, mean: FMNIST_MEAN, std: FMNIST_STD }
+        Pipeline {
+            size: 32,
+            crop_pad: 2,
+            flip: 0.5,
+            mean: FMNIST_MEAN,
+            std: FMNIST_STD,
+            rand_augment: None,
+            random_resized_crop: false,
+        }
     }
 }
+
+impl Pipeline {
+    /// The paper's training pipeline for colour images: RandomResizedCrop + flip +
+    /// RandAugment m9-mstd0.5, at `size`.
+    pub fn imagenet(size: usize) -> Self {
+        Pipeline { size, rand_augment: Some(RandAugment::default()), random_resized_crop: true, ..Default::default() }
+    }
+}
+
+/// RandAugment's fill for geometric operations: the ImageNet mean in u8 (timm).
+const FILL: [u8; 3] = [124, 116, 104];
 
 /// ImageNet statistics, for colour images.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -38,24 +86,42 @@ impl Pipeline {
     pub fn apply_split(&self, split: &crate::data::Split, i: usize, rng: Option<&mut Rng>, out: &mut [f32]) {
         let img = split.image(i);
         if split.channels == 1 {
-            return self.apply(img, split.h, split.w, rng, out);
+            return match (self.rand_augment, rng) {
+                (Some(ra), Some(r)) => {
+                    let mut im = Img { c: 1, h: split.h, w: split.w, data: img.to_vec() };
+                    ra.apply(&mut im, r, &[0; 3]);
+                    self.apply(&im.data, split.h, split.w, Some(r), out)
+                }
+                (_, rng) => self.apply(img, split.h, split.w, rng, out),
+            };
         }
         let n = self.size;
         let (h, w) = (split.h, split.w);
-        let (mut y0, mut x0, mut flip) = (h.saturating_sub(n) / 2, w.saturating_sub(n) / 2, false);
-        if let Some(r) = rng {
-            y0 = r.below((h.saturating_sub(n) + 1) as u64) as usize;
-            x0 = r.below((w.saturating_sub(n) + 1) as u64) as usize;
-            flip = r.uniform() < self.flip;
-        }
-        for c in 0..3 {
-            for y in 0..n {
-                for x in 0..n {
-                    let xx = if flip { n - 1 - x } else { x };
-                    let (sy, sx) = ((y0 + y).min(h - 1), (x0 + xx).min(w - 1));
-                    let v = img[(c * h + sy) * w + sx] as f32 / 255.0;
-                    out[(c * n + y) * n + x] = (v - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+        let crop = match rng {
+            None => centre_crop(img, h, w, n),
+            Some(r) => {
+                let src = Img { c: 3, h, w, data: img.to_vec() };
+                let mut crop = if self.random_resized_crop {
+                    random_resized_crop(&src, n, r)
+                } else {
+                    let y0 = r.below((h.saturating_sub(n) + 1) as u64) as usize;
+                    let x0 = r.below((w.saturating_sub(n) + 1) as u64) as usize;
+                    Img { c: 3, h: n, w: n, data: crop_at(img, h, w, n, y0, x0) }
+                };
+                if r.uniform() < self.flip {
+                    for row in crop.data.chunks_mut(n) {
+                        row.reverse();
+                    }
                 }
+                if let Some(ra) = self.rand_augment {
+                    ra.apply(&mut crop, r, &FILL);
+                }
+                crop.data
+            }
+        };
+        for c in 0..3 {
+            for (o, &v) in out[c * n * n..(c + 1) * n * n].iter_mut().zip(&crop[c * n * n..(c + 1) * n * n]) {
+                *o = (v as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
             }
         }
     }

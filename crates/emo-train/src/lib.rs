@@ -12,6 +12,7 @@ pub mod data;
 pub mod ema;
 pub mod parallel;
 pub mod plot;
+pub mod randaug;
 pub mod rng;
 pub mod run;
 pub mod schedule;
