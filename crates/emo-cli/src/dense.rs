@@ -70,6 +70,7 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 cfg.frozen_stages = -1;
             }
             cfg.geometric_augment = !a.light_augment;
+            cfg.reduce_zero_label = a.reduce_zero_label;
             cfg.workers = a.workers.unwrap_or_else(|| emo_train::parallel::default_workers(a.batch));
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{}", a.variant)));
             DenseTrainer::new(cfg, &dir, device)?
@@ -115,7 +116,7 @@ pub fn eval(task: Task, weights: &Path, card: Option<&Path>, data: &Path, split:
     let device = Device::flex();
     let (model, card) = load_model(weights, card, &device)?;
     ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
-    let d = load_split(card.model.task, data, split, card.model.input, false, false, limit)?;
+    let d = load_split(card.model.task, data, split, card.model.input, false, card.reduce_zero_label, limit)?;
     if let Some(w) = d.skipped_warning() {
         eprintln!("{}: {w}", data.display());
     }

@@ -243,6 +243,10 @@ pub(crate) struct TrainOpts {
     /// augmentation (SSD Expand + MinIoURandomCrop; segmentation rescale + crop).
     #[arg(long)]
     pub light_augment: bool,
+    /// Segmentation: label 0 is "other" (ignored) and the classes are shifted down by one
+    /// (ADE20K's layout); recorded in model.json so `emo eval --task` reads labels the same way.
+    #[arg(long)]
+    pub reduce_zero_label: bool,
     /// `fashion-mnist` (Debian's dataset-fashion-mnist), `fashion-mnist:DIR`, or
     /// `imagefolder:PATH` (PATH/train/<class>/*, PATH/val/<class>/*).
     #[arg(long, default_value = "fashion-mnist")]

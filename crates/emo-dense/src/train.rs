@@ -143,6 +143,10 @@ pub struct ModelCard {
     /// COCO category ids of the classes (detection).
     #[serde(default)]
     pub cat_ids: Vec<u64>,
+    /// Segmentation: the label maps it was trained on have 0 = "other" (ignored) and the
+    /// classes shifted by one (ADE20K); evaluation reads them the same way.
+    #[serde(default)]
+    pub reduce_zero_label: bool,
 }
 
 /// One line of `metrics.jsonl`.
@@ -310,7 +314,7 @@ impl DenseTrainer {
             DenseData::Det(d) => d.cat_ids.clone(),
             DenseData::Seg(_) => vec![],
         };
-        ModelCard { model, classes, cat_ids }
+        ModelCard { model, classes, cat_ids, reduce_zero_label: cfg.reduce_zero_label }
     }
 
     fn prepare(model: DenseModel, cfg: &DenseTrainConfig) -> DenseModel {
