@@ -174,3 +174,142 @@ pub fn run(a: &Args) -> Result<()> {
     }
     Ok(())
 }
+
+/// `emo bench-train`: training steps per second of the burn model (flex, data-parallel over
+/// `workers` threads), interleaved in the same run with PyTorch training the same
+/// architecture (`scripts/torch_train_bench.py`, checked against the official outputs first).
+pub struct TrainArgs {
+    pub variant: Variant,
+    pub batch: usize,
+    pub size: usize,
+    pub workers: usize,
+    pub steps: usize,
+    pub rounds: usize,
+    pub compare_torch: bool,
+}
+
+const TORCH_BENCH: &str = include_str!("../../../scripts/torch_train_bench.py");
+
+/// The PyTorch side: a child process that answers `steps N` with N step times.
+struct Torch {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Torch {
+    fn start(a: &TrainArgs) -> Result<Self> {
+        let script = std::env::temp_dir().join(format!("emo_torch_train_bench_{}.py", std::process::id()));
+        std::fs::write(&script, TORCH_BENCH)?;
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script).args(["--variant", &a.variant.to_string(), "--batch", &a.batch.to_string()]).args([
+            "--size",
+            &a.size.to_string(),
+            "--threads",
+            &a.workers.to_string(),
+        ]);
+        // Check the PyTorch model against the official outputs when the fixtures are here.
+        let fixtures = [
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/emo"),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/emo"),
+        ]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|d| d.join(format!("{}.safetensors", a.variant.to_string().replace('-', "_"))).exists());
+        if let Some(d) = &fixtures {
+            cmd.arg("--check").arg(d);
+        }
+        let mut child =
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().with_context(|| format!("starting {python}"))?;
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let _ = child.wait();
+            bail!("PyTorch did not start (PYTHON={python}: needs `torch`, and `safetensors` for the parity check)");
+        }
+        if fixtures.is_none() {
+            eprintln!("note: no official fixture for {} here; the PyTorch model was not parity-checked", a.variant);
+        }
+        Ok(Torch { child, out })
+    }
+
+    fn steps(&mut self, n: usize) -> Result<Vec<f64>> {
+        writeln!(self.child.stdin.as_mut().expect("stdin"), "steps {n}")?;
+        let mut line = String::new();
+        self.out.read_line(&mut line)?;
+        let Some(times) = line.trim().strip_prefix("ok ") else { bail!("PyTorch bench: unexpected `{}`", line.trim()) };
+        times.split(',').map(|t| t.parse::<f64>().context("bad PyTorch timing")).collect()
+    }
+}
+
+impl Drop for Torch {
+    fn drop(&mut self) {
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = writeln!(stdin, "quit");
+        }
+        let _ = self.child.wait();
+    }
+}
+
+pub fn train(a: &TrainArgs) -> Result<()> {
+    ensure!(
+        a.batch > 0 && a.steps > 0 && a.rounds > 0 && a.workers > 0,
+        "batch, steps, rounds and workers must be > 0"
+    );
+    // Random 28x28 grey images (the Fashion-MNIST pipeline brings them to `size`).
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let images: Vec<u8> = (0..a.batch * 784).map(|_| next() as u8).collect();
+    let labels: Vec<u8> = (0..a.batch).map(|_| (next() % 10) as u8).collect();
+    let split = emo_train::data::Split { images, labels, channels: 1, h: 28, w: 28, classes: 10 };
+    let mut cfg = emo_train::TrainConfig::fashion_mnist(a.variant);
+    (cfg.batch, cfg.workers, cfg.data) = (a.batch, a.workers, "synthetic".into());
+    cfg.pipeline.size = a.size;
+    let dir = std::env::temp_dir().join(format!("emo-bench-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut t = emo_train::Trainer::new(cfg, &dir, split.clone(), split, Device::flex().autodiff())?;
+    t.verbose = false;
+    t.time_steps(1)?;
+    let mut torch = if a.compare_torch { Some(Torch::start(a)?) } else { None };
+    println!(
+        "{} training step (forward + backward + AdamW), batch {} at {s}x{s}, burn flex on {} data-parallel workers{}",
+        a.variant,
+        a.batch,
+        a.workers,
+        if torch.is_some() { format!(", PyTorch on {} threads, interleaved", a.workers) } else { String::new() },
+        s = a.size
+    );
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..a.rounds {
+        ours.extend(t.time_steps(a.steps)?);
+        if let Some(th) = torch.as_mut() {
+            theirs.extend(th.steps(a.steps)?);
+        }
+    }
+    drop(t);
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = |name: &str, v: &mut Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        let med = v[v.len() / 2];
+        println!(
+            "{name:<8} median {:>8.1} ms/step  min {:>8.1} ms  {:>7.1} img/s  ({} steps)",
+            med * 1e3,
+            v[0] * 1e3,
+            a.batch as f64 / med,
+            v.len()
+        );
+        med
+    };
+    let m = report("emo", &mut ours);
+    if !theirs.is_empty() {
+        let p = report("pytorch", &mut theirs);
+        println!("ratio_vs_torch: {:.3}", m / p);
+    }
+    Ok(())
+}

@@ -215,6 +215,30 @@ enum Cmd {
         #[arg(long)]
         profile: bool,
     },
+    /// Training throughput (forward + backward + AdamW step) of the burn model, optionally
+    /// interleaved with PyTorch training the same architecture; ends with `ratio_vs_torch: R`
+    /// (our median step time / PyTorch's).
+    BenchTrain {
+        #[arg(long, default_value = "emo-1m")]
+        variant: Variant,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Training input side (Fashion-MNIST pipeline).
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        /// Data-parallel workers (and PyTorch threads); default: one per core.
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Timed steps per round and framework.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
+        /// Also time PyTorch (`PYTHON` with `torch`; scripts/torch_train_bench.py).
+        #[arg(long)]
+        compare_torch: bool,
+    },
 }
 
 /// Options of `emo train` (classification, or a dense task with `--task`).
@@ -380,6 +404,11 @@ fn main() -> Result<()> {
             Some(task) => dense::train(task, o),
             None => train_classifier(o),
         },
+        Cmd::BenchTrain { variant, batch, size, workers, steps, rounds, compare_torch } => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let workers = workers.unwrap_or(cores.min(batch).max(1));
+            bench::train(&bench::TrainArgs { variant, batch, size, workers, steps, rounds, compare_torch })
+        }
         Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn, profile } => {
             if let Some(t) = threads {
                 ensure!(t > 0, "--threads must be > 0");

@@ -343,6 +343,29 @@ impl Trainer {
         Ok(value)
     }
 
+    /// Time `n` training steps (batch assembly with augmentation, forward, backward, clipping,
+    /// AdamW, EMA) on the first `batch` training images, in seconds per step; for
+    /// `emo bench-train`. The run's weights change; nothing is written.
+    pub fn time_steps(&mut self, n: usize) -> Result<Vec<f64>, TrainError> {
+        let (b, per) = (self.cfg.batch, 3 * self.cfg.pipeline.size * self.cfg.pipeline.size);
+        if self.train.len() < b {
+            return Err(TrainError::Config(format!("{} images < batch {b}", self.train.len())));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let mut x = vec![0f32; b * per];
+            for (j, chunk) in x.chunks_mut(per).enumerate() {
+                self.cfg.pipeline.apply_split(&self.train, j, Some(&mut self.state.rng), chunk);
+            }
+            let labels = self.train.labels[..b].to_vec();
+            self.step(x, &labels, 1e-4)?;
+            self.state.iter += 1;
+            out.push(t.elapsed().as_secs_f64());
+        }
+        Ok(out)
+    }
+
     /// Top-1 / top-5 (%) of a state dict on the evaluation split, with the fast engine.
     pub fn evaluate(&self, sd: StateDict) -> Result<(f64, f64), TrainError> {
         evaluate(&self.cfg.model_config(), sd, &self.eval, &self.cfg.pipeline)
