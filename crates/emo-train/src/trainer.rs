@@ -180,6 +180,9 @@ pub struct Trainer {
     pub dir: PathBuf,
     pub state: TrainState,
     device: Device,
+    /// The device of each data-parallel replica (replica `i` on `replica_devices[i % len]`);
+    /// the main device by default. Gradients are gathered on the main device.
+    replica_devices: Vec<Device>,
     model: Option<Emo>,
     optim: ModuleOptimizer,
     ema: Ema,
@@ -227,7 +230,8 @@ impl Trainer {
         write_json(&dir.join("config.json"), &cfg)?;
         let state = TrainState { epoch: 0, iter: 0, rng: Rng::new(cfg.seed), best_ema_top1: 0.0 };
         let pool = DataParallel::new(cfg.workers);
-        Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, pool, verbose: true })
+        let replica_devices = vec![device.clone()];
+        Ok(Trainer { cfg, dir, state, device, replica_devices, model: Some(model), optim, ema, train, eval, pool, verbose: true })
     }
 
     /// Reopen a run folder and continue from its last complete checkpoint.
@@ -247,11 +251,23 @@ impl Trainer {
             &emo_weights::load(ck.join("ema.safetensors"))?,
         );
         let pool = DataParallel::new(cfg.workers);
-        Ok(Trainer { cfg, dir, state, device, model: Some(model), optim, ema, train, eval, pool, verbose: true })
+        let replica_devices = vec![device.clone()];
+        Ok(Trainer { cfg, dir, state, device, replica_devices, model: Some(model), optim, ema, train, eval, pool, verbose: true })
     }
 
     pub fn model(&self) -> &Emo {
         self.model.as_ref().expect("model")
+    }
+
+    /// Run the data-parallel replicas on these devices (replica `i` on `devices[i % len]`,
+    /// e.g. one per GPU), gathering the gradients on the main device: burn's multi-device
+    /// recipe (`Module::fork`, `GradientsParams::to_device`). On the CPU every replica shares
+    /// the one flex device and the parallelism comes from the worker threads.
+    pub fn with_replica_devices(mut self, devices: Vec<Device>) -> Self {
+        if !devices.is_empty() {
+            self.replica_devices = devices;
+        }
+        self
     }
 
     /// The EMA weights.
@@ -291,8 +307,9 @@ impl Trainer {
                 .into_iter()
                 .enumerate()
                 .map(|(w, r)| {
-                    let replica = model.clone().fork(&self.device);
-                    let (n, device) = (r.len(), self.device.clone());
+                    let device = self.replica_devices[w % self.replica_devices.len()].clone();
+                    let replica = model.clone().fork(&device);
+                    let n = r.len();
                     let xs = x[r.start * per..r.end * per].to_vec();
                     let ts = t[r.start * c..r.end * c].to_vec();
                     let (seed, share) = (step_seed(self.cfg.seed, self.state.iter, w), n as f64 / b as f64);
@@ -317,7 +334,7 @@ impl Trainer {
             match r {
                 Ok((v, g)) => {
                     value += v;
-                    add_grads(&model, &mut grads, g);
+                    add_grads(&model, &mut grads, g.to_device(&self.device, &model));
                 }
                 Err(e) => {
                     self.model = Some(model);

@@ -71,7 +71,11 @@ fn it_learns_a_small_task() {
     let dir = tmp("learn");
     let mut c = config(5);
     c.lr_per_512 = 4e-2;
-    let mut t = Trainer::new(c, &dir, quadrants(512, 1), quadrants(128, 2), device()).unwrap();
+    c.workers = 2;
+    // two replicas, each on its own device handle (the GPU code path; on the CPU both are flex)
+    let mut t = Trainer::new(c, &dir, quadrants(512, 1), quadrants(128, 2), device())
+        .unwrap()
+        .with_replica_devices(vec![device(), device()]);
     t.verbose = false;
     let m = t.run(None).unwrap();
     assert_eq!(m.len(), 5);
