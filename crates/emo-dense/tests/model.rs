@@ -205,10 +205,13 @@ fn training_resumes_exactly_and_learns() {
     for task in [Task::SsdLite, Task::DeepLabV3] {
         let device = Device::flex().autodiff();
         let (a, b) = (tmp(&format!("{task}-a")), tmp(&format!("{task}-b")));
-        let mut ta = DenseTrainer::new(cfg(task, &data), &a, device.clone()).unwrap();
+        // DeepLabv3 (with its dropout) on two data-parallel replicas, SSDLite on one.
+        let mut c = cfg(task, &data);
+        c.workers = if task == Task::DeepLabV3 { 2 } else { 1 };
+        let mut ta = DenseTrainer::new(c.clone(), &a, device.clone()).unwrap();
         ta.verbose = false;
         let full = ta.run(None).unwrap();
-        let mut tb = DenseTrainer::new(cfg(task, &data), &b, device.clone()).unwrap();
+        let mut tb = DenseTrainer::new(c.clone(), &b, device.clone()).unwrap();
         tb.verbose = false;
         tb.run(Some(1)).unwrap();
         drop(tb);
@@ -225,7 +228,7 @@ fn training_resumes_exactly_and_learns() {
         assert!(a.join("best.safetensors").exists() && a.join("model.json").exists());
         assert!(full[1].train_loss < full[0].train_loss, "{task}: loss did not go down: {full:?}");
         // A run folder is never overwritten.
-        assert!(DenseTrainer::new(cfg(task, &data), &a, device).is_err());
+        assert!(DenseTrainer::new(c, &a, device).is_err());
         let _ = std::fs::remove_dir_all(&a);
         let _ = std::fs::remove_dir_all(&b);
     }
