@@ -59,16 +59,13 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             let input = a.input.unwrap_or(task.paper_input());
             let mut cfg = DenseTrainConfig::new(task, a.variant, PathBuf::from(&a.data), input);
             (cfg.epochs, cfg.batch, cfg.seed) = (a.epochs, a.batch, a.seed);
-            (cfg.limit_train, cfg.limit_val, cfg.backbone_weights) =
-                (a.train_limit, a.eval_limit, a.backbone_weights.clone());
+            (cfg.limit_train, cfg.limit_val) = (a.train_limit, a.eval_limit);
+            if let Some(w) = &a.backbone_weights {
+                cfg = cfg.with_backbone_weights(w.clone());
+            }
             cfg.lr = a.lr.unwrap_or(cfg.lr);
             cfg.warmup_iters = a.warmup_iters.unwrap_or(cfg.warmup_iters);
-            // mmdet's norm_eval / frozen_stages assume a pretrained backbone.
-            let pretrained = a.backbone_weights.is_some();
-            cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval && pretrained);
-            if !pretrained {
-                cfg.frozen_stages = -1;
-            }
+            cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval);
             cfg.geometric_augment = !a.light_augment;
             cfg.reduce_zero_label = a.reduce_zero_label;
             cfg.workers = a.workers.unwrap_or_else(|| emo_train::parallel::default_workers(a.batch));

@@ -102,8 +102,10 @@ impl DenseTrainConfig {
             warmup_iters: if det { 500 } else { 0 },
             seed: 0,
             backbone_weights: None,
-            norm_eval: det,
-            frozen_stages: if task == Task::RetinaNet { 1 } else { -1 },
+            // From scratch: the backbone's BN statistics must learn, and nothing is frozen.
+            // `with_backbone_weights` sets the paper's pretrained-backbone settings.
+            norm_eval: false,
+            frozen_stages: -1,
             reduce_zero_label: false,
             aux_weight: 0.4,
             neg_pos_ratio: 3,
@@ -112,6 +114,16 @@ impl DenseTrainConfig {
             limit_val: 0,
             workers: 1,
         }
+    }
+
+    /// Start the backbone from `weights` (a classification or backbone checkpoint) with the
+    /// paper's settings for a pretrained backbone: BN statistics kept (`norm_eval`) for
+    /// detection, and RetinaNet's first stage frozen (`frozen_stages = 1`).
+    pub fn with_backbone_weights(mut self, weights: PathBuf) -> Self {
+        self.norm_eval = self.task.is_detection();
+        self.frozen_stages = if self.task == Task::RetinaNet { 1 } else { -1 };
+        self.backbone_weights = Some(weights);
+        self
     }
 
     /// Learning rate at iteration `t` of `total`.

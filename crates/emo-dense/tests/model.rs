@@ -244,6 +244,10 @@ fn retinanet_and_pspnet_train_too() {
         let run = tmp(&format!("{task}-run"));
         let mut c = cfg(task, &data);
         c.epochs = 3;
+        if task == Task::RetinaNet {
+            // the paper's pretrained-backbone settings (here on a random backbone)
+            (c.norm_eval, c.frozen_stages) = (true, 1);
+        }
         let mut t = DenseTrainer::new(c, &run, Device::flex().autodiff()).unwrap();
         t.verbose = false;
         let m = t.run(None).unwrap();

@@ -231,7 +231,20 @@ impl Trainer {
         let state = TrainState { epoch: 0, iter: 0, rng: Rng::new(cfg.seed), best_ema_top1: 0.0 };
         let pool = DataParallel::new(cfg.workers);
         let replica_devices = vec![device.clone()];
-        Ok(Trainer { cfg, dir, state, device, replica_devices, model: Some(model), optim, ema, train, eval, pool, verbose: true })
+        Ok(Trainer {
+            cfg,
+            dir,
+            state,
+            device,
+            replica_devices,
+            model: Some(model),
+            optim,
+            ema,
+            train,
+            eval,
+            pool,
+            verbose: true,
+        })
     }
 
     /// Reopen a run folder and continue from its last complete checkpoint.
@@ -252,7 +265,20 @@ impl Trainer {
         );
         let pool = DataParallel::new(cfg.workers);
         let replica_devices = vec![device.clone()];
-        Ok(Trainer { cfg, dir, state, device, replica_devices, model: Some(model), optim, ema, train, eval, pool, verbose: true })
+        Ok(Trainer {
+            cfg,
+            dir,
+            state,
+            device,
+            replica_devices,
+            model: Some(model),
+            optim,
+            ema,
+            train,
+            eval,
+            pool,
+            verbose: true,
+        })
     }
 
     pub fn model(&self) -> &Emo {
