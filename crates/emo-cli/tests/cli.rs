@@ -266,6 +266,18 @@ fn classify_defaults_to_the_embedded_fashion_mnist_model() {
         })
         .count();
     assert!(correct >= 9, "{correct} of 10 sample images classified correctly: {v}");
+    // The shipped weights score what their card says on the whole test set.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("assets/emo1m-fashion-mnist.json")).unwrap()).unwrap();
+    let o = emo(&["eval", "--weights", root.join("assets/emo1m-fashion-mnist.safetensors").to_str().unwrap()]);
+    if stderr(&o).contains("apt-get install") {
+        eprintln!("skipping the test-set check: Fashion-MNIST not installed");
+    } else {
+        let want = format!("top-1 {:.2}%", card["test_top1"].as_f64().unwrap());
+        assert!(o.status.success() && stdout(&o).contains(&want), "{want}: {}{}", stdout(&o), stderr(&o));
+        assert!(stdout(&o).contains("10000 images"), "{}", stdout(&o));
+    }
     // another variant needs its own weights
     let o = emo(&["classify", "--variant", "emo-5m", &images[0]]);
     assert!(!o.status.success() && stderr(&o).contains("pass --weights"), "{}", stderr(&o));
