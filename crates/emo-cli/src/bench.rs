@@ -23,47 +23,74 @@ pub struct Args {
 
 const ORT_SERVER: &str = include_str!("../../../scripts/ort_server.py");
 
-struct Ort {
+/// A Python helper in a child process: started with a script and arguments, it prints one
+/// line when ready, then answers each command line with one line, and stops at `quit`.
+struct Server {
     child: std::process::Child,
     out: BufReader<std::process::ChildStdout>,
 }
 
-impl Ort {
-    fn start(model: &PathBuf, threads: usize) -> Result<(Self, String)> {
-        ensure!(model.exists(), "{} does not exist", model.display());
-        let script = std::env::temp_dir().join(format!("emo_ort_server_{}.py", std::process::id()));
-        std::fs::write(&script, ORT_SERVER)?;
-        let mut child = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-            .arg(&script)
-            .arg(model)
-            .arg(threads.to_string())
+impl Server {
+    /// Start `script` (its text, written to a temporary file) with `args`; returns the server
+    /// and its first line, or an error saying what to install (`hint`).
+    fn start(name: &str, script: &str, args: &[std::ffi::OsString], hint: &str) -> Result<(Self, String)> {
+        let path = std::env::temp_dir().join(format!("emo_{name}_{}.py", std::process::id()));
+        std::fs::write(&path, script)?;
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let mut child = Command::new(&python)
+            .arg(&path)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting python3 for ONNX Runtime")?;
+            .with_context(|| format!("starting {python} for {name}"))?;
         let mut out = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         out.read_line(&mut line)?;
-        let Some(shape) = line.trim().strip_prefix("ready ").map(str::to_string) else {
+        if !line.starts_with("ready") {
             let _ = child.wait();
-            bail!(
-                "ONNX Runtime did not start (is `onnxruntime` installed? run scripts/bench.sh, or `pip install onnxruntime numpy`)"
-            );
-        };
-        Ok((Ort { child, out }, shape))
+            bail!("{name} did not start (PYTHON={python}): {hint}");
+        }
+        Ok((Server { child, out }, line.trim().to_string()))
     }
-    fn run(&mut self, k: usize) -> Result<Vec<f64>> {
-        writeln!(self.child.stdin.as_mut().expect("stdin"), "run {k}")?;
+
+    /// Send one command, read one line back.
+    fn ask(&mut self, cmd: &str) -> Result<String> {
+        writeln!(self.child.stdin.as_mut().expect("stdin"), "{cmd}")?;
         let mut line = String::new();
         self.out.read_line(&mut line)?;
-        line.split_whitespace().map(|t| t.parse::<f64>().context("bad ORT timing")).collect()
+        Ok(line.trim().to_string())
     }
 }
 
-impl Drop for Ort {
+impl Drop for Server {
     fn drop(&mut self) {
-        let _ = writeln!(self.child.stdin.as_mut().expect("stdin"), "quit");
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = writeln!(stdin, "quit");
+        }
         let _ = self.child.wait();
+    }
+}
+
+/// ONNX Runtime (scripts/ort_server.py): `run K` answers K latencies in ms.
+struct Ort(Server);
+
+impl Ort {
+    fn start(model: &PathBuf, threads: usize) -> Result<(Self, String)> {
+        ensure!(model.exists(), "{} does not exist", model.display());
+        let args = [model.as_os_str().to_owned(), threads.to_string().into()];
+        let hint = "is `onnxruntime` installed? run scripts/bench.sh, or `pip install onnxruntime numpy`";
+        let (server, ready) = Server::start("ort_server", ORT_SERVER, &args, hint)?;
+        let shape = ready.strip_prefix("ready ").unwrap_or_default().to_string();
+        Ok((Ort(server), shape))
+    }
+
+    fn run(&mut self, k: usize) -> Result<Vec<f64>> {
+        self.0
+            .ask(&format!("run {k}"))?
+            .split_whitespace()
+            .map(|t| t.parse::<f64>().context("bad ORT timing"))
+            .collect()
     }
 }
 
@@ -190,65 +217,45 @@ pub struct TrainArgs {
 
 const TORCH_BENCH: &str = include_str!("../../../scripts/torch_train_bench.py");
 
-/// The PyTorch side: a child process that answers `steps N` with N step times.
-struct Torch {
-    child: std::process::Child,
-    out: BufReader<std::process::ChildStdout>,
-}
+/// The PyTorch side (scripts/torch_train_bench.py): `steps N` answers N step times.
+struct Torch(Server);
 
 impl Torch {
     fn start(a: &TrainArgs) -> Result<Self> {
-        let script = std::env::temp_dir().join(format!("emo_torch_train_bench_{}.py", std::process::id()));
-        std::fs::write(&script, TORCH_BENCH)?;
-        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-        let mut cmd = Command::new(&python);
-        cmd.arg(&script).args(["--variant", &a.variant.to_string(), "--batch", &a.batch.to_string()]).args([
-            "--size",
-            &a.size.to_string(),
-            "--threads",
-            &a.workers.to_string(),
-        ]);
-        // Check the PyTorch model against the official outputs when the fixtures are here.
-        let fixtures = [
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/emo"),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/emo"),
+        let mut args: Vec<std::ffi::OsString> = [
+            "--variant".into(),
+            a.variant.to_string(),
+            "--batch".into(),
+            a.batch.to_string(),
+            "--size".into(),
+            a.size.to_string(),
+            "--threads".into(),
+            a.workers.to_string(),
         ]
         .into_iter()
-        .map(PathBuf::from)
-        .find(|d| d.join(format!("{}.safetensors", a.variant.to_string().replace('-', "_"))).exists());
+        .map(Into::into)
+        .collect();
+        // Check the PyTorch model against the official outputs when the fixtures are here.
+        let here = env!("CARGO_MANIFEST_DIR");
+        let fixtures = [format!("{here}/../../../shared/fixtures/emo"), format!("{here}/../../fixtures/emo")]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|d| d.join(format!("{}.safetensors", a.variant.to_string().replace('-', "_"))).exists());
         if let Some(d) = &fixtures {
-            cmd.arg("--check").arg(d);
+            args.extend(["--check".into(), d.as_os_str().to_owned()]);
         }
-        let mut child =
-            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().with_context(|| format!("starting {python}"))?;
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        if line.trim() != "ready" {
-            let _ = child.wait();
-            bail!("PyTorch did not start (PYTHON={python}: needs `torch`, and `safetensors` for the parity check)");
-        }
+        let hint = "needs `torch`, and `safetensors` for the parity check";
+        let (server, _) = Server::start("torch_train_bench", TORCH_BENCH, &args, hint)?;
         if fixtures.is_none() {
             eprintln!("note: no official fixture for {} here; the PyTorch model was not parity-checked", a.variant);
         }
-        Ok(Torch { child, out })
+        Ok(Torch(server))
     }
 
     fn steps(&mut self, n: usize) -> Result<Vec<f64>> {
-        writeln!(self.child.stdin.as_mut().expect("stdin"), "steps {n}")?;
-        let mut line = String::new();
-        self.out.read_line(&mut line)?;
-        let Some(times) = line.trim().strip_prefix("ok ") else { bail!("PyTorch bench: unexpected `{}`", line.trim()) };
+        let line = self.0.ask(&format!("steps {n}"))?;
+        let Some(times) = line.strip_prefix("ok ") else { bail!("PyTorch bench: unexpected `{line}`") };
         times.split(',').map(|t| t.parse::<f64>().context("bad PyTorch timing")).collect()
-    }
-}
-
-impl Drop for Torch {
-    fn drop(&mut self) {
-        if let Some(stdin) = self.child.stdin.as_mut() {
-            let _ = writeln!(stdin, "quit");
-        }
-        let _ = self.child.wait();
     }
 }
 

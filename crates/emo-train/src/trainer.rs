@@ -230,9 +230,25 @@ impl Trainer {
         let ema = Ema::new(cfg.effective_ema_decay(cfg.total_iters(train.len())), &model.state_dict());
         write_json(&dir.join("config.json"), &cfg)?;
         let state = TrainState { epoch: 0, iter: 0, rng: Rng::new(cfg.seed), best_ema_top1: 0.0 };
+        Ok(Self::assemble(cfg, dir, state, device, model, optim, ema, (train, eval)))
+    }
+
+    /// The trainer around its parts (new and resumed runs alike): one worker pool, every
+    /// replica on the main device until `with_replica_devices`.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        cfg: TrainConfig,
+        dir: PathBuf,
+        state: TrainState,
+        device: Device,
+        model: Emo,
+        optim: ModuleOptimizer,
+        ema: Ema,
+        (train, eval): (Split, Split),
+    ) -> Self {
         let pool = DataParallel::new(cfg.workers);
         let replica_devices = vec![device.clone()];
-        Ok(Trainer {
+        Trainer {
             cfg,
             dir,
             state,
@@ -245,7 +261,7 @@ impl Trainer {
             eval,
             pool,
             verbose: true,
-        })
+        }
     }
 
     /// Reopen a run folder and continue from its last complete checkpoint.
@@ -264,22 +280,7 @@ impl Trainer {
             cfg.effective_ema_decay(cfg.total_iters(train.len())),
             &emo_weights::load(ck.join("ema.safetensors"))?,
         );
-        let pool = DataParallel::new(cfg.workers);
-        let replica_devices = vec![device.clone()];
-        Ok(Trainer {
-            cfg,
-            dir,
-            state,
-            device,
-            replica_devices,
-            model: Some(model),
-            optim,
-            ema,
-            train,
-            eval,
-            pool,
-            verbose: true,
-        })
+        Ok(Self::assemble(cfg, dir, state, device, model, optim, ema, (train, eval)))
     }
 
     pub fn model(&self) -> &Emo {
