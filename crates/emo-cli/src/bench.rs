@@ -76,7 +76,7 @@ impl Drop for Server {
 struct Ort(Server);
 
 impl Ort {
-    fn start(model: &PathBuf, threads: usize) -> Result<(Self, String)> {
+    fn start(model: &std::path::Path, threads: usize) -> Result<(Self, String)> {
         ensure!(model.exists(), "{} does not exist", model.display());
         let args = [model.as_os_str().to_owned(), threads.to_string().into()];
         let hint = "is `onnxruntime` installed? run scripts/bench.sh, or `pip install onnxruntime numpy`";

@@ -176,6 +176,9 @@ fn optimizer(cfg: &TrainConfig, model: &Emo) -> ModuleOptimizer {
     adamw(model, cfg.weight_decay)
 }
 
+/// One replica's forward and backward pass: (its share of the loss, its gradients).
+type ReplicaJob = Box<dyn FnOnce() -> Result<(f64, GradientsParams), TrainError> + Send>;
+
 /// A training run bound to its folder.
 pub struct Trainer {
     pub cfg: TrainConfig,
@@ -331,31 +334,30 @@ impl Trainer {
         }
         let model = self.model.take().expect("model");
         let per = 3 * s * s;
-        let jobs: Vec<Box<dyn FnOnce() -> Result<(f64, GradientsParams), TrainError> + Send>> =
-            shards(b, self.pool.len())
-                .into_iter()
-                .enumerate()
-                .map(|(w, r)| {
-                    let device = self.replica_devices[w % self.replica_devices.len()].clone();
-                    let replica = model.clone().fork(&device);
-                    let n = r.len();
-                    let xs = x[r.start * per..r.end * per].to_vec();
-                    let ts = t[r.start * c..r.end * c].to_vec();
-                    let (seed, share) = (step_seed(self.cfg.seed, self.state.iter, w), n as f64 / b as f64);
-                    Box::new(move || {
-                        emo_model::seed_stochastic(seed);
-                        let xt = Tensor::<4>::from_data(TensorData::new(xs, [n, 3, s, s]), &device);
-                        let tt = Tensor::<2>::from_data(TensorData::new(ts, [n, c]), &device);
-                        let logits = replica.forward(xt)?;
-                        let loss = (tt * log_softmax(logits, 1)).sum_dim(1).mean().neg().mul_scalar(share);
-                        let value = scalar(loss.clone()) as f64;
-                        if !value.is_finite() {
-                            return Ok((value, GradientsParams::new()));
-                        }
-                        Ok((value, GradientsParams::from_grads(loss.backward(), &replica)))
-                    }) as _
-                })
-                .collect();
+        let jobs: Vec<ReplicaJob> = shards(b, self.pool.len())
+            .into_iter()
+            .enumerate()
+            .map(|(w, r)| {
+                let device = self.replica_devices[w % self.replica_devices.len()].clone();
+                let replica = model.clone().fork(&device);
+                let n = r.len();
+                let xs = x[r.start * per..r.end * per].to_vec();
+                let ts = t[r.start * c..r.end * c].to_vec();
+                let (seed, share) = (step_seed(self.cfg.seed, self.state.iter, w), n as f64 / b as f64);
+                Box::new(move || {
+                    emo_model::seed_stochastic(seed);
+                    let xt = Tensor::<4>::from_data(TensorData::new(xs, [n, 3, s, s]), &device);
+                    let tt = Tensor::<2>::from_data(TensorData::new(ts, [n, c]), &device);
+                    let logits = replica.forward(xt)?;
+                    let loss = (tt * log_softmax(logits, 1)).sum_dim(1).mean().neg().mul_scalar(share);
+                    let value = scalar(loss.clone()) as f64;
+                    if !value.is_finite() {
+                        return Ok((value, GradientsParams::new()));
+                    }
+                    Ok((value, GradientsParams::from_grads(loss.backward(), &replica)))
+                }) as _
+            })
+            .collect();
         let results = self.pool.run(jobs);
         let mut value = 0.0;
         let mut grads = GradientsParams::new();
