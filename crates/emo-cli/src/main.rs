@@ -226,7 +226,8 @@ enum Cmd {
         /// Training input side (Fashion-MNIST pipeline).
         #[arg(long, default_value_t = 32)]
         size: usize,
-        /// Data-parallel workers (and PyTorch threads); default: one per core.
+        /// Data-parallel workers (and PyTorch threads); default: as `emo train` (one per core,
+        /// each with >= 8 images).
         #[arg(long)]
         workers: Option<usize>,
         /// Timed steps per round and framework.
@@ -406,8 +407,7 @@ fn main() -> Result<()> {
             None => train_classifier(o),
         },
         Cmd::BenchTrain { variant, batch, size, workers, steps, rounds, compare_torch } => {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let workers = workers.unwrap_or(cores.min(batch).max(1));
+            let workers = workers.unwrap_or_else(|| emo_train::parallel::default_workers(batch));
             bench::train(&bench::TrainArgs { variant, batch, size, workers, steps, rounds, compare_torch })
         }
         Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn, profile } => {

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use emo_spec::{DenseConfig, Task, Variant};
-use emo_train::parallel::{DataParallel, add_grads, shards, step_seed};
+use emo_train::parallel::{self, DataParallel};
 use emo_train::rng::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -469,20 +469,20 @@ impl DenseTrainer {
                 }
             }
         }
-        // Forward and backward per data-parallel shard; each shard's loss is weighted by its
-        // share of the batch, so the summed gradients are those of the mean over shards.
-        let model = self.model.take().expect("model");
+        // Forward and backward per data-parallel shard (`emo_train::parallel::step`); each
+        // replica hands back its named loss parts, weighted by its share of the batch.
         let (task, npr, aux_w) = (self.cfg.task, self.cfg.neg_pos_ratio, self.cfg.aux_weight);
         let b = idx.len();
-        type Out = Result<(f64, Vec<(&'static str, f64)>, GradientsParams), DenseError>;
-        let jobs: Vec<Box<dyn FnOnce() -> Out + Send>> = shards(b, self.pool.len())
-            .into_iter()
-            .enumerate()
-            .map(|(w, r)| {
-                let replica = model.clone().fork(&self.device);
-                let device = self.device.clone();
+        let model = self.model.as_ref().expect("model");
+        let (value, shard_parts, grads) = parallel::step(
+            &self.pool,
+            model,
+            std::slice::from_ref(&self.device),
+            &self.device,
+            b,
+            (self.cfg.seed, self.state.iter),
+            |r| {
                 let share = r.len() as f64 / b as f64;
-                let seed = step_seed(self.cfg.seed, self.state.iter, w);
                 let imgs: Vec<Vec<u8>> = rgbs[r.clone()].to_vec();
                 let t: Vec<Targets> = if tgts.is_empty() { vec![] } else { tgts[r.clone()].to_vec() };
                 let lab: Vec<u8> = if labels.is_empty() {
@@ -490,44 +490,27 @@ impl DenseTrainer {
                 } else {
                     labels[r.start * hw.0 * hw.1..r.end * hw.0 * hw.1].to_vec()
                 };
-                Box::new(move || -> Out {
-                    emo_model::seed_stochastic(seed);
-                    let x = batch_tensor(&imgs.iter().map(Vec::as_slice).collect::<Vec<_>>(), hw, &device);
+                Box::new(move |replica: &DenseModel, device: &Device| {
+                    let x = batch_tensor(&imgs.iter().map(Vec::as_slice).collect::<Vec<_>>(), hw, device);
                     let loss = match replica.forward(x, true)? {
                         DenseOutput::Det { cls, reg } if task == Task::SsdLite => ssd_loss(cls, reg, &t, k, npr),
                         DenseOutput::Det { cls, reg } => focal_loss(cls, reg, &t, k),
                         DenseOutput::Seg { logits, aux } => seg_loss(logits, aux, &lab, hw, aux_w),
                     };
-                    let total = loss.total.mul_scalar(share);
-                    let value = crate::loss::scalar(total.clone());
-                    let parts = loss.parts.iter().map(|&(n, v)| (n, v * share)).collect();
-                    if !value.is_finite() {
-                        return Ok((value, parts, GradientsParams::new()));
-                    }
-                    Ok((value, parts, GradientsParams::from_grads(total.backward(), &replica)))
-                }) as _
-            })
-            .collect();
-        let mut value = 0.0;
+                    let parts: Vec<(&'static str, f64)> = loss.parts.iter().map(|&(n, v)| (n, v * share)).collect();
+                    Ok::<_, DenseError>((loss.total, parts))
+                })
+            },
+        )?;
         let mut parts: Vec<(&'static str, f64)> = Vec::new();
-        let mut grads = GradientsParams::new();
-        for r in self.pool.run(jobs) {
-            match r {
-                Ok((v, p, g)) => {
-                    value += v;
-                    if parts.is_empty() {
-                        parts = p;
-                    } else {
-                        parts.iter_mut().zip(p).for_each(|(a, (_, v))| a.1 += v);
-                    }
-                    add_grads(&model, &mut grads, g);
-                }
-                Err(e) => {
-                    self.model = Some(model);
-                    return Err(e);
-                }
+        for p in shard_parts {
+            if parts.is_empty() {
+                parts = p;
+            } else {
+                parts.iter_mut().zip(p).for_each(|(a, (_, v))| a.1 += v);
             }
         }
+        let model = self.model.take().expect("model");
         if !value.is_finite() {
             self.model = Some(model);
             return Err(DenseError::Diverged { iter: self.state.iter, loss: value });

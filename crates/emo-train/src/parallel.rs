@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -136,6 +136,63 @@ pub fn add_grads<M: Module>(model: &M, a: &mut GradientsParams, mut b: Gradients
         }
     }
     model.visit(&mut Add(a, &mut b));
+}
+
+/// What a replica runs: the model's forward pass and its loss (the shard's mean) on the
+/// replica and its device, plus anything else to hand back (e.g. named loss parts).
+pub type ReplicaFn<M, P, E> = Box<dyn FnOnce(&M, &Device) -> Result<(Tensor<1>, P), E> + Send>;
+
+/// One data-parallel forward and backward pass over a batch of `batch` items: shard `r` (of
+/// `pool.len()`) runs `make(r)` on a fork of `model` on `devices[w % len]`, with its stochastic
+/// layers seeded by [`step_seed`]`(seed, iter, w)`. Each shard's loss is weighted by its share of
+/// the batch, so the gradients, summed on `main` in replica order, are those of the mean over
+/// shards. Returns the summed loss (not finite: no gradients were taken), each replica's extra
+/// value, and the gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn step<M, P, E>(
+    pool: &DataParallel,
+    model: &M,
+    devices: &[Device],
+    main: &Device,
+    batch: usize,
+    (seed, iter): (u64, usize),
+    mut make: impl FnMut(Range<usize>) -> ReplicaFn<M, P, E>,
+) -> Result<(f64, Vec<P>, GradientsParams), E>
+where
+    M: Module + 'static,
+    P: Send + 'static,
+    E: Send + 'static,
+{
+    type Out<P, E> = Result<(f64, P, GradientsParams), E>;
+    let jobs: Vec<Box<dyn FnOnce() -> Out<P, E> + Send>> = shards(batch, pool.len())
+        .into_iter()
+        .enumerate()
+        .map(|(w, r)| {
+            let device = devices[w % devices.len()].clone();
+            let replica = model.clone().fork(&device);
+            let share = r.len() as f64 / batch as f64;
+            let seed = step_seed(seed, iter, w);
+            let f = make(r);
+            Box::new(move || -> Out<P, E> {
+                emo_model::seed_stochastic(seed);
+                let (loss, extra) = f(&replica, &device)?;
+                let total = loss.mul_scalar(share);
+                let value = total.clone().into_data().convert::<f64>().try_into_vec::<f64>().map_or(f64::NAN, |v| v[0]);
+                if !value.is_finite() {
+                    return Ok((value, extra, GradientsParams::new()));
+                }
+                Ok((value, extra, GradientsParams::from_grads(total.backward(), &replica)))
+            }) as _
+        })
+        .collect();
+    let (mut value, mut extras, mut grads) = (0.0, Vec::new(), GradientsParams::new());
+    for r in pool.run(jobs) {
+        let (v, extra, g) = r?;
+        value += v;
+        extras.push(extra);
+        add_grads(model, &mut grads, g.to_device(main, model));
+    }
+    Ok((value, extras, grads))
 }
 
 /// The seed of replica `worker`'s stochastic layers at iteration `iter` of a run seeded `seed`.

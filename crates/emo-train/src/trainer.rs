@@ -29,7 +29,7 @@ use crate::TrainError;
 use crate::augment::Pipeline;
 use crate::data::Split;
 use crate::ema::Ema;
-use crate::parallel::{DataParallel, add_grads, shards, step_seed};
+use crate::parallel::{self, DataParallel};
 use crate::rng::Rng;
 use crate::run::{adamw, append_metrics, last_checkpoint, progress_bar, read_json, replace_checkpoint, write_json};
 use crate::schedule::{Cosine, scaled_lr};
@@ -175,9 +175,6 @@ fn scalar(t: Tensor<1>) -> f32 {
 fn optimizer(cfg: &TrainConfig, model: &Emo) -> ModuleOptimizer {
     adamw(model, cfg.weight_decay)
 }
-
-/// One replica's forward and backward pass: (its share of the loss, its gradients).
-type ReplicaJob = Box<dyn FnOnce() -> Result<(f64, GradientsParams), TrainError> + Send>;
 
 /// A training run bound to its folder.
 pub struct Trainer {
@@ -332,47 +329,28 @@ impl Trainer {
         for (i, &l) in labels.iter().enumerate() {
             t[i * c + l as usize] += (1.0 - eps) as f32;
         }
-        let model = self.model.take().expect("model");
         let per = 3 * s * s;
-        let jobs: Vec<ReplicaJob> = shards(b, self.pool.len())
-            .into_iter()
-            .enumerate()
-            .map(|(w, r)| {
-                let device = self.replica_devices[w % self.replica_devices.len()].clone();
-                let replica = model.clone().fork(&device);
+        let model = self.model.as_ref().expect("model");
+        let (value, _, mut grads) = parallel::step(
+            &self.pool,
+            model,
+            &self.replica_devices,
+            &self.device,
+            b,
+            (self.cfg.seed, self.state.iter),
+            |r| {
                 let n = r.len();
                 let xs = x[r.start * per..r.end * per].to_vec();
                 let ts = t[r.start * c..r.end * c].to_vec();
-                let (seed, share) = (step_seed(self.cfg.seed, self.state.iter, w), n as f64 / b as f64);
-                Box::new(move || {
-                    emo_model::seed_stochastic(seed);
-                    let xt = Tensor::<4>::from_data(TensorData::new(xs, [n, 3, s, s]), &device);
-                    let tt = Tensor::<2>::from_data(TensorData::new(ts, [n, c]), &device);
+                Box::new(move |replica: &Emo, device: &Device| {
+                    let xt = Tensor::<4>::from_data(TensorData::new(xs, [n, 3, s, s]), device);
+                    let tt = Tensor::<2>::from_data(TensorData::new(ts, [n, c]), device);
                     let logits = replica.forward(xt)?;
-                    let loss = (tt * log_softmax(logits, 1)).sum_dim(1).mean().neg().mul_scalar(share);
-                    let value = scalar(loss.clone()) as f64;
-                    if !value.is_finite() {
-                        return Ok((value, GradientsParams::new()));
-                    }
-                    Ok((value, GradientsParams::from_grads(loss.backward(), &replica)))
-                }) as _
-            })
-            .collect();
-        let results = self.pool.run(jobs);
-        let mut value = 0.0;
-        let mut grads = GradientsParams::new();
-        for r in results {
-            match r {
-                Ok((v, g)) => {
-                    value += v;
-                    add_grads(&model, &mut grads, g.to_device(&self.device, &model));
-                }
-                Err(e) => {
-                    self.model = Some(model);
-                    return Err(e);
-                }
-            }
-        }
+                    Ok::<_, TrainError>(((tt * log_softmax(logits, 1)).sum_dim(1).mean().neg(), ()))
+                })
+            },
+        )?;
+        let model = self.model.take().expect("model");
         if !value.is_finite() {
             self.model = Some(model);
             return Err(TrainError::Diverged { iter: self.state.iter, loss: value });
