@@ -64,6 +64,7 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 cfg = cfg.with_backbone_weights(w.clone());
             }
             cfg.lr = a.lr.unwrap_or(cfg.lr);
+            cfg.weight_decay = a.weight_decay.unwrap_or(cfg.weight_decay);
             cfg.warmup_iters = a.warmup_iters.unwrap_or(cfg.warmup_iters);
             cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval);
             cfg.geometric_augment = !a.light_augment;

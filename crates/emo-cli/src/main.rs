@@ -295,6 +295,16 @@ pub(crate) struct TrainOpts {
     /// 1.2e-4 segmentation).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Classification: stochastic depth rate of the last block (default: the variant's, 0.04
+    /// for EMO-1M; the per-block rule of the spec scales it down for earlier blocks).
+    #[arg(long)]
+    pub drop_path: Option<f64>,
+    /// AdamW weight decay (default 0.05; 0.01 for segmentation).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Classification: label smoothing (default 0.1).
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
     /// EMA decay per iteration (0 = automatic: about the last 10% of the run, at most 0.9998).
     #[arg(long, default_value_t = 0.0)]
     pub ema_decay: f64,
@@ -440,6 +450,9 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         stop_after,
         workers,
         rand_augment,
+        drop_path,
+        weight_decay,
+        label_smoothing,
         ..
     } = o;
     // A resumed run reads its data spec and input size from its own config.
@@ -463,6 +476,9 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
             cfg.num_classes = train.classes;
             (cfg.epochs, cfg.batch, cfg.ema_decay, cfg.seed) = (epochs, batch, ema_decay, seed);
             cfg.lr_per_512 = lr.unwrap_or(cfg.lr_per_512);
+            cfg.drop_path = drop_path.unwrap_or(cfg.drop_path);
+            cfg.weight_decay = weight_decay.unwrap_or(cfg.weight_decay);
+            cfg.label_smoothing = label_smoothing.unwrap_or(cfg.label_smoothing);
             (cfg.train_limit, cfg.eval_limit, cfg.init_weights) = (train_limit, eval_limit, init_weights);
             cfg.pipeline.size = size;
             if rand_augment.unwrap_or(data.starts_with("imagefolder:")) {
