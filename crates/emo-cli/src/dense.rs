@@ -52,7 +52,7 @@ pub fn info(task: Task, variant: Option<Variant>, input: Option<(usize, usize)>,
 }
 
 pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
-    let device = Device::flex().autodiff();
+    let device = crate::backend::device()?.autodiff();
     let mut t = match &a.resume {
         Some(dir) => DenseTrainer::resume(dir, device)?,
         None => {
@@ -69,7 +69,7 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval);
             cfg.geometric_augment = !a.light_augment;
             cfg.reduce_zero_label = a.reduce_zero_label;
-            cfg.workers = a.workers.unwrap_or_else(|| emo_train::parallel::default_workers(a.batch));
+            cfg.workers = a.workers.unwrap_or_else(|| crate::backend::chosen().default_workers(a.batch));
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{}", a.variant)));
             DenseTrainer::new(cfg, &dir, device)?
         }
@@ -111,7 +111,7 @@ fn load_model(weights: &Path, card: Option<&Path>, device: &Device) -> Result<(D
 }
 
 pub fn eval(task: Task, weights: &Path, card: Option<&Path>, data: &Path, split: &str, limit: usize) -> Result<()> {
-    let device = Device::flex();
+    let device = crate::backend::device()?;
     let (model, card) = load_model(weights, card, &device)?;
     ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
     let d = load_split(card.model.task, data, split, card.model.input, false, card.reduce_zero_label, limit)?;
@@ -162,7 +162,7 @@ fn out_name(out: &Path, img: &Path, ext: &str) -> PathBuf {
 }
 
 pub fn detect_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: &Path, score_thr: f32) -> Result<()> {
-    let device = Device::flex();
+    let device = crate::backend::device()?;
     let (model, card) = load_model(weights, card, &device)?;
     ensure!(card.model.task.is_detection(), "{} is a {} model; use `emo segment`", weights.display(), card.model.task);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -202,7 +202,7 @@ pub fn detect_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: 
 }
 
 pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: &Path) -> Result<()> {
-    let device = Device::flex();
+    let device = crate::backend::device()?;
     let (model, card) = load_model(weights, card, &device)?;
     ensure!(!card.model.task.is_detection(), "{} is a {} model; use `emo detect`", weights.display(), card.model.task);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

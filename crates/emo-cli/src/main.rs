@@ -11,6 +11,7 @@ use emo_model::preprocess::EvalTransform;
 use emo_spec::{EmoConfig, Task, Variant};
 use emo_weights::npy;
 
+mod backend;
 mod bench;
 mod dense;
 
@@ -25,6 +26,10 @@ const FIXTURE_IO: &[u8] = include_bytes!("../../../fixtures/emo/emo_1m_224x224.i
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// burn backend of the trainable model (train, eval --engine burn, verify, bench-train):
+    /// flex (pure Rust) or tch (LibTorch; needs a `--features tch` build).
+    #[arg(long, global = true, default_value = "flex")]
+    backend: backend::Backend,
 }
 
 #[derive(Subcommand)]
@@ -239,6 +244,9 @@ enum Cmd {
         /// Also time PyTorch (`PYTHON` with `torch`; scripts/torch_train_bench.py).
         #[arg(long)]
         compare_torch: bool,
+        /// burn backends to time, interleaved (e.g. `flex,tch`); default: `--backend`'s.
+        #[arg(long, value_delimiter = ',')]
+        backends: Vec<backend::Backend>,
     },
 }
 
@@ -344,6 +352,7 @@ fn parse_hw(s: &str) -> Result<(usize, usize), String> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    backend::choose(cli.backend);
     match cli.cmd {
         Cmd::Info { input, variant, window_size, task, classes } => match task {
             Some(t) => dense::info(t, variant, input, classes),
@@ -416,9 +425,14 @@ fn main() -> Result<()> {
             Some(task) => dense::train(task, o),
             None => train_classifier(o),
         },
-        Cmd::BenchTrain { variant, batch, size, workers, steps, rounds, compare_torch } => {
+        Cmd::BenchTrain { variant, batch, size, workers, steps, rounds, compare_torch, mut backends } => {
+            // Flex's data-parallel workers (and PyTorch's threads): one per core by default.
             let workers = workers.unwrap_or_else(|| emo_train::parallel::default_workers(batch));
-            bench::train(&bench::TrainArgs { variant, batch, size, workers, steps, rounds, compare_torch })
+            if backends.is_empty() {
+                backends.push(backend::chosen());
+            }
+            backends.dedup();
+            bench::train(&bench::TrainArgs { variant, batch, size, workers, steps, rounds, compare_torch, backends })
         }
         Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn, profile } => {
             if let Some(t) = threads {
@@ -467,7 +481,7 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         None => (data, size),
     };
     let (train, eval) = load_data(&data, size)?;
-    let device = Device::flex().autodiff();
+    let device = backend::device()?.autodiff();
     let mut t = match resume {
         Some(dir) => emo_train::Trainer::resume(&dir, train, eval, device)?,
         None => {
@@ -485,7 +499,7 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
                 cfg.pipeline.rand_augment = Some(emo_train::randaug::RandAugment::default());
                 cfg.pipeline.random_resized_crop = true;
             }
-            cfg.workers = workers.unwrap_or_else(|| emo_train::parallel::default_workers(batch));
+            cfg.workers = workers.unwrap_or_else(|| backend::chosen().default_workers(batch));
             let dir = out.unwrap_or_else(|| PathBuf::from(format!("runs/{variant}-{}", data.replace([':', '/'], "_"))));
             emo_train::Trainer::new(cfg, &dir, train, eval, device)?
         }
@@ -634,7 +648,7 @@ impl Runner {
         Ok(match kind {
             EngineKind::Fast => Runner::Fast(Box::new(emo_infer::Engine::from_state_dict(cfg, sd)?)),
             EngineKind::Burn => {
-                let device = Device::flex();
+                let device = backend::device()?;
                 Runner::Burn(Box::new(Emo::from_state_dict(cfg, sd, &device)?), device)
             }
         })
@@ -853,7 +867,8 @@ fn verify() -> Result<()> {
         let start = Instant::now();
         let (logits, feats) = model.run(input.clone(), shape4, &[0, 1, 2, 3, 4])?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        println!("EMO-1M on the official fixture, input {shape:?}, {kind:?} engine ({ms:.1} ms):");
+        let on = if kind == EngineKind::Burn { format!(" on {}", backend::chosen()) } else { String::new() };
+        println!("EMO-1M on the official fixture, input {shape:?}, {kind:?} engine{on} ({ms:.1} ms):");
         for (i, _, got) in feats {
             let (_, w) = get(&format!("feat.stage{i}"))?;
             let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));

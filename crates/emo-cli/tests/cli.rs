@@ -167,6 +167,28 @@ fn verify_reproduces_the_embedded_official_outputs() {
     assert!(stdout(&o).contains("parity OK"));
 }
 
+#[cfg(not(feature = "tch"))]
+#[test]
+fn the_tch_backend_without_the_feature_is_a_clear_error() {
+    let o = emo(&["--backend", "tch", "verify"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--features tch"), "{}", stderr(&o));
+}
+
+/// `cargo test -p emo-cli --release --features tch` (LIBTORCH_USE_PYTORCH=1, torch==2.9.0):
+/// the burn model on LibTorch reproduces the official outputs and trains.
+#[cfg(feature = "tch")]
+#[test]
+fn the_tch_backend_reproduces_the_official_outputs_and_trains() {
+    let o = emo(&["--backend", "tch", "verify"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("parity OK") && stdout(&o).contains("tch"), "{}", stdout(&o));
+    // Three training steps on each backend, timed together: both must run and report.
+    let o = emo(&["bench-train", "--backends", "flex,tch", "--batch", "16", "--steps", "1", "--rounds", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("emo-flex") && stdout(&o).contains("emo-tch"), "{}", stdout(&o));
+}
+
 #[test]
 fn train_and_eval_end_to_end_on_fashion_mnist_when_installed() {
     let o = emo(&["train", "--data", "cifar10"]);

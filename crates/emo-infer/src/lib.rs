@@ -19,7 +19,7 @@ use emo_kernels::Act as KAct;
 use emo_kernels::attention::window_attention;
 use emo_kernels::conv::{self, channel_mean, conv2d, linear};
 use emo_kernels::dwconv::{self, DwGeom};
-use emo_kernels::fused::{dw_channel_mean, dw_matmul, ln_matmul, v_dw_matmul};
+use emo_kernels::fused::{dw_channel_mean, dw_matmul, dw_matmul_in_place, ln_matmul, v_dw_matmul};
 use emo_kernels::gemm::{Weight, matmul};
 use emo_kernels::norm::layer_norm;
 use emo_spec::{Act, BlockSpec, EmoConfig, NORM_EPS, Norm};
@@ -400,17 +400,44 @@ impl Engine {
             // A downsampling block on a large map runs as one fused region (AVX-512 only).
             let (oh, ow) = (blk.dw.out_len(hh), blk.dw.out_len(ww));
             let po = batch * oh * ow;
-            let fused = match (&blk.ln, &blk.se, &blk.v) {
-                (None, None, Some((wv, bv))) if blk.dw.stride == 2 && blk.dw.k == 3 && oh >= 16 => {
-                    let o = grow(out, po * s.dim_out);
-                    v_dw_matmul(xcur, batch, hh, ww, wv, bv, kact(s.act), &blk.dw_w, &blk.dw_b, blk.dw, &blk.proj, o)
+            // The stem block (no expansion, SE, no residual) is computed over its input: the
+            // largest map of the network is stored once.
+            let in_place = blk.se.is_some()
+                && blk.ln.is_none()
+                && blk.qk.is_none()
+                && blk.v.is_none()
+                && !s.skip
+                && s.dim_in == s.dim_mid
+                && s.dim_mid == s.dim_out
+                && (oh, ow) == (hh, ww);
+            if in_place {
+                self.se_block_in_place(blk, batch, hh, ww, &mut x[..p * s.dim_in]);
+            } else {
+                let fused = match (&blk.ln, &blk.se, &blk.v) {
+                    (None, None, Some((wv, bv))) if blk.dw.stride == 2 && blk.dw.k == 3 && oh >= 16 => {
+                        let o = grow(out, po * s.dim_out);
+                        v_dw_matmul(
+                            xcur,
+                            batch,
+                            hh,
+                            ww,
+                            wv,
+                            bv,
+                            kact(s.act),
+                            &blk.dw_w,
+                            &blk.dw_b,
+                            blk.dw,
+                            &blk.proj,
+                            o,
+                        )
+                    }
+                    _ => false,
+                };
+                if !fused {
+                    self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e));
                 }
-                _ => false,
-            };
-            if !fused {
-                self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e));
+                std::mem::swap(x, out);
             }
-            std::mem::swap(x, out);
             (hh, ww) = (oh, ow);
             self.tick(bi + 1, &mut clock);
             if blk.last_of_stage {
@@ -433,6 +460,20 @@ impl Engine {
         self.tick(self.blocks.len() + 1, &mut clock);
         Output { features, logits }
     }
+    /// The stem block (depthwise, SE, projection; no expansion, no residual) over its input `x`
+    /// (`[batch, h, w, c]`): the SE's channel means in a first pass, then the depthwise conv
+    /// and the gated projection written back in place.
+    fn se_block_in_place(&self, blk: &Block, batch: usize, h: usize, w: usize, x: &mut [f32]) {
+        let se = blk.se.as_ref().expect("an SE block");
+        let c = blk.spec.dim_mid;
+        let mut mean = vec![0.0; batch * c];
+        dw_channel_mean(x, batch, h, w, c, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, false, &mut mean);
+        for (b, img) in x.chunks_mut(h * w * c).enumerate() {
+            let proj = se_gated_proj(blk, se, &mean[b * c..(b + 1) * c]);
+            dw_matmul_in_place(img, h, w, c, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, &proj);
+        }
+    }
+
     /// One iRMB through the separate stages: (LN +) qk, attention, v / v alone / nothing, then
     /// depthwise + projection (fused, or with the SE in between for the stem block).
     /// Reads `x` (`[batch, h, w, dim_in]`), writes `out`.
@@ -489,19 +530,26 @@ impl Engine {
         // into the projection ((y * gate) . P = y . diag(gate) P), then depthwise + projection.
         let mut mean = vec![0.0; batch * mid];
         dw_channel_mean(expanded, batch, h, w, mid, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, s.skip, &mut mean);
-        let (mut r, mut g) = (vec![0.0; se.rd], vec![0.0; mid]);
         let (per_in, per_out) = (h * w * mid, oh * ow * s.dim_out);
         for b in 0..batch {
-            linear(&mean[b * mid..(b + 1) * mid], &se.w1, &se.b1, se.rd, mid, kact(s.act), &mut r);
-            linear(&r, &se.w2, &se.b2, mid, se.rd, KAct::None, &mut g);
-            let mut proj = blk.proj.clone();
-            proj.scale_rows(|i| emo_kernels::act::sigmoid(g[i]));
+            let proj = se_gated_proj(blk, se, &mean[b * mid..(b + 1) * mid]);
             let res = residual.map(|r| &r[b * per_out..(b + 1) * per_out]);
             let (dw_w, dw_b) = (&blk.dw_w, &blk.dw_b);
             let (eb, ob) = (&expanded[b * per_in..(b + 1) * per_in], &mut outb[b * per_out..(b + 1) * per_out]);
             dw_matmul(eb, 1, h, w, mid, dw_w, dw_b, blk.dw, KAct::Silu, s.skip, &proj, res, ob);
         }
     }
+}
+
+/// The projection with the SE gate of one image folded in: `(y * gate) . P = y . diag(gate) P`,
+/// from the channel means of the depthwise output.
+fn se_gated_proj(blk: &Block, se: &Se, mean: &[f32]) -> Weight {
+    let (mut r, mut g) = (vec![0.0; se.rd], vec![0.0; mean.len()]);
+    linear(mean, &se.w1, &se.b1, se.rd, mean.len(), kact(blk.spec.act), &mut r);
+    linear(&r, &se.w2, &se.b2, mean.len(), se.rd, KAct::None, &mut g);
+    let mut proj = blk.proj.clone();
+    proj.scale_rows(|i| emo_kernels::act::sigmoid(g[i]));
+    proj
 }
 
 /// Mutable views of the buffers a block uses: x, out, xn, qk, att, e.

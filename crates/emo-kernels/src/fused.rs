@@ -99,6 +99,137 @@ pub fn dw_matmul(
     });
 }
 
+/// `x = act(dw(x)) · P`, written over its input, for one `[h, w, c]` image: a stride-1 "same"
+/// depthwise conv (odd `k`, no residuals) and a `c -> c` projection, the body of EMO's stem
+/// block (whose SE gate the caller has folded into `P`). The largest map of the network is then
+/// stored once instead of twice.
+///
+/// Each thread takes a contiguous range of rows and walks it in bands; a band's output is held
+/// back until the next band is computed, since that band still reads the band's input rows. The
+/// `pad` input rows just outside each range, which a neighbour overwrites, are copied first.
+#[allow(clippy::too_many_arguments)]
+pub fn dw_matmul_in_place(
+    x: &mut [f32],
+    h: usize,
+    w: usize,
+    c: usize,
+    dw_w: &[f32],
+    dw_b: &[f32],
+    g: DwGeom,
+    act: Act,
+    proj: &Weight,
+) {
+    let ranges = num_threads().min(h / (4 * 4usize.max(g.pad))).max(1);
+    dw_matmul_in_place_ranges(x, h, w, c, dw_w, dw_b, g, act, proj, ranges)
+}
+
+/// [`dw_matmul_in_place`] split into `ranges` row ranges (tasks), whatever the thread count.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn dw_matmul_in_place_ranges(
+    x: &mut [f32],
+    h: usize,
+    w: usize,
+    c: usize,
+    dw_w: &[f32],
+    dw_b: &[f32],
+    g: DwGeom,
+    act: Act,
+    proj: &Weight,
+    ranges: usize,
+) {
+    let p = g.pad;
+    assert!(
+        g.stride == 1 && g.k == 2 * p + 1 && proj.k == c && proj.n == c && x.len() >= h * w * c,
+        "in-place depthwise + projection needs a stride-1 'same' conv and a c -> c projection"
+    );
+    let level = crate::isa::level();
+    let rowlen = w * c;
+    // Bands of at least `p` rows (the hold-back depth); by default ranges of >= 4 bands.
+    let band = 4usize.max(p);
+    let ranges = ranges.clamp(1, h.max(1));
+    let per = h.div_ceil(ranges);
+    let bounds = |i: usize| ((i * per).min(h), ((i + 1) * per).min(h));
+    let halos: Vec<(Vec<f32>, Vec<f32>)> = (0..ranges)
+        .map(|i| {
+            let (r0, r1) = bounds(i);
+            (x[r0.saturating_sub(p) * rowlen..r0 * rowlen].to_vec(), x[r1 * rowlen..(r1 + p).min(h) * rowlen].to_vec())
+        })
+        .collect();
+    let xp = SendPtr(x.as_mut_ptr());
+    crate::pool::parallel_for(ranges, |i| {
+        let xp = xp;
+        let (r0, r1) = bounds(i);
+        if r0 >= r1 {
+            return;
+        }
+        let (above, below) = &halos[i];
+        IN_PLACE.with(|sc| {
+            let (win, y, outs) = &mut *sc.borrow_mut();
+            let [o0, o1] = outs;
+            for v in [&mut *y, o0, o1] {
+                if v.len() < band * rowlen {
+                    v.resize(band * rowlen, 0.0);
+                }
+            }
+            let mut held: Option<(usize, usize, usize)> = None; // (first row, end row, buffer)
+            let mut a = r0;
+            let mut k = 0;
+            while a < r1 {
+                let b = (a + band).min(r1);
+                let (ws, we) = (a.saturating_sub(p), (b + p).min(h));
+                // Input rows ws..we. Inside the range they are still the input: rows before
+                // `a - band` were written back, rows a-band..a are held. Outside, the halos.
+                let img: &[f32] = if ws >= r0 && we <= r1 {
+                    // SAFETY: rows ws..we lie in this task's range, which no other task touches,
+                    // and this task writes none of them while the slice lives.
+                    unsafe { std::slice::from_raw_parts(xp.0.add(ws * rowlen), (we - ws) * rowlen) }
+                } else {
+                    win.clear();
+                    if ws < r0 {
+                        win.extend_from_slice(above);
+                    }
+                    // SAFETY: as above, rows max(ws, r0)..min(we, r1) are this task's, unwritten.
+                    let (s0, s1) = (ws.max(r0), we.min(r1));
+                    win.extend_from_slice(unsafe {
+                        std::slice::from_raw_parts(xp.0.add(s0 * rowlen), (s1 - s0) * rowlen)
+                    });
+                    if we > r1 {
+                        win.extend_from_slice(&below[..(we - r1) * rowlen]);
+                    }
+                    win
+                };
+                for oy in a..b {
+                    let row = &mut y[(oy - a) * rowlen..(oy - a + 1) * rowlen];
+                    dw_row_level(level, img, we - ws, w, c, dw_w, dw_b, g, oy - ws, act, false, row);
+                }
+                let ob = &mut outs[k % 2][..(b - a) * rowlen];
+                crate::isa::with_level_unchecked(level, || {
+                    matmul_st(&y[..(b - a) * rowlen], c, (b - a) * w, proj, None, Act::None, None, ob, c)
+                });
+                if let Some((ha, hb, hk)) = held {
+                    // SAFETY: rows ha..hb are this task's; no slice of them is alive.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(xp.0.add(ha * rowlen), (hb - ha) * rowlen) };
+                    dst.copy_from_slice(&outs[hk][..(hb - ha) * rowlen]);
+                }
+                held = Some((a, b, k % 2));
+                k += 1;
+                a = b;
+            }
+            if let Some((ha, hb, hk)) = held {
+                // SAFETY: as above.
+                let dst = unsafe { std::slice::from_raw_parts_mut(xp.0.add(ha * rowlen), (hb - ha) * rowlen) };
+                dst.copy_from_slice(&outs[hk][..(hb - ha) * rowlen]);
+            }
+        });
+    });
+}
+
+thread_local! {
+    /// Window, depthwise band and two output bands of [`dw_matmul_in_place`].
+    static IN_PLACE: std::cell::RefCell<(Vec<f32>, Vec<f32>, [Vec<f32>; 2])> = std::cell::RefCell::new(Default::default());
+}
+
 thread_local! {
     static BAND: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = std::cell::RefCell::new(Default::default());
 }
@@ -136,8 +267,11 @@ pub fn v_dw_matmul(
             && proj.k == c
             && dw_w.len() >= g.k * g.k * c
     );
-    // Bands of up to 8 output rows: small scratch, halo recompute <= 1/16 of the v GEMM.
-    let band = oh.div_ceil(2 * num_threads()).clamp(4, 8).min(oh);
+    // Bands of up to 8 output rows whose expanded input rows fit in ~320 KB of per-thread
+    // scratch (the stem-side blocks at 224x224 get 3-4 rows: halo recompute <= 1/6 of the v GEMM).
+    let rows_fit = (320 * 1024 / (w * c * 4).max(1)).max(g.k + g.stride);
+    let by_mem = (rows_fit - g.k) / g.stride + 1;
+    let band = oh.div_ceil(2 * num_threads()).clamp(4, 8).min(by_mem).clamp(1, oh);
     let per_img = oh.div_ceil(band);
     let op = SendPtr(out.as_mut_ptr());
     crate::pool::parallel_for(batch * per_img, |t| {

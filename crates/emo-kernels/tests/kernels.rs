@@ -242,6 +242,38 @@ fn fused_ln_matmul_and_dw_matmul_match_composed_references() {
 }
 
 #[test]
+fn in_place_dw_matmul_matches_the_out_of_place_kernel() {
+    use emo_kernels::fused::{dw_matmul, dw_matmul_in_place, dw_matmul_in_place_ranges};
+    // The stem block at 224x224 (112x112x24), odd and tiny maps, and k = 5, on 1-3 threads
+    // (ranges, bands, halos and a last short band all occur).
+    for (h, w, c, k) in
+        [(112, 112, 24, 3), (37, 5, 24, 3), (13, 4, 8, 3), (1, 1, 8, 3), (2, 3, 16, 3), (45, 13, 24, 5), (9, 9, 16, 5)]
+    {
+        let g = DwGeom { k, stride: 1, pad: k / 2 };
+        let x = rnd(h * w * c, 40);
+        let (dw_t, dw_b) = (rnd(c * k * k, 41), rnd(c, 42));
+        let dw_w = dwconv::weight_from_torch(&dw_t, c, k);
+        let proj = Weight::from_torch(&rnd(c * c, 43), c, c);
+        let mut want = vec![0.0; h * w * c];
+        dw_matmul(&x, 1, h, w, c, &dw_w, &dw_b, g, Act::Silu, false, &proj, None, &mut want);
+        for l in available() {
+            let mut got = x.clone();
+            with_level(l, || dw_matmul_in_place(&mut got, h, w, c, &dw_w, &dw_b, g, Act::Silu, &proj));
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-5, "{l:?} {h}x{w}x{c} k{k}: {d}");
+            for ranges in [2, 3, 5] {
+                let mut got = x.clone();
+                with_level(l, || {
+                    dw_matmul_in_place_ranges(&mut got, h, w, c, &dw_w, &dw_b, g, Act::Silu, &proj, ranges)
+                });
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-5, "{l:?} {h}x{w}x{c} k{k} in {ranges} ranges: {d}");
+            }
+        }
+    }
+}
+
+#[test]
 fn fused_downsampling_block_matches_composed_references() {
     use emo_kernels::fused::v_dw_matmul;
     use emo_kernels::isa::Level;
