@@ -666,7 +666,7 @@ impl Runner {
         let [b, _, h, w] = shape;
         match self {
             Runner::Fast(e) => {
-                let o = e.run_with(&x, b, h, w, out_indices, true)?;
+                let o = e.run_owned(x, b, h, w, out_indices, true)?;
                 Ok((o.logits.expect("logits"), o.features))
             }
             Runner::Burn(m, device) => {

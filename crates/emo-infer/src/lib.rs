@@ -13,6 +13,7 @@
 //! Results match the official model to ~1e-6 (see the parity tests); the kernels are in
 //! `emo-kernels`.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use emo_kernels::Act as KAct;
@@ -167,6 +168,8 @@ struct Buffers {
 
 fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if v.len() < n {
+        // Exactly n: a doubling growth would keep up to twice the largest map resident.
+        v.reserve_exact(n - v.len());
         v.resize(n, 0.0);
     }
     &mut v[..n]
@@ -295,6 +298,32 @@ impl Engine {
         out_indices: &[usize],
         logits: bool,
     ) -> Result<Output, InferError> {
+        self.run_cow(Cow::Borrowed(input), batch, h, w, out_indices, logits)
+    }
+
+    /// [`Engine::run_with`] taking the input by value: a single image is freed as soon as the
+    /// stem has read it, so it does not sit next to the activations.
+    pub fn run_owned(
+        &mut self,
+        input: Vec<f32>,
+        batch: usize,
+        h: usize,
+        w: usize,
+        out_indices: &[usize],
+        logits: bool,
+    ) -> Result<Output, InferError> {
+        self.run_cow(Cow::Owned(input), batch, h, w, out_indices, logits)
+    }
+
+    fn run_cow(
+        &mut self,
+        input: Cow<'_, [f32]>,
+        batch: usize,
+        h: usize,
+        w: usize,
+        out_indices: &[usize],
+        logits: bool,
+    ) -> Result<Output, InferError> {
         let cin = self.cfg.in_chans;
         if batch == 0 || h == 0 || w == 0 || input.len() != batch * cin * h * w {
             return Err(InferError::Input(format!(
@@ -320,7 +349,8 @@ impl Engine {
             let this = &*self;
             emo_kernels::pool::parallel_for(batch, |b| {
                 let mut buf = pool.lock().unwrap().pop().unwrap_or_default();
-                let o = this.forward(&mut buf, &input[b * per..(b + 1) * per], 1, h, w, out_indices, logits);
+                let o =
+                    this.forward(&mut buf, Cow::Borrowed(&input[b * per..(b + 1) * per]), 1, h, w, out_indices, logits);
                 pool.lock().unwrap().push(buf);
                 *slots[b].lock().unwrap() = Some(o);
             });
@@ -331,8 +361,13 @@ impl Engine {
         } else {
             // Image after image, each with all threads (batch-1 working sets stay in cache).
             let mut buf = std::mem::take(&mut self.buf);
-            for (b, r) in results.iter_mut().enumerate() {
-                *r = Some(self.forward(&mut buf, &input[b * per..(b + 1) * per], 1, h, w, out_indices, logits));
+            if batch == 1 {
+                results[0] = Some(self.forward(&mut buf, input, 1, h, w, out_indices, logits));
+            } else {
+                for (b, r) in results.iter_mut().enumerate() {
+                    let x = Cow::Borrowed(&input[b * per..(b + 1) * per]);
+                    *r = Some(self.forward(&mut buf, x, 1, h, w, out_indices, logits));
+                }
             }
             self.buf = buf;
         }
@@ -355,7 +390,7 @@ impl Engine {
     fn forward(
         &self,
         buf: &mut Buffers,
-        input: &[f32],
+        input: Cow<'_, [f32]>,
         batch: usize,
         h: usize,
         w: usize,
@@ -370,7 +405,7 @@ impl Engine {
         let c0 = self.cfg.stem_dim;
         // The stem conv reads the NCHW input in place.
         conv2d(
-            input,
+            &input,
             true,
             batch,
             h,
@@ -383,6 +418,7 @@ impl Engine {
             KAct::None,
             grow(x, batch * hh * ww * c0),
         );
+        drop(input); // an owned input is not needed past the stem
         let mut features = Vec::new();
         let keep = |stage: usize, data: &[f32], hh: usize, ww: usize, c: usize, features: &mut Vec<_>| {
             if out_indices.contains(&stage) {
@@ -437,6 +473,12 @@ impl Engine {
                     self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e));
                 }
                 std::mem::swap(x, out);
+                // `out` and `e` are both free between blocks: keep the larger allocation (the
+                // stem-resolution map) as `e`, which later blocks fill, instead of as a second
+                // idle copy next to it.
+                if out.capacity() > e.capacity() {
+                    std::mem::swap(out, e);
+                }
             }
             (hh, ww) = (oh, ow);
             self.tick(bi + 1, &mut clock);

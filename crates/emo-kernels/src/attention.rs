@@ -120,6 +120,7 @@ fn copy(dst: &mut [f32], src: &[f32]) {
 
 fn fit<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
     if v.len() < n {
+        v.reserve_exact(n - v.len());
         v.resize(n, T::default());
     }
 }

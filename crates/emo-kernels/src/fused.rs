@@ -83,9 +83,7 @@ pub fn dw_matmul(
         let nr = ob.len() / (ow * n);
         BAND.with(|sc| {
             let yv = &mut sc.borrow_mut().1;
-            if yv.len() < nr * ow * c {
-                yv.resize(nr * ow * c, 0.0);
-            }
+            crate::grow_exact(yv, nr * ow * c);
             let yb = &mut yv[..nr * ow * c];
             for j in 0..nr {
                 let (b, oy) = ((r0 + j) / oh, (r0 + j) % oh);
@@ -164,14 +162,16 @@ pub fn dw_matmul_in_place_ranges(
             return;
         }
         let (above, below) = &halos[i];
-        IN_PLACE.with(|sc| {
-            let (win, y, outs) = &mut *sc.borrow_mut();
-            let [o0, o1] = outs;
-            for v in [&mut *y, o0, o1] {
-                if v.len() < band * rowlen {
-                    v.resize(band * rowlen, 0.0);
-                }
-            }
+        // The band scratch of the other fused kernels, cut into a window, a depthwise band
+        // and two output bands.
+        BAND.with(|sc| {
+            let arena = &mut sc.borrow_mut().0;
+            let win_len = (band + 2 * p) * rowlen;
+            crate::grow_exact(arena, win_len + 3 * band * rowlen);
+            let (win, rest) = arena.split_at_mut(win_len);
+            let (y, rest) = rest.split_at_mut(band * rowlen);
+            let (o0, o1) = rest.split_at_mut(band * rowlen);
+            let outs = [o0, o1];
             let mut held: Option<(usize, usize, usize)> = None; // (first row, end row, buffer)
             let mut a = r0;
             let mut k = 0;
@@ -185,19 +185,22 @@ pub fn dw_matmul_in_place_ranges(
                     // and this task writes none of them while the slice lives.
                     unsafe { std::slice::from_raw_parts(xp.0.add(ws * rowlen), (we - ws) * rowlen) }
                 } else {
-                    win.clear();
+                    let mut at = 0;
                     if ws < r0 {
-                        win.extend_from_slice(above);
+                        win[..above.len()].copy_from_slice(above);
+                        at = above.len();
                     }
                     // SAFETY: as above, rows max(ws, r0)..min(we, r1) are this task's, unwritten.
                     let (s0, s1) = (ws.max(r0), we.min(r1));
-                    win.extend_from_slice(unsafe {
-                        std::slice::from_raw_parts(xp.0.add(s0 * rowlen), (s1 - s0) * rowlen)
-                    });
+                    let inside = unsafe { std::slice::from_raw_parts(xp.0.add(s0 * rowlen), (s1 - s0) * rowlen) };
+                    win[at..at + inside.len()].copy_from_slice(inside);
+                    at += inside.len();
                     if we > r1 {
-                        win.extend_from_slice(&below[..(we - r1) * rowlen]);
+                        let n = (we - r1) * rowlen;
+                        win[at..at + n].copy_from_slice(&below[..n]);
+                        at += n;
                     }
-                    win
+                    &win[..at]
                 };
                 for oy in a..b {
                     let row = &mut y[(oy - a) * rowlen..(oy - a + 1) * rowlen];
@@ -223,11 +226,6 @@ pub fn dw_matmul_in_place_ranges(
             }
         });
     });
-}
-
-thread_local! {
-    /// Window, depthwise band and two output bands of [`dw_matmul_in_place`].
-    static IN_PLACE: std::cell::RefCell<(Vec<f32>, Vec<f32>, [Vec<f32>; 2])> = std::cell::RefCell::new(Default::default());
 }
 
 thread_local! {
@@ -283,12 +281,8 @@ pub fn v_dw_matmul(
         let rows_in = iy1 - iy0;
         BAND.with(|sc| {
             let (e, y) = &mut *sc.borrow_mut();
-            if e.len() < rows_in * w * c {
-                e.resize(rows_in * w * c, 0.0);
-            }
-            if y.len() < (oy1 - oy0) * ow * c {
-                y.resize((oy1 - oy0) * ow * c, 0.0);
-            }
+            crate::grow_exact(e, rows_in * w * c);
+            crate::grow_exact(y, (oy1 - oy0) * ow * c);
             let xs = &x[(b * h + iy0) * w * cin..(b * h + iy1) * w * cin];
             crate::isa::with_level_unchecked(level, || {
                 matmul_st(xs, cin, rows_in * w, v, Some(v_bias), v_act, None, e, c)

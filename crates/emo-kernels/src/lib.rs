@@ -13,6 +13,15 @@
 //! layer shapes (odd sizes and stride 2 included) at every SIMD level the CPU supports
 //! ([`isa`]: AVX-512, AVX2+FMA, generic).
 
+/// Grow a scratch vector to exactly `n` values (never shrink): the default doubling growth
+/// would keep up to twice the largest need resident.
+pub(crate) fn grow_exact(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.reserve_exact(n - v.len());
+        v.resize(n, 0.0);
+    }
+}
+
 pub mod act;
 pub mod attention;
 pub mod conv;
