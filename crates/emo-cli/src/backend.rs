@@ -63,6 +63,7 @@ pub fn device() -> Result<Device> {
 }
 
 #[cfg(feature = "tch")]
+#[allow(deprecated)] // burn 0.22 deprecates burn-tch (gone in 0.23); it is the LibTorch path of 0.22
 fn tch_device() -> Result<Device> {
     Ok(Device::libtorch())
 }

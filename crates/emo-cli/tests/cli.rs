@@ -176,10 +176,10 @@ fn the_tch_backend_without_the_feature_is_a_clear_error() {
 }
 
 /// `cargo test -p emo-cli --release --features tch` (LIBTORCH_USE_PYTORCH=1, torch==2.9.0):
-/// the burn model on LibTorch reproduces the official outputs and trains.
+/// the burn model on LibTorch reproduces the official outputs and runs training steps.
 #[cfg(feature = "tch")]
 #[test]
-fn the_tch_backend_reproduces_the_official_outputs_and_trains() {
+fn the_tch_backend_reproduces_the_official_outputs_and_runs_training_steps() {
     let o = emo(&["--backend", "tch", "verify"]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("parity OK") && stdout(&o).contains("tch"), "{}", stdout(&o));
