@@ -172,7 +172,13 @@ pub fn dw_matmul_in_place_ranges(
             let (y, rest) = rest.split_at_mut(band * rowlen);
             let (o0, o1) = rest.split_at_mut(band * rowlen);
             let outs = [o0, o1];
-            let mut held: Option<(usize, usize, usize)> = None; // (first row, end row, buffer)
+            // Copy a held output band (first row, end row, buffer) over its input rows.
+            let write_back = |(ha, hb, hk): (usize, usize, usize), outs: &[&mut [f32]; 2]| {
+                // SAFETY: rows ha..hb are this task's, and no slice of them is alive.
+                let dst = unsafe { std::slice::from_raw_parts_mut(xp.0.add(ha * rowlen), (hb - ha) * rowlen) };
+                dst.copy_from_slice(&outs[hk][..(hb - ha) * rowlen]);
+            };
+            let mut held: Option<(usize, usize, usize)> = None;
             let mut a = r0;
             let mut k = 0;
             while a < r1 {
@@ -210,19 +216,15 @@ pub fn dw_matmul_in_place_ranges(
                 crate::isa::with_level_unchecked(level, || {
                     matmul_st(&y[..(b - a) * rowlen], c, (b - a) * w, proj, None, Act::None, None, ob, c)
                 });
-                if let Some((ha, hb, hk)) = held {
-                    // SAFETY: rows ha..hb are this task's; no slice of them is alive.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(xp.0.add(ha * rowlen), (hb - ha) * rowlen) };
-                    dst.copy_from_slice(&outs[hk][..(hb - ha) * rowlen]);
+                if let Some(band) = held {
+                    write_back(band, &outs);
                 }
                 held = Some((a, b, k % 2));
                 k += 1;
                 a = b;
             }
-            if let Some((ha, hb, hk)) = held {
-                // SAFETY: as above.
-                let dst = unsafe { std::slice::from_raw_parts_mut(xp.0.add(ha * rowlen), (hb - ha) * rowlen) };
-                dst.copy_from_slice(&outs[hk][..(hb - ha) * rowlen]);
+            if let Some(band) = held {
+                write_back(band, &outs);
             }
         });
     });
