@@ -281,11 +281,11 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     (cfg.batch, cfg.workers, cfg.data) = (a.batch, a.workers, "synthetic".into());
     cfg.pipeline.size = a.size;
     // One trainer per backend, each in its own scratch folder; flex with `workers` replicas,
-    // LibTorch with one (it spreads each op over the cores itself).
+    // LibTorch with its default (one: it spreads each op over the cores itself).
     let mut trainers = Vec::new();
     for &b in &a.backends {
         let mut cfg = cfg.clone();
-        cfg.workers = if b == crate::backend::Backend::Flex { a.workers } else { 1 };
+        cfg.workers = if b == crate::backend::Backend::Flex { a.workers } else { b.default_workers(a.batch) };
         let dir = std::env::temp_dir().join(format!("emo-bench-train-{}-{b}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut t = emo_train::Trainer::new(cfg, &dir, split.clone(), split.clone(), b.device()?.autodiff())?;

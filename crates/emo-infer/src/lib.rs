@@ -167,11 +167,7 @@ struct Buffers {
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if v.len() < n {
-        // Exactly n: a doubling growth would keep up to twice the largest map resident.
-        v.reserve_exact(n - v.len());
-        v.resize(n, 0.0);
-    }
+    emo_kernels::grow_exact(v, n);
     &mut v[..n]
 }
 

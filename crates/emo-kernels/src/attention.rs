@@ -118,13 +118,6 @@ fn copy(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-fn fit<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
-    if v.len() < n {
-        v.reserve_exact(n - v.len());
-        v.resize(n, T::default());
-    }
-}
-
 /// Strided-window attention for a batch of channels-last maps.
 ///
 /// * `x`: `[batch, h, w, c]` normalised input (the values, attn_pre);
@@ -160,12 +153,12 @@ pub fn window_attention(
     parallel_for(tasks, |t| {
         SCRATCH.with(|sc| {
             let (q, kt, v, s, o, pix) = &mut *sc.borrow_mut();
-            fit(q, l * dh);
-            fit(kt, l.div_ceil(NR) * NR * dh);
-            fit(v, dh.div_ceil(NR) * NR * l);
-            fit(s, l * l);
-            fit(o, l * dh);
-            fit(pix, l);
+            crate::grow_exact(q, l * dh);
+            crate::grow_exact(kt, l.div_ceil(NR) * NR * dh);
+            crate::grow_exact(v, dh.div_ceil(NR) * NR * l);
+            crate::grow_exact(s, l * l);
+            crate::grow_exact(o, l * dh);
+            crate::grow_exact(pix, l);
             let hd = t % heads;
             let win = t / heads;
             let (b, i1, i2) = (win / (g.n1 * g.n2), (win / g.n2) % g.n1, win % g.n2);

@@ -117,8 +117,13 @@ pub fn dw_matmul_in_place(
     act: Act,
     proj: &Weight,
 ) {
-    let ranges = num_threads().min(h / (4 * 4usize.max(g.pad))).max(1);
+    let ranges = num_threads().min(h / (4 * in_place_band(g.pad))).max(1);
     dw_matmul_in_place_ranges(x, h, w, c, dw_w, dw_b, g, act, proj, ranges)
+}
+
+/// Rows per band of [`dw_matmul_in_place`]: at least `pad`, the depth a band's output is held.
+fn in_place_band(pad: usize) -> usize {
+    4usize.max(pad)
 }
 
 /// [`dw_matmul_in_place`] split into `ranges` row ranges (tasks), whatever the thread count.
@@ -143,8 +148,8 @@ pub fn dw_matmul_in_place_ranges(
     );
     let level = crate::isa::level();
     let rowlen = w * c;
-    // Bands of at least `p` rows (the hold-back depth); by default ranges of >= 4 bands.
-    let band = 4usize.max(p);
+    // By default ranges of >= 4 bands.
+    let band = in_place_band(p);
     let ranges = ranges.clamp(1, h.max(1));
     let per = h.div_ceil(ranges);
     let bounds = |i: usize| ((i * per).min(h), ((i + 1) * per).min(h));

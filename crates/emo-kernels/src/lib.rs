@@ -15,10 +15,10 @@
 
 /// Grow a scratch vector to exactly `n` values (never shrink): the default doubling growth
 /// would keep up to twice the largest need resident.
-pub(crate) fn grow_exact(v: &mut Vec<f32>, n: usize) {
+pub fn grow_exact<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
     if v.len() < n {
         v.reserve_exact(n - v.len());
-        v.resize(n, 0.0);
+        v.resize(n, T::default());
     }
 }
 

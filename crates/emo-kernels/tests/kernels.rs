@@ -244,8 +244,8 @@ fn fused_ln_matmul_and_dw_matmul_match_composed_references() {
 #[test]
 fn in_place_dw_matmul_matches_the_out_of_place_kernel() {
     use emo_kernels::fused::{dw_matmul, dw_matmul_in_place, dw_matmul_in_place_ranges};
-    // The stem block at 224x224 (112x112x24), odd and tiny maps, and k = 5, on 1-3 threads
-    // (ranges, bands, halos and a last short band all occur).
+    // The stem block at 224x224 (112x112x24), odd and tiny maps, and k = 5, in the default
+    // split and in 2, 3 and 5 row ranges (ranges, bands, halos and a last short band all occur).
     for (h, w, c, k) in
         [(112, 112, 24, 3), (37, 5, 24, 3), (13, 4, 8, 3), (1, 1, 8, 3), (2, 3, 16, 3), (45, 13, 24, 5), (9, 9, 16, 5)]
     {
