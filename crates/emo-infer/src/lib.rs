@@ -20,7 +20,7 @@ use emo_kernels::Act as KAct;
 use emo_kernels::attention::window_attention;
 use emo_kernels::conv::{self, channel_mean, conv2d, linear};
 use emo_kernels::dwconv::{self, DwGeom};
-use emo_kernels::fused::{dw_channel_mean, dw_matmul, dw_matmul_in_place, ln_matmul, v_dw_matmul};
+use emo_kernels::fused::{conv_dw_mean, dw_channel_mean, dw_matmul, dw_matmul_in_place, ln_matmul, matmul_in_place, v_dw_matmul};
 use emo_kernels::gemm::{Weight, matmul};
 use emo_kernels::norm::layer_norm;
 use emo_spec::{Act, BlockSpec, EmoConfig, NORM_EPS, Norm};
@@ -399,21 +399,39 @@ impl Engine {
         let mut clock = std::time::Instant::now();
         let (mut hh, mut ww) = (self.stem.out_len(h), self.stem.out_len(w));
         let c0 = self.cfg.stem_dim;
-        // The stem conv reads the NCHW input in place.
-        conv2d(
-            &input,
-            true,
-            batch,
-            h,
-            w,
-            cin,
-            &self.stem_w,
-            &self.stem_b,
-            c0,
-            self.stem,
-            KAct::None,
-            grow(x, batch * hh * ww * c0),
-        );
+        // The stem block (depthwise + SE + projection, no expansion, no residual) fused with the
+        // stem conv: the conv's output is never stored, and the largest map of the network is
+        // written once (as the depthwise output, then projected in place).
+        let first = &self.blocks[0];
+        let fused_stem = last_stage >= first.spec.stage && Self::is_stem_block(first, hh, ww);
+        if fused_stem {
+            let (se, c) = (first.se.as_ref().expect("an SE block"), first.spec.dim_mid);
+            let xb = grow(x, batch * hh * ww * c0);
+            for (b, y) in xb.chunks_mut(hh * ww * c0).enumerate() {
+                let mut mean = vec![0.0; c];
+                let img = &input[b * cin * h * w..(b + 1) * cin * h * w];
+                let (dw_w, dw_b) = (&first.dw_w, &first.dw_b);
+                conv_dw_mean(img, true, h, w, cin, &self.stem_w, &self.stem_b, self.stem, dw_w, dw_b, first.dw, KAct::Silu, y, &mut mean);
+                self.tick(0, &mut clock);
+                matmul_in_place(y, hh * ww, &se_gated_proj(first, se, &mean));
+            }
+        } else {
+            // The stem conv reads the NCHW input in place.
+            conv2d(
+                &input,
+                true,
+                batch,
+                h,
+                w,
+                cin,
+                &self.stem_w,
+                &self.stem_b,
+                c0,
+                self.stem,
+                KAct::None,
+                grow(x, batch * hh * ww * c0),
+            );
+        }
         drop(input); // an owned input is not needed past the stem
         let mut features = Vec::new();
         let keep = |stage: usize, data: &[f32], hh: usize, ww: usize, c: usize, features: &mut Vec<_>| {
@@ -421,11 +439,20 @@ impl Engine {
                 features.push((stage, [batch, c, hh, ww], nhwc_to_nchw(data, batch, hh, ww, c)));
             }
         };
-        self.tick(0, &mut clock);
+        if !fused_stem {
+            self.tick(0, &mut clock);
+        }
         for (bi, blk) in self.blocks.iter().enumerate() {
             let s = &blk.spec;
             if s.stage > last_stage {
                 break;
+            }
+            if bi == 0 && fused_stem {
+                self.tick(1, &mut clock);
+                if blk.last_of_stage {
+                    keep(s.stage, &x[..batch * hh * ww * s.dim_out], hh, ww, s.dim_out, &mut features);
+                }
+                continue;
             }
             let p = batch * hh * ww;
             let xcur = &x[..p * s.dim_in];
@@ -434,15 +461,7 @@ impl Engine {
             let po = batch * oh * ow;
             // The stem block (no expansion, SE, no residual) is computed over its input: the
             // largest map of the network is stored once.
-            let in_place = blk.se.is_some()
-                && blk.ln.is_none()
-                && blk.qk.is_none()
-                && blk.v.is_none()
-                && !s.skip
-                && s.dim_in == s.dim_mid
-                && s.dim_mid == s.dim_out
-                && (oh, ow) == (hh, ww);
-            if in_place {
+            if Self::is_stem_block(blk, hh, ww) {
                 self.se_block_in_place(blk, batch, hh, ww, &mut x[..p * s.dim_in]);
             } else {
                 let fused = match (&blk.ln, &blk.se, &blk.v) {
@@ -498,6 +517,22 @@ impl Engine {
         self.tick(self.blocks.len() + 1, &mut clock);
         Output { features, logits }
     }
+    /// Whether `blk` is EMO's stem block: depthwise (stride-1 "same") + SE + projection, no
+    /// expansion, no attention, no residual, `c -> c`. It then runs over its input.
+    fn is_stem_block(blk: &Block, h: usize, w: usize) -> bool {
+        let s = &blk.spec;
+        blk.se.is_some()
+            && blk.ln.is_none()
+            && blk.qk.is_none()
+            && blk.v.is_none()
+            && !s.skip
+            && s.dim_in == s.dim_mid
+            && s.dim_mid == s.dim_out
+            && blk.dw.stride == 1
+            && blk.dw.k == 2 * blk.dw.pad + 1
+            && (blk.dw.out_len(h), blk.dw.out_len(w)) == (h, w)
+    }
+
     /// The stem block (depthwise, SE, projection; no expansion, no residual) over its input `x`
     /// (`[batch, h, w, c]`): the SE's channel means in a first pass, then the depthwise conv
     /// and the gated projection written back in place.

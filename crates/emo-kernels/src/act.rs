@@ -156,6 +156,18 @@ multiversion! {
 }
 
 multiversion! {
+    /// `acc[i] += sum over pixels of px[i]` for `x` = `[pixels, acc.len()]` (channel sums).
+    pub fn add_pixels / add_pixels_at(acc: &mut [f32], x: &[f32]) {
+        let n = acc.len();
+        for px in x.chunks_exact(n) {
+            for i in 0..n {
+                acc[i] += px[i];
+            }
+        }
+    }
+}
+
+multiversion! {
     /// `y += x` elementwise.
     pub fn add / add_at(y: &mut [f32], x: &[f32]) {
         let n = y.len();

@@ -176,12 +176,21 @@ pub fn window_attention(
                         if packed {
                             qd.iter_mut().for_each(|v| *v *= scale);
                             let (pk, j) = (tok / NR, tok % NR);
-                            for d in 0..dh {
-                                kt[(pk * dh + d) * NR + j] = qkp[c + hd * dh + d];
-                            }
-                            let xv = &x[p * c + hd * dh..p * c + (hd + 1) * dh];
-                            for d in 0..dh {
-                                v[((d / NR) * l + tok) * NR + d % NR] = xv[d];
+                            let (ks, xv) = (&qkp[c + hd * dh..c + (hd + 1) * dh], &x[p * c + hd * dh..p * c + (hd + 1) * dh]);
+                            // SAFETY: kt holds l.div_ceil(NR) panels of [dh, NR] and v
+                            // dh.div_ceil(NR) panels of [l, NR] (fitted above); tok < l, d < dh.
+                            unsafe {
+                                let kp = kt.as_mut_ptr().add(pk * dh * NR + j);
+                                for (d, &kv) in ks.iter().enumerate() {
+                                    *kp.add(d * NR) = kv;
+                                }
+                                if dh <= NR {
+                                    std::ptr::copy_nonoverlapping(xv.as_ptr(), v.as_mut_ptr().add(tok * NR), dh);
+                                } else {
+                                    for (d, &xd) in xv.iter().enumerate() {
+                                        *v.as_mut_ptr().add(((d / NR) * l + tok) * NR + d % NR) = xd;
+                                    }
+                                }
                             }
                         } else {
                             for d in 0..dh {

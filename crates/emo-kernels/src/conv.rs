@@ -80,43 +80,38 @@ pub fn conv2d(
     let strides = if planar { (1, h * w) } else { (cin, 1) };
     parallel_chunks_mut(&mut out[..batch * oh * ow * cout], ow * cout, |r, row| {
         let (b, oy) = (r / oh, r % oh);
-        #[cfg(target_arch = "x86_64")]
-        if level == crate::isa::Level::Avx512 && cout <= 32 {
-            // SAFETY: AVX-512F available; sizes asserted above.
-            unsafe {
-                conv_row_512(
-                    &input[b * h * w * cin..(b + 1) * h * w * cin],
-                    h,
-                    w,
-                    cin,
-                    strides,
-                    weight,
-                    bias,
-                    cout,
-                    g,
-                    oy,
-                    row,
-                )
-            };
-            crate::act::apply_at(level, act, row);
-            return;
-        }
-        conv_row_at(
-            level,
-            &input[b * h * w * cin..(b + 1) * h * w * cin],
-            h,
-            w,
-            cin,
-            strides,
-            weight,
-            bias,
-            cout,
-            g,
-            oy,
-            act,
-            row,
-        );
+        let img = &input[b * h * w * cin..(b + 1) * h * w * cin];
+        conv_row_level(level, img, h, w, cin, strides, weight, bias, cout, g, oy, act, row);
     });
+}
+
+/// Output row `oy` (`[ow, cout]`) of [`conv2d`] for one image at the given ISA level; `strides`
+/// are (pixel, channel) strides of `img`: `(cin, 1)` channels-last, `(1, h * w)` planar.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_row_level(
+    level: crate::isa::Level,
+    img: &[f32],
+    h: usize,
+    w: usize,
+    cin: usize,
+    strides: (usize, usize),
+    weight: &[f32],
+    bias: &[f32],
+    cout: usize,
+    g: DwGeom,
+    oy: usize,
+    act: Act,
+    row: &mut [f32],
+) {
+    assert!(img.len() >= h * w * cin && weight.len() >= g.k * g.k * cin * cout && row.len() == g.out_len(w) * cout);
+    #[cfg(target_arch = "x86_64")]
+    if level == crate::isa::Level::Avx512 && cout <= 32 {
+        // SAFETY: AVX-512F available; sizes asserted above.
+        unsafe { conv_row_512(img, h, w, cin, strides, weight, bias, cout, g, oy, row) };
+        crate::act::apply_at(level, act, row);
+        return;
+    }
+    conv_row_at(level, img, h, w, cin, strides, weight, bias, cout, g, oy, act, row);
 }
 
 /// Per-image channel means of `[batch, pixels, c]` into `[batch, c]` (pixel chunks summed on
@@ -129,9 +124,8 @@ pub fn channel_mean(x: &[f32], batch: usize, pixels: usize, c: usize, out: &mut 
         let partial = std::sync::Mutex::new(vec![0f32; c]);
         crate::pool::parallel_for(chunks, |i| {
             let mut acc = vec![0f32; c];
-            for p in i * per..((i + 1) * per).min(pixels) {
-                crate::act::add_at(level, &mut acc, &x[(b * pixels + p) * c..(b * pixels + p + 1) * c]);
-            }
+            let (p0, p1) = (i * per, ((i + 1) * per).min(pixels));
+            crate::act::add_pixels_at(level, &mut acc, &x[(b * pixels + p0) * c..(b * pixels + p1) * c]);
             crate::act::add_at(level, &mut partial.lock().unwrap(), &acc);
         });
         let sums = partial.into_inner().unwrap();
@@ -179,7 +173,40 @@ unsafe fn conv_row_512(
     unsafe {
         let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr());
         let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(16));
-        for ox in 0..ow {
+        // Interior pixels in groups of PIX: 2 * PIX independent accumulators hide the FMA
+        // latency (one pixel alone is a chain of k*k*cin dependent FMAs per accumulator).
+        const PIX: usize = 8;
+        let mut ox = 0;
+        while ox < ow {
+            let interior = ox * g.stride >= g.pad && (ox + PIX - 1) * g.stride + g.k <= w + g.pad && ox + PIX <= ow;
+            if interior {
+                let mut a0 = [b0; PIX];
+                let mut a1 = [b1; PIX];
+                for ky in ky0..ky1 {
+                    let iy = oy * g.stride + ky - g.pad;
+                    for kx in 0..g.k {
+                        let ix = ox * g.stride + kx - g.pad;
+                        let src = ip.add((iy * w + ix) * strides.0);
+                        for ci in 0..cin {
+                            let wk = wp.add(((ky * g.k + kx) * cin + ci) * cout);
+                            let w0 = _mm512_maskz_loadu_ps(m0, wk);
+                            let w1 = _mm512_maskz_loadu_ps(m1, wk.add(16));
+                            let s = src.add(ci * strides.1);
+                            for j in 0..PIX {
+                                let v = _mm512_set1_ps(*s.add(j * g.stride * strides.0));
+                                a0[j] = _mm512_fmadd_ps(v, w0, a0[j]);
+                                a1[j] = _mm512_fmadd_ps(v, w1, a1[j]);
+                            }
+                        }
+                    }
+                }
+                for j in 0..PIX {
+                    _mm512_mask_storeu_ps(op.add((ox + j) * cout), m0, a0[j]);
+                    _mm512_mask_storeu_ps(op.add((ox + j) * cout + 16), m1, a1[j]);
+                }
+                ox += PIX;
+                continue;
+            }
             let (mut a0, mut a1) = (b0, b1);
             let kx0 = g.pad.saturating_sub(ox * g.stride);
             let kx1 = g.k.min((w + g.pad).saturating_sub(ox * g.stride));
@@ -198,6 +225,7 @@ unsafe fn conv_row_512(
             }
             _mm512_mask_storeu_ps(op.add(ox * cout), m0, a0);
             _mm512_mask_storeu_ps(op.add(ox * cout + 16), m1, a1);
+            ox += 1;
         }
     }
 }

@@ -185,6 +185,7 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
+    const PX: usize = 4;
     let (k, st, pad) = if K == 0 { (g.k, g.stride, g.pad) } else { (K, S, g.pad) };
     let ow = out.len() / c;
     let (wp, op) = (weight.as_ptr(), out.as_mut_ptr());
@@ -202,7 +203,44 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(
         unsafe {
             let b0 = _mm512_maskz_loadu_ps(m0, bias.as_ptr().add(cb));
             let b1 = _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(cb + 16));
-            for ox in 0..ow {
+            // Activation, inner residual and store of output pixel `ox`.
+            let finish = |ox: usize, a0: __m512, a1: __m512| {
+                let a0 = crate::act::avx512::act(act, a0);
+                let a1 = crate::act::avx512::act(act, a1);
+                let (a0, a1) = if residual {
+                    let src = ip.add((oy * w + ox) * c + cb);
+                    (_mm512_add_ps(a0, _mm512_maskz_loadu_ps(m0, src)), _mm512_add_ps(a1, _mm512_maskz_loadu_ps(m1, src.add(16))))
+                } else {
+                    (a0, a1)
+                };
+                _mm512_mask_storeu_ps(op.add(ox * c + cb), m0, a0);
+                _mm512_mask_storeu_ps(op.add(ox * c + cb + 16), m1, a1);
+            };
+            let mut ox = 0;
+            while ox < ow {
+                // Interior columns in groups of PX pixels: 2 * PX independent accumulators
+                // instead of one dependent FMA chain per 16 channels.
+                if K > 0 && ox >= ox_lo && ox + PX <= ox_hi {
+                    let mut a0 = [b0; PX];
+                    let mut a1 = [b1; PX];
+                    for ky in ky0..ky1 {
+                        let rowp = ip.add(((oy * S + ky - pad) * w + ox * S - pad) * c + cb);
+                        for kx in 0..K {
+                            let wk = wp.add((ky * K + kx) * c + cb);
+                            let (w0, w1) = (_mm512_maskz_loadu_ps(m0, wk), _mm512_maskz_loadu_ps(m1, wk.add(16)));
+                            for j in 0..PX {
+                                let src = rowp.add((j * S + kx) * c);
+                                a0[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, src), w0, a0[j]);
+                                a1[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, src.add(16)), w1, a1[j]);
+                            }
+                        }
+                    }
+                    for j in 0..PX {
+                        finish(ox + j, a0[j], a1[j]);
+                    }
+                    ox += PX;
+                    continue;
+                }
                 let (mut a0, mut a1) = (b0, b1);
                 if rows_full && full && ox >= ox_lo && ox < ox_hi {
                     let base = ip.add(((oy * S - pad) * w + ox * S - pad) * c + cb);
@@ -229,15 +267,8 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(
                         }
                     }
                 }
-                a0 = crate::act::avx512::act(act, a0);
-                a1 = crate::act::avx512::act(act, a1);
-                if residual {
-                    let src = ip.add((oy * w + ox) * c + cb);
-                    a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(m0, src));
-                    a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(m1, src.add(16)));
-                }
-                _mm512_mask_storeu_ps(op.add(ox * c + cb), m0, a0);
-                _mm512_mask_storeu_ps(op.add(ox * c + cb + 16), m1, a1);
+                finish(ox, a0, a1);
+                ox += 1;
             }
         }
         cb += 32;

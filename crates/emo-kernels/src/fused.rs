@@ -343,9 +343,7 @@ pub fn dw_channel_mean(
             let mut row = vec![0f32; ow * c];
             for oy in bi * band..((bi + 1) * band).min(oh) {
                 dw_row_level(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, &mut row);
-                for px in row.chunks_exact(c) {
-                    crate::act::add_at(level, &mut acc, px);
-                }
+                crate::act::add_pixels_at(level, &mut acc, &row);
             }
             crate::act::add_at(level, &mut sums.lock().unwrap(), &acc);
         });
@@ -354,4 +352,102 @@ pub fn dw_channel_mean(
             *o = s / (oh * ow) as f32;
         }
     }
+}
+
+/// The stem conv and the depthwise half of the stem block in one pass over one image:
+/// `y = act(dw(conv(x)))` and the channel means of `y` (for the block's SE). The conv's output
+/// is never stored in full: each thread takes a range of output rows and computes the conv rows
+/// it needs into a rolling window of `band + k - 1` rows (one halo of `pad` rows recomputed at
+/// each range border).
+///
+/// `input`: one `[h, w, cin]` image, or `[cin, h, w]` when `planar`; `y`: `[ch, cw, c]` with
+/// `ch x cw` the conv's output size; `mean`: `[c]`. The depthwise conv must be stride-1 "same".
+#[allow(clippy::too_many_arguments)]
+pub fn conv_dw_mean(
+    input: &[f32],
+    planar: bool,
+    h: usize,
+    w: usize,
+    cin: usize,
+    conv_w: &[f32],
+    conv_b: &[f32],
+    conv_g: DwGeom,
+    dw_w: &[f32],
+    dw_b: &[f32],
+    g: DwGeom,
+    act: Act,
+    y: &mut [f32],
+    mean: &mut [f32],
+) {
+    let c = conv_b.len();
+    let (ch, cw) = (conv_g.out_len(h), conv_g.out_len(w));
+    let p = g.pad;
+    assert!(
+        g.stride == 1 && g.k == 2 * p + 1 && dw_b.len() == c && mean.len() == c,
+        "the fused stem needs a stride-1 'same' depthwise conv over the conv's channels"
+    );
+    assert!(input.len() >= h * w * cin && y.len() >= ch * cw * c);
+    let level = crate::isa::level();
+    let strides = if planar { (1, h * w) } else { (cin, 1) };
+    let rowlen = cw * c;
+    let band = 8usize.max(p);
+    let ranges = num_threads().min(ch.div_ceil(2 * band)).max(1);
+    let per = ch.div_ceil(ranges);
+    let sums = std::sync::Mutex::new(vec![0f32; c]);
+    parallel_chunks_mut(&mut y[..ch * rowlen], per * rowlen, |i, yr| {
+        let (r0, r1) = (i * per, i * per + yr.len() / rowlen);
+        let mut acc = vec![0f32; c];
+        BAND.with(|sc| {
+            let win = &mut sc.borrow_mut().0;
+            crate::grow_exact(win, (band + 2 * p) * rowlen);
+            // The window holds conv rows ws..we.
+            let (mut ws, mut we) = (r0.saturating_sub(p), r0.saturating_sub(p));
+            let mut a = r0;
+            while a < r1 {
+                let b = (a + band).min(r1);
+                let (need_s, need_e) = (a.saturating_sub(p), (b + p).min(ch));
+                if need_s > ws {
+                    let keep = we.max(need_s) - need_s;
+                    win.copy_within((we - keep - ws) * rowlen..(we - ws) * rowlen, 0);
+                    ws = need_s;
+                    we = ws + keep;
+                }
+                for r in we..need_e {
+                    let row = &mut win[(r - ws) * rowlen..(r - ws + 1) * rowlen];
+                    crate::conv::conv_row_level(level, input, h, w, cin, strides, conv_w, conv_b, c, conv_g, r, Act::None, row);
+                }
+                we = need_e;
+                let img = &win[..(we - ws) * rowlen];
+                for oy in a..b {
+                    let row = &mut yr[(oy - r0) * rowlen..(oy - r0 + 1) * rowlen];
+                    dw_row_level(level, img, we - ws, cw, c, dw_w, dw_b, g, oy - ws, act, false, row);
+                    crate::act::add_pixels_at(level, &mut acc, row);
+                }
+                a = b;
+            }
+        });
+        crate::act::add_at(level, &mut sums.lock().unwrap(), &acc);
+    });
+    let n = (ch * cw) as f32;
+    for (m, s) in mean.iter_mut().zip(sums.into_inner().unwrap()) {
+        *m = s / n;
+    }
+}
+
+/// `x = x · P` in place for `pixels` rows of `P.k == P.n` channels (a 1x1 conv), band by band
+/// through a per-thread scratch.
+pub fn matmul_in_place(x: &mut [f32], pixels: usize, proj: &Weight) {
+    let c = proj.k;
+    assert!(proj.n == c && x.len() >= pixels * c);
+    let level = crate::isa::level();
+    let rows = band_rows(pixels, 64).min(512);
+    parallel_chunks_mut(&mut x[..pixels * c], rows * c, |_, xb| {
+        BAND.with(|sc| {
+            let tmp = &mut sc.borrow_mut().1;
+            crate::grow_exact(tmp, xb.len());
+            let r = xb.len() / c;
+            crate::isa::with_level_unchecked(level, || matmul_st(xb, c, r, proj, None, Act::None, None, tmp, c));
+            xb.copy_from_slice(&tmp[..xb.len()]);
+        });
+    });
 }

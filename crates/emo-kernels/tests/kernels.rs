@@ -118,7 +118,8 @@ fn depthwise_on_emo_shapes() {
 
 #[test]
 fn stem_conv_matches_reference() {
-    for (h, w) in [(224, 224), (33, 17), (1, 1)] {
+    // 224: the real shape; 33x17, 12x40 and 1x1: groups of interior pixels cut at the edges.
+    for (h, w) in [(224, 224), (33, 17), (12, 40), (1, 1)] {
         let g = DwGeom { k: 3, stride: 2, pad: 1 };
         let x = rnd(2 * h * w * 3, 10);
         let wt = rnd(24 * 3 * 9, 11);
