@@ -20,7 +20,7 @@ use emo_kernels::Act as KAct;
 use emo_kernels::attention::window_attention;
 use emo_kernels::conv::{self, channel_mean, conv2d, linear};
 use emo_kernels::dwconv::{self, DwGeom};
-use emo_kernels::fused::{conv_dw_mean, dw_channel_mean, dw_matmul, dw_matmul_in_place, ln_matmul, matmul_in_place, v_dw_matmul};
+use emo_kernels::fused::{conv_dw_mean, dw_channel_mean, dw_matmul, ln_matmul, matmul_in_place, v_dw_matmul};
 use emo_kernels::gemm::{Weight, matmul};
 use emo_kernels::norm::layer_norm;
 use emo_spec::{Act, BlockSpec, EmoConfig, NORM_EPS, Norm};
@@ -461,39 +461,35 @@ impl Engine {
             let po = batch * oh * ow;
             // The stem block (no expansion, SE, no residual) is computed over its input: the
             // largest map of the network is stored once.
-            if Self::is_stem_block(blk, hh, ww) {
-                self.se_block_in_place(blk, batch, hh, ww, &mut x[..p * s.dim_in]);
-            } else {
-                let fused = match (&blk.ln, &blk.se, &blk.v) {
-                    (None, None, Some((wv, bv))) if blk.dw.stride == 2 && blk.dw.k == 3 && oh >= 16 => {
-                        let o = grow(out, po * s.dim_out);
-                        v_dw_matmul(
-                            xcur,
-                            batch,
-                            hh,
-                            ww,
-                            wv,
-                            bv,
-                            kact(s.act),
-                            &blk.dw_w,
-                            &blk.dw_b,
-                            blk.dw,
-                            &blk.proj,
-                            o,
-                        )
-                    }
-                    _ => false,
-                };
-                if !fused {
-                    self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e));
+            let fused = match (&blk.ln, &blk.se, &blk.v) {
+                (None, None, Some((wv, bv))) if blk.dw.stride == 2 && blk.dw.k == 3 && oh >= 16 => {
+                    let o = grow(out, po * s.dim_out);
+                    v_dw_matmul(
+                        xcur,
+                        batch,
+                        hh,
+                        ww,
+                        wv,
+                        bv,
+                        kact(s.act),
+                        &blk.dw_w,
+                        &blk.dw_b,
+                        blk.dw,
+                        &blk.proj,
+                        o,
+                    )
                 }
-                std::mem::swap(x, out);
-                // `out` and `e` are both free between blocks: keep the larger allocation (the
-                // stem-resolution map) as `e`, which later blocks fill, instead of as a second
-                // idle copy next to it.
-                if out.capacity() > e.capacity() {
-                    std::mem::swap(out, e);
-                }
+                _ => false,
+            };
+            if !fused {
+                self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e));
+            }
+            std::mem::swap(x, out);
+            // `out` and `e` are both free between blocks: keep the larger allocation (the
+            // stem-resolution map) as `e`, which later blocks fill, instead of as a second
+            // idle copy next to it.
+            if out.capacity() > e.capacity() {
+                std::mem::swap(out, e);
             }
             (hh, ww) = (oh, ow);
             self.tick(bi + 1, &mut clock);
@@ -531,20 +527,6 @@ impl Engine {
             && blk.dw.stride == 1
             && blk.dw.k == 2 * blk.dw.pad + 1
             && (blk.dw.out_len(h), blk.dw.out_len(w)) == (h, w)
-    }
-
-    /// The stem block (depthwise, SE, projection; no expansion, no residual) over its input `x`
-    /// (`[batch, h, w, c]`): the SE's channel means in a first pass, then the depthwise conv
-    /// and the gated projection written back in place.
-    fn se_block_in_place(&self, blk: &Block, batch: usize, h: usize, w: usize, x: &mut [f32]) {
-        let se = blk.se.as_ref().expect("an SE block");
-        let c = blk.spec.dim_mid;
-        let mut mean = vec![0.0; batch * c];
-        dw_channel_mean(x, batch, h, w, c, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, false, &mut mean);
-        for (b, img) in x.chunks_mut(h * w * c).enumerate() {
-            let proj = se_gated_proj(blk, se, &mean[b * c..(b + 1) * c]);
-            dw_matmul_in_place(img, h, w, c, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, &proj);
-        }
     }
 
     /// One iRMB through the separate stages: (LN +) qk, attention, v / v alone / nothing, then

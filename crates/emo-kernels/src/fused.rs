@@ -3,7 +3,10 @@
 //!
 //! * [`ln_matmul`]: LayerNorm over channels, then a 1x1 conv (GEMM) on the same rows;
 //! * [`dw_matmul`]: depthwise conv (+ act, + inner residual), then the 1x1 projection
-//!   (+ outer residual) on the rows just produced.
+//!   (+ outer residual) on the rows just produced;
+//! * [`v_dw_matmul`]: a whole downsampling iRMB body (expansion, depthwise, projection);
+//! * [`conv_dw_mean`] + [`matmul_in_place`]: the stem conv and the stem block (depthwise, SE
+//!   means, then the gated projection in place), so the largest map is stored once.
 
 use crate::act::Act;
 use crate::dwconv::{DwGeom, dw_row_level};
@@ -93,144 +96,6 @@ pub fn dw_matmul(
             }
             let res = residual.map(|r| (&r[r0 * ow * n..], n));
             crate::isa::with_level_unchecked(level, || matmul_st(yb, c, nr * ow, proj, None, Act::None, res, ob, n));
-        });
-    });
-}
-
-/// `x = act(dw(x)) · P`, written over its input, for one `[h, w, c]` image: a stride-1 "same"
-/// depthwise conv (odd `k`, no residuals) and a `c -> c` projection, the body of EMO's stem
-/// block (whose SE gate the caller has folded into `P`). The largest map of the network is then
-/// stored once instead of twice.
-///
-/// Each thread takes a contiguous range of rows and walks it in bands; a band's output is held
-/// back until the next band is computed, since that band still reads the band's input rows. The
-/// `pad` input rows just outside each range, which a neighbour overwrites, are copied first.
-#[allow(clippy::too_many_arguments)]
-pub fn dw_matmul_in_place(
-    x: &mut [f32],
-    h: usize,
-    w: usize,
-    c: usize,
-    dw_w: &[f32],
-    dw_b: &[f32],
-    g: DwGeom,
-    act: Act,
-    proj: &Weight,
-) {
-    let ranges = num_threads().min(h / (4 * in_place_band(g.pad))).max(1);
-    dw_matmul_in_place_ranges(x, h, w, c, dw_w, dw_b, g, act, proj, ranges)
-}
-
-/// Rows per band of [`dw_matmul_in_place`]: at least `pad`, the depth a band's output is held.
-fn in_place_band(pad: usize) -> usize {
-    4usize.max(pad)
-}
-
-/// [`dw_matmul_in_place`] split into `ranges` row ranges (tasks), whatever the thread count.
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn dw_matmul_in_place_ranges(
-    x: &mut [f32],
-    h: usize,
-    w: usize,
-    c: usize,
-    dw_w: &[f32],
-    dw_b: &[f32],
-    g: DwGeom,
-    act: Act,
-    proj: &Weight,
-    ranges: usize,
-) {
-    let p = g.pad;
-    assert!(
-        g.stride == 1 && g.k == 2 * p + 1 && proj.k == c && proj.n == c && x.len() >= h * w * c,
-        "in-place depthwise + projection needs a stride-1 'same' conv and a c -> c projection"
-    );
-    let level = crate::isa::level();
-    let rowlen = w * c;
-    // By default ranges of >= 4 bands.
-    let band = in_place_band(p);
-    let ranges = ranges.clamp(1, h.max(1));
-    let per = h.div_ceil(ranges);
-    let bounds = |i: usize| ((i * per).min(h), ((i + 1) * per).min(h));
-    let halos: Vec<(Vec<f32>, Vec<f32>)> = (0..ranges)
-        .map(|i| {
-            let (r0, r1) = bounds(i);
-            (x[r0.saturating_sub(p) * rowlen..r0 * rowlen].to_vec(), x[r1 * rowlen..(r1 + p).min(h) * rowlen].to_vec())
-        })
-        .collect();
-    let xp = SendPtr(x.as_mut_ptr());
-    crate::pool::parallel_for(ranges, |i| {
-        let xp = xp;
-        let (r0, r1) = bounds(i);
-        if r0 >= r1 {
-            return;
-        }
-        let (above, below) = &halos[i];
-        // The band scratch of the other fused kernels, cut into a window, a depthwise band
-        // and two output bands.
-        BAND.with(|sc| {
-            let arena = &mut sc.borrow_mut().0;
-            let win_len = (band + 2 * p) * rowlen;
-            crate::grow_exact(arena, win_len + 3 * band * rowlen);
-            let (win, rest) = arena.split_at_mut(win_len);
-            let (y, rest) = rest.split_at_mut(band * rowlen);
-            let (o0, o1) = rest.split_at_mut(band * rowlen);
-            let outs = [o0, o1];
-            // Copy a held output band (first row, end row, buffer) over its input rows.
-            let write_back = |(ha, hb, hk): (usize, usize, usize), outs: &[&mut [f32]; 2]| {
-                // SAFETY: rows ha..hb are this task's, and no slice of them is alive.
-                let dst = unsafe { std::slice::from_raw_parts_mut(xp.0.add(ha * rowlen), (hb - ha) * rowlen) };
-                dst.copy_from_slice(&outs[hk][..(hb - ha) * rowlen]);
-            };
-            let mut held: Option<(usize, usize, usize)> = None;
-            let mut a = r0;
-            let mut k = 0;
-            while a < r1 {
-                let b = (a + band).min(r1);
-                let (ws, we) = (a.saturating_sub(p), (b + p).min(h));
-                // Input rows ws..we. Inside the range they are still the input: rows before
-                // `a - band` were written back, rows a-band..a are held. Outside, the halos.
-                let img: &[f32] = if ws >= r0 && we <= r1 {
-                    // SAFETY: rows ws..we lie in this task's range, which no other task touches,
-                    // and this task writes none of them while the slice lives.
-                    unsafe { std::slice::from_raw_parts(xp.0.add(ws * rowlen), (we - ws) * rowlen) }
-                } else {
-                    let mut at = 0;
-                    if ws < r0 {
-                        win[..above.len()].copy_from_slice(above);
-                        at = above.len();
-                    }
-                    // SAFETY: as above, rows max(ws, r0)..min(we, r1) are this task's, unwritten.
-                    let (s0, s1) = (ws.max(r0), we.min(r1));
-                    let inside = unsafe { std::slice::from_raw_parts(xp.0.add(s0 * rowlen), (s1 - s0) * rowlen) };
-                    win[at..at + inside.len()].copy_from_slice(inside);
-                    at += inside.len();
-                    if we > r1 {
-                        let n = (we - r1) * rowlen;
-                        win[at..at + n].copy_from_slice(&below[..n]);
-                        at += n;
-                    }
-                    &win[..at]
-                };
-                for oy in a..b {
-                    let row = &mut y[(oy - a) * rowlen..(oy - a + 1) * rowlen];
-                    dw_row_level(level, img, we - ws, w, c, dw_w, dw_b, g, oy - ws, act, false, row);
-                }
-                let ob = &mut outs[k % 2][..(b - a) * rowlen];
-                crate::isa::with_level_unchecked(level, || {
-                    matmul_st(&y[..(b - a) * rowlen], c, (b - a) * w, proj, None, Act::None, None, ob, c)
-                });
-                if let Some(band) = held {
-                    write_back(band, &outs);
-                }
-                held = Some((a, b, k % 2));
-                k += 1;
-                a = b;
-            }
-            if let Some(band) = held {
-                write_back(band, &outs);
-            }
         });
     });
 }
@@ -379,6 +244,31 @@ pub fn conv_dw_mean(
     y: &mut [f32],
     mean: &mut [f32],
 ) {
+    let ch = conv_g.out_len(h);
+    let ranges = num_threads().min(ch.div_ceil(16)).max(1);
+    conv_dw_mean_ranges(input, planar, h, w, cin, conv_w, conv_b, conv_g, dw_w, dw_b, g, act, y, mean, ranges)
+}
+
+/// [`conv_dw_mean`] split into `ranges` row ranges (tasks), whatever the thread count.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn conv_dw_mean_ranges(
+    input: &[f32],
+    planar: bool,
+    h: usize,
+    w: usize,
+    cin: usize,
+    conv_w: &[f32],
+    conv_b: &[f32],
+    conv_g: DwGeom,
+    dw_w: &[f32],
+    dw_b: &[f32],
+    g: DwGeom,
+    act: Act,
+    y: &mut [f32],
+    mean: &mut [f32],
+    ranges: usize,
+) {
     let c = conv_b.len();
     let (ch, cw) = (conv_g.out_len(h), conv_g.out_len(w));
     let p = g.pad;
@@ -391,8 +281,7 @@ pub fn conv_dw_mean(
     let strides = if planar { (1, h * w) } else { (cin, 1) };
     let rowlen = cw * c;
     let band = 8usize.max(p);
-    let ranges = num_threads().min(ch.div_ceil(2 * band)).max(1);
-    let per = ch.div_ceil(ranges);
+    let per = ch.div_ceil(ranges.clamp(1, ch.max(1)));
     let sums = std::sync::Mutex::new(vec![0f32; c]);
     parallel_chunks_mut(&mut y[..ch * rowlen], per * rowlen, |i, yr| {
         let (r0, r1) = (i * per, i * per + yr.len() / rowlen);

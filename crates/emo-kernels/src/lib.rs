@@ -6,6 +6,7 @@
 //! | [`dwconv::depthwise`] | depthwise kxk, stride 1/2, fused BN bias + SiLU + inner residual | conv_local |
 //! | [`conv::conv2d`] | direct dense conv for few input channels | stem |
 //! | [`norm::layer_norm`] | LayerNorm over channels per pixel | LN stages, head |
+//! | [`fused`] | LN + 1x1, depthwise + 1x1, whole stride-2 blocks, stem conv + stem block | every iRMB |
 //! | [`attention::window_attention`] | strided-window MHSA from pixel indices (no permutes) | stages 3-4 |
 //! | [`act`] | vectorisable exp / SiLU / erf-GELU | everywhere |
 //!

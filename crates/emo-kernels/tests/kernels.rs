@@ -243,32 +243,49 @@ fn fused_ln_matmul_and_dw_matmul_match_composed_references() {
 }
 
 #[test]
-fn in_place_dw_matmul_matches_the_out_of_place_kernel() {
-    use emo_kernels::fused::{dw_matmul, dw_matmul_in_place, dw_matmul_in_place_ranges};
-    // The stem block at 224x224 (112x112x24), odd and tiny maps, and k = 5, in the default
-    // split and in 2, 3 and 5 row ranges (ranges, bands, halos and a last short band all occur).
-    for (h, w, c, k) in
-        [(112, 112, 24, 3), (37, 5, 24, 3), (13, 4, 8, 3), (1, 1, 8, 3), (2, 3, 16, 3), (45, 13, 24, 5), (9, 9, 16, 5)]
-    {
+fn fused_stem_matches_composed_references() {
+    use emo_kernels::fused::{conv_dw_mean, conv_dw_mean_ranges, matmul_in_place};
+    // The stem at 224x224 (3 -> 24, 112x112 out), odd and tiny inputs, and a k = 5 depthwise,
+    // in the default split and in 2, 3 and 5 row ranges (range borders, bands, a short last band).
+    for (h, w, c, k) in [(224, 224, 24, 3), (37, 11, 24, 3), (1, 1, 8, 3), (3, 5, 16, 3), (45, 27, 24, 5)] {
+        let cg = DwGeom { k: 3, stride: 2, pad: 1 };
         let g = DwGeom { k, stride: 1, pad: k / 2 };
-        let x = rnd(h * w * c, 40);
-        let (dw_t, dw_b) = (rnd(c * k * k, 41), rnd(c, 42));
+        let (oh, ow) = (cg.out_len(h), cg.out_len(w));
+        let x = rnd(3 * h * w, 50);
+        let (wt, bias) = (rnd(c * 3 * 9, 51), rnd(c, 52));
+        let (dw_t, dw_b) = (rnd(c * k * k, 53), rnd(c, 54));
+        let proj = Weight::from_torch(&rnd(c * c, 55), c, c);
+        // references: NCHW -> NHWC input, conv, depthwise + SiLU, channel means, projection
+        let mut nhwc = vec![0.0; x.len()];
+        for p in 0..h * w {
+            for ch in 0..3 {
+                nhwc[p * 3 + ch] = x[ch * h * w + p];
+            }
+        }
+        let conv_out = reference::conv2d(&nhwc, 1, h, w, 3, &wt, &bias, c, cg, Act::None);
+        let y_want = reference::depthwise(&conv_out, 1, oh, ow, c, &dw_t, &dw_b, g, Act::Silu, false);
+        let mean_want: Vec<f32> =
+            (0..c).map(|ch| y_want.iter().skip(ch).step_by(c).sum::<f32>() / (oh * ow) as f32).collect();
+        let mut p_want = vec![0.0; y_want.len()];
+        matmul_reference(&y_want, c, oh * ow, &proj, None, Act::None, None, &mut p_want, c);
+        let packed = conv::weight_from_torch(&wt, c, 3, 3);
         let dw_w = dwconv::weight_from_torch(&dw_t, c, k);
-        let proj = Weight::from_torch(&rnd(c * c, 43), c, c);
-        let mut want = vec![0.0; h * w * c];
-        dw_matmul(&x, 1, h, w, c, &dw_w, &dw_b, g, Act::Silu, false, &proj, None, &mut want);
         for l in available() {
-            let mut got = x.clone();
-            with_level(l, || dw_matmul_in_place(&mut got, h, w, c, &dw_w, &dw_b, g, Act::Silu, &proj));
-            let d = max_diff(&got, &want);
-            assert!(d < 1e-5, "{l:?} {h}x{w}x{c} k{k}: {d}");
-            for ranges in [2, 3, 5] {
-                let mut got = x.clone();
+            for ranges in [0, 2, 3, 5] {
+                let (mut y, mut mean) = (vec![f32::NAN; oh * ow * c], vec![f32::NAN; c]);
                 with_level(l, || {
-                    dw_matmul_in_place_ranges(&mut got, h, w, c, &dw_w, &dw_b, g, Act::Silu, &proj, ranges)
+                    let args = (&x, true, h, w, 3, &packed, &bias, cg, &dw_w, &dw_b, g, Act::Silu);
+                    if ranges == 0 {
+                        conv_dw_mean(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9, args.10, args.11, &mut y, &mut mean)
+                    } else {
+                        conv_dw_mean_ranges(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9, args.10, args.11, &mut y, &mut mean, ranges)
+                    }
                 });
-                let d = max_diff(&got, &want);
-                assert!(d < 1e-5, "{l:?} {h}x{w}x{c} k{k} in {ranges} ranges: {d}");
+                let (dy, dm) = (max_diff(&y, &y_want), max_diff(&mean, &mean_want));
+                assert!(dy < 2e-5 && dm < 2e-5, "{l:?} {h}x{w}x{c} k{k} ranges {ranges}: y {dy}, mean {dm}");
+                with_level(l, || matmul_in_place(&mut y, oh * ow, &proj));
+                let d = max_diff(&y, &p_want);
+                assert!(d < 2e-5, "{l:?} {h}x{w}x{c} k{k} ranges {ranges}: projection {d}");
             }
         }
     }
