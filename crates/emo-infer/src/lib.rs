@@ -432,7 +432,10 @@ impl Engine {
                 grow(x, batch * hh * ww * c0),
             );
         }
-        drop(input); // an owned input is not needed past the stem
+        // A one-shot run (owned input) frees what it no longer needs: the input past the stem,
+        // and below, buffers sized for larger maps than any block still to come.
+        let one_shot = matches!(input, Cow::Owned(_));
+        drop(input);
         let mut features = Vec::new();
         let keep = |stage: usize, data: &[f32], hh: usize, ww: usize, c: usize, features: &mut Vec<_>| {
             if out_indices.contains(&stage) {
@@ -456,13 +459,30 @@ impl Engine {
             }
             let p = batch * hh * ww;
             let xcur = &x[..p * s.dim_in];
-            // A downsampling block on a large map runs as one fused region (AVX-512 only).
             let (oh, ow) = (blk.dw.out_len(hh), blk.dw.out_len(ww));
             let po = batch * oh * ow;
-            // The stem block (no expansion, SE, no residual) is computed over its input: the
-            // largest map of the network is stored once.
-            let fused = match (&blk.ln, &blk.se, &blk.v) {
-                (None, None, Some((wv, bv))) if blk.dw.stride == 2 && blk.dw.k == 3 && oh >= 16 => {
+            // A downsampling block on a large map runs as one fused region (AVX-512 only),
+            // without a full expanded map.
+            let fuse = blk.ln.is_none()
+                && blk.se.is_none()
+                && blk.v.is_some()
+                && blk.dw.stride == 2
+                && blk.dw.k == 3
+                && oh >= 16
+                && emo_kernels::isa::level() == emo_kernels::isa::Level::Avx512;
+            if one_shot {
+                // A one-shot run releases a buffer larger than this block needs (the stem-
+                // resolution map, 1.2 MB for EMO-1M, after stage 1's first block) rather than
+                // keeping it to the end; a later block that needs more allocates again.
+                let need_e = if fuse { 0 } else { p * s.dim_mid };
+                for (v, need) in [(&mut *out, po * s.dim_out), (&mut *e, need_e)] {
+                    if v.capacity() > need {
+                        *v = Vec::new();
+                    }
+                }
+            }
+            let fused = match &blk.v {
+                Some((wv, bv)) if fuse => {
                     let o = grow(out, po * s.dim_out);
                     v_dw_matmul(
                         xcur,

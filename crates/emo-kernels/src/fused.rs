@@ -105,8 +105,8 @@ thread_local! {
 }
 
 /// The whole downsampling iRMB body in one region, at the AVX-512 level:
-/// `e = act(x · V + b)` on just the input rows a band of output rows needs (halo rows are
-/// recomputed), `y = SiLU(dw(e))`, `out = y · P`. The expanded map is never materialised in
+/// `e = act(x · V + b)` on just the input rows a few output rows need (a rolling window of
+/// expanded rows per thread), `y = SiLU(dw(e))`, `out = y · P`. The expanded map is never materialised in
 /// full. Returns `false` (doing nothing) when not at the AVX-512 level.
 ///
 /// `x`: `[batch, h, w, V.k]`; `out`: `[batch, oh, ow, P.n]`; no residuals (stride-2 blocks).
@@ -137,43 +137,67 @@ pub fn v_dw_matmul(
             && proj.k == c
             && dw_w.len() >= g.k * g.k * c
     );
-    // Bands of up to 8 output rows whose expanded input rows fit in ~320 KB of per-thread
-    // scratch (the stem-side blocks at 224x224 get 3-4 rows: halo recompute <= 1/6 of the v GEMM).
-    let rows_fit = (320 * 1024 / (w * c * 4).max(1)).max(g.k + g.stride);
-    let by_mem = (rows_fit - g.k) / g.stride + 1;
-    let band = oh.div_ceil(2 * num_threads()).clamp(4, 8).min(by_mem).clamp(1, oh);
-    let per_img = oh.div_ceil(band);
+    // Each task takes a range of output rows of one image and walks it a few rows at a time,
+    // keeping the expanded rows it computed in a rolling window: every expanded row is computed
+    // once (twice at a range border, for the `k - stride` rows ranges share), and the window
+    // holds only the rows a step needs (~3 rows of 43 KB for EMO-1M stage 1).
+    let rowlen = w * c;
+    let overlap = g.k.saturating_sub(g.stride);
+    let fit = (160 * 1024 / (rowlen * 4).max(1)).max(g.k);
+    let band = (fit.saturating_sub(overlap) / g.stride).clamp(1, oh.max(1));
+    let ranges = num_threads().min(oh.div_ceil(4)).max(1);
+    let per = oh.div_ceil(ranges);
     let op = SendPtr(out.as_mut_ptr());
-    crate::pool::parallel_for(batch * per_img, |t| {
+    crate::pool::parallel_for(batch * ranges, |t| {
         let op = op;
-        let (b, bi) = (t / per_img, t % per_img);
-        let (oy0, oy1) = (bi * band, ((bi + 1) * band).min(oh));
-        let iy0 = (oy0 * g.stride).saturating_sub(g.pad);
-        let iy1 = ((oy1 - 1) * g.stride + g.k).saturating_sub(g.pad).min(h);
-        let rows_in = iy1 - iy0;
+        let (b, ri) = (t / ranges, t % ranges);
+        let (oy0, oy1) = (ri * per, ((ri + 1) * per).min(oh));
+        if oy0 >= oy1 {
+            return;
+        }
         BAND.with(|sc| {
-            let (e, y) = &mut *sc.borrow_mut();
-            crate::grow_exact(e, rows_in * w * c);
-            crate::grow_exact(y, (oy1 - oy0) * ow * c);
-            let xs = &x[(b * h + iy0) * w * cin..(b * h + iy1) * w * cin];
-            crate::isa::with_level_unchecked(level, || {
-                matmul_st(xs, cin, rows_in * w, v, Some(v_bias), v_act, None, e, c)
-            });
-            // `e` holds input rows iy0..iy1: point the kernel at its virtual row 0.
-            let base = e.as_ptr().wrapping_sub(iy0 * w * c);
-            for oy in oy0..oy1 {
-                let row = &mut y[(oy - oy0) * ow * c..(oy - oy0 + 1) * ow * c];
-                // SAFETY: AVX-512F available; the rows read (iy0..iy1) are inside `e`.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    crate::dwconv::dw_row_512(base, h, w, c, dw_w, dw_b, g, oy, Act::Silu, false, row)
-                };
+            let (win, y) = &mut *sc.borrow_mut();
+            crate::grow_exact(win, (band * g.stride + overlap) * rowlen);
+            crate::grow_exact(y, band * ow * c);
+            // The window holds expanded rows ws..we of image b.
+            let (mut ws, mut we) = (0, 0);
+            let mut a = oy0;
+            while a < oy1 {
+                let e_ = (a + band).min(oy1);
+                let need_s = (a * g.stride).saturating_sub(g.pad);
+                let need_e = ((e_ - 1) * g.stride + g.k).saturating_sub(g.pad).min(h);
+                if we <= need_s {
+                    (ws, we) = (need_s, need_s);
+                } else if need_s > ws {
+                    win.copy_within((need_s - ws) * rowlen..(we - ws) * rowlen, 0);
+                    ws = need_s;
+                }
+                if need_e > we {
+                    let xs = &x[(b * h + we) * w * cin..(b * h + need_e) * w * cin];
+                    let dst = &mut win[(we - ws) * rowlen..(need_e - ws) * rowlen];
+                    crate::isa::with_level_unchecked(level, || {
+                        matmul_st(xs, cin, (need_e - we) * w, v, Some(v_bias), v_act, None, dst, c)
+                    });
+                    we = need_e;
+                }
+                // The window holds rows ws..we: point the kernel at its virtual row 0.
+                let base = win.as_ptr().wrapping_sub(ws * rowlen);
+                for oy in a..e_ {
+                    let row = &mut y[(oy - a) * ow * c..(oy - a + 1) * ow * c];
+                    // SAFETY: AVX-512F available; the rows this output row reads
+                    // (clipped to 0..h) lie in ws..we, inside the window.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        crate::dwconv::dw_row_512(base, h, w, c, dw_w, dw_b, g, oy, Act::Silu, false, row)
+                    };
+                }
+                // SAFETY: this task owns output rows a..e_ of image b.
+                let ob = unsafe { std::slice::from_raw_parts_mut(op.0.add((b * oh + a) * ow * n), (e_ - a) * ow * n) };
+                crate::isa::with_level_unchecked(level, || {
+                    matmul_st(&y[..(e_ - a) * ow * c], c, (e_ - a) * ow, proj, None, Act::None, None, ob, n)
+                });
+                a = e_;
             }
-            // SAFETY: this task owns output rows oy0..oy1 of image b.
-            let ob = unsafe { std::slice::from_raw_parts_mut(op.0.add((b * oh + oy0) * ow * n), (oy1 - oy0) * ow * n) };
-            crate::isa::with_level_unchecked(level, || {
-                matmul_st(y, c, (oy1 - oy0) * ow, proj, None, Act::None, None, ob, n)
-            });
         });
     });
     true
