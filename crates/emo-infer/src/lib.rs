@@ -411,7 +411,22 @@ impl Engine {
                 let mut mean = vec![0.0; c];
                 let img = &input[b * cin * h * w..(b + 1) * cin * h * w];
                 let (dw_w, dw_b) = (&first.dw_w, &first.dw_b);
-                conv_dw_mean(img, true, h, w, cin, &self.stem_w, &self.stem_b, self.stem, dw_w, dw_b, first.dw, KAct::Silu, y, &mut mean);
+                conv_dw_mean(
+                    img,
+                    true,
+                    h,
+                    w,
+                    cin,
+                    &self.stem_w,
+                    &self.stem_b,
+                    self.stem,
+                    dw_w,
+                    dw_b,
+                    first.dw,
+                    KAct::Silu,
+                    y,
+                    &mut mean,
+                );
                 self.tick(0, &mut clock);
                 matmul_in_place(y, hh * ww, &se_gated_proj(first, se, &mean));
             }
@@ -484,20 +499,7 @@ impl Engine {
             let fused = match &blk.v {
                 Some((wv, bv)) if fuse => {
                     let o = grow(out, po * s.dim_out);
-                    v_dw_matmul(
-                        xcur,
-                        batch,
-                        hh,
-                        ww,
-                        wv,
-                        bv,
-                        kact(s.act),
-                        &blk.dw_w,
-                        &blk.dw_b,
-                        blk.dw,
-                        &blk.proj,
-                        o,
-                    )
+                    v_dw_matmul(xcur, batch, hh, ww, wv, bv, kact(s.act), &blk.dw_w, &blk.dw_b, blk.dw, &blk.proj, o)
                 }
                 _ => false,
             };

@@ -44,6 +44,26 @@ fn engine_matches_official_outputs_for_all_variants() {
             let x = io.get("input").unwrap();
             let [b, _, h, w] = x.shape[..] else { panic!() };
             let out = engine.run_with(x.as_f32().unwrap(), b, h, w, &[0, 1, 2, 3, 4], true).unwrap();
+            // The one-shot path for one image (which frees the input and oversized buffers as it
+            // goes) gives the same result as a normal run, and so does a normal run after it
+            // (its buffers grown again).
+            // (Partial sums of several threads may be combined in any order: not bit-exact.)
+            let same = |a: &emo_infer::Output, b: &emo_infer::Output, what: &str| {
+                assert_eq!(a.features.len(), b.features.len());
+                for (fa, fb) in a.features.iter().zip(&b.features) {
+                    assert!(fa.1 == fb.1 && max_abs_diff(&fa.2, &fb.2) <= 1e-5, "{v} {size} {what}: stage{}", fa.0);
+                }
+                let d = max_abs_diff(a.logits.as_ref().unwrap(), b.logits.as_ref().unwrap());
+                assert!(d <= 1e-5, "{v} {size} {what}: logits {d}");
+            };
+            let img0 = &x.as_f32().unwrap()[..3 * h * w];
+            let one = engine.run_with(img0, 1, h, w, &[0, 1, 2, 3, 4], true).unwrap();
+            let l0 = &out.logits.as_ref().unwrap()[..one.logits.as_ref().unwrap().len()];
+            assert!(max_abs_diff(one.logits.as_ref().unwrap(), l0) <= 1e-5, "{v} {size}: batch 1 vs batch {b}");
+            let owned = engine.run_owned(img0.to_vec(), 1, h, w, &[0, 1, 2, 3, 4], true).unwrap();
+            same(&owned, &one, "run_owned");
+            let again = engine.run_with(img0, 1, h, w, &[0, 1, 2, 3, 4], true).unwrap();
+            same(&again, &one, "run_with after run_owned");
             for (i, shape, data) in &out.features {
                 let want = io.get(&format!("feat.stage{i}")).unwrap();
                 assert_eq!(&shape[..], &want.shape[..], "{v} {size} stage{i}");

@@ -176,7 +176,8 @@ pub fn window_attention(
                         if packed {
                             qd.iter_mut().for_each(|v| *v *= scale);
                             let (pk, j) = (tok / NR, tok % NR);
-                            let (ks, xv) = (&qkp[c + hd * dh..c + (hd + 1) * dh], &x[p * c + hd * dh..p * c + (hd + 1) * dh]);
+                            let (ks, xv) =
+                                (&qkp[c + hd * dh..c + (hd + 1) * dh], &x[p * c + hd * dh..p * c + (hd + 1) * dh]);
                             // SAFETY: kt holds l.div_ceil(NR) panels of [dh, NR] and v
                             // dh.div_ceil(NR) panels of [l, NR] (fitted above); tok < l, d < dh.
                             unsafe {

@@ -209,7 +209,10 @@ unsafe fn dw_row_512_k<const K: usize, const S: usize>(
                 let a1 = crate::act::avx512::act(act, a1);
                 let (a0, a1) = if residual {
                     let src = ip.add((oy * w + ox) * c + cb);
-                    (_mm512_add_ps(a0, _mm512_maskz_loadu_ps(m0, src)), _mm512_add_ps(a1, _mm512_maskz_loadu_ps(m1, src.add(16))))
+                    (
+                        _mm512_add_ps(a0, _mm512_maskz_loadu_ps(m0, src)),
+                        _mm512_add_ps(a1, _mm512_maskz_loadu_ps(m1, src.add(16))),
+                    )
                 } else {
                     (a0, a1)
                 };

@@ -327,7 +327,21 @@ pub fn conv_dw_mean_ranges(
                 }
                 for r in we..need_e {
                     let row = &mut win[(r - ws) * rowlen..(r - ws + 1) * rowlen];
-                    crate::conv::conv_row_level(level, input, h, w, cin, strides, conv_w, conv_b, c, conv_g, r, Act::None, row);
+                    crate::conv::conv_row_level(
+                        level,
+                        input,
+                        h,
+                        w,
+                        cin,
+                        strides,
+                        conv_w,
+                        conv_b,
+                        c,
+                        conv_g,
+                        r,
+                        Act::None,
+                        row,
+                    );
                 }
                 we = need_e;
                 let img = &win[..(we - ws) * rowlen];

@@ -276,9 +276,15 @@ fn fused_stem_matches_composed_references() {
                 with_level(l, || {
                     let args = (&x, true, h, w, 3, &packed, &bias, cg, &dw_w, &dw_b, g, Act::Silu);
                     if ranges == 0 {
-                        conv_dw_mean(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9, args.10, args.11, &mut y, &mut mean)
+                        conv_dw_mean(
+                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9, args.10,
+                            args.11, &mut y, &mut mean,
+                        )
                     } else {
-                        conv_dw_mean_ranges(args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9, args.10, args.11, &mut y, &mut mean, ranges)
+                        conv_dw_mean_ranges(
+                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9, args.10,
+                            args.11, &mut y, &mut mean, ranges,
+                        )
                     }
                 });
                 let (dy, dm) = (max_diff(&y, &y_want), max_diff(&mean, &mean_want));
