@@ -257,7 +257,9 @@ impl Engine {
     pub fn profile(&self) -> Vec<(String, f64)> {
         let Some(p) = &self.profile else { return Vec::new() };
         let t = p.lock().unwrap();
-        let mut names = vec!["stem conv".to_string()];
+        // With the stem conv and the stem block fused (EMO's layout), "stem" holds the conv and
+        // the block's depthwise half, and the block's own entry its gated projection.
+        let mut names = vec!["stem".to_string()];
         names.extend(self.blocks.iter().map(|b| b.spec.name.clone()));
         names.push("head".into());
         names.into_iter().zip(t.iter().copied()).collect()
