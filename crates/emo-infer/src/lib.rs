@@ -20,7 +20,9 @@ use emo_kernels::Act as KAct;
 use emo_kernels::attention::window_attention;
 use emo_kernels::conv::{self, channel_mean, conv2d, linear};
 use emo_kernels::dwconv::{self, DwGeom};
-use emo_kernels::fused::{conv_dw_mean, dw_channel_mean, dw_matmul, ln_matmul, matmul_in_place, v_dw_matmul};
+use emo_kernels::fused::{
+    conv_dw_mean, dw_channel_mean, dw_matmul, ln_matmul, matmul_in_place, v_dw_matmul, v_dw_matmul_available,
+};
 use emo_kernels::gemm::{Weight, matmul};
 use emo_kernels::norm::layer_norm;
 use emo_spec::{Act, BlockSpec, EmoConfig, NORM_EPS, Norm};
@@ -405,7 +407,7 @@ impl Engine {
         // stem conv: the conv's output is never stored, and the largest map of the network is
         // written once (as the depthwise output, then projected in place).
         let first = &self.blocks[0];
-        let fused_stem = last_stage >= first.spec.stage && Self::is_stem_block(first, hh, ww);
+        let fused_stem = Self::is_stem_block(first, hh, ww);
         if fused_stem {
             let (se, c) = (first.se.as_ref().expect("an SE block"), first.spec.dim_mid);
             let xb = grow(x, batch * hh * ww * c0);
@@ -486,7 +488,7 @@ impl Engine {
                 && blk.dw.stride == 2
                 && blk.dw.k == 3
                 && oh >= 16
-                && emo_kernels::isa::level() == emo_kernels::isa::Level::Avx512;
+                && v_dw_matmul_available();
             if one_shot {
                 // A one-shot run releases a buffer larger than this block needs (the stem-
                 // resolution map, 1.2 MB for EMO-1M, after stage 1's first block) rather than
@@ -498,15 +500,26 @@ impl Engine {
                     }
                 }
             }
-            let fused = match &blk.v {
+            match &blk.v {
                 Some((wv, bv)) if fuse => {
                     let o = grow(out, po * s.dim_out);
-                    v_dw_matmul(xcur, batch, hh, ww, wv, bv, kact(s.act), &blk.dw_w, &blk.dw_b, blk.dw, &blk.proj, o)
+                    let ran = v_dw_matmul(
+                        xcur,
+                        batch,
+                        hh,
+                        ww,
+                        wv,
+                        bv,
+                        kact(s.act),
+                        &blk.dw_w,
+                        &blk.dw_b,
+                        blk.dw,
+                        &blk.proj,
+                        o,
+                    );
+                    debug_assert!(ran, "v_dw_matmul_available said it runs");
                 }
-                _ => false,
-            };
-            if !fused {
-                self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e));
+                _ => self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e)),
             }
             std::mem::swap(x, out);
             // `out` and `e` are both free between blocks: keep the larger allocation (the

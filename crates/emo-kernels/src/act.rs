@@ -167,6 +167,27 @@ multiversion! {
     }
 }
 
+/// Per-channel sums that parallel tasks add their partial sums into, read out as means.
+pub(crate) struct ChannelSums(std::sync::Mutex<Vec<f32>>);
+
+impl ChannelSums {
+    pub(crate) fn new(c: usize) -> Self {
+        ChannelSums(std::sync::Mutex::new(vec![0.0; c]))
+    }
+
+    /// Add one task's partial sums.
+    pub(crate) fn add(&self, level: crate::isa::Level, partial: &[f32]) {
+        add_at(level, &mut self.0.lock().unwrap(), partial);
+    }
+
+    /// The means over `count` pixels, into `out` (`[c]`).
+    pub(crate) fn means_into(self, count: usize, out: &mut [f32]) {
+        for (o, s) in out.iter_mut().zip(self.0.into_inner().unwrap()) {
+            *o = s / count as f32;
+        }
+    }
+}
+
 multiversion! {
     /// `y += x` elementwise.
     pub fn add / add_at(y: &mut [f32], x: &[f32]) {

@@ -121,17 +121,14 @@ pub fn channel_mean(x: &[f32], batch: usize, pixels: usize, c: usize, out: &mut 
     let chunks = (pixels / 512).clamp(1, 4 * crate::pool::num_threads());
     let per = pixels.div_ceil(chunks);
     for b in 0..batch {
-        let partial = std::sync::Mutex::new(vec![0f32; c]);
+        let sums = crate::act::ChannelSums::new(c);
         crate::pool::parallel_for(chunks, |i| {
             let mut acc = vec![0f32; c];
             let (p0, p1) = (i * per, ((i + 1) * per).min(pixels));
             crate::act::add_pixels_at(level, &mut acc, &x[(b * pixels + p0) * c..(b * pixels + p1) * c]);
-            crate::act::add_at(level, &mut partial.lock().unwrap(), &acc);
+            sums.add(level, &acc);
         });
-        let sums = partial.into_inner().unwrap();
-        for (o, s) in out[b * c..(b + 1) * c].iter_mut().zip(sums) {
-            *o = s / pixels as f32;
-        }
+        sums.means_into(pixels, &mut out[b * c..(b + 1) * c]);
     }
 }
 

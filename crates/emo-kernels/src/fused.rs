@@ -100,8 +100,24 @@ pub fn dw_matmul(
     });
 }
 
+/// Move a rolling window of map rows `ws..we` (stored from the start of `win`, `rowlen` values
+/// each) to start at row `from`: rows before `from` are dropped and the rest moved to the front.
+/// The caller then computes the rows from `we` on.
+fn slide_window(win: &mut [f32], rowlen: usize, (ws, we): (&mut usize, &mut usize), from: usize) {
+    if from > *ws {
+        let keep = (*we).max(from) - from;
+        win.copy_within((*we - keep - *ws) * rowlen..(*we - *ws) * rowlen, 0);
+        (*ws, *we) = (from, from + keep);
+    }
+}
+
 thread_local! {
     static BAND: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = std::cell::RefCell::new(Default::default());
+}
+
+/// Whether [`v_dw_matmul`] runs at the current ISA level (AVX-512 only).
+pub fn v_dw_matmul_available() -> bool {
+    cfg!(target_arch = "x86_64") && crate::isa::level() == crate::isa::Level::Avx512
 }
 
 /// The whole downsampling iRMB body in one region, at the AVX-512 level:
@@ -125,10 +141,10 @@ pub fn v_dw_matmul(
     proj: &Weight,
     out: &mut [f32],
 ) -> bool {
-    let level = crate::isa::level();
-    if !cfg!(target_arch = "x86_64") || level != crate::isa::Level::Avx512 {
+    if !v_dw_matmul_available() {
         return false;
     }
+    let level = crate::isa::level();
     let (cin, c, n) = (v.k, v.n, proj.n);
     let (oh, ow) = (g.out_len(h), g.out_len(w));
     assert!(
@@ -166,12 +182,7 @@ pub fn v_dw_matmul(
                 let e_ = (a + band).min(oy1);
                 let need_s = (a * g.stride).saturating_sub(g.pad);
                 let need_e = ((e_ - 1) * g.stride + g.k).saturating_sub(g.pad).min(h);
-                if we <= need_s {
-                    (ws, we) = (need_s, need_s);
-                } else if need_s > ws {
-                    win.copy_within((need_s - ws) * rowlen..(we - ws) * rowlen, 0);
-                    ws = need_s;
-                }
+                slide_window(win, rowlen, (&mut ws, &mut we), need_s);
                 if need_e > we {
                     let xs = &x[(b * h + we) * w * cin..(b * h + need_e) * w * cin];
                     let dst = &mut win[(we - ws) * rowlen..(need_e - ws) * rowlen];
@@ -226,7 +237,7 @@ pub fn dw_channel_mean(
     let band = oh.div_ceil(bands);
     for b in 0..batch {
         let img = &e[b * h * w * c..(b + 1) * h * w * c];
-        let sums = std::sync::Mutex::new(vec![0f32; c]);
+        let sums = crate::act::ChannelSums::new(c);
         crate::pool::parallel_for(oh.div_ceil(band), |bi| {
             let mut acc = vec![0f32; c];
             let mut row = vec![0f32; ow * c];
@@ -234,12 +245,9 @@ pub fn dw_channel_mean(
                 dw_row_level(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, &mut row);
                 crate::act::add_pixels_at(level, &mut acc, &row);
             }
-            crate::act::add_at(level, &mut sums.lock().unwrap(), &acc);
+            sums.add(level, &acc);
         });
-        let sums = sums.into_inner().unwrap();
-        for (o, s) in out[b * c..(b + 1) * c].iter_mut().zip(sums) {
-            *o = s / (oh * ow) as f32;
-        }
+        sums.means_into(oh * ow, &mut out[b * c..(b + 1) * c]);
     }
 }
 
@@ -306,7 +314,7 @@ pub fn conv_dw_mean_ranges(
     let rowlen = cw * c;
     let band = 8usize.max(p);
     let per = ch.div_ceil(ranges.clamp(1, ch.max(1)));
-    let sums = std::sync::Mutex::new(vec![0f32; c]);
+    let sums = crate::act::ChannelSums::new(c);
     parallel_chunks_mut(&mut y[..ch * rowlen], per * rowlen, |i, yr| {
         let (r0, r1) = (i * per, i * per + yr.len() / rowlen);
         let mut acc = vec![0f32; c];
@@ -319,12 +327,7 @@ pub fn conv_dw_mean_ranges(
             while a < r1 {
                 let b = (a + band).min(r1);
                 let (need_s, need_e) = (a.saturating_sub(p), (b + p).min(ch));
-                if need_s > ws {
-                    let keep = we.max(need_s) - need_s;
-                    win.copy_within((we - keep - ws) * rowlen..(we - ws) * rowlen, 0);
-                    ws = need_s;
-                    we = ws + keep;
-                }
+                slide_window(win, rowlen, (&mut ws, &mut we), need_s);
                 for r in we..need_e {
                     let row = &mut win[(r - ws) * rowlen..(r - ws + 1) * rowlen];
                     crate::conv::conv_row_level(
@@ -353,12 +356,9 @@ pub fn conv_dw_mean_ranges(
                 a = b;
             }
         });
-        crate::act::add_at(level, &mut sums.lock().unwrap(), &acc);
+        sums.add(level, &acc);
     });
-    let n = (ch * cw) as f32;
-    for (m, s) in mean.iter_mut().zip(sums.into_inner().unwrap()) {
-        *m = s / n;
-    }
+    sums.means_into(ch * cw, mean);
 }
 
 /// `x = x · P` in place for `pixels` rows of `P.k == P.n` channels (a 1x1 conv), band by band
