@@ -488,13 +488,14 @@ pub fn normalize_into(rgb: &[u8], h: usize, w: usize, out: &mut Vec<f32>) {
     }
 }
 
-/// Training augmentation shared by both tasks: horizontal flip and mmdet's photometric
-/// distortion (brightness +-32, contrast 0.5-1.5, each with probability 0.5).
+/// Training augmentation shared by both tasks: horizontal flip (p 0.5), then
+/// [`photometric_distortion`] (with mmdet's channel swap for detection, without for
+/// segmentation as in mmseg).
 pub fn augment(
     rng: &mut Rng,
     rgb: &mut [u8],
-    label: Option<&mut [u8]>,
-    boxes: Option<&mut [BBox]>,
+    mut label: Option<&mut [u8]>,
+    mut boxes: Option<&mut [BBox]>,
     h: usize,
     w: usize,
 ) {
@@ -506,22 +507,106 @@ pub fn augment(
                 }
             }
         }
-        if let Some(l) = label {
+        if let Some(l) = label.as_deref_mut() {
             for y in 0..h {
                 l[y * w..(y + 1) * w].reverse();
             }
         }
-        if let Some(bs) = boxes {
+        if let Some(bs) = boxes.as_deref_mut() {
             for b in bs.iter_mut() {
                 *b = [w as f32 - b[2], b[1], w as f32 - b[0], b[3]];
             }
         }
     }
-    let delta = if rng.uniform() < 0.5 { 64.0 * (rng.uniform() - 0.5) } else { 0.0 };
-    let alpha = if rng.uniform() < 0.5 { 0.5 + rng.uniform() } else { 1.0 };
-    if delta != 0.0 || alpha != 1.0 {
-        rgb.iter_mut().for_each(|v| *v = ((*v as f32 + delta) * alpha).round().clamp(0.0, 255.0) as u8);
+    let detection = boxes.is_some();
+    photometric_distortion(rng, rgb, if detection { 18.0 } else { 36.0 }, detection);
+}
+
+/// mmdet / mmseg `PhotoMetricDistortion` on an RGB u8 image, each step with probability 0.5:
+/// brightness +-32; contrast x0.5-1.5, before or after the colour steps (chosen at random);
+/// saturation x0.5-1.5 and hue +-`hue_delta` degrees in HSV; and with `swap_channels`
+/// (mmdet only) a random permutation of the three channels. Values are clipped to 0-255 after
+/// each step, as mmseg does on its uint8 images. mmdet's hue delta is 18 degrees; mmseg's 18 is
+/// in OpenCV's uint8 hue units of 2 degrees, i.e. 36 degrees.
+pub fn photometric_distortion(rng: &mut Rng, rgb: &mut [u8], hue_delta: f32, swap_channels: bool) {
+    let brightness = if rng.uniform() < 0.5 { Some(64.0 * (rng.uniform() - 0.5)) } else { None };
+    let contrast_first = rng.uniform() < 0.5;
+    let contrast = if rng.uniform() < 0.5 { Some(0.5 + rng.uniform()) } else { None };
+    let saturation = if rng.uniform() < 0.5 { Some(0.5 + rng.uniform()) } else { None };
+    let hue = if rng.uniform() < 0.5 { Some(hue_delta * (2.0 * rng.uniform() - 1.0)) } else { None };
+    let perm: [usize; 3] = if swap_channels && rng.uniform() < 0.5 {
+        const PERMS: [[usize; 3]; 6] = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+        PERMS[rng.below(6) as usize]
+    } else {
+        [0, 1, 2]
+    };
+    if brightness.is_none() && contrast.is_none() && saturation.is_none() && hue.is_none() && perm == [0, 1, 2] {
+        return;
     }
+    let clip = |v: f32| v.clamp(0.0, 255.0);
+    for px in rgb.chunks_exact_mut(3) {
+        let mut p = [px[0] as f32, px[1] as f32, px[2] as f32];
+        if let Some(d) = brightness {
+            p = p.map(|v| clip(v + d));
+        }
+        if let (true, Some(a)) = (contrast_first, contrast) {
+            p = p.map(|v| clip(v * a));
+        }
+        if saturation.is_some() || hue.is_some() {
+            let (mut hh, mut ss, vv) = rgb_to_hsv(p);
+            if let Some(a) = saturation {
+                ss = (ss * a).clamp(0.0, 1.0);
+            }
+            if let Some(d) = hue {
+                hh = (hh + d).rem_euclid(360.0);
+            }
+            p = hsv_to_rgb(hh, ss, vv).map(clip);
+        }
+        if let (false, Some(a)) = (contrast_first, contrast) {
+            p = p.map(|v| clip(v * a));
+        }
+        for c in 0..3 {
+            px[c] = p[perm[c]].round() as u8;
+        }
+    }
+}
+
+/// RGB (0-255) to hue in degrees [0, 360), saturation [0, 1] and value (0-255), as OpenCV's
+/// float conversion.
+pub fn rgb_to_hsv(p: [f32; 3]) -> (f32, f32, f32) {
+    let [r, g, b] = p;
+    let v = r.max(g).max(b);
+    let m = r.min(g).min(b);
+    let d = v - m;
+    let s = if v > 0.0 { d / v } else { 0.0 };
+    if d <= 0.0 {
+        return (0.0, s, v);
+    }
+    let h = if v == r {
+        60.0 * (g - b) / d
+    } else if v == g {
+        120.0 + 60.0 * (b - r) / d
+    } else {
+        240.0 + 60.0 * (r - g) / d
+    };
+    (h.rem_euclid(360.0), s, v)
+}
+
+/// The inverse of [`rgb_to_hsv`].
+pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> [f32; 3] {
+    let c = v * s;
+    let hp = h.rem_euclid(360.0) / 60.0;
+    let x = c * (1.0 - (hp % 2.0 - 1.0).abs());
+    let (r, g, b) = match hp as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    [r + m, g + m, b + m]
 }
 
 /// Resample the region `src` (x0, y0, x1, y1 in source pixels, may extend past the image) of an
@@ -638,16 +723,42 @@ pub fn ssd_geometry(
 }
 
 /// mmseg's geometry for segmentation: random rescale by 0.5-2.0 and a random crop back to the
-/// input (padding with ignore = 255), applied to the image and the label map together.
+/// input (padding with ignore = 255), applied to the image and the label map together. As in
+/// mmseg's `RandomCrop(cat_max_ratio=0.75)`, up to 10 crop positions are tried until no single
+/// class covers 75% or more of the crop's labelled pixels (and it holds more than one class); the
+/// last position is kept when none qualifies.
 pub fn seg_geometry(rng: &mut Rng, rgb: &mut Vec<u8>, label: &mut Vec<u8>, hw: (usize, usize)) {
+    seg_geometry_with(rng, rgb, label, hw, 0.75)
+}
+
+/// [`seg_geometry`] with another `cat_max_ratio`; 1.0 or more turns the check off (one crop).
+pub fn seg_geometry_with(
+    rng: &mut Rng,
+    rgb: &mut Vec<u8>,
+    label: &mut Vec<u8>,
+    hw: (usize, usize),
+    cat_max_ratio: f32,
+) {
     let s = 0.5 + 1.5 * rng.uniform();
     let (h, w) = (hw.0 as f32, hw.1 as f32);
     // The output window covers (h/s) x (w/s) source pixels, placed anywhere it overlaps.
     let (vw, vh) = (w / s, h / s);
-    let x0 = if vw <= w { rng.uniform() * (w - vw) } else { -rng.uniform() * (vw - w) };
-    let y0 = if vh <= h { rng.uniform() * (h - vh) } else { -rng.uniform() * (vh - h) };
-    let src = [x0, y0, x0 + vw, y0 + vh];
     let fill = MEAN.map(|m| m.round() as u8);
+    let mut lab = Vec::new();
+    let mut src = [0.0; 4];
+    for _ in 0..10 {
+        let x0 = if vw <= w { rng.uniform() * (w - vw) } else { -rng.uniform() * (vw - w) };
+        let y0 = if vh <= h { rng.uniform() * (h - vh) } else { -rng.uniform() * (vh - h) };
+        src = [x0, y0, x0 + vw, y0 + vh];
+        lab = resample(label, hw, 1, src, hw, &[255], true);
+        let mut counts = [0usize; 255];
+        lab.iter().filter(|&&v| v != 255).for_each(|&v| counts[v as usize] += 1);
+        let (classes, total) = (counts.iter().filter(|&&c| c > 0).count(), counts.iter().sum::<usize>());
+        let top = counts.iter().copied().max().unwrap_or(0);
+        if cat_max_ratio >= 1.0 || (classes > 1 && (top as f32) < cat_max_ratio * total as f32) {
+            break;
+        }
+    }
     *rgb = resample(rgb, hw, 3, src, hw, &fill, false);
-    *label = resample(label, hw, 1, src, hw, &[255], true);
+    *label = lab;
 }

@@ -242,3 +242,91 @@ fn geometric_augmentation_keeps_boxes_and_labels_consistent() {
     }
     assert!(changed > 50, "the augmentation rarely changes anything ({changed}/200)");
 }
+
+#[test]
+fn hsv_conversion_round_trips_and_matches_known_colours() {
+    use emo_dense::data::{hsv_to_rgb, rgb_to_hsv};
+    let (h, s, v) = rgb_to_hsv([255.0, 0.0, 0.0]);
+    assert!((h - 0.0).abs() < 1e-4 && (s - 1.0).abs() < 1e-6 && (v - 255.0).abs() < 1e-4);
+    let (h, _, _) = rgb_to_hsv([0.0, 255.0, 0.0]);
+    assert!((h - 120.0).abs() < 1e-3);
+    let (h, s, _) = rgb_to_hsv([120.0, 80.0, 60.0]);
+    assert!((h - 20.0).abs() < 1e-3 && (s - 0.5).abs() < 1e-6, "{h} {s}");
+    let g = hsv_to_rgb(120.0, 1.0, 255.0);
+    assert!(g[0].abs() < 1e-3 && (g[1] - 255.0).abs() < 1e-3 && g[2].abs() < 1e-3);
+    let mut rng = emo_train::rng::Rng::new(5);
+    for _ in 0..2000 {
+        let p = [0, 1, 2].map(|_| (rng.uniform() * 255.0).round());
+        let (h, s, v) = rgb_to_hsv(p);
+        assert!((0.0..360.0).contains(&h) && (0.0..=1.0).contains(&s) && (0.0..=255.0).contains(&v));
+        let q = hsv_to_rgb(h, s, v);
+        for c in 0..3 {
+            assert!((p[c] - q[c]).abs() < 1e-2, "{p:?} -> {q:?}");
+        }
+    }
+}
+
+#[test]
+fn photometric_distortion_shifts_hue_within_its_range_and_swaps_channels_only_for_detection() {
+    use emo_dense::data::{photometric_distortion, rgb_to_hsv};
+    let mut rng = emo_train::rng::Rng::new(9);
+    // (120, 90, 60): hue 30 degrees, saturation 0.5; brightness +-32 and contrast x0.5-1.5
+    // never clip it, so only the hue step moves the hue. A channel permutation moves it by at
+    // least 60 degrees.
+    let (mut moved, mut swapped, mut grey_kept) = (0, 0, 0);
+    for trial in 0..400 {
+        let det = trial % 2 == 0;
+        let mut img = vec![120u8, 90, 60, 90, 90, 90];
+        photometric_distortion(&mut rng, &mut img, if det { 18.0 } else { 36.0 }, det);
+        let p = [img[0] as f32, img[1] as f32, img[2] as f32];
+        grey_kept += (img[3] == img[4] && img[4] == img[5]) as usize;
+        let (h, _, _) = rgb_to_hsv(p);
+        let d = (h - 30.0 + 180.0).rem_euclid(360.0) - 180.0;
+        let limit = if det { 18.0 } else { 36.0 };
+        if det && d.abs() > limit + 3.0 {
+            swapped += 1;
+            continue;
+        }
+        assert!(d.abs() <= limit + 3.0, "hue moved by {d} (limit {limit}): {p:?}");
+        moved += (d.abs() > 4.0) as usize;
+    }
+    assert_eq!(grey_kept, 400, "grey stays grey under every step");
+    assert!(moved > 60, "the hue step rarely applies ({moved})");
+    assert!(swapped > 30, "detection's channel swap rarely applies ({swapped})");
+}
+
+#[test]
+fn seg_crop_with_cat_max_ratio_avoids_single_class_crops() {
+    use emo_dense::data::seg_geometry_with;
+    // Class 1 fills a 30x30 corner of a 64x64 map of background (class 0).
+    let hw = (64, 64);
+    let mut lab = vec![0u8; 64 * 64];
+    for y in 0..30 {
+        for x in 0..30 {
+            lab[y * 64 + x] = 1;
+        }
+    }
+    let rgb = vec![100u8; 64 * 64 * 3];
+    let good = |l: &[u8]| {
+        let (mut c0, mut c1) = (0usize, 0usize);
+        l.iter().for_each(|&v| match v {
+            0 => c0 += 1,
+            1 => c1 += 1,
+            _ => {}
+        });
+        c0 > 0 && c1 > 0 && (c0.max(c1) as f32) < 0.75 * (c0 + c1) as f32
+    };
+    let rate = |ratio: f32| {
+        let mut rng = emo_train::rng::Rng::new(4);
+        (0..300)
+            .filter(|_| {
+                let (mut r, mut l) = (rgb.clone(), lab.clone());
+                seg_geometry_with(&mut rng, &mut r, &mut l, hw, ratio);
+                good(&l)
+            })
+            .count()
+    };
+    let (with, without) = (rate(0.75), rate(1.0));
+    eprintln!("balanced crops: {with}/300 with cat_max_ratio 0.75, {without}/300 without");
+    assert!(with > without + 60, "cat_max_ratio 0.75: {with}/300 balanced crops, without: {without}/300");
+}
