@@ -494,7 +494,7 @@ pub fn normalize_into(rgb: &[u8], h: usize, w: usize, out: &mut Vec<f32>) {
 pub fn augment(
     rng: &mut Rng,
     rgb: &mut [u8],
-    mut label: Option<&mut [u8]>,
+    label: Option<&mut [u8]>,
     mut boxes: Option<&mut [BBox]>,
     h: usize,
     w: usize,
@@ -507,7 +507,7 @@ pub fn augment(
                 }
             }
         }
-        if let Some(l) = label.as_deref_mut() {
+        if let Some(l) = label {
             for y in 0..h {
                 l[y * w..(y + 1) * w].reverse();
             }
