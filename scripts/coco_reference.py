@@ -2,6 +2,8 @@
 """pycocotools' bbox numbers for a ground-truth file and a detections file.
 
     coco_reference.py GT.json DETS.json          -> prints the 12 summarize() stats as JSON
+    coco_reference.py --classwise GT.json DETS.json -> per category id: [AP, AP50] (-1: no gt),
+                                                    as mmdet's classwise table reads them
     coco_reference.py --make-case SEED DIR       -> writes DIR/gt.json and DIR/dets.json, a random
                                                     case with crowds, empty images, ties, all sizes
 
@@ -42,7 +44,7 @@ def make_case(seed, out):
         json.dump(dets, f)
 
 
-def stats(gt, dt):
+def evaluated(gt, dt):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     with contextlib.redirect_stdout(io.StringIO()):
@@ -52,11 +54,28 @@ def stats(gt, dt):
         e.evaluate()
         e.accumulate()
         e.summarize()
-    return [float(s) for s in e.stats]
+    return e
+
+
+def stats(gt, dt):
+    return [float(s) for s in evaluated(gt, dt).stats]
+
+
+def classwise(gt, dt):
+    e = evaluated(gt, dt)
+    out = {}
+    for k, c in enumerate(e.params.catIds):
+        p = e.eval["precision"][:, :, k, 0, -1]  # [iou thr, recall], area all, maxDets 100
+        v = p[p > -1]
+        p50 = p[0][p[0] > -1]
+        out[str(c)] = [float(v.mean()) if v.size else -1.0, float(p50.mean()) if p50.size else -1.0]
+    return out
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--make-case":
         make_case(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "--classwise":
+        print(json.dumps(classwise(sys.argv[2], sys.argv[3])))
     else:
         print(json.dumps(stats(sys.argv[1], sys.argv[2])))

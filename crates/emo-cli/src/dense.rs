@@ -127,6 +127,24 @@ pub fn eval(task: Task, weights: &Path, card: Option<&Path>, data: &Path, split:
     );
     let e = evaluate(&model, &d, &device)?;
     println!("{} on {} ({split}, {} images): {}", card.model.task, data.display(), d.len(), describe(&e));
+    // Per-class table, as mmdet's `classwise` / mmseg's evaluation print it.
+    let pct = |v: f64| if v < 0.0 || v.is_nan() { "-".to_string() } else { format!("{:.1}", 100.0 * v) };
+    match (&e, &d) {
+        (emo_dense::train::Eval::Coco(_, per_class), emo_dense::train::DenseData::Det(det)) => {
+            println!("{:<16} {:>6} {:>6}", "class", "AP", "AP50");
+            for c in per_class {
+                let name = det.cat_ids.iter().position(|&id| id == c.category_id).map_or("?", |i| &det.classes[i]);
+                println!("{name:<16} {:>6} {:>6}", pct(c.ap), pct(c.ap50));
+            }
+        }
+        (emo_dense::train::Eval::Seg(_, m), _) => {
+            println!("{:<16} {:>6} {:>6}", "class", "IoU", "Acc");
+            for ((name, iou), acc) in d.classes().iter().zip(m.class_iou()).zip(m.class_acc()) {
+                println!("{name:<16} {:>6} {:>6}", pct(iou), pct(acc));
+            }
+        }
+        _ => {}
+    }
     Ok(())
 }
 

@@ -344,6 +344,16 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         let o = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d]);
         let want = if task == "ssdlite" { "AP50" } else { "mIoU" };
         assert!(o.status.success() && stdout(&o).contains(want), "{}{}", stdout(&o), stderr(&o));
+        // The per-class table: a header and one row per class, named.
+        let s = stdout(&o);
+        let header = if task == "ssdlite" { "AP50" } else { "IoU" };
+        assert!(s.lines().any(|l| l.starts_with("class") && l.contains(header)), "{s}");
+        for class in ["t-shirt", "ankle-boot"] {
+            assert!(s.lines().any(|l| l.starts_with(class)), "no row for {class}: {s}");
+        }
+        if task == "deeplabv3" {
+            assert!(s.lines().any(|l| l.starts_with("background")), "{s}");
+        }
         let out = tmp(&format!("out-{task}"));
         let o = emo(&[
             cmd,

@@ -123,9 +123,28 @@ fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
     (0..n).map(|i| if i == n - 1 { b } else { a + i as f64 * step }).collect()
 }
 
+/// One category's AP (IoU 0.5:0.95) and AP50 over all areas, as mmdet's `classwise` table
+/// (pycocotools' `precision[:, :, k, 0, -1]`); -1 for a category without ground truth.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClassAp {
+    pub category_id: u64,
+    pub ap: f64,
+    pub ap50: f64,
+}
+
 /// pycocotools `COCOeval(iouType='bbox')` on `image_ids` and `category_ids` (both as in the
 /// ground-truth file): evaluate, accumulate, and the first six numbers of `summarize`.
 pub fn coco_map(gts: &[GtBox], dets: &[DetBox], image_ids: &[u64], category_ids: &[u64]) -> CocoStats {
+    coco_eval(gts, dets, image_ids, category_ids).0
+}
+
+/// [`coco_map`] and the per-category AP / AP50 (sorted by category id).
+pub fn coco_eval(
+    gts: &[GtBox],
+    dets: &[DetBox],
+    image_ids: &[u64],
+    category_ids: &[u64],
+) -> (CocoStats, Vec<ClassAp>) {
     let thrs = linspace(0.5, 0.95, 10);
     let rec_thrs = linspace(0.0, 1.0, 101);
     let mut imgs: Vec<u64> = image_ids.to_vec();
@@ -202,14 +221,24 @@ pub fn coco_map(gts: &[GtBox], dets: &[DetBox], image_ids: &[u64], category_ids:
         if v.is_empty() { -1.0 } else { v.iter().sum::<f64>() / v.len() as f64 }
     };
     let all_t: Vec<usize> = (0..thrs.len()).collect();
-    CocoStats {
+    let stats = CocoStats {
         ap: mean(&all_t, 0),
         ap50: mean(&[0], 0),
         ap75: mean(&[5], 0),
         ap_s: mean(&all_t, 1),
         ap_m: mean(&all_t, 2),
         ap_l: mean(&all_t, 3),
-    }
+    };
+    let per_class = cats
+        .iter()
+        .enumerate()
+        .map(|(k, &c)| {
+            let v: Vec<f64> = all_t.iter().filter_map(|&t| prec[t][0][k]).collect();
+            let ap = if v.is_empty() { -1.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+            ClassAp { category_id: c, ap, ap50: prec[0][0][k].unwrap_or(-1.0) }
+        })
+        .collect();
+    (stats, per_class)
 }
 
 /// Segmentation metrics over a confusion matrix (mmseg `mean_iou`): pixels labelled
@@ -261,6 +290,17 @@ impl SegMetrics {
             .collect()
     }
 
+    /// Per-class pixel accuracy (NaN for a class absent from the ground truth).
+    pub fn class_acc(&self) -> Vec<f64> {
+        let n = self.num_classes;
+        (0..n)
+            .map(|c| {
+                let gt: u64 = (0..n).map(|p| self.conf[c * n + p]).sum();
+                if gt > 0 { self.conf[c * n + c] as f64 / gt as f64 } else { f64::NAN }
+            })
+            .collect()
+    }
+
     pub fn stats(&self) -> SegStats {
         let n = self.num_classes;
         let total: u64 = self.conf.iter().sum();
@@ -269,16 +309,10 @@ impl SegMetrics {
             let v: Vec<f64> = v.into_iter().filter(|x| !x.is_nan()).collect();
             if v.is_empty() { f64::NAN } else { 100.0 * v.iter().sum::<f64>() / v.len() as f64 }
         };
-        let acc = (0..n)
-            .map(|c| {
-                let gt: u64 = (0..n).map(|p| self.conf[c * n + p]).sum();
-                if gt > 0 { self.conf[c * n + c] as f64 / gt as f64 } else { f64::NAN }
-            })
-            .collect();
         SegStats {
             a_acc: if total > 0 { 100.0 * correct as f64 / total as f64 } else { f64::NAN },
             miou: nanmean(self.class_iou()),
-            m_acc: nanmean(acc),
+            m_acc: nanmean(self.class_acc()),
         }
     }
 }

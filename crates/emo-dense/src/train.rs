@@ -26,7 +26,7 @@ use crate::assign::{MaxIou, Targets, targets};
 use crate::boxes::{BBox, BoxCoder};
 use crate::data::{DetDataset, SegDataset, augment, load_coco, load_seg, seg_geometry, ssd_geometry};
 use crate::loss::{focal_loss, seg_loss, ssd_loss};
-use crate::metrics::{CocoStats, DetBox, SegMetrics, SegStats, coco_map};
+use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseModel, DenseOutput};
 use crate::predict::{DetTestCfg, batch_tensor, detect, segment};
 use crate::{DenseError, anchors};
@@ -240,10 +240,12 @@ pub fn load_split(
 }
 
 /// Evaluation result of one split.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum Eval {
-    Coco(CocoStats),
-    Seg(SegStats),
+    /// COCO numbers and the per-category AP / AP50.
+    Coco(CocoStats, Vec<ClassAp>),
+    /// mmseg's numbers and the confusion matrix they come from (per-class IoU / accuracy).
+    Seg(SegStats, SegMetrics),
 }
 
 /// Evaluate a model on a loaded split (COCO mAP in original coordinates, or mIoU at the input
@@ -274,7 +276,8 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
                 }
             }
             let ids: Vec<u64> = d.images.iter().map(|i| i.id).collect();
-            Ok(Eval::Coco(coco_map(&d.gt, &dets, &ids, &d.cat_ids)))
+            let (stats, per_class) = coco_eval(&d.gt, &dets, &ids, &d.cat_ids);
+            Ok(Eval::Coco(stats, per_class))
         }
         DenseData::Seg(d) => {
             let mut m = SegMetrics::new(model.cfg.num_classes);
@@ -285,7 +288,7 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
                     m.add(&pred, &img.label, 255);
                 }
             }
-            Ok(Eval::Seg(m.stats()))
+            Ok(Eval::Seg(m.stats(), m))
         }
     }
 }
@@ -572,8 +575,8 @@ impl DenseTrainer {
             self.state.epoch += 1;
             let ev = self.evaluate()?;
             let (coco, seg) = match ev {
-                Eval::Coco(c) => (Some(c), None),
-                Eval::Seg(s) => (None, Some(s)),
+                Eval::Coco(c, _) => (Some(c), None),
+                Eval::Seg(s, _) => (None, Some(s)),
             };
             let m = DenseEpoch {
                 epoch: self.state.epoch,
@@ -609,7 +612,7 @@ impl DenseTrainer {
 /// One line for an evaluation result (percentages).
 pub fn describe(e: &Eval) -> String {
     match e {
-        Eval::Coco(c) => format!(
+        Eval::Coco(c, _) => format!(
             "mAP {:.1} AP50 {:.1} AP75 {:.1} APs {:.1} APm {:.1} APl {:.1}",
             100.0 * c.ap,
             100.0 * c.ap50,
@@ -618,7 +621,7 @@ pub fn describe(e: &Eval) -> String {
             100.0 * c.ap_m,
             100.0 * c.ap_l
         ),
-        Eval::Seg(s) => format!("mIoU {:.2} aAcc {:.2} mAcc {:.2}", s.miou, s.a_acc, s.m_acc),
+        Eval::Seg(s, _) => format!("mIoU {:.2} aAcc {:.2} mAcc {:.2}", s.miou, s.a_acc, s.m_acc),
     }
 }
 

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use emo_dense::assign::{Assigned, MaxIou, targets};
 use emo_dense::boxes::{BoxCoder, Detection, batched_nms, iou};
-use emo_dense::metrics::{DetBox, GtBox, SegMetrics, coco_map};
+use emo_dense::metrics::{ClassAp, DetBox, GtBox, SegMetrics, coco_eval, coco_map};
 use emo_dense::{DenseConfig, Task, anchors};
 use emo_spec::Variant;
 use serde_json::Value;
@@ -25,6 +25,10 @@ fn bbox(v: &Value) -> [f64; 4] {
 
 /// Our stats for a case folder (gt.json + dets.json).
 fn ours(dir: &Path) -> [f64; 6] {
+    ours_classwise(dir).0.as_array()
+}
+
+fn ours_classwise(dir: &Path) -> (emo_dense::metrics::CocoStats, Vec<ClassAp>) {
     let gt = read(&dir.join("gt.json"));
     let dets = read(&dir.join("dets.json"));
     let g: Vec<GtBox> = gt["annotations"]
@@ -52,7 +56,16 @@ fn ours(dir: &Path) -> [f64; 6] {
         .collect();
     let ids: Vec<u64> = gt["images"].as_array().unwrap().iter().map(|i| i["id"].as_u64().unwrap()).collect();
     let cats: Vec<u64> = gt["categories"].as_array().unwrap().iter().map(|c| c["id"].as_u64().unwrap()).collect();
-    coco_map(&g, &d, &ids, &cats).as_array()
+    coco_eval(&g, &d, &ids, &cats)
+}
+
+/// The per-class numbers average to the overall AP and AP50 (over classes with ground truth).
+fn assert_classwise_consistent(stats: &emo_dense::metrics::CocoStats, per_class: &[ClassAp]) {
+    let with_gt: Vec<&ClassAp> = per_class.iter().filter(|c| c.ap >= 0.0).collect();
+    assert!(!with_gt.is_empty());
+    let n = with_gt.len() as f64;
+    let (ap, ap50) = (with_gt.iter().map(|c| c.ap).sum::<f64>() / n, with_gt.iter().map(|c| c.ap50).sum::<f64>() / n);
+    assert!((ap - stats.ap).abs() < 1e-9 && (ap50 - stats.ap50).abs() < 1e-9, "{per_class:?} vs {stats:?}");
 }
 
 fn assert_close(a: [f64; 6], b: &[f64], what: &str) {
@@ -71,6 +84,8 @@ fn coco_map_matches_pycocotools_on_the_committed_case() {
     let dir = root().join("fixtures/coco");
     let expected: Vec<f64> = serde_json::from_value(read(&dir.join("expected.json"))).unwrap();
     assert_close(ours(&dir), &expected, "fixtures/coco");
+    let (stats, per_class) = ours_classwise(&dir);
+    assert_classwise_consistent(&stats, &per_class);
 }
 
 fn python_has_pycocotools() -> bool {
@@ -99,6 +114,27 @@ fn coco_map_matches_pycocotools_on_fresh_cases() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let expected: Vec<f64> = serde_json::from_slice(&out.stdout).unwrap();
         assert_close(ours(&dir), &expected, &format!("seed {seed}"));
+        // Per-class AP / AP50 against pycocotools' precision array (mmdet's classwise table).
+        let out = Command::new("python3")
+            .arg(&script)
+            .arg("--classwise")
+            .arg(dir.join("gt.json"))
+            .arg(dir.join("dets.json"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let expected: std::collections::BTreeMap<String, [f64; 2]> = serde_json::from_slice(&out.stdout).unwrap();
+        let (stats, per_class) = ours_classwise(&dir);
+        assert_eq!(per_class.len(), expected.len());
+        for c in &per_class {
+            let e = expected[&c.category_id.to_string()];
+            assert!(
+                (c.ap - e[0]).abs() < 1e-9 && (c.ap50 - e[1]).abs() < 1e-9,
+                "seed {seed}, category {}: ours {c:?}, pycocotools {e:?}",
+                c.category_id
+            );
+        }
+        assert_classwise_consistent(&stats, &per_class);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
@@ -118,6 +154,11 @@ fn perfect_and_empty_detections() {
     assert!((s.ap - 1.0).abs() < 1e-12 && (s.ap50 - 1.0).abs() < 1e-12 && s.ap_s == -1.0, "{s:?}");
     let s = coco_map(&g, &[], &[1, 2], &[1, 2]);
     assert_eq!((s.ap, s.ap50), (0.0, 0.0));
+    // Per class: category 3 has no ground truth (-1); the others are perfect.
+    let (_, per_class) = coco_eval(&g, &d, &[1, 2], &[1, 2, 3]);
+    assert_eq!(per_class.iter().map(|c| c.category_id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(per_class[..2].iter().all(|c| (c.ap - 1.0).abs() < 1e-12 && (c.ap50 - 1.0).abs() < 1e-12));
+    assert_eq!((per_class[2].ap, per_class[2].ap50), (-1.0, -1.0));
 }
 
 #[test]
@@ -127,6 +168,7 @@ fn seg_metrics_by_hand() {
     m.add(&[0, 1, 1, 1, 0, 2], &[0, 0, 1, 1, 2, 255], 255);
     let iou = m.class_iou();
     assert_eq!(iou, vec![1.0 / 3.0, 2.0 / 3.0, 0.0]);
+    assert_eq!(m.class_acc(), vec![0.5, 1.0, 0.0]);
     let s = m.stats();
     assert!((s.a_acc - 60.0).abs() < 1e-9);
     assert!((s.miou - 100.0 / 3.0).abs() < 1e-9);
