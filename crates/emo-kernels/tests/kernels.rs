@@ -288,10 +288,10 @@ fn fused_stem_matches_composed_references() {
                     }
                 });
                 let (dy, dm) = (max_diff(&y, &y_want), max_diff(&mean, &mean_want));
-                assert!(dy < 2e-5 && dm < 2e-5, "{l:?} {h}x{w}x{c} k{k} ranges {ranges}: y {dy}, mean {dm}");
+                assert!(dy < 1e-5 && dm < 1e-5, "{l:?} {h}x{w}x{c} k{k} ranges {ranges}: y {dy}, mean {dm}");
                 with_level(l, || matmul_in_place(&mut y, oh * ow, &proj));
                 let d = max_diff(&y, &p_want);
-                assert!(d < 2e-5, "{l:?} {h}x{w}x{c} k{k} ranges {ranges}: projection {d}");
+                assert!(d < 1e-5, "{l:?} {h}x{w}x{c} k{k} ranges {ranges}: projection {d}");
             }
         }
     }
