@@ -139,12 +139,7 @@ pub fn coco_map(gts: &[GtBox], dets: &[DetBox], image_ids: &[u64], category_ids:
 }
 
 /// [`coco_map`] and the per-category AP / AP50 (sorted by category id).
-pub fn coco_eval(
-    gts: &[GtBox],
-    dets: &[DetBox],
-    image_ids: &[u64],
-    category_ids: &[u64],
-) -> (CocoStats, Vec<ClassAp>) {
+pub fn coco_eval(gts: &[GtBox], dets: &[DetBox], image_ids: &[u64], category_ids: &[u64]) -> (CocoStats, Vec<ClassAp>) {
     let thrs = linspace(0.5, 0.95, 10);
     let rec_thrs = linspace(0.0, 1.0, 101);
     let mut imgs: Vec<u64> = image_ids.to_vec();

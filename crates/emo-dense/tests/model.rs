@@ -301,3 +301,51 @@ fn bad_data_is_skipped_and_counted_or_rejected() {
     assert!(e.contains("0001.png") && e.contains("label 7"), "{e}");
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// A stride-1 "same" dilated conv whose off-centre taps read only zero padding (the ASPP
+/// branches on a small stage-4 map) is computed on its live taps alone: the same outputs and the
+/// same gradients (exactly zero on the dead taps) as burn's full dilated conv, whether all, some
+/// or none of the off-centre rows and columns are dead.
+#[test]
+fn dilated_conv_on_its_live_taps_matches_the_full_conv() {
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use emo_dense::model::ConvModule;
+    use emo_spec::HeadAct;
+
+    let _g = serial();
+    let device = Device::flex().autodiff();
+    // (H, W, dilation): all dead, rows dead, columns dead, none dead, dead at exactly d == H.
+    for (h, w, d) in [(6, 6, 12), (6, 16, 12), (16, 6, 12), (16, 16, 12), (12, 12, 12), (4, 5, 36)] {
+        let conv = Conv2dConfig::new([5, 4], [3, 3])
+            .with_dilation([d, d])
+            .with_padding(PaddingConfig2d::Explicit(d, d, d, d))
+            .init(&device);
+        let m = ConvModule { conv, bn: None, act: HeadAct::None };
+        let x = Tensor::<4>::random([2, 5, h, w], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
+        let probe = Tensor::<4>::random([2, 4, h, w], Distribution::Uniform(-1.0, 1.0), &device);
+        let fast = m.forward(x.clone());
+        let full = m.conv.forward(x.clone());
+        assert_eq!(fast.dims(), full.dims());
+        let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+            let err = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+            assert!(err <= 1e-5, "{what} differs by {err} at {h}x{w}, dilation {d}");
+        };
+        close(to_vec(fast.clone()), to_vec(full.clone()), "output");
+        let gf = (fast * probe.clone()).sum().backward();
+        let gr = (full * probe).sum().backward();
+        let w_param = m.conv.weight.val();
+        close(to_vec(x.grad(&gf).unwrap()), to_vec(x.grad(&gr).unwrap()), "input gradient");
+        let (wf, wr) = (to_vec(w_param.grad(&gf).unwrap()), to_vec(w_param.grad(&gr).unwrap()));
+        close(wf.clone(), wr, "weight gradient");
+        let b_param = m.conv.bias.as_ref().unwrap().val();
+        close(to_vec(b_param.grad(&gf).unwrap()), to_vec(b_param.grad(&gr).unwrap()), "bias gradient");
+        // The dead taps get exactly zero gradient; the centre tap does not.
+        let tap = |i: usize| wf.iter().skip(i).step_by(9).map(|v| v.abs()).fold(0.0f32, f32::max);
+        let (rows_dead, cols_dead) = (d >= h, d >= w);
+        for (i, (r, c)) in (0..3).flat_map(|r| (0..3).map(move |c| (r, c))).enumerate() {
+            let dead = (r != 1 && rows_dead) || (c != 1 && cols_dead);
+            assert_eq!(tap(i) == 0.0, dead, "tap ({r}, {c}) at {h}x{w}, dilation {d}");
+        }
+    }
+}
