@@ -1,0 +1,55 @@
+//! The DeepLabv3 ASPP branches with dilations 12 / 24 / 36 on EMO-1M's stage-4 map (208
+//! channels in, 256 out, batch 8 as one of two training workers holds): computed on their live
+//! taps (`ConvModule::forward`) against burn's full dilated conv (`Conv2d::forward`), forward
+//! and forward + backward, in the same run. At 192x192 the map is 6x6 and all three branches
+//! reduce to their centre tap; at 512x512 (ADE20K) it is 16x16 and dilations 24 / 36 do.
+//!
+//! `cargo bench -p emo-dense --bench heads`
+
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2dConfig;
+use burn::tensor::{Device, Distribution, Tensor};
+use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
+use emo_dense::model::ConvModule;
+use emo_spec::HeadAct;
+
+fn aspp(c: &mut Criterion) {
+    let device = Device::flex().autodiff();
+    let mut g = c.benchmark_group("aspp_dilated_branches");
+    g.sample_size(20);
+    for side in [6, 16] {
+        let branches: Vec<ConvModule> = [12, 24, 36]
+            .into_iter()
+            .map(|d| ConvModule {
+                conv: Conv2dConfig::new([208, 256], [3, 3])
+                    .with_dilation([d, d])
+                    .with_padding(PaddingConfig2d::Explicit(d, d, d, d))
+                    .with_bias(false)
+                    .init(&device),
+                bn: None,
+                act: HeadAct::None,
+            })
+            .collect();
+        let x = Tensor::<4>::random([8, 208, side, side], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
+        let run = |live: bool, backward: bool| {
+            let outs: Vec<Tensor<4>> =
+                branches.iter().map(|m| if live { m.forward(x.clone()) } else { m.conv.forward(x.clone()) }).collect();
+            let total = Tensor::cat(outs, 1).sum();
+            if backward {
+                black_box(total.backward());
+            } else {
+                black_box(total.into_scalar::<f32>());
+            }
+        };
+        for (name, live) in [("live_taps", true), ("full_conv", false)] {
+            g.bench_function(BenchmarkId::new(format!("{name}/forward"), side), |b| b.iter(|| run(live, false)));
+            g.bench_function(BenchmarkId::new(format!("{name}/forward_backward"), side), |b| {
+                b.iter(|| run(live, true))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, aspp);
+criterion_main!(benches);
