@@ -18,7 +18,7 @@ use std::path::Path;
 
 use emo_kernels::Act as KAct;
 use emo_kernels::attention::window_attention;
-use emo_kernels::conv::{self, channel_mean, conv2d, linear};
+use emo_kernels::conv::{self, ConvWeights, Images, channel_mean, conv2d, linear};
 use emo_kernels::dwconv::{self, DwGeom};
 use emo_kernels::fused::{
     conv_dw_mean, dw_channel_mean, dw_matmul, ln_matmul, matmul_in_place, v_dw_matmul, v_dw_matmul_available,
@@ -414,42 +414,18 @@ impl Engine {
             for (b, y) in xb.chunks_mut(hh * ww * c0).enumerate() {
                 let mut mean = vec![0.0; c];
                 let img = &input[b * cin * h * w..(b + 1) * cin * h * w];
-                let (dw_w, dw_b) = (&first.dw_w, &first.dw_b);
-                conv_dw_mean(
-                    img,
-                    true,
-                    h,
-                    w,
-                    cin,
-                    &self.stem_w,
-                    &self.stem_b,
-                    self.stem,
-                    dw_w,
-                    dw_b,
-                    first.dw,
-                    KAct::Silu,
-                    y,
-                    &mut mean,
-                );
+                let input = Images { data: img, planar: true, h, w, c: cin };
+                let stem_conv = ConvWeights { weight: &self.stem_w, bias: &self.stem_b, geom: self.stem };
+                let dw = ConvWeights { weight: &first.dw_w, bias: &first.dw_b, geom: first.dw };
+                conv_dw_mean(input, stem_conv, dw, KAct::Silu, y, &mut mean);
                 self.tick(0, &mut clock);
                 matmul_in_place(y, hh * ww, &se_gated_proj(first, se, &mean));
             }
         } else {
             // The stem conv reads the NCHW input in place.
-            conv2d(
-                &input,
-                true,
-                batch,
-                h,
-                w,
-                cin,
-                &self.stem_w,
-                &self.stem_b,
-                c0,
-                self.stem,
-                KAct::None,
-                grow(x, batch * hh * ww * c0),
-            );
+            let images = Images { data: &input, planar: true, h, w, c: cin };
+            let stem_conv = ConvWeights { weight: &self.stem_w, bias: &self.stem_b, geom: self.stem };
+            conv2d(images, batch, stem_conv, KAct::None, grow(x, batch * hh * ww * c0));
         }
         // A one-shot run (owned input) frees what it no longer needs: the input past the stem,
         // and below, buffers sized for larger maps than any block still to come.

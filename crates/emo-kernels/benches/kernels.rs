@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
 use emo_kernels::Act;
 use emo_kernels::attention::window_attention;
-use emo_kernels::conv::{self, conv2d};
+use emo_kernels::conv::{self, ConvWeights, Images, conv2d};
 use emo_kernels::dwconv::{self, DwGeom, depthwise};
 use emo_kernels::fused::dw_matmul;
 use emo_kernels::gemm::{Weight, matmul, matmul_reference};
@@ -165,11 +165,11 @@ fn others(c: &mut Criterion) {
     let wt = conv::weight_from_torch(&rnd(24 * 27), 24, 3, 3);
     let bias = rnd(24);
     let mut out = vec![0.0; 112 * 112 * 24];
-    g.bench_function("stem_conv_224", |b| {
-        b.iter(|| conv2d(black_box(&x), true, 1, 224, 224, 3, &wt, &bias, 24, geom, Act::None, &mut out))
-    });
+    let stem = ConvWeights { weight: &wt, bias: &bias, geom };
+    let input = Images { data: &x, planar: true, h: 224, w: 224, c: 3 };
+    g.bench_function("stem_conv_224", |b| b.iter(|| conv2d(black_box(input), 1, stem, Act::None, &mut out)));
     report("stem conv 224x224x3 -> 24", 2.0 * (112 * 112 * 24 * 27) as f64, || {
-        conv2d(&x, true, 1, 224, 224, 3, &wt, &bias, 24, geom, Act::None, &mut out)
+        conv2d(input, 1, stem, Act::None, &mut out)
     });
     // LayerNorm over 80 channels at 14x14 (stage 3)
     let x = rnd(196 * 80);

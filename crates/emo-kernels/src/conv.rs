@@ -55,63 +55,77 @@ multiversion! {
     }
 }
 
-/// `out[b, oy, ox, :] = act(bias + sum_{taps, ci} in[b, iy, ix, ci] * w[tap, ci, :])`.
-///
-/// The input is `[batch, h, w, cin]`, or `[batch, cin, h, w]` when `planar` (the network input
-/// is read in place, without a transpose); the output is channels-last.
-#[allow(clippy::too_many_arguments)]
-pub fn conv2d(
-    input: &[f32],
-    planar: bool,
-    batch: usize,
-    h: usize,
-    w: usize,
-    cin: usize,
-    weight: &[f32],
-    bias: &[f32],
-    cout: usize,
-    g: DwGeom,
-    act: Act,
-    out: &mut [f32],
-) {
-    let (oh, ow) = (g.out_len(h), g.out_len(w));
-    assert!(input.len() >= batch * h * w * cin && out.len() >= batch * oh * ow * cout);
+/// Input images of a direct conv: `[batch, h, w, c]` channels-last, or `[batch, c, h, w]` when
+/// `planar` (the network input, read in place without a transpose).
+#[derive(Clone, Copy, Debug)]
+pub struct Images<'a> {
+    pub data: &'a [f32],
+    pub planar: bool,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl<'a> Images<'a> {
+    /// Floats per image.
+    pub fn image_len(&self) -> usize {
+        self.h * self.w * self.c
+    }
+
+    /// Image `b` of the batch.
+    pub fn image(&self, b: usize) -> Images<'a> {
+        let n = self.image_len();
+        Images { data: &self.data[b * n..(b + 1) * n], ..*self }
+    }
+
+    /// (pixel, channel) strides within one image.
+    fn strides(&self) -> (usize, usize) {
+        if self.planar { (1, self.h * self.w) } else { (self.c, 1) }
+    }
+}
+
+/// A conv's weight, bias (`[cout]`) and geometry. The weight is `[k, k, cin, cout]`
+/// ([`weight_from_torch`]) for a dense conv, the depthwise layout for a depthwise one.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvWeights<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub geom: DwGeom,
+}
+
+/// `out[b, oy, ox, :] = act(bias + sum_{taps, ci} in[b, iy, ix, ci] * w[tap, ci, :])` for
+/// `batch` images of `input`; the output is channels-last with `conv.bias.len()` channels.
+pub fn conv2d(input: Images, batch: usize, conv: ConvWeights, act: Act, out: &mut [f32]) {
+    let (g, cout) = (conv.geom, conv.bias.len());
+    let (oh, ow) = (g.out_len(input.h), g.out_len(input.w));
+    assert!(input.data.len() >= batch * input.image_len() && out.len() >= batch * oh * ow * cout);
     let level = crate::isa::level();
-    let strides = if planar { (1, h * w) } else { (cin, 1) };
     parallel_chunks_mut(&mut out[..batch * oh * ow * cout], ow * cout, |r, row| {
         let (b, oy) = (r / oh, r % oh);
-        let img = &input[b * h * w * cin..(b + 1) * h * w * cin];
-        conv_row_level(level, img, h, w, cin, strides, weight, bias, cout, g, oy, act, row);
+        conv_row_level(level, input.image(b), conv, oy, act, row);
     });
 }
 
-/// Output row `oy` (`[ow, cout]`) of [`conv2d`] for one image at the given ISA level; `strides`
-/// are (pixel, channel) strides of `img`: `(cin, 1)` channels-last, `(1, h * w)` planar.
-#[allow(clippy::too_many_arguments)]
+/// Output row `oy` (`[ow, cout]`) of [`conv2d`] for one image at the given ISA level.
 pub(crate) fn conv_row_level(
     level: crate::isa::Level,
-    img: &[f32],
-    h: usize,
-    w: usize,
-    cin: usize,
-    strides: (usize, usize),
-    weight: &[f32],
-    bias: &[f32],
-    cout: usize,
-    g: DwGeom,
+    img: Images,
+    conv: ConvWeights,
     oy: usize,
     act: Act,
     row: &mut [f32],
 ) {
-    assert!(img.len() >= h * w * cin && weight.len() >= g.k * g.k * cin * cout && row.len() == g.out_len(w) * cout);
+    let (Images { data, h, w, c: cin, .. }, ConvWeights { weight, bias, geom: g }) = (img, conv);
+    let (strides, cout) = (img.strides(), bias.len());
+    assert!(data.len() >= h * w * cin && weight.len() >= g.k * g.k * cin * cout && row.len() == g.out_len(w) * cout);
     #[cfg(target_arch = "x86_64")]
     if level == crate::isa::Level::Avx512 && cout <= 32 {
         // SAFETY: AVX-512F available; sizes asserted above.
-        unsafe { conv_row_512(img, h, w, cin, strides, weight, bias, cout, g, oy, row) };
+        unsafe { conv_row_512(data, h, w, cin, strides, weight, bias, cout, g, oy, row) };
         crate::act::apply_at(level, act, row);
         return;
     }
-    conv_row_at(level, img, h, w, cin, strides, weight, bias, cout, g, oy, act, row);
+    conv_row_at(level, data, h, w, cin, strides, weight, bias, cout, g, oy, act, row);
 }
 
 /// Per-image channel means of `[batch, pixels, c]` into `[batch, c]` (pixel chunks summed on

@@ -9,6 +9,7 @@
 //!   means, then the gated projection in place), so the largest map is stored once.
 
 use crate::act::Act;
+use crate::conv::{ConvWeights, Images};
 use crate::dwconv::{DwGeom, dw_row_level};
 use crate::gemm::{Weight, matmul_st};
 
@@ -257,60 +258,36 @@ pub fn dw_channel_mean(
 /// it needs into a rolling window of `band + k - 1` rows (one halo of `pad` rows recomputed at
 /// each range border).
 ///
-/// `input`: one `[h, w, cin]` image, or `[cin, h, w]` when `planar`; `y`: `[ch, cw, c]` with
-/// `ch x cw` the conv's output size; `mean`: `[c]`. The depthwise conv must be stride-1 "same".
-#[allow(clippy::too_many_arguments)]
-pub fn conv_dw_mean(
-    input: &[f32],
-    planar: bool,
-    h: usize,
-    w: usize,
-    cin: usize,
-    conv_w: &[f32],
-    conv_b: &[f32],
-    conv_g: DwGeom,
-    dw_w: &[f32],
-    dw_b: &[f32],
-    g: DwGeom,
-    act: Act,
-    y: &mut [f32],
-    mean: &mut [f32],
-) {
-    let ch = conv_g.out_len(h);
+/// `input`: one image (the first of `input.data`); `conv`: the dense conv, `[k, k, cin, c]`;
+/// `dw`: the depthwise conv over its `c` channels, stride-1 "same"; `y`: `[ch, cw, c]` with
+/// `ch x cw` the conv's output size; `mean`: `[c]`.
+pub fn conv_dw_mean(input: Images, conv: ConvWeights, dw: ConvWeights, act: Act, y: &mut [f32], mean: &mut [f32]) {
+    let ch = conv.geom.out_len(input.h);
     let ranges = num_threads().min(ch.div_ceil(16)).max(1);
-    conv_dw_mean_ranges(input, planar, h, w, cin, conv_w, conv_b, conv_g, dw_w, dw_b, g, act, y, mean, ranges)
+    conv_dw_mean_ranges(input, conv, dw, act, y, mean, ranges)
 }
 
 /// [`conv_dw_mean`] split into `ranges` row ranges (tasks), whatever the thread count.
 #[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
 pub fn conv_dw_mean_ranges(
-    input: &[f32],
-    planar: bool,
-    h: usize,
-    w: usize,
-    cin: usize,
-    conv_w: &[f32],
-    conv_b: &[f32],
-    conv_g: DwGeom,
-    dw_w: &[f32],
-    dw_b: &[f32],
-    g: DwGeom,
+    input: Images,
+    conv: ConvWeights,
+    dw: ConvWeights,
     act: Act,
     y: &mut [f32],
     mean: &mut [f32],
     ranges: usize,
 ) {
-    let c = conv_b.len();
-    let (ch, cw) = (conv_g.out_len(h), conv_g.out_len(w));
+    let c = conv.bias.len();
+    let (ch, cw) = (conv.geom.out_len(input.h), conv.geom.out_len(input.w));
+    let ConvWeights { weight: dw_w, bias: dw_b, geom: g } = dw;
     let p = g.pad;
     assert!(
         g.stride == 1 && g.k == 2 * p + 1 && dw_b.len() == c && mean.len() == c,
         "the fused stem needs a stride-1 'same' depthwise conv over the conv's channels"
     );
-    assert!(input.len() >= h * w * cin && y.len() >= ch * cw * c);
+    assert!(input.data.len() >= input.image_len() && y.len() >= ch * cw * c);
     let level = crate::isa::level();
-    let strides = if planar { (1, h * w) } else { (cin, 1) };
     let rowlen = cw * c;
     let band = 8usize.max(p);
     let per = ch.div_ceil(ranges.clamp(1, ch.max(1)));
@@ -330,21 +307,7 @@ pub fn conv_dw_mean_ranges(
                 slide_window(win, rowlen, (&mut ws, &mut we), need_s);
                 for r in we..need_e {
                     let row = &mut win[(r - ws) * rowlen..(r - ws + 1) * rowlen];
-                    crate::conv::conv_row_level(
-                        level,
-                        input,
-                        h,
-                        w,
-                        cin,
-                        strides,
-                        conv_w,
-                        conv_b,
-                        c,
-                        conv_g,
-                        r,
-                        Act::None,
-                        row,
-                    );
+                    crate::conv::conv_row_level(level, input, conv, r, Act::None, row);
                 }
                 we = need_e;
                 let img = &win[..(we - ws) * rowlen];

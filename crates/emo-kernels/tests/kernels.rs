@@ -2,7 +2,7 @@
 
 use emo_kernels::act::{self, Act};
 use emo_kernels::attention::window_attention;
-use emo_kernels::conv::{self, conv2d};
+use emo_kernels::conv::{self, ConvWeights, Images, conv2d};
 use emo_kernels::dwconv::{self, DwGeom, depthwise};
 use emo_kernels::gemm::{Weight, matmul, matmul_reference};
 use emo_kernels::isa::{available, with_level};
@@ -128,7 +128,9 @@ fn stem_conv_matches_reference() {
         let packed = conv::weight_from_torch(&wt, 24, 3, 3);
         for l in available() {
             let mut got = vec![0.0; want.len()];
-            with_level(l, || conv2d(&x, false, 2, h, w, 3, &packed, &bias, 24, g, Act::None, &mut got));
+            let stem = ConvWeights { weight: &packed, bias: &bias, geom: g };
+            let nhwc = Images { data: &x, planar: false, h, w, c: 3 };
+            with_level(l, || conv2d(nhwc, 2, stem, Act::None, &mut got));
             assert!(max_diff(&got, &want) < 1e-5, "{l:?} {h}x{w}");
             // the same input in NCHW, read in place
             let mut planar = vec![0.0; x.len()];
@@ -140,7 +142,8 @@ fn stem_conv_matches_reference() {
                 }
             }
             let mut got2 = vec![0.0; want.len()];
-            with_level(l, || conv2d(&planar, true, 2, h, w, 3, &packed, &bias, 24, g, Act::None, &mut got2));
+            let nchw = Images { data: &planar, planar: true, h, w, c: 3 };
+            with_level(l, || conv2d(nchw, 2, stem, Act::None, &mut got2));
             assert!(max_diff(&got2, &want) < 1e-5, "{l:?} {h}x{w} planar");
         }
     }
@@ -273,18 +276,14 @@ fn fused_stem_matches_composed_references() {
         for l in available() {
             for ranges in [0, 2, 3, 5] {
                 let (mut y, mut mean) = (vec![f32::NAN; oh * ow * c], vec![f32::NAN; c]);
+                let input = Images { data: &x, planar: true, h, w, c: 3 };
+                let stem = ConvWeights { weight: &packed, bias: &bias, geom: cg };
+                let dw = ConvWeights { weight: &dw_w, bias: &dw_b, geom: g };
                 with_level(l, || {
-                    let args = (&x, true, h, w, 3, &packed, &bias, cg, &dw_w, &dw_b, g, Act::Silu);
                     if ranges == 0 {
-                        conv_dw_mean(
-                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9, args.10,
-                            args.11, &mut y, &mut mean,
-                        )
+                        conv_dw_mean(input, stem, dw, Act::Silu, &mut y, &mut mean)
                     } else {
-                        conv_dw_mean_ranges(
-                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7, args.8, args.9, args.10,
-                            args.11, &mut y, &mut mean, ranges,
-                        )
+                        conv_dw_mean_ranges(input, stem, dw, Act::Silu, &mut y, &mut mean, ranges)
                     }
                 });
                 let (dy, dm) = (max_diff(&y, &y_want), max_diff(&mean, &mean_want));
