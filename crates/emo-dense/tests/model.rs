@@ -315,14 +315,18 @@ fn dilated_conv_on_its_live_taps_matches_the_full_conv() {
 
     let _g = serial();
     let device = Device::flex().autodiff();
-    // (H, W, dilation): all dead, rows dead, columns dead, none dead, dead at exactly d == H.
-    for (h, w, d) in [(6, 6, 12), (6, 16, 12), (16, 6, 12), (16, 16, 12), (12, 12, 12), (4, 5, 36)] {
-        let conv = Conv2dConfig::new([5, 4], [3, 3])
+    // (H, W, dilation, groups): all dead, rows dead, columns dead, none dead, dead at exactly
+    // d == H; and depthwise 3x3 convs (SSDLite's head) on 1x1 and 1x3 maps.
+    let cases = [(6, 6, 12, 1), (6, 16, 12, 1), (16, 6, 12, 1), (16, 16, 12, 1), (12, 12, 12, 1), (4, 5, 36, 1)];
+    for (h, w, d, groups) in cases.into_iter().chain([(1, 1, 1, 4), (1, 3, 1, 4)]) {
+        let cin = if groups == 1 { 5 } else { 4 };
+        let conv = Conv2dConfig::new([cin, 4], [3, 3])
             .with_dilation([d, d])
+            .with_groups(groups)
             .with_padding(PaddingConfig2d::Explicit(d, d, d, d))
             .init(&device);
         let m = ConvModule { conv, bn: None, act: HeadAct::None };
-        let x = Tensor::<4>::random([2, 5, h, w], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
+        let x = Tensor::<4>::random([2, cin, h, w], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
         let probe = Tensor::<4>::random([2, 4, h, w], Distribution::Uniform(-1.0, 1.0), &device);
         let fast = m.forward(x.clone());
         let full = m.conv.forward(x.clone());
