@@ -48,6 +48,38 @@ impl ConvModule {
             HeadAct::Relu6 => x.clamp(0.0, 6.0),
         }
     }
+
+    /// The conv, computed on the kernel taps that can see the input. In a stride-1 "same" conv
+    /// with dilation `d` (padding `d * (k / 2)`), every off-centre kernel row reads only zero
+    /// padding when `d >= H`, and every off-centre column when `d >= W`: the ASPP branches with
+    /// dilations 12 / 24 / 36 on a feature map smaller than that. Those taps contribute exactly
+    /// zero to the output and receive exactly zero gradient, so convolving with the live taps
+    /// alone gives the same result (forward and backward) at a fraction of the work: on a 6x6
+    /// map, a 1x1 conv instead of 3x3 for all three dilated branches.
+    fn conv_live_taps(&self, x: Tensor<4>) -> Tensor<4> {
+        let c = &self.conv;
+        let [_, _, h, w] = x.dims();
+        let [kh, kw] = c.kernel_size;
+        let [dh, dw] = c.dilation;
+        let PaddingConfig2d::Explicit(top, left, bottom, right) = c.padding else {
+            return c.forward(x);
+        };
+        let dead = |k: usize, d: usize, pad: (usize, usize), stride: usize, len: usize| {
+            k > 1 && k % 2 == 1 && stride == 1 && pad == (d * (k / 2), d * (k / 2)) && d >= len
+        };
+        let dead_rows = dead(kh, dh, (top, bottom), c.stride[0], h);
+        let dead_cols = dead(kw, dw, (left, right), c.stride[1], w);
+        if !dead_rows && !dead_cols {
+            return c.forward(x);
+        }
+        let weight = c.weight.val();
+        let [co, ci, _, _] = weight.dims();
+        let (rows, pad_h) = if dead_rows { (kh / 2..kh / 2 + 1, (0, 0)) } else { (0..kh, (top, bottom)) };
+        let (cols, pad_w) = if dead_cols { (kw / 2..kw / 2 + 1, (0, 0)) } else { (0..kw, (left, right)) };
+        let weight = weight.slice([0..co, 0..ci, rows, cols]);
+        let options = ConvOptions::new_with_padding(c.stride, [pad_h, pad_w], c.dilation, c.groups);
+        conv2d(x, weight, c.bias.as_ref().map(|b| b.val()), options)
+    }
 }
 
 struct Builder<'a> {
@@ -132,40 +164,6 @@ impl Builder<'_> {
             bn,
             act: c.act,
         }
-    }
-}
-
-impl ConvModule {
-    /// The conv, computed on the kernel taps that can see the input. In a stride-1 "same" conv
-    /// with dilation `d` (padding `d * (k / 2)`), every off-centre kernel row reads only zero
-    /// padding when `d >= H`, and every off-centre column when `d >= W`: the ASPP branches with
-    /// dilations 12 / 24 / 36 on a feature map smaller than that. Those taps contribute exactly
-    /// zero to the output and receive exactly zero gradient, so convolving with the live taps
-    /// alone gives the same result (forward and backward) at a fraction of the work: on a 6x6
-    /// map, a 1x1 conv instead of 3x3 for all three dilated branches.
-    fn conv_live_taps(&self, x: Tensor<4>) -> Tensor<4> {
-        let c = &self.conv;
-        let [_, _, h, w] = x.dims();
-        let [kh, kw] = c.kernel_size;
-        let [dh, dw] = c.dilation;
-        let PaddingConfig2d::Explicit(top, left, bottom, right) = c.padding else {
-            return c.forward(x);
-        };
-        let dead = |k: usize, d: usize, pad: (usize, usize), stride: usize, len: usize| {
-            k > 1 && k % 2 == 1 && stride == 1 && pad == (d * (k / 2), d * (k / 2)) && d >= len
-        };
-        let dead_rows = dead(kh, dh, (top, bottom), c.stride[0], h);
-        let dead_cols = dead(kw, dw, (left, right), c.stride[1], w);
-        if !dead_rows && !dead_cols {
-            return c.forward(x);
-        }
-        let weight = c.weight.val();
-        let [co, ci, _, _] = weight.dims();
-        let (rows, pad_h) = if dead_rows { (kh / 2..kh / 2 + 1, (0, 0)) } else { (0..kh, (top, bottom)) };
-        let (cols, pad_w) = if dead_cols { (kw / 2..kw / 2 + 1, (0, 0)) } else { (0..kw, (left, right)) };
-        let weight = weight.slice([0..co, 0..ci, rows, cols]);
-        let options = ConvOptions::new_with_padding(c.stride, [pad_h, pad_w], c.dilation, c.groups);
-        conv2d(x, weight, c.bias.as_ref().map(|b| b.val()), options)
     }
 }
 

@@ -408,23 +408,20 @@ impl Engine {
         // written once (as the depthwise output, then projected in place).
         let first = &self.blocks[0];
         let fused_stem = Self::is_stem_block(first, hh, ww);
+        // The stem conv reads the NCHW input in place.
+        let images = Images { data: &input, planar: true, h, w, c: cin };
+        let stem_conv = ConvWeights { weight: &self.stem_w, bias: &self.stem_b, geom: self.stem };
         if fused_stem {
             let (se, c) = (first.se.as_ref().expect("an SE block"), first.spec.dim_mid);
+            let dw = ConvWeights { weight: &first.dw_w, bias: &first.dw_b, geom: first.dw };
             let xb = grow(x, batch * hh * ww * c0);
             for (b, y) in xb.chunks_mut(hh * ww * c0).enumerate() {
                 let mut mean = vec![0.0; c];
-                let img = &input[b * cin * h * w..(b + 1) * cin * h * w];
-                let input = Images { data: img, planar: true, h, w, c: cin };
-                let stem_conv = ConvWeights { weight: &self.stem_w, bias: &self.stem_b, geom: self.stem };
-                let dw = ConvWeights { weight: &first.dw_w, bias: &first.dw_b, geom: first.dw };
-                conv_dw_mean(input, stem_conv, dw, KAct::Silu, y, &mut mean);
+                conv_dw_mean(images.image(b), stem_conv, dw, KAct::Silu, y, &mut mean);
                 self.tick(0, &mut clock);
                 matmul_in_place(y, hh * ww, &se_gated_proj(first, se, &mean));
             }
         } else {
-            // The stem conv reads the NCHW input in place.
-            let images = Images { data: &input, planar: true, h, w, c: cin };
-            let stem_conv = ConvWeights { weight: &self.stem_w, bias: &self.stem_b, geom: self.stem };
             conv2d(images, batch, stem_conv, KAct::None, grow(x, batch * hh * ww * c0));
         }
         // A one-shot run (owned input) frees what it no longer needs: the input past the stem,
