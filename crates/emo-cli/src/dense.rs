@@ -60,6 +60,7 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             let mut cfg = DenseTrainConfig::new(task, a.variant, PathBuf::from(&a.data), input);
             (cfg.epochs, cfg.batch, cfg.seed) = (a.epochs, a.batch, a.seed);
             (cfg.limit_train, cfg.limit_val) = (a.train_limit, a.eval_limit);
+            cfg.epoch_images = a.epoch_images;
             if let Some(w) = &a.backbone_weights {
                 cfg = cfg.with_backbone_weights(w.clone());
             }

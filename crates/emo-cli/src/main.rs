@@ -321,6 +321,10 @@ pub(crate) struct TrainOpts {
     pub train_limit: usize,
     #[arg(long, default_value_t = 0)]
     pub eval_limit: usize,
+    /// Dense tasks: training images per epoch, taken from one running shuffle of the whole set
+    /// (a large set seen once over several evaluated epochs; 0 = one full pass per epoch).
+    #[arg(long, default_value_t = 0)]
+    pub epoch_images: usize,
     /// Fine-tune from these weights (e.g. official ImageNet weights; the head is replaced).
     #[arg(long)]
     pub init_weights: Option<PathBuf>,

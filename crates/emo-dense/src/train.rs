@@ -66,6 +66,11 @@ pub struct DenseTrainConfig {
     /// Use at most this many training / validation images (0 = all).
     pub limit_train: usize,
     pub limit_val: usize,
+    /// Training images per epoch, drawn from one running shuffle of the whole training set
+    /// (`stream_order`), so a large set is seen once over several evaluated epochs; 0: one
+    /// full pass per epoch.
+    #[serde(default)]
+    pub epoch_images: usize,
     /// Data-parallel replicas (threads) each batch is split over (`emo_train::parallel`);
     /// part of the run's definition, since BatchNorm normalises each replica's shard and the
     /// detection losses are normalised per shard (as mmdet does per GPU).
@@ -112,6 +117,7 @@ impl DenseTrainConfig {
             geometric_augment: true,
             limit_train: 0,
             limit_val: 0,
+            epoch_images: 0,
             workers: 1,
         }
     }
@@ -437,7 +443,23 @@ impl DenseTrainer {
     }
 
     pub fn iters_per_epoch(&self) -> usize {
-        self.train.len() / self.cfg.batch
+        if self.train.len() < self.cfg.batch {
+            return 0;
+        }
+        match self.cfg.epoch_images {
+            0 => self.train.len() / self.cfg.batch,
+            n => n / self.cfg.batch,
+        }
+    }
+
+    /// The training images of the current epoch, in order: a fresh shuffle of the whole set
+    /// (from the run's RNG), or with `epoch_images` the epoch's slice of the running stream.
+    fn epoch_order(&mut self) -> Vec<usize> {
+        let n = self.train.len();
+        match self.iters_per_epoch() * self.cfg.batch {
+            len if self.cfg.epoch_images > 0 => stream_order(self.cfg.seed, n, self.state.epoch * len, len),
+            _ => self.state.rng.permutation(n),
+        }
     }
 
     /// Build a batch (with augmentation) and take one optimiser step; returns the named loss parts.
@@ -542,14 +564,19 @@ impl DenseTrainer {
     pub fn run(&mut self, stop_after: Option<usize>) -> Result<Vec<DenseEpoch>, DenseError> {
         let ipe = self.iters_per_epoch();
         if ipe == 0 {
-            return Err(DenseError::Data(format!("{} training images < batch {}", self.train.len(), self.cfg.batch)));
+            return Err(DenseError::Data(format!(
+                "{} training images ({} per epoch) < batch {}",
+                self.train.len(),
+                self.cfg.epoch_images,
+                self.cfg.batch
+            )));
         }
         let total = ipe * self.cfg.epochs;
         let last = stop_after.map_or(self.cfg.epochs, |n| (self.state.epoch + n).min(self.cfg.epochs));
         let mut out = Vec::new();
         while self.state.epoch < last {
             let start = Instant::now();
-            let order = self.state.rng.permutation(self.train.len());
+            let order = self.epoch_order();
             let (mut loss_sum, mut lr) = (0.0, 0.0);
             for it in 0..ipe {
                 let idx = order[it * self.cfg.batch..(it + 1) * self.cfg.batch].to_vec();
@@ -607,6 +634,29 @@ impl DenseTrainer {
         }
         Ok(out)
     }
+}
+
+/// Positions `start..start + len` of an endless stream of indices `0..n`: pass after pass, each
+/// pass a permutation of `0..n` seeded by `seed` and the pass number. Depends on nothing but its
+/// arguments, so a resumed run continues the stream exactly; every pass holds each index once.
+pub fn stream_order(seed: u64, n: usize, start: usize, len: usize) -> Vec<usize> {
+    assert!(n > 0, "stream over an empty set");
+    let mut out = Vec::with_capacity(len);
+    let mut pos = start;
+    let mut pass: Option<(usize, Vec<usize>)> = None;
+    while out.len() < len {
+        let k = pos / n;
+        if pass.as_ref().is_none_or(|p| p.0 != k) {
+            let s = seed ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1);
+            pass = Some((k, Rng::new(s).permutation(n)));
+        }
+        let perm = &pass.as_ref().expect("pass").1;
+        let off = pos % n;
+        let take = (n - off).min(len - out.len());
+        out.extend_from_slice(&perm[off..off + take]);
+        pos += take;
+    }
+    out
 }
 
 /// One line for an evaluation result (percentages).

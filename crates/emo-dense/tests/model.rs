@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Tensor};
 use emo_dense::model::DenseHead;
-use emo_dense::train::{DenseData, DenseTrainConfig, DenseTrainer, load_split};
+use emo_dense::train::{DenseData, DenseTrainConfig, DenseTrainer, load_split, stream_order};
 use emo_dense::{DenseConfig, DenseError, DenseModel, DenseOutput, Task, anchors};
 use emo_spec::Variant;
 use emo_weights::StateDict;
@@ -208,6 +208,11 @@ fn training_resumes_exactly_and_learns() {
         // DeepLabv3 (with its dropout) on two data-parallel replicas, SSDLite on one.
         let mut c = cfg(task, &data);
         c.workers = if task == Task::DeepLabV3 { 2 } else { 1 };
+        if task == Task::DeepLabV3 {
+            // 16 of the 24 images per epoch: epoch 2 (the resumed one) crosses into the
+            // stream's second pass.
+            c.epoch_images = 16;
+        }
         let mut ta = DenseTrainer::new(c.clone(), &a, device.clone()).unwrap();
         ta.verbose = false;
         let full = ta.run(None).unwrap();
@@ -233,6 +238,25 @@ fn training_resumes_exactly_and_learns() {
         let _ = std::fs::remove_dir_all(&b);
     }
     let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
+fn epochs_of_a_running_shuffle_cover_each_image_once_per_pass() {
+    let (n, seed) = (10, 7);
+    let stream = stream_order(seed, n, 0, 35);
+    for pass in stream.chunks(n) {
+        let mut p = pass.to_vec();
+        p.sort_unstable();
+        p.dedup();
+        assert_eq!(p.len(), pass.len(), "an index repeats within a pass: {pass:?}");
+        assert!(p.iter().all(|&i| i < n));
+    }
+    // Any window of the stream is the same slice, whatever epoch size cuts it.
+    assert_eq!(stream_order(seed, n, 13, 9), stream[13..22].to_vec());
+    assert_eq!(stream_order(seed, n, 4, 25), stream[4..29].to_vec());
+    // Passes differ, and the seed matters.
+    assert_ne!(stream[..n], stream[n..2 * n]);
+    assert_ne!(stream_order(seed + 1, n, 0, n), stream[..n].to_vec());
 }
 
 #[test]
