@@ -79,14 +79,14 @@ class SE(nn.Module):
 
 
 class IRMB(nn.Module):
-    def __init__(self, cin, cout, norm, act, exp, k, stride, dim_head, attn, v_proj=True, se=False, drop_path=0.0):
+    def __init__(self, cin, cout, norm, act, exp, k, stride, dim_head, attn, v_proj=True, se=False, drop_path=0.0, ws=7):
         super().__init__()
         mid = int(cin * exp)
         self.skip = cin == cout and stride == 1 and norm is not None
         self.norm = {"bn": lambda: nn.BatchNorm2d(cin, eps=EPS), "ln": lambda: LN2d(cin), None: nn.Identity}[norm]()
         self.attn = attn
         if attn:
-            self.heads, self.dh, self.ws = cin // dim_head, dim_head, 7
+            self.heads, self.dh, self.ws = cin // dim_head, dim_head, ws
             self.qk = Conv(cin, 2 * cin, True)
         self.v = Conv(cin, mid, True, act) if v_proj else nn.Identity()
         self.conv_local = Local(mid, k, stride)
@@ -140,7 +140,7 @@ class PatchEmb(nn.Module):
 
 
 class EMO(nn.Module):
-    def __init__(self, variant, num_classes=1000, drop_path=None):
+    def __init__(self, variant, num_classes=1000, drop_path=None, window_size=7):
         super().__init__()
         cfg = VARIANTS[variant]
         dp = cfg["dp"] if drop_path is None else drop_path
@@ -154,7 +154,7 @@ class EMO(nn.Module):
                 down = j == 0
                 blocks.append(IRMB(prev if down else cfg["dims"][i], cfg["dims"][i], norms[i], acts[i],
                                    cfg["exp"][i] * (2 if down else 1), kss[i], 2 if down else 1,
-                                   cfg["heads"][i], (not down) and i >= 2, drop_path=rates[r]))
+                                   cfg["heads"][i], (not down) and i >= 2, drop_path=rates[r], ws=window_size))
                 r += 1
             setattr(self, f"stage{i + 1}", nn.ModuleList(blocks))
             prev = cfg["dims"][i]

@@ -505,8 +505,9 @@ impl DenseModel {
                 v
             }
             DenseHead::Seg(h) => {
-                let mut v: Vec<&ConvModule> = h.branches.iter().collect();
-                v.extend([&h.bottleneck, &h.conv_seg, &h.aux_conv, &h.aux_seg]);
+                let mut v: Vec<&ConvModule> = vec![&h.conv_seg];
+                v.extend(&h.branches);
+                v.extend([&h.bottleneck, &h.aux_seg, &h.aux_conv]);
                 v
             }
         }

@@ -332,6 +332,8 @@ impl DenseConfig {
             Task::DeepLabV3 | Task::PspNet => {
                 let (c, c4, h4) = (HEAD_CHANNELS, dims[4], hw[4]);
                 let r = HeadAct::Relu;
+                // mmseg's BaseDecodeHead makes `conv_seg` before the subclass's own modules.
+                conv("decode_head.conv_seg".into(), c, self.num_classes, 1, 1, 1, 1, true, false, HeadAct::None, h4);
                 if self.task == Task::DeepLabV3 {
                     conv("decode_head.image_pool.1.conv".into(), c4, c, 1, 1, 1, 1, false, true, r, (1, 1));
                     for (i, &d) in ASPP_DILATIONS.iter().enumerate() {
@@ -345,8 +347,6 @@ impl DenseConfig {
                     }
                     conv("decode_head.bottleneck.conv".into(), c4 + 4 * c, c, 3, 1, 1, 1, false, true, r, h4);
                 }
-                conv("decode_head.conv_seg".into(), c, self.num_classes, 1, 1, 1, 1, true, false, HeadAct::None, h4);
-                conv("auxiliary_head.convs.0.conv".into(), dims[3], c, 3, 1, 1, 1, false, true, r, hw[3]);
                 conv(
                     "auxiliary_head.conv_seg".into(),
                     c,
@@ -360,6 +360,7 @@ impl DenseConfig {
                     HeadAct::None,
                     hw[3],
                 );
+                conv("auxiliary_head.convs.0.conv".into(), dims[3], c, 3, 1, 1, 1, false, true, r, hw[3]);
             }
         }
         v

@@ -83,6 +83,9 @@ pub enum Wrapping {
     Net,
     /// Under the `net_E` key (EMA weights).
     NetE,
+    /// Under the `state_dict` key of an mmcv / mmdet / mmseg checkpoint (beside `meta` and
+    /// `optimizer`, which are not read).
+    Mmcv,
 }
 
 impl fmt::Display for Wrapping {
@@ -91,6 +94,7 @@ impl fmt::Display for Wrapping {
             Wrapping::Plain => "plain state_dict",
             Wrapping::Net => "state_dict under `net`",
             Wrapping::NetE => "EMA state_dict under `net_E`",
+            Wrapping::Mmcv => "mmcv checkpoint's `state_dict`",
         })
     }
 }
@@ -322,13 +326,15 @@ pub fn load_pth_reader<R: Read + std::io::Seek>(reader: R) -> Result<StateDict, 
         Value::Str(s) => Some(s.clone()),
         _ => None,
     };
-    // Unwrap `net_E` (EMA, preferred) or `net`.
+    // Unwrap `net_E` (EMA, preferred) or `net` (the official classification checkpoints), or
+    // mmcv's `state_dict` (the official detection / segmentation ones).
     let (entries, wrapping) = {
         let find = |name: &str| top.iter().find(|(k, _)| key_of(k).as_deref() == Some(name)).map(|(_, v)| v.clone());
         let has_tensors = top.iter().any(|(_, v)| matches!(v, Value::Tensor { .. }));
-        match (has_tensors, find("net_E"), find("net")) {
-            (false, Some(Value::Dict(d)), _) => (d, Wrapping::NetE),
-            (false, _, Some(Value::Dict(d))) => (d, Wrapping::Net),
+        match (has_tensors, find("net_E"), find("net"), find("state_dict")) {
+            (false, Some(Value::Dict(d)), _, _) => (d, Wrapping::NetE),
+            (false, _, Some(Value::Dict(d)), _) => (d, Wrapping::Net),
+            (false, _, _, Some(Value::Dict(d))) => (d, Wrapping::Mmcv),
             _ => (top, Wrapping::Plain),
         }
     };

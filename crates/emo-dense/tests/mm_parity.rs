@@ -1,0 +1,145 @@
+//! The necks and heads against mmdet 2.28 / mmseg 0.30's own code (the frameworks of the
+//! official EMO detection and segmentation checkpoints).
+//!
+//! `scripts/mm_dense_reference.py` built SSDLite, RetinaNet, DeepLabv3 and PSPNet on EMO-1M from
+//! the real mmdet / mmseg classes, filled every state-dict entry with a deterministic value
+//! (`values` below computes the same ones), and stored their state-dict keys and shapes
+//! (`fixtures/mm_heads.json`) and their eval-mode outputs on one 160x128 input
+//! (`fixtures/mm_heads.safetensors`). So an official checkpoint's keys are exactly ours, and its
+//! weights give mmdet / mmseg's numbers here.
+
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use emo_dense::{DenseConfig, DenseModel, DenseOutput, Task};
+use emo_spec::Variant;
+use emo_weights::{Data, StateDict, Wrapping};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn fnv1a(s: &str) -> u32 {
+    s.bytes().fold(0x811C_9DC5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193))
+}
+
+/// `n` values in [-0.5, 0.5): lowbias32(fnv1a(key) ^ (i * 0x9E3779B1)) / 2^32 - 0.5.
+fn uniform(key: &str, n: usize) -> Vec<f64> {
+    let h = fnv1a(key);
+    (0..n as u32)
+        .map(|i| {
+            let mut x = i.wrapping_mul(0x9E37_79B1) ^ h;
+            x ^= x >> 16;
+            x = x.wrapping_mul(0x7FEB_352D);
+            x ^= x >> 15;
+            x = x.wrapping_mul(0x846C_A68B);
+            x ^= x >> 16;
+            x as f64 / 4_294_967_296.0 - 0.5
+        })
+        .collect()
+}
+
+/// The deterministic value of state-dict entry `key` (as the script's `values`).
+fn values(key: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let u = uniform(key, n);
+    let f: Box<dyn Fn(f64) -> f64> = if key.ends_with("running_var") {
+        Box::new(|u| 1.0 + u)
+    } else if key.ends_with("running_mean") {
+        Box::new(|u| 0.2 * u)
+    } else if shape.len() == 1 && key.ends_with("weight") {
+        Box::new(|u| 1.0 + 0.2 * u)
+    } else if shape.len() <= 1 {
+        Box::new(|u| 0.2 * u)
+    } else {
+        let s = (12.0 / (n / shape[0]) as f64).sqrt();
+        Box::new(move |u| u * s)
+    };
+    u.into_iter().map(|u| f(u) as f32).collect()
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn necks_and_heads_match_mmdet_and_mmseg() {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("mm_heads.json")).unwrap()).unwrap();
+    let reference = emo_weights::load(fixture("mm_heads.safetensors")).unwrap();
+    let f32s = |k: &str| reference.get(k).unwrap_or_else(|| panic!("fixture lacks {k}")).as_f32().unwrap().to_vec();
+    let input = (meta["input"][0].as_u64().unwrap() as usize, meta["input"][1].as_u64().unwrap() as usize);
+    let device = Device::flex();
+    let x = Tensor::<4>::from_data(TensorData::new(f32s("input"), [1, 3, input.0, input.1]), &device);
+    for (task, name) in [
+        (Task::SsdLite, "ssdlite"),
+        (Task::RetinaNet, "retinanet"),
+        (Task::DeepLabV3, "deeplabv3"),
+        (Task::PspNet, "pspnet"),
+    ] {
+        let classes = meta[if task.is_detection() { "det_classes" } else { "seg_classes" }].as_u64().unwrap() as usize;
+        let cfg = DenseConfig::new(task, Variant::Emo1M, classes, input);
+        // The same keys and shapes as mmdet / mmseg's state_dict, in the same order.
+        let theirs: Vec<(String, Vec<usize>)> = meta["keys"][name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let shape = e[1].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+                (e[0].as_str().unwrap().to_string(), shape)
+            })
+            .collect();
+        let ours: Vec<(String, Vec<usize>)> = cfg.state_dict_keys().into_iter().map(|k| (k.name, k.shape)).collect();
+        let missing: Vec<_> = theirs.iter().filter(|k| !ours.contains(k)).collect();
+        let extra: Vec<_> = ours.iter().filter(|k| !theirs.contains(k)).collect();
+        assert!(missing.is_empty() && extra.is_empty(), "{task}: not in ours {missing:?}; not in theirs {extra:?}");
+        if let Some(i) = (0..ours.len()).find(|&i| ours[i] != theirs[i]) {
+            panic!("{task}: same keys, other order: ours[{i}] = {:?}, theirs[{i}] = {:?}", ours[i].0, theirs[i].0);
+        }
+        // Their weights, loaded strictly; eval-mode outputs within 1e-4.
+        let mut sd = StateDict::new();
+        for (k, shape) in &theirs {
+            let t = if k.ends_with("num_batches_tracked") {
+                emo_weights::Tensor { shape: shape.clone(), data: Data::I64(vec![0]) }
+            } else {
+                emo_weights::Tensor::f32(shape.clone(), values(k, shape))
+            };
+            sd.insert(k.clone(), t);
+        }
+        let model = DenseModel::from_state_dict(&cfg, &sd, &device).unwrap();
+        let outs: Vec<(&str, Vec<f32>)> = match model.forward(x.clone(), true).unwrap() {
+            DenseOutput::Det { cls, reg } => vec![("cls", to_vec(cls)), ("reg", to_vec(reg))],
+            DenseOutput::Seg { logits, aux } => vec![("logits", to_vec(logits)), ("aux", to_vec(aux.unwrap()))],
+        };
+        for (part, got) in outs {
+            let want = f32s(&format!("{name}.{part}"));
+            let d = max_diff(&got, &want);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            eprintln!("{task} {part}: max |ours - mm| = {d:.2e} (max |mm| {scale:.2})");
+            assert!(d <= 1e-4, "{task} {part}: max diff {d} against mmdet / mmseg");
+        }
+    }
+}
+
+#[test]
+fn an_mmcv_checkpoint_loads_its_state_dict() {
+    // mmcv.runner.save_checkpoint: {"meta": {...}, "state_dict": ..., "optimizer": {...}}.
+    let sd = emo_weights::load(fixture("mmcv_checkpoint.pth")).unwrap();
+    assert_eq!(sd.wrapping, Wrapping::Mmcv);
+    let keys: Vec<&str> = sd.tensors.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        ["bn.bias", "bn.num_batches_tracked", "bn.running_mean", "bn.running_var", "bn.weight", "conv.weight"]
+    );
+    for (k, t) in &sd.tensors {
+        if let Some(v) = t.as_f32() {
+            assert_eq!(v, values(k, &t.shape).as_slice(), "{k}");
+        }
+    }
+    assert_eq!(sd.get("conv.weight").unwrap().shape, [4, 3, 3, 3]);
+}
