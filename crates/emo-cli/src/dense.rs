@@ -99,14 +99,32 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
     Ok(())
 }
 
-/// Load `weights` with the card from `--card` or `model.json` next to them.
+/// Load `weights` with the card from `--card` or `model.json` next to them; without either, an
+/// official mmdet / mmseg checkpoint's card is inferred from its keys and shapes.
 fn load_model(weights: &Path, card: Option<&Path>, device: &Device) -> Result<(DenseModel, ModelCard)> {
-    let card_path = card.map(Path::to_path_buf).unwrap_or_else(|| weights.with_file_name("model.json"));
-    let text = std::fs::read_to_string(&card_path).with_context(|| {
-        format!("reading {} (the model card written by `emo train --task`; pass --card)", card_path.display())
-    })?;
-    let card: ModelCard = serde_json::from_str(&text).with_context(|| format!("parsing {}", card_path.display()))?;
     let sd = emo_weights::load(weights).with_context(|| format!("loading {}", weights.display()))?;
+    let beside = weights.with_file_name("model.json");
+    let card = match card.map(Path::to_path_buf).or_else(|| beside.exists().then_some(beside)) {
+        Some(card_path) => {
+            let text = std::fs::read_to_string(&card_path).with_context(|| {
+                format!("reading {} (the model card written by `emo train --task`)", card_path.display())
+            })?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", card_path.display()))?
+        }
+        None => {
+            let c = ModelCard::infer(&sd).with_context(|| format!("{}", weights.display()))?;
+            eprintln!(
+                "{}: no model card; an official {} checkpoint: {}, {} classes, input {}x{}",
+                weights.display(),
+                c.model.task,
+                c.model.backbone.name(),
+                c.classes.len(),
+                c.model.input.0,
+                c.model.input.1
+            );
+            c
+        }
+    };
     let model = DenseModel::from_state_dict(&card.model, &sd, device)?;
     Ok((model, card))
 }

@@ -373,6 +373,24 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
                 serde_json::from_str(&std::fs::read_to_string(out.join("000000.json")).unwrap()).unwrap();
             assert!(j.is_array());
         }
+        // Weights without a model card beside them (as the official mmdet / mmseg checkpoints
+        // come): the card is inferred from the keys, at the paper's input size.
+        let bare = tmp(&format!("bare-{task}"));
+        std::fs::create_dir_all(&bare).unwrap();
+        std::fs::copy(&w, bare.join("official.safetensors")).unwrap();
+        let o = emo(&[
+            cmd,
+            "--weights",
+            bare.join("official.safetensors").to_str().unwrap(),
+            "--out",
+            bare.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
+        let size = if task == "ssdlite" { "320x320" } else { "512x512" };
+        let note = format!("no model card; an official {task} checkpoint: emo-1m, 10 classes, input {size}");
+        let note = if task == "ssdlite" { note } else { note.replace("10 classes", "11 classes") };
+        assert!(o.status.success() && stderr(&o).contains(&note), "{}", stderr(&o));
+        assert!(bare.join("000000.png").exists());
         // The wrong command for the model says which one to use.
         let other = if cmd == "detect" { "segment" } else { "detect" };
         let o = emo(&[other, "--weights", w.to_str().unwrap(), img.to_str().unwrap()]);

@@ -11,6 +11,7 @@ pub mod data;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod predict;
 pub mod train;
 

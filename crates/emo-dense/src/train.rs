@@ -17,9 +17,10 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
-use emo_spec::{DenseConfig, Task, Variant};
+use emo_spec::{DenseConfig, RETINA_ANCHORS, SSD_ANCHORS, Task, Variant};
 use emo_train::parallel::{self, DataParallel};
 use emo_train::rng::Rng;
+use emo_weights::StateDict;
 use serde::{Deserialize, Serialize};
 
 use crate::assign::{MaxIou, Targets, targets};
@@ -28,6 +29,7 @@ use crate::data::{DetDataset, SegDataset, augment, load_coco, load_seg, seg_geom
 use crate::loss::{focal_loss, seg_loss, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseModel, DenseOutput};
+use crate::names::{ADE20K_CLASSES, COCO_CAT_IDS, COCO_CLASSES};
 use crate::predict::{DetTestCfg, batch_tensor, detect, segment};
 use crate::{DenseError, anchors};
 
@@ -165,6 +167,59 @@ pub struct ModelCard {
     /// classes shifted by one (ADE20K); evaluation reads them the same way.
     #[serde(default)]
     pub reduce_zero_label: bool,
+}
+
+impl ModelCard {
+    /// The card of an official mmdet / mmseg EMO checkpoint (which has none), from its keys and
+    /// shapes: the task from the neck / head keys, the variant from the backbone's shapes, the
+    /// classes from the classifier conv, the paper's input size, and the COCO / ADE20K class
+    /// names when the class count is theirs (ADE20K label maps read with `reduce_zero_label`).
+    pub fn infer(sd: &StateDict) -> Result<ModelCard, DenseError> {
+        let has = |k: &str| sd.get(k).is_some();
+        let rows = |k: &str| sd.get(k).map(|t| t.shape[0]);
+        let (task, classes) = if has("decode_head.aspp_modules.0.conv.weight") {
+            (Task::DeepLabV3, rows("decode_head.conv_seg.weight"))
+        } else if has("decode_head.psp_modules.0.1.conv.weight") {
+            (Task::PspNet, rows("decode_head.conv_seg.weight"))
+        } else if has("neck.extra_layers.0.0.conv.weight") {
+            let per = rows("bbox_head.cls_convs.0.1.weight");
+            (Task::SsdLite, per.filter(|n| n % SSD_ANCHORS == 0 && *n > SSD_ANCHORS).map(|n| n / SSD_ANCHORS - 1))
+        } else if has("bbox_head.retina_cls.weight") {
+            let per = rows("bbox_head.retina_cls.weight");
+            (Task::RetinaNet, per.filter(|n| n % RETINA_ANCHORS == 0 && *n > 0).map(|n| n / RETINA_ANCHORS))
+        } else {
+            return Err(DenseError::Data(
+                "no model card, and the weights are not an mmdet / mmseg EMO checkpoint (no SSDLite, RetinaNet, \
+                 ASPP or PSP head keys); pass --card"
+                    .into(),
+            ));
+        };
+        let classes =
+            classes.ok_or_else(|| DenseError::Data(format!("{task} checkpoint without a usable classifier")))?;
+        let input = task.paper_input();
+        let fits = |v: &Variant| {
+            let cfg = DenseConfig::new(task, *v, classes, input);
+            cfg.backbone
+                .state_dict_keys()
+                .iter()
+                .all(|k| sd.get(&format!("backbone.{}", k.name)).is_some_and(|t| t.shape == k.shape))
+        };
+        let variant = Variant::ALL.into_iter().find(fits).ok_or_else(|| {
+            DenseError::Data(format!("{task} checkpoint whose backbone is none of EMO-1M/2M/5M/6M; pass --card"))
+        })?;
+        let model = DenseConfig::new(task, variant, classes, input);
+        let det = task.is_detection();
+        let (names, cat_ids, reduce_zero_label): (Vec<String>, Vec<u64>, bool) = match (det, classes) {
+            (true, 80) => (COCO_CLASSES.map(String::from).to_vec(), COCO_CAT_IDS.to_vec(), false),
+            (false, 150) => (ADE20K_CLASSES.map(String::from).to_vec(), vec![], true),
+            _ => (
+                (0..classes).map(|i| format!("class{i}")).collect(),
+                if det { (1..=classes as u64).collect() } else { vec![] },
+                false,
+            ),
+        };
+        Ok(ModelCard { model, classes: names, cat_ids, reduce_zero_label })
+    }
 }
 
 /// One line of `metrics.jsonl`.

@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
+use emo_dense::train::ModelCard;
 use emo_dense::{DenseConfig, DenseModel, DenseOutput, Task};
 use emo_spec::Variant;
 use emo_weights::{Data, StateDict, Wrapping};
@@ -142,4 +143,49 @@ fn an_mmcv_checkpoint_loads_its_state_dict() {
         }
     }
     assert_eq!(sd.get("conv.weight").unwrap().shape, [4, 3, 3, 3]);
+}
+
+/// A state dict with `cfg`'s keys and shapes (zeros): what an official checkpoint holds.
+fn zeros(cfg: &DenseConfig) -> StateDict {
+    let mut sd = StateDict::new();
+    for k in cfg.state_dict_keys() {
+        let n = k.shape.iter().product();
+        let data = if k.shape.is_empty() { Data::I64(vec![0]) } else { Data::F32(vec![0.0; n]) };
+        sd.insert(k.name, emo_weights::Tensor { shape: k.shape, data });
+    }
+    sd
+}
+
+#[test]
+fn an_official_checkpoint_needs_no_model_card() {
+    for task in Task::ALL {
+        for variant in [Variant::Emo1M, Variant::Emo2M, Variant::Emo5M] {
+            let paper = DenseConfig::paper(task, variant);
+            let card = ModelCard::infer(&zeros(&paper)).unwrap();
+            assert_eq!(card.model, paper, "{task} {variant:?}");
+            if task.is_detection() {
+                assert_eq!(card.classes.len(), 80);
+                assert_eq!((card.classes[0].as_str(), card.cat_ids[79]), ("person", 90));
+            } else {
+                assert_eq!((card.classes.len(), card.classes[0].as_str()), (150, "wall"));
+                assert!(card.reduce_zero_label, "ADE20K label maps: 0 is `other`");
+            }
+        }
+        // Another class count: generic names, the paper's input.
+        let own = DenseConfig::new(task, Variant::Emo6M, 7, task.paper_input());
+        let card = ModelCard::infer(&zeros(&own)).unwrap();
+        assert_eq!((card.model.clone(), card.classes[6].as_str()), (own, "class6"), "{task}");
+    }
+    // Not a dense checkpoint, or a backbone that is no EMO variant: clear errors.
+    let backbone_only: StateDict = {
+        let mut sd = zeros(&DenseConfig::paper(Task::DeepLabV3, Variant::Emo1M));
+        sd.tensors.retain(|k, _| k.starts_with("backbone."));
+        sd
+    };
+    let e = ModelCard::infer(&backbone_only).unwrap_err().to_string();
+    assert!(e.contains("not an mmdet / mmseg EMO checkpoint"), "{e}");
+    let mut odd = zeros(&DenseConfig::paper(Task::PspNet, Variant::Emo1M));
+    odd.insert("backbone.stage4.2.proj.conv.weight", emo_weights::Tensor::f32(vec![100, 588, 1, 1], vec![0.0; 58800]));
+    let e = ModelCard::infer(&odd).unwrap_err().to_string();
+    assert!(e.contains("none of EMO-1M/2M/5M/6M"), "{e}");
 }
