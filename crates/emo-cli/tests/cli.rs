@@ -386,9 +386,9 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             bare.to_str().unwrap(),
             img.to_str().unwrap(),
         ]);
-        let size = if task == "ssdlite" { "320x320" } else { "512x512" };
-        let note = format!("no model card; an official {task} checkpoint: emo-1m, 10 classes, input {size}");
-        let note = if task == "ssdlite" { note } else { note.replace("10 classes", "11 classes") };
+        // Detection counts the 10 item classes; segmentation adds the background.
+        let (classes, size) = if task == "ssdlite" { (10, "320x320") } else { (11, "512x512") };
+        let note = format!("no model card; an official {task} checkpoint: emo-1m, {classes} classes, input {size}");
         assert!(o.status.success() && stderr(&o).contains(&note), "{}", stderr(&o));
         assert!(bare.join("000000.png").exists());
         // The wrong command for the model says which one to use.

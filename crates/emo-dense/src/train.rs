@@ -511,10 +511,11 @@ impl DenseTrainer {
     /// (from the run's RNG), or with `epoch_images` the epoch's slice of the running stream.
     fn epoch_order(&mut self) -> Vec<usize> {
         let n = self.train.len();
-        match self.iters_per_epoch() * self.cfg.batch {
-            len if self.cfg.epoch_images > 0 => stream_order(self.cfg.seed, n, self.state.epoch * len, len),
-            _ => self.state.rng.permutation(n),
+        if self.cfg.epoch_images == 0 {
+            return self.state.rng.permutation(n);
         }
+        let len = self.iters_per_epoch() * self.cfg.batch;
+        stream_order(self.cfg.seed, n, self.state.epoch * len, len)
     }
 
     /// Build a batch (with augmentation) and take one optimiser step; returns the named loss parts.

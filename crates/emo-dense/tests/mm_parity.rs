@@ -40,23 +40,22 @@ fn uniform(key: &str, n: usize) -> Vec<f64> {
         .collect()
 }
 
-/// The deterministic value of state-dict entry `key` (as the script's `values`).
+/// The deterministic value of state-dict entry `key` (as the script's `values`): an affine map
+/// `offset + scale * u` of the key's uniform stream, chosen by the kind of entry.
 fn values(key: &str, shape: &[usize]) -> Vec<f32> {
     let n: usize = shape.iter().product();
-    let u = uniform(key, n);
-    let f: Box<dyn Fn(f64) -> f64> = if key.ends_with("running_var") {
-        Box::new(|u| 1.0 + u)
+    let (offset, scale) = if key.ends_with("running_var") {
+        (1.0, 1.0)
     } else if key.ends_with("running_mean") {
-        Box::new(|u| 0.2 * u)
+        (0.0, 0.2)
     } else if shape.len() == 1 && key.ends_with("weight") {
-        Box::new(|u| 1.0 + 0.2 * u)
+        (1.0, 0.2)
     } else if shape.len() <= 1 {
-        Box::new(|u| 0.2 * u)
+        (0.0, 0.2)
     } else {
-        let s = (12.0 / (n / shape[0]) as f64).sqrt();
-        Box::new(move |u| u * s)
+        (0.0, (12.0 / (n / shape[0]) as f64).sqrt())
     };
-    u.into_iter().map(|u| f(u) as f32).collect()
+    uniform(key, n).into_iter().map(|u| (offset + scale * u) as f32).collect()
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
