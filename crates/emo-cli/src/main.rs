@@ -136,9 +136,10 @@ enum Cmd {
         /// `fashion-mnist`, `fashion-mnist:DIR` or `imagefolder:PATH` (its val split).
         #[arg(long, default_value = "fashion-mnist")]
         data: String,
-        /// Input side used in training.
-        #[arg(long, default_value_t = 32)]
-        size: usize,
+        /// Input side (default: the training pipeline's, read from the run's config.json or
+        /// the weights' model card W.json; else 32).
+        #[arg(long)]
+        size: Option<usize>,
     },
     /// Detect objects in images with a trained SSDLite / RetinaNet: writes OUT/NAME.json (boxes
     /// in image pixels) and OUT/NAME.png (annotated).
@@ -338,6 +339,11 @@ pub(crate) struct TrainOpts {
     /// 10-epoch run on 28x28 items keeps the pad-and-shift crop and flip only).
     #[arg(long)]
     pub rand_augment: Option<bool>,
+    /// Fashion-MNIST: black border around the 28x28 image before it is scaled to `--size`, in
+    /// source pixels (default 2: a 32x32 frame; 0 scales the bare image, as runs before
+    /// 2026-11-30 did).
+    #[arg(long)]
+    pub border: Option<usize>,
     /// Data-parallel replicas (threads) per batch (default: one per core, each with >= 8
     /// images). Saved in the run's config: BatchNorm normalises each replica's shard.
     #[arg(long)]
@@ -416,11 +422,11 @@ fn main() -> Result<()> {
             dense::eval(task, &weights, card.as_deref(), Path::new(&data), &split, limit)
         }
         Cmd::Eval { variant, weights, data, size, .. } => {
-            let (_, test) = load_data(&data, size)?;
+            let pipeline = trained_pipeline(&weights, size)?;
+            let (_, test) = load_data(&data, pipeline.size)?;
             let sd = emo_weights::load(&weights).with_context(|| format!("loading {}", weights.display()))?;
             let n = sd.get("head.bias").map_or(0, |t| t.shape[0]);
             ensure!(n == test.classes, "{} has {n} classes, the data {}", weights.display(), test.classes);
-            let pipeline = emo_train::augment::Pipeline { size, ..Default::default() };
             let (top1, top5) = emo_train::evaluate(&variant.config().with_num_classes(n), sd, &test, &pipeline)?;
             println!("{}: top-1 {top1:.2}%  top-5 {top5:.2}%  ({} images of {data})", weights.display(), test.len());
             Ok(())
@@ -468,6 +474,7 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         stop_after,
         workers,
         rand_augment,
+        border,
         drop_path,
         weight_decay,
         label_smoothing,
@@ -499,6 +506,7 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
             cfg.label_smoothing = label_smoothing.unwrap_or(cfg.label_smoothing);
             (cfg.train_limit, cfg.eval_limit, cfg.init_weights) = (train_limit, eval_limit, init_weights);
             cfg.pipeline.size = size;
+            cfg.pipeline.border = border.unwrap_or(cfg.pipeline.border);
             if rand_augment.unwrap_or(data.starts_with("imagefolder:")) {
                 cfg.pipeline.rand_augment = Some(emo_train::randaug::RandAugment::default());
                 cfg.pipeline.random_resized_crop = true;
@@ -512,6 +520,28 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
     t.run(stop_after)?;
     println!("best top-1: {:.2}% ({})", t.state.best_ema_top1, t.dir.join("best.safetensors").display());
     Ok(())
+}
+
+/// The input pipeline a classifier was trained with: the `pipeline` of its model card (`W.json`
+/// beside `W.safetensors`) or of its run's `config.json` (beside the weights), else the default;
+/// `size` overrides the input side.
+fn trained_pipeline(weights: &Path, size: Option<usize>) -> Result<emo_train::augment::Pipeline> {
+    let mut pipeline = emo_train::augment::Pipeline::default();
+    let card = weights.with_extension("json");
+    let config = weights.with_file_name("config.json");
+    for p in [card, config] {
+        let Ok(text) = std::fs::read_to_string(&p) else { continue };
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        if let Some(pv) = v.get("pipeline") {
+            pipeline = serde_json::from_value(pv.clone()).with_context(|| format!("the pipeline in {}", p.display()))?;
+            eprintln!("input pipeline from {}", p.display());
+            break;
+        }
+    }
+    if let Some(size) = size {
+        pipeline.size = size;
+    }
+    Ok(pipeline)
 }
 
 /// `fashion-mnist[:DIR]` or `imagefolder:PATH` -> (train, test); `size` is the network input

@@ -211,6 +211,7 @@ fn train_and_eval_end_to_end_on_fashion_mnist_when_installed() {
     assert!(!emo(&args).status.success());
     let o = emo(&["eval", "--weights", run.join("best.safetensors").to_str().unwrap()]);
     assert!(o.status.success() && stdout(&o).contains("top-1"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("config.json"), "the run's own pipeline: {}", stderr(&o));
 }
 
 #[test]
@@ -299,6 +300,7 @@ fn classify_defaults_to_the_embedded_fashion_mnist_model() {
         let want = format!("top-1 {:.2}%", card["test_top1"].as_f64().unwrap());
         assert!(o.status.success() && stdout(&o).contains(&want), "{want}: {}{}", stdout(&o), stderr(&o));
         assert!(stdout(&o).contains("10000 images"), "{}", stdout(&o));
+        assert!(stderr(&o).contains("input pipeline from") && stderr(&o).contains("emo1m-fashion-mnist.json"), "{}", stderr(&o));
     }
     // another variant needs its own weights
     let o = emo(&["classify", "--variant", "emo-5m", &images[0]]);
