@@ -533,7 +533,8 @@ fn trained_pipeline(weights: &Path, size: Option<usize>) -> Result<emo_train::au
         let Ok(text) = std::fs::read_to_string(&p) else { continue };
         let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
         if let Some(pv) = v.get("pipeline") {
-            pipeline = serde_json::from_value(pv.clone()).with_context(|| format!("the pipeline in {}", p.display()))?;
+            pipeline =
+                serde_json::from_value(pv.clone()).with_context(|| format!("the pipeline in {}", p.display()))?;
             eprintln!("input pipeline from {}", p.display());
             break;
         }

@@ -300,7 +300,11 @@ fn classify_defaults_to_the_embedded_fashion_mnist_model() {
         let want = format!("top-1 {:.2}%", card["test_top1"].as_f64().unwrap());
         assert!(o.status.success() && stdout(&o).contains(&want), "{want}: {}{}", stdout(&o), stderr(&o));
         assert!(stdout(&o).contains("10000 images"), "{}", stdout(&o));
-        assert!(stderr(&o).contains("input pipeline from") && stderr(&o).contains("emo1m-fashion-mnist.json"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("input pipeline from") && stderr(&o).contains("emo1m-fashion-mnist.json"),
+            "{}",
+            stderr(&o)
+        );
     }
     // another variant needs its own weights
     let o = emo(&["classify", "--variant", "emo-5m", &images[0]]);

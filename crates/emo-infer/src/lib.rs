@@ -148,6 +148,12 @@ impl Block {
             proj: Weight::from_torch(&take(sd, &format!("{p}.proj.conv.weight")), b.dim_out, b.dim_mid),
         }
     }
+
+    /// The depthwise conv as the kernels take it (SiLU, as in every iRMB), with the inner
+    /// residual when the block has one.
+    fn dw_layer(&self, residual: bool) -> dwconv::DwLayer<'_> {
+        dwconv::DwLayer { weight: &self.dw_w, bias: &self.dw_b, geom: self.dw, act: KAct::Silu, residual }
+    }
 }
 
 struct Head {
@@ -476,20 +482,8 @@ impl Engine {
             match &blk.v {
                 Some((wv, bv)) if fuse => {
                     let o = grow(out, po * s.dim_out);
-                    let ran = v_dw_matmul(
-                        xcur,
-                        batch,
-                        hh,
-                        ww,
-                        wv,
-                        bv,
-                        kact(s.act),
-                        &blk.dw_w,
-                        &blk.dw_b,
-                        blk.dw,
-                        &blk.proj,
-                        o,
-                    );
+                    let dw = blk.dw_layer(false);
+                    let ran = v_dw_matmul(xcur, batch, hh, ww, (wv, bv, kact(s.act)), dw, &blk.proj, o);
                     debug_assert!(ran, "v_dw_matmul_available said it runs");
                 }
                 _ => self.block_unfused(blk, batch, hh, ww, (x, out, xn, qk, att, e)),
@@ -587,21 +581,19 @@ impl Engine {
         let residual = s.skip.then_some(xcur);
         let outb = grow(out, po * s.dim_out);
         let Some(se) = &blk.se else {
-            let (dw_w, dw_b) = (&blk.dw_w, &blk.dw_b);
-            dw_matmul(expanded, batch, h, w, mid, dw_w, dw_b, blk.dw, KAct::Silu, s.skip, &blk.proj, residual, outb);
+            dw_matmul(expanded, batch, h, w, blk.dw_layer(s.skip), &blk.proj, residual, outb);
             return;
         };
         // SE: channel means of the depthwise output in a first pass (not stored), the gate folded
         // into the projection ((y * gate) . P = y . diag(gate) P), then depthwise + projection.
         let mut mean = vec![0.0; batch * mid];
-        dw_channel_mean(expanded, batch, h, w, mid, &blk.dw_w, &blk.dw_b, blk.dw, KAct::Silu, s.skip, &mut mean);
+        dw_channel_mean(expanded, batch, h, w, blk.dw_layer(s.skip), &mut mean);
         let (per_in, per_out) = (h * w * mid, oh * ow * s.dim_out);
         for b in 0..batch {
             let proj = se_gated_proj(blk, se, &mean[b * mid..(b + 1) * mid]);
             let res = residual.map(|r| &r[b * per_out..(b + 1) * per_out]);
-            let (dw_w, dw_b) = (&blk.dw_w, &blk.dw_b);
             let (eb, ob) = (&expanded[b * per_in..(b + 1) * per_in], &mut outb[b * per_out..(b + 1) * per_out]);
-            dw_matmul(eb, 1, h, w, mid, dw_w, dw_b, blk.dw, KAct::Silu, s.skip, &proj, res, ob);
+            dw_matmul(eb, 1, h, w, blk.dw_layer(s.skip), &proj, res, ob);
         }
     }
 }

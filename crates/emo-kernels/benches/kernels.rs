@@ -11,7 +11,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, 
 use emo_kernels::Act;
 use emo_kernels::attention::window_attention;
 use emo_kernels::conv::{self, ConvWeights, Images, conv2d};
-use emo_kernels::dwconv::{self, DwGeom, depthwise};
+use emo_kernels::dwconv::{self, DwGeom, DwLayer, depthwise};
 use emo_kernels::fused::dw_matmul;
 use emo_kernels::gemm::{Weight, matmul, matmul_reference};
 use emo_kernels::norm::layer_norm;
@@ -115,11 +115,12 @@ fn dw(c: &mut Criterion) {
         let (oh, ow) = (geom.out_len(h), geom.out_len(w));
         let mut out = vec![0.0; oh * ow * ch];
         let id = format!("{h}x{w}x{ch}_k{k}s{s}");
+        let layer = DwLayer { weight: &wt, bias: &bias, geom, act: Act::Silu, residual: s == 1 };
         g.bench_with_input(BenchmarkId::new("emo", &id), &(), |b, _| {
-            b.iter(|| depthwise(black_box(&x), 1, h, w, ch, &wt, &bias, geom, Act::Silu, s == 1, &mut out))
+            b.iter(|| depthwise(black_box(&x), 1, h, w, layer, &mut out))
         });
         report(&format!("dw+bias+silu {id}"), 2.0 * (oh * ow * ch * k * k) as f64, || {
-            depthwise(&x, 1, h, w, ch, &wt, &bias, geom, Act::Silu, s == 1, &mut out)
+            depthwise(&x, 1, h, w, layer, &mut out)
         });
         let wt_t = rnd(ch * k * k);
         g.bench_with_input(BenchmarkId::new("naive", &id), &(), |b, _| {
@@ -142,15 +143,14 @@ fn fused(c: &mut Criterion) {
     let res = rnd(h * w * out_c);
     let (mut y, mut out) = (vec![0.0; h * w * ch], vec![0.0; h * w * out_c]);
     let flops = 2.0 * (h * w * ch * (9 + out_c)) as f64;
+    let layer = DwLayer { weight: &wt, bias: &bias, geom, act: Act::Silu, residual: true };
     g.bench_function("fused_28x28x120", |b| {
-        b.iter(|| dw_matmul(black_box(&e), 1, h, w, ch, &wt, &bias, geom, Act::Silu, true, &proj, Some(&res), &mut out))
+        b.iter(|| dw_matmul(black_box(&e), 1, h, w, layer, &proj, Some(&res), &mut out))
     });
-    report("fused dw+proj 28x28x120->48", flops, || {
-        dw_matmul(&e, 1, h, w, ch, &wt, &bias, geom, Act::Silu, true, &proj, Some(&res), &mut out)
-    });
+    report("fused dw+proj 28x28x120->48", flops, || dw_matmul(&e, 1, h, w, layer, &proj, Some(&res), &mut out));
     g.bench_function("separate_28x28x120", |b| {
         b.iter(|| {
-            depthwise(black_box(&e), 1, h, w, ch, &wt, &bias, geom, Act::Silu, true, &mut y);
+            depthwise(black_box(&e), 1, h, w, layer, &mut y);
             matmul(&y, ch, h * w, &proj, None, Act::None, Some((&res, out_c)), &mut out, out_c);
         })
     });

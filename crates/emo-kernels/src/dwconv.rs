@@ -34,9 +34,30 @@ pub fn weight_from_torch(w: &[f32], c: usize, k: usize) -> Vec<f32> {
     out
 }
 
+/// One depthwise layer as the kernels run it: the folded weight `[k*k, c]` (from
+/// [`weight_from_torch`]), the bias `[c]` (its length is the channel count), the geometry, the
+/// activation, and whether EMO's inner residual `x + act(dw(x))` is added (stride-1 "same" only).
+#[derive(Clone, Copy, Debug)]
+pub struct DwLayer<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub geom: DwGeom,
+    pub act: Act,
+    pub residual: bool,
+}
+
+impl DwLayer<'_> {
+    /// Channels (in = out).
+    pub fn channels(&self) -> usize {
+        self.bias.len()
+    }
+}
+
 multiversion! {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn dw_row / dw_row_at(input: &[f32], h: usize, w: usize, c: usize, weight: &[f32], bias: &[f32], g: DwGeom, oy: usize, act: Act, residual: bool, out: &mut [f32]) {
+    /// Output row `oy` of `l` over one `[h, w, c]` image.
+    pub(crate) fn dw_row / dw_row_at(input: &[f32], h: usize, w: usize, l: DwLayer<'_>, oy: usize, out: &mut [f32]) {
+        let DwLayer { weight, bias, geom: g, act, residual } = l;
+        let c = bias.len();
         let ow = out.len() / c;
         for ox in 0..ow {
             let o = &mut out[ox * c..(ox + 1) * c];
@@ -75,57 +96,40 @@ multiversion! {
 }
 
 /// `out[b, oy, ox, :] = act(bias + sum_taps in[b, iy, ix, :] * w[tap, :]) (+ in[b, oy, ox, :])`.
-/// `input` is `[batch, h, w, c]`; `out` is `[batch, oh, ow, c]`. `residual` needs stride 1.
-#[allow(clippy::too_many_arguments)]
-pub fn depthwise(
-    input: &[f32],
-    batch: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    weight: &[f32],
-    bias: &[f32],
-    g: DwGeom,
-    act: Act,
-    residual: bool,
-    out: &mut [f32],
-) {
+/// `input` is `[batch, h, w, c]`; `out` is `[batch, oh, ow, c]`.
+pub fn depthwise(input: &[f32], batch: usize, h: usize, w: usize, l: DwLayer<'_>, out: &mut [f32]) {
+    let (c, g) = (l.channels(), l.geom);
     let (oh, ow) = (g.out_len(h), g.out_len(w));
-    assert!(input.len() >= batch * h * w * c && out.len() >= batch * oh * ow * c && weight.len() >= g.k * g.k * c);
-    assert!(!residual || (g.stride == 1 && oh == h && ow == w), "inner residual needs a shape-preserving conv");
+    assert!(input.len() >= batch * h * w * c && out.len() >= batch * oh * ow * c);
+    assert!(!l.residual || (g.stride == 1 && oh == h && ow == w), "inner residual needs a shape-preserving conv");
     let level = crate::isa::level();
     parallel_chunks_mut(&mut out[..batch * oh * ow * c], ow * c, |r, row| {
         let (b, oy) = (r / oh, r % oh);
         let img = &input[b * h * w * c..(b + 1) * h * w * c];
-        dw_row_level(level, img, h, w, c, weight, bias, g, oy, act, residual, row);
+        dw_row_level(level, img, h, w, l, oy, row);
     });
 }
 
 /// One output row of [`depthwise`] for one `[h, w, c]` image at the given ISA level (the
 /// AVX-512 kernel or the portable one).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn dw_row_level(
     level: crate::isa::Level,
     img: &[f32],
     h: usize,
     w: usize,
-    c: usize,
-    weight: &[f32],
-    bias: &[f32],
-    g: DwGeom,
+    l: DwLayer<'_>,
     oy: usize,
-    act: Act,
-    residual: bool,
     row: &mut [f32],
 ) {
-    assert!(img.len() >= h * w * c && weight.len() >= g.k * g.k * c && row.len() == g.out_len(w) * c);
+    let (c, g) = (l.channels(), l.geom);
+    assert!(img.len() >= h * w * c && l.weight.len() >= g.k * g.k * c && row.len() == g.out_len(w) * c);
     #[cfg(target_arch = "x86_64")]
     if level == crate::isa::Level::Avx512 {
         // SAFETY: AVX-512F available at this level; sizes asserted above.
-        unsafe { dw_row_512(img.as_ptr(), h, w, c, weight, bias, g, oy, act, residual, row) };
+        unsafe { dw_row_512(img.as_ptr(), h, w, l, oy, row) };
         return;
     }
-    dw_row_at(level, img, h, w, c, weight, bias, g, oy, act, residual, row);
+    dw_row_at(level, img, h, w, l, oy, row);
 }
 
 /// AVX-512 body of one output row, activation and inner residual applied in registers: 32-channel
@@ -134,30 +138,18 @@ pub(crate) fn dw_row_level(
 /// `ip` shifted back by its first row).
 ///
 /// # Safety
-/// AVX-512F must be available; `img` is `[h, w, c]`, `out` is `[ow, c]`, `weight` `[k*k, c]`.
+/// AVX-512F must be available; `ip` points at a `[h, w, c]` image, `out` is `[ow, c]`,
+/// `l.weight` `[k*k, c]`.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn dw_row_512(
-    ip: *const f32,
-    h: usize,
-    w: usize,
-    c: usize,
-    weight: &[f32],
-    bias: &[f32],
-    g: DwGeom,
-    oy: usize,
-    act: Act,
-    residual: bool,
-    out: &mut [f32],
-) {
+pub(crate) unsafe fn dw_row_512(ip: *const f32, h: usize, w: usize, l: DwLayer<'_>, oy: usize, out: &mut [f32]) {
     // SAFETY: forwarded contract.
     unsafe {
-        match (g.k, g.stride) {
-            (3, 1) => dw_row_512_k::<3, 1>(ip, h, w, c, weight, bias, g, oy, act, residual, out),
-            (3, 2) => dw_row_512_k::<3, 2>(ip, h, w, c, weight, bias, g, oy, act, residual, out),
-            (5, 1) => dw_row_512_k::<5, 1>(ip, h, w, c, weight, bias, g, oy, act, residual, out),
-            (5, 2) => dw_row_512_k::<5, 2>(ip, h, w, c, weight, bias, g, oy, act, residual, out),
-            _ => dw_row_512_k::<0, 0>(ip, h, w, c, weight, bias, g, oy, act, residual, out),
+        match (l.geom.k, l.geom.stride) {
+            (3, 1) => dw_row_512_k::<3, 1>(ip, h, w, l, oy, out),
+            (3, 2) => dw_row_512_k::<3, 2>(ip, h, w, l, oy, out),
+            (5, 1) => dw_row_512_k::<5, 1>(ip, h, w, l, oy, out),
+            (5, 2) => dw_row_512_k::<5, 2>(ip, h, w, l, oy, out),
+            _ => dw_row_512_k::<0, 0>(ip, h, w, l, oy, out),
         }
     }
 }
@@ -170,21 +162,17 @@ pub(crate) unsafe fn dw_row_512(
 /// As [`dw_row_512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn dw_row_512_k<const K: usize, const S: usize>(
     ip: *const f32,
     h: usize,
     w: usize,
-    c: usize,
-    weight: &[f32],
-    bias: &[f32],
-    g: DwGeom,
+    l: DwLayer<'_>,
     oy: usize,
-    act: Act,
-    residual: bool,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
+    let DwLayer { weight, bias, geom: g, act, residual } = l;
+    let c = bias.len();
     const PX: usize = 4;
     let (k, st, pad) = if K == 0 { (g.k, g.stride, g.pad) } else { (K, S, g.pad) };
     let ow = out.len() / c;

@@ -10,7 +10,7 @@
 
 use crate::act::Act;
 use crate::conv::{ConvWeights, Images};
-use crate::dwconv::{DwGeom, dw_row_level};
+use crate::dwconv::{DwLayer, dw_row_level};
 use crate::gemm::{Weight, matmul_st};
 
 use crate::pool::{SendPtr, num_threads, parallel_chunks_mut};
@@ -62,21 +62,17 @@ pub fn dw_matmul(
     batch: usize,
     h: usize,
     w: usize,
-    c: usize,
-    dw_w: &[f32],
-    dw_b: &[f32],
-    g: DwGeom,
-    act: Act,
-    inner_residual: bool,
+    dw: DwLayer<'_>,
     proj: &Weight,
     residual: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    let (c, g) = (dw.channels(), dw.geom);
     let (oh, ow) = (g.out_len(h), g.out_len(w));
     let n = proj.n;
     let rows_total = batch * oh;
     assert!(e.len() >= batch * h * w * c && out.len() >= rows_total * ow * n && proj.k == c);
-    assert!(!inner_residual || (g.stride == 1 && oh == h && ow == w));
+    assert!(!dw.residual || (g.stride == 1 && oh == h && ow == w));
     if let Some(r) = residual {
         assert!(r.len() >= rows_total * ow * n);
     }
@@ -93,7 +89,7 @@ pub fn dw_matmul(
                 let (b, oy) = ((r0 + j) / oh, (r0 + j) % oh);
                 let img = &e[b * h * w * c..(b + 1) * h * w * c];
                 let row = &mut yb[j * ow * c..(j + 1) * ow * c];
-                dw_row_level(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, row);
+                dw_row_level(level, img, h, w, dw, oy, row);
             }
             let res = residual.map(|r| (&r[r0 * ow * n..], n));
             crate::isa::with_level_unchecked(level, || matmul_st(yb, c, nr * ow, proj, None, Act::None, res, ob, n));
@@ -123,8 +119,8 @@ pub fn v_dw_matmul_available() -> bool {
 
 /// The whole downsampling iRMB body in one region, at the AVX-512 level:
 /// `e = act(x · V + b)` on just the input rows a few output rows need (a rolling window of
-/// expanded rows per thread), `y = SiLU(dw(e))`, `out = y · P`. The expanded map is never materialised in
-/// full. Returns `false` (doing nothing) when not at the AVX-512 level.
+/// expanded rows per thread), `y = act(dw(e))`, `out = y · P`. The expanded map is never
+/// materialised in full. Returns `false` (doing nothing) when not at the AVX-512 level.
 ///
 /// `x`: `[batch, h, w, V.k]`; `out`: `[batch, oh, ow, P.n]`; no residuals (stride-2 blocks).
 #[allow(clippy::too_many_arguments)]
@@ -133,12 +129,8 @@ pub fn v_dw_matmul(
     batch: usize,
     h: usize,
     w: usize,
-    v: &Weight,
-    v_bias: &[f32],
-    v_act: Act,
-    dw_w: &[f32],
-    dw_b: &[f32],
-    g: DwGeom,
+    (v, v_bias, v_act): (&Weight, &[f32], Act),
+    dw: DwLayer<'_>,
     proj: &Weight,
     out: &mut [f32],
 ) -> bool {
@@ -146,13 +138,15 @@ pub fn v_dw_matmul(
         return false;
     }
     let level = crate::isa::level();
-    let (cin, c, n) = (v.k, v.n, proj.n);
+    let (cin, c, n, g) = (v.k, v.n, proj.n, dw.geom);
     let (oh, ow) = (g.out_len(h), g.out_len(w));
     assert!(
         x.len() >= batch * h * w * cin
             && out.len() >= batch * oh * ow * n
             && proj.k == c
-            && dw_w.len() >= g.k * g.k * c
+            && dw.channels() == c
+            && dw.weight.len() >= g.k * g.k * c
+            && !dw.residual
     );
     // Each task takes a range of output rows of one image and walks it a few rows at a time,
     // keeping the expanded rows it computed in a rolling window: every expanded row is computed
@@ -200,7 +194,7 @@ pub fn v_dw_matmul(
                     // (clipped to 0..h) lie in ws..we, inside the window.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        crate::dwconv::dw_row_512(base, h, w, c, dw_w, dw_b, g, oy, Act::Silu, false, row)
+                        crate::dwconv::dw_row_512(base, h, w, dw, oy, row)
                     };
                 }
                 // SAFETY: this task owns output rows a..e_ of image b.
@@ -217,20 +211,8 @@ pub fn v_dw_matmul(
 
 /// Channel means of `act(dw(e))` for each image, computed band by band without storing the
 /// depthwise output (the SE of the stem block needs them before its projection).
-#[allow(clippy::too_many_arguments)]
-pub fn dw_channel_mean(
-    e: &[f32],
-    batch: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    dw_w: &[f32],
-    dw_b: &[f32],
-    g: DwGeom,
-    act: Act,
-    inner_residual: bool,
-    out: &mut [f32],
-) {
+pub fn dw_channel_mean(e: &[f32], batch: usize, h: usize, w: usize, dw: DwLayer<'_>, out: &mut [f32]) {
+    let (c, g) = (dw.channels(), dw.geom);
     let (oh, ow) = (g.out_len(h), g.out_len(w));
     assert!(e.len() >= batch * h * w * c && out.len() >= batch * c);
     let level = crate::isa::level();
@@ -243,7 +225,7 @@ pub fn dw_channel_mean(
             let mut acc = vec![0f32; c];
             let mut row = vec![0f32; ow * c];
             for oy in bi * band..((bi + 1) * band).min(oh) {
-                dw_row_level(level, img, h, w, c, dw_w, dw_b, g, oy, act, inner_residual, &mut row);
+                dw_row_level(level, img, h, w, dw, oy, &mut row);
                 crate::act::add_pixels_at(level, &mut acc, &row);
             }
             sums.add(level, &acc);
@@ -280,10 +262,11 @@ pub fn conv_dw_mean_ranges(
 ) {
     let c = conv.bias.len();
     let (ch, cw) = (conv.geom.out_len(input.h), conv.geom.out_len(input.w));
-    let ConvWeights { weight: dw_w, bias: dw_b, geom: g } = dw;
+    let g = dw.geom;
+    let dw = DwLayer { weight: dw.weight, bias: dw.bias, geom: g, act, residual: false };
     let p = g.pad;
     assert!(
-        g.stride == 1 && g.k == 2 * p + 1 && dw_b.len() == c && mean.len() == c,
+        g.stride == 1 && g.k == 2 * p + 1 && dw.channels() == c && mean.len() == c,
         "the fused stem needs a stride-1 'same' depthwise conv over the conv's channels"
     );
     assert!(input.data.len() >= input.image_len() && y.len() >= ch * cw * c);
@@ -313,7 +296,7 @@ pub fn conv_dw_mean_ranges(
                 let img = &win[..(we - ws) * rowlen];
                 for oy in a..b {
                     let row = &mut yr[(oy - r0) * rowlen..(oy - r0 + 1) * rowlen];
-                    dw_row_level(level, img, we - ws, cw, c, dw_w, dw_b, g, oy - ws, act, false, row);
+                    dw_row_level(level, img, we - ws, cw, dw, oy - ws, row);
                     crate::act::add_pixels_at(level, &mut acc, row);
                 }
                 a = b;

@@ -3,7 +3,7 @@
 use emo_kernels::act::{self, Act};
 use emo_kernels::attention::window_attention;
 use emo_kernels::conv::{self, ConvWeights, Images, conv2d};
-use emo_kernels::dwconv::{self, DwGeom, depthwise};
+use emo_kernels::dwconv::{self, DwGeom, DwLayer, depthwise};
 use emo_kernels::gemm::{Weight, matmul, matmul_reference};
 use emo_kernels::isa::{available, with_level};
 use emo_kernels::norm::layer_norm;
@@ -108,7 +108,8 @@ fn depthwise_on_emo_shapes() {
             let want = reference::depthwise(&x, b, h, w, c, &wt, &bias, g, Act::Silu, residual);
             for l in available() {
                 let mut got = vec![f32::NAN; b * oh * ow * c];
-                with_level(l, || depthwise(&x, b, h, w, c, &packed, &bias, g, Act::Silu, residual, &mut got));
+                let dw = DwLayer { weight: &packed, bias: &bias, geom: g, act: Act::Silu, residual };
+                with_level(l, || depthwise(&x, b, h, w, dw, &mut got));
                 let d = max_diff(&got, &want);
                 assert!(d < 2e-5, "{l:?} {b}x{h}x{w}x{c} k{k} s{s} res {residual}: {d}");
             }
@@ -238,7 +239,8 @@ fn fused_ln_matmul_and_dw_matmul_match_composed_references() {
         for l in available() {
             let mut got = vec![0.0; want.len()];
             with_level(l, || {
-                dw_matmul(&e, bt, h, w_, c, &dw_w, &dw_b, g, Act::Silu, skip, &proj, skip.then_some(&res[..]), &mut got)
+                let dw = DwLayer { weight: &dw_w, bias: &dw_b, geom: g, act: Act::Silu, residual: skip };
+                dw_matmul(&e, bt, h, w_, dw, &proj, skip.then_some(&res[..]), &mut got)
             });
             assert!(max_diff(&got, &want) < 1e-4, "{l:?} out {h}x{w_}x{c}: {}", max_diff(&got, &want));
         }
@@ -320,35 +322,10 @@ fn fused_downsampling_block_matches_composed_references() {
         matmul_reference(&y, mid, b * oh * ow, &proj, None, Act::None, None, &mut want, cout);
         let mut got = vec![f32::NAN; want.len()];
         let dw_w = dwconv::weight_from_torch(&dw_t, mid, 3);
-        assert!(with_level(Level::Avx512, || v_dw_matmul(
-            &x,
-            b,
-            h,
-            w,
-            &v,
-            &vb,
-            Act::Silu,
-            &dw_w,
-            &dw_b,
-            g,
-            &proj,
-            &mut got
-        )));
+        let dw = DwLayer { weight: &dw_w, bias: &dw_b, geom: g, act: Act::Silu, residual: false };
+        assert!(with_level(Level::Avx512, || v_dw_matmul(&x, b, h, w, (&v, &vb, Act::Silu), dw, &proj, &mut got)));
         let d = max_diff(&got, &want);
         assert!(d < 1e-4, "{b}x{h}x{w}: {d}");
-        assert!(!with_level(Level::Generic, || v_dw_matmul(
-            &x,
-            b,
-            h,
-            w,
-            &v,
-            &vb,
-            Act::Silu,
-            &dw_w,
-            &dw_b,
-            g,
-            &proj,
-            &mut got
-        )));
+        assert!(!with_level(Level::Generic, || v_dw_matmul(&x, b, h, w, (&v, &vb, Act::Silu), dw, &proj, &mut got)));
     }
 }

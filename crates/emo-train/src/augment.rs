@@ -258,7 +258,8 @@ mod tests {
         assert!(bare.iter().all(|&v| v > 0));
         assert_eq!(bare[0], img[0]);
         assert_eq!(bare[31 * 32 + 31], img[27 * 28 + 27]);
-        let old: Pipeline = serde_json::from_str(r#"{"size":32,"crop_pad":2,"flip":0.5,"mean":0.286,"std":0.353}"#).unwrap();
+        let old: Pipeline =
+            serde_json::from_str(r#"{"size":32,"crop_pad":2,"flip":0.5,"mean":0.286,"std":0.353}"#).unwrap();
         assert_eq!(old.border, 0, "a config without the field keeps its old transform");
     }
 
