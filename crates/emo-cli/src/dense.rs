@@ -68,6 +68,7 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             cfg.weight_decay = a.weight_decay.unwrap_or(cfg.weight_decay);
             cfg.warmup_iters = a.warmup_iters.unwrap_or(cfg.warmup_iters);
             cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval);
+            cfg.frozen_stages = a.frozen_stages.unwrap_or(cfg.frozen_stages);
             cfg.geometric_augment = !a.light_augment;
             cfg.reduce_zero_label = a.reduce_zero_label;
             cfg.workers = a.workers.unwrap_or_else(|| crate::backend::chosen().default_workers(a.batch));

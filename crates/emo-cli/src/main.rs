@@ -273,6 +273,11 @@ pub(crate) struct TrainOpts {
     /// from scratch needs its BN statistics).
     #[arg(long)]
     pub norm_eval: Option<bool>,
+    /// Dense tasks: freeze the backbone's stem and stages 1..=K (mmdet `frozen_stages`; -1:
+    /// none). Frozen layers get no gradients, and nothing is back-propagated through them.
+    /// Default: 1 for RetinaNet from --backbone-weights, -1 otherwise.
+    #[arg(long, allow_hyphen_values = true)]
+    pub frozen_stages: Option<i64>,
     /// Dense tasks: flip + photometric distortion only, without the paper's geometric
     /// augmentation (SSD Expand + MinIoURandomCrop; segmentation rescale + crop).
     #[arg(long)]

@@ -141,6 +141,19 @@ fn norm_eval_and_frozen_stages() {
     assert_ne!(get(&before, neck), get(&after, neck));
     let DenseHead::Ssd(h) = &m.head else { panic!() };
     assert_eq!(h.extra[0].bn.as_ref().unwrap().epsilon, 1e-3);
+
+    // Frozen stages without norm_eval: their BN statistics stay (mmdet puts them in eval
+    // mode), later stages' statistics update.
+    let m = DenseModel::new(&cfg, None, &device).unwrap().with_frozen_stages(1);
+    let before = m.state_dict();
+    let x = Tensor::<4>::random([2, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), &device);
+    let DenseOutput::Det { cls, reg } = m.forward(x, true).unwrap() else { panic!() };
+    let grads = GradientsParams::from_grads((cls.powi_scalar(2).mean() + reg.powi_scalar(2).mean()).backward(), &m);
+    let after = AdamWConfig::new().init().step(1e-2, m, grads).state_dict();
+    for k in ["backbone.stage0.0.convs.0.1.running_mean", "backbone.stage1.0.conv_local.norm.running_var"] {
+        assert_eq!(get(&before, k), get(&after, k), "{k} moved");
+    }
+    assert_ne!(get(&before, bb), get(&after, bb), "{bb} did not update");
 }
 
 /// A small real-looking dataset: filled rectangles of 2 classes (red, green) with masks, in
