@@ -345,8 +345,8 @@ pub(crate) struct TrainOpts {
     #[arg(long)]
     pub rand_augment: Option<bool>,
     /// Fashion-MNIST: black border around the 28x28 image before it is scaled to `--size`, in
-    /// source pixels (default 2: a 32x32 frame; 0 scales the bare image, as runs before
-    /// 2026-11-30 did).
+    /// source pixels (default 0: the bare image is scaled; 2 frames it in 32x32 first, which
+    /// fit the training set better but scored 91.84% against 92.30% in 10 epochs).
     #[arg(long)]
     pub border: Option<usize>,
     /// Data-parallel replicas (threads) per batch (default: one per core, each with >= 8

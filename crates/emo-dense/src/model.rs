@@ -434,12 +434,12 @@ impl DenseModel {
 
     /// Freeze the stem and stages `1..=k` (`frozen_stages=k`; -1 or 0.. as in mmdet: `k < 0`
     /// freezes nothing, `0` the stem only): no gradients, and their BatchNorms in eval mode, as
-    /// mmdet's `_freeze_stages` does.
+    /// mmdet's `_freeze_stages` does (burn's `Module::freeze` turns the BN training flag off).
     pub fn with_frozen_stages(mut self, k: i64) -> Self {
         if k >= 0 {
-            self.backbone.stem = self.backbone.stem.map(&mut EvalNorms).freeze();
+            self.backbone.stem = self.backbone.stem.freeze();
             for s in self.backbone.stages.iter_mut().take(k as usize) {
-                *s = s.clone().map(&mut EvalNorms).freeze();
+                *s = s.clone().freeze();
             }
         }
         self

@@ -35,9 +35,10 @@ pub struct Pipeline {
     /// Side of the network input (a multiple of the source side after padding, e.g. 32 or 64).
     pub size: usize,
     /// Grey images: black border added on every side of the source before scaling to `size`, in
-    /// source pixels (2: a 28x28 Fashion-MNIST image sits in a 32x32 frame, so a 32x32 input is
-    /// the image pixel for pixel). 0, the value of configs and model cards written before this
-    /// field existed, scales the bare 28x28 image to `size` (nearest neighbour, 8/7 at 32).
+    /// source pixels. 0 (the default, and the value of configs written before this field
+    /// existed) scales the bare 28x28 image to `size` (nearest neighbour, 8/7 at 32); 2 frames
+    /// it in 32x32, so a 32x32 input is the image pixel for pixel. Measured on Fashion-MNIST
+    /// (10 epochs, 32x32): 92.30% top-1 with 0, 91.84% with 2 (docs/runs/fmnist-emo1m-border2).
     #[serde(default)]
     pub border: usize,
     /// Zero padding for the random crop, in source pixels (0 disables the crop).
@@ -60,7 +61,7 @@ impl Default for Pipeline {
     fn default() -> Self {
         Pipeline {
             size: 32,
-            border: 2,
+            border: 0,
             crop_pad: 2,
             flip: 0.5,
             mean: FMNIST_MEAN,
@@ -137,7 +138,7 @@ impl Pipeline {
     /// training augmentations are applied; without, the deterministic evaluation transform.
     pub fn apply(&self, img: &[u8], h: usize, w: usize, rng: Option<&mut Rng>, out: &mut [f32]) {
         let n = self.size;
-        // The source is centred in a `side x side` canvas (28 -> 32 with a border of 2 px).
+        // The source is centred in a `side x side` canvas (28 + 2 * border, a multiple of 4).
         let side = (h.max(w) + 2 * self.border).next_multiple_of(4).max(1);
         let (oy, ox) = ((side - h) / 2, (side - w) / 2);
         let (mut dy, mut dx, mut flip) = (0isize, 0isize, false);
@@ -237,7 +238,7 @@ mod tests {
     #[test]
     fn a_border_of_2_frames_28x28_in_32x32_pixel_for_pixel_and_0_scales_the_bare_image() {
         let img: Vec<u8> = (0..28 * 28).map(|i| (i % 251) as u8 + 1).collect();
-        let framed = eval_input(&Pipeline::default(), &img);
+        let framed = eval_input(&Pipeline { border: 2, ..Default::default() }, &img);
         for y in 0..32 {
             for x in 0..32 {
                 let inside = (2..30).contains(&y) && (2..30).contains(&x);
@@ -246,15 +247,15 @@ mod tests {
             }
         }
         // At 64, every pixel of the 32x32 frame becomes a 2x2 block.
-        let big = eval_input(&Pipeline { size: 64, ..Default::default() }, &img);
+        let big = eval_input(&Pipeline { size: 64, border: 2, ..Default::default() }, &img);
         for y in 0..64 {
             for x in 0..64 {
                 assert_eq!(big[y * 64 + x], framed[(y / 2) * 32 + x / 2]);
             }
         }
-        // Border 0 (configs and cards from before the field): the bare image, nearest neighbour
-        // 28 -> 32, so every 7th source row and column appears twice and nothing is black.
-        let bare = eval_input(&Pipeline { border: 0, ..Default::default() }, &img);
+        // Border 0 (the default): the bare image, nearest neighbour 28 -> 32, so every 7th
+        // source row and column appears twice and nothing is black.
+        let bare = eval_input(&Pipeline::default(), &img);
         assert!(bare.iter().all(|&v| v > 0));
         assert_eq!(bare[0], img[0]);
         assert_eq!(bare[31 * 32 + 31], img[27 * 28 + 27]);
@@ -267,7 +268,7 @@ mod tests {
     fn the_random_shift_moves_the_framed_image_without_cutting_it() {
         // With a border of 2 and shifts of at most 2 px, the whole item stays in the frame.
         let img = vec![255u8; 28 * 28];
-        let p = Pipeline { flip: 0.0, ..Default::default() };
+        let p = Pipeline { flip: 0.0, border: 2, ..Default::default() };
         let mut r = Rng::new(7);
         let mut out = vec![0f32; 3 * 32 * 32];
         let lit = |out: &[f32]| out[..32 * 32].iter().filter(|&&v| v > 0.0).count();
