@@ -23,9 +23,10 @@ pub fn weight_from_torch(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f3
 }
 
 multiversion! {
-    #[allow(clippy::too_many_arguments)]
-    fn conv_row / conv_row_at(input: &[f32], h: usize, w: usize, cin: usize, strides: (usize, usize), weight: &[f32], bias: &[f32], cout: usize, g: DwGeom, oy: usize, act: Act, out: &mut [f32]) {
-        let (ps, cs) = strides;
+    /// Output row `oy` of `conv` over one image, activation applied.
+    fn conv_row / conv_row_at(img: Images<'_>, conv: ConvWeights<'_>, oy: usize, act: Act, out: &mut [f32]) {
+        let (Images { data: input, h, w, c: cin, .. }, ConvWeights { weight, bias, geom: g }) = (img, conv);
+        let ((ps, cs), cout) = (img.strides(), bias.len());
         let ow = out.len() / cout;
         for ox in 0..ow {
             let o = &mut out[ox * cout..(ox + 1) * cout];
@@ -116,16 +117,16 @@ pub(crate) fn conv_row_level(
     row: &mut [f32],
 ) {
     let (Images { data, h, w, c: cin, .. }, ConvWeights { weight, bias, geom: g }) = (img, conv);
-    let (strides, cout) = (img.strides(), bias.len());
+    let cout = bias.len();
     assert!(data.len() >= h * w * cin && weight.len() >= g.k * g.k * cin * cout && row.len() == g.out_len(w) * cout);
     #[cfg(target_arch = "x86_64")]
     if level == crate::isa::Level::Avx512 && cout <= 32 {
         // SAFETY: AVX-512F available; sizes asserted above.
-        unsafe { conv_row_512(data, h, w, cin, strides, weight, bias, cout, g, oy, row) };
+        unsafe { conv_row_512(img, conv, oy, row) };
         crate::act::apply_at(level, act, row);
         return;
     }
-    conv_row_at(level, data, h, w, cin, strides, weight, bias, cout, g, oy, act, row);
+    conv_row_at(level, img, conv, oy, act, row);
 }
 
 /// Per-image channel means of `[batch, pixels, c]` into `[batch, c]` (pixel chunks summed on
@@ -161,21 +162,10 @@ pub fn linear(x: &[f32], w: &[f32], b: &[f32], n: usize, k: usize, act: Act, y: 
 /// AVX-512F must be available; `img` is `[h, w, cin]`, `out` `[ow, cout]`, weight `[k*k*cin, cout]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn conv_row_512(
-    img: &[f32],
-    h: usize,
-    w: usize,
-    cin: usize,
-    strides: (usize, usize),
-    weight: &[f32],
-    bias: &[f32],
-    cout: usize,
-    g: DwGeom,
-    oy: usize,
-    out: &mut [f32],
-) {
+unsafe fn conv_row_512(img: Images<'_>, conv: ConvWeights<'_>, oy: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
+    let (strides, cout) = (img.strides(), conv.bias.len());
+    let (Images { data: img, h, w, c: cin, .. }, ConvWeights { weight, bias, geom: g }) = (img, conv);
     let ow = out.len() / cout;
     let (m0, m1) = crate::gemm512::masks32(cout);
     let (ip, wp, op) = (img.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
