@@ -196,18 +196,19 @@ impl ModelCard {
         };
         let classes =
             classes.ok_or_else(|| DenseError::Data(format!("{task} checkpoint without a usable classifier")))?;
-        let input = task.paper_input();
-        let fits = |v: &Variant| {
-            let cfg = DenseConfig::new(task, *v, classes, input);
+        let fits = |cfg: &DenseConfig| {
             cfg.backbone
                 .state_dict_keys()
                 .iter()
                 .all(|k| sd.get(&format!("backbone.{}", k.name)).is_some_and(|t| t.shape == k.shape))
         };
-        let variant = Variant::ALL.into_iter().find(fits).ok_or_else(|| {
-            DenseError::Data(format!("{task} checkpoint whose backbone is none of EMO-1M/2M/5M/6M; pass --card"))
-        })?;
-        let model = DenseConfig::new(task, variant, classes, input);
+        let model = Variant::ALL
+            .into_iter()
+            .map(|v| DenseConfig::new(task, v, classes, task.paper_input()))
+            .find(fits)
+            .ok_or_else(|| {
+                DenseError::Data(format!("{task} checkpoint whose backbone is none of EMO-1M/2M/5M/6M; pass --card"))
+            })?;
         let det = task.is_detection();
         let (names, cat_ids, reduce_zero_label): (Vec<String>, Vec<u64>, bool) = match (det, classes) {
             (true, 80) => (COCO_CLASSES.map(String::from).to_vec(), COCO_CAT_IDS.to_vec(), false),

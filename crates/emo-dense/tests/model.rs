@@ -112,19 +112,23 @@ fn get(sd: &StateDict, k: &str) -> Vec<f32> {
     sd.get(k).unwrap().as_f32().unwrap().to_vec()
 }
 
+/// One AdamW step of a detector on a random batch: its weights before, and the stepped model.
+fn one_step(m: DenseModel, device: &Device) -> (StateDict, DenseModel) {
+    let before = m.state_dict();
+    let x = Tensor::<4>::random([2, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), device);
+    let DenseOutput::Det { cls, reg } = m.forward(x, true).unwrap() else { panic!() };
+    let loss = cls.powi_scalar(2).mean() + reg.powi_scalar(2).mean();
+    let grads = GradientsParams::from_grads(loss.backward(), &m);
+    (before, AdamWConfig::new().init().step(1e-2, m, grads))
+}
+
 #[test]
 fn norm_eval_and_frozen_stages() {
     let _g = serial();
     let device = Device::flex().autodiff();
     let cfg = small(Task::SsdLite, 2);
     let m = DenseModel::new(&cfg, None, &device).unwrap().with_frozen_stages(1).with_norm_eval();
-    let before = m.state_dict();
-    let x = Tensor::<4>::random([2, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), &device);
-    let DenseOutput::Det { cls, reg } = m.forward(x, true).unwrap() else { panic!() };
-    let loss = cls.powi_scalar(2).mean() + reg.powi_scalar(2).mean();
-    let grads = GradientsParams::from_grads(loss.backward(), &m);
-    let mut opt = AdamWConfig::new().init();
-    let m = opt.step(1e-2, m, grads);
+    let (before, m) = one_step(m, &device);
     let after = m.state_dict();
     // Frozen: the stem and stage 1 do not move.
     for k in ["backbone.stage0.0.convs.0.0.weight", "backbone.stage1.0.proj.conv.weight"] {
@@ -144,12 +148,8 @@ fn norm_eval_and_frozen_stages() {
 
     // Frozen stages without norm_eval: their BN statistics stay (mmdet puts them in eval
     // mode), later stages' statistics update.
-    let m = DenseModel::new(&cfg, None, &device).unwrap().with_frozen_stages(1);
-    let before = m.state_dict();
-    let x = Tensor::<4>::random([2, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), &device);
-    let DenseOutput::Det { cls, reg } = m.forward(x, true).unwrap() else { panic!() };
-    let grads = GradientsParams::from_grads((cls.powi_scalar(2).mean() + reg.powi_scalar(2).mean()).backward(), &m);
-    let after = AdamWConfig::new().init().step(1e-2, m, grads).state_dict();
+    let (before, m) = one_step(DenseModel::new(&cfg, None, &device).unwrap().with_frozen_stages(1), &device);
+    let after = m.state_dict();
     for k in ["backbone.stage0.0.convs.0.1.running_mean", "backbone.stage1.0.conv_local.norm.running_var"] {
         assert_eq!(get(&before, k), get(&after, k), "{k} moved");
     }
