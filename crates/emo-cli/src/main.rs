@@ -313,6 +313,10 @@ pub(crate) struct TrainOpts {
     /// for EMO-1M; the per-block rule of the spec scales it down for earlier blocks).
     #[arg(long)]
     pub drop_path: Option<f64>,
+    /// Classification: epochs of linear warm-up from 1e-6 (default 1; 0 when fine-tuning a
+    /// trained model for an epoch or two).
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
     /// AdamW weight decay (default 0.05; 0.01 for segmentation).
     #[arg(long)]
     pub weight_decay: Option<f64>,
@@ -349,6 +353,10 @@ pub(crate) struct TrainOpts {
     /// fit the training set better but scored 91.84% against 92.30% in 10 epochs).
     #[arg(long)]
     pub border: Option<usize>,
+    /// Classification: random erasing probability (timm's `re_prob`: one rectangle of 2-33% of
+    /// the input filled with noise; default 0, as in the paper's recipe).
+    #[arg(long)]
+    pub random_erasing: Option<f32>,
     /// Data-parallel replicas (threads) per batch (default: one per core, each with >= 8
     /// images). Saved in the run's config: BatchNorm normalises each replica's shard.
     #[arg(long)]
@@ -483,6 +491,8 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         drop_path,
         weight_decay,
         label_smoothing,
+        warmup_epochs,
+        random_erasing,
         ..
     } = o;
     // A resumed run reads its data spec and input size from its own config.
@@ -509,9 +519,14 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
             cfg.drop_path = drop_path.unwrap_or(cfg.drop_path);
             cfg.weight_decay = weight_decay.unwrap_or(cfg.weight_decay);
             cfg.label_smoothing = label_smoothing.unwrap_or(cfg.label_smoothing);
+            cfg.warmup_epochs = warmup_epochs.unwrap_or(cfg.warmup_epochs);
             (cfg.train_limit, cfg.eval_limit, cfg.init_weights) = (train_limit, eval_limit, init_weights);
             cfg.pipeline.size = size;
             cfg.pipeline.border = border.unwrap_or(cfg.pipeline.border);
+            cfg.pipeline.random_erasing = random_erasing.unwrap_or(cfg.pipeline.random_erasing);
+            if !(0.0..=1.0).contains(&cfg.pipeline.random_erasing) {
+                bail!("--random-erasing must be a probability in 0..=1");
+            }
             if rand_augment.unwrap_or(data.starts_with("imagefolder:")) {
                 cfg.pipeline.rand_augment = Some(emo_train::randaug::RandAugment::default());
                 cfg.pipeline.random_resized_crop = true;

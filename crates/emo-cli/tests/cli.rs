@@ -201,10 +201,29 @@ fn train_and_eval_end_to_end_on_fashion_mnist_when_installed() {
     assert!(!o.status.success() && stderr(&o).contains("1000 classes"), "{}", stderr(&o));
     let run = tmp("fmnist-run");
     let _ = std::fs::remove_dir_all(&run);
-    let args = ["train", "--epochs", "1", "--train-limit", "128", "--eval-limit", "64", "--out", run.to_str().unwrap()];
+    let o = emo(&["train", "--random-erasing", "1.5", "--out", run.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("--random-erasing"), "{}", stderr(&o));
+    let args = [
+        "train",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "128",
+        "--eval-limit",
+        "64",
+        "--warmup-epochs",
+        "0",
+        "--random-erasing",
+        "0.25",
+        "--out",
+        run.to_str().unwrap(),
+    ];
     let o = emo(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("best top-1"));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["warmup_epochs"].as_u64(), cfg["pipeline"]["random_erasing"].as_f64()), (Some(0), Some(0.25)));
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 1);
     // the run folder is not overwritten by a second `train --out`

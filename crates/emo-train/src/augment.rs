@@ -55,6 +55,13 @@ pub struct Pipeline {
     /// `size` crop of the stored image.
     #[serde(default)]
     pub random_resized_crop: bool,
+    /// Random erasing (Zhong et al. 2020; timm's `re_prob`, mode `pixel`): with this
+    /// probability a training input gets one rectangle of 2-33% of its area, aspect ratio
+    /// 0.3-3.3, filled with standard-normal noise (in normalised units; one value per pixel for
+    /// grey images, one per channel and pixel for colour). 0 (the default, and the paper's
+    /// ImageNet recipe) is off and draws nothing from the generator.
+    #[serde(default)]
+    pub random_erasing: f32,
 }
 
 impl Default for Pipeline {
@@ -68,6 +75,7 @@ impl Default for Pipeline {
             std: FMNIST_STD,
             rand_augment: None,
             random_resized_crop: false,
+            random_erasing: 0.0,
         }
     }
 }
@@ -91,7 +99,19 @@ impl Pipeline {
     /// The input for image `i` of `split`: grey images go through [`Pipeline::apply`]; colour
     /// images (stored at a side >= `size`) get a random `size` crop + flip for training, the
     /// centre crop for evaluation, and ImageNet normalisation.
-    pub fn apply_split(&self, split: &crate::data::Split, i: usize, rng: Option<&mut Rng>, out: &mut [f32]) {
+    /// With `rng`, random erasing ([`Pipeline::random_erasing`]) comes last, on the normalised
+    /// input.
+    pub fn apply_split(&self, split: &crate::data::Split, i: usize, mut rng: Option<&mut Rng>, out: &mut [f32]) {
+        self.transform_split(split, i, rng.as_deref_mut(), out);
+        if let Some(r) = rng
+            && self.random_erasing > 0.0
+            && r.uniform() < self.random_erasing
+        {
+            erase_random_rectangle(out, self.size, split.channels == 1, r);
+        }
+    }
+
+    fn transform_split(&self, split: &crate::data::Split, i: usize, rng: Option<&mut Rng>, out: &mut [f32]) {
         let img = split.image(i);
         if split.channels == 1 {
             return match (self.rand_augment, rng) {
@@ -169,6 +189,41 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// One rectangle of a `3 x n x n` input replaced by standard-normal noise (timm's
+/// `RandomErasing`, mode `pixel`, one erasure): up to 10 draws of an area of 2-33% of the image
+/// and a log-uniform aspect ratio of 0.3-3.3 until the rectangle fits. `grey`: the same value
+/// in the three channels, which hold one replicated grey plane.
+fn erase_random_rectangle(out: &mut [f32], n: usize, grey: bool, r: &mut Rng) {
+    let plane = n * n;
+    for _ in 0..10 {
+        let area = plane as f32 * (0.02 + r.uniform() * (1.0 / 3.0 - 0.02));
+        let ratio = ((0.3f32).ln() + r.uniform() * ((1.0f32 / 0.3).ln() - (0.3f32).ln())).exp();
+        let h = (area * ratio).sqrt().round() as usize;
+        let w = (area / ratio).sqrt().round() as usize;
+        if h == 0 || w == 0 || h >= n || w >= n {
+            continue;
+        }
+        let y0 = r.below((n - h + 1) as u64) as usize;
+        let x0 = r.below((n - w + 1) as u64) as usize;
+        for y in y0..y0 + h {
+            for x in x0..x0 + w {
+                let v = normal(r);
+                for c in 0..3 {
+                    out[c * plane + y * n + x] = if grey || c == 0 { v } else { normal(r) };
+                }
+            }
+        }
+        return;
+    }
+}
+
+/// A standard-normal draw (Box-Muller).
+fn normal(r: &mut Rng) -> f32 {
+    let u1 = r.uniform().max(f32::MIN_POSITIVE);
+    let u2 = r.uniform();
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
 /// Any decoded image as a Fashion-MNIST-style grey `side x side` image (u8, row-major), for
@@ -301,5 +356,66 @@ mod tests {
         assert_eq!(g[0], 0, "white background becomes black");
         assert_eq!(g[14 * 28 + 14], 200, "dark item becomes light");
         assert!(g[3 * 28 + 14] == 0 && g[25 * 28 + 14] == 0, "letterboxed: 28x14 centred");
+    }
+
+    #[test]
+    fn random_erasing_replaces_one_rectangle_of_2_to_33_percent_and_is_off_by_default() {
+        let split = crate::data::Split {
+            images: (0..4 * 28 * 28).map(|i| (i % 200) as u8 + 30).collect(),
+            labels: vec![0; 4],
+            channels: 1,
+            h: 28,
+            w: 28,
+            classes: 1,
+        };
+        let plain = Pipeline { crop_pad: 0, flip: 0.0, ..Default::default() };
+        let erasing = Pipeline { random_erasing: 1.0, ..plain };
+        let n = plain.size;
+        let (mut a, mut b) = (vec![0f32; 3 * n * n], vec![0f32; 3 * n * n]);
+        // Off: the same input, and nothing drawn from the generator (old runs reproduce).
+        let (mut r1, mut r2) = (Rng::new(7), Rng::new(7));
+        plain.apply_split(&split, 1, Some(&mut r1), &mut a);
+        plain.transform_split(&split, 1, Some(&mut r2), &mut b);
+        assert_eq!(a, b);
+        assert_eq!(r1.next_u64(), r2.next_u64());
+        plain.apply_split(&split, 1, None, &mut b);
+        assert_eq!(a, b);
+        // Evaluation never erases.
+        erasing.apply_split(&split, 1, None, &mut b);
+        assert_eq!(a, b);
+        let mut r = Rng::new(3);
+        let mut areas = Vec::new();
+        for i in 0..200 {
+            erasing.apply_split(&split, i % 4, Some(&mut r), &mut b);
+            plain.apply_split(&split, i % 4, None, &mut a);
+            let changed: Vec<usize> = (0..n * n).filter(|&k| a[k] != b[k]).collect();
+            assert_eq!(b[..n * n], b[n * n..2 * n * n], "grey stays grey");
+            // One axis-aligned rectangle: the changed pixels fill their bounding box (up to
+            // noise values that happen to equal the pixel, which f32 noise does not produce).
+            let (ys, xs): (Vec<usize>, Vec<usize>) = changed.iter().map(|&k| (k / n, k % n)).unzip();
+            let (y0, y1) = (*ys.iter().min().unwrap(), *ys.iter().max().unwrap());
+            let (x0, x1) = (*xs.iter().min().unwrap(), *xs.iter().max().unwrap());
+            assert_eq!(changed.len(), (y1 - y0 + 1) * (x1 - x0 + 1), "one rectangle");
+            areas.push(changed.len() as f32 / (n * n) as f32);
+        }
+        let (lo, hi) = areas.iter().fold((1f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+        assert!(lo >= 0.015 && hi <= 0.36, "areas {lo}..{hi}");
+        assert!(lo < 0.05 && hi > 0.25, "the whole range is used: {lo}..{hi}");
+        // The fill is standard-normal noise.
+        let mut noise = Vec::new();
+        for _ in 0..50 {
+            erasing.apply_split(&split, 0, Some(&mut r), &mut b);
+            plain.apply_split(&split, 0, None, &mut a);
+            noise.extend((0..n * n).filter(|&k| a[k] != b[k]).map(|k| b[k] as f64));
+        }
+        let mean = noise.iter().sum::<f64>() / noise.len() as f64;
+        let var = noise.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / noise.len() as f64;
+        assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.1, "mean {mean} var {var}");
+        // Colour inputs get independent noise per channel.
+        let colour = crate::data::Split { images: vec![128; 3 * 40 * 40], channels: 3, h: 40, w: 40, ..split };
+        let cp = Pipeline { random_erasing: 1.0, ..Pipeline::imagenet(32) };
+        cp.apply_split(&colour, 0, Some(&mut r), &mut b);
+        let differ = (0..n * n).filter(|&k| b[k] != b[n * n + k]).count();
+        assert!(differ > 0, "colour noise differs between channels");
     }
 }

@@ -234,6 +234,11 @@ fn cosine_schedule_warms_up_then_decays() {
     assert!((s.at(60) - (1e-6 + (1e-3 - 1e-6) * 0.5)).abs() < 1e-9);
     assert!((s.at(110) - 1e-6).abs() < 1e-12);
     assert!(s.at(30) > s.at(31));
+    // Without warm-up (`--warmup-epochs 0`, fine-tuning): the peak at once, then the cosine.
+    let s = Cosine { warmup_iters: 0, ..s };
+    assert_eq!(s.at(0), 1e-3);
+    assert!((s.at(55) - (1e-6 + (1e-3 - 1e-6) * 0.5)).abs() < 1e-9);
+    assert!((s.at(110) - 1e-6).abs() < 1e-12);
 }
 
 #[test]
