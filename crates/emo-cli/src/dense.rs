@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::Device;
 use emo_dense::data::CanvasConfig;
-use emo_dense::predict::{DetTestCfg, batch_tensor, detect, draw_boxes, palette, segment};
-use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, evaluate, load_split};
+use emo_dense::predict::{DetTestCfg, batch_tensor, detect, draw_boxes, palette, segment_with};
+use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, evaluate_with, load_split};
 use emo_dense::{DenseConfig, DenseModel, Task};
 use emo_spec::Variant;
 
@@ -130,7 +130,15 @@ fn load_model(weights: &Path, card: Option<&Path>, device: &Device) -> Result<(D
     Ok((model, card))
 }
 
-pub fn eval(task: Task, weights: &Path, card: Option<&Path>, data: &Path, split: &str, limit: usize) -> Result<()> {
+pub fn eval(
+    task: Task,
+    weights: &Path,
+    card: Option<&Path>,
+    data: &Path,
+    split: &str,
+    limit: usize,
+    flip: bool,
+) -> Result<()> {
     let device = crate::backend::device()?;
     let (model, card) = load_model(weights, card, &device)?;
     ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
@@ -145,8 +153,10 @@ pub fn eval(task: Task, weights: &Path, card: Option<&Path>, data: &Path, split:
         d.classes(),
         card.classes
     );
-    let e = evaluate(&model, &d, &device)?;
-    println!("{} on {} ({split}, {} images): {}", card.model.task, data.display(), d.len(), describe(&e));
+    ensure!(!(flip && task.is_detection()), "--flip is a segmentation option");
+    let e = evaluate_with(&model, &d, &device, flip)?;
+    let how = if flip { ", flip test augmentation" } else { "" };
+    println!("{} on {} ({split}, {} images{how}): {}", card.model.task, data.display(), d.len(), describe(&e));
     // Per-class table, as mmdet's `classwise` / mmseg's evaluation print it.
     let pct = |v: f64| if v < 0.0 || v.is_nan() { "-".to_string() } else { format!("{:.1}", 100.0 * v) };
     match (&e, &d) {
@@ -239,7 +249,7 @@ pub fn detect_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: 
     })
 }
 
-pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: &Path) -> Result<()> {
+pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: &Path, flip: bool) -> Result<()> {
     let device = crate::backend::device()?;
     let (model, card) = load_model(weights, card, &device)?;
     ensure!(!card.model.task.is_detection(), "{} is a {} model; use `emo detect`", weights.display(), card.model.task);
@@ -247,7 +257,7 @@ pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out:
     let input = card.model.input;
     for_each_image(images, input, |p, orig, rgb| {
         let x = batch_tensor(&[&rgb], input, &device);
-        let pred = segment(&model, x)?.remove(0);
+        let pred = segment_with(&model, x, flip)?.remove(0);
         let mask = image::GrayImage::from_raw(input.1 as u32, input.0 as u32, pred).context("mask size")?;
         let mask = image::imageops::resize(&mask, orig.width(), orig.height(), image::imageops::FilterType::Nearest);
         let mut colour = image::RgbImage::new(orig.width(), orig.height());

@@ -133,6 +133,11 @@ enum Cmd {
         /// Dense tasks: evaluate only the first N images (0 = all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Segmentation: mmseg's flip test augmentation (the class probabilities of each image
+        /// and of its mirror image averaged; twice the cost). Default: single scale, no flip,
+        /// as the paper's numbers.
+        #[arg(long)]
+        flip: bool,
         /// `fashion-mnist`, `fashion-mnist:DIR` or `imagefolder:PATH` (its val split).
         #[arg(long, default_value = "fashion-mnist")]
         data: String,
@@ -166,6 +171,9 @@ enum Cmd {
         images: Vec<PathBuf>,
         #[arg(long, default_value = "masks")]
         out: PathBuf,
+        /// Flip test augmentation (see `emo eval --flip`).
+        #[arg(long)]
+        flip: bool,
     },
     /// Build the Fashion-MNIST canvas set (real items on larger canvases; boxes and masks from
     /// placement) in COCO and mask-folder layout.
@@ -384,7 +392,9 @@ fn main() -> Result<()> {
         Cmd::Detect { weights, card, images, out, score_thr } => {
             dense::detect_cmd(&weights, card.as_deref(), &images, &out, score_thr)
         }
-        Cmd::Segment { weights, card, images, out } => dense::segment_cmd(&weights, card.as_deref(), &images, &out),
+        Cmd::Segment { weights, card, images, out, flip } => {
+            dense::segment_cmd(&weights, card.as_deref(), &images, &out, flip)
+        }
         Cmd::MakeCanvas { out, size, train, val, items, scale, coarse, fmnist, seed } => {
             let range = |s: &str, what: &str| -> Result<(f64, f64)> {
                 let (a, b) = s.split_once('-').with_context(|| format!("--{what} expects MIN-MAX"))?;
@@ -431,8 +441,8 @@ fn main() -> Result<()> {
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
-        Cmd::Eval { weights, task: Some(task), data, split, card, limit, .. } => {
-            dense::eval(task, &weights, card.as_deref(), Path::new(&data), &split, limit)
+        Cmd::Eval { weights, task: Some(task), data, split, card, limit, flip, .. } => {
+            dense::eval(task, &weights, card.as_deref(), Path::new(&data), &split, limit, flip)
         }
         Cmd::Eval { variant, weights, data, size, .. } => {
             let pipeline = trained_pipeline(&weights, size)?;

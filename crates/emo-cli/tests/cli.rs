@@ -376,8 +376,12 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         for class in ["t-shirt", "ankle-boot"] {
             assert!(s.lines().any(|l| l.starts_with(class)), "no row for {class}: {s}");
         }
+        let flip = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--flip"]);
         if task == "deeplabv3" {
             assert!(s.lines().any(|l| l.starts_with("background")), "{s}");
+            assert!(flip.status.success() && stdout(&flip).contains("flip test augmentation"), "{}", stderr(&flip));
+        } else {
+            assert!(!flip.status.success() && stderr(&flip).contains("segmentation option"), "{}", stderr(&flip));
         }
         let out = tmp(&format!("out-{task}"));
         let o = emo(&[

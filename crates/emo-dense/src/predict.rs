@@ -82,12 +82,15 @@ pub fn detect(
 
 /// Per-pixel class maps `(H * W)` per image at the input size.
 pub fn segment(model: &DenseModel, x: Tensor<4>) -> Result<Vec<Vec<u8>>, DenseError> {
+    segment_with(model, x, false)
+}
+
+/// [`segment`], optionally with mmseg's flip test augmentation (`flip`, see [`seg_probs`]).
+pub fn segment_with(model: &DenseModel, x: Tensor<4>, flip: bool) -> Result<Vec<Vec<u8>>, DenseError> {
     let [b, _, h, w] = x.dims();
-    let DenseOutput::Seg { logits, .. } = model.forward(x, false)? else {
-        return Err(DenseError::Data(format!("{} is not a segmenter", model.cfg.task)));
-    };
-    let k = logits.dims()[1];
-    let p = to_vec(resize_logits(logits, (h, w)));
+    let p = seg_probs(model, x, flip)?;
+    let k = p.dims()[1];
+    let p = to_vec(p);
     Ok((0..b)
         .map(|i| {
             (0..h * w)
@@ -104,6 +107,21 @@ pub fn segment(model: &DenseModel, x: Tensor<4>) -> Result<Vec<Vec<u8>>, DenseEr
                 .collect()
         })
         .collect())
+}
+
+/// Class probabilities `(B, K, H, W)` at the input size (softmax of the upsampled logits).
+/// `flip`: mmseg's flip test augmentation, the mean of the input's probabilities and of its
+/// mirror image's (mirrored back), at twice the cost; the result is mirror-symmetric (a
+/// mirrored input gives the mirrored probabilities).
+pub fn seg_probs(model: &DenseModel, x: Tensor<4>, flip: bool) -> Result<Tensor<4>, DenseError> {
+    let [_, _, h, w] = x.dims();
+    let probs = |x: Tensor<4>| -> Result<Tensor<4>, DenseError> {
+        let DenseOutput::Seg { logits, .. } = model.forward(x, false)? else {
+            return Err(DenseError::Data(format!("{} is not a segmenter", model.cfg.task)));
+        };
+        Ok(softmax(resize_logits(logits, (h, w)), 1))
+    };
+    Ok(if flip { (probs(x.clone())? + probs(x.flip([3]))?.flip([3])).mul_scalar(0.5) } else { probs(x)? })
 }
 
 /// A distinct colour per class (0 = black background in segmentation maps).

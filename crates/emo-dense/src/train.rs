@@ -30,7 +30,7 @@ use crate::loss::{focal_loss, seg_loss, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseModel, DenseOutput};
 use crate::names::{ADE20K_CLASSES, COCO_CAT_IDS, COCO_CLASSES};
-use crate::predict::{DetTestCfg, batch_tensor, detect, segment};
+use crate::predict::{DetTestCfg, batch_tensor, detect, segment_with};
 use crate::{DenseError, anchors};
 
 /// Everything a dense training run is made of (written to `RUN/config.json`).
@@ -314,6 +314,12 @@ pub enum Eval {
 /// size). `model` should be a validation copy (`Module::valid`); inputs are made without
 /// autodiff, so no training-only layer (drop path, dropout) runs.
 pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result<Eval, DenseError> {
+    evaluate_with(model, data, device, false)
+}
+
+/// [`evaluate`]; `flip`: segmentation with mmseg's flip test augmentation
+/// ([`crate::predict::segment_with`]; detection ignores it).
+pub fn evaluate_with(model: &DenseModel, data: &DenseData, device: &Device, flip: bool) -> Result<Eval, DenseError> {
     const B: usize = 16;
     let hw = model.cfg.input;
     match data {
@@ -346,7 +352,7 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
             for chunk in d.images.chunks(B) {
                 let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
                     .without_autodiff();
-                for (img, pred) in chunk.iter().zip(segment(model, x)?) {
+                for (img, pred) in chunk.iter().zip(segment_with(model, x, flip)?) {
                     m.add(&pred, &img.label, 255);
                 }
             }

@@ -390,3 +390,25 @@ fn dilated_conv_on_its_live_taps_matches_the_full_conv() {
         }
     }
 }
+
+#[test]
+fn flip_test_augmentation_is_mirror_symmetric_and_off_by_default() {
+    use emo_dense::predict::{seg_probs, segment, segment_with};
+    let _g = serial();
+    let device = Device::flex();
+    for task in [Task::DeepLabV3, Task::PspNet] {
+        let m = DenseModel::new(&small(task, 5), None, &device).unwrap();
+        let x = Tensor::<4>::random([2, 3, 64, 64], Distribution::Uniform(-1.0, 1.0), &device);
+        assert!(segment_with(&m, x.clone(), false).unwrap() == segment(&m, x.clone()).unwrap(), "{task}");
+        let max_diff = |a: Tensor<4>, b: Tensor<4>| to_vec((a - b).abs().max())[0];
+        // A randomly initialised model is not mirror-symmetric by itself...
+        let plain = seg_probs(&m, x.clone(), false).unwrap();
+        let plain_mirrored = seg_probs(&m, x.clone().flip([3]), false).unwrap();
+        assert!(max_diff(plain.clone().flip([3]), plain_mirrored.clone()) > 1e-4, "{task}");
+        // ...with flip test augmentation the probabilities of the mirrored input are exactly
+        // the mirrored probabilities, and they are the mean of the two plain passes.
+        let tta = seg_probs(&m, x.clone(), true).unwrap();
+        assert_eq!(max_diff(tta.clone().flip([3]), seg_probs(&m, x.flip([3]), true).unwrap()), 0.0, "{task}");
+        assert!(max_diff(tta, (plain + plain_mirrored.flip([3])).mul_scalar(0.5)) < 1e-6, "{task}");
+    }
+}
