@@ -113,7 +113,7 @@ enum Cmd {
     Verify,
     /// Train (or fine-tune) on Fashion-MNIST with the paper's recipe; resumable. With --task,
     /// train a detector (COCO-layout --data) or segmenter (mask-folder --data).
-    Train(TrainOpts),
+    Train(Box<TrainOpts>),
     /// Top-1 / top-5 of weights on a dataset's test split (the training run's eval transform).
     /// With --task: COCO mAP (detection) or mIoU / aAcc / mAcc (segmentation).
     Eval {
@@ -455,8 +455,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Train(o) => match o.task {
-            Some(task) => dense::train(task, o),
-            None => train_classifier(o),
+            Some(task) => dense::train(task, *o),
+            None => train_classifier(*o),
         },
         Cmd::BenchTrain { variant, batch, size, workers, steps, rounds, compare_torch, mut backends } => {
             // Flex's data-parallel workers (and PyTorch's threads): one per core by default.
@@ -601,7 +601,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
