@@ -139,6 +139,7 @@ pub fn eval(
     limit: usize,
     flip: bool,
 ) -> Result<()> {
+    ensure!(!(flip && task.is_detection()), "--flip is a segmentation option");
     let device = crate::backend::device()?;
     let (model, card) = load_model(weights, card, &device)?;
     ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
@@ -153,7 +154,6 @@ pub fn eval(
         d.classes(),
         card.classes
     );
-    ensure!(!(flip && task.is_detection()), "--flip is a segmentation option");
     let e = evaluate_with(&model, &d, &device, flip)?;
     let how = if flip { ", flip test augmentation" } else { "" };
     println!("{} on {} ({split}, {} images{how}): {}", card.model.task, data.display(), d.len(), describe(&e));

@@ -534,9 +534,6 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
             cfg.pipeline.size = size;
             cfg.pipeline.border = border.unwrap_or(cfg.pipeline.border);
             cfg.pipeline.random_erasing = random_erasing.unwrap_or(cfg.pipeline.random_erasing);
-            if !(0.0..=1.0).contains(&cfg.pipeline.random_erasing) {
-                bail!("--random-erasing must be a probability in 0..=1");
-            }
             if rand_augment.unwrap_or(data.starts_with("imagefolder:")) {
                 cfg.pipeline.rand_augment = Some(emo_train::randaug::RandAugment::default());
                 cfg.pipeline.random_resized_crop = true;

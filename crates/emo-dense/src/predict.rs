@@ -88,7 +88,8 @@ pub fn segment(model: &DenseModel, x: Tensor<4>) -> Result<Vec<Vec<u8>>, DenseEr
 /// [`segment`], optionally with mmseg's flip test augmentation (`flip`, see [`seg_probs`]).
 pub fn segment_with(model: &DenseModel, x: Tensor<4>, flip: bool) -> Result<Vec<Vec<u8>>, DenseError> {
     let [b, _, h, w] = x.dims();
-    let p = seg_probs(model, x, flip)?;
+    // Without flip the argmax needs no softmax.
+    let p = if flip { seg_probs(model, x, true)? } else { seg_logits(model, x)? };
     let k = p.dims()[1];
     let p = to_vec(p);
     Ok((0..b)
@@ -114,14 +115,17 @@ pub fn segment_with(model: &DenseModel, x: Tensor<4>, flip: bool) -> Result<Vec<
 /// mirror image's (mirrored back), at twice the cost; the result is mirror-symmetric (a
 /// mirrored input gives the mirrored probabilities).
 pub fn seg_probs(model: &DenseModel, x: Tensor<4>, flip: bool) -> Result<Tensor<4>, DenseError> {
-    let [_, _, h, w] = x.dims();
-    let probs = |x: Tensor<4>| -> Result<Tensor<4>, DenseError> {
-        let DenseOutput::Seg { logits, .. } = model.forward(x, false)? else {
-            return Err(DenseError::Data(format!("{} is not a segmenter", model.cfg.task)));
-        };
-        Ok(softmax(resize_logits(logits, (h, w)), 1))
-    };
+    let probs = |x: Tensor<4>| Ok::<_, DenseError>(softmax(seg_logits(model, x)?, 1));
     Ok(if flip { (probs(x.clone())? + probs(x.flip([3]))?.flip([3])).mul_scalar(0.5) } else { probs(x)? })
+}
+
+/// Class logits `(B, K, H, W)` upsampled to the input size.
+fn seg_logits(model: &DenseModel, x: Tensor<4>) -> Result<Tensor<4>, DenseError> {
+    let [_, _, h, w] = x.dims();
+    let DenseOutput::Seg { logits, .. } = model.forward(x, false)? else {
+        return Err(DenseError::Data(format!("{} is not a segmenter", model.cfg.task)));
+    };
+    Ok(resize_logits(logits, (h, w)))
 }
 
 /// A distinct colour per class (0 = black background in segmentation maps).

@@ -211,6 +211,9 @@ impl Trainer {
         if cfg.batch == 0 || cfg.epochs == 0 || cfg.workers == 0 {
             return Err(TrainError::Config("batch, epochs and workers must be > 0".into()));
         }
+        if !(0.0..=1.0).contains(&cfg.pipeline.random_erasing) {
+            return Err(TrainError::Config("random erasing (--random-erasing) must be a probability in 0..=1".into()));
+        }
         if train.classes != cfg.num_classes {
             return Err(TrainError::Config(format!("data has {} classes, config {}", train.classes, cfg.num_classes)));
         }
