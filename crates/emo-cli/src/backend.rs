@@ -1,6 +1,7 @@
-//! Which burn backend runs the trainable model: `flex` (pure Rust, the default) or `tch`
-//! (LibTorch, from a build with `--features tch`). The fast inference engine is ours and does
-//! not depend on this choice.
+//! Which burn backend runs the trainable model: `flex` (pure Rust, the default), `tch`
+//! (LibTorch, from a build with `--features tch`) or `vulkan` (a GPU through burn's wgpu /
+//! CubeCL backend, from a build with `--features vulkan`). The fast inference engine is ours
+//! and does not depend on this choice.
 
 use anyhow::Result;
 use burn::tensor::Device;
@@ -15,6 +16,9 @@ pub enum Backend {
     /// LibTorch through burn's `tch` backend: build with `--features tch` against the pip wheel
     /// `torch==2.9.0` (`LIBTORCH_USE_PYTORCH=1`; see the README).
     Tch,
+    /// A GPU through Vulkan (burn's wgpu / CubeCL backend): build with `--features vulkan`;
+    /// needs a Vulkan driver (`libvulkan1` and the GPU vendor's ICD) at run time.
+    Vulkan,
 }
 
 impl std::fmt::Display for Backend {
@@ -22,6 +26,7 @@ impl std::fmt::Display for Backend {
         f.write_str(match self {
             Backend::Flex => "flex",
             Backend::Tch => "tch",
+            Backend::Vulkan => "vulkan",
         })
     }
 }
@@ -44,15 +49,16 @@ impl Backend {
         match self {
             Backend::Flex => Ok(Device::flex()),
             Backend::Tch => tch_device(),
+            Backend::Vulkan => vulkan_device(),
         }
     }
 
     /// Data-parallel replicas for a batch: one per core on flex (each op runs on one thread);
-    /// one on LibTorch, which spreads every op over the cores itself.
+    /// one on LibTorch, which spreads every op over the cores itself, and one on a GPU.
     pub fn default_workers(self, batch: usize) -> usize {
         match self {
             Backend::Flex => emo_train::parallel::default_workers(batch),
-            Backend::Tch => 1,
+            Backend::Tch | Backend::Vulkan => 1,
         }
     }
 }
@@ -73,5 +79,19 @@ fn tch_device() -> Result<Device> {
     anyhow::bail!(
         "this `emo` was built without LibTorch; build it with `cargo build --release --features tch` \
          (LIBTORCH_USE_PYTORCH=1, with pip's torch==2.9.0 in the active Python; see the README)"
+    )
+}
+
+/// The first GPU Vulkan reports (wgpu's default adapter choice: a discrete GPU first).
+#[cfg(feature = "vulkan")]
+fn vulkan_device() -> Result<Device> {
+    Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice))
+}
+
+#[cfg(not(feature = "vulkan"))]
+fn vulkan_device() -> Result<Device> {
+    anyhow::bail!(
+        "this `emo` was built without the GPU backend; build it with \
+         `cargo build --release -p emo-cli --features vulkan` (see the README)"
     )
 }

@@ -27,7 +27,8 @@ struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
     /// burn backend of the trainable model (train, eval --engine burn, verify, bench-train):
-    /// flex (pure Rust) or tch (LibTorch; needs a `--features tch` build).
+    /// flex (pure Rust), tch (LibTorch; needs a `--features tch` build) or vulkan (a GPU; needs
+    /// a `--features vulkan` build).
     #[arg(long, global = true, default_value = "flex")]
     backend: backend::Backend,
 }

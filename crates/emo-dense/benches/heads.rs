@@ -4,6 +4,10 @@
 //! and forward + backward, in the same run. At 192x192 the map is 6x6 and all three branches
 //! reduce to their centre tap; at 512x512 (ADE20K) it is 16x16 and dilations 24 / 36 do.
 //!
+//! `resize` times the bilinear upsampling of segmentation logits to the label size (11 classes,
+//! batch 8, 6x6 -> 192x192 and 16x16 -> 512x512) as two matrix products (`loss::bilinear`, what
+//! the heads use) against burn's `interpolate`, forward and forward + backward, in the same run.
+//!
 //! `cargo bench -p emo-dense --bench heads`
 
 use burn::nn::PaddingConfig2d;
@@ -51,5 +55,37 @@ fn aspp(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, aspp);
+fn resize(c: &mut Criterion) {
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    let device = Device::flex().autodiff();
+    let mut g = c.benchmark_group("bilinear_logits");
+    g.sample_size(20);
+    for (side, out) in [(6, 192), (16, 512)] {
+        let x = Tensor::<4>::random([8, 11, side, side], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
+        let run = |matmul: bool, backward: bool| {
+            let y = if matmul {
+                emo_dense::loss::bilinear(x.clone(), (out, out))
+            } else {
+                let opts = InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false);
+                interpolate(x.clone(), opts.with_output_size([out, out]))
+            };
+            let total = y.sum();
+            if backward {
+                black_box(total.backward());
+            } else {
+                black_box(total.into_scalar::<f32>());
+            }
+        };
+        for (name, matmul) in [("matmul", true), ("interpolate", false)] {
+            g.bench_function(BenchmarkId::new(format!("{name}/forward"), side), |b| b.iter(|| run(matmul, false)));
+            g.bench_function(BenchmarkId::new(format!("{name}/forward_backward"), side), |b| {
+                b.iter(|| run(matmul, true))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, aspp, resize);
 criterion_main!(benches);

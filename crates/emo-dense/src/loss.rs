@@ -8,8 +8,6 @@
 //!   255 ignored; the auxiliary head's loss is weighted 0.4.
 
 use burn::tensor::activation::{log_softmax, relu, sigmoid};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::assign::Targets;
@@ -119,10 +117,43 @@ pub fn resize_logits(x: Tensor<4>, hw: (usize, usize)) -> Tensor<4> {
     if (h, w) == hw {
         return x;
     }
-    interpolate(
-        x,
-        InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([hw.0, hw.1]),
-    )
+    bilinear(x, hw)
+}
+
+/// Row `i` holds the weights of output `i` over the `n` inputs for PyTorch's bilinear rule with
+/// `align_corners=False`: source `(i + 0.5) * n / m - 0.5`, clamped at 0, between its two
+/// neighbours (the last input repeated at the edge). `[m, n]`, row-major.
+pub fn bilinear_weights(n: usize, m: usize) -> Vec<f32> {
+    let scale = n as f64 / m as f64;
+    let mut a = vec![0f32; m * n];
+    for i in 0..m {
+        let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n - 1);
+        let i1 = if i0 < n - 1 { i0 + 1 } else { i0 };
+        let l1 = (src - i0 as f64) as f32;
+        a[i * n + i0] += 1.0 - l1;
+        a[i * n + i1] += l1;
+    }
+    a
+}
+
+/// Bilinear resize of `[B, C, h, w]` to `(H, W)` (align_corners false) as two matrix products,
+/// `A_h · X · A_wᵀ`: the values of `interpolate(.., Bilinear)` up to rounding, with a backward
+/// pass on every backend (burn 0.22's CubeCL backends, the GPU ones, have no bilinear backward).
+pub fn bilinear(x: Tensor<4>, (oh, ow): (usize, usize)) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    let device = x.device();
+    let weights = |n: usize, m: usize| {
+        // [n, m]: the transpose of `bilinear_weights(n, m)`.
+        let a = bilinear_weights(n, m);
+        let t: Vec<f32> = (0..n * m).map(|k| a[(k % m) * n + k / m]).collect();
+        Tensor::<2>::from_data(TensorData::new(t, [n, m]), &device)
+    };
+    // Along W: [B*C*h, w] x [w, W].
+    let y = x.reshape([b * c * h, w]).matmul(weights(w, ow));
+    // Along H: [B*C*W, h] x [h, H].
+    let y = y.reshape([b * c, h, ow]).swap_dims(1, 2).reshape([b * c * ow, h]).matmul(weights(h, oh));
+    y.reshape([b * c, ow, oh]).swap_dims(1, 2).reshape([b, c, oh, ow])
 }
 
 /// Pixel cross-entropy with 255 ignored; `labels` is `B * H * W` bytes.

@@ -328,10 +328,7 @@ impl SegHead {
     }
 
     fn resize(x: Tensor<4>, h: usize, w: usize) -> Tensor<4> {
-        interpolate(
-            x,
-            InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([h, w]),
-        )
+        crate::loss::bilinear(x, (h, w))
     }
 
     /// `(logits at stage-4 size, auxiliary logits at stage-3 size)`.

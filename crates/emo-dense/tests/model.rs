@@ -391,6 +391,55 @@ fn dilated_conv_on_its_live_taps_matches_the_full_conv() {
     }
 }
 
+/// The matrix-product bilinear resize (used because burn's GPU backends have no bilinear
+/// backward) gives burn's `interpolate(Bilinear, align_corners = false)`: the same outputs and the
+/// same input gradients, up- and downsampling, square or not, from 1x1 (the ASPP image pool).
+#[test]
+fn bilinear_by_matrix_products_matches_interpolate() {
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    use emo_dense::loss::{bilinear, bilinear_weights};
+
+    let _g = serial();
+    let device = Device::flex().autodiff();
+    let cases = [
+        ((6, 6), (192, 192)),
+        ((1, 1), (6, 6)),
+        ((4, 6), (128, 96)),
+        ((13, 7), (5, 3)),
+        ((5, 5), (5, 5)),
+        ((3, 8), (7, 20)),
+    ];
+    for ((h, w), (oh, ow)) in cases {
+        let x = Tensor::<4>::random([2, 3, h, w], Distribution::Uniform(-1.0, 1.0), &device).require_grad();
+        let probe = Tensor::<4>::random([2, 3, oh, ow], Distribution::Uniform(-1.0, 1.0), &device);
+        let ours = bilinear(x.clone(), (oh, ow));
+        let opts =
+            InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size([oh, ow]);
+        let theirs = interpolate(x.clone(), opts);
+        assert_eq!(ours.dims(), [2, 3, oh, ow]);
+        let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+            assert_eq!(a.len(), b.len());
+            // Relative to the largest value: an input gradient of a 6x6 -> 192x192 resize sums
+            // ~1,000 products in another order than burn's kernel (f32 bound ~1000 x 6e-8).
+            let err = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+            let scale = b.iter().map(|v| v.abs()).fold(1.0f32, f32::max);
+            assert!(err <= 1e-5 * scale, "{what} differs by {err} (largest {scale}): {h}x{w} -> {oh}x{ow}");
+        };
+        close(to_vec(ours.clone()), to_vec(theirs.clone()), "output");
+        let go = (ours * probe.clone()).sum().backward();
+        let gt = (theirs * probe).sum().backward();
+        close(to_vec(x.grad(&go).unwrap()), to_vec(x.grad(&gt).unwrap()), "input gradient");
+    }
+    // Each output is a convex combination of its inputs.
+    for (n, m) in [(6, 192), (13, 5), (1, 4)] {
+        let a = bilinear_weights(n, m);
+        for row in a.chunks(n) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6 && row.iter().all(|&v| v >= 0.0));
+        }
+    }
+}
+
 #[test]
 fn flip_test_augmentation_is_mirror_symmetric_and_off_by_default() {
     use emo_dense::predict::{seg_probs, segment, segment_with};
