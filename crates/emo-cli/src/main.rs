@@ -540,6 +540,13 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
                 cfg.pipeline.random_resized_crop = true;
             }
             cfg.workers = workers.unwrap_or_else(|| backend::chosen().default_workers(batch));
+            if cfg.warmup_epochs >= cfg.epochs {
+                eprintln!(
+                    "warning: the {} warm-up epoch(s) take the whole {}-epoch run, so the learning rate only rises \
+                     and never decays; for a short run or fine-tune use --warmup-epochs 0",
+                    cfg.warmup_epochs, cfg.epochs
+                );
+            }
             let dir = out.unwrap_or_else(|| PathBuf::from(format!("runs/{variant}-{}", data.replace([':', '/'], "_"))));
             emo_train::Trainer::new(cfg, &dir, train, eval, device)?
         }

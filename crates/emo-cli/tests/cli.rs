@@ -175,6 +175,44 @@ fn the_tch_backend_without_the_feature_is_a_clear_error() {
     assert!(stderr(&o).contains("--features tch"), "{}", stderr(&o));
 }
 
+#[cfg(not(feature = "vulkan"))]
+#[test]
+fn the_vulkan_backend_without_the_feature_is_a_clear_error() {
+    let o = emo(&["--backend", "vulkan", "verify"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--features vulkan"), "{}", stderr(&o));
+}
+
+/// `cargo test -p emo-cli --release --features vulkan --test cli vulkan` on a machine with a GPU
+/// and its Vulkan driver: the burn model on the GPU reproduces the official outputs, and
+/// classification and every dense task train there (one short epoch each).
+#[cfg(feature = "vulkan")]
+#[test]
+fn the_vulkan_backend_reproduces_the_official_outputs_and_trains_every_task() {
+    let o = emo(&["--backend", "vulkan", "verify"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("parity OK") && stdout(&o).contains("vulkan"), "{}", stdout(&o));
+    let o = emo(&["bench-train", "--backends", "flex,vulkan", "--batch", "16", "--steps", "1", "--rounds", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("emo-flex") && stdout(&o).contains("emo-vulkan"), "{}", stdout(&o));
+    let data = tmp("canvas-vulkan");
+    let _ = std::fs::remove_dir_all(&data);
+    let d = data.to_str().unwrap();
+    let o = emo(&["make-canvas", "--out", d, "--size", "64", "--train", "16", "--val", "8", "--scale", "1.0-2.0"]);
+    if stderr(&o).contains("apt-get install") {
+        eprintln!("skipping the dense tasks: Fashion-MNIST not installed");
+        return;
+    }
+    for task in ["deeplabv3", "pspnet", "ssdlite", "retinanet"] {
+        let run = tmp(&format!("run-vulkan-{task}"));
+        let _ = std::fs::remove_dir_all(&run);
+        let args = ["--backend", "vulkan", "train", "--task", task, "--data", d, "--input", "64x64", "--epochs", "1"];
+        let o = emo(&[&args[..], &["--batch", "8", "--out", run.to_str().unwrap()]].concat());
+        assert!(o.status.success(), "{task} on vulkan: {}", stderr(&o));
+        assert!(run.join("best.safetensors").exists(), "{task}");
+    }
+}
+
 /// `cargo test -p emo-cli --release --features tch` (LIBTORCH_USE_PYTORCH=1, torch==2.9.0):
 /// the burn model on LibTorch reproduces the official outputs and runs training steps.
 #[cfg(feature = "tch")]
@@ -221,6 +259,7 @@ fn train_and_eval_end_to_end_on_fashion_mnist_when_installed() {
     let o = emo(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("best top-1"));
+    assert!(!stderr(&o).contains("never decays"), "no warm-up, no warning: {}", stderr(&o));
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!((cfg["warmup_epochs"].as_u64(), cfg["pipeline"]["random_erasing"].as_f64()), (Some(0), Some(0.25)));
@@ -268,6 +307,8 @@ fn train_on_an_image_folder_skips_unreadable_images_and_rejects_empty_classes() 
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("2 classes, 16 train / 8 val images, 1 unreadable images skipped"), "{}", stderr(&o));
     assert!(stderr(&o).contains("broken.jpg"));
+    // one epoch with the default one-epoch warm-up: the learning rate would never decay
+    assert!(stderr(&o).contains("--warmup-epochs 0"), "warm-up warning: {}", stderr(&o));
     // colour folders get the paper's RandomResizedCrop + RandAugment m9-mstd0.5 by default
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
