@@ -31,7 +31,7 @@ timeout 120 "$EMO" --backend vulkan verify 2>&1 | grep -v XDG_RUNTIME_DIR | tee 
 fi
 IPS=100
 if has bench; then
-log "bench-train: EMO-1M, batch 64, 32x32, vulkan against flex (2 workers), interleaved"
+log "bench-train: EMO-1M, batch 64, 32x32, vulkan against flex (one worker per core), interleaved"
 timeout 150 "$EMO" bench-train --backends vulkan,flex --batch 64 --steps 10 --rounds 3 2>&1 | grep -v XDG_RUNTIME_DIR | tee "$OUT/bench-train.log" | tail -6
 IPS=$(awk '/^emo-vulkan/ { for (i = 1; i <= NF; i++) if ($(i + 1) == "img/s") print $i }' "$OUT/bench-train.log")
 IPS=${IPS:-100}
