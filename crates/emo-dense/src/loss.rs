@@ -143,11 +143,9 @@ pub fn bilinear_weights(n: usize, m: usize) -> Vec<f32> {
 pub fn bilinear(x: Tensor<4>, (oh, ow): (usize, usize)) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
     let device = x.device();
+    // [n, m]: the transpose of the [m, n] weights.
     let weights = |n: usize, m: usize| {
-        // [n, m]: the transpose of `bilinear_weights(n, m)`.
-        let a = bilinear_weights(n, m);
-        let t: Vec<f32> = (0..n * m).map(|k| a[(k % m) * n + k / m]).collect();
-        Tensor::<2>::from_data(TensorData::new(t, [n, m]), &device)
+        Tensor::<2>::from_data(TensorData::new(bilinear_weights(n, m), [m, n]), &device).transpose()
     };
     // Along W: [B*C*h, w] x [w, W].
     let y = x.reshape([b * c * h, w]).matmul(weights(w, ow));
