@@ -35,7 +35,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Tensor};
 use emo_spec::{Act, AttnSpec, BlockSpec, Norm};
 
-pub use crate::irmb::{Irmb, attend, partition, unpartition};
+pub use crate::irmb::{Irmb, attend, attend_whole_map, partition, unpartition};
 use crate::layers::{Norm2d, Source, act, drop_path};
 
 /// A user-facing description of one iRMB (see [`Irmb`] for the forward pass).

@@ -139,12 +139,24 @@ impl Irmb {
     }
 
     /// Strided-window MHSA with attn_pre, then `v` + act, per window; returns dim_mid channels.
+    ///
+    /// `v` is a 1x1 conv and the act is pointwise, so both run after the windows are merged back
+    /// and the padding cropped (the official model runs them on the padded windows and crops
+    /// after: same values at every real pixel). When one window holds the whole map (a map no
+    /// larger than the window, as in stages 3-4 at small inputs) the exact shortcut
+    /// [`attend_whole_map`] replaces the padded tokens.
     fn window_attention(&self, x: Tensor<4>, a: &AttnSpec, v: &Conv2d) -> Tensor<4> {
         let qk = self.qk.as_ref().expect("attention block has qk");
-        let (xw, g, [b, _, h, w]) = partition(x, a.window_size);
-        let o = attend(qk, xw.clone(), xw, a.num_heads, a.scale());
-        let o = act(self.act, v.forward(o));
-        unpartition(o, &g, b, h, w)
+        let [b, _, h, w] = x.dims();
+        let g = a.windows(h, w);
+        let o = if g.n1 == 1 && g.n2 == 1 {
+            attend_whole_map(qk, x, a.num_heads, a.scale(), g.hp * g.wp - h * w)
+        } else {
+            let (xw, g, _) = partition(x, a.window_size);
+            let o = attend(qk, xw.clone(), xw, a.num_heads, a.scale());
+            unpartition(o, &g, b, h, w)
+        };
+        act(self.act, v.forward(o))
     }
 }
 
@@ -181,4 +193,34 @@ pub fn attend(qk: &Conv2d, xw: Tensor<4>, values: Tensor<4>, num_heads: usize, s
     let attn = softmax(q.matmul(k).mul_scalar(scale), 3);
     let v = values.reshape([nw, num_heads, dv, l]).swap_dims(2, 3);
     attn.matmul(v).swap_dims(2, 3).reshape([nw, cv, wh, ww])
+}
+
+/// [`attend`] with `attn_pre` (the values are the input) for a map that one window holds whole,
+/// zero-padded with `n_pad` tokens, computed without the padded tokens.
+///
+/// Every padded token is a zero pixel: its key is the k half of the qk-conv bias and its value
+/// is 0, and its own output is cropped away. So the `n_pad` padded keys are one key, `k_pad`,
+/// whose softmax weight counts `n_pad` times (its logit plus `ln n_pad`) and which adds nothing
+/// to the output. Same function as the padded computation (and the same gradients), at the
+/// cost of `h*w + 1` keys instead of `hp*wp`: a 2x2 map in a 7x7 window attends over 5 keys,
+/// not 49.
+pub fn attend_whole_map(qk: &Conv2d, x: Tensor<4>, num_heads: usize, scale: f64, n_pad: usize) -> Tensor<4> {
+    if n_pad == 0 {
+        return attend(qk, x.clone(), x, num_heads, scale);
+    }
+    let [b, c, h, w] = x.dims();
+    let (l, dh) = (h * w, c / num_heads);
+    let qkx = qk.forward(x.clone()).reshape([b, 2, num_heads, dh, l]);
+    let q = qkx.clone().narrow(1, 0, 1).reshape([b, num_heads, dh, l]).swap_dims(2, 3);
+    let k = qkx.narrow(1, 1, 1).reshape([b, num_heads, dh, l]);
+    let k_pad = match &qk.bias {
+        Some(bias) => bias.val().narrow(0, c, c),
+        None => Tensor::zeros([c], &x.device()),
+    }
+    .reshape([1, num_heads, 1, dh]);
+    let logit_pad = (q.clone() * k_pad).sum_dim(3).mul_scalar(scale).add_scalar((n_pad as f64).ln());
+    let logits = Tensor::cat(vec![q.matmul(k).mul_scalar(scale), logit_pad], 3);
+    let attn = softmax(logits, 3).narrow(3, 0, l);
+    let v = x.reshape([b, num_heads, dh, l]).swap_dims(2, 3);
+    attn.matmul(v).swap_dims(2, 3).reshape([b, c, h, w])
 }

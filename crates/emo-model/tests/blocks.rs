@@ -86,3 +86,56 @@ fn irb_and_ffn_shapes_and_residuals() {
     let x = randn([1, 16, 5, 6], &device);
     assert_eq!(to_vec(ffn.forward(x.clone())), to_vec(x));
 }
+
+/// The official computation: zero-pad to whole windows, attend over every token (padded keys
+/// included), crop.
+fn attend_padded(qk: &burn::nn::conv::Conv2d, x: Tensor<4>, heads: usize, ws: usize) -> Tensor<4> {
+    let (xw, g, [b, _, h, w]) = partition(x, ws);
+    let dh = xw.dims()[1] / heads;
+    let o = emo_model::blocks::attend(qk, xw.clone(), xw, heads, (dh as f64).powf(-0.5));
+    unpartition(o, &g, b, h, w)
+}
+
+#[test]
+fn whole_map_attention_equals_the_padded_window_in_values_and_gradients() {
+    use burn::module::Param;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2d;
+    let device = Device::flex().autodiff();
+    let (c, heads, ws) = (16, 2, 7);
+    let qk = Conv2d {
+        weight: Param::from_tensor(Tensor::random([2 * c, c, 1, 1], Distribution::Normal(0.0, 0.5), &device)),
+        bias: Some(Param::from_tensor(Tensor::random([2 * c], Distribution::Normal(0.0, 1.0), &device))),
+        stride: [1, 1],
+        kernel_size: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+        padding: PaddingConfig2d::Explicit(0, 0, 0, 0),
+    };
+    // 1x1 (48 padded tokens), 2x2, 3x5, 6x6 and a full window (no padding)
+    for (h, w) in [(1, 1), (2, 2), (3, 5), (6, 6), (7, 7)] {
+        let x = randn([2, c, h, w], &device).require_grad();
+        // a loss that weights every output differently, so gradients are not symmetric
+        let wts = randn([2, c, h, w], &device);
+        let dh = c / heads;
+        let n_pad = 49 - h * w;
+        let fast = emo_model::blocks::attend_whole_map(&qk, x.clone(), heads, (dh as f64).powf(-0.5), n_pad);
+        let slow = attend_padded(&qk, x.clone(), heads, ws);
+        let (f, s) = (to_vec(fast.clone().inner()), to_vec(slow.clone().inner()));
+        let scale = s.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = f.iter().zip(&s).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5 * scale.max(1.0), "{h}x{w}: output diff {diff} (scale {scale})");
+        let gf = (fast * wts.clone()).sum().backward();
+        let gs = (slow * wts).sum().backward();
+        for (name, a, b) in [
+            ("x", to_vec(x.grad(&gf).unwrap()), to_vec(x.grad(&gs).unwrap())),
+            ("qk.weight", to_vec(qk.weight.val().grad(&gf).unwrap()), to_vec(qk.weight.val().grad(&gs).unwrap())),
+            ("qk.bias", to_vec(qk.bias.as_ref().unwrap().val().grad(&gf).unwrap()), to_vec(qk.bias.as_ref().unwrap().val().grad(&gs).unwrap())),
+        ] {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(scale > 0.0, "{h}x{w}: zero gradient for {name}");
+            assert!(diff <= 1e-4 * scale, "{h}x{w}: grad {name} diff {diff} (scale {scale})");
+        }
+    }
+}
