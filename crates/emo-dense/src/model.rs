@@ -327,22 +327,18 @@ impl SegHead {
         }
     }
 
-    fn resize(x: Tensor<4>, h: usize, w: usize) -> Tensor<4> {
-        crate::loss::bilinear(x, (h, w))
-    }
-
     /// `(logits at stage-4 size, auxiliary logits at stage-3 size)`.
     fn forward(&self, c3: Tensor<4>, c4: Tensor<4>, aux: bool) -> (Tensor<4>, Option<Tensor<4>>) {
         let [_, _, h, w] = c4.dims();
         let mut parts = Vec::new();
         if self.task == Task::DeepLabV3 {
             let pooled = self.branches[0].forward(adaptive_avg_pool2d(c4.clone(), [1, 1]));
-            parts.push(Self::resize(pooled, h, w));
+            parts.push(crate::loss::resize_logits(pooled, (h, w)));
             parts.extend(self.branches[1..].iter().map(|m| m.forward(c4.clone())));
         } else {
             parts.push(c4.clone());
             for (m, &s) in self.branches.iter().zip(&PSP_SCALES) {
-                parts.push(Self::resize(m.forward(adaptive_avg_pool2d(c4.clone(), [s, s])), h, w));
+                parts.push(crate::loss::resize_logits(m.forward(adaptive_avg_pool2d(c4.clone(), [s, s])), (h, w)));
             }
         }
         let x = self.bottleneck.forward(Tensor::cat(parts, 1));
