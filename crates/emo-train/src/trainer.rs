@@ -82,8 +82,9 @@ impl TrainConfig {
             variant,
             num_classes: 10,
             data: "fashion-mnist".into(),
-            // Measured on 2 cores (two workers, 32x32): 10 epochs 92.30% in 48.7 min; 12 epochs
-            // 92.18% in 59 min (docs/runs/fmnist-emo1m-10ep, -12ep).
+            // Measured on 2 cores (two workers, 32x32, before the attention shortcut): 10 epochs
+            // 92.30% in 48.7 min; 12 epochs 92.18% in 59 min (docs/runs/fmnist-emo1m-10ep,
+            // -12ep). With it, 10 epochs take 62.7 min on a 3.5x slower VM (-10ep-intel).
             epochs: 10,
             batch: 64,
             // 10x the paper's 1.5e-3: a 10-epoch run needs it (2-epoch probes on 12,800 images:
