@@ -152,7 +152,7 @@ impl Irmb {
         let o = if g.n1 == 1 && g.n2 == 1 {
             attend_whole_map(qk, x, a.num_heads, a.scale(), g.hp * g.wp - h * w)
         } else {
-            let (xw, g, _) = partition(x, a.window_size);
+            let (xw, _, _) = partition(x, a.window_size);
             let o = attend(qk, xw.clone(), xw, a.num_heads, a.scale());
             unpartition(o, &g, b, h, w)
         };
@@ -184,12 +184,10 @@ pub fn unpartition(o: Tensor<4>, g: &WindowGeom, b: usize, h: usize, w: usize) -
 /// head-major), softmax(q k^T * scale) applied to `values` split into `num_heads` heads.
 /// No masking: padded tokens take part as keys (as in the official model).
 pub fn attend(qk: &Conv2d, xw: Tensor<4>, values: Tensor<4>, num_heads: usize, scale: f64) -> Tensor<4> {
-    let [nw, c, wh, ww] = xw.dims();
+    let [nw, _, wh, ww] = xw.dims();
     let cv = values.dims()[1];
-    let (l, dh, dv) = (wh * ww, c / num_heads, cv / num_heads);
-    let qk = qk.forward(xw).reshape([nw, 2, num_heads, dh, l]);
-    let q = qk.clone().narrow(1, 0, 1).reshape([nw, num_heads, dh, l]).swap_dims(2, 3);
-    let k = qk.narrow(1, 1, 1).reshape([nw, num_heads, dh, l]);
+    let (l, dv) = (wh * ww, cv / num_heads);
+    let (q, k) = queries_keys(qk, xw, num_heads);
     let attn = softmax(q.matmul(k).mul_scalar(scale), 3);
     let v = values.reshape([nw, num_heads, dv, l]).swap_dims(2, 3);
     attn.matmul(v).swap_dims(2, 3).reshape([nw, cv, wh, ww])
@@ -210,9 +208,7 @@ pub fn attend_whole_map(qk: &Conv2d, x: Tensor<4>, num_heads: usize, scale: f64,
     }
     let [b, c, h, w] = x.dims();
     let (l, dh) = (h * w, c / num_heads);
-    let qkx = qk.forward(x.clone()).reshape([b, 2, num_heads, dh, l]);
-    let q = qkx.clone().narrow(1, 0, 1).reshape([b, num_heads, dh, l]).swap_dims(2, 3);
-    let k = qkx.narrow(1, 1, 1).reshape([b, num_heads, dh, l]);
+    let (q, k) = queries_keys(qk, x.clone(), num_heads);
     let k_pad = match &qk.bias {
         Some(bias) => bias.val().narrow(0, c, c),
         None => Tensor::zeros([c], &x.device()),
@@ -223,4 +219,15 @@ pub fn attend_whole_map(qk: &Conv2d, x: Tensor<4>, num_heads: usize, scale: f64,
     let attn = softmax(logits, 3).narrow(3, 0, l);
     let v = x.reshape([b, num_heads, dh, l]).swap_dims(2, 3);
     attn.matmul(v).swap_dims(2, 3).reshape([b, c, h, w])
+}
+
+/// `qk(xw)` split into per-head queries `[nw, heads, l, dh]` and transposed keys
+/// `[nw, heads, dh, l]` (channels `[q | k]`, each head-major).
+fn queries_keys(qk: &Conv2d, xw: Tensor<4>, num_heads: usize) -> (Tensor<4>, Tensor<4>) {
+    let [nw, c, wh, ww] = xw.dims();
+    let (l, dh) = (wh * ww, c / num_heads);
+    let qk = qk.forward(xw).reshape([nw, 2, num_heads, dh, l]);
+    let q = qk.clone().narrow(1, 0, 1).reshape([nw, num_heads, dh, l]).swap_dims(2, 3);
+    let k = qk.narrow(1, 1, 1).reshape([nw, num_heads, dh, l]);
+    (q, k)
 }

@@ -130,7 +130,11 @@ fn whole_map_attention_equals_the_padded_window_in_values_and_gradients() {
         for (name, a, b) in [
             ("x", to_vec(x.grad(&gf).unwrap()), to_vec(x.grad(&gs).unwrap())),
             ("qk.weight", to_vec(qk.weight.val().grad(&gf).unwrap()), to_vec(qk.weight.val().grad(&gs).unwrap())),
-            ("qk.bias", to_vec(qk.bias.as_ref().unwrap().val().grad(&gf).unwrap()), to_vec(qk.bias.as_ref().unwrap().val().grad(&gs).unwrap())),
+            (
+                "qk.bias",
+                to_vec(qk.bias.as_ref().unwrap().val().grad(&gf).unwrap()),
+                to_vec(qk.bias.as_ref().unwrap().val().grad(&gs).unwrap()),
+            ),
         ] {
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
