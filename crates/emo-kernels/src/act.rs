@@ -155,6 +155,66 @@ multiversion! {
     }
 }
 
+/// The derivative of the activation at `x`: SiLU' = s (1 + x (1 - s)) with s = sigmoid(x);
+/// GELU' = Phi(x) + x phi(x) (exact-erf GELU).
+#[inline(always)]
+pub fn derivative(a: Act, x: f32) -> f32 {
+    match a {
+        Act::None => 1.0,
+        Act::Silu => {
+            let s = sigmoid(x);
+            s * (1.0 + x * (1.0 - s))
+        }
+        Act::Gelu => {
+            // 1 / sqrt(2 pi)
+            const INV_SQRT_2PI: f32 = 0.398_942_3;
+            0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+        }
+    }
+}
+
+multiversion! {
+    /// `y[i] = act(x[i])` (out of place; the training forward pass keeps `x` for the gradient).
+    pub fn apply_to / apply_to_at(a: Act, x: &[f32], y: &mut [f32]) {
+        let n = y.len();
+        let x = &x[..n];
+        match a {
+            Act::None => y.copy_from_slice(x),
+            Act::Silu => {
+                for i in 0..n {
+                    y[i] = silu(x[i]);
+                }
+            }
+            Act::Gelu => {
+                for i in 0..n {
+                    y[i] = gelu(x[i]);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `g[i] *= act'(x[i])`: the activation's backward pass, in place on the output gradient.
+    pub fn backward / backward_at(a: Act, x: &[f32], g: &mut [f32]) {
+        let n = g.len();
+        let x = &x[..n];
+        match a {
+            Act::None => {}
+            Act::Silu => {
+                for i in 0..n {
+                    g[i] *= derivative(Act::Silu, x[i]);
+                }
+            }
+            Act::Gelu => {
+                for i in 0..n {
+                    g[i] *= derivative(Act::Gelu, x[i]);
+                }
+            }
+        }
+    }
+}
+
 multiversion! {
     /// `acc[i] += sum over pixels of px[i]` for `x` = `[pixels, acc.len()]` (channel sums).
     pub fn add_pixels / add_pixels_at(acc: &mut [f32], x: &[f32]) {

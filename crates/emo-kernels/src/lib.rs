@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | [`gemm::matmul`] | 1x1 conv / linear as GEMM + fused bias, activation, residual | v, qk, proj |
 //! | [`dwconv::depthwise`] | depthwise kxk, stride 1/2, fused BN bias + SiLU + inner residual | conv_local |
+//! | [`dwgrad`] | NCHW depthwise forward, input and weight gradients (single-threaded) | training: conv_local |
 //! | [`conv::conv2d`] | direct dense conv for few input channels | stem |
 //! | [`norm::layer_norm`] | LayerNorm over channels per pixel | LN stages, head |
 //! | [`fused`] | LN + 1x1, depthwise + 1x1, whole stride-2 blocks, stem conv + stem block | every iRMB |
@@ -27,6 +28,7 @@ pub mod act;
 pub mod attention;
 pub mod conv;
 pub mod dwconv;
+pub mod dwgrad;
 pub mod fused;
 pub mod gemm;
 pub mod gemm512;

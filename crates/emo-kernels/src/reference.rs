@@ -31,6 +31,22 @@ pub fn act(a: Act, x: f32) -> f32 {
     }) as f32
 }
 
+/// The activation's derivative in f64 (SiLU: s (1 + x (1 - s)); GELU: Phi(x) + x phi(x)).
+pub fn act_derivative(a: Act, x: f32) -> f32 {
+    let x = x as f64;
+    (match a {
+        Act::None => 1.0,
+        Act::Silu => {
+            let s = 1.0 / (1.0 + (-x).exp());
+            s * (1.0 + x * (1.0 - s))
+        }
+        Act::Gelu => {
+            0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
+                + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
+        }
+    }) as f32
+}
+
 /// Reference of `dwconv::depthwise` with a PyTorch `[c, 1, k, k]` weight.
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise(
@@ -202,4 +218,48 @@ pub fn window_attention(
         }
     }
     out
+}
+
+/// Visit every (plane, output pixel, kernel tap) of an NCHW depthwise conv that reads a pixel
+/// inside the input: `f(plane, output index, input index, weight index)`.
+fn each_nchw_tap(p: &crate::dwgrad::DwPlan, mut f: impl FnMut(usize, usize, usize)) {
+    let (oh, ow) = p.out_hw();
+    for plane in 0..p.n * p.c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ky in 0..p.kh {
+                    for kx in 0..p.kw {
+                        let iy = (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.pad[0] as isize;
+                        let ix = (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.pad[1] as isize;
+                        if iy >= 0 && ix >= 0 && (iy as usize) < p.h && (ix as usize) < p.w {
+                            let o = (plane * oh + oy) * ow + ox;
+                            let i = (plane * p.h + iy as usize) * p.w + ix as usize;
+                            f(o, i, ((plane % p.c) * p.kh + ky) * p.kw + kx);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reference of `dwgrad::forward` (f64 sums).
+pub fn depthwise_nchw(x: &[f32], wt: &[f32], p: &crate::dwgrad::DwPlan) -> Vec<f32> {
+    let mut out = vec![0f64; p.output_len()];
+    each_nchw_tap(p, |o, i, k| out[o] += x[i] as f64 * wt[k] as f64);
+    out.into_iter().map(|v| v as f32).collect()
+}
+
+/// Reference of `dwgrad::x_grad`: every output's gradient sent back along each tap.
+pub fn depthwise_nchw_x_grad(g: &[f32], wt: &[f32], p: &crate::dwgrad::DwPlan) -> Vec<f32> {
+    let mut gx = vec![0f64; p.input_len()];
+    each_nchw_tap(p, |o, i, k| gx[i] += g[o] as f64 * wt[k] as f64);
+    gx.into_iter().map(|v| v as f32).collect()
+}
+
+/// Reference of `dwgrad::weight_grad`.
+pub fn depthwise_nchw_weight_grad(x: &[f32], g: &[f32], p: &crate::dwgrad::DwPlan) -> Vec<f32> {
+    let mut gw = vec![0f64; p.weight_len()];
+    each_nchw_tap(p, |o, i, k| gw[k] += g[o] as f64 * x[i] as f64);
+    gw.into_iter().map(|v| v as f32).collect()
 }

@@ -329,3 +329,75 @@ fn fused_downsampling_block_matches_composed_references() {
         assert!(!with_level(Level::Generic, || v_dw_matmul(&x, b, h, w, (&v, &vb, Act::Silu), dw, &proj, &mut got)));
     }
 }
+
+/// The NCHW training kernels (forward, input and weight gradients) against their references
+/// on conv_local shapes: 3x3 / 5x5, stride 1 and 2, maps smaller than the kernel (1x1, 2x2),
+/// odd sizes, and a dilated layer.
+#[test]
+fn nchw_depthwise_training_kernels_match_reference() {
+    use emo_kernels::dwgrad::{self, DwPlan};
+    let cases = [
+        // n, c, h, w, k, stride, dilation
+        (2, 48, 16, 16, 3, 1, 1),
+        (2, 48, 16, 16, 3, 2, 1),
+        (3, 20, 9, 7, 3, 2, 1),
+        (2, 80, 2, 2, 5, 1, 1),
+        (2, 80, 1, 1, 5, 1, 1),
+        (1, 16, 4, 4, 5, 2, 1),
+        (1, 8, 11, 13, 5, 1, 1),
+        (1, 8, 12, 10, 3, 1, 2),
+        (2, 6, 24, 24, 3, 2, 2),
+    ];
+    for (n, c, h, w, k, s, d) in cases {
+        let p = DwPlan { n, c, h, w, kh: k, kw: k, stride: [s, s], pad: [d * (k / 2); 2], dilation: [d, d] };
+        let x = rnd(p.input_len(), 1);
+        let wt = rnd(p.weight_len(), 2);
+        let g = rnd(p.output_len(), 3);
+        let close = |got: &[f32], want: &[f32], what: &str| {
+            assert_eq!(got.len(), want.len());
+            for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} {p:?} [{i}]: {a} vs {b}");
+            }
+        };
+        let mut out = vec![f32::NAN; p.output_len()];
+        dwgrad::forward(&x, &wt, &p, &mut out);
+        close(&out, &reference::depthwise_nchw(&x, &wt, &p), "forward");
+        let mut gx = vec![f32::NAN; p.input_len()];
+        dwgrad::x_grad(&g, &wt, &p, &mut gx);
+        close(&gx, &reference::depthwise_nchw_x_grad(&g, &wt, &p), "x_grad");
+        let mut gw = vec![f32::NAN; p.weight_len()];
+        dwgrad::weight_grad(&x, &g, &p, &mut gw);
+        close(&gw, &reference::depthwise_nchw_weight_grad(&x, &g, &p), "weight_grad");
+    }
+}
+
+/// The training activations (out-of-place forward, derivative times an incoming gradient)
+/// against the f64 references, and the derivative against a central difference of the
+/// reference activation.
+#[test]
+fn activation_gradients_match_reference() {
+    let xs: Vec<f32> =
+        (-2000..=2000).map(|i| i as f32 * 0.005).chain([-100.0, -88.0, -20.0, 20.0, 50.0, 90.0]).collect();
+    let gs = rnd(xs.len(), 7);
+    for l in available() {
+        for a in [Act::Silu, Act::Gelu] {
+            let mut y = vec![f32::NAN; xs.len()];
+            with_level(l, || act::apply_to(a, &xs, &mut y));
+            let mut g = gs.clone();
+            with_level(l, || act::backward(a, &xs, &mut g));
+            for i in 0..xs.len() {
+                let (x, r) = (xs[i], reference::act(a, xs[i]));
+                assert!((y[i] - r).abs() <= 2e-6 * (1.0 + r.abs()), "{l:?} {a:?}({x}) = {}, want {r}", y[i]);
+                let d = reference::act_derivative(a, x);
+                let want = gs[i] * d;
+                assert!((g[i] - want).abs() <= 2e-6 * (1.0 + want.abs()), "{l:?} {a:?}'({x}): {} vs {want}", g[i]);
+                if x.abs() < 8.0 {
+                    let h = 1e-3f64;
+                    let f = |v: f64| reference::act(a, v as f32) as f64;
+                    let fd = (f(x as f64 + h) - f(x as f64 - h)) / (2.0 * h);
+                    assert!((d as f64 - fd).abs() <= 2e-3, "{a:?}'({x}) = {d}, finite difference {fd}");
+                }
+            }
+        }
+    }
+}

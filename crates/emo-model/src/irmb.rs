@@ -19,7 +19,7 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::ops::PadMode;
 use emo_spec::{Act, AttnSpec, BlockSpec, Norm, WindowGeom};
 
@@ -126,7 +126,7 @@ impl Irmb {
             (None, Some(v)) => act(self.act, v.forward(x)),
             _ => x,
         };
-        let mut y = silu(self.conv_local.forward(x.clone()));
+        let mut y = act(Act::Silu, self.conv_local.forward(x.clone()));
         if let Some(se) = &self.se {
             y = se.forward(y);
         }

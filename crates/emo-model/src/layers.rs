@@ -6,17 +6,14 @@ use burn::module::{Module, Param, RunningState};
 use burn::nn::BatchNorm;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::{gelu, sigmoid, silu};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use emo_spec::{Act, NORM_EPS, conv_pad};
 use emo_weights::{StateDict, Tensor as StoredTensor};
 
 /// Apply a stage activation (SiLU, or exact-erf GELU).
 pub fn act(a: Act, x: Tensor<4>) -> Tensor<4> {
-    match a {
-        Act::Silu => silu(x),
-        Act::Gelu => gelu(x),
-    }
+    crate::ops::activation(a, x)
 }
 
 /// How a freshly built parameter is initialised.
@@ -206,7 +203,7 @@ pub struct ConvBn {
 
 impl ConvBn {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.norm.forward(self.conv.forward(x))
+        self.norm.forward(crate::ops::conv2d(&self.conv, x))
     }
 }
 

@@ -20,6 +20,7 @@ pub mod blocks;
 mod irmb;
 mod layers;
 mod model;
+pub mod ops;
 pub mod preprocess;
 
 pub use emo_spec::{EmoConfig, Variant};

@@ -143,3 +143,84 @@ fn whole_map_attention_equals_the_padded_window_in_values_and_gradients() {
         }
     }
 }
+
+/// `emo_model::ops::conv2d` (the depthwise extension with its own backward on flex) gives
+/// burn's `Conv2d::forward` values and gradients (input, weight, bias) on conv_local shapes:
+/// 3x3 / 5x5, stride 1 and 2, maps smaller than the kernel, odd sizes, a dilated layer.
+#[test]
+fn depthwise_extension_equals_conv2d_in_values_and_gradients() {
+    use burn::module::Param;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2d;
+    let device = Device::flex().autodiff();
+    for (n, c, h, w, k, s, d, bias) in [
+        (2, 48, 16, 16, 3, 1, 1, false),
+        (2, 48, 9, 7, 3, 2, 1, true),
+        (2, 80, 2, 2, 5, 1, 1, false),
+        (3, 80, 1, 1, 5, 1, 1, false),
+        (1, 16, 11, 13, 5, 2, 1, true),
+        (1, 8, 12, 10, 3, 1, 2, false),
+    ] {
+        let p = d * (k / 2);
+        let conv = Conv2d {
+            weight: Param::from_tensor(Tensor::random([c, 1, k, k], Distribution::Normal(0.0, 0.5), &device)),
+            bias: bias.then(|| Param::from_tensor(Tensor::random([c], Distribution::Normal(0.0, 1.0), &device))),
+            stride: [s, s],
+            kernel_size: [k, k],
+            dilation: [d, d],
+            groups: c,
+            padding: PaddingConfig2d::Explicit(p, p, p, p),
+        };
+        let x = randn([n, c, h, w], &device).require_grad();
+        let fast = emo_model::ops::conv2d(&conv, x.clone());
+        let slow = conv.forward(x.clone());
+        assert_eq!(fast.dims(), slow.dims());
+        let wts = randn(slow.dims(), &device);
+        let (f, sl) = (to_vec(fast.clone().inner()), to_vec(slow.clone().inner()));
+        let diff = f.iter().zip(&sl).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5, "{n}x{c}x{h}x{w} k{k} s{s} d{d}: output diff {diff}");
+        let gf = (fast * wts.clone()).sum().backward();
+        let gs = (slow * wts).sum().backward();
+        let mut grads = vec![
+            ("x", to_vec(x.grad(&gf).unwrap()), to_vec(x.grad(&gs).unwrap())),
+            ("weight", to_vec(conv.weight.val().grad(&gf).unwrap()), to_vec(conv.weight.val().grad(&gs).unwrap())),
+        ];
+        if let Some(b) = &conv.bias {
+            grads.push(("bias", to_vec(b.val().grad(&gf).unwrap()), to_vec(b.val().grad(&gs).unwrap())));
+        }
+        for (name, a, b) in grads {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(scale > 0.0, "zero gradient for {name}");
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "{n}x{c}x{h}x{w} k{k} s{s} d{d}: grad {name} diff {diff} (scale {scale})"
+            );
+        }
+    }
+}
+
+/// `emo_model::ops::activation` (vectorised SiLU / GELU with their own derivative on flex)
+/// gives burn's `silu` / `gelu` values and input gradients, including far in the tails.
+#[test]
+fn activation_extension_equals_burn_activations_in_values_and_gradients() {
+    use burn::tensor::activation::{gelu, silu};
+    let device = Device::flex().autodiff();
+    for act in [Act::Silu, Act::Gelu] {
+        let x = (randn([2, 24, 9, 7], &device) * 4.0).require_grad();
+        let wts = randn([2, 24, 9, 7], &device);
+        let fast = emo_model::ops::activation(act, x.clone());
+        let slow = match act {
+            Act::Silu => silu(x.clone()),
+            Act::Gelu => gelu(x.clone()),
+        };
+        let (f, s) = (to_vec(fast.clone().inner()), to_vec(slow.clone().inner()));
+        let diff = f.iter().zip(&s).fold(0f32, |m, (a, b)| m.max((a - b).abs() / (1.0 + b.abs())));
+        assert!(diff <= 2e-6, "{act:?}: relative output diff {diff}");
+        let gf = (fast * wts.clone()).sum().backward();
+        let gs = (slow * wts).sum().backward();
+        let (a, b) = (to_vec(x.grad(&gf).unwrap()), to_vec(x.grad(&gs).unwrap()));
+        let diff = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs() / (1.0 + q.abs())));
+        assert!(diff <= 5e-6, "{act:?}: relative gradient diff {diff}");
+    }
+}

@@ -1,0 +1,286 @@
+//! Operations with their own kernels and backward passes on the flex backend: the depthwise
+//! convolution and the SiLU / GELU activations.
+//!
+//! burn's autodiff differentiates `conv2d` through the backend's generic `conv2d_x_backward`
+//! (a grouped transposed conv) and `conv2d_weight_backward` (a grouped conv); on flex a
+//! depthwise layer then runs one tiny GEMM per channel and image, which made the depthwise
+//! backward ~20% of an EMO-1M training step. SiLU and GELU went through flex's scalar `expf` /
+//! `erff` (another ~15%). This module is a burn backend extension (`#[backend_extension]`):
+//! on flex, the depthwise gradients run `emo_kernels::dwgrad` (channels-last loops over the
+//! taps that fall inside the input) and the activations and their derivatives run
+//! `emo_kernels::act` (vectorised exp / erf, within 2e-6 of the exact functions). Other
+//! backends (LibTorch, CubeCL) never reach it: [`conv2d`] and [`activation`] take the extension
+//! only for flex tensors and burn's own ops otherwise. Tests compare values and gradients with
+//! burn's ops on EMO's shapes.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::ops::{ConvOptions, ModuleOps};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, Scalar, TensorMetadata, backend_extension};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{DType, Tensor, TensorData};
+use burn_flex::FlexTensor;
+use emo_kernels::act::{self as kact, Act as KAct};
+use emo_kernels::dwgrad::{self, DwPlan};
+use emo_spec::Act;
+
+/// The depthwise conv (forward pass and its two gradients) and the activations (forward and
+/// derivative) as backend operations. The default bodies are burn's generic ops; flex
+/// overrides all but the conv forward.
+#[backend_extension(Flex, Autodiff)]
+pub trait EmoOps: Backend {
+    /// `conv2d` with `groups == channels` and no bias.
+    fn depthwise_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: ConvOptions<2>) -> FloatTensor<Self> {
+        Self::conv2d(x, weight, None, options)
+    }
+
+    /// Gradient of the input for output gradient `grad`.
+    fn depthwise_conv2d_x_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        Self::conv2d_x_backward(x, weight, grad, options)
+    }
+
+    /// Gradient of the weight for output gradient `grad`.
+    fn depthwise_conv2d_weight_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        Self::conv2d_weight_backward(x, weight, grad, options)
+    }
+
+    /// `act(x)` for SiLU or exact-erf GELU.
+    fn activation(x: FloatTensor<Self>, act: Act) -> FloatTensor<Self> {
+        generic_activation::<Self>(x, act)
+    }
+
+    /// `grad * act'(x)`.
+    fn activation_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>, act: Act) -> FloatTensor<Self> {
+        generic_activation_backward::<Self>(x, grad, act)
+    }
+}
+
+fn generic_activation<B: Backend>(x: FloatTensor<B>, act: Act) -> FloatTensor<B> {
+    match act {
+        Act::Silu => B::float_mul(x.clone(), B::sigmoid(x)),
+        Act::Gelu => B::gelu(x),
+    }
+}
+
+fn generic_activation_backward<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>, act: Act) -> FloatTensor<B> {
+    match act {
+        Act::Silu => {
+            // s (1 + x (1 - s))
+            let s = B::sigmoid(x.clone());
+            let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), Scalar::Float(1.0));
+            let inner = B::float_add_scalar(B::float_mul(x, one_minus_s), Scalar::Float(1.0));
+            B::float_mul(grad, B::float_mul(s, inner))
+        }
+        Act::Gelu => B::gelu_backward(x, grad),
+    }
+}
+
+fn plan(x_shape: &[usize], w_shape: &[usize], options: &ConvOptions<2>) -> DwPlan {
+    DwPlan {
+        n: x_shape[0],
+        c: x_shape[1],
+        h: x_shape[2],
+        w: x_shape[3],
+        kh: w_shape[2],
+        kw: w_shape[3],
+        stride: options.stride,
+        pad: options.padding_begin(),
+        dilation: options.dilation,
+    }
+}
+
+/// The values of an f32 flex tensor in row-major order (copies only a strided view).
+fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().expect("contiguous f32").to_vec()),
+    }
+}
+
+/// The loops handle f32 NCHW tensors with symmetric padding; anything else takes burn's ops.
+fn fast_path(x: &FlexTensor, weight: &FlexTensor, grad: &FlexTensor, options: &ConvOptions<2>) -> bool {
+    let f32 = |t: &FlexTensor| t.dtype() == DType::F32;
+    f32(x) && f32(weight) && f32(grad) && !options.is_asymmetric() && x.shape().num_dims() == 4
+}
+
+impl EmoOps for Flex {
+    fn depthwise_conv2d_x_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        if !fast_path(&x, &weight, &grad, &options) {
+            return Self::conv2d_x_backward(x, weight, grad, options);
+        }
+        let xs = x.shape().dims::<4>().to_vec();
+        let p = plan(&xs, &weight.shape().dims::<4>(), &options);
+        let mut gx = vec![0f32; p.input_len()];
+        dwgrad::x_grad(&values(&grad), &values(&weight), &p, &mut gx);
+        FlexTensor::from_data(TensorData::new(gx, xs))
+    }
+
+    fn depthwise_conv2d_weight_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        if !fast_path(&x, &weight, &grad, &options) {
+            return Self::conv2d_weight_backward(x, weight, grad, options);
+        }
+        let ws = weight.shape().dims::<4>().to_vec();
+        let p = plan(&x.shape().dims::<4>(), &ws, &options);
+        let mut gw = vec![0f32; p.weight_len()];
+        dwgrad::weight_grad(&values(&x), &values(&grad), &p, &mut gw);
+        FlexTensor::from_data(TensorData::new(gw, ws))
+    }
+
+    fn activation(x: FloatTensor<Self>, act: Act) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 {
+            return generic_activation::<Self>(x, act);
+        }
+        let shape = x.shape().clone();
+        let mut y = vec![0f32; shape.num_elements()];
+        kact::apply_to(kernel_act(act), &values(&x), &mut y);
+        FlexTensor::from_data(TensorData::new(y, shape))
+    }
+
+    fn activation_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>, act: Act) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+            return generic_activation_backward::<Self>(x, grad, act);
+        }
+        let shape = grad.shape().clone();
+        let mut g = values(&grad).into_owned();
+        kact::backward(kernel_act(act), &values(&x), &mut g);
+        FlexTensor::from_data(TensorData::new(g, shape))
+    }
+}
+
+fn kernel_act(act: Act) -> KAct {
+    match act {
+        Act::Silu => KAct::Silu,
+        Act::Gelu => KAct::Gelu,
+    }
+}
+
+impl<B: EmoOps, C: CheckpointStrategy> EmoOps for Autodiff<B, C> {
+    fn depthwise_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: ConvOptions<2>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct DepthwiseConvBackward;
+
+        impl<B: EmoOps> Backward<B, 2> for DepthwiseConvBackward {
+            type State = (NodeId, NodeId, ConvOptions<2>);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node_x, node_weight] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x_state, weight_state, options) = ops.state;
+                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+                let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
+                if let Some(node) = node_x {
+                    let gx = B::depthwise_conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone());
+                    grads.register::<B>(node.id, gx);
+                }
+                if let Some(node) = node_weight {
+                    let gw = B::depthwise_conv2d_weight_backward(x, weight, grad, options);
+                    grads.register::<B>(node.id, gw);
+                }
+            }
+        }
+
+        match DepthwiseConvBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let weight_state = prep.checkpoint(&weight);
+                let out = B::depthwise_conv2d(x.into_primitive(), weight.into_primitive(), options.clone());
+                prep.finish((x_state, weight_state, options), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::depthwise_conv2d(x.into_primitive(), weight.into_primitive(), options))
+            }
+        }
+    }
+
+    fn activation(x: FloatTensor<Self>, act: Act) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ActivationBackward;
+
+        impl<B: EmoOps> Backward<B, 1> for ActivationBackward {
+            type State = (NodeId, Act);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node_x] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x_state, act) = ops.state;
+                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::activation_backward(x, grad, act));
+                }
+            }
+        }
+
+        match ActivationBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                prep.finish((x_state, act), B::activation(x.into_primitive(), act))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::activation(x.into_primitive(), act)),
+        }
+    }
+}
+
+/// Whether tensors on `device` run on flex (with or without autodiff).
+fn on_flex(device: &burn::tensor::Device) -> bool {
+    matches!(device.clone().inner().as_dispatch(), DispatchDevice::Flex(_))
+}
+
+/// `act(x)` (SiLU or exact-erf GELU): through the extension on flex, burn's activations elsewhere.
+pub fn activation(act: Act, x: Tensor<4>) -> Tensor<4> {
+    if !on_flex(&x.device()) {
+        return match act {
+            Act::Silu => burn::tensor::activation::silu(x),
+            Act::Gelu => burn::tensor::activation::gelu(x),
+        };
+    }
+    Tensor::<4>::from_dispatch(<Dispatch as EmoOps>::activation(x.into_dispatch(), act))
+}
+
+/// `conv.forward(x)`, through the extension when `conv` is depthwise (`groups == channels`,
+/// symmetric explicit padding) and `x` is on flex; through burn's `Conv2d` otherwise.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, c, _, _] = x.dims();
+    let weight = conv.weight.val();
+    let PaddingConfig2d::Explicit(pt, pl, pb, pr) = conv.padding.clone() else {
+        return conv.forward(x);
+    };
+    let depthwise = conv.groups == c && weight.dims()[0] == c && weight.dims()[1] == 1;
+    if !depthwise || pt != pb || pl != pr || !on_flex(&x.device()) {
+        return conv.forward(x);
+    }
+    let options = ConvOptions::new(conv.stride, [pt, pl], conv.dilation, conv.groups);
+    let y = Tensor::<4>::from_dispatch(<Dispatch as EmoOps>::depthwise_conv2d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        options,
+    ));
+    match &conv.bias {
+        Some(b) => y + b.val().reshape([1, c, 1, 1]),
+        None => y,
+    }
+}
