@@ -53,16 +53,24 @@ impl DwPlan {
     }
 }
 
-/// `[n, c, hw]` -> `[n, hw, c]` (or back with `c` and `hw` swapped).
+/// `[n, rows, cols]` -> `[n, cols, rows]`: NCHW planes to channels-last (`rows = c`,
+/// `cols = h * w`) or back. A 1-wide side (1x1 maps, the weight of a 1-channel layer) is the
+/// same layout both ways: a plain copy.
 fn transpose_planes(src: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let mut dst = vec![0.0; src.len()];
-    const B: usize = 16;
-    for (s, d) in src.chunks_exact(rows * cols).zip(dst.chunks_exact_mut(rows * cols)).take(n) {
+    let len = n * rows * cols;
+    if rows == 1 || cols == 1 {
+        return src[..len].to_vec();
+    }
+    let mut dst = vec![0.0; len];
+    const B: usize = 32;
+    for (s, d) in src.chunks_exact(rows * cols).zip(dst.chunks_exact_mut(rows * cols)) {
         for r0 in (0..rows).step_by(B) {
+            let r1 = (r0 + B).min(rows);
             for c0 in (0..cols).step_by(B) {
-                for r in r0..(r0 + B).min(rows) {
-                    for c in c0..(c0 + B).min(cols) {
-                        d[c * rows + r] = s[r * cols + c];
+                let c1 = (c0 + B).min(cols);
+                for r in r0..r1 {
+                    for (k, v) in s[r * cols + c0..r * cols + c1].iter().enumerate() {
+                        d[(c0 + k) * rows + r] = *v;
                     }
                 }
             }

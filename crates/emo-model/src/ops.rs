@@ -119,6 +119,17 @@ fn fast_path(x: &FlexTensor, weight: &FlexTensor, grad: &FlexTensor, options: &C
 }
 
 impl EmoOps for Flex {
+    fn depthwise_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: ConvOptions<2>) -> FloatTensor<Self> {
+        if !fast_path(&x, &weight, &weight, &options) {
+            return Self::conv2d(x, weight, None, options);
+        }
+        let p = plan(&x.shape().dims::<4>(), &weight.shape().dims::<4>(), &options);
+        let (oh, ow) = p.out_hw();
+        let mut out = vec![0f32; p.output_len()];
+        dwgrad::forward(&values(&x), &values(&weight), &p, &mut out);
+        FlexTensor::from_data(TensorData::new(out, [p.n, p.c, oh, ow]))
+    }
+
     fn depthwise_conv2d_x_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
