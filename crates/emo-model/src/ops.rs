@@ -31,7 +31,7 @@ use emo_spec::Act;
 
 /// The depthwise conv (forward pass and its two gradients) and the activations (forward and
 /// derivative) as backend operations. The default bodies are burn's generic ops; flex
-/// overrides all but the conv forward.
+/// overrides them with emo-kernels' loops.
 #[backend_extension(Flex, Autodiff)]
 pub trait EmoOps: Backend {
     /// `conv2d` with `groups == channels` and no bias.
@@ -112,10 +112,20 @@ fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-/// The loops handle f32 NCHW tensors with symmetric padding; anything else takes burn's ops.
+/// The loops handle f32 NCHW depthwise convs (`[c, 1, kh, kw]` weight, `groups == c`) with
+/// symmetric padding; anything else takes burn's ops.
 fn fast_path(x: &FlexTensor, weight: &FlexTensor, grad: &FlexTensor, options: &ConvOptions<2>) -> bool {
     let f32 = |t: &FlexTensor| t.dtype() == DType::F32;
-    f32(x) && f32(weight) && f32(grad) && !options.is_asymmetric() && x.shape().num_dims() == 4
+    let (xs, ws) = (x.shape(), weight.shape());
+    f32(x)
+        && f32(weight)
+        && f32(grad)
+        && !options.is_asymmetric()
+        && xs.num_dims() == 4
+        && ws.num_dims() == 4
+        && ws[0] == xs[1]
+        && ws[1] == 1
+        && options.groups == xs[1]
 }
 
 impl EmoOps for Flex {
