@@ -155,7 +155,33 @@ pub fn bilinear(x: Tensor<4>, (oh, ow): (usize, usize)) -> Tensor<4> {
 }
 
 /// Pixel cross-entropy with 255 ignored; `labels` is `B * H * W` bytes.
+///
+/// On flex the loss and its gradient come from one host pass (`emo_kernels::xent`) and reach
+/// autodiff through `sum(x * G) - detach(sum(x * G)) + L`: the value is `L` and the gradient of
+/// the logits is `G`. Elsewhere (LibTorch, GPUs) it is [`seg_ce_ops`].
 pub fn seg_ce(logits: Tensor<4>, labels: &[u8], hw: (usize, usize)) -> Tensor<1> {
+    let device = logits.device();
+    if !emo_model::ops::on_flex(&device) {
+        return seg_ce_ops(logits, labels, hw);
+    }
+    let x = resize_logits(logits, hw);
+    let [b, k, h, w] = x.dims();
+    let values = to_vec(x.clone());
+    let count = labels.iter().filter(|&&l| (l as usize) < k).count();
+    let scale = 1.0 / count.max(1) as f32;
+    let mut grad = vec![0f32; values.len()];
+    let sum = emo_kernels::xent::softmax_xent(&values, labels, k, h * w, scale, &mut grad);
+    let loss = Tensor::<1>::from_data(TensorData::new(vec![(sum.loss * scale as f64) as f32], [1]), &device);
+    if !x.is_tracked() {
+        return loss;
+    }
+    let grad = Tensor::<4>::from_data(TensorData::new(grad, [b, k, h, w]), &device);
+    let surrogate = (x * grad).sum();
+    surrogate.clone() - surrogate.detach() + loss
+}
+
+/// [`seg_ce`] as burn ops (log-softmax, gather, mask), for every backend.
+pub fn seg_ce_ops(logits: Tensor<4>, labels: &[u8], hw: (usize, usize)) -> Tensor<1> {
     let device = logits.device();
     let b = logits.dims()[0];
     let x = resize_logits(logits, hw);

@@ -40,7 +40,7 @@ impl ConvModule {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mut x = self.conv_live_taps(x);
         if let Some(bn) = &self.bn {
-            x = bn.forward(x);
+            x = emo_model::ops::batch_norm(bn, x);
         }
         match self.act {
             HeadAct::None => x,

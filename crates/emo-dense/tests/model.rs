@@ -461,3 +461,30 @@ fn flip_test_augmentation_is_mirror_symmetric_and_off_by_default() {
         assert!(max_diff(tta, (plain + plain_mirrored.flip([3])).mul_scalar(0.5)) < 1e-6, "{task}");
     }
 }
+
+/// The segmentation loss on flex (one host pass for the loss and the logits' gradient) equals
+/// the burn-ops version in value and in the gradient of the low-resolution logits (through the
+/// bilinear resize), with ignored (255) pixels, and a loss without autodiff is just the value.
+#[test]
+fn pixel_cross_entropy_on_flex_matches_burn_ops_in_value_and_gradient() {
+    use emo_dense::loss::{seg_ce, seg_ce_ops};
+
+    let _g = serial();
+    let device = Device::flex().autodiff();
+    for ((b, k, h, w), (oh, ow)) in [((2, 11, 6, 6), (48, 48)), ((1, 3, 5, 7), (5, 7)), ((3, 4, 2, 3), (9, 13))] {
+        let x = Tensor::<4>::random([b, k, h, w], Distribution::Uniform(-4.0, 4.0), &device).require_grad();
+        let labels: Vec<u8> =
+            (0..b * oh * ow).map(|i| if i % 7 == 3 { 255 } else { ((i * 31 + i / 5) % k) as u8 }).collect();
+        let ours = seg_ce(x.clone(), &labels, (oh, ow));
+        let theirs = seg_ce_ops(x.clone(), &labels, (oh, ow));
+        let (lo, lt) = (to_vec(ours.clone())[0], to_vec(theirs.clone())[0]);
+        assert!((lo - lt).abs() <= 1e-5 * lt.abs().max(1.0), "loss {lo} vs {lt}");
+        let (go, gt) = (ours.backward(), theirs.backward());
+        let (go, gt) = (to_vec(x.grad(&go).unwrap()), to_vec(x.grad(&gt).unwrap()));
+        let err = go.iter().zip(&gt).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        let largest = gt.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        assert!(largest > 1e-4 && err <= 1e-5 * largest, "gradient differs by {err} (largest {largest})");
+        let plain = seg_ce(x.clone().detach(), &labels, (oh, ow));
+        assert!((to_vec(plain)[0] - lt).abs() <= 1e-5 * lt.abs().max(1.0));
+    }
+}

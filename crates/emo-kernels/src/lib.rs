@@ -10,6 +10,8 @@
 //! | [`fused`] | LN + 1x1, depthwise + 1x1, whole stride-2 blocks, stem conv + stem block | every iRMB |
 //! | [`attention::window_attention`] | strided-window MHSA from pixel indices (no permutes) | stages 3-4 |
 //! | [`act`] | vectorisable exp / SiLU / erf-GELU | everywhere |
+//! | [`xent::softmax_xent`] | pixel softmax cross-entropy and its gradient (NCHW) | training: segmentation loss |
+//! | [`bnorm`] | training-mode BatchNorm: batch statistics, normalisation, backward (NCHW) | training: every BN |
 //!
 //! Every kernel has a scalar reference in [`reference`]; the tests compare them on EMO's real
 //! layer shapes (odd sizes and stride 2 included) at every SIMD level the CPU supports
@@ -26,6 +28,7 @@ pub fn grow_exact<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
 
 pub mod act;
 pub mod attention;
+pub mod bnorm;
 pub mod conv;
 pub mod dwconv;
 pub mod dwgrad;
@@ -36,5 +39,6 @@ pub mod isa;
 pub mod norm;
 pub mod pool;
 pub mod reference;
+pub mod xent;
 
 pub use act::Act;

@@ -263,3 +263,96 @@ pub fn depthwise_nchw_weight_grad(x: &[f32], g: &[f32], p: &crate::dwgrad::DwPla
     each_nchw_tap(p, |o, i, k| gw[k] += g[o] as f64 * x[i] as f64);
     gw.into_iter().map(|v| v as f32).collect()
 }
+
+/// Reference of `xent::softmax_xent` (f64, libm exp / ln): the gradient
+/// `scale * (softmax - onehot)` (0 on uncounted pixels), the loss sum and the count.
+pub fn softmax_xent(x: &[f32], labels: &[u8], k: usize, p: usize, scale: f32) -> (Vec<f32>, f64, usize) {
+    let n = labels.len() / p;
+    let mut g = vec![0f32; x.len()];
+    let (mut loss, mut count) = (0f64, 0usize);
+    for img in 0..n {
+        for j in 0..p {
+            let l = labels[img * p + j] as usize;
+            if l >= k {
+                continue;
+            }
+            let at = |c: usize| img * k * p + c * p + j;
+            let m = (0..k).map(|c| x[at(c)] as f64).fold(f64::NEG_INFINITY, f64::max);
+            let s: f64 = (0..k).map(|c| (x[at(c)] as f64 - m).exp()).sum();
+            for c in 0..k {
+                let prob = (x[at(c)] as f64 - m).exp() / s;
+                g[at(c)] = (scale as f64 * (prob - (c == l) as u8 as f64)) as f32;
+            }
+            loss += s.ln() + m - x[at(l)] as f64;
+            count += 1;
+        }
+    }
+    (g, loss, count)
+}
+
+/// Reference of `bnorm::stats` (f64): per-channel mean and biased variance.
+pub fn batch_norm_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    let count = (n * hw) as f64;
+    let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
+    for ch in 0..c {
+        let vals = || (0..n).flat_map(move |img| (0..hw).map(move |j| x[(img * c + ch) * hw + j] as f64));
+        let m = vals().sum::<f64>() / count;
+        let v = vals().map(|a| (a - m) * (a - m)).sum::<f64>() / count;
+        (mean[ch], var[ch]) = (m as f32, v as f32);
+    }
+    (mean, var)
+}
+
+/// Reference of `bnorm::normalize` (f64, for the given f32 statistics).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_normalize(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+) -> Vec<f32> {
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = i / hw % c;
+            let std = (var[ch] as f64 + eps as f64).sqrt();
+            ((v as f64 - mean[ch] as f64) / std * gamma[ch] as f64 + beta[ch] as f64) as f32
+        })
+        .collect()
+}
+
+/// Reference of `bnorm::backward` (f64 sums, for the given f32 statistics):
+/// `(x_grad, gamma_grad, beta_grad)`.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_train_backward(
+    x: &[f32],
+    g: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let at = |img: usize, ch: usize, j: usize| (img * c + ch) * hw + j;
+    let count = (n * hw) as f64;
+    let (mut gx, mut gg, mut gb) = (vec![0f32; x.len()], vec![0f32; c], vec![0f32; c]);
+    for ch in 0..c {
+        let idx: Vec<usize> = (0..n).flat_map(|img| (0..hw).map(move |j| at(img, ch, j))).collect();
+        let (m, v) = (mean[ch] as f64, var[ch] as f64);
+        let std = (v + eps as f64).sqrt();
+        let xhat = |i: usize| (x[i] as f64 - m) / std;
+        let sg: f64 = idx.iter().map(|&i| g[i] as f64).sum();
+        let sgx: f64 = idx.iter().map(|&i| g[i] as f64 * xhat(i)).sum();
+        for &i in &idx {
+            gx[i] = (gamma[ch] as f64 / std * (g[i] as f64 - sg / count - xhat(i) * sgx / count)) as f32;
+        }
+        (gg[ch], gb[ch]) = (sgx as f32, sg as f32);
+    }
+    (gx, gg, gb)
+}

@@ -401,3 +401,84 @@ fn activation_gradients_match_reference() {
         }
     }
 }
+
+/// The pixel softmax cross-entropy (loss sum, count, gradient) against the f64 reference at
+/// every SIMD level: DeepLabv3's 11 classes on a map whose pixel count is not a multiple of the
+/// 64-pixel block, ignored (255) and out-of-range labels, large logits (softmax overflow if the
+/// max were not subtracted), and one class.
+#[test]
+fn pixel_cross_entropy_matches_reference() {
+    use emo_kernels::xent::softmax_xent_at;
+    let cases = [(2, 11, 13 * 11, 1.0), (3, 5, 64, 0.01), (1, 2, 200, 0.5), (2, 1, 7, 1.0), (1, 19, 150, 1.0)];
+    for (n, k, p, scale) in cases {
+        let mut x: Vec<f32> = rnd(n * k * p, 11).iter().map(|v| v * 8.0).collect();
+        x[0] = 95.0;
+        x[1] = -120.0;
+        let labels: Vec<u8> = rnd(n * p, 12)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match i % 17 {
+                3 => 255,
+                9 => k as u8,
+                _ => (((v + 1.0) * 0.5 * k as f32) as usize).min(k - 1) as u8,
+            })
+            .collect();
+        let (want_g, want_loss, want_count) = reference::softmax_xent(&x, &labels, k, p, scale);
+        assert!(want_count > 0 && want_count < n * p);
+        for l in available() {
+            let mut g = vec![f32::NAN; x.len()];
+            let got = softmax_xent_at(l, &x, &labels, k, p, scale, &mut g);
+            assert_eq!(got.count, want_count, "{l:?} n{n} k{k} p{p}");
+            assert!(
+                (got.loss - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()),
+                "{l:?} n{n} k{k} p{p}: loss {} vs {want_loss}",
+                got.loss
+            );
+            let d = max_diff(&g, &want_g);
+            assert!(d <= 1e-6 * scale.max(1.0), "{l:?} n{n} k{k} p{p}: gradient differs by {d}");
+        }
+    }
+}
+
+/// Training-mode BatchNorm (statistics, normalisation, backward) against the f64 reference at
+/// every SIMD level, on EMO's BN shapes at a 32x32 input (16x16 down to 1x1 planes, a plane
+/// length that is not a multiple of 16) and with a large offset (a one-pass variance,
+/// E[x^2] - E[x]^2, would lose it).
+#[test]
+fn batch_norm_training_kernels_match_reference() {
+    use emo_kernels::bnorm::{backward_at, normalize_at, stats_at};
+    let cases = [(4, 24, 256), (3, 48, 64), (8, 80, 4), (8, 168, 1), (2, 5, 49), (1, 3, 300)];
+    for (n, c, hw) in cases {
+        let len = n * c * hw;
+        let x: Vec<f32> = rnd(len, 21).iter().enumerate().map(|(i, v)| v * 3.0 + (i / hw % c) as f32 * 10.0).collect();
+        let g = rnd(len, 22);
+        let gamma: Vec<f32> = rnd(c, 23).iter().map(|v| 1.0 + v * 0.5).collect();
+        let beta = rnd(c, 24);
+        let eps = 1e-6;
+        let (want_mean, want_var) = reference::batch_norm_stats(&x, n, c, hw);
+        let close = |got: &[f32], want: &[f32], tol: f32, what: &str| {
+            assert_eq!(got.len(), want.len());
+            for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what} n{n} c{c} hw{hw} [{i}]: {a} vs {b}");
+            }
+        };
+        for l in available() {
+            let (mut mean, mut var) = (vec![f32::NAN; c], vec![f32::NAN; c]);
+            stats_at(l, &x, n, c, hw, &mut mean, &mut var);
+            close(&mean, &want_mean, 1e-6, "mean");
+            close(&var, &want_var, 1e-5, "variance");
+            // Normalisation and backward take the (f32) statistics of the forward pass, as burn's.
+            let want_y = reference::batch_norm_normalize(&x, c, hw, &gamma, &beta, &mean, &var, eps);
+            let mut y = vec![f32::NAN; len];
+            normalize_at(l, &x, n, c, hw, &gamma, &beta, &mean, &var, eps, &mut y);
+            close(&y, &want_y, 2e-5, "output");
+            let (want_gx, want_gg, want_gb) =
+                reference::batch_norm_train_backward(&x, &g, n, c, hw, &gamma, &mean, &var, eps);
+            let (mut gx, mut gg, mut gb) = (vec![f32::NAN; len], vec![f32::NAN; c], vec![f32::NAN; c]);
+            backward_at(l, &x, &g, n, c, hw, &gamma, &mean, &var, eps, &mut gx, &mut gg, &mut gb);
+            close(&gx, &want_gx, 2e-4, "x_grad");
+            close(&gg, &want_gg, 1e-5, "gamma_grad");
+            close(&gb, &want_gb, 1e-5, "beta_grad");
+        }
+    }
+}

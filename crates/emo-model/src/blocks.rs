@@ -274,14 +274,14 @@ impl MetaMobileBlock {
         };
         let mut e = self.expand.forward(xn.clone());
         if let Some(n) = &self.expand_norm {
-            e = n.forward(e);
+            e = crate::ops::batch_norm(n, e);
         }
         if let Some(a) = self.expand_act {
             e = act(a, e);
         }
         let f = match &self.operator {
             Operator::Identity(_) => e,
-            Operator::DwConv(d) => act(d.act, d.norm.forward(d.conv.forward(e))),
+            Operator::DwConv(d) => act(d.act, crate::ops::batch_norm(&d.norm, crate::ops::conv2d(&d.conv, e))),
             Operator::Attention(a) => {
                 let (xw, g, [b, _, h, w]) = partition(xn, a.window_size);
                 let (ew, _, _) = partition(e, a.window_size);
@@ -292,7 +292,7 @@ impl MetaMobileBlock {
         };
         let mut y = self.shrink.forward(f);
         if let Some(n) = &self.shrink_norm {
-            y = n.forward(y);
+            y = crate::ops::batch_norm(n, y);
         }
         match shortcut {
             Some(s) => s + drop_path(y, self.drop_path),

@@ -188,7 +188,7 @@ pub enum Norm2d {
 impl Norm2d {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match self {
-            Norm2d::Batch(n) => n.forward(x),
+            Norm2d::Batch(n) => crate::ops::batch_norm(n, x),
             Norm2d::Layer(n) => n.forward(x),
         }
     }
@@ -203,7 +203,7 @@ pub struct ConvBn {
 
 impl ConvBn {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.norm.forward(crate::ops::conv2d(&self.conv, x))
+        crate::ops::batch_norm(&self.norm, crate::ops::conv2d(&self.conv, x))
     }
 }
 

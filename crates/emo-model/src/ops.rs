@@ -20,12 +20,15 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::ops::{ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Dispatch, DispatchDevice, Flex, Scalar, TensorMetadata, backend_extension};
-use burn::nn::PaddingConfig2d;
+use burn::backend::{
+    AutodiffBackend, Backend, Dispatch, DispatchDevice, Flex, Scalar, TensorMetadata, backend_extension,
+};
 use burn::nn::conv::Conv2d;
+use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use emo_kernels::act::{self as kact, Act as KAct};
+use emo_kernels::bnorm;
 use emo_kernels::dwgrad::{self, DwPlan};
 use emo_spec::Act;
 
@@ -67,6 +70,30 @@ pub trait EmoOps: Backend {
     /// `grad * act'(x)`.
     fn activation_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>, act: Act) -> FloatTensor<Self> {
         generic_activation_backward::<Self>(x, grad, act)
+    }
+
+    /// Training-mode BatchNorm of NCHW `x`: `(output, batch mean, biased batch variance)`.
+    fn batch_norm_train_nchw(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let r = <Self as ModuleOps<Self>>::batch_norm_train(x, gamma, beta, epsilon);
+        (r.output, r.mean, r.variance)
+    }
+
+    /// Its gradients `(x, gamma, beta)` for output gradient `grad`.
+    fn batch_norm_train_nchw_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let r = <Self as ModuleOps<Self>>::batch_norm_train_backward(x, gamma, mean, variance, epsilon, grad);
+        (r.x_grad, r.gamma_grad, r.beta_grad)
     }
 }
 
@@ -191,6 +218,70 @@ impl EmoOps for Flex {
         kact::backward(kernel_act(act), &values(&x), &mut g);
         FlexTensor::from_data(TensorData::new(g, shape))
     }
+
+    fn batch_norm_train_nchw(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&x, &gamma, &beta]) || x.shape().num_dims() != 4 {
+            let r = <Self as ModuleOps<Self>>::batch_norm_train(x, gamma, beta, epsilon);
+            return (r.output, r.mean, r.variance);
+        }
+        let shape = x.shape().clone();
+        let [n, c, h, w] = shape.dims::<4>();
+        let xv = values(&x);
+        let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
+        bnorm::stats(&xv, n, c, h * w, &mut mean, &mut var);
+        let mut y = vec![0f32; xv.len()];
+        bnorm::normalize(&xv, n, c, h * w, &values(&gamma), &values(&beta), &mean, &var, epsilon as f32, &mut y);
+        (
+            FlexTensor::from_data(TensorData::new(y, shape)),
+            FlexTensor::from_data(TensorData::new(mean, [c])),
+            FlexTensor::from_data(TensorData::new(var, [c])),
+        )
+    }
+
+    fn batch_norm_train_nchw_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&x, &gamma, &mean, &variance, &grad]) || x.shape().num_dims() != 4 {
+            let r = <Self as ModuleOps<Self>>::batch_norm_train_backward(x, gamma, mean, variance, epsilon, grad);
+            return (r.x_grad, r.gamma_grad, r.beta_grad);
+        }
+        let shape = x.shape().clone();
+        let [n, c, h, w] = shape.dims::<4>();
+        let (mut gx, mut gg, mut gb) = (vec![0f32; shape.num_elements()], vec![0f32; c], vec![0f32; c]);
+        bnorm::backward(
+            &values(&x),
+            &values(&grad),
+            n,
+            c,
+            h * w,
+            &values(&gamma),
+            &values(&mean),
+            &values(&variance),
+            epsilon as f32,
+            &mut gx,
+            &mut gg,
+            &mut gb,
+        );
+        (
+            FlexTensor::from_data(TensorData::new(gx, shape)),
+            FlexTensor::from_data(TensorData::new(gg, [c])),
+            FlexTensor::from_data(TensorData::new(gb, [c])),
+        )
+    }
+}
+
+fn all_f32(ts: &[&FlexTensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32)
 }
 
 fn kernel_act(act: Act) -> KAct {
@@ -264,10 +355,73 @@ impl<B: EmoOps, C: CheckpointStrategy> EmoOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::activation(x.into_primitive(), act)),
         }
     }
+
+    fn batch_norm_train_nchw(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct BatchNormBackward;
+
+        impl<B: EmoOps> Backward<B, 3> for BatchNormBackward {
+            // The input and gamma are checkpointed; the statistics come as the forward pass
+            // computed them.
+            type State = (NodeId, NodeId, B::FloatTensorPrimitive, B::FloatTensorPrimitive, f64);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node_x, node_gamma, node_beta] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x_state, gamma_state, mean, variance, epsilon) = ops.state;
+                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+                let gamma = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gamma_state);
+                let (gx, gg, gb) = B::batch_norm_train_nchw_backward(x, gamma, mean, variance, epsilon, grad);
+                for (node, g) in [(node_x, gx), (node_gamma, gg), (node_beta, gb)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        match BatchNormBackward.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let gamma_state = prep.checkpoint(&gamma);
+                let (y, mean, variance) = B::batch_norm_train_nchw(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                let state = (x_state, gamma_state, mean.clone(), variance.clone(), epsilon);
+                (
+                    prep.finish(state, y),
+                    <Self as AutodiffBackend>::from_inner(mean),
+                    <Self as AutodiffBackend>::from_inner(variance),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                let (y, mean, variance) = B::batch_norm_train_nchw(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                );
+                (
+                    prep.finish(y),
+                    <Self as AutodiffBackend>::from_inner(mean),
+                    <Self as AutodiffBackend>::from_inner(variance),
+                )
+            }
+        }
+    }
 }
 
-/// Whether tensors on `device` run on flex (with or without autodiff).
-fn on_flex(device: &burn::tensor::Device) -> bool {
+/// Whether tensors on `device` run on flex (with or without autodiff): where host-side kernels
+/// can read and write the values without a device transfer.
+pub fn on_flex(device: &burn::tensor::Device) -> bool {
     matches!(device.clone().inner().as_dispatch(), DispatchDevice::Flex(_))
 }
 
@@ -280,6 +434,32 @@ pub fn activation(act: Act, x: Tensor<4>) -> Tensor<4> {
         };
     }
     Tensor::<4>::from_dispatch(<Dispatch as EmoOps>::activation(x.into_dispatch(), act))
+}
+
+/// `bn.forward(x)` for NCHW `x`. In training (an autodiff device and `bn`'s training flag on)
+/// on flex, the batch statistics, the normalisation and the backward pass run
+/// `emo_kernels::bnorm` through the extension, and the running statistics are updated as burn's
+/// `BatchNorm` does (`momentum` of the batch's, biased variance); otherwise `bn.forward(x)`.
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    let device = x.device();
+    if !(device.is_autodiff() && bn.training.is_enabled() && on_flex(&device)) {
+        return bn.forward(x);
+    }
+    let (y, mean, variance) = <Dispatch as EmoOps>::batch_norm_train_nchw(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        bn.epsilon,
+    );
+    let (mean, variance) = (Tensor::<1>::from_dispatch(mean), Tensor::<1>::from_dispatch(variance));
+    let momentum = bn.momentum;
+    let running_mean = bn.running_mean.value_sync().to_device(&device);
+    let running_var = bn.running_var.value_sync().to_device(&device);
+    let running_mean = running_mean.mul_scalar(1.0 - momentum).add(mean.detach().mul_scalar(momentum));
+    let running_var = running_var.mul_scalar(1.0 - momentum).add(variance.detach().mul_scalar(momentum));
+    bn.running_mean.update(running_mean.detach());
+    bn.running_var.update(running_var.detach());
+    Tensor::<4>::from_dispatch(y)
 }
 
 /// `conv.forward(x)`, through the extension when `conv` is depthwise (`groups == channels`,

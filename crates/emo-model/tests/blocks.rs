@@ -224,3 +224,56 @@ fn activation_extension_equals_burn_activations_in_values_and_gradients() {
         assert!(diff <= 5e-6, "{act:?}: relative gradient diff {diff}");
     }
 }
+
+/// Training-mode BatchNorm through the extension (flex: emo-kernels' plane-wise statistics and
+/// backward) equals burn's `BatchNorm::forward` in the output, the gradients of the input, gamma
+/// and beta, and the running statistics it leaves, on EMO's BN shapes (planes from 16x16 down to
+/// 1x1) and with a channel offset that a one-pass variance would lose.
+#[test]
+fn batch_norm_extension_equals_burn_batch_norm_in_values_gradients_and_running_stats() {
+    use burn::module::Param;
+    use burn::nn::{BatchNorm, BatchNormConfig};
+    use burn::tensor::TensorData;
+    let device = Device::flex().autodiff();
+    for (n, c, h, w) in [(4, 24, 16, 16), (3, 48, 8, 8), (8, 80, 2, 2), (8, 168, 1, 1), (2, 5, 7, 7)] {
+        let gamma = Tensor::<1>::random([c], Distribution::Normal(1.0, 0.3), &device).into_data();
+        let beta = Tensor::<1>::random([c], Distribution::Normal(0.0, 1.0), &device).into_data();
+        let bn = |g: &TensorData, b: &TensorData| -> BatchNorm {
+            let mut m = BatchNormConfig::new(c).with_epsilon(1e-6).init(&device);
+            m.gamma = Param::from_tensor(Tensor::from_data(g.clone(), &device));
+            m.beta = Param::from_tensor(Tensor::from_data(b.clone(), &device));
+            m
+        };
+        let (ours, theirs) = (bn(&gamma, &beta), bn(&gamma, &beta));
+        let offset =
+            Tensor::<1, burn::tensor::Int>::arange(0..c as i64, &device).float().reshape([1, c, 1, 1]).mul_scalar(0.5);
+        let x = (randn([n, c, h, w], &device) * 2.0 + offset).require_grad();
+        let fast = emo_model::ops::batch_norm(&ours, x.clone());
+        let slow = theirs.forward(x.clone());
+        let close = |a: Vec<f32>, b: Vec<f32>, tol: f32, what: &str| {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(scale > 0.0, "{what}: all zero");
+            assert!(diff <= tol * scale.max(1.0), "{n}x{c}x{h}x{w}: {what} differs by {diff} (scale {scale})");
+        };
+        close(to_vec(fast.clone().inner()), to_vec(slow.clone().inner()), 1e-5, "output");
+        close(to_vec(ours.running_mean.value_sync()), to_vec(theirs.running_mean.value_sync()), 1e-6, "running mean");
+        close(to_vec(ours.running_var.value_sync()), to_vec(theirs.running_var.value_sync()), 1e-5, "running variance");
+        let wts = randn([n, c, h, w], &device);
+        let gf = (fast * wts.clone()).sum().backward();
+        let gs = (slow * wts).sum().backward();
+        close(to_vec(x.grad(&gf).unwrap()), to_vec(x.grad(&gs).unwrap()), 1e-4, "x gradient");
+        close(
+            to_vec(ours.gamma.val().grad(&gf).unwrap()),
+            to_vec(theirs.gamma.val().grad(&gs).unwrap()),
+            1e-5,
+            "gamma gradient",
+        );
+        close(
+            to_vec(ours.beta.val().grad(&gf).unwrap()),
+            to_vec(theirs.beta.val().grad(&gs).unwrap()),
+            1e-5,
+            "beta gradient",
+        );
+    }
+}
