@@ -61,6 +61,8 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             (cfg.epochs, cfg.batch, cfg.seed) = (a.epochs, a.batch, a.seed);
             (cfg.limit_train, cfg.limit_val) = (a.train_limit, a.eval_limit);
             cfg.epoch_images = a.epoch_images;
+            cfg.ema_decay = a.ema_decay.unwrap_or(0.0);
+            ensure!((0.0..1.0).contains(&cfg.ema_decay), "--ema-decay must be in [0, 1) (0: no EMA)");
             if let Some(w) = &a.backbone_weights {
                 cfg = cfg.with_backbone_weights(w.clone());
             }

@@ -332,9 +332,11 @@ pub(crate) struct TrainOpts {
     /// Classification: label smoothing (default 0.1).
     #[arg(long)]
     pub label_smoothing: Option<f64>,
-    /// EMA decay per iteration (0 = automatic: about the last 10% of the run, at most 0.9998).
-    #[arg(long, default_value_t = 0.0)]
-    pub ema_decay: f64,
+    /// EMA decay per iteration. Classification: 0 or unset = automatic (about the last 10% of
+    /// the run, at most 0.9998). Dense tasks: unset or 0 = no EMA; with a decay the EMA weights
+    /// are evaluated next to the raw ones each epoch and `best.safetensors` keeps the better.
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
     /// Use only the first N training / evaluation images (0 = all).
     #[arg(long, default_value_t = 0)]
     pub train_limit: usize,
@@ -525,7 +527,7 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
             let mut cfg = emo_train::TrainConfig::fashion_mnist(variant);
             cfg.data = data.clone();
             cfg.num_classes = train.classes;
-            (cfg.epochs, cfg.batch, cfg.ema_decay, cfg.seed) = (epochs, batch, ema_decay, seed);
+            (cfg.epochs, cfg.batch, cfg.ema_decay, cfg.seed) = (epochs, batch, ema_decay.unwrap_or(0.0), seed);
             cfg.lr_per_512 = lr.unwrap_or(cfg.lr_per_512);
             cfg.drop_path = drop_path.unwrap_or(cfg.drop_path);
             cfg.weight_decay = weight_decay.unwrap_or(cfg.weight_decay);

@@ -5,7 +5,7 @@
 use burn::module::{Flag, Module, ModuleMapper, Param, RunningState};
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
-use burn::tensor::module::{adaptive_avg_pool2d, conv2d, interpolate};
+use burn::tensor::module::{adaptive_avg_pool2d, interpolate};
 use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use emo_model::{Emo, dropout, param_id, stored};
@@ -62,7 +62,7 @@ impl ConvModule {
         let [kh, kw] = c.kernel_size;
         let [dh, dw] = c.dilation;
         let PaddingConfig2d::Explicit(top, left, bottom, right) = c.padding else {
-            return c.forward(x);
+            return emo_model::ops::conv2d(c, x);
         };
         let dead = |k: usize, d: usize, pad: (usize, usize), stride: usize, len: usize| {
             k > 1 && k % 2 == 1 && stride == 1 && pad == (d * (k / 2), d * (k / 2)) && d >= len
@@ -70,7 +70,7 @@ impl ConvModule {
         let dead_rows = dead(kh, dh, (top, bottom), c.stride[0], h);
         let dead_cols = dead(kw, dw, (left, right), c.stride[1], w);
         if !dead_rows && !dead_cols {
-            return c.forward(x);
+            return emo_model::ops::conv2d(c, x);
         }
         let weight = c.weight.val();
         let [co, ci, _, _] = weight.dims();
@@ -78,7 +78,7 @@ impl ConvModule {
         let (cols, pad_w) = if dead_cols { (kw / 2..kw / 2 + 1, (0, 0)) } else { (0..kw, (left, right)) };
         let weight = weight.slice([0..co, 0..ci, rows, cols]);
         let options = ConvOptions::new_with_padding(c.stride, [pad_h, pad_w], c.dilation, c.groups);
-        conv2d(x, weight, c.bias.as_ref().map(|b| b.val()), options)
+        emo_model::ops::conv2d_with(x, weight, c.bias.as_ref().map(|b| b.val()), options)
     }
 }
 

@@ -7,8 +7,10 @@
 //! RUN/config.json        the resolved DenseTrainConfig
 //! RUN/model.json         what `emo detect` / `emo segment` need (task, variant, classes, input)
 //! RUN/metrics.jsonl      one line per epoch
-//! RUN/best.safetensors   weights of the best epoch (mmdet / mmseg key names)
-//! RUN/checkpoint/        model.safetensors, optim.bin, state.json (replaced atomically)
+//! RUN/best.safetensors   weights of the best epoch (mmdet / mmseg key names; the EMA or the
+//!                        raw weights, whichever scored higher)
+//! RUN/checkpoint/        model.safetensors, optim.bin, state.json, ema.safetensors (with
+//!                        `ema_decay`; the folder is replaced atomically)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use emo_spec::{DenseConfig, RETINA_ANCHORS, SSD_ANCHORS, Task, Variant};
+use emo_train::ema::Ema;
 use emo_train::parallel::{self, DataParallel};
 use emo_train::rng::Rng;
 use emo_weights::StateDict;
@@ -78,6 +81,11 @@ pub struct DenseTrainConfig {
     /// detection losses are normalised per shard (as mmdet does per GPU).
     #[serde(default = "one")]
     pub workers: usize,
+    /// Exponential moving average of the weights (parameters and BN statistics) per iteration,
+    /// evaluated next to the raw weights each epoch; 0 = off. A decay of `1 - 1/k` averages
+    /// over about the last `k` iterations.
+    #[serde(default)]
+    pub ema_decay: f64,
 }
 
 fn one() -> usize {
@@ -121,6 +129,7 @@ impl DenseTrainConfig {
             limit_val: 0,
             epoch_images: 0,
             workers: 1,
+            ema_decay: 0.0,
         }
     }
 
@@ -234,14 +243,30 @@ pub struct DenseEpoch {
     pub coco: Option<CocoStats>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub seg: Option<SegStats>,
+    /// The same numbers for the EMA weights (runs with `ema_decay`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ema_coco: Option<CocoStats>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ema_seg: Option<SegStats>,
     pub seconds: f64,
     pub images_per_s: f64,
 }
 
 impl DenseEpoch {
-    /// The number "best" is chosen by: mAP50 (detection) or mIoU (segmentation).
+    /// The number "best" is chosen by: mAP50 (detection) or mIoU (segmentation), of the raw
+    /// or the EMA weights, whichever is higher.
     pub fn key_metric(&self) -> f64 {
+        self.raw_metric().max(self.ema_metric().unwrap_or(f64::NEG_INFINITY))
+    }
+
+    /// mAP50 or mIoU of the raw weights.
+    pub fn raw_metric(&self) -> f64 {
         self.coco.map(|c| c.ap50).or(self.seg.map(|s| s.miou)).unwrap_or(f64::NAN)
+    }
+
+    /// mAP50 or mIoU of the EMA weights, where the run keeps them.
+    pub fn ema_metric(&self) -> Option<f64> {
+        self.ema_coco.map(|c| c.ap50).or(self.ema_seg.map(|s| s.miou))
     }
 }
 
@@ -386,6 +411,7 @@ pub struct DenseTrainer {
     val: DenseData,
     anchors: Vec<BBox>,
     pool: DataParallel,
+    ema: Option<Ema>,
     pub verbose: bool,
 }
 
@@ -438,7 +464,8 @@ impl DenseTrainer {
         write_json(&dir.join("config.json"), &cfg)?;
         write_json(&dir.join("model.json"), &card)?;
         let state = DenseState { epoch: 0, iter: 0, rng: Rng::new(cfg.seed), best: f64::NEG_INFINITY };
-        Ok(Self::assemble(cfg, card, dir, state, device, model, optim, (train, val)))
+        let ema = (cfg.ema_decay > 0.0).then(|| Ema::new(cfg.ema_decay, &model.state_dict()));
+        Ok(Self::assemble(cfg, card, dir, state, device, model, optim, ema, (train, val)))
     }
 
     /// The trainer around its parts (the anchors derive from the model card).
@@ -451,6 +478,7 @@ impl DenseTrainer {
         device: Device,
         model: DenseModel,
         optim: ModuleOptimizer,
+        ema: Option<Ema>,
         (train, val): (DenseData, DenseData),
     ) -> Self {
         let anchors = if cfg.task.is_detection() { anchors::anchors(&card.model) } else { vec![] };
@@ -467,6 +495,7 @@ impl DenseTrainer {
             val,
             anchors,
             pool,
+            ema,
             verbose: true,
         }
     }
@@ -484,7 +513,11 @@ impl DenseTrainer {
         let optim = optimizer(&cfg, &model)
             .load(ck.join("optim.bin"))
             .map_err(|e| DenseError::Io(format!("optim.bin: {e:?}")))?;
-        Ok(Self::assemble(cfg, card, dir, state, device, model, optim, (train, val)))
+        let ema = match cfg.ema_decay > 0.0 {
+            true => Some(Ema::from_state_dict(cfg.ema_decay, &emo_weights::load(ck.join("ema.safetensors"))?)),
+            false => None,
+        };
+        Ok(Self::assemble(cfg, card, dir, state, device, model, optim, ema, (train, val)))
     }
 
     pub fn model(&self) -> &DenseModel {
@@ -603,7 +636,11 @@ impl DenseTrainer {
             self.model = Some(model);
             return Err(DenseError::Diverged { iter: self.state.iter, loss: value });
         }
-        self.model = Some(self.optim.step(lr, model, grads));
+        let model = self.optim.step(lr, model, grads);
+        if let Some(ema) = &mut self.ema {
+            ema.update(&model.state_dict());
+        }
+        self.model = Some(model);
         Ok(parts)
     }
 
@@ -612,9 +649,24 @@ impl DenseTrainer {
         evaluate(&self.model().valid(), &self.val, &self.device)
     }
 
+    /// The EMA weights (runs with `ema_decay`), under the model's key names.
+    pub fn ema_state_dict(&self) -> Option<StateDict> {
+        self.ema.as_ref().map(|e| e.state_dict(&self.model().state_dict()))
+    }
+
+    /// Evaluate the EMA weights on the validation split (runs with `ema_decay`).
+    pub fn evaluate_ema(&self) -> Result<Option<(Eval, StateDict)>, DenseError> {
+        let Some(sd) = self.ema_state_dict() else { return Ok(None) };
+        let m = DenseModel::from_state_dict(&self.card.model, &sd, &self.device)?.valid();
+        Ok(Some((evaluate(&m, &self.val, &self.device)?, sd)))
+    }
+
     fn save_checkpoint(&self) -> Result<(), DenseError> {
         Ok(emo_train::run::replace_checkpoint(&self.dir, |tmp| {
             emo_weights::save_safetensors(&self.model().state_dict(), tmp.join("model.safetensors"))?;
+            if let Some(sd) = self.ema_state_dict() {
+                emo_weights::save_safetensors(&sd, tmp.join("ema.safetensors"))?;
+            }
             self.optim
                 .save(tmp.join("optim.bin"))
                 .map_err(|e| emo_train::TrainError::Io(format!("optim.bin: {e:?}")))?;
@@ -664,10 +716,13 @@ impl DenseTrainer {
             let train_secs = start.elapsed().as_secs_f64();
             self.state.epoch += 1;
             let ev = self.evaluate()?;
-            let (coco, seg) = match ev {
-                Eval::Coco(c, _) => (Some(c), None),
-                Eval::Seg(s, _) => (None, Some(s)),
+            let split = |e: &Eval| match e {
+                Eval::Coco(c, _) => (Some(*c), None),
+                Eval::Seg(s, _) => (None, Some(*s)),
             };
+            let (coco, seg) = split(&ev);
+            let ema_ev = self.evaluate_ema()?;
+            let (ema_coco, ema_seg) = ema_ev.as_ref().map_or((None, None), |(e, _)| split(e));
             let m = DenseEpoch {
                 epoch: self.state.epoch,
                 iter: self.state.iter,
@@ -675,16 +730,23 @@ impl DenseTrainer {
                 lr,
                 coco,
                 seg,
+                ema_coco,
+                ema_seg,
                 seconds: start.elapsed().as_secs_f64(),
                 images_per_s: (ipe * self.cfg.batch) as f64 / train_secs,
             };
             if m.key_metric() >= self.state.best {
                 self.state.best = m.key_metric();
-                emo_weights::save_safetensors(&self.model().state_dict(), self.dir.join("best.safetensors"))?;
+                let best = self.dir.join("best.safetensors");
+                match ema_ev.as_ref().filter(|_| m.ema_metric().is_some_and(|e| e > m.raw_metric())) {
+                    Some((_, sd)) => emo_weights::save_safetensors(sd, best)?,
+                    None => emo_weights::save_safetensors(&self.model().state_dict(), best)?,
+                }
             }
             if self.verbose {
+                let ema = ema_ev.as_ref().map_or(String::new(), |(e, _)| format!("  EMA: {}", describe(e)));
                 eprintln!(
-                    "\repoch {}: loss {:.4}  {}  ({:.0} s)          ",
+                    "\repoch {}: loss {:.4}  {}{ema}  ({:.0} s)          ",
                     m.epoch,
                     m.train_loss,
                     describe(&ev),

@@ -225,6 +225,8 @@ fn training_resumes_exactly_and_learns() {
             // 16 of the 24 images per epoch: epoch 2 (the resumed one) crosses into the
             // stream's second pass.
             c.epoch_images = 16;
+            // and keeps an EMA of its weights, which must resume exactly too.
+            c.ema_decay = 0.9;
         }
         let mut ta = DenseTrainer::new(c.clone(), &a, device.clone()).unwrap();
         ta.verbose = false;
@@ -243,6 +245,17 @@ fn training_resumes_exactly_and_learns() {
             std::fs::read(b.join("checkpoint/model.safetensors")).unwrap(),
         );
         assert!(ma == mb, "{task}: resumed weights differ");
+        if task == Task::DeepLabV3 {
+            let ema = |d: &Path| std::fs::read(d.join("checkpoint/ema.safetensors")).unwrap();
+            assert!(ema(&a) == ema(&b), "resumed EMA differs");
+            assert!(ema(&a) != ma, "EMA equals the raw weights");
+            assert!(full.iter().chain(&rest).all(|m| m.ema_seg.is_some()), "EMA not evaluated: {full:?}");
+            let e = emo_weights::load(a.join("checkpoint/ema.safetensors")).unwrap();
+            let w = emo_weights::load(a.join("checkpoint/model.safetensors")).unwrap();
+            assert_eq!(e.tensors.keys().collect::<Vec<_>>(), w.tensors.keys().collect::<Vec<_>>());
+        } else {
+            assert!(!a.join("checkpoint/ema.safetensors").exists() && full[0].ema_coco.is_none());
+        }
         assert!(a.join("best.safetensors").exists() && a.join("model.json").exists());
         assert!(full[1].train_loss < full[0].train_loss, "{task}: loss did not go down: {full:?}");
         // A run folder is never overwritten.

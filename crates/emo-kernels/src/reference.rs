@@ -264,6 +264,28 @@ pub fn depthwise_nchw_weight_grad(x: &[f32], g: &[f32], p: &crate::dwgrad::DwPla
     gw.into_iter().map(|v| v as f32).collect()
 }
 
+/// Reference of `pwgrad::forward`, `x_grad` and `weight_grad` (f64 accumulation):
+/// `(y, gx, gw)` for input `x`, weight `w` and output gradient `g`.
+pub fn pointwise_nchw(x: &[f32], w: &[f32], g: &[f32], p: &crate::pwgrad::PwPlan) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (ci, co, hw) = (p.ci, p.co, p.hw);
+    let (mut y, mut gx, mut gw) = (vec![0f64; p.output_len()], vec![0f64; p.input_len()], vec![0f64; p.weight_len()]);
+    for b in 0..p.n {
+        for o in 0..co {
+            for i in 0..ci {
+                let wv = w[o * ci + i] as f64;
+                for q in 0..hw {
+                    let (xi, yo) = ((b * ci + i) * hw + q, (b * co + o) * hw + q);
+                    y[yo] += wv * x[xi] as f64;
+                    gx[xi] += wv * g[yo] as f64;
+                    gw[o * ci + i] += g[yo] as f64 * x[xi] as f64;
+                }
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (f(y), f(gx), f(gw))
+}
+
 /// Reference of `xent::softmax_xent` (f64, libm exp / ln): the gradient
 /// `scale * (softmax - onehot)` (0 on uncounted pixels), the loss sum and the count.
 pub fn softmax_xent(x: &[f32], labels: &[u8], k: usize, p: usize, scale: f32) -> (Vec<f32>, f64, usize) {

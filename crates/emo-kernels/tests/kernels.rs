@@ -335,7 +335,7 @@ fn fused_downsampling_block_matches_composed_references() {
 /// odd sizes, and a dilated layer.
 #[test]
 fn nchw_depthwise_training_kernels_match_reference() {
-    use emo_kernels::dwgrad::{self, DwPlan};
+    use emo_kernels::dwgrad::{self, DwLayout, DwPlan};
     let cases = [
         // n, c, h, w, k, stride, dilation
         (2, 48, 16, 16, 3, 1, 1),
@@ -347,6 +347,9 @@ fn nchw_depthwise_training_kernels_match_reference() {
         (1, 8, 11, 13, 5, 1, 1),
         (1, 8, 12, 10, 3, 1, 2),
         (2, 6, 24, 24, 3, 2, 2),
+        (1, 4, 48, 40, 5, 1, 1),
+        (1, 4, 47, 45, 5, 2, 1),
+        (2, 3, 33, 35, 3, 2, 1),
     ];
     for (n, c, h, w, k, s, d) in cases {
         let p = DwPlan { n, c, h, w, kh: k, kw: k, stride: [s, s], pad: [d * (k / 2); 2], dilation: [d, d] };
@@ -359,15 +362,54 @@ fn nchw_depthwise_training_kernels_match_reference() {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} {p:?} [{i}]: {a} vs {b}");
             }
         };
+        // Both loop layouts on every shape, and the one the public functions choose.
+        for layout in [DwLayout::Planar, DwLayout::ChannelsLast] {
+            let mut out = vec![f32::NAN; p.output_len()];
+            dwgrad::forward_in(layout, &x, &wt, &p, &mut out);
+            close(&out, &reference::depthwise_nchw(&x, &wt, &p), &format!("{layout:?} forward"));
+            let mut gx = vec![f32::NAN; p.input_len()];
+            dwgrad::x_grad_in(layout, &g, &wt, &p, &mut gx);
+            close(&gx, &reference::depthwise_nchw_x_grad(&g, &wt, &p), &format!("{layout:?} x_grad"));
+            let mut gw = vec![f32::NAN; p.weight_len()];
+            dwgrad::weight_grad_in(layout, &x, &g, &p, &mut gw);
+            close(&gw, &reference::depthwise_nchw_weight_grad(&x, &g, &p), &format!("{layout:?} weight_grad"));
+        }
         let mut out = vec![f32::NAN; p.output_len()];
         dwgrad::forward(&x, &wt, &p, &mut out);
         close(&out, &reference::depthwise_nchw(&x, &wt, &p), "forward");
+    }
+    let big = DwPlan { n: 1, c: 1, h: 32, w: 32, kh: 3, kw: 3, stride: [1, 1], pad: [1, 1], dilation: [1, 1] };
+    assert_eq!(big.layout(), DwLayout::Planar);
+    assert_eq!(DwPlan { h: 12, w: 12, ..big }.layout(), DwLayout::ChannelsLast);
+}
+
+/// The NCHW 1x1 training kernels against the f64 reference on EMO's 1x1 shapes (expansion,
+/// projection, the dense heads' 1280 -> 256), odd sizes and a 1x1 map.
+#[test]
+fn nchw_pointwise_training_kernels_match_reference() {
+    use emo_kernels::pwgrad::{self, PwPlan};
+    for (n, ci, co, hw) in [(2, 24, 96, 48 * 48), (3, 128, 512, 36), (2, 1280, 256, 36), (1, 7, 5, 13), (4, 33, 17, 1)]
+    {
+        let p = PwPlan { n, ci, co, hw };
+        let (x, w, g) = (rnd(p.input_len(), 1), rnd(p.weight_len(), 2), rnd(p.output_len(), 3));
+        let (y_ref, gx_ref, gw_ref) = reference::pointwise_nchw(&x, &w, &g, &p);
+        // Sums of up to ci (forward, weight: n * hw) products of values in [-1, 1].
+        let close = |got: &[f32], want: &[f32], terms: usize, what: &str| {
+            assert_eq!(got.len(), want.len());
+            let tol = 2e-6 * (terms as f32).sqrt().max(1.0) * 4.0;
+            for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what} {p:?} [{i}]: {a} vs {b}");
+            }
+        };
+        let mut y = vec![f32::NAN; p.output_len()];
+        pwgrad::forward(&x, &w, &p, &mut y);
+        close(&y, &y_ref, ci, "forward");
         let mut gx = vec![f32::NAN; p.input_len()];
-        dwgrad::x_grad(&g, &wt, &p, &mut gx);
-        close(&gx, &reference::depthwise_nchw_x_grad(&g, &wt, &p), "x_grad");
+        pwgrad::x_grad(&g, &w, &p, &mut gx);
+        close(&gx, &gx_ref, co, "x_grad");
         let mut gw = vec![f32::NAN; p.weight_len()];
-        dwgrad::weight_grad(&x, &g, &p, &mut gw);
-        close(&gw, &reference::depthwise_nchw_weight_grad(&x, &g, &p), "weight_grad");
+        pwgrad::weight_grad(&x, &g, &p, &mut gw);
+        close(&gw, &gw_ref, n * hw, "weight_grad");
     }
 }
 

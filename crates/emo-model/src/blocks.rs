@@ -272,7 +272,7 @@ impl MetaMobileBlock {
             Some(n) => n.forward(x),
             None => x,
         };
-        let mut e = self.expand.forward(xn.clone());
+        let mut e = crate::ops::conv2d(&self.expand, xn.clone());
         if let Some(n) = &self.expand_norm {
             e = crate::ops::batch_norm(n, e);
         }
@@ -290,7 +290,7 @@ impl MetaMobileBlock {
                 unpartition(o, &g, b, h, w)
             }
         };
-        let mut y = self.shrink.forward(f);
+        let mut y = crate::ops::conv2d(&self.shrink, f);
         if let Some(n) = &self.shrink_norm {
             y = crate::ops::batch_norm(n, y);
         }

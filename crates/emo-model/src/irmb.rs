@@ -123,7 +123,7 @@ impl Irmb {
         };
         let x = match (&self.attention, &self.v) {
             (Some(a), Some(v)) => self.window_attention(x, a, v),
-            (None, Some(v)) => act(self.act, v.forward(x)),
+            (None, Some(v)) => act(self.act, crate::ops::conv2d(v, x)),
             _ => x,
         };
         let mut y = act(Act::Silu, self.conv_local.forward(x.clone()));
@@ -131,7 +131,7 @@ impl Irmb {
             y = se.forward(y);
         }
         let x = if self.skip { x + y } else { y };
-        let x = self.proj.forward(x);
+        let x = crate::ops::conv2d(&self.proj, x);
         match shortcut {
             Some(s) => s + drop_path(x, self.drop_path),
             None => x,
@@ -156,7 +156,7 @@ impl Irmb {
             let o = attend(qk, xw.clone(), xw, a.num_heads, a.scale());
             unpartition(o, &g, b, h, w)
         };
-        act(self.act, v.forward(o))
+        act(self.act, crate::ops::conv2d(v, o))
     }
 }
 
@@ -226,7 +226,7 @@ pub fn attend_whole_map(qk: &Conv2d, x: Tensor<4>, num_heads: usize, scale: f64,
 fn queries_keys(qk: &Conv2d, xw: Tensor<4>, num_heads: usize) -> (Tensor<4>, Tensor<4>) {
     let [nw, c, wh, ww] = xw.dims();
     let (l, dh) = (wh * ww, c / num_heads);
-    let qk = qk.forward(xw).reshape([nw, 2, num_heads, dh, l]);
+    let qk = crate::ops::conv2d(qk, xw).reshape([nw, 2, num_heads, dh, l]);
     let q = qk.clone().narrow(1, 0, 1).reshape([nw, num_heads, dh, l]).swap_dims(2, 3);
     let k = qk.narrow(1, 1, 1).reshape([nw, num_heads, dh, l]);
     (q, k)
