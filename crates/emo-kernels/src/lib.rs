@@ -5,7 +5,7 @@
 //! | [`gemm::matmul`] | 1x1 conv / linear as GEMM + fused bias, activation, residual | v, qk, proj |
 //! | [`dwconv::depthwise`] | depthwise kxk, stride 1/2, fused BN bias + SiLU + inner residual | conv_local |
 //! | [`dwgrad`] | NCHW depthwise forward, input and weight gradients (single-threaded) | training: conv_local |
-//! | [`pwgrad`] | NCHW 1x1 conv forward, input and weight gradients as per-image GEMMs | training: v, qk, proj, heads |
+//! | [`convgrad`] | NCHW one-group conv forward, input and weight gradients as per-image GEMMs (im2col beyond 1x1) | training: v, qk, proj, stem, dense heads |
 //! | [`conv::conv2d`] | direct dense conv for few input channels | stem |
 //! | [`norm::layer_norm`] | LayerNorm over channels per pixel | LN stages, head |
 //! | [`fused`] | LN + 1x1, depthwise + 1x1, whole stride-2 blocks, stem conv + stem block | every iRMB |
@@ -31,6 +31,7 @@ pub mod act;
 pub mod attention;
 pub mod bnorm;
 pub mod conv;
+pub mod convgrad;
 pub mod dwconv;
 pub mod dwgrad;
 pub mod fused;
@@ -39,7 +40,6 @@ pub mod gemm512;
 pub mod isa;
 pub mod norm;
 pub mod pool;
-pub mod pwgrad;
 pub mod reference;
 pub mod xent;
 

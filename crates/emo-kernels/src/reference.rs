@@ -264,20 +264,32 @@ pub fn depthwise_nchw_weight_grad(x: &[f32], g: &[f32], p: &crate::dwgrad::DwPla
     gw.into_iter().map(|v| v as f32).collect()
 }
 
-/// Reference of `pwgrad::forward`, `x_grad` and `weight_grad` (f64 accumulation):
+/// Reference of `convgrad::forward`, `x_grad` and `weight_grad` (f64 accumulation):
 /// `(y, gx, gw)` for input `x`, weight `w` and output gradient `g`.
-pub fn pointwise_nchw(x: &[f32], w: &[f32], g: &[f32], p: &crate::pwgrad::PwPlan) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (ci, co, hw) = (p.ci, p.co, p.hw);
+pub fn conv_nchw(x: &[f32], w: &[f32], g: &[f32], p: &crate::convgrad::ConvPlan) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (oh, ow) = p.out_hw();
     let (mut y, mut gx, mut gw) = (vec![0f64; p.output_len()], vec![0f64; p.input_len()], vec![0f64; p.weight_len()]);
     for b in 0..p.n {
-        for o in 0..co {
-            for i in 0..ci {
-                let wv = w[o * ci + i] as f64;
-                for q in 0..hw {
-                    let (xi, yo) = ((b * ci + i) * hw + q, (b * co + o) * hw + q);
-                    y[yo] += wv * x[xi] as f64;
-                    gx[xi] += wv * g[yo] as f64;
-                    gw[o * ci + i] += g[yo] as f64 * x[xi] as f64;
+        for o in 0..p.co {
+            for i in 0..p.ci {
+                for ky in 0..p.kh {
+                    for kx in 0..p.kw {
+                        let wi = ((o * p.ci + i) * p.kh + ky) * p.kw + kx;
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                let iy = (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.pad[0] as isize;
+                                let ix = (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.pad[1] as isize;
+                                if iy < 0 || ix < 0 || iy as usize >= p.h || ix as usize >= p.w {
+                                    continue;
+                                }
+                                let xi = ((b * p.ci + i) * p.h + iy as usize) * p.w + ix as usize;
+                                let yo = ((b * p.co + o) * oh + oy) * ow + ox;
+                                y[yo] += w[wi] as f64 * x[xi] as f64;
+                                gx[xi] += w[wi] as f64 * g[yo] as f64;
+                                gw[wi] += g[yo] as f64 * x[xi] as f64;
+                            }
+                        }
+                    }
                 }
             }
         }

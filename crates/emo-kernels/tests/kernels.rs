@@ -383,33 +383,60 @@ fn nchw_depthwise_training_kernels_match_reference() {
     assert_eq!(DwPlan { h: 12, w: 12, ..big }.layout(), DwLayout::ChannelsLast);
 }
 
-/// The NCHW 1x1 training kernels against the f64 reference on EMO's 1x1 shapes (expansion,
-/// projection, the dense heads' 1280 -> 256), odd sizes and a 1x1 map.
+/// The NCHW one-group conv training kernels against the f64 reference: EMO's 1x1 shapes
+/// (expansion, projection, the dense heads' 1280 -> 256 on a 6x6 map), the stem (3x3 stride 2
+/// from 3 channels), a 3x3 head conv, a dilated conv, odd sizes, a 1x1 map.
 #[test]
-fn nchw_pointwise_training_kernels_match_reference() {
-    use emo_kernels::pwgrad::{self, PwPlan};
-    for (n, ci, co, hw) in [(2, 24, 96, 48 * 48), (3, 128, 512, 36), (2, 1280, 256, 36), (1, 7, 5, 13), (4, 33, 17, 1)]
-    {
-        let p = PwPlan { n, ci, co, hw };
+fn nchw_conv_training_kernels_match_reference() {
+    use emo_kernels::convgrad::{self, ConvPlan};
+    let pw = ConvPlan::pointwise;
+    let k = |n, ci, co, h, w, k: usize, s, d: usize| ConvPlan {
+        n,
+        ci,
+        co,
+        h,
+        w,
+        kh: k,
+        kw: k,
+        stride: [s, s],
+        pad: [d * (k / 2); 2],
+        dilation: [d, d],
+    };
+    for p in [
+        pw(2, 24, 96, 48 * 48),
+        pw(3, 128, 512, 36),
+        pw(2, 1280, 256, 36),
+        pw(1, 7, 5, 13),
+        pw(4, 33, 17, 1),
+        k(2, 3, 24, 33, 31, 3, 2, 1),
+        k(2, 160, 32, 6, 6, 3, 1, 1),
+        k(1, 12, 10, 12, 12, 3, 1, 1),
+        k(1, 5, 7, 9, 8, 3, 1, 4),
+        k(2, 6, 4, 2, 2, 3, 1, 1),
+        ConvPlan { pad: [0, 1], ..k(1, 4, 3, 7, 9, 3, 2, 1) },
+    ] {
         let (x, w, g) = (rnd(p.input_len(), 1), rnd(p.weight_len(), 2), rnd(p.output_len(), 3));
-        let (y_ref, gx_ref, gw_ref) = reference::pointwise_nchw(&x, &w, &g, &p);
-        // Sums of up to ci (forward, weight: n * hw) products of values in [-1, 1].
+        let (y_ref, gx_ref, gw_ref) = reference::conv_nchw(&x, &w, &g, &p);
+        let (oh, ow) = p.out_hw();
+        // Sums of up to ci·kh·kw (forward), co·kh·kw (input) or n·oh·ow (weight) products of
+        // values in [-1, 1].
         let close = |got: &[f32], want: &[f32], terms: usize, what: &str| {
             assert_eq!(got.len(), want.len());
-            let tol = 2e-6 * (terms as f32).sqrt().max(1.0) * 4.0;
+            let tol = 8e-6 * (terms as f32).sqrt().max(1.0);
             for (i, (a, b)) in got.iter().zip(want).enumerate() {
                 assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what} {p:?} [{i}]: {a} vs {b}");
             }
         };
+        let kk = p.kh * p.kw;
         let mut y = vec![f32::NAN; p.output_len()];
-        pwgrad::forward(&x, &w, &p, &mut y);
-        close(&y, &y_ref, ci, "forward");
+        convgrad::forward(&x, &w, &p, &mut y);
+        close(&y, &y_ref, p.ci * kk, "forward");
         let mut gx = vec![f32::NAN; p.input_len()];
-        pwgrad::x_grad(&g, &w, &p, &mut gx);
-        close(&gx, &gx_ref, co, "x_grad");
+        convgrad::x_grad(&g, &w, &p, &mut gx);
+        close(&gx, &gx_ref, p.co * kk, "x_grad");
         let mut gw = vec![f32::NAN; p.weight_len()];
-        pwgrad::weight_grad(&x, &g, &p, &mut gw);
-        close(&gw, &gw_ref, n * hw, "weight_grad");
+        convgrad::weight_grad(&x, &g, &p, &mut gw);
+        close(&gw, &gw_ref, p.n * oh * ow, "weight_grad");
     }
 }
 

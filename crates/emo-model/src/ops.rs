@@ -9,8 +9,8 @@
 //! on flex, the depthwise gradients run `emo_kernels::dwgrad` (channels-last loops over the
 //! taps that fall inside the input) and the activations and their derivatives run
 //! `emo_kernels::act` (vectorised exp / erf, within 2e-6 of the exact functions), and in
-//! training the 1x1 convs run one GEMM per image for the forward pass and each gradient
-//! (`emo_kernels::pwgrad`) instead of burn's generic conv backward. Other
+//! training the one-group convs run one GEMM per image for the forward pass and each gradient
+//! (`emo_kernels::convgrad`, im2col beyond 1x1) instead of burn's generic conv backward. Other
 //! backends (LibTorch, CubeCL) never reach it: [`conv2d`] and [`activation`] take the extension
 //! only for flex tensors and burn's own ops otherwise. Tests compare values and gradients with
 //! burn's ops on EMO's shapes.
@@ -31,8 +31,8 @@ use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use emo_kernels::act::{self as kact, Act as KAct};
 use emo_kernels::bnorm;
+use emo_kernels::convgrad::{self, ConvPlan};
 use emo_kernels::dwgrad::{self, DwPlan};
-use emo_kernels::pwgrad::{self, PwPlan};
 use emo_spec::Act;
 
 /// The depthwise conv (forward pass and its two gradients) and the activations (forward and
@@ -65,27 +65,29 @@ pub trait EmoOps: Backend {
         Self::conv2d_weight_backward(x, weight, grad, options)
     }
 
-    /// `conv2d` with a `[co, ci, 1, 1]` weight, stride 1, no padding, one group, no bias.
-    fn pointwise_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::conv2d(x, weight, None, pointwise_options())
+    /// `conv2d` with one group and no bias.
+    fn dense_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: ConvOptions<2>) -> FloatTensor<Self> {
+        Self::conv2d(x, weight, None, options)
     }
 
     /// Its input gradient for output gradient `grad`.
-    fn pointwise_conv2d_x_backward(
+    fn dense_conv2d_x_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
     ) -> FloatTensor<Self> {
-        Self::conv2d_x_backward(x, weight, grad, pointwise_options())
+        Self::conv2d_x_backward(x, weight, grad, options)
     }
 
     /// Its weight gradient for output gradient `grad`.
-    fn pointwise_conv2d_weight_backward(
+    fn dense_conv2d_weight_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
     ) -> FloatTensor<Self> {
-        Self::conv2d_weight_backward(x, weight, grad, pointwise_options())
+        Self::conv2d_weight_backward(x, weight, grad, options)
     }
 
     /// `act(x)` for SiLU or exact-erf GELU.
@@ -121,10 +123,6 @@ pub trait EmoOps: Backend {
         let r = <Self as ModuleOps<Self>>::batch_norm_train_backward(x, gamma, mean, variance, epsilon, grad);
         (r.x_grad, r.gamma_grad, r.beta_grad)
     }
-}
-
-fn pointwise_options() -> ConvOptions<2> {
-    ConvOptions::new([1, 1], [0, 0], [1, 1], 1)
 }
 
 fn generic_activation<B: Backend>(x: FloatTensor<B>, act: Act) -> FloatTensor<B> {
@@ -185,59 +183,74 @@ fn fast_path(x: &FlexTensor, weight: &FlexTensor, grad: &FlexTensor, options: &C
         && options.groups == xs[1]
 }
 
-/// The 1x1 loops handle f32 `[n, ci, h, w]` inputs with a `[co, ci, 1, 1]` weight.
-fn pointwise_fast_path(x: &FlexTensor, weight: &FlexTensor, grad: &FlexTensor) -> bool {
+/// The GEMM loops handle f32 `[n, ci, h, w]` inputs with a `[co, ci, kh, kw]` weight, one group
+/// and symmetric padding.
+fn dense_fast_path(x: &FlexTensor, weight: &FlexTensor, grad: &FlexTensor, options: &ConvOptions<2>) -> bool {
     let (xs, ws) = (x.shape(), weight.shape());
     all_f32(&[x, weight, grad])
         && xs.num_dims() == 4
         && ws.num_dims() == 4
         && ws[1] == xs[1]
-        && ws[2] == 1
-        && ws[3] == 1
+        && options.groups == 1
+        && !options.is_asymmetric()
 }
 
-fn pw_plan(x: &FlexTensor, weight: &FlexTensor) -> PwPlan {
+fn conv_plan(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -> ConvPlan {
     let [n, ci, h, w] = x.shape().dims::<4>();
-    PwPlan { n, ci, co: weight.shape()[0], hw: h * w }
+    let [co, _, kh, kw] = weight.shape().dims::<4>();
+    ConvPlan {
+        n,
+        ci,
+        co,
+        h,
+        w,
+        kh,
+        kw,
+        stride: options.stride,
+        pad: options.padding_begin(),
+        dilation: options.dilation,
+    }
 }
 
 impl EmoOps for Flex {
-    fn pointwise_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        if !pointwise_fast_path(&x, &weight, &weight) {
-            return Self::conv2d(x, weight, None, pointwise_options());
+    fn dense_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: ConvOptions<2>) -> FloatTensor<Self> {
+        if !dense_fast_path(&x, &weight, &weight, &options) {
+            return Self::conv2d(x, weight, None, options);
         }
-        let p = pw_plan(&x, &weight);
-        let [n, _, h, w] = x.shape().dims::<4>();
+        let p = conv_plan(&x, &weight, &options);
+        let (oh, ow) = p.out_hw();
         let mut out = vec![0f32; p.output_len()];
-        pwgrad::forward(&values(&x), &values(&weight), &p, &mut out);
-        FlexTensor::from_data(TensorData::new(out, [n, p.co, h, w]))
+        convgrad::forward(&values(&x), &values(&weight), &p, &mut out);
+        FlexTensor::from_data(TensorData::new(out, [p.n, p.co, oh, ow]))
     }
 
-    fn pointwise_conv2d_x_backward(
+    fn dense_conv2d_x_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
     ) -> FloatTensor<Self> {
-        if !pointwise_fast_path(&x, &weight, &grad) {
-            return Self::conv2d_x_backward(x, weight, grad, pointwise_options());
+        if !dense_fast_path(&x, &weight, &grad, &options) {
+            return Self::conv2d_x_backward(x, weight, grad, options);
         }
-        let p = pw_plan(&x, &weight);
+        let p = conv_plan(&x, &weight, &options);
         let mut gx = vec![0f32; p.input_len()];
-        pwgrad::x_grad(&values(&grad), &values(&weight), &p, &mut gx);
+        convgrad::x_grad(&values(&grad), &values(&weight), &p, &mut gx);
         FlexTensor::from_data(TensorData::new(gx, x.shape().clone()))
     }
 
-    fn pointwise_conv2d_weight_backward(
+    fn dense_conv2d_weight_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         grad: FloatTensor<Self>,
+        options: ConvOptions<2>,
     ) -> FloatTensor<Self> {
-        if !pointwise_fast_path(&x, &weight, &grad) {
-            return Self::conv2d_weight_backward(x, weight, grad, pointwise_options());
+        if !dense_fast_path(&x, &weight, &grad, &options) {
+            return Self::conv2d_weight_backward(x, weight, grad, options);
         }
-        let p = pw_plan(&x, &weight);
+        let p = conv_plan(&x, &weight, &options);
         let mut gw = vec![0f32; p.weight_len()];
-        pwgrad::weight_grad(&values(&x), &values(&grad), &p, &mut gw);
+        convgrad::weight_grad(&values(&x), &values(&grad), &p, &mut gw);
         FlexTensor::from_data(TensorData::new(gw, weight.shape().clone()))
     }
 
@@ -414,37 +427,39 @@ impl<B: EmoOps, C: CheckpointStrategy> EmoOps for Autodiff<B, C> {
         }
     }
 
-    fn pointwise_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn dense_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: ConvOptions<2>) -> FloatTensor<Self> {
         #[derive(Debug)]
-        struct PointwiseConvBackward;
+        struct DenseConvBackward;
 
-        impl<B: EmoOps> Backward<B, 2> for PointwiseConvBackward {
-            type State = (NodeId, NodeId);
+        impl<B: EmoOps> Backward<B, 2> for DenseConvBackward {
+            type State = (NodeId, NodeId, ConvOptions<2>);
 
             fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
                 let [node_x, node_weight] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let (x_state, weight_state) = ops.state;
+                let (x_state, weight_state, options) = ops.state;
                 let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
                 let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
                 if let Some(node) = node_x {
-                    let gx = B::pointwise_conv2d_x_backward(x.clone(), weight.clone(), grad.clone());
+                    let gx = B::dense_conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone());
                     grads.register::<B>(node.id, gx);
                 }
                 if let Some(node) = node_weight {
-                    grads.register::<B>(node.id, B::pointwise_conv2d_weight_backward(x, weight, grad));
+                    grads.register::<B>(node.id, B::dense_conv2d_weight_backward(x, weight, grad, options));
                 }
             }
         }
 
-        match PointwiseConvBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
+        match DenseConvBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
                 let x_state = prep.checkpoint(&x);
                 let weight_state = prep.checkpoint(&weight);
-                let out = B::pointwise_conv2d(x.into_primitive(), weight.into_primitive());
-                prep.finish((x_state, weight_state), out)
+                let out = B::dense_conv2d(x.into_primitive(), weight.into_primitive(), options.clone());
+                prep.finish((x_state, weight_state, options), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::pointwise_conv2d(x.into_primitive(), weight.into_primitive())),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::dense_conv2d(x.into_primitive(), weight.into_primitive(), options))
+            }
         }
     }
 
@@ -583,8 +598,7 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 
 /// `conv.forward(x)`, through the extension when `x` is on flex and `conv` is depthwise
 /// (`groups == channels`, symmetric explicit padding), or, in training (an autodiff device),
-/// a 1x1 conv (stride 1, no padding, one group: [`conv2d_with`]); through burn's `Conv2d`
-/// otherwise.
+/// has one group ([`conv2d_with`]); through burn's `Conv2d` otherwise.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let [_, c, _, _] = x.dims();
     let weight = conv.weight.val();
@@ -592,8 +606,8 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         return conv.forward(x);
     };
     let options = ConvOptions::new_with_padding(conv.stride, [(pt, pb), (pl, pr)], conv.dilation, conv.groups);
-    if pointwise_training(&x, &weight, &options) {
-        return pointwise(x, weight, conv.bias.as_ref().map(|b| b.val()));
+    if dense_training(&x, &weight, &options) {
+        return dense(x, weight, conv.bias.as_ref().map(|b| b.val()), options);
     }
     let depthwise = conv.groups == c && weight.dims()[0] == c && weight.dims()[1] == 1;
     if !depthwise || pt != pb || pl != pr || !on_flex(&x.device()) {
@@ -611,30 +625,35 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
-/// burn's functional `conv2d(x, weight, bias, options)`, with a 1x1 conv (stride 1, no
-/// padding, one group) in training on flex through the extension's GEMM kernels
-/// (`emo_kernels::pwgrad`): burn's generic weight gradient transposes both operands and runs a
-/// conv, about a quarter of a DeepLabv3 training step at 192x192.
+/// burn's functional `conv2d(x, weight, bias, options)`, with a one-group conv (symmetric
+/// padding) in training on flex through the extension's GEMM kernels (`emo_kernels::convgrad`):
+/// burn's generic weight gradient transposes both operands and runs a conv, and its input
+/// gradient runs a transposed conv; for 1x1 convs that was about a quarter of a DeepLabv3
+/// training step at 192x192.
 pub fn conv2d_with(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
-    if pointwise_training(&x, &weight, &options) {
-        return pointwise(x, weight, bias);
+    if dense_training(&x, &weight, &options) {
+        return dense(x, weight, bias, options);
     }
     burn::tensor::module::conv2d(x, weight, bias, options)
 }
 
-/// Whether [`conv2d`] / [`conv2d_with`] run this conv on the 1x1 training kernels.
-pub fn pointwise_training(x: &Tensor<4>, weight: &Tensor<4>, options: &ConvOptions<2>) -> bool {
+/// Whether [`conv2d`] / [`conv2d_with`] run this conv on the GEMM training kernels.
+pub fn dense_training(x: &Tensor<4>, weight: &Tensor<4>, options: &ConvOptions<2>) -> bool {
     let [_, c, _, _] = x.dims();
-    let [_, ci, kh, kw] = weight.dims();
-    (kh, kw, ci, options.groups, options.stride, options.padding) == (1, 1, c, 1, [1, 1], [(0, 0); 2])
+    weight.dims()[1] == c
+        && options.groups == 1
+        && !options.is_asymmetric()
         && x.device().is_autodiff()
         && on_flex(&x.device())
 }
 
-fn pointwise(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>) -> Tensor<4> {
+fn dense(x: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>, options: ConvOptions<2>) -> Tensor<4> {
     let co = weight.dims()[0];
-    let y =
-        Tensor::<4>::from_dispatch(<Dispatch as EmoOps>::pointwise_conv2d(x.into_dispatch(), weight.into_dispatch()));
+    let y = Tensor::<4>::from_dispatch(<Dispatch as EmoOps>::dense_conv2d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        options,
+    ));
     match bias {
         Some(b) => y + b.reshape([1, co, 1, 1]),
         None => y,

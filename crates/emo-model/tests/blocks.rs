@@ -203,31 +203,39 @@ fn depthwise_extension_equals_conv2d_in_values_and_gradients() {
     }
 }
 
-/// `emo_model::ops::conv2d` and `conv2d_with` on 1x1 convs in training (the extension's GEMM
-/// kernels with their own backward on flex) give burn's values and gradients (input, weight,
-/// bias): iRMB expansion / projection shapes, a dense head's 1280 -> 256 on a 6x6 map, odd sizes.
+/// `emo_model::ops::conv2d` and `conv2d_with` on one-group convs in training (the extension's
+/// GEMM kernels with their own backward on flex) give burn's values and gradients (input,
+/// weight, bias): iRMB expansion / projection shapes, a dense head's 1280 -> 256 on a 6x6 map,
+/// the stem (3x3 stride 2 from 3 channels), a 3x3 head conv, a dilated conv, odd sizes.
 #[test]
-fn pointwise_extension_equals_conv2d_in_values_and_gradients() {
+fn dense_conv_extension_equals_conv2d_in_values_and_gradients() {
     use burn::module::Param;
     use burn::nn::PaddingConfig2d;
     use burn::nn::conv::Conv2d;
     use burn::tensor::ops::ConvOptions;
     let device = Device::flex().autodiff();
-    for (n, ci, co, h, w, bias) in
-        [(2, 24, 96, 20, 20, true), (3, 128, 64, 6, 6, false), (2, 1280, 256, 6, 6, false), (1, 7, 5, 3, 11, true)]
-    {
+    for (n, ci, co, h, w, k, s, d, bias) in [
+        (2, 24, 96, 20, 20, 1, 1, 1, true),
+        (3, 128, 64, 6, 6, 1, 1, 1, false),
+        (2, 1280, 256, 6, 6, 1, 1, 1, false),
+        (1, 7, 5, 3, 11, 1, 1, 1, true),
+        (2, 3, 24, 33, 32, 3, 2, 1, false),
+        (2, 64, 32, 12, 12, 3, 1, 1, false),
+        (1, 6, 5, 9, 8, 3, 1, 4, true),
+    ] {
+        let p = d * (k / 2);
         let conv = Conv2d {
-            weight: Param::from_tensor(Tensor::random([co, ci, 1, 1], Distribution::Normal(0.0, 0.5), &device)),
+            weight: Param::from_tensor(Tensor::random([co, ci, k, k], Distribution::Normal(0.0, 0.5), &device)),
             bias: bias.then(|| Param::from_tensor(Tensor::random([co], Distribution::Normal(0.0, 1.0), &device))),
-            stride: [1, 1],
-            kernel_size: [1, 1],
-            dilation: [1, 1],
+            stride: [s, s],
+            kernel_size: [k, k],
+            dilation: [d, d],
             groups: 1,
-            padding: PaddingConfig2d::Explicit(0, 0, 0, 0),
+            padding: PaddingConfig2d::Explicit(p, p, p, p),
         };
         let x = randn([n, ci, h, w], &device).require_grad();
-        let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
-        assert!(emo_model::ops::pointwise_training(&x, &conv.weight.val(), &options));
+        let options = ConvOptions::new([s, s], [p, p], [d, d], 1);
+        assert!(emo_model::ops::dense_training(&x, &conv.weight.val(), &options));
         let b = conv.bias.as_ref().map(|b| b.val());
         for (what, fast) in [
             ("conv2d", emo_model::ops::conv2d(&conv, x.clone())),
@@ -239,7 +247,8 @@ fn pointwise_extension_equals_conv2d_in_values_and_gradients() {
             let (f, sl) = (to_vec(fast.clone().inner()), to_vec(slow.clone().inner()));
             let scale = sl.iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = f.iter().zip(&sl).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(diff <= 1e-5 * scale.max(1.0), "{what} {n}x{ci}x{h}x{w} -> {co}: output diff {diff}");
+            let case = format!("{what} {n}x{ci}x{h}x{w} -> {co} k{k} s{s} d{d}");
+            assert!(diff <= 1e-5 * scale.max(1.0), "{case}: output diff {diff}");
             let gf = (fast * wts.clone()).sum().backward();
             let gs = (slow * wts).sum().backward();
             let mut grads = vec![
@@ -253,21 +262,25 @@ fn pointwise_extension_equals_conv2d_in_values_and_gradients() {
                 let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let diff = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
                 assert!(scale > 0.0, "zero gradient for {name}");
-                assert!(
-                    diff <= 1e-5 * scale.max(1.0),
-                    "{what} {n}x{ci}x{h}x{w} -> {co}: grad {name} diff {diff} (scale {scale})"
-                );
+                assert!(diff <= 1e-5 * scale.max(1.0), "{case}: grad {name} diff {diff} (scale {scale})");
             }
         }
     }
-    // Not the 1x1 kernels: without autodiff, a 3x3 kernel, stride 2.
-    let x = randn([1, 4, 8, 8], &Device::flex());
+    // Not the GEMM kernels: without autodiff, grouped, asymmetric padding.
     let o = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
-    assert!(!emo_model::ops::pointwise_training(&x, &randn([4, 4, 1, 1], &Device::flex()), &o));
+    assert!(!emo_model::ops::dense_training(
+        &randn([1, 4, 8, 8], &Device::flex()),
+        &randn([4, 4, 1, 1], &Device::flex()),
+        &o
+    ));
     let x = randn([1, 4, 8, 8], &device);
-    assert!(!emo_model::ops::pointwise_training(&x, &randn([4, 4, 3, 3], &device), &o));
-    let o2 = ConvOptions::new([2, 2], [0, 0], [1, 1], 1);
-    assert!(!emo_model::ops::pointwise_training(&x, &randn([4, 4, 1, 1], &device), &o2));
+    assert!(!emo_model::ops::dense_training(
+        &x,
+        &randn([4, 2, 3, 3], &device),
+        &ConvOptions::new([1, 1], [1, 1], [1, 1], 2)
+    ));
+    let asym = ConvOptions::new_with_padding([1, 1], [(0, 1), (1, 1)], [1, 1], 1);
+    assert!(!emo_model::ops::dense_training(&x, &randn([4, 4, 3, 3], &device), &asym));
 }
 
 /// `emo_model::ops::activation` (vectorised SiLU / GELU with their own derivative on flex)
