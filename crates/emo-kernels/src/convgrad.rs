@@ -15,6 +15,8 @@
 //! Single-threaded (the trainer runs one data-parallel replica per core) and in a fixed order,
 //! so runs and resumes stay bit-exact.
 
+use crate::dwgrad::{live, out_len};
+
 /// Geometry of a one-group conv on `[n, ci, h, w]` with a `[co, ci, kh, kw]` weight
 /// (PyTorch / burn layout) and symmetric padding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,13 +41,9 @@ impl ConvPlan {
 
     /// Output height and width (PyTorch's formula).
     pub fn out_hw(&self) -> (usize, usize) {
-        let len = |i: usize, k: usize, s: usize, p: usize, d: usize| {
-            let span = d * (k - 1) + 1;
-            if i + 2 * p < span { 0 } else { (i + 2 * p - span) / s + 1 }
-        };
         (
-            len(self.h, self.kh, self.stride[0], self.pad[0], self.dilation[0]),
-            len(self.w, self.kw, self.stride[1], self.pad[1], self.dilation[1]),
+            out_len(self.h, self.kh, self.stride[0], self.pad[0], self.dilation[0]),
+            out_len(self.w, self.kw, self.stride[1], self.pad[1], self.dilation[1]),
         )
     }
 
@@ -120,16 +118,6 @@ fn gemm(
             gemm::Parallelism::None,
         );
     }
-}
-
-/// The outputs `lo..hi` along one axis whose tap (offset `k * d - p` from `o * s`) reads inside
-/// an input of length `len`.
-fn live(out: usize, len: usize, s: usize, k: usize, d: usize, p: usize) -> (usize, usize) {
-    let off = (k * d) as isize - p as isize;
-    let lo = if off < 0 { ((-off) as usize).div_ceil(s) } else { 0 };
-    let last = len as isize - 1 - off;
-    let hi = if last < 0 { 0 } else { (last as usize / s + 1).min(out) };
-    (lo, hi.max(lo))
 }
 
 /// Calls `f(col row, oy, input row iy, ox range, first input column, column stride)` for every

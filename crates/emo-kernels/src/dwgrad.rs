@@ -34,13 +34,9 @@ pub struct DwPlan {
 impl DwPlan {
     /// Output height and width (PyTorch's formula).
     pub fn out_hw(&self) -> (usize, usize) {
-        let len = |i: usize, k: usize, s: usize, p: usize, d: usize| {
-            let span = d * (k - 1) + 1;
-            if i + 2 * p < span { 0 } else { (i + 2 * p - span) / s + 1 }
-        };
         (
-            len(self.h, self.kh, self.stride[0], self.pad[0], self.dilation[0]),
-            len(self.w, self.kw, self.stride[1], self.pad[1], self.dilation[1]),
+            out_len(self.h, self.kh, self.stride[0], self.pad[0], self.dilation[0]),
+            out_len(self.w, self.kw, self.stride[1], self.pad[1], self.dilation[1]),
         )
     }
 
@@ -165,10 +161,17 @@ pub fn weight_grad_in(layout: DwLayout, x: &[f32], g: &[f32], plan: &DwPlan, gw:
     }
 }
 
+/// Output length along one axis (PyTorch's formula) for input length `i`, kernel `k`, stride
+/// `s`, padding `p` on each side and dilation `d`.
+pub(crate) fn out_len(i: usize, k: usize, s: usize, p: usize, d: usize) -> usize {
+    let span = d * (k - 1) + 1;
+    if i + 2 * p < span { 0 } else { (i + 2 * p - span) / s + 1 }
+}
+
 /// The outputs `lo..hi` along one axis whose tap (offset `k * d - p` from `o * s`) reads inside
 /// an input of length `len`.
 #[inline(always)]
-fn live(out: usize, len: usize, s: usize, k: usize, d: usize, p: usize) -> (usize, usize) {
+pub(crate) fn live(out: usize, len: usize, s: usize, k: usize, d: usize, p: usize) -> (usize, usize) {
     let off = (k * d) as isize - p as isize;
     let lo = if off < 0 { ((-off) as usize).div_ceil(s) } else { 0 };
     let last = len as isize - 1 - off;
