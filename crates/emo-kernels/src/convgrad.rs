@@ -15,7 +15,7 @@
 //! Single-threaded (the trainer runs one data-parallel replica per core) and in a fixed order,
 //! so runs and resumes stay bit-exact.
 
-use crate::dwgrad::{live, out_len};
+use crate::dwgrad::{live_run, out_len};
 
 /// Geometry of a one-group conv on `[n, ci, h, w]` with a `[co, ci, kh, kw]` weight
 /// (PyTorch / burn layout) and symmetric padding.
@@ -129,11 +129,7 @@ fn for_each_run(p: &ConvPlan, mut f: impl FnMut(usize, usize, usize, (usize, usi
         for ky in 0..p.kh {
             for kx in 0..p.kw {
                 let row = (i * p.kh + ky) * p.kw + kx;
-                let (lo, hi) = live(ow, p.w, sx, kx, dx, px);
-                if lo == hi {
-                    continue;
-                }
-                let ix0 = lo * sx + kx * dx - px;
+                let Some((lo, hi, ix0)) = live_run(ow, p.w, sx, kx, dx, px) else { continue };
                 for oy in 0..oh {
                     let iy = (oy * sy + ky * dy) as isize - py as isize;
                     if iy >= 0 && (iy as usize) < p.h {

@@ -179,6 +179,20 @@ pub(crate) fn live(out: usize, len: usize, s: usize, k: usize, d: usize, p: usiz
     (lo, hi.max(lo))
 }
 
+/// [`live`] as a run: `Some((lo, hi, first input index))`, or `None` when no output reads inside.
+#[inline(always)]
+pub(crate) fn live_run(
+    out: usize,
+    len: usize,
+    s: usize,
+    k: usize,
+    d: usize,
+    p: usize,
+) -> Option<(usize, usize, usize)> {
+    let (lo, hi) = live(out, len, s, k, d, p);
+    (lo < hi).then(|| (lo, hi, lo * s + k * d - p))
+}
+
 /// For each (image, channel) plane and each output row: calls `f(plane, oy, iy, ky)` for every
 /// kernel row that reads inside the input.
 #[inline(always)]
@@ -200,18 +214,14 @@ fn forward_planar(x: &[f32], weight: &[f32], plan: &DwPlan, out: &mut [f32]) {
     check(plan, x.len(), weight.len(), out.len());
     let (oh, ow) = plan.out_hw();
     let (hw, ohw, kk, w) = (plan.h * plan.w, oh * ow, plan.kh * plan.kw, plan.w);
-    let ([sx], [dx], [px]) = ([plan.stride[1]], [plan.dilation[1]], [plan.pad[1]]);
+    let (sx, dx, px) = (plan.stride[1], plan.dilation[1], plan.pad[1]);
     out.fill(0.0);
     for_each_row(plan, |plane, oy, iy, ky| {
         let wt = &weight[(plane % plan.c) * kk + ky * plan.kw..][..plan.kw];
         let irow = &x[plane * hw + iy * w..][..w];
         let orow = &mut out[plane * ohw + oy * ow..][..ow];
         for (kx, &wv) in wt.iter().enumerate() {
-            let (lo, hi) = live(ow, w, sx, kx, dx, px);
-            if lo == hi {
-                continue;
-            }
-            let i0 = lo * sx + kx * dx - px;
+            let Some((lo, hi, i0)) = live_run(ow, w, sx, kx, dx, px) else { continue };
             if sx == 1 {
                 orow[lo..hi].iter_mut().zip(&irow[i0..i0 + hi - lo]).for_each(|(o, i)| *o += wv * i);
             } else {
@@ -225,18 +235,14 @@ fn x_grad_planar(g: &[f32], weight: &[f32], plan: &DwPlan, gx: &mut [f32]) {
     check(plan, gx.len(), weight.len(), g.len());
     let (oh, ow) = plan.out_hw();
     let (hw, ohw, kk, w) = (plan.h * plan.w, oh * ow, plan.kh * plan.kw, plan.w);
-    let ([sx], [dx], [px]) = ([plan.stride[1]], [plan.dilation[1]], [plan.pad[1]]);
+    let (sx, dx, px) = (plan.stride[1], plan.dilation[1], plan.pad[1]);
     gx.fill(0.0);
     for_each_row(plan, |plane, oy, iy, ky| {
         let wt = &weight[(plane % plan.c) * kk + ky * plan.kw..][..plan.kw];
         let grow = &g[plane * ohw + oy * ow..][..ow];
         let xrow = &mut gx[plane * hw + iy * w..][..w];
         for (kx, &wv) in wt.iter().enumerate() {
-            let (lo, hi) = live(ow, w, sx, kx, dx, px);
-            if lo == hi {
-                continue;
-            }
-            let i0 = lo * sx + kx * dx - px;
+            let Some((lo, hi, i0)) = live_run(ow, w, sx, kx, dx, px) else { continue };
             if sx == 1 {
                 xrow[i0..i0 + hi - lo].iter_mut().zip(&grow[lo..hi]).for_each(|(d, g)| *d += wv * g);
             } else {
@@ -250,18 +256,14 @@ fn weight_grad_planar(x: &[f32], g: &[f32], plan: &DwPlan, gw: &mut [f32]) {
     check(plan, x.len(), gw.len(), g.len());
     let (oh, ow) = plan.out_hw();
     let (hw, ohw, kk, w) = (plan.h * plan.w, oh * ow, plan.kh * plan.kw, plan.w);
-    let ([sx], [dx], [px]) = ([plan.stride[1]], [plan.dilation[1]], [plan.pad[1]]);
+    let (sx, dx, px) = (plan.stride[1], plan.dilation[1], plan.pad[1]);
     gw.fill(0.0);
     for_each_row(plan, |plane, oy, iy, ky| {
         let gwt = &mut gw[(plane % plan.c) * kk + ky * plan.kw..][..plan.kw];
         let grow = &g[plane * ohw + oy * ow..][..ow];
         let irow = &x[plane * hw + iy * w..][..w];
         for (kx, acc) in gwt.iter_mut().enumerate() {
-            let (lo, hi) = live(ow, w, sx, kx, dx, px);
-            if lo == hi {
-                continue;
-            }
-            let i0 = lo * sx + kx * dx - px;
+            let Some((lo, hi, i0)) = live_run(ow, w, sx, kx, dx, px) else { continue };
             *acc += if sx == 1 {
                 dot(&grow[lo..hi], &irow[i0..i0 + hi - lo])
             } else {
