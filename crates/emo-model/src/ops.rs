@@ -389,78 +389,91 @@ fn kernel_act(act: Act) -> KAct {
     }
 }
 
+/// The three kernels of one convolution family (forward pass, input gradient, weight
+/// gradient), so that the depthwise and the one-group convs share one autodiff node.
+trait ConvKernels: std::fmt::Debug + Send + 'static {
+    fn forward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B>;
+    fn x_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B>;
+    fn weight_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B>;
+}
+
+#[derive(Debug)]
+struct Depthwise;
+
+impl ConvKernels for Depthwise {
+    fn forward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
+        B::depthwise_conv2d(x, w, o)
+    }
+    fn x_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
+        B::depthwise_conv2d_x_backward(x, w, g, o)
+    }
+    fn weight_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
+        B::depthwise_conv2d_weight_backward(x, w, g, o)
+    }
+}
+
+#[derive(Debug)]
+struct Dense;
+
+impl ConvKernels for Dense {
+    fn forward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
+        B::dense_conv2d(x, w, o)
+    }
+    fn x_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
+        B::dense_conv2d_x_backward(x, w, g, o)
+    }
+    fn weight_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
+        B::dense_conv2d_weight_backward(x, w, g, o)
+    }
+}
+
+/// The autodiff node of a convolution family: input and weight are checkpointed, and each
+/// gradient is computed only for the parents that require one.
+#[derive(Debug)]
+struct ConvBackward<K>(std::marker::PhantomData<K>);
+
+impl<B: EmoOps, K: ConvKernels> Backward<B, 2> for ConvBackward<K> {
+    type State = (NodeId, NodeId, ConvOptions<2>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_x, node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, weight_state, options) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, K::x_backward::<B>(x.clone(), weight.clone(), grad.clone(), options.clone()));
+        }
+        if let Some(node) = node_weight {
+            grads.register::<B>(node.id, K::weight_backward::<B>(x, weight, grad, options));
+        }
+    }
+}
+
+fn tracked_conv<B: EmoOps, C: CheckpointStrategy, K: ConvKernels>(
+    x: FloatTensor<Autodiff<B, C>>,
+    weight: FloatTensor<Autodiff<B, C>>,
+    options: ConvOptions<2>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let node = ConvBackward::<K>(std::marker::PhantomData);
+    match node.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(mut prep) => {
+            let x_state = prep.checkpoint(&x);
+            let weight_state = prep.checkpoint(&weight);
+            let out = K::forward::<B>(x.into_primitive(), weight.into_primitive(), options.clone());
+            prep.finish((x_state, weight_state, options), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(K::forward::<B>(x.into_primitive(), weight.into_primitive(), options)),
+    }
+}
+
 impl<B: EmoOps, C: CheckpointStrategy> EmoOps for Autodiff<B, C> {
     fn depthwise_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: ConvOptions<2>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct DepthwiseConvBackward;
-
-        impl<B: EmoOps> Backward<B, 2> for DepthwiseConvBackward {
-            type State = (NodeId, NodeId, ConvOptions<2>);
-
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-                let [node_x, node_weight] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (x_state, weight_state, options) = ops.state;
-                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
-                let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
-                if let Some(node) = node_x {
-                    let gx = B::depthwise_conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone());
-                    grads.register::<B>(node.id, gx);
-                }
-                if let Some(node) = node_weight {
-                    let gw = B::depthwise_conv2d_weight_backward(x, weight, grad, options);
-                    grads.register::<B>(node.id, gw);
-                }
-            }
-        }
-
-        match DepthwiseConvBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let weight_state = prep.checkpoint(&weight);
-                let out = B::depthwise_conv2d(x.into_primitive(), weight.into_primitive(), options.clone());
-                prep.finish((x_state, weight_state, options), out)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::depthwise_conv2d(x.into_primitive(), weight.into_primitive(), options))
-            }
-        }
+        tracked_conv::<B, C, Depthwise>(x, weight, options)
     }
 
     fn dense_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: ConvOptions<2>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct DenseConvBackward;
-
-        impl<B: EmoOps> Backward<B, 2> for DenseConvBackward {
-            type State = (NodeId, NodeId, ConvOptions<2>);
-
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-                let [node_x, node_weight] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (x_state, weight_state, options) = ops.state;
-                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
-                let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
-                if let Some(node) = node_x {
-                    let gx = B::dense_conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone());
-                    grads.register::<B>(node.id, gx);
-                }
-                if let Some(node) = node_weight {
-                    grads.register::<B>(node.id, B::dense_conv2d_weight_backward(x, weight, grad, options));
-                }
-            }
-        }
-
-        match DenseConvBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let weight_state = prep.checkpoint(&weight);
-                let out = B::dense_conv2d(x.into_primitive(), weight.into_primitive(), options.clone());
-                prep.finish((x_state, weight_state, options), out)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::dense_conv2d(x.into_primitive(), weight.into_primitive(), options))
-            }
-        }
+        tracked_conv::<B, C, Dense>(x, weight, options)
     }
 
     fn activation(x: FloatTensor<Self>, act: Act) -> FloatTensor<Self> {

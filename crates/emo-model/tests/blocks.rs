@@ -144,6 +144,27 @@ fn whole_map_attention_equals_the_padded_window_in_values_and_gradients() {
     }
 }
 
+/// The gradients of `fast` and `slow` (the same conv of `x`, computed two ways, times the same
+/// random weights) with respect to the input, the weight and the bias agree to 1e-5 relative
+/// to the largest, and none of them is all zero.
+fn assert_same_conv_grads(case: &str, conv: &burn::nn::conv::Conv2d, x: &Tensor<4>, fast: Tensor<4>, slow: Tensor<4>) {
+    let gf = fast.sum().backward();
+    let gs = slow.sum().backward();
+    let mut grads = vec![
+        ("x", to_vec(x.grad(&gf).unwrap()), to_vec(x.grad(&gs).unwrap())),
+        ("weight", to_vec(conv.weight.val().grad(&gf).unwrap()), to_vec(conv.weight.val().grad(&gs).unwrap())),
+    ];
+    if let Some(b) = &conv.bias {
+        grads.push(("bias", to_vec(b.val().grad(&gf).unwrap()), to_vec(b.val().grad(&gs).unwrap())));
+    }
+    for (name, a, b) in grads {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(scale > 0.0, "{case}: zero gradient for {name}");
+        assert!(diff <= 1e-5 * scale.max(1.0), "{case}: grad {name} diff {diff} (scale {scale})");
+    }
+}
+
 /// `emo_model::ops::conv2d` (the depthwise extension with its own backward on flex) gives
 /// burn's `Conv2d::forward` values and gradients (input, weight, bias) on conv_local shapes:
 /// 3x3 / 5x5, stride 1 and 2, maps smaller than the kernel, odd sizes, a dilated layer.
@@ -182,24 +203,7 @@ fn depthwise_extension_equals_conv2d_in_values_and_gradients() {
         let (f, sl) = (to_vec(fast.clone().inner()), to_vec(slow.clone().inner()));
         let diff = f.iter().zip(&sl).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(diff <= 1e-5, "{n}x{c}x{h}x{w} k{k} s{s} d{d}: output diff {diff}");
-        let gf = (fast * wts.clone()).sum().backward();
-        let gs = (slow * wts).sum().backward();
-        let mut grads = vec![
-            ("x", to_vec(x.grad(&gf).unwrap()), to_vec(x.grad(&gs).unwrap())),
-            ("weight", to_vec(conv.weight.val().grad(&gf).unwrap()), to_vec(conv.weight.val().grad(&gs).unwrap())),
-        ];
-        if let Some(b) = &conv.bias {
-            grads.push(("bias", to_vec(b.val().grad(&gf).unwrap()), to_vec(b.val().grad(&gs).unwrap())));
-        }
-        for (name, a, b) in grads {
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-            assert!(scale > 0.0, "zero gradient for {name}");
-            assert!(
-                diff <= 1e-5 * scale.max(1.0),
-                "{n}x{c}x{h}x{w} k{k} s{s} d{d}: grad {name} diff {diff} (scale {scale})"
-            );
-        }
+        assert_same_conv_grads(&format!("{n}x{c}x{h}x{w} k{k} s{s} d{d}"), &conv, &x, fast * wts.clone(), slow * wts);
     }
 }
 
@@ -249,21 +253,7 @@ fn dense_conv_extension_equals_conv2d_in_values_and_gradients() {
             let diff = f.iter().zip(&sl).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             let case = format!("{what} {n}x{ci}x{h}x{w} -> {co} k{k} s{s} d{d}");
             assert!(diff <= 1e-5 * scale.max(1.0), "{case}: output diff {diff}");
-            let gf = (fast * wts.clone()).sum().backward();
-            let gs = (slow * wts).sum().backward();
-            let mut grads = vec![
-                ("x", to_vec(x.grad(&gf).unwrap()), to_vec(x.grad(&gs).unwrap())),
-                ("weight", to_vec(conv.weight.val().grad(&gf).unwrap()), to_vec(conv.weight.val().grad(&gs).unwrap())),
-            ];
-            if let Some(b) = &conv.bias {
-                grads.push(("bias", to_vec(b.val().grad(&gf).unwrap()), to_vec(b.val().grad(&gs).unwrap())));
-            }
-            for (name, a, b) in grads {
-                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-                assert!(scale > 0.0, "zero gradient for {name}");
-                assert!(diff <= 1e-5 * scale.max(1.0), "{case}: grad {name} diff {diff} (scale {scale})");
-            }
+            assert_same_conv_grads(&case, &conv, &x, fast * wts.clone(), slow * wts);
         }
     }
     // Not the GEMM kernels: without autodiff, grouped, asymmetric padding.
