@@ -74,26 +74,37 @@ pub enum DwLayout {
 /// `cols = h * w`) or back. A 1-wide side (1x1 maps, the weight of a 1-channel layer) is the
 /// same layout both ways: a plain copy.
 fn transpose_planes(src: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let len = n * rows * cols;
+    crate::produce(n * rows * cols, rows * cols, |start, dst| {
+        transpose_plane(&src[start..][..rows * cols], rows, cols, dst)
+    })
+}
+
+/// One `[rows, cols]` plane of `src` written transposed (`[cols, rows]`) into `dst`.
+fn transpose_plane(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     if rows == 1 || cols == 1 {
-        return src[..len].to_vec();
+        dst.copy_from_slice(&src[..rows * cols]);
+        return;
     }
-    let mut dst = vec![0.0; len];
     const B: usize = 32;
-    for (s, d) in src.chunks_exact(rows * cols).zip(dst.chunks_exact_mut(rows * cols)) {
-        for r0 in (0..rows).step_by(B) {
-            let r1 = (r0 + B).min(rows);
-            for c0 in (0..cols).step_by(B) {
-                let c1 = (c0 + B).min(cols);
-                for r in r0..r1 {
-                    for (k, v) in s[r * cols + c0..r * cols + c1].iter().enumerate() {
-                        d[(c0 + k) * rows + r] = *v;
-                    }
+    for r0 in (0..rows).step_by(B) {
+        let r1 = (r0 + B).min(rows);
+        for c0 in (0..cols).step_by(B) {
+            let c1 = (c0 + B).min(cols);
+            for r in r0..r1 {
+                for (k, v) in src[r * cols + c0..r * cols + c1].iter().enumerate() {
+                    dst[(c0 + k) * rows + r] = *v;
                 }
             }
         }
     }
-    dst
+}
+
+/// [`transpose_planes`] into an existing buffer.
+fn transpose_planes_into(src: &[f32], n: usize, rows: usize, cols: usize, dst: &mut [f32]) {
+    let plane = rows * cols;
+    for (s, d) in src[..n * plane].chunks_exact(plane.max(1)).zip(dst[..n * plane].chunks_exact_mut(plane.max(1))) {
+        transpose_plane(s, rows, cols, d);
+    }
 }
 
 /// Every kernel tap that reads inside the input, per output pixel: calls
@@ -311,7 +322,7 @@ fn forward_cl(x: &[f32], weight: &[f32], plan: &DwPlan, out: &mut [f32]) {
         let (xb, ob) = (&xt[b * hw * c..][..hw * c], &mut ot[b * ohw * c..][..ohw * c]);
         for_each_tap(plan, |o, i, t| madd(&mut ob[o * c..][..c], &wt[t * c..][..c], &xb[i * c..][..c]));
     }
-    out.copy_from_slice(&transpose_planes(&ot, plan.n, ohw, c));
+    transpose_planes_into(&ot, plan.n, ohw, c, out);
 }
 
 fn x_grad_cl(g: &[f32], weight: &[f32], plan: &DwPlan, gx: &mut [f32]) {
@@ -328,7 +339,7 @@ fn x_grad_cl(g: &[f32], weight: &[f32], plan: &DwPlan, gx: &mut [f32]) {
         let (gb, gxb) = (&gt[b * ohw * c..][..ohw * c], &mut gxt[b * hw * c..][..hw * c]);
         for_each_tap(plan, |o, i, t| madd(&mut gxb[i * c..][..c], &wt[t * c..][..c], &gb[o * c..][..c]));
     }
-    gx.copy_from_slice(&transpose_planes(&gxt, plan.n, hw, c));
+    transpose_planes_into(&gxt, plan.n, hw, c, gx);
 }
 
 fn weight_grad_cl(x: &[f32], g: &[f32], plan: &DwPlan, gw: &mut [f32]) {
@@ -345,7 +356,7 @@ fn weight_grad_cl(x: &[f32], g: &[f32], plan: &DwPlan, gw: &mut [f32]) {
         let (xb, gb) = (&xt[b * hw * c..][..hw * c], &gt[b * ohw * c..][..ohw * c]);
         for_each_tap(plan, |o, i, t| madd(&mut gwt[t * c..][..c], &gb[o * c..][..c], &xb[i * c..][..c]));
     }
-    gw.copy_from_slice(&transpose_planes(&gwt, 1, kk, c));
+    transpose_planes_into(&gwt, 1, kk, c, gw);
 }
 
 /// `acc[i] += a[i] * b[i]`.

@@ -27,6 +27,24 @@ pub fn grow_exact<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
     }
 }
 
+/// A fresh vector of `len` values written chunk by chunk: `fill(start, chunk)` gets elements
+/// `start..start + chunk.len()` (chunks of `chunk_len`, the last one shorter), zeroed just
+/// before the call. A kernel's large output then costs one pass through memory, not two: the
+/// zeros go into cache lines the kernel overwrites right away, where `vec![0.0; len]` first
+/// streams the whole buffer's zeros out to memory and the kernel reads it back.
+pub fn produce<T: Clone + Default>(len: usize, chunk_len: usize, mut fill: impl FnMut(usize, &mut [T])) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    let step = chunk_len.max(1);
+    let mut start = 0;
+    while start < len {
+        let end = (start + step).min(len);
+        v.resize(end, T::default());
+        fill(start, &mut v[start..end]);
+        start = end;
+    }
+    v
+}
+
 pub mod act;
 pub mod attention;
 pub mod bnorm;
@@ -44,3 +62,22 @@ pub mod reference;
 pub mod xent;
 
 pub use act::Act;
+
+#[cfg(test)]
+mod tests {
+    use super::produce;
+
+    #[test]
+    fn produce_hands_out_zeroed_chunks_that_cover_the_vector_once() {
+        let mut seen = Vec::new();
+        let v = produce(10, 4, |start, chunk: &mut [f32]| {
+            assert!(chunk.iter().all(|&x| x == 0.0));
+            seen.push((start, chunk.len()));
+            chunk.iter_mut().enumerate().for_each(|(i, x)| *x = (start + i) as f32);
+        });
+        assert_eq!(seen, [(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(v, (0..10).map(|i| i as f32).collect::<Vec<_>>());
+        assert!(produce(0, 4, |_, _: &mut [f32]| panic!("no chunk for an empty vector")).is_empty());
+        assert_eq!(produce(3, 0, |s, c: &mut [u8]| c.fill(s as u8 + 1)), [1, 2, 3]);
+    }
+}

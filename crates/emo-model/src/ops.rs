@@ -212,6 +212,16 @@ fn conv_plan(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -> C
     }
 }
 
+/// Elements per chunk of an activation's output (32 KiB: stays in L1 until overwritten).
+const ACT_CHUNK: usize = 8192;
+
+/// A kernel's `[n, ...]` output computed image by image into a fresh buffer (`f(image, part)`),
+/// each image's part zeroed only just before the kernel writes it ([`emo_kernels::produce`]).
+fn per_image(n: usize, len: usize, mut f: impl FnMut(usize, &mut [f32])) -> Vec<f32> {
+    let per = len / n.max(1);
+    emo_kernels::produce(len, per, |start, part| f(start / per.max(1), part))
+}
+
 impl EmoOps for Flex {
     fn dense_conv2d(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: ConvOptions<2>) -> FloatTensor<Self> {
         if !dense_fast_path(&x, &weight, &weight, &options) {
@@ -219,8 +229,10 @@ impl EmoOps for Flex {
         }
         let p = conv_plan(&x, &weight, &options);
         let (oh, ow) = p.out_hw();
-        let mut out = vec![0f32; p.output_len()];
-        convgrad::forward(&values(&x), &values(&weight), &p, &mut out);
+        let (x, weight, one) = (values(&x), values(&weight), ConvPlan { n: 1, ..p });
+        let out = per_image(p.n, p.output_len(), |b, out| {
+            convgrad::forward(&x[b * one.input_len()..][..one.input_len()], &weight, &one, out)
+        });
         FlexTensor::from_data(TensorData::new(out, [p.n, p.co, oh, ow]))
     }
 
@@ -234,8 +246,10 @@ impl EmoOps for Flex {
             return Self::conv2d_x_backward(x, weight, grad, options);
         }
         let p = conv_plan(&x, &weight, &options);
-        let mut gx = vec![0f32; p.input_len()];
-        convgrad::x_grad(&values(&grad), &values(&weight), &p, &mut gx);
+        let (grad, weight, one) = (values(&grad), values(&weight), ConvPlan { n: 1, ..p });
+        let gx = per_image(p.n, p.input_len(), |b, gx| {
+            convgrad::x_grad(&grad[b * one.output_len()..][..one.output_len()], &weight, &one, gx)
+        });
         FlexTensor::from_data(TensorData::new(gx, x.shape().clone()))
     }
 
@@ -260,8 +274,10 @@ impl EmoOps for Flex {
         }
         let p = plan(&x.shape().dims::<4>(), &weight.shape().dims::<4>(), &options);
         let (oh, ow) = p.out_hw();
-        let mut out = vec![0f32; p.output_len()];
-        dwgrad::forward(&values(&x), &values(&weight), &p, &mut out);
+        let (x, weight, one) = (values(&x), values(&weight), DwPlan { n: 1, ..p });
+        let out = per_image(p.n, p.output_len(), |b, out| {
+            dwgrad::forward(&x[b * one.input_len()..][..one.input_len()], &weight, &one, out)
+        });
         FlexTensor::from_data(TensorData::new(out, [p.n, p.c, oh, ow]))
     }
 
@@ -276,8 +292,10 @@ impl EmoOps for Flex {
         }
         let xs = x.shape().dims::<4>().to_vec();
         let p = plan(&xs, &weight.shape().dims::<4>(), &options);
-        let mut gx = vec![0f32; p.input_len()];
-        dwgrad::x_grad(&values(&grad), &values(&weight), &p, &mut gx);
+        let (grad, weight, one) = (values(&grad), values(&weight), DwPlan { n: 1, ..p });
+        let gx = per_image(p.n, p.input_len(), |b, gx| {
+            dwgrad::x_grad(&grad[b * one.output_len()..][..one.output_len()], &weight, &one, gx)
+        });
         FlexTensor::from_data(TensorData::new(gx, xs))
     }
 
@@ -302,8 +320,8 @@ impl EmoOps for Flex {
             return generic_activation::<Self>(x, act);
         }
         let shape = x.shape().clone();
-        let mut y = vec![0f32; shape.num_elements()];
-        kact::apply_to(kernel_act(act), &values(&x), &mut y);
+        let (x, act) = (values(&x), kernel_act(act));
+        let y = emo_kernels::produce(shape.num_elements(), ACT_CHUNK, |s, y| kact::apply_to(act, &x[s..], y));
         FlexTensor::from_data(TensorData::new(y, shape))
     }
 
@@ -332,8 +350,10 @@ impl EmoOps for Flex {
         let xv = values(&x);
         let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
         bnorm::stats(&xv, n, c, h * w, &mut mean, &mut var);
-        let mut y = vec![0f32; xv.len()];
-        bnorm::normalize(&xv, n, c, h * w, &values(&gamma), &values(&beta), &mean, &var, epsilon as f32, &mut y);
+        let (gamma, beta, chw) = (values(&gamma), values(&beta), c * h * w);
+        let y = per_image(n, xv.len(), |b, y| {
+            bnorm::normalize(&xv[b * chw..][..chw], 1, c, h * w, &gamma, &beta, &mean, &var, epsilon as f32, y)
+        });
         (
             FlexTensor::from_data(TensorData::new(y, shape)),
             FlexTensor::from_data(TensorData::new(mean, [c])),
