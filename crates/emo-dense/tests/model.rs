@@ -381,9 +381,13 @@ fn dilated_conv_on_its_live_taps_matches_the_full_conv() {
         let fast = m.forward(x.clone());
         let full = m.conv.forward(x.clone());
         assert_eq!(fast.dims(), full.dims());
+        // 1e-5 relative to the largest reference value (at least 1), as the conv gradient checks
+        // of emo-model: the weight and bias gradients sum 512 products (magnitudes ~10-20), and
+        // the GEMM micro-kernel the CPU picks (AVX2 or AVX-512) sets their summation order.
         let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
             let err = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
-            assert!(err <= 1e-5, "{what} differs by {err} at {h}x{w}, dilation {d}");
+            assert!(err <= 1e-5 * scale, "{what} differs by {err} (scale {scale}) at {h}x{w}, dilation {d}");
         };
         close(to_vec(fast.clone()), to_vec(full.clone()), "output");
         let gf = (fast * probe.clone()).sum().backward();
