@@ -8,6 +8,11 @@
 //! batch 8, 6x6 -> 192x192 and 16x16 -> 512x512) as two matrix products (`loss::bilinear`, what
 //! the heads use) against burn's `interpolate`, forward and forward + backward, in the same run.
 //!
+//! `seg_loss` times the segmentation loss with its backward on those logits (DeepLabv3's 6x6
+//! and the FCN head's 12x12 at 192x192 labels, 16x16 at 512x512): resized inside the kernel
+//! (`loss::seg_ce` on the small logits, what training uses) against resizing first with burn
+//! ops and taking the loss at full size (`seg_ce(bilinear(x))`, the path before), in the same run.
+//!
 //! `cargo bench -p emo-dense --bench heads`
 
 use burn::nn::PaddingConfig2d;
@@ -87,5 +92,27 @@ fn resize(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, aspp, resize);
+fn seg_loss(c: &mut Criterion) {
+    use emo_dense::loss::{bilinear, seg_ce};
+    let device = Device::flex().autodiff();
+    let mut g = c.benchmark_group("seg_loss");
+    g.sample_size(20);
+    for (side, out) in [(6, 192), (12, 192), (16, 512)] {
+        let x = Tensor::<4>::random([8, 11, side, side], Distribution::Uniform(-4.0, 4.0), &device).require_grad();
+        let labels: Vec<u8> = (0..8 * out * out).map(|i| if i % 97 == 5 { 255 } else { (i / 61 % 11) as u8 }).collect();
+        for (name, fused) in [("resize_in_kernel", true), ("resize_then_loss", false)] {
+            g.bench_function(BenchmarkId::new(name, format!("{side}->{out}")), |b| {
+                b.iter(|| {
+                    let l = if fused { seg_ce(x.clone(), &labels, (out, out)) } else {
+                        seg_ce(bilinear(x.clone(), (out, out)), &labels, (out, out))
+                    };
+                    black_box(l.backward())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, aspp, resize, seg_loss);
 criterion_main!(benches);

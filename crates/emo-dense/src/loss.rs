@@ -124,15 +124,10 @@ pub fn resize_logits(x: Tensor<4>, hw: (usize, usize)) -> Tensor<4> {
 /// `align_corners=False`: source `(i + 0.5) * n / m - 0.5`, clamped at 0, between its two
 /// neighbours (the last input repeated at the edge). `[m, n]`, row-major.
 pub fn bilinear_weights(n: usize, m: usize) -> Vec<f32> {
-    let scale = n as f64 / m as f64;
     let mut a = vec![0f32; m * n];
-    for i in 0..m {
-        let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
-        let i0 = (src.floor() as usize).min(n - 1);
-        let i1 = if i0 < n - 1 { i0 + 1 } else { i0 };
-        let l1 = (src - i0 as f64) as f32;
-        a[i * n + i0] += 1.0 - l1;
-        a[i * n + i1] += l1;
+    for (i, t) in emo_kernels::xent::bilinear_taps(n, m).into_iter().enumerate() {
+        a[i * n + t.i0] += t.w0;
+        a[i * n + t.i1] += t.w1;
     }
     a
 }
@@ -154,29 +149,34 @@ pub fn bilinear(x: Tensor<4>, (oh, ow): (usize, usize)) -> Tensor<4> {
     y.reshape([b * c, ow, oh]).swap_dims(1, 2).reshape([b, c, oh, ow])
 }
 
-/// Pixel cross-entropy with 255 ignored; `labels` is `B * H * W` bytes.
+/// Pixel cross-entropy with 255 ignored, of logits resized (bilinear, align_corners false) to the
+/// label map `hw`; `labels` is `B * H * W` bytes.
 ///
-/// On flex the loss and its gradient come from one host pass (`emo_kernels::xent`) and reach
-/// autodiff through `sum(x * G) - detach(sum(x * G)) + L`: the value is `L` and the gradient of
-/// the logits is `G`. Elsewhere (LibTorch, GPUs) it is [`seg_ce_ops`].
+/// On flex the loss and the gradient of the (small) logits come from one host pass
+/// (`emo_kernels::xent::resized_softmax_xent`: resize, softmax, back through the resize, image by
+/// image) and reach autodiff through `sum(x * G) - detach(sum(x * G)) + L`: the value is `L` and
+/// the gradient of the logits is `G`. Elsewhere (LibTorch, GPUs) it is [`seg_ce_ops`].
 pub fn seg_ce(logits: Tensor<4>, labels: &[u8], hw: (usize, usize)) -> Tensor<1> {
     let device = logits.device();
     if !emo_model::ops::on_flex(&device) {
         return seg_ce_ops(logits, labels, hw);
     }
-    let x = resize_logits(logits, hw);
-    let [b, k, h, w] = x.dims();
-    let values = to_vec(x.clone());
+    let [b, k, h, w] = logits.dims();
+    let values = to_vec(logits.clone());
     let count = labels.iter().filter(|&&l| (l as usize) < k).count();
     let scale = 1.0 / count.max(1) as f32;
     let mut grad = vec![0f32; values.len()];
-    let sum = emo_kernels::xent::softmax_xent(&values, labels, k, h * w, scale, &mut grad);
+    let sum = if (h, w) == hw {
+        emo_kernels::xent::softmax_xent(&values, labels, k, h * w, scale, &mut grad)
+    } else {
+        emo_kernels::xent::resized_softmax_xent(&values, (h, w), labels, hw, k, scale, &mut grad)
+    };
     let loss = Tensor::<1>::from_data(TensorData::new(vec![(sum.loss * scale as f64) as f32], [1]), &device);
-    if !x.is_tracked() {
+    if !logits.is_tracked() {
         return loss;
     }
     let grad = Tensor::<4>::from_data(TensorData::new(grad, [b, k, h, w]), &device);
-    let surrogate = (x * grad).sum();
+    let surrogate = (logits * grad).sum();
     surrogate.clone() - surrogate.detach() + loss
 }
 

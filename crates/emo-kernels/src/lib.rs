@@ -12,6 +12,7 @@
 //! | [`attention::window_attention`] | strided-window MHSA from pixel indices (no permutes) | stages 3-4 |
 //! | [`act`] | vectorisable exp / SiLU / erf-GELU | everywhere |
 //! | [`xent::softmax_xent`] | pixel softmax cross-entropy and its gradient (NCHW) | training: segmentation loss |
+//! | [`xent::resized_softmax_xent`] | the same on logits bilinearly resized to the label map, gradient of the small logits | training: segmentation loss (DeepLabv3, PSPNet, FCN aux) |
 //! | [`bnorm`] | training-mode BatchNorm: batch statistics, normalisation, backward (NCHW) | training: every BN |
 //!
 //! Every kernel has a scalar reference in [`reference`]; the tests compare them on EMO's real

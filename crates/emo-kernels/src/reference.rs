@@ -390,3 +390,55 @@ pub fn batch_norm_train_backward(
     }
     (gx, gg, gb)
 }
+
+/// Reference of `xent::resized_softmax_xent` (f64): each output pixel's logits written out as
+/// PyTorch's bilinear sum over its four source pixels (align_corners false), `softmax_xent`'s
+/// loss on them, and the gradient scattered back through the same four weights.
+pub fn resized_softmax_xent(
+    x: &[f32],
+    (h, w): (usize, usize),
+    labels: &[u8],
+    (oh, ow): (usize, usize),
+    k: usize,
+    scale: f32,
+) -> (Vec<f32>, f64, usize) {
+    let taps = |n: usize, m: usize, i: usize| {
+        let src = ((i as f64 + 0.5) * n as f64 / m as f64 - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n - 1);
+        let l1 = src - i0 as f64;
+        [(i0, 1.0 - l1), ((i0 + 1).min(n - 1), l1)]
+    };
+    let (p, q) = (h * w, oh * ow);
+    let n = labels.len() / q;
+    let mut g = vec![0f64; x.len()];
+    let (mut loss, mut count) = (0f64, 0usize);
+    for img in 0..n {
+        for yy in 0..oh {
+            for xx in 0..ow {
+                let l = labels[img * q + yy * ow + xx] as usize;
+                if l >= k {
+                    continue;
+                }
+                let mut wts = Vec::with_capacity(4);
+                for (y, a) in taps(h, oh, yy) {
+                    for (x_, b) in taps(w, ow, xx) {
+                        wts.push((y * w + x_, a * b));
+                    }
+                }
+                let at = |c: usize, j: usize| img * k * p + c * p + j;
+                let z: Vec<f64> = (0..k).map(|c| wts.iter().map(|&(j, wt)| wt * x[at(c, j)] as f64).sum()).collect();
+                let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
+                loss += s.ln() + m - z[l];
+                count += 1;
+                for c in 0..k {
+                    let d = scale as f64 * ((z[c] - m).exp() / s - (c == l) as u8 as f64);
+                    for &(j, wt) in &wts {
+                        g[at(c, j)] += d * wt;
+                    }
+                }
+            }
+        }
+    }
+    (g.into_iter().map(|v| v as f32).collect(), loss, count)
+}

@@ -119,3 +119,135 @@ multiversion! {
         }
     }
 }
+
+/// One output of a bilinear resize (PyTorch's `interpolate(mode="bilinear",
+/// align_corners=False)` along one axis): `w0 * in[i0] + w1 * in[i1]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tap {
+    pub i0: usize,
+    pub i1: usize,
+    pub w0: f32,
+    pub w1: f32,
+}
+
+/// The taps of a resize from `n` inputs to `m` outputs: output `i` reads source position
+/// `(i + 0.5) * n / m - 0.5`, clamped at 0, between its two neighbours; past the last input the
+/// last one is repeated (`i1 == i0`, the weights merged into `w0`, `w1 == 0`).
+pub fn bilinear_taps(n: usize, m: usize) -> Vec<Tap> {
+    assert!(n > 0, "bilinear_taps: no inputs");
+    let scale = n as f64 / m as f64;
+    (0..m)
+        .map(|i| {
+            let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(n - 1);
+            let l1 = (src - i0 as f64) as f32;
+            if i0 < n - 1 {
+                Tap { i0, i1: i0 + 1, w0: 1.0 - l1, w1: l1 }
+            } else {
+                Tap { i0, i1: i0, w0: (1.0 - l1) + l1, w1: 0.0 }
+            }
+        })
+        .collect()
+}
+
+/// [`softmax_xent`] of logits computed at `(h, w)` and bilinearly resized to the labels' `(oh, ow)`
+/// (the segmentation loss of mmseg: logits resized to the label map, align_corners false), with
+/// the gradient of the small logits: `g` has `x`'s layout `[n, k, h * w]`.
+///
+/// The same numbers as resizing with burn ops, taking the loss and back-propagating through the
+/// resize, but one image at a time in two `[k, oh * ow]` scratch planes: the resized logits and
+/// their gradient never exist for the whole batch (at 192x192 with 11 classes and a batch of 8,
+/// 13 MB each) and the resize is two taps per output instead of a dense matrix product.
+pub fn resized_softmax_xent(
+    x: &[f32],
+    (h, w): (usize, usize),
+    labels: &[u8],
+    (oh, ow): (usize, usize),
+    k: usize,
+    scale: f32,
+    g: &mut [f32],
+) -> XentSum {
+    resized_softmax_xent_at(crate::isa::level(), x, (h, w), labels, (oh, ow), k, scale, g)
+}
+
+/// [`resized_softmax_xent`] at an explicit ISA level (one the CPU supports: see `isa::available`).
+#[allow(clippy::too_many_arguments)]
+pub fn resized_softmax_xent_at(
+    level: crate::isa::Level,
+    x: &[f32],
+    (h, w): (usize, usize),
+    labels: &[u8],
+    (oh, ow): (usize, usize),
+    k: usize,
+    scale: f32,
+    g: &mut [f32],
+) -> XentSum {
+    let (p, q) = (h * w, oh * ow);
+    assert!(k > 0 && p > 0 && q > 0, "resized_softmax_xent: {k} classes, {h}x{w} -> {oh}x{ow}");
+    let n = labels.len() / q;
+    assert!(labels.len() == n * q && x.len() == n * k * p && g.len() == x.len(), "resized_softmax_xent: shapes");
+    let (th, tw) = (bilinear_taps(h, oh), bilinear_taps(w, ow));
+    let mut up = vec![0f32; k * q];
+    let mut gu = vec![0f32; k * q];
+    let mut rows = vec![0f32; h * ow];
+    let mut sum = XentSum::default();
+    for img in 0..n {
+        let xi = &x[img * k * p..(img + 1) * k * p];
+        for c in 0..k {
+            resize_up_at(level, &xi[c * p..(c + 1) * p], w, &th, &tw, &mut rows, &mut up[c * q..(c + 1) * q]);
+        }
+        let s = softmax_xent_at(level, &up, &labels[img * q..(img + 1) * q], k, q, scale, &mut gu);
+        sum.loss += s.loss;
+        sum.count += s.count;
+        let gi = &mut g[img * k * p..(img + 1) * k * p];
+        for c in 0..k {
+            resize_back_at(level, &gu[c * q..(c + 1) * q], w, &th, &tw, &mut rows, &mut gi[c * p..(c + 1) * p]);
+        }
+    }
+    sum
+}
+
+multiversion! {
+    /// One `[h, w]` plane resized to `[oh, ow]` (`th.len()`, `tw.len()`): along W into `rows`
+    /// (`[h, ow]`), then along H into `out`.
+    fn resize_up / resize_up_at(x: &[f32], w: usize, th: &[Tap], tw: &[Tap], rows: &mut [f32], out: &mut [f32]) {
+        let ow = tw.len();
+        for (src, dst) in x.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {
+            for (d, t) in dst.iter_mut().zip(tw) {
+                *d = t.w0 * src[t.i0] + t.w1 * src[t.i1];
+            }
+        }
+        for (t, dst) in th.iter().zip(out.chunks_exact_mut(ow)) {
+            let (r0, r1) = (&rows[t.i0 * ow..(t.i0 + 1) * ow], &rows[t.i1 * ow..(t.i1 + 1) * ow]);
+            for j in 0..ow {
+                dst[j] = t.w0 * r0[j] + t.w1 * r1[j];
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The transpose of [`resize_up`]: the gradient `gu` of one `[oh, ow]` plane back onto its
+    /// `[h, w]` source, written to `out` (overwritten).
+    fn resize_back / resize_back_at(gu: &[f32], w: usize, th: &[Tap], tw: &[Tap], rows: &mut [f32], out: &mut [f32]) {
+        let ow = tw.len();
+        rows.fill(0.0);
+        for (t, src) in th.iter().zip(gu.chunks_exact(ow)) {
+            let r0 = &mut rows[t.i0 * ow..(t.i0 + 1) * ow];
+            for j in 0..ow {
+                r0[j] += t.w0 * src[j];
+            }
+            let r1 = &mut rows[t.i1 * ow..(t.i1 + 1) * ow];
+            for j in 0..ow {
+                r1[j] += t.w1 * src[j];
+            }
+        }
+        out.fill(0.0);
+        for (src, dst) in rows.chunks_exact(ow).zip(out.chunks_exact_mut(w)) {
+            for (v, t) in src.iter().zip(tw) {
+                dst[t.i0] += t.w0 * v;
+                dst[t.i1] += t.w1 * v;
+            }
+        }
+    }
+}

@@ -551,3 +551,44 @@ fn batch_norm_training_kernels_match_reference() {
         }
     }
 }
+
+/// The segmentation loss on logits smaller than the label map (resized inside the kernel, image
+/// by image) against the f64 reference at every SIMD level: DeepLabv3's 6x6 and its auxiliary
+/// head's 12x12 logits at a 192x192 label map, odd sizes, a shrinking resize, ignored pixels.
+#[test]
+fn resized_pixel_cross_entropy_matches_reference() {
+    use emo_kernels::xent::resized_softmax_xent_at;
+    let cases = [
+        (2, 11, (6, 6), (192, 192), 1.0),
+        (1, 11, (12, 12), (192, 192), 0.4),
+        (1, 3, (5, 7), (9, 13), 1.0),
+        (3, 4, (2, 3), (9, 13), 0.01),
+        (1, 5, (9, 7), (4, 3), 1.0),
+        (2, 2, (1, 1), (3, 5), 1.0),
+    ];
+    for (n, k, (h, w), (oh, ow), scale) in cases {
+        let x: Vec<f32> = rnd(n * k * h * w, 31).iter().map(|v| v * 6.0).collect();
+        let labels: Vec<u8> = rnd(n * oh * ow, 32)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match i % 13 {
+                5 => 255,
+                _ => (((v + 1.0) * 0.5 * k as f32) as usize).min(k - 1) as u8,
+            })
+            .collect();
+        let (want_g, want_loss, want_count) =
+            reference::resized_softmax_xent(&x, (h, w), &labels, (oh, ow), k, scale);
+        assert!(want_count > 0 && want_count < n * oh * ow);
+        let largest = want_g.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        assert!(largest > 0.0);
+        for l in available() {
+            let mut g = vec![f32::NAN; x.len()];
+            let got = resized_softmax_xent_at(l, &x, (h, w), &labels, (oh, ow), k, scale, &mut g);
+            let what = format!("{l:?} n{n} k{k} {h}x{w} -> {oh}x{ow}");
+            assert_eq!(got.count, want_count, "{what}");
+            assert!((got.loss - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()), "{what}: loss {} vs {want_loss}", got.loss);
+            let d = max_diff(&g, &want_g);
+            assert!(d <= 1e-5 * largest, "{what}: gradient differs by {d} (largest {largest})");
+        }
+    }
+}
