@@ -72,6 +72,16 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval);
             cfg.frozen_stages = a.frozen_stages.unwrap_or(cfg.frozen_stages);
             cfg.geometric_augment = !a.light_augment;
+            ensure!(
+                a.ohem_min_kept.is_none() || a.ohem_thresh.is_some(),
+                "--ohem-min-kept needs --ohem-thresh"
+            );
+            if let Some(thresh) = a.ohem_thresh {
+                ensure!(!task.is_detection(), "--ohem-thresh is for segmentation tasks");
+                ensure!(thresh > 0.0 && thresh <= 1.0, "--ohem-thresh must be in (0, 1]");
+                let min_kept = a.ohem_min_kept.unwrap_or(input.0 * input.1 / 5);
+                cfg.ohem = Some(emo_dense::loss::Ohem { thresh, min_kept });
+            }
             cfg.reduce_zero_label = a.reduce_zero_label;
             cfg.workers = a.workers.unwrap_or_else(|| crate::backend::chosen().default_workers(a.batch));
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{}", a.variant)));

@@ -291,6 +291,15 @@ pub(crate) struct TrainOpts {
     /// augmentation (SSD Expand + MinIoURandomCrop; segmentation rescale + crop).
     #[arg(long)]
     pub light_augment: bool,
+    /// Segmentation: online hard example mining on the decode head's pixel loss (mmseg's
+    /// OHEMPixelSampler): train on the pixels whose label probability is below this threshold
+    /// (mmseg configs: 0.7), and on at least --ohem-min-kept per image.
+    #[arg(long)]
+    pub ohem_thresh: Option<f32>,
+    /// Segmentation with --ohem-thresh: pixels kept per image at least (default: a fifth of the
+    /// input, as mmseg's 100000 of a 512x1024 Cityscapes crop).
+    #[arg(long)]
+    pub ohem_min_kept: Option<usize>,
     /// Segmentation: label 0 is "other" (ignored) and the classes are shifted down by one
     /// (ADE20K's layout); recorded in model.json so `emo eval --task` reads labels the same way.
     #[arg(long)]
@@ -506,8 +515,14 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         label_smoothing,
         warmup_epochs,
         random_erasing,
+        ohem_thresh,
+        ohem_min_kept,
         ..
     } = o;
+    ensure!(
+        ohem_thresh.is_none() && ohem_min_kept.is_none(),
+        "--ohem-thresh / --ohem-min-kept are for segmentation (--task deeplabv3|pspnet)"
+    );
     // A resumed run reads its data spec and input size from its own config.
     let (data, size) = match &resume {
         Some(dir) => {

@@ -402,8 +402,24 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         let run = tmp(&format!("run-{task}"));
         let _ = std::fs::remove_dir_all(&run);
         let args = ["train", "--task", task, "--data", d, "--input", "64x64", "--epochs", "1", "--batch", "8"];
-        let o = emo(&[&args[..], &["--out", run.to_str().unwrap()]].concat());
+        // OHEM is a segmentation option: a clear error for detection and for classification.
+        let ohem = ["--ohem-thresh", "0.7"];
+        if task == "ssdlite" {
+            let o = emo(&[&args[..], &ohem[..], &["--out", run.to_str().unwrap()]].concat());
+            assert!(!o.status.success() && stderr(&o).contains("for segmentation"), "{}", stderr(&o));
+            let o = emo(&["train", "--ohem-thresh", "0.7", "--out", run.to_str().unwrap()]);
+            assert!(!o.status.success() && stderr(&o).contains("for segmentation"), "{}", stderr(&o));
+            let _ = std::fs::remove_dir_all(&run);
+        }
+        let extra: &[&str] = if task == "deeplabv3" { &ohem } else { &[] };
+        let o = emo(&[&args[..], extra, &["--out", run.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{task}: {}", stderr(&o));
+        if task == "deeplabv3" {
+            // A fifth of the 64x64 input by default.
+            let cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+            assert_eq!(cfg["ohem"], serde_json::json!({"thresh": 0.7, "min_kept": 819}), "{cfg}");
+        }
         assert!(stdout(&o).contains(if task == "ssdlite" { "best mAP50" } else { "best mIoU" }), "{}", stdout(&o));
         assert!(stderr(&o).contains("epoch 1/1 ["), "progress bar: {}", stderr(&o));
         let w = run.join("best.safetensors");

@@ -7,7 +7,7 @@
 //! - segmentation: pixel cross-entropy on logits resized (bilinear) to the label size, with
 //!   255 ignored; the auxiliary head's loss is weighted 0.4.
 
-use burn::tensor::activation::{log_softmax, relu, sigmoid};
+use burn::tensor::activation::{log_softmax, relu, sigmoid, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::assign::Targets;
@@ -157,13 +157,67 @@ pub fn bilinear(x: Tensor<4>, (oh, ow): (usize, usize)) -> Tensor<4> {
 /// image) and reach autodiff through `sum(x * G) - detach(sum(x * G)) + L`: the value is `L` and
 /// the gradient of the logits is `G`. Elsewhere (LibTorch, GPUs) it is [`seg_ce_ops`].
 pub fn seg_ce(logits: Tensor<4>, labels: &[u8], hw: (usize, usize)) -> Tensor<1> {
-    let device = logits.device();
-    if !emo_model::ops::on_flex(&device) {
-        return seg_ce_ops(logits, labels, hw);
+    seg_ce_with(logits, labels, hw, None)
+}
+
+/// mmseg's `OHEMPixelSampler` with a threshold: of the pixels not ignored, the loss keeps those
+/// whose label probability is below `max(thresh, the probability of the min_kept * images-th
+/// hardest)`, so at least `min_kept` per image (when there are that many) and every pixel the
+/// model is unsure of. Applied to the decode head only, as mmseg's `sampler` is.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Ohem {
+    pub thresh: f32,
+    /// Pixels kept per image at least (mmseg's Cityscapes configs: 100000 of a 512x1024 crop).
+    pub min_kept: usize,
+}
+
+/// The labels OHEM trains on: `labels` with every pixel it does not keep set to 255 (ignored).
+/// `prob`: each pixel's label probability (`xent::resized_label_prob`); `images`: how many
+/// images `labels` holds.
+pub fn ohem_labels(prob: &[f32], labels: &[u8], k: usize, ohem: Ohem, images: usize) -> Vec<u8> {
+    assert_eq!(prob.len(), labels.len(), "ohem_labels: one probability per pixel");
+    let mut valid: Vec<f32> = prob.iter().zip(labels).filter(|&(_, &l)| (l as usize) < k).map(|(&p, _)| p).collect();
+    if valid.is_empty() {
+        return labels.to_vec();
     }
+    let at = (ohem.min_kept * images).min(valid.len() - 1);
+    let (_, &mut nth, _) = valid.select_nth_unstable_by(at, f32::total_cmp);
+    let threshold = nth.max(ohem.thresh);
+    prob.iter().zip(labels).map(|(&p, &l)| if (l as usize) < k && p < threshold { l } else { 255 }).collect()
+}
+
+/// [`seg_ce`], with [`Ohem`] pixel selection when `ohem` is set; the loss is still the mean over
+/// all pixels not ignored in `labels` (the dropped ones count 0), as mmseg's weighted mean.
+pub fn seg_ce_with(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), ohem: Option<Ohem>) -> Tensor<1> {
+    let device = logits.device();
     let [b, k, h, w] = logits.dims();
-    let values = to_vec(logits.clone());
     let count = labels.iter().filter(|&&l| (l as usize) < k).count();
+    if !emo_model::ops::on_flex(&device) {
+        let labels = match ohem {
+            Some(o) => {
+                let q = hw.0 * hw.1;
+                let probs = to_vec(softmax(resize_logits(logits.clone().detach(), hw), 1));
+                let prob: Vec<f32> = labels
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| if (l as usize) < k { probs[(i / q * k + l as usize) * q + i % q] } else { 1.0 })
+                    .collect();
+                ohem_labels(&prob, labels, k, o, b)
+            }
+            None => labels.to_vec(),
+        };
+        return seg_ce_ops_over(logits, &labels, hw, count);
+    }
+    let values = to_vec(logits.clone());
+    let kept;
+    let labels = match ohem {
+        Some(o) => {
+            let prob = emo_kernels::xent::resized_label_prob(&values, (h, w), labels, hw, k);
+            kept = ohem_labels(&prob, labels, k, o, b);
+            &kept[..]
+        }
+        None => labels,
+    };
     let scale = 1.0 / count.max(1) as f32;
     let mut grad = vec![0f32; values.len()];
     let sum = if (h, w) == hw {
@@ -182,20 +236,38 @@ pub fn seg_ce(logits: Tensor<4>, labels: &[u8], hw: (usize, usize)) -> Tensor<1>
 
 /// [`seg_ce`] as burn ops (log-softmax, gather, mask), for every backend.
 pub fn seg_ce_ops(logits: Tensor<4>, labels: &[u8], hw: (usize, usize)) -> Tensor<1> {
+    let k = logits.dims()[1];
+    let count = labels.iter().filter(|&&l| (l as usize) < k).count();
+    seg_ce_ops_over(logits, labels, hw, count)
+}
+
+/// [`seg_ce_ops`] summed over the pixels `labels` does not ignore, divided by `count`.
+fn seg_ce_ops_over(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), count: usize) -> Tensor<1> {
     let device = logits.device();
-    let b = logits.dims()[0];
+    let [b, k, _, _] = logits.dims();
     let x = resize_logits(logits, hw);
-    let idx: Vec<i64> = labels.iter().map(|&l| if l == 255 { 0 } else { l as i64 }).collect();
-    let valid: Vec<f32> = labels.iter().map(|&l| (l != 255) as u8 as f32).collect();
-    let count = valid.iter().sum::<f32>().max(1.0) as f64;
+    let idx: Vec<i64> = labels.iter().map(|&l| if (l as usize) < k { l as i64 } else { 0 }).collect();
+    let valid: Vec<f32> = labels.iter().map(|&l| ((l as usize) < k) as u8 as f32).collect();
     let idx = Tensor::<4, Int>::from_data(TensorData::new(idx, [b, 1, hw.0, hw.1]), &device);
     let valid = Tensor::<4>::from_data(TensorData::new(valid, [b, 1, hw.0, hw.1]), &device);
-    (log_softmax(x, 1).gather(1, idx) * valid).sum().neg().div_scalar(count)
+    (log_softmax(x, 1).gather(1, idx) * valid).sum().neg().div_scalar(count.max(1) as f64)
 }
 
 /// Decode + auxiliary (weight `aux_weight`) segmentation loss.
 pub fn seg_loss(logits: Tensor<4>, aux: Option<Tensor<4>>, labels: &[u8], hw: (usize, usize), aux_weight: f64) -> Loss {
-    let main = seg_ce(logits, labels, hw);
+    seg_loss_with(logits, aux, labels, hw, aux_weight, None)
+}
+
+/// [`seg_loss`] with [`Ohem`] on the decode head's loss when `ohem` is set.
+pub fn seg_loss_with(
+    logits: Tensor<4>,
+    aux: Option<Tensor<4>>,
+    labels: &[u8],
+    hw: (usize, usize),
+    aux_weight: f64,
+    ohem: Option<Ohem>,
+) -> Loss {
+    let main = seg_ce_with(logits, labels, hw, ohem);
     let mut parts = vec![("seg", scalar(main.clone()))];
     let total = match aux {
         Some(a) => {

@@ -260,6 +260,12 @@ impl SegMetrics {
         SegMetrics { num_classes, conf: vec![0; num_classes * num_classes] }
     }
 
+    /// Add another evaluation's counts (of the same classes).
+    pub fn merge(&mut self, other: &SegMetrics) {
+        assert_eq!(self.num_classes, other.num_classes, "SegMetrics::merge: class counts differ");
+        self.conf.iter_mut().zip(&other.conf).for_each(|(a, b)| *a += b);
+    }
+
     /// Add one image: `pred` and `gt` are label maps of the same size.
     pub fn add(&mut self, pred: &[u8], gt: &[u8], ignore_index: u8) {
         let n = self.num_classes;

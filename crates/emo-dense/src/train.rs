@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::assign::{MaxIou, Targets, targets};
 use crate::boxes::{BBox, BoxCoder};
 use crate::data::{DetDataset, SegDataset, augment, load_coco, load_seg, seg_geometry, ssd_geometry};
-use crate::loss::{focal_loss, seg_loss, ssd_loss};
+use crate::loss::{Ohem, focal_loss, seg_loss_with, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseModel, DenseOutput};
 use crate::names::{ADE20K_CLASSES, COCO_CAT_IDS, COCO_CLASSES};
@@ -86,6 +86,10 @@ pub struct DenseTrainConfig {
     /// over about the last `k` iterations.
     #[serde(default)]
     pub ema_decay: f64,
+    /// Segmentation: online hard example mining on the decode head's pixel loss (mmseg's
+    /// `OHEMPixelSampler`); `None`: every pixel.
+    #[serde(default)]
+    pub ohem: Option<Ohem>,
 }
 
 fn one() -> usize {
@@ -130,6 +134,7 @@ impl DenseTrainConfig {
             epoch_images: 0,
             workers: 1,
             ema_decay: 0.0,
+            ohem: None,
         }
     }
 
@@ -344,46 +349,93 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
 
 /// [`evaluate`]; `flip`: segmentation with mmseg's flip test augmentation
 /// ([`crate::predict::segment_with`]; detection ignores it).
+///
+/// Batches of 16 are split into one contiguous part per core, each run on its own thread (burn's
+/// CPU ops run on one thread each): see [`evaluate_on`].
 pub fn evaluate_with(model: &DenseModel, data: &DenseData, device: &Device, flip: bool) -> Result<Eval, DenseError> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    evaluate_on(model, data, device, flip, cores)
+}
+
+/// [`evaluate_with`] on `threads` threads: the batches of 16 in one contiguous part per thread;
+/// the parts' detections are joined in image order and their confusion matrices added, so the
+/// result does not depend on `threads`.
+pub fn evaluate_on(
+    model: &DenseModel,
+    data: &DenseData,
+    device: &Device,
+    flip: bool,
+    threads: usize,
+) -> Result<Eval, DenseError> {
     const B: usize = 16;
     let hw = model.cfg.input;
     match data {
         DenseData::Det(d) => {
             let anchors = anchors::anchors(&model.cfg);
             let test = DetTestCfg::official(model.cfg.task);
-            let mut dets = Vec::new();
-            for chunk in d.images.chunks(B) {
-                let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
-                    .without_autodiff();
-                for (img, ds) in chunk.iter().zip(detect(model, x, &anchors, &test)?) {
-                    let (sx, sy) = (img.orig.1 as f64 / hw.1 as f64, img.orig.0 as f64 / hw.0 as f64);
-                    for det in ds {
-                        let [x1, y1, x2, y2] = det.bbox.map(f64::from);
-                        dets.push(DetBox {
-                            image_id: img.id,
-                            category_id: d.cat_ids[det.label],
-                            bbox: [x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy],
-                            score: det.score as f64,
-                        });
+            let chunks: Vec<_> = d.images.chunks(B).collect();
+            let parts = on_threads(&chunks, threads, |part| {
+                let mut dets = Vec::new();
+                for chunk in part {
+                    let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
+                        .without_autodiff();
+                    for (img, ds) in chunk.iter().zip(detect(model, x, &anchors, &test)?) {
+                        let (sx, sy) = (img.orig.1 as f64 / hw.1 as f64, img.orig.0 as f64 / hw.0 as f64);
+                        for det in ds {
+                            let [x1, y1, x2, y2] = det.bbox.map(f64::from);
+                            dets.push(DetBox {
+                                image_id: img.id,
+                                category_id: d.cat_ids[det.label],
+                                bbox: [x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy],
+                                score: det.score as f64,
+                            });
+                        }
                     }
                 }
+                Ok::<_, DenseError>(dets)
+            });
+            let mut dets = Vec::new();
+            for part in parts {
+                dets.extend(part?);
             }
             let ids: Vec<u64> = d.images.iter().map(|i| i.id).collect();
             let (stats, per_class) = coco_eval(&d.gt, &dets, &ids, &d.cat_ids);
             Ok(Eval::Coco(stats, per_class))
         }
         DenseData::Seg(d) => {
-            let mut m = SegMetrics::new(model.cfg.num_classes);
-            for chunk in d.images.chunks(B) {
-                let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
-                    .without_autodiff();
-                for (img, pred) in chunk.iter().zip(segment_with(model, x, flip)?) {
-                    m.add(&pred, &img.label, 255);
+            let chunks: Vec<_> = d.images.chunks(B).collect();
+            let parts = on_threads(&chunks, threads, |part| {
+                let mut m = SegMetrics::new(model.cfg.num_classes);
+                for chunk in part {
+                    let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
+                        .without_autodiff();
+                    for (img, pred) in chunk.iter().zip(segment_with(model, x, flip)?) {
+                        m.add(&pred, &img.label, 255);
+                    }
                 }
+                Ok::<_, DenseError>(m)
+            });
+            let mut m = SegMetrics::new(model.cfg.num_classes);
+            for part in parts {
+                m.merge(&part?);
             }
             Ok(Eval::Seg(m.stats(), m))
         }
     }
+}
+
+/// `f` over `threads` contiguous parts of `items` (`emo_train::parallel::shards`), each on a
+/// scoped thread; the results in order.
+fn on_threads<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&[T]) -> R + Sync) -> Vec<R> {
+    let parts = parallel::shards(items.len(), threads);
+    if parts.len() <= 1 {
+        return vec![f(items)];
+    }
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = parts.into_iter().map(|r| s.spawn(move || f(&items[r]))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    })
 }
 
 fn optimizer(cfg: &DenseTrainConfig, model: &DenseModel) -> ModuleOptimizer {
@@ -592,7 +644,7 @@ impl DenseTrainer {
         }
         // Forward and backward per data-parallel shard (`emo_train::parallel::step`); each
         // replica hands back its named loss parts, weighted by its share of the batch.
-        let (task, npr, aux_w) = (self.cfg.task, self.cfg.neg_pos_ratio, self.cfg.aux_weight);
+        let (task, npr, aux_w, ohem) = (self.cfg.task, self.cfg.neg_pos_ratio, self.cfg.aux_weight, self.cfg.ohem);
         let b = idx.len();
         let model = self.model.as_ref().expect("model");
         let (value, shard_parts, grads) = parallel::step(
@@ -616,7 +668,7 @@ impl DenseTrainer {
                     let loss = match replica.forward(x, true)? {
                         DenseOutput::Det { cls, reg } if task == Task::SsdLite => ssd_loss(cls, reg, &t, k, npr),
                         DenseOutput::Det { cls, reg } => focal_loss(cls, reg, &t, k),
-                        DenseOutput::Seg { logits, aux } => seg_loss(logits, aux, &lab, hw, aux_w),
+                        DenseOutput::Seg { logits, aux } => seg_loss_with(logits, aux, &lab, hw, aux_w, ohem),
                     };
                     let parts: Vec<(&'static str, f64)> = loss.parts.iter().map(|&(n, v)| (n, v * share)).collect();
                     Ok::<_, DenseError>((loss.total, parts))

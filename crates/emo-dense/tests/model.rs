@@ -308,6 +308,42 @@ fn retinanet_and_pspnet_train_too() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
+/// Evaluation split over threads (one contiguous run of batches each) gives exactly the
+/// single-thread result: the same confusion matrix, the same COCO numbers, with and without flip.
+#[test]
+fn evaluation_on_threads_equals_one_thread() {
+    use emo_dense::train::{Eval, evaluate_on};
+    let _g = serial();
+    let data = tmp("data-eval");
+    // 40 validation images: batches of 16, 16 and 8.
+    synthetic_set(&data, 1, 40);
+    let device = Device::flex();
+    for task in [Task::DeepLabV3, Task::SsdLite] {
+        let split = load_split(task, &data, "val", (64, 64), false, false, 0).unwrap();
+        // The set's 2 categories; segmentation adds the background.
+        let classes = if task.is_detection() { 2 } else { 3 };
+        let model = DenseModel::new(&small(task, classes), None, &device).unwrap();
+        for flip in [false, true] {
+            let one = evaluate_on(&model, &split, &device, flip, 1).unwrap();
+            for threads in [2, 3, 5] {
+                let many = evaluate_on(&model, &split, &device, flip, threads).unwrap();
+                match (&one, &many) {
+                    (Eval::Seg(a, ma), Eval::Seg(b, mb)) => {
+                        assert_eq!(ma.conf.iter().sum::<u64>(), 40 * 64 * 64);
+                        assert_eq!(ma.conf, mb.conf, "{task} flip {flip}, {threads} threads");
+                        assert_eq!(a, b);
+                    }
+                    (Eval::Coco(a, ca), Eval::Coco(b, cb)) => {
+                        assert_eq!(format!("{a:?} {ca:?}"), format!("{b:?} {cb:?}"), "{task}, {threads} threads");
+                    }
+                    _ => panic!("{task}: evaluations of different kinds"),
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}
+
 #[test]
 fn bad_data_is_skipped_and_counted_or_rejected() {
     let _g = serial();
@@ -539,5 +575,66 @@ fn pixel_cross_entropy_on_flex_matches_burn_ops_in_value_and_gradient() {
         assert!(largest > 1e-4 && err <= 1e-5 * largest, "gradient differs by {err} (largest {largest})");
         let plain = seg_ce(x.clone().detach(), &labels, (oh, ow));
         assert!((to_vec(plain)[0] - lt).abs() <= 1e-5 * lt.abs().max(1.0));
+    }
+}
+
+/// mmseg's `OHEMPixelSampler.sample` with a threshold, written as it is there: sort the valid
+/// pixels' label probabilities, take the one at `min(min_kept * images, n - 1)`, keep the valid
+/// pixels below `max(that, thresh)`.
+fn mmseg_ohem_keep(prob: &[f32], labels: &[u8], k: usize, thresh: f32, min_kept: usize, images: usize) -> Vec<bool> {
+    let mut sorted: Vec<f32> = prob.iter().zip(labels).filter(|&(_, &l)| (l as usize) < k).map(|(&p, _)| p).collect();
+    sorted.sort_by(f32::total_cmp);
+    let min_threshold = if sorted.is_empty() { 0.0 } else { sorted[(min_kept * images).min(sorted.len() - 1)] };
+    let threshold = min_threshold.max(thresh);
+    prob.iter().zip(labels).map(|(&p, &l)| (l as usize) < k && p < threshold).collect()
+}
+
+/// OHEM pixel selection keeps what mmseg's sampler keeps (the threshold alone, the min_kept
+/// floor, more asked for than there are pixels), and the OHEM loss on flex equals the burn-ops
+/// loss over the kept pixels divided by all valid pixels, in value and gradient.
+#[test]
+fn ohem_keeps_the_pixels_mmseg_keeps_and_its_loss_matches_burn_ops() {
+    use burn::tensor::activation::softmax;
+    use emo_dense::loss::{Ohem, ohem_labels, resize_logits, seg_ce_ops, seg_ce_with};
+
+    let _g = serial();
+    let device = Device::flex().autodiff();
+    let ((b, k, h, w), (oh, ow)) = ((2, 5, 6, 6), (24, 24));
+    let x = Tensor::<4>::random([b, k, h, w], Distribution::Uniform(-4.0, 4.0), &device).require_grad();
+    let labels: Vec<u8> = (0..b * oh * ow).map(|i| if i % 7 == 3 { 255 } else { ((i * 31 + i / 5) % k) as u8 }).collect();
+    let valid = labels.iter().filter(|&&l| l != 255).count();
+    let q = oh * ow;
+    let probs = to_vec(softmax(resize_logits(x.clone().detach(), (oh, ow)), 1));
+    let prob: Vec<f32> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| if l == 255 { 1.0 } else { probs[(i / q * k + l as usize) * q + i % q] })
+        .collect();
+    let below = |t: f32| prob.iter().zip(&labels).filter(|&(&p, &l)| l != 255 && p < t).count();
+    // (thresh, min_kept): the threshold decides; the floor decides; the floor exceeds the pixels.
+    for (thresh, min_kept) in [(0.3, 10), (0.05, 200), (0.5, 10_000)] {
+        let ohem = Ohem { thresh, min_kept };
+        let want = mmseg_ohem_keep(&prob, &labels, k, thresh, min_kept, b);
+        let got = ohem_labels(&prob, &labels, k, ohem, b);
+        for (i, (&keep, &g)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(g, if keep { labels[i] } else { 255 }, "thresh {thresh} min_kept {min_kept} pixel {i}");
+        }
+        let kept = want.iter().filter(|&&t| t).count();
+        assert!(kept > 0 && kept < valid, "thresh {thresh} min_kept {min_kept}: kept {kept} of {valid}");
+        if min_kept == 10 {
+            assert_eq!(kept, below(thresh), "the threshold alone decides");
+        } else {
+            assert!(kept > below(thresh), "the floor keeps more than the threshold");
+        }
+        let masked: Vec<u8> = want.iter().zip(&labels).map(|(&t, &l)| if t { l } else { 255 }).collect();
+        let ours = seg_ce_with(x.clone(), &labels, (oh, ow), Some(ohem));
+        let theirs = seg_ce_ops(x.clone(), &masked, (oh, ow)).mul_scalar(kept as f64 / valid as f64);
+        let (lo, lt) = (to_vec(ours.clone())[0], to_vec(theirs.clone())[0]);
+        assert!((lo - lt).abs() <= 1e-5 * lt.abs().max(1.0), "loss {lo} vs {lt}");
+        let (go, gt) = (ours.backward(), theirs.backward());
+        let (go, gt) = (to_vec(x.grad(&go).unwrap()), to_vec(x.grad(&gt).unwrap()));
+        let err = go.iter().zip(&gt).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        let largest = gt.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        assert!(largest > 1e-4 && err <= 1e-5 * largest, "gradient differs by {err} (largest {largest})");
     }
 }

@@ -442,3 +442,37 @@ pub fn resized_softmax_xent(
     }
     (g.into_iter().map(|v| v as f32).collect(), loss, count)
 }
+
+/// The label's softmax probability at each pixel of the bilinearly resized logits (1.0 where
+/// the label is `>= k`), each pixel's four-tap sum written out in f64.
+pub fn resized_label_prob(x: &[f32], (h, w): (usize, usize), labels: &[u8], (oh, ow): (usize, usize), k: usize) -> Vec<f64> {
+    let taps = |n: usize, m: usize, i: usize| {
+        let src = ((i as f64 + 0.5) * n as f64 / m as f64 - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n - 1);
+        let l1 = src - i0 as f64;
+        [(i0, 1.0 - l1), ((i0 + 1).min(n - 1), l1)]
+    };
+    let (p, q) = (h * w, oh * ow);
+    let mut out = vec![1f64; labels.len()];
+    for (i, (&l, o)) in labels.iter().zip(&mut out).enumerate() {
+        let (img, yy, xx) = (i / q, (i % q) / ow, i % ow);
+        if l as usize >= k {
+            continue;
+        }
+        let z: Vec<f64> = (0..k)
+            .map(|c| {
+                let mut v = 0.0;
+                for (y, a) in taps(h, oh, yy) {
+                    for (x_, b) in taps(w, ow, xx) {
+                        v += a * b * x[img * k * p + c * p + y * w + x_] as f64;
+                    }
+                }
+                v
+            })
+            .collect();
+        let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
+        *o = (z[l as usize] - m).exp() / s;
+    }
+    out
+}

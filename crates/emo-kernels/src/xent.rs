@@ -207,6 +207,54 @@ pub fn resized_softmax_xent_at(
     sum
 }
 
+/// The softmax probability of each pixel's label under logits computed at `(h, w)` and
+/// bilinearly resized to the labels' `(oh, ow)`, as [`resized_softmax_xent`] resizes them
+/// (`[n, oh * ow]`; 1.0 where the label is `>= k`, e.g. ignored). With `(h, w) == (oh, ow)` the
+/// logits are taken as they are. What mmseg's `OHEMPixelSampler` ranks pixels by.
+pub fn resized_label_prob(x: &[f32], (h, w): (usize, usize), labels: &[u8], (oh, ow): (usize, usize), k: usize) -> Vec<f32> {
+    resized_label_prob_at(crate::isa::level(), x, (h, w), labels, (oh, ow), k)
+}
+
+/// [`resized_label_prob`] at an explicit ISA level (one the CPU supports: see `isa::available`).
+pub fn resized_label_prob_at(
+    level: crate::isa::Level,
+    x: &[f32],
+    (h, w): (usize, usize),
+    labels: &[u8],
+    (oh, ow): (usize, usize),
+    k: usize,
+) -> Vec<f32> {
+    let (p, q) = (h * w, oh * ow);
+    assert!(k > 0 && p > 0 && q > 0, "resized_label_prob: {k} classes, {h}x{w} -> {oh}x{ow}");
+    let n = labels.len() / q;
+    assert!(labels.len() == n * q && x.len() == n * k * p, "resized_label_prob: shapes");
+    let (th, tw) = (bilinear_taps(h, oh), bilinear_taps(w, ow));
+    let mut up = vec![0f32; k * q];
+    let mut gu = vec![0f32; k * q];
+    let mut rows = vec![0f32; h * ow];
+    let mut prob = vec![1f32; n * q];
+    for img in 0..n {
+        let xi = &x[img * k * p..(img + 1) * k * p];
+        let logits = if (h, w) == (oh, ow) {
+            xi
+        } else {
+            for c in 0..k {
+                resize_up_at(level, &xi[c * p..(c + 1) * p], w, &th, &tw, &mut rows, &mut up[c * q..(c + 1) * q]);
+            }
+            &up[..]
+        };
+        // The fused pass writes softmax - onehot: at the label's channel that is p - 1.
+        let li = &labels[img * q..(img + 1) * q];
+        softmax_xent_at(level, logits, li, k, q, 1.0, &mut gu);
+        for (j, (&l, pr)) in li.iter().zip(&mut prob[img * q..(img + 1) * q]).enumerate() {
+            if (l as usize) < k {
+                *pr = (gu[l as usize * q + j] + 1.0).clamp(0.0, 1.0);
+            }
+        }
+    }
+    prob
+}
+
 multiversion! {
     /// One `[h, w]` plane resized to `[oh, ow]` (`th.len()`, `tw.len()`): along W into `rows`
     /// (`[h, ow]`), then along H into `out`.

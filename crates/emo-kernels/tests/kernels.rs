@@ -552,6 +552,33 @@ fn batch_norm_training_kernels_match_reference() {
     }
 }
 
+/// The label probabilities OHEM ranks pixels by, against the f64 reference at every SIMD level:
+/// resized (DeepLabv3's 6x6 at 192x192, odd sizes, a shrink) and unresized logits, ignored pixels.
+#[test]
+fn resized_label_probabilities_match_reference() {
+    use emo_kernels::xent::resized_label_prob_at;
+    for (n, k, (h, w), (oh, ow)) in [(2, 11, (6, 6), (192, 192)), (1, 3, (5, 7), (9, 13)), (1, 5, (9, 7), (4, 3)), (2, 4, (3, 5), (3, 5))] {
+        let x: Vec<f32> = rnd(n * k * h * w, 41).iter().map(|v| v * 6.0).collect();
+        let labels: Vec<u8> = rnd(n * oh * ow, 42)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match i % 11 {
+                3 => 255,
+                _ => (((v + 1.0) * 0.5 * k as f32) as usize).min(k - 1) as u8,
+            })
+            .collect();
+        let want = reference::resized_label_prob(&x, (h, w), &labels, (oh, ow), k);
+        assert!(want.iter().any(|&p| p < 0.1) && want.iter().any(|&p| p > 0.5 && p < 1.0));
+        for l in available() {
+            let got = resized_label_prob_at(l, &x, (h, w), &labels, (oh, ow), k);
+            assert_eq!(got.len(), want.len());
+            for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                assert!((g as f64 - e).abs() <= 2e-6, "{l:?} n{n} k{k} {h}x{w} -> {oh}x{ow} pixel {i}: {g} vs {e}");
+            }
+        }
+    }
+}
+
 /// The segmentation loss on logits smaller than the label map (resized inside the kernel, image
 /// by image) against the f64 reference at every SIMD level: DeepLabv3's 6x6 and its auxiliary
 /// head's 12x12 logits at a 192x192 label map, odd sizes, a shrinking resize, ignored pixels.
