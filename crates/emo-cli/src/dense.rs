@@ -72,10 +72,7 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval);
             cfg.frozen_stages = a.frozen_stages.unwrap_or(cfg.frozen_stages);
             cfg.geometric_augment = !a.light_augment;
-            ensure!(
-                a.ohem_min_kept.is_none() || a.ohem_thresh.is_some(),
-                "--ohem-min-kept needs --ohem-thresh"
-            );
+            ensure!(a.ohem_min_kept.is_none() || a.ohem_thresh.is_some(), "--ohem-min-kept needs --ohem-thresh");
             if let Some(thresh) = a.ohem_thresh {
                 ensure!(!task.is_detection(), "--ohem-thresh is for segmentation tasks");
                 ensure!(thresh > 0.0 && thresh <= 1.0, "--ohem-thresh must be in (0, 1]");

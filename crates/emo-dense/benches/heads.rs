@@ -103,7 +103,9 @@ fn seg_loss(c: &mut Criterion) {
         for (name, fused) in [("resize_in_kernel", true), ("resize_then_loss", false)] {
             g.bench_function(BenchmarkId::new(name, format!("{side}->{out}")), |b| {
                 b.iter(|| {
-                    let l = if fused { seg_ce(x.clone(), &labels, (out, out)) } else {
+                    let l = if fused {
+                        seg_ce(x.clone(), &labels, (out, out))
+                    } else {
                         seg_ce(bilinear(x.clone(), (out, out)), &labels, (out, out))
                     };
                     black_box(l.backward())

@@ -551,6 +551,19 @@ fn flip_test_augmentation_is_mirror_symmetric_and_off_by_default() {
     }
 }
 
+/// Asserts that two scalar losses of `x` agree in value (1e-5 relative) and in `x`'s gradient
+/// (1e-5 of its largest entry, which must not vanish); returns `theirs`'s value.
+fn same_loss_and_gradient(ours: Tensor<1>, theirs: Tensor<1>, x: &Tensor<4>) -> f32 {
+    let (lo, lt) = (to_vec(ours.clone())[0], to_vec(theirs.clone())[0]);
+    assert!((lo - lt).abs() <= 1e-5 * lt.abs().max(1.0), "loss {lo} vs {lt}");
+    let (go, gt) = (ours.backward(), theirs.backward());
+    let (go, gt) = (to_vec(x.grad(&go).unwrap()), to_vec(x.grad(&gt).unwrap()));
+    let err = go.iter().zip(&gt).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+    let largest = gt.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+    assert!(largest > 1e-4 && err <= 1e-5 * largest, "gradient differs by {err} (largest {largest})");
+    lt
+}
+
 /// The segmentation loss on flex (one host pass for the loss and the logits' gradient) equals
 /// the burn-ops version in value and in the gradient of the low-resolution logits (through the
 /// bilinear resize), with ignored (255) pixels, and a loss without autodiff is just the value.
@@ -566,13 +579,7 @@ fn pixel_cross_entropy_on_flex_matches_burn_ops_in_value_and_gradient() {
             (0..b * oh * ow).map(|i| if i % 7 == 3 { 255 } else { ((i * 31 + i / 5) % k) as u8 }).collect();
         let ours = seg_ce(x.clone(), &labels, (oh, ow));
         let theirs = seg_ce_ops(x.clone(), &labels, (oh, ow));
-        let (lo, lt) = (to_vec(ours.clone())[0], to_vec(theirs.clone())[0]);
-        assert!((lo - lt).abs() <= 1e-5 * lt.abs().max(1.0), "loss {lo} vs {lt}");
-        let (go, gt) = (ours.backward(), theirs.backward());
-        let (go, gt) = (to_vec(x.grad(&go).unwrap()), to_vec(x.grad(&gt).unwrap()));
-        let err = go.iter().zip(&gt).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
-        let largest = gt.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-        assert!(largest > 1e-4 && err <= 1e-5 * largest, "gradient differs by {err} (largest {largest})");
+        let lt = same_loss_and_gradient(ours, theirs, &x);
         let plain = seg_ce(x.clone().detach(), &labels, (oh, ow));
         assert!((to_vec(plain)[0] - lt).abs() <= 1e-5 * lt.abs().max(1.0));
     }
@@ -601,7 +608,8 @@ fn ohem_keeps_the_pixels_mmseg_keeps_and_its_loss_matches_burn_ops() {
     let device = Device::flex().autodiff();
     let ((b, k, h, w), (oh, ow)) = ((2, 5, 6, 6), (24, 24));
     let x = Tensor::<4>::random([b, k, h, w], Distribution::Uniform(-4.0, 4.0), &device).require_grad();
-    let labels: Vec<u8> = (0..b * oh * ow).map(|i| if i % 7 == 3 { 255 } else { ((i * 31 + i / 5) % k) as u8 }).collect();
+    let labels: Vec<u8> =
+        (0..b * oh * ow).map(|i| if i % 7 == 3 { 255 } else { ((i * 31 + i / 5) % k) as u8 }).collect();
     let valid = labels.iter().filter(|&&l| l != 255).count();
     let q = oh * ow;
     let probs = to_vec(softmax(resize_logits(x.clone().detach(), (oh, ow)), 1));
@@ -629,12 +637,6 @@ fn ohem_keeps_the_pixels_mmseg_keeps_and_its_loss_matches_burn_ops() {
         let masked: Vec<u8> = want.iter().zip(&labels).map(|(&t, &l)| if t { l } else { 255 }).collect();
         let ours = seg_ce_with(x.clone(), &labels, (oh, ow), Some(ohem));
         let theirs = seg_ce_ops(x.clone(), &masked, (oh, ow)).mul_scalar(kept as f64 / valid as f64);
-        let (lo, lt) = (to_vec(ours.clone())[0], to_vec(theirs.clone())[0]);
-        assert!((lo - lt).abs() <= 1e-5 * lt.abs().max(1.0), "loss {lo} vs {lt}");
-        let (go, gt) = (ours.backward(), theirs.backward());
-        let (go, gt) = (to_vec(x.grad(&go).unwrap()), to_vec(x.grad(&gt).unwrap()));
-        let err = go.iter().zip(&gt).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
-        let largest = gt.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-        assert!(largest > 1e-4 && err <= 1e-5 * largest, "gradient differs by {err} (largest {largest})");
+        same_loss_and_gradient(ours, theirs, &x);
     }
 }

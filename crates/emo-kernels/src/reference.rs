@@ -391,6 +391,15 @@ pub fn batch_norm_train_backward(
     (gx, gg, gb)
 }
 
+/// The two source positions and weights of output `i` of a bilinear resize from `n` to `m`
+/// (PyTorch, align_corners false), in f64.
+fn bilinear_taps(n: usize, m: usize, i: usize) -> [(usize, f64); 2] {
+    let src = ((i as f64 + 0.5) * n as f64 / m as f64 - 0.5).max(0.0);
+    let i0 = (src.floor() as usize).min(n - 1);
+    let l1 = src - i0 as f64;
+    [(i0, 1.0 - l1), ((i0 + 1).min(n - 1), l1)]
+}
+
 /// Reference of `xent::resized_softmax_xent` (f64): each output pixel's logits written out as
 /// PyTorch's bilinear sum over its four source pixels (align_corners false), `softmax_xent`'s
 /// loss on them, and the gradient scattered back through the same four weights.
@@ -402,12 +411,6 @@ pub fn resized_softmax_xent(
     k: usize,
     scale: f32,
 ) -> (Vec<f32>, f64, usize) {
-    let taps = |n: usize, m: usize, i: usize| {
-        let src = ((i as f64 + 0.5) * n as f64 / m as f64 - 0.5).max(0.0);
-        let i0 = (src.floor() as usize).min(n - 1);
-        let l1 = src - i0 as f64;
-        [(i0, 1.0 - l1), ((i0 + 1).min(n - 1), l1)]
-    };
     let (p, q) = (h * w, oh * ow);
     let n = labels.len() / q;
     let mut g = vec![0f64; x.len()];
@@ -420,8 +423,8 @@ pub fn resized_softmax_xent(
                     continue;
                 }
                 let mut wts = Vec::with_capacity(4);
-                for (y, a) in taps(h, oh, yy) {
-                    for (x_, b) in taps(w, ow, xx) {
+                for (y, a) in bilinear_taps(h, oh, yy) {
+                    for (x_, b) in bilinear_taps(w, ow, xx) {
                         wts.push((y * w + x_, a * b));
                     }
                 }
@@ -445,13 +448,13 @@ pub fn resized_softmax_xent(
 
 /// The label's softmax probability at each pixel of the bilinearly resized logits (1.0 where
 /// the label is `>= k`), each pixel's four-tap sum written out in f64.
-pub fn resized_label_prob(x: &[f32], (h, w): (usize, usize), labels: &[u8], (oh, ow): (usize, usize), k: usize) -> Vec<f64> {
-    let taps = |n: usize, m: usize, i: usize| {
-        let src = ((i as f64 + 0.5) * n as f64 / m as f64 - 0.5).max(0.0);
-        let i0 = (src.floor() as usize).min(n - 1);
-        let l1 = src - i0 as f64;
-        [(i0, 1.0 - l1), ((i0 + 1).min(n - 1), l1)]
-    };
+pub fn resized_label_prob(
+    x: &[f32],
+    (h, w): (usize, usize),
+    labels: &[u8],
+    (oh, ow): (usize, usize),
+    k: usize,
+) -> Vec<f64> {
     let (p, q) = (h * w, oh * ow);
     let mut out = vec![1f64; labels.len()];
     for (i, (&l, o)) in labels.iter().zip(&mut out).enumerate() {
@@ -462,8 +465,8 @@ pub fn resized_label_prob(x: &[f32], (h, w): (usize, usize), labels: &[u8], (oh,
         let z: Vec<f64> = (0..k)
             .map(|c| {
                 let mut v = 0.0;
-                for (y, a) in taps(h, oh, yy) {
-                    for (x_, b) in taps(w, ow, xx) {
+                for (y, a) in bilinear_taps(h, oh, yy) {
+                    for (x_, b) in bilinear_taps(w, ow, xx) {
                         v += a * b * x[img * k * p + c * p + y * w + x_] as f64;
                     }
                 }

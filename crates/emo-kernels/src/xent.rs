@@ -211,7 +211,13 @@ pub fn resized_softmax_xent_at(
 /// bilinearly resized to the labels' `(oh, ow)`, as [`resized_softmax_xent`] resizes them
 /// (`[n, oh * ow]`; 1.0 where the label is `>= k`, e.g. ignored). With `(h, w) == (oh, ow)` the
 /// logits are taken as they are. What mmseg's `OHEMPixelSampler` ranks pixels by.
-pub fn resized_label_prob(x: &[f32], (h, w): (usize, usize), labels: &[u8], (oh, ow): (usize, usize), k: usize) -> Vec<f32> {
+pub fn resized_label_prob(
+    x: &[f32],
+    (h, w): (usize, usize),
+    labels: &[u8],
+    (oh, ow): (usize, usize),
+    k: usize,
+) -> Vec<f32> {
     resized_label_prob_at(crate::isa::level(), x, (h, w), labels, (oh, ow), k)
 }
 

@@ -20,6 +20,15 @@ fn rnd(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// `len` random labels below `k`, with pixel `i` ignored (255) where `i % every == at`.
+fn random_labels(len: usize, k: usize, seed: u64, (every, at): (usize, usize)) -> Vec<u8> {
+    rnd(len, seed)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % every == at { 255 } else { (((v + 1.0) * 0.5 * k as f32) as usize).min(k - 1) as u8 })
+        .collect()
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -557,16 +566,11 @@ fn batch_norm_training_kernels_match_reference() {
 #[test]
 fn resized_label_probabilities_match_reference() {
     use emo_kernels::xent::resized_label_prob_at;
-    for (n, k, (h, w), (oh, ow)) in [(2, 11, (6, 6), (192, 192)), (1, 3, (5, 7), (9, 13)), (1, 5, (9, 7), (4, 3)), (2, 4, (3, 5), (3, 5))] {
+    for (n, k, (h, w), (oh, ow)) in
+        [(2, 11, (6, 6), (192, 192)), (1, 3, (5, 7), (9, 13)), (1, 5, (9, 7), (4, 3)), (2, 4, (3, 5), (3, 5))]
+    {
         let x: Vec<f32> = rnd(n * k * h * w, 41).iter().map(|v| v * 6.0).collect();
-        let labels: Vec<u8> = rnd(n * oh * ow, 42)
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match i % 11 {
-                3 => 255,
-                _ => (((v + 1.0) * 0.5 * k as f32) as usize).min(k - 1) as u8,
-            })
-            .collect();
+        let labels = random_labels(n * oh * ow, k, 42, (11, 3));
         let want = reference::resized_label_prob(&x, (h, w), &labels, (oh, ow), k);
         assert!(want.iter().any(|&p| p < 0.1) && want.iter().any(|&p| p > 0.5 && p < 1.0));
         for l in available() {
@@ -595,16 +599,8 @@ fn resized_pixel_cross_entropy_matches_reference() {
     ];
     for (n, k, (h, w), (oh, ow), scale) in cases {
         let x: Vec<f32> = rnd(n * k * h * w, 31).iter().map(|v| v * 6.0).collect();
-        let labels: Vec<u8> = rnd(n * oh * ow, 32)
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match i % 13 {
-                5 => 255,
-                _ => (((v + 1.0) * 0.5 * k as f32) as usize).min(k - 1) as u8,
-            })
-            .collect();
-        let (want_g, want_loss, want_count) =
-            reference::resized_softmax_xent(&x, (h, w), &labels, (oh, ow), k, scale);
+        let labels = random_labels(n * oh * ow, k, 32, (13, 5));
+        let (want_g, want_loss, want_count) = reference::resized_softmax_xent(&x, (h, w), &labels, (oh, ow), k, scale);
         assert!(want_count > 0 && want_count < n * oh * ow);
         let largest = want_g.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
         assert!(largest > 0.0);
@@ -613,7 +609,11 @@ fn resized_pixel_cross_entropy_matches_reference() {
             let got = resized_softmax_xent_at(l, &x, (h, w), &labels, (oh, ow), k, scale, &mut g);
             let what = format!("{l:?} n{n} k{k} {h}x{w} -> {oh}x{ow}");
             assert_eq!(got.count, want_count, "{what}");
-            assert!((got.loss - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()), "{what}: loss {} vs {want_loss}", got.loss);
+            assert!(
+                (got.loss - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()),
+                "{what}: loss {} vs {want_loss}",
+                got.loss
+            );
             let d = max_diff(&g, &want_g);
             assert!(d <= 1e-5 * largest, "{what}: gradient differs by {d} (largest {largest})");
         }

@@ -413,8 +413,18 @@ fn kernel_act(act: Act) -> KAct {
 /// gradient), so that the depthwise and the one-group convs share one autodiff node.
 trait ConvKernels: std::fmt::Debug + Send + 'static {
     fn forward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B>;
-    fn x_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B>;
-    fn weight_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B>;
+    fn x_backward<B: EmoOps>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        g: FloatTensor<B>,
+        o: ConvOptions<2>,
+    ) -> FloatTensor<B>;
+    fn weight_backward<B: EmoOps>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        g: FloatTensor<B>,
+        o: ConvOptions<2>,
+    ) -> FloatTensor<B>;
 }
 
 #[derive(Debug)]
@@ -424,10 +434,20 @@ impl ConvKernels for Depthwise {
     fn forward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
         B::depthwise_conv2d(x, w, o)
     }
-    fn x_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
+    fn x_backward<B: EmoOps>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        g: FloatTensor<B>,
+        o: ConvOptions<2>,
+    ) -> FloatTensor<B> {
         B::depthwise_conv2d_x_backward(x, w, g, o)
     }
-    fn weight_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
+    fn weight_backward<B: EmoOps>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        g: FloatTensor<B>,
+        o: ConvOptions<2>,
+    ) -> FloatTensor<B> {
         B::depthwise_conv2d_weight_backward(x, w, g, o)
     }
 }
@@ -439,10 +459,20 @@ impl ConvKernels for Dense {
     fn forward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
         B::dense_conv2d(x, w, o)
     }
-    fn x_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
+    fn x_backward<B: EmoOps>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        g: FloatTensor<B>,
+        o: ConvOptions<2>,
+    ) -> FloatTensor<B> {
         B::dense_conv2d_x_backward(x, w, g, o)
     }
-    fn weight_backward<B: EmoOps>(x: FloatTensor<B>, w: FloatTensor<B>, g: FloatTensor<B>, o: ConvOptions<2>) -> FloatTensor<B> {
+    fn weight_backward<B: EmoOps>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        g: FloatTensor<B>,
+        o: ConvOptions<2>,
+    ) -> FloatTensor<B> {
         B::dense_conv2d_weight_backward(x, w, g, o)
     }
 }
