@@ -114,29 +114,18 @@ type Decoded = Option<(Vec<u8>, (usize, usize))>;
 
 /// Decode and resize images in parallel; `None` for unreadable ones.
 fn decode_all(paths: &[PathBuf], size: (usize, usize), nearest: bool) -> Vec<Decoded> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len().max(1));
-    let chunk = paths.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = paths
-            .chunks(chunk)
-            .map(|ps| {
-                s.spawn(move || {
-                    ps.iter()
-                        .map(|p| {
-                            let img = image::open(p).ok()?;
-                            let orig = (img.height() as usize, img.width() as usize);
-                            let filter = if nearest { FilterType::Nearest } else { FilterType::Triangle };
-                            let r =
-                                if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, filter) };
-                            let data = if nearest { r.to_luma8().into_raw() } else { r.to_rgb8().into_raw() };
-                            Some((data, orig))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("decoder thread")).collect()
-    })
+    let decode = |p: &PathBuf| {
+        let img = image::open(p).ok()?;
+        let orig = (img.height() as usize, img.width() as usize);
+        let filter = if nearest { FilterType::Nearest } else { FilterType::Triangle };
+        let r = if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, filter) };
+        let data = if nearest { r.to_luma8().into_raw() } else { r.to_rgb8().into_raw() };
+        Some((data, orig))
+    };
+    emo_train::parallel::map_parts(paths, emo_train::parallel::cores(), |ps| ps.iter().map(decode).collect::<Vec<_>>())
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Load `<root>/annotations/instances_<split>.json` with images under `<root>/images/<split>/`

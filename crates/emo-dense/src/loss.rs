@@ -191,7 +191,7 @@ pub fn ohem_labels(prob: &[f32], labels: &[u8], k: usize, ohem: Ohem, images: us
 pub fn seg_ce_with(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), ohem: Option<Ohem>) -> Tensor<1> {
     let device = logits.device();
     let [b, k, h, w] = logits.dims();
-    let count = labels.iter().filter(|&&l| (l as usize) < k).count();
+    let count = counted(labels, k);
     if !emo_model::ops::on_flex(&device) {
         let labels = match ohem {
             Some(o) => {
@@ -234,10 +234,15 @@ pub fn seg_ce_with(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), ohem: O
     surrogate.clone() - surrogate.detach() + loss
 }
 
+/// The pixels the pixel loss counts: labels below `k` (255 and any other value `>= k` ignored).
+fn counted(labels: &[u8], k: usize) -> usize {
+    labels.iter().filter(|&&l| (l as usize) < k).count()
+}
+
 /// [`seg_ce`] as burn ops (log-softmax, gather, mask), for every backend.
 pub fn seg_ce_ops(logits: Tensor<4>, labels: &[u8], hw: (usize, usize)) -> Tensor<1> {
     let k = logits.dims()[1];
-    let count = labels.iter().filter(|&&l| (l as usize) < k).count();
+    let count = counted(labels, k);
     seg_ce_ops_over(logits, labels, hw, count)
 }
 

@@ -353,8 +353,7 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
 /// Batches of 16 are split into one contiguous part per core, each run on its own thread (burn's
 /// CPU ops run on one thread each): see [`evaluate_on`].
 pub fn evaluate_with(model: &DenseModel, data: &DenseData, device: &Device, flip: bool) -> Result<Eval, DenseError> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    evaluate_on(model, data, device, flip, cores)
+    evaluate_on(model, data, device, flip, parallel::cores())
 }
 
 /// [`evaluate_with`] on `threads` threads: the batches of 16 in one contiguous part per thread;
@@ -374,7 +373,7 @@ pub fn evaluate_on(
             let anchors = anchors::anchors(&model.cfg);
             let test = DetTestCfg::official(model.cfg.task);
             let chunks: Vec<_> = d.images.chunks(B).collect();
-            let parts = on_threads(&chunks, threads, |part| {
+            let parts = parallel::map_parts(&chunks, threads, |part| {
                 let mut dets = Vec::new();
                 for chunk in part {
                     let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
@@ -404,7 +403,7 @@ pub fn evaluate_on(
         }
         DenseData::Seg(d) => {
             let chunks: Vec<_> = d.images.chunks(B).collect();
-            let parts = on_threads(&chunks, threads, |part| {
+            let parts = parallel::map_parts(&chunks, threads, |part| {
                 let mut m = SegMetrics::new(model.cfg.num_classes);
                 for chunk in part {
                     let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
@@ -422,20 +421,6 @@ pub fn evaluate_on(
             Ok(Eval::Seg(m.stats(), m))
         }
     }
-}
-
-/// `f` over `threads` contiguous parts of `items` (`emo_train::parallel::shards`), each on a
-/// scoped thread; the results in order.
-fn on_threads<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&[T]) -> R + Sync) -> Vec<R> {
-    let parts = parallel::shards(items.len(), threads);
-    if parts.len() <= 1 {
-        return vec![f(items)];
-    }
-    std::thread::scope(|s| {
-        let f = &f;
-        let handles: Vec<_> = parts.into_iter().map(|r| s.spawn(move || f(&items[r]))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-    })
 }
 
 fn optimizer(cfg: &DenseTrainConfig, model: &DenseModel) -> ModuleOptimizer {

@@ -400,6 +400,24 @@ fn bilinear_taps(n: usize, m: usize, i: usize) -> [(usize, f64); 2] {
     [(i0, 1.0 - l1), ((i0 + 1).min(n - 1), l1)]
 }
 
+/// The four source pixels (index in a `[h, w]` plane) and weights of output pixel `(yy, xx)` of
+/// a bilinear resize from `(h, w)` to `(oh, ow)`.
+fn pixel_taps((h, w): (usize, usize), (oh, ow): (usize, usize), yy: usize, xx: usize) -> Vec<(usize, f64)> {
+    let mut wts = Vec::with_capacity(4);
+    for (y, a) in bilinear_taps(h, oh, yy) {
+        for (x_, b) in bilinear_taps(w, ow, xx) {
+            wts.push((y * w + x_, a * b));
+        }
+    }
+    wts
+}
+
+/// Image `img`'s `k` logits at one output pixel: each plane's weighted sum over `wts` (`p`
+/// pixels per plane), in f64.
+fn resized_pixel_logits(x: &[f32], img: usize, k: usize, p: usize, wts: &[(usize, f64)]) -> Vec<f64> {
+    (0..k).map(|c| wts.iter().map(|&(j, wt)| wt * x[img * k * p + c * p + j] as f64).sum()).collect()
+}
+
 /// Reference of `xent::resized_softmax_xent` (f64): each output pixel's logits written out as
 /// PyTorch's bilinear sum over its four source pixels (align_corners false), `softmax_xent`'s
 /// loss on them, and the gradient scattered back through the same four weights.
@@ -422,14 +440,8 @@ pub fn resized_softmax_xent(
                 if l >= k {
                     continue;
                 }
-                let mut wts = Vec::with_capacity(4);
-                for (y, a) in bilinear_taps(h, oh, yy) {
-                    for (x_, b) in bilinear_taps(w, ow, xx) {
-                        wts.push((y * w + x_, a * b));
-                    }
-                }
-                let at = |c: usize, j: usize| img * k * p + c * p + j;
-                let z: Vec<f64> = (0..k).map(|c| wts.iter().map(|&(j, wt)| wt * x[at(c, j)] as f64).sum()).collect();
+                let wts = pixel_taps((h, w), (oh, ow), yy, xx);
+                let z = resized_pixel_logits(x, img, k, p, &wts);
                 let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
                 loss += s.ln() + m - z[l];
@@ -437,7 +449,7 @@ pub fn resized_softmax_xent(
                 for c in 0..k {
                     let d = scale as f64 * ((z[c] - m).exp() / s - (c == l) as u8 as f64);
                     for &(j, wt) in &wts {
-                        g[at(c, j)] += d * wt;
+                        g[img * k * p + c * p + j] += d * wt;
                     }
                 }
             }
@@ -462,17 +474,7 @@ pub fn resized_label_prob(
         if l as usize >= k {
             continue;
         }
-        let z: Vec<f64> = (0..k)
-            .map(|c| {
-                let mut v = 0.0;
-                for (y, a) in bilinear_taps(h, oh, yy) {
-                    for (x_, b) in bilinear_taps(w, ow, xx) {
-                        v += a * b * x[img * k * p + c * p + y * w + x_] as f64;
-                    }
-                }
-                v
-            })
-            .collect();
+        let z = resized_pixel_logits(x, img, k, p, &pixel_taps((h, w), (oh, ow), yy, xx));
         let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
         *o = (z[l as usize] - m).exp() / s;

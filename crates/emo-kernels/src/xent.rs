@@ -182,29 +182,74 @@ pub fn resized_softmax_xent_at(
     scale: f32,
     g: &mut [f32],
 ) -> XentSum {
+    let n = resized_images("resized_softmax_xent", x.len(), labels.len(), k, (h, w), (oh, ow));
+    assert!(g.len() == x.len(), "resized_softmax_xent: shapes");
     let (p, q) = (h * w, oh * ow);
-    assert!(k > 0 && p > 0 && q > 0, "resized_softmax_xent: {k} classes, {h}x{w} -> {oh}x{ow}");
-    let n = labels.len() / q;
-    assert!(labels.len() == n * q && x.len() == n * k * p && g.len() == x.len(), "resized_softmax_xent: shapes");
-    let (th, tw) = (bilinear_taps(h, oh), bilinear_taps(w, ow));
-    let mut up = vec![0f32; k * q];
+    let mut resize = PlaneResize::new(k, (h, w), (oh, ow));
     let mut gu = vec![0f32; k * q];
-    let mut rows = vec![0f32; h * ow];
     let mut sum = XentSum::default();
     for img in 0..n {
-        let xi = &x[img * k * p..(img + 1) * k * p];
-        for c in 0..k {
-            resize_up_at(level, &xi[c * p..(c + 1) * p], w, &th, &tw, &mut rows, &mut up[c * q..(c + 1) * q]);
-        }
-        let s = softmax_xent_at(level, &up, &labels[img * q..(img + 1) * q], k, q, scale, &mut gu);
+        let up = resize.up(level, &x[img * k * p..(img + 1) * k * p]);
+        let s = softmax_xent_at(level, up, &labels[img * q..(img + 1) * q], k, q, scale, &mut gu);
         sum.loss += s.loss;
         sum.count += s.count;
-        let gi = &mut g[img * k * p..(img + 1) * k * p];
-        for c in 0..k {
-            resize_back_at(level, &gu[c * q..(c + 1) * q], w, &th, &tw, &mut rows, &mut gi[c * p..(c + 1) * p]);
-        }
+        resize.back(level, &gu, &mut g[img * k * p..(img + 1) * k * p]);
     }
     sum
+}
+
+/// How many images `[n, k, h * w]` logits and `[n, oh * ow]` labels of lengths `x_len` and
+/// `labels_len` hold; panics, naming `what`, on sizes that do not fit.
+fn resized_images(
+    what: &str,
+    x_len: usize,
+    labels_len: usize,
+    k: usize,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> usize {
+    let (p, q) = (h * w, oh * ow);
+    assert!(k > 0 && p > 0 && q > 0, "{what}: {k} classes, {h}x{w} -> {oh}x{ow}");
+    let n = labels_len / q;
+    assert!(labels_len == n * q && x_len == n * k * p, "{what}: shapes");
+    n
+}
+
+/// The bilinear resize of one image's `k` planes from `(h, w)` to `(oh, ow)` into a scratch
+/// reused image after image, and its transpose for the gradient.
+struct PlaneResize {
+    w: usize,
+    p: usize,
+    q: usize,
+    th: Vec<Tap>,
+    tw: Vec<Tap>,
+    rows: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl PlaneResize {
+    fn new(k: usize, (h, w): (usize, usize), (oh, ow): (usize, usize)) -> Self {
+        let (th, tw) = (bilinear_taps(h, oh), bilinear_taps(w, ow));
+        PlaneResize { w, p: h * w, q: oh * ow, th, tw, rows: vec![0.0; h * ow], up: vec![0.0; k * oh * ow] }
+    }
+
+    /// `xi` (`[k, h * w]`) resized: `[k, oh * ow]`.
+    fn up(&mut self, level: crate::isa::Level, xi: &[f32]) -> &[f32] {
+        let (p, q) = (self.p, self.q);
+        for (src, dst) in xi.chunks_exact(p).zip(self.up.chunks_exact_mut(q)) {
+            resize_up_at(level, src, self.w, &self.th, &self.tw, &mut self.rows, dst);
+        }
+        &self.up
+    }
+
+    /// The gradient `gu` (`[k, oh * ow]`) of [`Self::up`]'s output back onto its source: `gi`
+    /// (`[k, h * w]`, overwritten).
+    fn back(&mut self, level: crate::isa::Level, gu: &[f32], gi: &mut [f32]) {
+        let (p, q) = (self.p, self.q);
+        for (src, dst) in gu.chunks_exact(q).zip(gi.chunks_exact_mut(p)) {
+            resize_back_at(level, src, self.w, &self.th, &self.tw, &mut self.rows, dst);
+        }
+    }
 }
 
 /// The softmax probability of each pixel's label under logits computed at `(h, w)` and
@@ -230,25 +275,14 @@ pub fn resized_label_prob_at(
     (oh, ow): (usize, usize),
     k: usize,
 ) -> Vec<f32> {
+    let n = resized_images("resized_label_prob", x.len(), labels.len(), k, (h, w), (oh, ow));
     let (p, q) = (h * w, oh * ow);
-    assert!(k > 0 && p > 0 && q > 0, "resized_label_prob: {k} classes, {h}x{w} -> {oh}x{ow}");
-    let n = labels.len() / q;
-    assert!(labels.len() == n * q && x.len() == n * k * p, "resized_label_prob: shapes");
-    let (th, tw) = (bilinear_taps(h, oh), bilinear_taps(w, ow));
-    let mut up = vec![0f32; k * q];
+    let mut resize = PlaneResize::new(k, (h, w), (oh, ow));
     let mut gu = vec![0f32; k * q];
-    let mut rows = vec![0f32; h * ow];
     let mut prob = vec![1f32; n * q];
     for img in 0..n {
         let xi = &x[img * k * p..(img + 1) * k * p];
-        let logits = if (h, w) == (oh, ow) {
-            xi
-        } else {
-            for c in 0..k {
-                resize_up_at(level, &xi[c * p..(c + 1) * p], w, &th, &tw, &mut rows, &mut up[c * q..(c + 1) * q]);
-            }
-            &up[..]
-        };
+        let logits = if (h, w) == (oh, ow) { xi } else { resize.up(level, xi) };
         // The fused pass writes softmax - onehot: at the label's channel that is p - 1.
         let li = &labels[img * q..(img + 1) * q];
         softmax_xent_at(level, logits, li, k, q, 1.0, &mut gu);

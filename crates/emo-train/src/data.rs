@@ -159,14 +159,8 @@ fn load_folder(dir: &Path, classes: &[String], store: usize) -> Result<(Split, u
         }
     }
     let per = 3 * store * store;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = files.len().div_ceil(threads).max(1);
-    let results: Vec<Vec<Option<Vec<u8>>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = files
-            .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(|(p, _)| decode(p, store)).collect::<Vec<_>>()))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+    let results = crate::parallel::map_parts(&files, crate::parallel::cores(), |part| {
+        part.iter().map(|(p, _)| decode(p, store)).collect::<Vec<_>>()
     });
     let (mut images, mut labels, mut skipped) = (Vec::with_capacity(files.len() * per), Vec::new(), 0);
     for (img, (path, label)) in results.into_iter().flatten().zip(&files) {

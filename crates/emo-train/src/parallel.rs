@@ -101,8 +101,7 @@ impl Drop for DataParallel {
 
 /// The workers a batch of `batch` gets by default: one per core, each with at least 8 images.
 pub fn default_workers(batch: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cores.min(batch / 8).max(1)
+    cores().min(batch / 8).max(1)
 }
 
 /// `n` items split into `k` contiguous near-equal shards (the first `n % k` one longer); no
@@ -119,6 +118,25 @@ pub fn shards(n: usize, k: usize) -> Vec<Range<usize>> {
             s
         })
         .collect()
+}
+
+/// `f` over `threads` contiguous parts of `items` ([`shards`]), each on a scoped thread; the
+/// results in order (one thread: `f(items)` on the caller's). A panic in `f` is re-raised.
+pub fn map_parts<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&[T]) -> R + Sync) -> Vec<R> {
+    let parts = shards(items.len(), threads);
+    if parts.len() <= 1 {
+        return vec![f(items)];
+    }
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = parts.into_iter().map(|r| s.spawn(move || f(&items[r]))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    })
+}
+
+/// The cores this process may run on (1 if unknown).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Add the gradients `b` into `a`, parameter by parameter of `model`.
