@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::Device;
 use emo_dense::data::CanvasConfig;
-use emo_dense::predict::{DetTestCfg, batch_tensor, detect, draw_boxes, palette, segment_with};
+use emo_dense::predict::{DetTestCfg, batch_tensor, detect, draw_boxes, palette, segment_sized};
 use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, evaluate_with, load_split};
 use emo_dense::{DenseConfig, DenseModel, Task};
 use emo_spec::Variant;
@@ -266,9 +266,9 @@ pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out:
     let input = card.model.input;
     for_each_image(images, input, |p, orig, rgb| {
         let x = batch_tensor(&[&rgb], input, &device);
-        let pred = segment_with(&model, x, flip)?.remove(0);
-        let mask = image::GrayImage::from_raw(input.1 as u32, input.0 as u32, pred).context("mask size")?;
-        let mask = image::imageops::resize(&mask, orig.width(), orig.height(), image::imageops::FilterType::Nearest);
+        // The class map at the image's own size: the logits resized to it (mmseg's `rescale`).
+        let pred = segment_sized(&model, x, flip, &[(orig.height() as usize, orig.width() as usize)])?.remove(0);
+        let mask = image::GrayImage::from_raw(orig.width(), orig.height(), pred).context("mask size")?;
         let mut colour = image::RgbImage::new(orig.width(), orig.height());
         let mut counts = vec![0usize; card.classes.len()];
         for (c, m) in colour.pixels_mut().zip(mask.pixels()) {

@@ -476,7 +476,9 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         let (classes, size) = if task == "ssdlite" { (10, "320x320") } else { (11, "512x512") };
         let note = format!("no model card; an official {task} checkpoint: emo-1m, {classes} classes, input {size}");
         assert!(o.status.success() && stderr(&o).contains(&note), "{}", stderr(&o));
-        assert!(bare.join("000000.png").exists());
+        // Run at 512x512, drawn at the image's own 64x64.
+        let png = image::open(bare.join("000000.png")).unwrap();
+        assert_eq!((png.width(), png.height()), (64, 64));
         // The wrong command for the model says which one to use.
         let other = if cmd == "detect" { "segment" } else { "detect" };
         let o = emo(&[other, "--weights", w.to_str().unwrap(), img.to_str().unwrap()]);

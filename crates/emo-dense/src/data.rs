@@ -109,18 +109,34 @@ fn io_err(p: &Path, e: impl std::fmt::Display) -> DenseError {
     DenseError::Io(format!("{}: {e}", p.display()))
 }
 
-/// Decoded pixels (RGB, or grey for label maps) at the model input, and the original (H, W).
+/// Decoded RGB pixels at the model input, and the original (H, W).
 type Decoded = Option<(Vec<u8>, (usize, usize))>;
 
-/// Decode and resize images in parallel; `None` for unreadable ones.
-fn decode_all(paths: &[PathBuf], size: (usize, usize), nearest: bool) -> Vec<Decoded> {
+/// Decode images and resize them to `size` (bilinear) in parallel; `None` for unreadable ones.
+fn decode_all(paths: &[PathBuf], size: (usize, usize)) -> Vec<Decoded> {
     let decode = |p: &PathBuf| {
         let img = image::open(p).ok()?;
         let orig = (img.height() as usize, img.width() as usize);
-        let filter = if nearest { FilterType::Nearest } else { FilterType::Triangle };
-        let r = if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, filter) };
-        let data = if nearest { r.to_luma8().into_raw() } else { r.to_rgb8().into_raw() };
-        Some((data, orig))
+        let r = if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, FilterType::Triangle) };
+        Some((r.to_rgb8().into_raw(), orig))
+    };
+    emo_train::parallel::map_parts(paths, emo_train::parallel::cores(), |ps| ps.iter().map(decode).collect::<Vec<_>>())
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Decode label maps in parallel: each at `size` (nearest) and, with `keep_full`, also at its
+/// original size where that differs; `None` for unreadable ones.
+fn decode_labels(paths: &[PathBuf], size: (usize, usize), keep_full: bool) -> Vec<Option<(Vec<u8>, Option<LabelMap>)>> {
+    let decode = |p: &PathBuf| {
+        let img = image::open(p).ok()?.to_luma8();
+        let (h, w) = (img.height() as usize, img.width() as usize);
+        if (h, w) == size {
+            return Some((img.into_raw(), None));
+        }
+        let resized = image::imageops::resize(&img, size.1 as u32, size.0 as u32, FilterType::Nearest).into_raw();
+        Some((resized, keep_full.then(|| LabelMap { h, w, data: img.into_raw() })))
     };
     emo_train::parallel::map_parts(paths, emo_train::parallel::cores(), |ps| ps.iter().map(decode).collect::<Vec<_>>())
         .into_iter()
@@ -203,7 +219,7 @@ pub fn load_coco(
         entries.truncate(limit);
     }
     let paths: Vec<PathBuf> = entries.iter().map(|i| img_dir.join(&i.file_name)).collect();
-    let decoded = decode_all(&paths, input, false);
+    let decoded = decode_all(&paths, input);
     let mut images = Vec::new();
     for (e, d) in entries.iter().zip(decoded) {
         let Some((rgb, orig)) = d else {
@@ -240,8 +256,32 @@ pub fn load_coco(
 #[derive(Clone, Debug)]
 pub struct SegImage {
     pub file: String,
+    /// RGB at the model input size.
     pub rgb: Vec<u8>,
+    /// The label map at the model input size (nearest), what training uses.
     pub label: Vec<u8>,
+    /// Evaluation splits: the label map at its original size where that differs from the input,
+    /// which mIoU is computed on (mmseg rescales the logits to the original image).
+    pub full: Option<LabelMap>,
+}
+
+/// A label map at its original size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabelMap {
+    pub h: usize,
+    pub w: usize,
+    pub data: Vec<u8>,
+}
+
+impl SegImage {
+    /// The label map evaluation scores against, and its (H, W): the original one, else the one
+    /// at the input size `input`.
+    pub fn eval_label(&self, input: (usize, usize)) -> (&[u8], (usize, usize)) {
+        match &self.full {
+            Some(f) => (&f.data, (f.h, f.w)),
+            None => (&self.label, input),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -267,6 +307,8 @@ fn seg_classes(root: &Path, n: Option<usize>) -> Result<Vec<String>, DenseError>
 /// (or ADE20K's `annotations/<split>/`). Label values >= the class count other than 255 are an
 /// error that names the file; `reduce_zero_label` maps 0 to 255 and shifts the rest down (ADE20K).
 /// `limit > 0` keeps only the first `limit` pairs (by name), and only those are decoded.
+/// `keep_full` (evaluation): keep each label map at its original size too where that differs
+/// from `input` ([`SegImage::full`]).
 pub fn load_seg(
     root: &Path,
     split: &str,
@@ -274,6 +316,7 @@ pub fn load_seg(
     reduce_zero_label: bool,
     num_classes: Option<usize>,
     limit: usize,
+    keep_full: bool,
 ) -> Result<SegDataset, DenseError> {
     let classes = seg_classes(root, num_classes)?;
     let img_dir = root.join("images").join(split);
@@ -303,25 +346,28 @@ pub fn load_seg(
     if limit > 0 {
         pairs.truncate(limit);
     }
-    let imgs = decode_all(&pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>(), input, false);
-    let labs = decode_all(&pairs.iter().map(|p| p.1.clone()).collect::<Vec<_>>(), input, true);
+    let imgs = decode_all(&pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>(), input);
+    let labs = decode_labels(&pairs.iter().map(|p| p.1.clone()).collect::<Vec<_>>(), input, keep_full);
     let mut images = Vec::new();
     for ((pair, im), lb) in pairs.iter().zip(imgs).zip(labs) {
-        let (Some((rgb, _)), Some((mut label, _))) = (im, lb) else {
+        let (Some((rgb, _)), Some((mut label, mut full))) = (im, lb) else {
             skipped.unreadable_images += 1;
             continue;
         };
-        if reduce_zero_label {
-            label.iter_mut().for_each(|v| *v = if *v == 0 || *v == 255 { 255 } else { *v - 1 });
+        for map in std::iter::once(&mut label).chain(full.as_mut().map(|f| &mut f.data)) {
+            if reduce_zero_label {
+                map.iter_mut().for_each(|v| *v = if *v == 0 || *v == 255 { 255 } else { *v - 1 });
+            }
+            if let Some(bad) = map.iter().find(|&&v| v != 255 && v as usize >= classes.len()) {
+                return Err(DenseError::Data(format!(
+                    "{}: label {bad} but only {} classes (255 = ignore)",
+                    pair.1.display(),
+                    classes.len()
+                )));
+            }
         }
-        if let Some(bad) = label.iter().find(|&&v| v != 255 && v as usize >= classes.len()) {
-            return Err(DenseError::Data(format!(
-                "{}: label {bad} but only {} classes (255 = ignore)",
-                pair.1.display(),
-                classes.len()
-            )));
-        }
-        images.push(SegImage { file: pair.0.file_name().unwrap_or_default().to_string_lossy().into(), rgb, label });
+        let file = pair.0.file_name().unwrap_or_default().to_string_lossy().into();
+        images.push(SegImage { file, rgb, label, full });
     }
     if images.is_empty() {
         return Err(DenseError::Data(format!("{}: no usable image/label pairs", img_dir.display())));

@@ -268,6 +268,7 @@ impl SegMetrics {
 
     /// Add one image: `pred` and `gt` are label maps of the same size.
     pub fn add(&mut self, pred: &[u8], gt: &[u8], ignore_index: u8) {
+        assert_eq!(pred.len(), gt.len(), "SegMetrics::add: prediction and label map sizes differ");
         let n = self.num_classes;
         for (&p, &g) in pred.iter().zip(gt) {
             if g == ignore_index || (g as usize) >= n {

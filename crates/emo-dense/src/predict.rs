@@ -87,27 +87,62 @@ pub fn segment(model: &DenseModel, x: Tensor<4>) -> Result<Vec<Vec<u8>>, DenseEr
 
 /// [`segment`], optionally with mmseg's flip test augmentation (`flip`, see [`seg_probs`]).
 pub fn segment_with(model: &DenseModel, x: Tensor<4>, flip: bool) -> Result<Vec<Vec<u8>>, DenseError> {
-    let [b, _, h, w] = x.dims();
+    let b = x.dims()[0];
     // Without flip the argmax needs no softmax.
     let p = if flip { seg_probs(model, x, true)? } else { seg_logits(model, x)? };
-    let k = p.dims()[1];
+    let [_, k, h, w] = p.dims();
     let p = to_vec(p);
-    Ok((0..b)
-        .map(|i| {
-            (0..h * w)
-                .map(|px| {
-                    let mut best = (f32::NEG_INFINITY, 0u8);
-                    for c in 0..k {
-                        let v = p[(i * k + c) * h * w + px];
-                        if v > best.0 {
-                            best = (v, c as u8);
-                        }
-                    }
-                    best.1
-                })
-                .collect()
+    Ok((0..b).map(|i| argmax_map(&p[i * k * h * w..(i + 1) * k * h * w], k)).collect())
+}
+
+/// [`segment_with`] with each image's class map at its own size `sizes[i]` (H, W), as mmseg's
+/// whole-image inference with `rescale=True`: the logits, upsampled to the input size, are
+/// resized bilinearly once more to that size (where it differs); with `flip`, the softmax of each
+/// pass follows that resize. Sizes equal to the input give exactly [`segment_with`].
+pub fn segment_sized(
+    model: &DenseModel,
+    x: Tensor<4>,
+    flip: bool,
+    sizes: &[(usize, usize)],
+) -> Result<Vec<Vec<u8>>, DenseError> {
+    let [b, _, h, w] = x.dims();
+    if sizes.len() != b {
+        return Err(DenseError::Data(format!("{} output sizes for a batch of {b}", sizes.len())));
+    }
+    if sizes.iter().all(|&s| s == (h, w)) {
+        return segment_with(model, x, flip);
+    }
+    let mirrored = if flip { Some(seg_logits(model, x.clone().flip([3]))?.flip([3])) } else { None };
+    let logits = seg_logits(model, x)?;
+    let k = logits.dims()[1];
+    let mut out = Vec::with_capacity(b);
+    for (i, &size) in sizes.iter().enumerate() {
+        let at = |t: &Tensor<4>| resize_logits(t.clone().slice([i..i + 1]), size);
+        let scores = match &mirrored {
+            None => at(&logits),
+            Some(m) => (softmax(at(&logits), 1) + softmax(at(m), 1)).mul_scalar(0.5),
+        };
+        out.push(argmax_map(&to_vec(scores), k));
+    }
+    Ok(out)
+}
+
+/// The class (0..k) of the largest score at each pixel of one image's `(K, H, W)` scores (the
+/// first on ties).
+fn argmax_map(p: &[f32], k: usize) -> Vec<u8> {
+    let hw = p.len() / k;
+    (0..hw)
+        .map(|px| {
+            let mut best = (f32::NEG_INFINITY, 0u8);
+            for c in 0..k {
+                let v = p[c * hw + px];
+                if v > best.0 {
+                    best = (v, c as u8);
+                }
+            }
+            best.1
         })
-        .collect())
+        .collect()
 }
 
 /// Class probabilities `(B, K, H, W)` at the input size (softmax of the upsampled logits).

@@ -33,7 +33,7 @@ use crate::loss::{Ohem, focal_loss, seg_loss_with, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseModel, DenseOutput};
 use crate::names::{ADE20K_CLASSES, COCO_CAT_IDS, COCO_CLASSES};
-use crate::predict::{DetTestCfg, batch_tensor, detect, segment_with};
+use crate::predict::{DetTestCfg, batch_tensor, detect, segment_sized};
 use crate::{DenseError, anchors};
 
 /// Everything a dense training run is made of (written to `RUN/config.json`).
@@ -327,7 +327,7 @@ pub fn load_split(
     Ok(if task.is_detection() {
         DenseData::Det(load_coco(root, split, input, !training, limit)?)
     } else {
-        DenseData::Seg(load_seg(root, split, input, reduce_zero_label, None, limit)?)
+        DenseData::Seg(load_seg(root, split, input, reduce_zero_label, None, limit, !training)?)
     })
 }
 
@@ -340,15 +340,15 @@ pub enum Eval {
     Seg(SegStats, SegMetrics),
 }
 
-/// Evaluate a model on a loaded split (COCO mAP in original coordinates, or mIoU at the input
-/// size). `model` should be a validation copy (`Module::valid`); inputs are made without
+/// Evaluate a model on a loaded split (COCO mAP in original coordinates, or mIoU on the label
+/// maps at their original size, the logits resized to it as mmseg does). `model` should be a validation copy (`Module::valid`); inputs are made without
 /// autodiff, so no training-only layer (drop path, dropout) runs.
 pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result<Eval, DenseError> {
     evaluate_with(model, data, device, false)
 }
 
 /// [`evaluate`]; `flip`: segmentation with mmseg's flip test augmentation
-/// ([`crate::predict::segment_with`]; detection ignores it).
+/// ([`crate::predict::segment_sized`]; detection ignores it).
 ///
 /// Batches of 16 are split into one contiguous part per core, each run on its own thread (burn's
 /// CPU ops run on one thread each): see [`evaluate_on`].
@@ -367,9 +367,16 @@ pub fn evaluate_on(
     threads: usize,
 ) -> Result<Eval, DenseError> {
     const B: usize = 16;
-    let hw = model.cfg.input;
     match data {
         DenseData::Det(d) => {
+            // The anchors are laid out for the model's input size.
+            let hw = model.cfg.input;
+            if d.input != hw {
+                return Err(DenseError::Data(format!(
+                    "detection images loaded at {:?}, the model's input is {hw:?}",
+                    d.input
+                )));
+            }
             let anchors = anchors::anchors(&model.cfg);
             let test = DetTestCfg::official(model.cfg.task);
             let chunks: Vec<_> = d.images.chunks(B).collect();
@@ -402,14 +409,17 @@ pub fn evaluate_on(
             Ok(Eval::Coco(stats, per_class))
         }
         DenseData::Seg(d) => {
+            // Fully convolutional: the images' input size need not be the model card's.
+            let hw = d.input;
             let chunks: Vec<_> = d.images.chunks(B).collect();
             let parts = parallel::map_parts(&chunks, threads, |part| {
                 let mut m = SegMetrics::new(model.cfg.num_classes);
                 for chunk in part {
                     let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
                         .without_autodiff();
-                    for (img, pred) in chunk.iter().zip(segment_with(model, x, flip)?) {
-                        m.add(&pred, &img.label, 255);
+                    let sizes: Vec<_> = chunk.iter().map(|i| i.eval_label(hw).1).collect();
+                    for (img, pred) in chunk.iter().zip(segment_sized(model, x, flip, &sizes)?) {
+                        m.add(&pred, img.eval_label(hw).0, 255);
                     }
                 }
                 Ok::<_, DenseError>(m)

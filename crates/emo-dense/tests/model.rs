@@ -344,6 +344,81 @@ fn evaluation_on_threads_equals_one_thread() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
+/// mIoU is computed on each label map at its original size, as mmseg does: an evaluation split
+/// keeps the original maps where they differ from the input (a training split does not), the
+/// class maps are the logits at the input size resized bilinearly once more to the original size
+/// (softmax after that resize under flip), and the confusion matrix counts the original pixels.
+#[test]
+fn segmentation_is_scored_on_the_label_maps_at_their_original_size() {
+    use burn::tensor::activation::softmax;
+    use emo_dense::loss::resize_logits;
+    use emo_dense::predict::{batch_tensor, segment_sized, segment_with};
+    use emo_dense::train::{Eval, evaluate_on};
+
+    let _g = serial();
+    let data = tmp("data-full");
+    // 20 validation maps of 64x64, evaluated at a smaller, non-square input.
+    synthetic_set(&data, 2, 20);
+    let input = (48, 40);
+    let seg = |split: &str, input, training| match load_split(Task::DeepLabV3, &data, split, input, training, false, 0)
+    {
+        Ok(DenseData::Seg(d)) => d,
+        other => panic!("{other:?}"),
+    };
+    let val = seg("val", input, false);
+    assert!(seg("train", input, true).images.iter().all(|i| i.full.is_none()));
+    assert!(seg("val", (64, 64), false).images.iter().all(|i| i.full.is_none()));
+    for img in &val.images {
+        let png = image::open(data.join("labels/val").join(img.file.as_str())).unwrap().to_luma8().into_raw();
+        let f = img.full.as_ref().unwrap();
+        assert_eq!((f.h, f.w), (64, 64));
+        assert!(f.data == png, "{}", img.file);
+        assert_eq!(img.label.len(), 48 * 40);
+        assert_eq!(img.eval_label(input), (png.as_slice(), (64, 64)));
+    }
+    let device = Device::flex();
+    let model = DenseModel::new(&small(Task::DeepLabV3, 3), None, &device).unwrap();
+    let logits = |x: Tensor<4>| match model.forward(x, false).unwrap() {
+        DenseOutput::Seg { logits, .. } => resize_logits(logits, input),
+        _ => panic!(),
+    };
+    let argmax = |t: Tensor<4>| -> Vec<u8> {
+        let [_, k, h, w] = t.dims();
+        let v = to_vec(t);
+        (0..h * w)
+            .map(|px| (0..k).fold(0, |b, c| if v[c * h * w + px] > v[b * h * w + px] { c } else { b }) as u8)
+            .collect()
+    };
+    for flip in [false, true] {
+        let mut conf = vec![0u64; 9];
+        for chunk in val.images.chunks(16) {
+            let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), input, &device);
+            let (plain, mirrored) = (logits(x.clone()), logits(x.clone().flip([3])).flip([3]));
+            for (i, img) in chunk.iter().enumerate() {
+                let at = |t: &Tensor<4>| resize_logits(t.clone().slice([i..i + 1]), (64, 64));
+                let pred =
+                    if flip { argmax(softmax(at(&plain), 1) + softmax(at(&mirrored), 1)) } else { argmax(at(&plain)) };
+                let label = &img.full.as_ref().unwrap().data;
+                for (&p, &l) in pred.iter().zip(label) {
+                    conf[l as usize * 3 + p as usize] += 1;
+                }
+            }
+            // Sizes equal to the input give segment_with's maps, also next to other sizes.
+            let mut sizes = vec![(64, 64); chunk.len()];
+            sizes[0] = input;
+            assert!(
+                segment_sized(&model, x.clone(), flip, &sizes).unwrap()[0] == segment_with(&model, x, flip).unwrap()[0]
+            );
+        }
+        let Eval::Seg(_, m) = evaluate_on(&model, &DenseData::Seg(val.clone()), &device, flip, 2).unwrap() else {
+            panic!()
+        };
+        assert_eq!(conf.iter().sum::<u64>(), 20 * 64 * 64);
+        assert_eq!(m.conf, conf, "flip {flip}");
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}
+
 #[test]
 fn bad_data_is_skipped_and_counted_or_rejected() {
     let _g = serial();
