@@ -139,19 +139,36 @@ fn load_model(weights: &Path, card: Option<&Path>, device: &Device) -> Result<(D
     Ok((model, card))
 }
 
-pub fn eval(
-    task: Task,
-    weights: &Path,
-    card: Option<&Path>,
-    data: &Path,
-    split: &str,
-    limit: usize,
-    flip: bool,
-) -> Result<()> {
+/// `emo eval --task`: what to evaluate and how.
+pub struct EvalArgs<'a> {
+    pub task: Task,
+    pub weights: &'a Path,
+    pub card: Option<&'a Path>,
+    pub data: &'a Path,
+    pub split: &'a str,
+    pub limit: usize,
+    pub flip: bool,
+    /// Recalibrate the BatchNorm statistics on this many training images first (0: no).
+    pub precise_bn: usize,
+    /// Write the (recalibrated) weights here.
+    pub save_weights: Option<&'a Path>,
+}
+
+pub fn eval(a: &EvalArgs) -> Result<()> {
+    let EvalArgs { task, weights, card, data, split, limit, flip, .. } = *a;
     ensure!(!(flip && task.is_detection()), "--flip is a segmentation option");
+    ensure!(
+        a.save_weights.is_none() || a.precise_bn > 0,
+        "--save-weights writes the weights --precise-bn recalibrates"
+    );
     let device = crate::backend::device()?;
     let (model, card) = load_model(weights, card, &device)?;
     ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
+    let model = if a.precise_bn > 0 {
+        recalibrate(&model, &device, &card, weights, data, a.precise_bn, a.save_weights)?
+    } else {
+        model
+    };
     let d = load_split(card.model.task, data, split, card.model.input, false, card.reduce_zero_label, limit)?;
     if let Some(w) = d.skipped_warning() {
         eprintln!("{}: {w}", data.display());
@@ -185,6 +202,47 @@ pub fn eval(
         _ => {}
     }
     Ok(())
+}
+
+/// Precise BN on the first `n` images of `data`'s training split (no augmentation), in shards of
+/// the run's per-replica batch (its config.json beside the weights; else 8); optionally saved.
+fn recalibrate(
+    model: &DenseModel,
+    device: &Device,
+    card: &ModelCard,
+    weights: &Path,
+    data: &Path,
+    n: usize,
+    save: Option<&Path>,
+) -> Result<DenseModel> {
+    let run_cfg = weights.with_file_name("config.json");
+    let shard = std::fs::read_to_string(&run_cfg)
+        .ok()
+        .and_then(|t| serde_json::from_str::<DenseTrainConfig>(&t).ok())
+        .map_or(8, |c| (c.batch / c.workers.max(1)).max(1));
+    let start = std::time::Instant::now();
+    let train = load_split(card.model.task, data, "train", card.model.input, true, card.reduce_zero_label, n)?;
+    let images: Vec<&[u8]> = match &train {
+        emo_dense::train::DenseData::Det(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
+        emo_dense::train::DenseData::Seg(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
+    };
+    let ad = device.clone().autodiff();
+    let on_ad = DenseModel::from_state_dict(&card.model, &model.state_dict(), &ad)?;
+    let sd = emo_dense::bn::precise_bn(&on_ad, &images, card.model.input, shard, &ad)?.state_dict();
+    eprintln!(
+        "precise BN: the BatchNorm statistics from {} training images in shards of {shard} ({:.1} s)",
+        images.len() / shard * shard,
+        start.elapsed().as_secs_f64()
+    );
+    if let Some(p) = save {
+        emo_weights::save_safetensors(&sd, p).with_context(|| format!("writing {}", p.display()))?;
+        let card_path = p.with_file_name("model.json");
+        if !card_path.exists() {
+            emo_weights::write_atomic(&card_path, serde_json::to_string_pretty(card)?.as_bytes())?;
+        }
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(DenseModel::from_state_dict(&card.model, &sd, device)?)
 }
 
 fn read_image(p: &Path, input: (usize, usize)) -> Result<(image::RgbImage, Vec<u8>)> {

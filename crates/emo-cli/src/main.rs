@@ -139,6 +139,15 @@ enum Cmd {
         /// as the paper's numbers.
         #[arg(long)]
         flip: bool,
+        /// Dense tasks: precise BN first, every BatchNorm's running statistics replaced by the
+        /// mean of its batch statistics over the first N training images (training-mode
+        /// forward passes in the run's per-replica batch, no augmentation, no weight change).
+        #[arg(long, default_value_t = 0)]
+        precise_bn: usize,
+        /// With --precise-bn: write the recalibrated weights here (safetensors; a model.json
+        /// is written beside them if none is there).
+        #[arg(long)]
+        save_weights: Option<PathBuf>,
         /// `fashion-mnist`, `fashion-mnist:DIR` or `imagefolder:PATH` (its val split).
         #[arg(long, default_value = "fashion-mnist")]
         data: String,
@@ -453,8 +462,18 @@ fn main() -> Result<()> {
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
-        Cmd::Eval { weights, task: Some(task), data, split, card, limit, flip, .. } => {
-            dense::eval(task, &weights, card.as_deref(), Path::new(&data), &split, limit, flip)
+        Cmd::Eval { weights, task: Some(task), data, split, card, limit, flip, precise_bn, save_weights, .. } => {
+            dense::eval(&dense::EvalArgs {
+                task,
+                weights: &weights,
+                card: card.as_deref(),
+                data: Path::new(&data),
+                split: &split,
+                limit,
+                flip,
+                precise_bn,
+                save_weights: save_weights.as_deref(),
+            })
         }
         Cmd::Eval { variant, weights, data, size, .. } => {
             let pipeline = trained_pipeline(&weights, size)?;

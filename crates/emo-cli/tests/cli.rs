@@ -437,6 +437,17 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         if task == "deeplabv3" {
             assert!(s.lines().any(|l| l.starts_with("background")), "{s}");
             assert!(flip.status.success() && stdout(&flip).contains("flip test augmentation"), "{}", stderr(&flip));
+            // Precise BN on the 16 training canvases (shards of 4: batch 8 on the 2 workers
+            // config.json records), saved; the saved weights score what was printed.
+            let pbn = run.join("precise.safetensors");
+            let args = ["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d];
+            let o = emo(&[&args[..], &["--precise-bn", "16", "--save-weights", pbn.to_str().unwrap()]].concat());
+            assert!(o.status.success() && stderr(&o).contains("precise BN"), "{}", stderr(&o));
+            let reread = emo(&["eval", "--task", task, "--weights", pbn.to_str().unwrap(), "--data", d]);
+            let first = |o: &std::process::Output| stdout(o).lines().next().unwrap_or_default().to_string();
+            assert_eq!(first(&o), first(&reread));
+            let o = emo(&[&args[..], &["--save-weights", pbn.to_str().unwrap()]].concat());
+            assert!(!o.status.success() && stderr(&o).contains("--precise-bn"), "{}", stderr(&o));
         } else {
             assert!(!flip.status.success() && stderr(&flip).contains("segmentation option"), "{}", stderr(&flip));
         }

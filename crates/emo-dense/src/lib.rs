@@ -6,6 +6,7 @@
 
 pub mod anchors;
 pub mod assign;
+pub mod bn;
 pub mod boxes;
 pub mod data;
 pub mod loss;

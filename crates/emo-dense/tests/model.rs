@@ -419,6 +419,85 @@ fn segmentation_is_scored_on_the_label_maps_at_their_original_size() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
+/// Precise BN: the stem BatchNorm's running statistics become the mean over the shards of the
+/// batch mean and biased variance of the stem conv's output (computed here with burn's conv2d);
+/// images beyond whole shards are left out; every other tensor but the running statistics is
+/// unchanged; the deeper BatchNorms move off their initial 0 / 1.
+#[test]
+fn precise_bn_sets_the_mean_of_the_shards_batch_statistics() {
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    use emo_dense::bn::precise_bn;
+    use emo_dense::predict::batch_tensor;
+
+    let _g = serial();
+    let device = Device::flex().autodiff();
+    let model = DenseModel::new(&small(Task::DeepLabV3, 3), None, &device).unwrap();
+    let mut seed = 11u64;
+    let images: Vec<Vec<u8>> = (0..14)
+        .map(|_| {
+            (0..64 * 64 * 3)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (seed >> 56) as u8
+                })
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+    let before = model.state_dict();
+    let after = precise_bn(&model, &refs, (64, 64), 4, &device).unwrap().state_dict();
+    // The stem conv (3x3, stride 2, padding 1, with a bias) and its BatchNorm.
+    let plain = Device::flex();
+    let w = before.get("backbone.stage0.0.convs.0.0.weight").unwrap();
+    let w = Tensor::<4>::from_data(
+        burn::tensor::TensorData::new(w.as_f32().unwrap().to_vec(), [w.shape[0], w.shape[1], w.shape[2], w.shape[3]]),
+        &plain,
+    );
+    let b = before.get("backbone.stage0.0.convs.0.0.bias").unwrap().as_f32().unwrap().to_vec();
+    let b = Tensor::<1>::from_data(burn::tensor::TensorData::new(b.clone(), [b.len()]), &plain);
+    let c = w.dims()[0];
+    let (mut mean, mut var) = (vec![0f64; c], vec![0f64; c]);
+    // 3 whole shards of 4; the last 2 images are not used.
+    for shard in refs.chunks_exact(4) {
+        let y = conv2d(
+            batch_tensor(shard, (64, 64), &plain),
+            w.clone(),
+            Some(b.clone()),
+            ConvOptions::new([2, 2], [1, 1], [1, 1], 1),
+        );
+        let [n, _, h, wd] = y.dims();
+        let y = to_vec(y);
+        for ch in 0..c {
+            let vals: Vec<f64> = (0..n)
+                .flat_map(|i| y[(i * c + ch) * h * wd..(i * c + ch + 1) * h * wd].iter().map(|&v| v as f64))
+                .collect();
+            let m = vals.iter().sum::<f64>() / vals.len() as f64;
+            mean[ch] += m / 3.0;
+            var[ch] += vals.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / vals.len() as f64 / 3.0;
+        }
+    }
+    let got = |k: &str| after.get(&format!("backbone.stage0.0.convs.0.1.{k}")).unwrap().as_f32().unwrap().to_vec();
+    for (what, ours, want) in [("mean", got("running_mean"), mean), ("var", got("running_var"), var)] {
+        let scale = want.iter().fold(1e-3f64, |a, v| a.max(v.abs()));
+        for (ch, (o, w)) in ours.iter().zip(&want).enumerate() {
+            assert!((*o as f64 - w).abs() <= 1e-4 * scale, "running {what} of channel {ch}: {o} against {w}");
+        }
+    }
+    for (k, t) in &before.tensors {
+        if !k.contains(".running_") {
+            assert!(after.get(k) == Some(t), "{k} changed");
+        }
+    }
+    // A deep BatchNorm's statistics leave the fresh model's 0 / 1 (nearly all channels: one may
+    // land near 1 by chance).
+    for (s, init) in [("running_mean", 0.0f32), ("running_var", 1.0)] {
+        let deep = after.get(&format!("decode_head.bottleneck.bn.{s}")).unwrap().as_f32().unwrap();
+        let moved = deep.iter().filter(|&&v| (v - init).abs() > 1e-4).count();
+        assert!(moved * 10 >= deep.len() * 9, "{s}: {moved} of {} moved: {deep:?}", deep.len());
+    }
+}
+
 #[test]
 fn bad_data_is_skipped_and_counted_or_rejected() {
     let _g = serial();

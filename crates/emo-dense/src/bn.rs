@@ -1,0 +1,118 @@
+//! Precise BatchNorm statistics (fvcore's `update_bn_stats`; Wu & Johnson, "Rethinking 'Batch'
+//! in BatchNorm", 2021).
+//!
+//! Training leaves in each BatchNorm a momentum average of the batch statistics of the last few
+//! iterations, taken while the weights were still moving (and with `--ema-decay`, an average of
+//! those averages next to averaged weights). [`precise_bn`] replaces them by the plain mean of
+//! the batch statistics of the final weights themselves over a set of images.
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use emo_weights::{StateDict, Tensor as Stored};
+
+use crate::DenseError;
+use crate::model::DenseModel;
+use crate::predict::batch_tensor;
+
+/// The running statistics of every BatchNorm of `model` replaced by the mean of its batch
+/// statistics over `images` (HWC RGB at `hw`), taken `shard` images at a time (the per-replica
+/// batch the model was trained with) in training-mode forward passes on the autodiff `device`:
+/// no augmentation, drop path off, no gradient step; images beyond a whole number of shards are
+/// not used. The mean is over shards, as fvcore's (the variance: the mean of the shards' own).
+///
+/// Each BatchNorm updates `running = (1 - m) * running + m * batch`; passes from zeroed
+/// statistics give `m * batch`, and the momentum `m` of each layer is read off one pass from
+/// statistics of one.
+pub fn precise_bn(
+    model: &DenseModel,
+    images: &[&[u8]],
+    hw: (usize, usize),
+    shard: usize,
+    device: &Device,
+) -> Result<DenseModel, DenseError> {
+    if shard == 0 || images.len() < shard {
+        return Err(DenseError::Data(format!("precise BN needs at least {shard} images, got {}", images.len())));
+    }
+    if !device.is_autodiff() {
+        return Err(DenseError::Data("precise BN runs BatchNorm in training mode: an autodiff device".into()));
+    }
+    let mut cfg = model.cfg.clone();
+    cfg.backbone.drop_path = 0.0;
+    let base = model.state_dict();
+    let layers: Vec<String> =
+        base.tensors.keys().filter_map(|k| k.strip_suffix(".running_mean")).map(String::from).collect();
+    let filled = |v: f32| {
+        let mut sd = base.clone();
+        for l in &layers {
+            for s in ["running_mean", "running_var"] {
+                let k = format!("{l}.{s}");
+                let shape = sd.get(&k).expect("listed").shape.clone();
+                let n = shape.iter().product();
+                sd.insert(k, Stored::f32(shape, vec![v; n]));
+            }
+        }
+        sd
+    };
+    // One training-mode pass from `sd`: the running statistics it leaves.
+    let pass = |sd: &StateDict, x: Tensor<4>| -> Result<Vec<(Vec<f32>, Vec<f32>)>, DenseError> {
+        // No gradient tracking (an autodiff graph never consumed by a backward pass is not
+        // freed), the BatchNorms still in training mode.
+        let m = DenseModel::from_state_dict(&cfg, sd, device)?.no_grad();
+        m.forward(x, true)?;
+        let out = m.state_dict();
+        let get = |k: String| out.get(&k).and_then(|t| t.as_f32()).map(<[f32]>::to_vec).expect("listed");
+        Ok(layers.iter().map(|l| (get(format!("{l}.running_mean")), get(format!("{l}.running_var")))).collect())
+    };
+    let zero = filled(0.0);
+    let shards: Vec<&[&[u8]]> = images.chunks_exact(shard).collect();
+    let x0 = batch_tensor(shards[0], hw, device);
+    let from_zero = pass(&zero, x0.clone())?;
+    let from_one = pass(&filled(1.0), x0)?;
+    // m = 1 - (from one - from zero), per channel.
+    let momentum: Vec<Vec<f32>> = from_zero
+        .iter()
+        .zip(&from_one)
+        .map(|((z, _), (o, _))| z.iter().zip(o).map(|(z, o)| 1.0 - (o - z)).collect())
+        .collect();
+    // Sums of `running / m` over the shards, the shards split over the cores.
+    type Sums = Vec<(Vec<f64>, Vec<f64>)>;
+    let add = |sums: &mut Sums, stats: &[(Vec<f32>, Vec<f32>)]| {
+        for (((mean, var), (sm, sv)), mom) in stats.iter().zip(sums.iter_mut()).zip(&momentum) {
+            for c in 0..mean.len() {
+                if mom[c] > 1e-6 {
+                    sm[c] += (mean[c] / mom[c]) as f64;
+                    sv[c] += (var[c] / mom[c]) as f64;
+                }
+            }
+        }
+    };
+    let empty: Sums = from_zero.iter().map(|(m, v)| (vec![0.0; m.len()], vec![0.0; v.len()])).collect();
+    let mut sums = empty.clone();
+    add(&mut sums, &from_zero);
+    let parts = emo_train::parallel::map_parts(&shards[1..], emo_train::parallel::cores(), |part| {
+        let mut sums = empty.clone();
+        for s in part {
+            add(&mut sums, &pass(&zero, batch_tensor(s, hw, device))?);
+        }
+        Ok::<_, DenseError>(sums)
+    });
+    for part in parts {
+        for ((sm, sv), (pm, pv)) in sums.iter_mut().zip(part?) {
+            sm.iter_mut().zip(pm).for_each(|(a, b)| *a += b);
+            sv.iter_mut().zip(pv).for_each(|(a, b)| *a += b);
+        }
+    }
+    let mut sd = base;
+    let n = shards.len() as f64;
+    for ((l, (sm, sv)), mom) in layers.iter().zip(sums).zip(&momentum) {
+        for (s, v) in [("running_mean", sm), ("running_var", sv)] {
+            let k = format!("{l}.{s}");
+            let old = sd.get(&k).and_then(|t| t.as_f32()).map(<[f32]>::to_vec).expect("listed");
+            // A layer the passes do not reach (m = 0) keeps its statistics.
+            let new = v.iter().zip(old).zip(mom).map(|((x, o), &m)| if m > 1e-6 { (x / n) as f32 } else { o });
+            let shape = sd.get(&k).expect("listed").shape.clone();
+            sd.insert(k, Stored::f32(shape, new.collect()));
+        }
+    }
+    DenseModel::from_state_dict(&model.cfg, &sd, device)
+}
