@@ -14,6 +14,9 @@ use crate::DenseError;
 use crate::model::DenseModel;
 use crate::predict::batch_tensor;
 
+/// Each BatchNorm's (running mean, running variance), in state-dict key order.
+type Stats = Vec<(Vec<f32>, Vec<f32>)>;
+
 /// The running statistics of every BatchNorm of `model` replaced by the mean of its batch
 /// statistics over `images` (HWC RGB at `hw`), taken `shard` images at a time (the per-replica
 /// batch the model was trained with) in training-mode forward passes on the autodiff `device`:
@@ -54,7 +57,7 @@ pub fn precise_bn(
         sd
     };
     // One training-mode pass from `sd`: the running statistics it leaves.
-    let pass = |sd: &StateDict, x: Tensor<4>| -> Result<Vec<(Vec<f32>, Vec<f32>)>, DenseError> {
+    let pass = |sd: &StateDict, x: Tensor<4>| -> Result<Stats, DenseError> {
         // No gradient tracking (an autodiff graph never consumed by a backward pass is not
         // freed), the BatchNorms still in training mode.
         let m = DenseModel::from_state_dict(&cfg, sd, device)?.no_grad();
@@ -76,7 +79,7 @@ pub fn precise_bn(
         .collect();
     // Sums of `running / m` over the shards, the shards split over the cores.
     type Sums = Vec<(Vec<f64>, Vec<f64>)>;
-    let add = |sums: &mut Sums, stats: &[(Vec<f32>, Vec<f32>)]| {
+    let add = |sums: &mut Sums, stats: &Stats| {
         for (((mean, var), (sm, sv)), mom) in stats.iter().zip(sums.iter_mut()).zip(&momentum) {
             for c in 0..mean.len() {
                 if mom[c] > 1e-6 {

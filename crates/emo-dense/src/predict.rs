@@ -117,7 +117,7 @@ pub fn segment_sized(
     let k = logits.dims()[1];
     let mut out = Vec::with_capacity(b);
     for (i, &size) in sizes.iter().enumerate() {
-        let at = |t: &Tensor<4>| resize_logits(t.clone().slice([i..i + 1]), size);
+        let at = |t: &Tensor<4>| resize_logits(t.clone().narrow(0, i, 1), size);
         let scores = match &mirrored {
             None => at(&logits),
             Some(m) => (softmax(at(&logits), 1) + softmax(at(m), 1)).mul_scalar(0.5),

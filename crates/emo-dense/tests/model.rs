@@ -395,7 +395,7 @@ fn segmentation_is_scored_on_the_label_maps_at_their_original_size() {
             let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), input, &device);
             let (plain, mirrored) = (logits(x.clone()), logits(x.clone().flip([3])).flip([3]));
             for (i, img) in chunk.iter().enumerate() {
-                let at = |t: &Tensor<4>| resize_logits(t.clone().slice([i..i + 1]), (64, 64));
+                let at = |t: &Tensor<4>| resize_logits(t.clone().narrow(0, i, 1), (64, 64));
                 let pred =
                     if flip { argmax(softmax(at(&plain), 1) + softmax(at(&mirrored), 1)) } else { argmax(at(&plain)) };
                 let label = &img.full.as_ref().unwrap().data;
