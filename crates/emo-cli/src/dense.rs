@@ -226,9 +226,7 @@ fn recalibrate(
         emo_dense::train::DenseData::Det(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
         emo_dense::train::DenseData::Seg(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
     };
-    let ad = device.clone().autodiff();
-    let on_ad = DenseModel::from_state_dict(&card.model, &model.state_dict(), &ad)?;
-    let sd = emo_dense::bn::precise_bn(&on_ad, &images, card.model.input, shard, &ad)?.state_dict();
+    let sd = emo_dense::bn::precise_bn(model, &images, card.model.input, shard, &device.clone().autodiff())?;
     eprintln!(
         "precise BN: the BatchNorm statistics from {} training images in shards of {shard} ({:.1} s)",
         images.len() / shard * shard,

@@ -17,9 +17,10 @@ use crate::predict::batch_tensor;
 /// Each BatchNorm's (running mean, running variance), in state-dict key order.
 type Stats = Vec<(Vec<f32>, Vec<f32>)>;
 
-/// The running statistics of every BatchNorm of `model` replaced by the mean of its batch
-/// statistics over `images` (HWC RGB at `hw`), taken `shard` images at a time (the per-replica
-/// batch the model was trained with) in training-mode forward passes on the autodiff `device`:
+/// `model`'s weights (on any device) with the running statistics of every BatchNorm replaced by
+/// the mean of its batch statistics over `images` (HWC RGB at `hw`), taken `shard` images at a
+/// time (the per-replica batch the model was trained with) in training-mode forward passes on
+/// the autodiff `device`:
 /// no augmentation, drop path off, no gradient step; images beyond a whole number of shards are
 /// not used. The mean is over shards, as fvcore's (the variance: the mean of the shards' own).
 ///
@@ -32,7 +33,7 @@ pub fn precise_bn(
     hw: (usize, usize),
     shard: usize,
     device: &Device,
-) -> Result<DenseModel, DenseError> {
+) -> Result<StateDict, DenseError> {
     if shard == 0 || images.len() < shard {
         return Err(DenseError::Data(format!("precise BN needs at least {shard} images, got {}", images.len())));
     }
@@ -117,5 +118,5 @@ pub fn precise_bn(
             sd.insert(k, Stored::f32(shape, new.collect()));
         }
     }
-    DenseModel::from_state_dict(&model.cfg, &sd, device)
+    Ok(sd)
 }

@@ -120,10 +120,7 @@ fn decode_all(paths: &[PathBuf], size: (usize, usize)) -> Vec<Decoded> {
         let r = if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, FilterType::Triangle) };
         Some((r.to_rgb8().into_raw(), orig))
     };
-    emo_train::parallel::map_parts(paths, emo_train::parallel::cores(), |ps| ps.iter().map(decode).collect::<Vec<_>>())
-        .into_iter()
-        .flatten()
-        .collect()
+    emo_train::parallel::map_each(paths, emo_train::parallel::cores(), decode)
 }
 
 /// Decode label maps in parallel: each at `size` (nearest) and, with `keep_full`, also at its
@@ -138,10 +135,7 @@ fn decode_labels(paths: &[PathBuf], size: (usize, usize), keep_full: bool) -> Ve
         let resized = image::imageops::resize(&img, size.1 as u32, size.0 as u32, FilterType::Nearest).into_raw();
         Some((resized, keep_full.then(|| LabelMap { h, w, data: img.into_raw() })))
     };
-    emo_train::parallel::map_parts(paths, emo_train::parallel::cores(), |ps| ps.iter().map(decode).collect::<Vec<_>>())
-        .into_iter()
-        .flatten()
-        .collect()
+    emo_train::parallel::map_each(paths, emo_train::parallel::cores(), decode)
 }
 
 /// Load `<root>/annotations/instances_<split>.json` with images under `<root>/images/<split>/`

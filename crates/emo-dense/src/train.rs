@@ -341,8 +341,9 @@ pub enum Eval {
 }
 
 /// Evaluate a model on a loaded split (COCO mAP in original coordinates, or mIoU on the label
-/// maps at their original size, the logits resized to it as mmseg does). `model` should be a validation copy (`Module::valid`); inputs are made without
-/// autodiff, so no training-only layer (drop path, dropout) runs.
+/// maps at their original size, the logits resized to it as mmseg does). `model` should be a
+/// validation copy (`Module::valid`); inputs are made without autodiff, so no training-only layer
+/// (drop path, dropout) runs.
 pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result<Eval, DenseError> {
     evaluate_with(model, data, device, false)
 }

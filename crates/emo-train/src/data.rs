@@ -159,11 +159,9 @@ fn load_folder(dir: &Path, classes: &[String], store: usize) -> Result<(Split, u
         }
     }
     let per = 3 * store * store;
-    let results = crate::parallel::map_parts(&files, crate::parallel::cores(), |part| {
-        part.iter().map(|(p, _)| decode(p, store)).collect::<Vec<_>>()
-    });
+    let results = crate::parallel::map_each(&files, crate::parallel::cores(), |(p, _)| decode(p, store));
     let (mut images, mut labels, mut skipped) = (Vec::with_capacity(files.len() * per), Vec::new(), 0);
-    for (img, (path, label)) in results.into_iter().flatten().zip(&files) {
+    for (img, (path, label)) in results.into_iter().zip(&files) {
         match img {
             Some(px) => {
                 images.extend(px);

@@ -134,6 +134,11 @@ pub fn map_parts<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&[T])
     })
 }
 
+/// `f` on each item, over `threads` contiguous parts ([`map_parts`]); the results in item order.
+pub fn map_each<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    map_parts(items, threads, |part| part.iter().map(&f).collect::<Vec<_>>()).into_iter().flatten().collect()
+}
+
 /// The cores this process may run on (1 if unknown).
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -231,6 +236,16 @@ mod tests {
         assert_eq!(shards(64, 2), vec![0..32, 32..64]);
         assert_eq!(shards(2, 4), vec![0..1, 1..2]);
         assert_eq!(shards(5, 1), vec![0..5]);
+    }
+
+    #[test]
+    fn map_each_keeps_item_order_on_any_thread_count() {
+        let items: Vec<u32> = (0..11).collect();
+        let want: Vec<u32> = items.iter().map(|v| v * v).collect();
+        for threads in [1, 2, 3, 11, 20] {
+            assert_eq!(map_each(&items, threads, |v| v * v), want, "{threads} threads");
+        }
+        assert!(map_each(&[] as &[u32], 4, |v| *v).is_empty());
     }
 
     #[test]
