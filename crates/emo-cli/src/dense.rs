@@ -72,6 +72,19 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             cfg.norm_eval = a.norm_eval.unwrap_or(cfg.norm_eval);
             cfg.frozen_stages = a.frozen_stages.unwrap_or(cfg.frozen_stages);
             cfg.geometric_augment = !a.light_augment;
+            if let Some(r) = &a.rescale_range {
+                ensure!(!task.is_detection(), "--rescale-range is for segmentation tasks");
+                ensure!(
+                    !a.light_augment,
+                    "--rescale-range sets the geometric augmentation that --light-augment turns off"
+                );
+                let parsed =
+                    r.split_once('-').and_then(|(lo, hi)| Some((lo.parse::<f32>().ok()?, hi.parse::<f32>().ok()?)));
+                let (lo, hi) =
+                    parsed.with_context(|| format!("--rescale-range expects MIN-MAX (e.g. 0.5-2.0), got {r:?}"))?;
+                ensure!(lo > 0.0 && lo <= hi && hi.is_finite(), "--rescale-range: need 0 < MIN <= MAX, got {r}");
+                cfg.rescale = (lo, hi);
+            }
             ensure!(a.ohem_min_kept.is_none() || a.ohem_thresh.is_some(), "--ohem-min-kept needs --ohem-thresh");
             if let Some(thresh) = a.ohem_thresh {
                 ensure!(!task.is_detection(), "--ohem-thresh is for segmentation tasks");
@@ -314,10 +327,23 @@ pub fn detect_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: 
     })
 }
 
-pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: &Path, flip: bool) -> Result<()> {
+pub fn segment_cmd(
+    weights: &Path,
+    card: Option<&Path>,
+    images: &[PathBuf],
+    out: &Path,
+    flip: bool,
+    label_maps: bool,
+) -> Result<()> {
     let device = crate::backend::device()?;
     let (model, card) = load_model(weights, card, &device)?;
     ensure!(!card.model.task.is_detection(), "{} is a {} model; use `emo detect`", weights.display(), card.model.task);
+    let shift = u8::from(card.reduce_zero_label);
+    ensure!(
+        !label_maps || card.classes.len() + usize::from(shift) <= 255,
+        "--label-maps writes 8-bit label maps (255 is the ignore label): {} classes do not fit",
+        card.classes.len()
+    );
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let input = card.model.input;
     for_each_image(images, input, |p, orig, rgb| {
@@ -335,6 +361,14 @@ pub fn segment_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out:
         }
         let pp = out_name(out, p, "png");
         colour.save(&pp).with_context(|| format!("writing {}", pp.display()))?;
+        if label_maps {
+            let labels = image::GrayImage::from_fn(mask.width(), mask.height(), |x, y| {
+                image::Luma([mask.get_pixel(x, y).0[0] + shift])
+            });
+            let stem = p.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default();
+            let lp = out.join(format!("{stem}-labels.png"));
+            labels.save(&lp).with_context(|| format!("writing {}", lp.display()))?;
+        }
         let total = (orig.width() * orig.height()) as f64;
         let present: Vec<String> = counts
             .iter()

@@ -184,6 +184,11 @@ enum Cmd {
         /// Flip test augmentation (see `emo eval --flip`).
         #[arg(long)]
         flip: bool,
+        /// Also write OUT/NAME-labels.png: the predicted class of each pixel as an 8-bit grey
+        /// label map in the layout of the training label maps (with `reduce_zero_label`, as
+        /// ADE20K's, class c is written as c + 1), ready to compare with ground truth.
+        #[arg(long)]
+        label_maps: bool,
     },
     /// Build the Fashion-MNIST canvas set (real items on larger canvases; boxes and masks from
     /// placement) in COCO and mask-folder layout.
@@ -300,6 +305,10 @@ pub(crate) struct TrainOpts {
     /// augmentation (SSD Expand + MinIoURandomCrop; segmentation rescale + crop).
     #[arg(long)]
     pub light_augment: bool,
+    /// Segmentation: the rescale ratio range MIN-MAX of the geometric augmentation (mmseg's
+    /// `ratio_range`; default the paper's 0.5-2.0). Not with --light-augment.
+    #[arg(long)]
+    pub rescale_range: Option<String>,
     /// Segmentation: online hard example mining on the decode head's pixel loss (mmseg's
     /// OHEMPixelSampler): train on the pixels whose label probability is below this threshold
     /// (mmseg configs: 0.7), and on at least --ohem-min-kept per image.
@@ -413,8 +422,8 @@ fn main() -> Result<()> {
         Cmd::Detect { weights, card, images, out, score_thr } => {
             dense::detect_cmd(&weights, card.as_deref(), &images, &out, score_thr)
         }
-        Cmd::Segment { weights, card, images, out, flip } => {
-            dense::segment_cmd(&weights, card.as_deref(), &images, &out, flip)
+        Cmd::Segment { weights, card, images, out, flip, label_maps } => {
+            dense::segment_cmd(&weights, card.as_deref(), &images, &out, flip, label_maps)
         }
         Cmd::MakeCanvas { out, size, train, val, items, scale, coarse, fmnist, seed } => {
             let range = |s: &str, what: &str| -> Result<(f64, f64)> {
@@ -536,11 +545,12 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         random_erasing,
         ohem_thresh,
         ohem_min_kept,
+        rescale_range,
         ..
     } = o;
     ensure!(
-        ohem_thresh.is_none() && ohem_min_kept.is_none(),
-        "--ohem-thresh / --ohem-min-kept are for segmentation (--task deeplabv3|pspnet)"
+        ohem_thresh.is_none() && ohem_min_kept.is_none() && rescale_range.is_none(),
+        "--ohem-thresh / --ohem-min-kept / --rescale-range are for segmentation (--task deeplabv3|pspnet)"
     );
     // A resumed run reads its data spec and input size from its own config.
     let (data, size) = match &resume {

@@ -411,7 +411,19 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             assert!(!o.status.success() && stderr(&o).contains("for segmentation"), "{}", stderr(&o));
             let _ = std::fs::remove_dir_all(&run);
         }
-        let extra: &[&str] = if task == "deeplabv3" { &ohem } else { &[] };
+        // The rescale range of the segmentation geometry: checked, and only for segmentation.
+        let rescale = ["--rescale-range", "0.8-1.25"];
+        for (bad, why) in [
+            (&["--rescale-range", "0.8-1.25", "--light-augment"][..], "--light-augment"),
+            (&["--rescale-range", "1.25"][..], "MIN-MAX"),
+            (&["--rescale-range", "1.5-0.5"][..], "MIN <= MAX"),
+        ] {
+            let o = emo(&[&args[..], bad, &["--out", run.to_str().unwrap()]].concat());
+            let want = if task == "ssdlite" { "for segmentation" } else { why };
+            assert!(!o.status.success() && stderr(&o).contains(want), "{bad:?}: {}", stderr(&o));
+            let _ = std::fs::remove_dir_all(&run);
+        }
+        let extra: &[&str] = if task == "deeplabv3" { &[ohem, rescale].concat() } else { &[] };
         let o = emo(&[&args[..], extra, &["--out", run.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{task}: {}", stderr(&o));
         if task == "deeplabv3" {
@@ -419,6 +431,7 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             let cfg: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
             assert_eq!(cfg["ohem"], serde_json::json!({"thresh": 0.7, "min_kept": 819}), "{cfg}");
+            assert_eq!(cfg["rescale"], serde_json::json!([0.8, 1.25]), "{cfg}");
         }
         assert!(stdout(&o).contains(if task == "ssdlite" { "best mAP50" } else { "best mIoU" }), "{}", stdout(&o));
         assert!(stderr(&o).contains("epoch 1/1 ["), "progress bar: {}", stderr(&o));
@@ -452,19 +465,24 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             assert!(!flip.status.success() && stderr(&flip).contains("segmentation option"), "{}", stderr(&flip));
         }
         let out = tmp(&format!("out-{task}"));
-        let o = emo(&[
-            cmd,
-            "--weights",
-            w.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            img.to_str().unwrap(),
-            bad.to_str().unwrap(),
-        ]);
+        let extra: &[&str] = if cmd == "segment" { &["--label-maps"] } else { &[] };
+        let args = [cmd, "--weights", w.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let o = emo(&[&args[..], extra, &[img.to_str().unwrap(), bad.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stderr(&o).contains("skipping") && stderr(&o).contains("corrupt.png"), "{}", stderr(&o));
         let png = image::open(out.join("000000.png")).unwrap();
         assert_eq!((png.width(), png.height()), (64, 64));
+        if cmd == "segment" {
+            // The label map holds the class of each pixel: the colour mask is its palette image.
+            let labels = image::open(out.join("000000-labels.png")).unwrap().to_luma8();
+            assert_eq!(labels.dimensions(), (64, 64));
+            let colour = png.to_rgb8();
+            for (l, c) in labels.pixels().zip(colour.pixels()) {
+                assert!(l.0[0] < 11, "class {} of 11", l.0[0]);
+                assert_eq!(c.0, emo_dense::predict::palette(l.0[0] as usize));
+            }
+            assert!(!out.join("corrupt-labels.png").exists());
+        }
         if cmd == "detect" {
             let j: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(out.join("000000.json")).unwrap()).unwrap();

@@ -757,18 +757,23 @@ pub fn ssd_geometry(
 /// class covers 75% or more of the crop's labelled pixels (and it holds more than one class); the
 /// last position is kept when none qualifies.
 pub fn seg_geometry(rng: &mut Rng, rgb: &mut Vec<u8>, label: &mut Vec<u8>, hw: (usize, usize)) {
-    seg_geometry_with(rng, rgb, label, hw, 0.75)
+    seg_geometry_with(rng, rgb, label, hw, PAPER_RESCALE, 0.75)
 }
 
-/// [`seg_geometry`] with another `cat_max_ratio`; 1.0 or more turns the check off (one crop).
+/// The paper's (mmseg's ADE20K) rescale ratio range.
+pub const PAPER_RESCALE: (f32, f32) = (0.5, 2.0);
+
+/// [`seg_geometry`] with another rescale ratio range (mmseg's `ratio_range`: the scale is drawn
+/// uniformly from it) and another `cat_max_ratio`; 1.0 or more turns the check off (one crop).
 pub fn seg_geometry_with(
     rng: &mut Rng,
     rgb: &mut Vec<u8>,
     label: &mut Vec<u8>,
     hw: (usize, usize),
+    ratio_range: (f32, f32),
     cat_max_ratio: f32,
 ) {
-    let s = 0.5 + 1.5 * rng.uniform();
+    let s = ratio_range.0 + (ratio_range.1 - ratio_range.0) * rng.uniform();
     let (h, w) = (hw.0 as f32, hw.1 as f32);
     // The output window covers (h/s) x (w/s) source pixels, placed anywhere it overlaps.
     let (vw, vh) = (w / s, h / s);

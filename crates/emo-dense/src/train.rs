@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::assign::{MaxIou, Targets, targets};
 use crate::boxes::{BBox, BoxCoder};
-use crate::data::{DetDataset, SegDataset, augment, load_coco, load_seg, seg_geometry, ssd_geometry};
+use crate::data::{
+    DetDataset, PAPER_RESCALE, SegDataset, augment, load_coco, load_seg, seg_geometry_with, ssd_geometry,
+};
 use crate::loss::{Ohem, focal_loss, seg_loss_with, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseModel, DenseOutput};
@@ -68,6 +70,10 @@ pub struct DenseTrainConfig {
     /// rescale 0.5-2 + crop), besides flip and photometric distortion.
     #[serde(default = "yes")]
     pub geometric_augment: bool,
+    /// Segmentation: the rescale ratio range of the geometric augmentation (mmseg's
+    /// `ratio_range`; the paper's 0.5-2.0).
+    #[serde(default = "paper_rescale")]
+    pub rescale: (f32, f32),
     /// Use at most this many training / validation images (0 = all).
     pub limit_train: usize,
     pub limit_val: usize,
@@ -94,6 +100,10 @@ pub struct DenseTrainConfig {
 
 fn one() -> usize {
     1
+}
+
+fn paper_rescale() -> (f32, f32) {
+    PAPER_RESCALE
 }
 
 impl DenseTrainConfig {
@@ -129,6 +139,7 @@ impl DenseTrainConfig {
             aux_weight: 0.4,
             neg_pos_ratio: 3,
             geometric_augment: true,
+            rescale: PAPER_RESCALE,
             limit_train: 0,
             limit_val: 0,
             epoch_images: 0,
@@ -630,7 +641,7 @@ impl DenseTrainer {
                     let im = &d.images[i];
                     let (mut rgb, mut lab) = (im.rgb.clone(), im.label.clone());
                     if self.cfg.geometric_augment {
-                        seg_geometry(&mut self.state.rng, &mut rgb, &mut lab, hw);
+                        seg_geometry_with(&mut self.state.rng, &mut rgb, &mut lab, hw, self.cfg.rescale, 0.75);
                     }
                     augment(&mut self.state.rng, &mut rgb, Some(&mut lab), None, hw.0, hw.1);
                     labels.extend(lab);

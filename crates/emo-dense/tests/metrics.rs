@@ -363,7 +363,7 @@ fn seg_crop_with_cat_max_ratio_avoids_single_class_crops() {
         (0..300)
             .filter(|_| {
                 let (mut r, mut l) = (rgb.clone(), lab.clone());
-                seg_geometry_with(&mut rng, &mut r, &mut l, hw, ratio);
+                seg_geometry_with(&mut rng, &mut r, &mut l, hw, (0.5, 2.0), ratio);
                 good(&l)
             })
             .count()
@@ -371,4 +371,40 @@ fn seg_crop_with_cat_max_ratio_avoids_single_class_crops() {
     let (with, without) = (rate(0.75), rate(1.0));
     eprintln!("balanced crops: {with}/300 with cat_max_ratio 0.75, {without}/300 without");
     assert!(with > without + 60, "cat_max_ratio 0.75: {with}/300 balanced crops, without: {without}/300");
+}
+
+#[test]
+fn seg_rescale_follows_the_ratio_range() {
+    use emo_dense::data::seg_geometry_with;
+    // A 32x32 square of class 1 in the middle of a 64x64 map of background.
+    let hw = (64, 64);
+    let mut lab = vec![0u8; 64 * 64];
+    let mut rgb = vec![0u8; 64 * 64 * 3];
+    for y in 16..48 {
+        for x in 16..48 {
+            lab[y * 64 + x] = 1;
+            rgb[(y * 64 + x) * 3..][..3].copy_from_slice(&[200, 100, 50]);
+        }
+    }
+    let mut rng = emo_train::rng::Rng::new(7);
+    // Ratio 1: the crop is the whole image, unchanged.
+    let (mut r, mut l) = (rgb.clone(), lab.clone());
+    seg_geometry_with(&mut rng, &mut r, &mut l, hw, (1.0, 1.0), 1.0);
+    assert_eq!((&r, &l), (&rgb, &lab));
+    // Ratio 0.5: the square shrinks to 16x16 (the rest of the window is padding, ignore 255).
+    let (mut r, mut l) = (rgb.clone(), lab.clone());
+    seg_geometry_with(&mut rng, &mut r, &mut l, hw, (0.5, 0.5), 1.0);
+    let count = |l: &[u8], v: u8| l.iter().filter(|&&x| x == v).count();
+    assert!((count(&l, 1) as i64 - 256).abs() <= 40, "{} pixels of class 1 at scale 0.5", count(&l, 1));
+    assert_eq!(count(&l, 0) + count(&l, 1), 32 * 32, "the image covers a 32x32 part of the window");
+    // A range: the object's area follows the drawn scale, so it varies inside [0.8², 1.25²].
+    let areas: Vec<usize> = (0..50)
+        .map(|_| {
+            let (mut r, mut l) = (rgb.clone(), lab.clone());
+            seg_geometry_with(&mut rng, &mut r, &mut l, hw, (0.8, 1.25), 1.0);
+            count(&l, 1)
+        })
+        .collect();
+    let (lo, hi) = (*areas.iter().min().unwrap(), *areas.iter().max().unwrap());
+    assert!(lo >= 500 && hi <= 1024 * 16 / 10 + 64 && hi > lo + 300, "areas {lo}..{hi}");
 }
