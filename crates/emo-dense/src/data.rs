@@ -755,7 +755,8 @@ pub fn ssd_geometry(
 /// input (padding with ignore = 255), applied to the image and the label map together. As in
 /// mmseg's `RandomCrop(cat_max_ratio=0.75)`, up to 10 crop positions are tried until no single
 /// class covers 75% or more of the crop's labelled pixels (and it holds more than one class); the
-/// last position is kept when none qualifies.
+/// last position is kept when none qualifies. A rescaled image no larger than the crop is all in
+/// it at any position, so it gets one.
 pub fn seg_geometry(rng: &mut Rng, rgb: &mut Vec<u8>, label: &mut Vec<u8>, hw: (usize, usize)) {
     seg_geometry_with(rng, rgb, label, hw, PAPER_RESCALE, 0.75)
 }
@@ -789,7 +790,10 @@ pub fn seg_geometry_with(
         lab.iter().filter(|&&v| v != 255).for_each(|&v| counts[v as usize] += 1);
         let (classes, total) = (counts.iter().filter(|&&c| c > 0).count(), counts.iter().sum::<usize>());
         let top = counts.iter().copied().max().unwrap_or(0);
-        if cat_max_ratio >= 1.0 || (classes > 1 && (top as f32) < cat_max_ratio * total as f32) {
+        // A window at least as large as the image holds all of it wherever it is placed, so
+        // another position cannot change the class counts.
+        let whole = vw >= w && vh >= h;
+        if whole || cat_max_ratio >= 1.0 || (classes > 1 && (top as f32) < cat_max_ratio * total as f32) {
             break;
         }
     }
