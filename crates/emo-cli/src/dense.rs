@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::Device;
 use emo_dense::data::CanvasConfig;
-use emo_dense::predict::{DetTestCfg, batch_tensor, detect, draw_boxes, palette, segment_sized};
+use emo_dense::predict::{DetTestCfg, SegAug, batch_tensor, detect, draw_boxes, palette, segment_aug};
 use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, evaluate_with, load_split};
 use emo_dense::{DenseConfig, DenseModel, Task};
 use emo_spec::Variant;
@@ -92,6 +92,15 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 let min_kept = a.ohem_min_kept.unwrap_or(input.0 * input.1 / 5);
                 cfg.ohem = Some(emo_dense::loss::Ohem { thresh, min_kept });
             }
+            if let Some(p) = a.drop_path {
+                ensure!((0.0..1.0).contains(&p), "--drop-path must be in [0, 1)");
+                cfg.drop_path = Some(p);
+            }
+            if let Some(p) = a.head_dropout {
+                ensure!(!task.is_detection(), "--head-dropout is for segmentation tasks");
+                ensure!((0.0..1.0).contains(&p), "--head-dropout must be in [0, 1)");
+                cfg.head_dropout = p;
+            }
             cfg.reduce_zero_label = a.reduce_zero_label;
             cfg.workers = a.workers.unwrap_or_else(|| crate::backend::chosen().default_workers(a.batch));
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{}", a.variant)));
@@ -161,15 +170,37 @@ pub struct EvalArgs<'a> {
     pub split: &'a str,
     pub limit: usize,
     pub flip: bool,
+    /// Multi-scale test ratios (empty: single scale).
+    pub scales: Vec<f32>,
     /// Recalibrate the BatchNorm statistics on this many training images first (0: no).
     pub precise_bn: usize,
     /// Write the (recalibrated) weights here.
     pub save_weights: Option<&'a Path>,
 }
 
+/// The test-time augmentation of `--flip` and `--scales` (none given: single scale).
+pub fn seg_aug(flip: bool, scales: Vec<f32>) -> Result<SegAug> {
+    let aug = SegAug { flip, scales: if scales.is_empty() { vec![1.0] } else { scales } };
+    aug.validate().context("--scales")?;
+    Ok(aug)
+}
+
+/// ", flip and scales 1, 1.5 test augmentation" (empty for single-scale inference).
+fn aug_description(aug: &SegAug) -> String {
+    let scales = (!aug.is_single_scale())
+        .then(|| format!("scales {}", aug.scales.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")));
+    match (aug.flip, scales) {
+        (false, None) => String::new(),
+        (true, None) => ", flip test augmentation".into(),
+        (false, Some(s)) => format!(", {s} test augmentation"),
+        (true, Some(s)) => format!(", flip and {s} test augmentation"),
+    }
+}
+
 pub fn eval(a: &EvalArgs) -> Result<()> {
     let EvalArgs { task, weights, card, data, split, limit, flip, .. } = *a;
-    ensure!(!(flip && task.is_detection()), "--flip is a segmentation option");
+    ensure!(!((flip || !a.scales.is_empty()) && task.is_detection()), "--flip and --scales are segmentation options");
+    let aug = seg_aug(flip, a.scales.clone())?;
     ensure!(
         a.save_weights.is_none() || a.precise_bn > 0,
         "--save-weights writes the weights --precise-bn recalibrates"
@@ -193,8 +224,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         d.classes(),
         card.classes
     );
-    let e = evaluate_with(&model, &d, &device, flip)?;
-    let how = if flip { ", flip test augmentation" } else { "" };
+    let e = evaluate_with(&model, &d, &device, &aug)?;
+    let how = aug_description(&aug);
     println!("{} on {} ({split}, {} images{how}): {}", card.model.task, data.display(), d.len(), describe(&e));
     // Per-class table, as mmdet's `classwise` / mmseg's evaluation print it.
     let pct = |v: f64| if v < 0.0 || v.is_nan() { "-".to_string() } else { format!("{:.1}", 100.0 * v) };
@@ -332,7 +363,7 @@ pub fn segment_cmd(
     card: Option<&Path>,
     images: &[PathBuf],
     out: &Path,
-    flip: bool,
+    aug: &SegAug,
     label_maps: bool,
 ) -> Result<()> {
     let device = crate::backend::device()?;
@@ -349,7 +380,7 @@ pub fn segment_cmd(
     for_each_image(images, input, |p, orig, rgb| {
         let x = batch_tensor(&[&rgb], input, &device);
         // The class map at the image's own size: the logits resized to it (mmseg's `rescale`).
-        let pred = segment_sized(&model, x, flip, &[(orig.height() as usize, orig.width() as usize)])?.remove(0);
+        let pred = segment_aug(&model, x, aug, &[(orig.height() as usize, orig.width() as usize)])?.remove(0);
         let mask = image::GrayImage::from_raw(orig.width(), orig.height(), pred).context("mask size")?;
         let mut colour = image::RgbImage::new(orig.width(), orig.height());
         let mut counts = vec![0usize; card.classes.len()];

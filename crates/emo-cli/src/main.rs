@@ -139,6 +139,11 @@ enum Cmd {
         /// as the paper's numbers.
         #[arg(long)]
         flip: bool,
+        /// Segmentation: multi-scale test augmentation, the image run at each of these ratios
+        /// of the input size (mmseg's `img_ratios`) and the class probabilities averaged;
+        /// `--scales 0.5,0.75,1,1.25,1.5,1.75 --flip` is mmseg's `--aug-test`. Default: 1.
+        #[arg(long, value_delimiter = ',')]
+        scales: Vec<f32>,
         /// Dense tasks: precise BN first, every BatchNorm's running statistics replaced by the
         /// mean of its batch statistics over the first N training images (training-mode
         /// forward passes in the run's per-replica batch, no augmentation, no weight change).
@@ -184,6 +189,9 @@ enum Cmd {
         /// Flip test augmentation (see `emo eval --flip`).
         #[arg(long)]
         flip: bool,
+        /// Multi-scale test augmentation (see `emo eval --scales`).
+        #[arg(long, value_delimiter = ',')]
+        scales: Vec<f32>,
         /// Also write OUT/NAME-labels.png: the predicted class of each pixel as an 8-bit grey
         /// label map in the layout of the training label maps (with `reduce_zero_label`, as
         /// ADE20K's, class c is written as c + 1), ready to compare with ground truth.
@@ -345,10 +353,14 @@ pub(crate) struct TrainOpts {
     /// 1.2e-4 segmentation).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Classification: stochastic depth rate of the last block (default: the variant's, 0.04
-    /// for EMO-1M; the per-block rule of the spec scales it down for earlier blocks).
+    /// Stochastic depth rate of the last block (default: the variant's, 0.04 for EMO-1M; the
+    /// per-block rule of the spec scales it down for earlier blocks). Dense tasks: the backbone's.
     #[arg(long)]
     pub drop_path: Option<f64>,
+    /// Segmentation: dropout before the decode and auxiliary classifiers (default 0.1, mmseg's
+    /// `dropout_ratio`).
+    #[arg(long)]
+    pub head_dropout: Option<f64>,
     /// Classification: epochs of linear warm-up from 1e-6 (default 1; 0 when fine-tuning a
     /// trained model for an epoch or two).
     #[arg(long)]
@@ -422,8 +434,9 @@ fn main() -> Result<()> {
         Cmd::Detect { weights, card, images, out, score_thr } => {
             dense::detect_cmd(&weights, card.as_deref(), &images, &out, score_thr)
         }
-        Cmd::Segment { weights, card, images, out, flip, label_maps } => {
-            dense::segment_cmd(&weights, card.as_deref(), &images, &out, flip, label_maps)
+        Cmd::Segment { weights, card, images, out, flip, scales, label_maps } => {
+            let aug = dense::seg_aug(flip, scales)?;
+            dense::segment_cmd(&weights, card.as_deref(), &images, &out, &aug, label_maps)
         }
         Cmd::MakeCanvas { out, size, train, val, items, scale, coarse, fmnist, seed } => {
             let range = |s: &str, what: &str| -> Result<(f64, f64)> {
@@ -471,19 +484,30 @@ fn main() -> Result<()> {
         }
         Cmd::Convert { input, output, variant } => convert(&input, &output, variant),
         Cmd::Verify => verify(),
-        Cmd::Eval { weights, task: Some(task), data, split, card, limit, flip, precise_bn, save_weights, .. } => {
-            dense::eval(&dense::EvalArgs {
-                task,
-                weights: &weights,
-                card: card.as_deref(),
-                data: Path::new(&data),
-                split: &split,
-                limit,
-                flip,
-                precise_bn,
-                save_weights: save_weights.as_deref(),
-            })
-        }
+        Cmd::Eval {
+            weights,
+            task: Some(task),
+            data,
+            split,
+            card,
+            limit,
+            flip,
+            scales,
+            precise_bn,
+            save_weights,
+            ..
+        } => dense::eval(&dense::EvalArgs {
+            task,
+            weights: &weights,
+            card: card.as_deref(),
+            data: Path::new(&data),
+            split: &split,
+            limit,
+            flip,
+            scales,
+            precise_bn,
+            save_weights: save_weights.as_deref(),
+        }),
         Cmd::Eval { variant, weights, data, size, .. } => {
             let pipeline = trained_pipeline(&weights, size)?;
             let (_, test) = load_data(&data, pipeline.size)?;
@@ -549,8 +573,8 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         ..
     } = o;
     ensure!(
-        ohem_thresh.is_none() && ohem_min_kept.is_none() && rescale_range.is_none(),
-        "--ohem-thresh / --ohem-min-kept / --rescale-range are for segmentation (--task deeplabv3|pspnet)"
+        ohem_thresh.is_none() && ohem_min_kept.is_none() && rescale_range.is_none() && o.head_dropout.is_none(),
+        "--ohem-thresh / --ohem-min-kept / --rescale-range / --head-dropout are for segmentation (--task deeplabv3|pspnet)"
     );
     // A resumed run reads its data spec and input size from its own config.
     let (data, size) = match &resume {

@@ -423,7 +423,19 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             assert!(!o.status.success() && stderr(&o).contains(want), "{bad:?}: {}", stderr(&o));
             let _ = std::fs::remove_dir_all(&run);
         }
-        let extra: &[&str] = if task == "deeplabv3" { &[ohem, rescale].concat() } else { &[] };
+        // Head dropout: checked, and only for segmentation.
+        let bad_dropout = if task == "ssdlite" { "for segmentation" } else { "[0, 1)" };
+        for bad in [["--head-dropout", "1.5"], ["--drop-path", "-0.1"]] {
+            let o = emo(&[&args[..], &bad[..], &["--out", run.to_str().unwrap()]].concat());
+            let want = if bad[0] == "--drop-path" { "[0, 1)" } else { bad_dropout };
+            assert!(!o.status.success() && stderr(&o).contains(want), "{bad:?}: {}", stderr(&o));
+            let _ = std::fs::remove_dir_all(&run);
+        }
+        let o = emo(&["train", "--head-dropout", "0.2", "--out", run.to_str().unwrap()]);
+        assert!(!o.status.success() && stderr(&o).contains("for segmentation"), "{}", stderr(&o));
+        let _ = std::fs::remove_dir_all(&run);
+        let dropouts = ["--drop-path", "0.1", "--head-dropout", "0.2"];
+        let extra: &[&str] = if task == "deeplabv3" { &[ohem, rescale, dropouts].concat() } else { &[] };
         let o = emo(&[&args[..], extra, &["--out", run.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{task}: {}", stderr(&o));
         if task == "deeplabv3" {
@@ -432,6 +444,7 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
                 serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
             assert_eq!(cfg["ohem"], serde_json::json!({"thresh": 0.7, "min_kept": 819}), "{cfg}");
             assert_eq!(cfg["rescale"], serde_json::json!([0.8, 1.25]), "{cfg}");
+            assert_eq!((cfg["drop_path"].as_f64(), cfg["head_dropout"].as_f64()), (Some(0.1), Some(0.2)), "{cfg}");
         }
         assert!(stdout(&o).contains(if task == "ssdlite" { "best mAP50" } else { "best mIoU" }), "{}", stdout(&o));
         assert!(stderr(&o).contains("epoch 1/1 ["), "progress bar: {}", stderr(&o));
@@ -450,6 +463,19 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         if task == "deeplabv3" {
             assert!(s.lines().any(|l| l.starts_with("background")), "{s}");
             assert!(flip.status.success() && stdout(&flip).contains("flip test augmentation"), "{}", stderr(&flip));
+            // Multi-scale test augmentation; bad ratios are errors.
+            let args = ["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d];
+            let ms = emo(&[&args[..], &["--scales", "1,1.5", "--flip"]].concat());
+            assert!(
+                ms.status.success() && stdout(&ms).contains("flip and scales 1, 1.5 test augmentation"),
+                "{}{}",
+                stdout(&ms),
+                stderr(&ms)
+            );
+            for bad in ["0", "1,-2", "x"] {
+                let o = emo(&[&args[..], &["--scales", bad]].concat());
+                assert!(!o.status.success() && stderr(&o).contains("--scales"), "{bad}: {}", stderr(&o));
+            }
             // Precise BN on the 16 training canvases (shards of 4: batch 8 on the 2 workers
             // config.json records), saved; the saved weights score what was printed.
             let pbn = run.join("precise.safetensors");
@@ -463,9 +489,11 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             assert!(!o.status.success() && stderr(&o).contains("--precise-bn"), "{}", stderr(&o));
         } else {
             assert!(!flip.status.success() && stderr(&flip).contains("segmentation option"), "{}", stderr(&flip));
+            let ms = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--scales", "1,2"]);
+            assert!(!ms.status.success() && stderr(&ms).contains("segmentation option"), "{}", stderr(&ms));
         }
         let out = tmp(&format!("out-{task}"));
-        let extra: &[&str] = if cmd == "segment" { &["--label-maps"] } else { &[] };
+        let extra: &[&str] = if cmd == "segment" { &["--label-maps", "--scales", "0.75,1.25", "--flip"] } else { &[] };
         let args = [cmd, "--weights", w.to_str().unwrap(), "--out", out.to_str().unwrap()];
         let o = emo(&[&args[..], extra, &[img.to_str().unwrap(), bad.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{}", stderr(&o));

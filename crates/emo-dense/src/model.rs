@@ -289,6 +289,9 @@ impl RetinaNet {
     }
 }
 
+/// mmseg's `dropout_ratio` of the DeepLabv3 / PSPNet and FCN heads (spec §12).
+pub const SEG_HEAD_DROPOUT: f64 = 0.1;
+
 /// DeepLabv3 (ASPP) or PSPNet (pyramid pooling) decode head on stage 4, and the auxiliary FCN
 /// head on stage 3.
 #[derive(Module, Debug)]
@@ -322,7 +325,7 @@ impl SegHead {
             conv_seg: b.module("decode_head.conv_seg", Init::Normal(0.01, 0.0)),
             aux_conv: b.module("auxiliary_head.convs.0.conv", k),
             aux_seg: b.module("auxiliary_head.conv_seg", Init::Normal(0.01, 0.0)),
-            dropout: 0.1,
+            dropout: SEG_HEAD_DROPOUT,
             task: b.cfg.task,
         }
     }

@@ -8,7 +8,7 @@ use emo_spec::Task;
 use crate::DenseError;
 use crate::boxes::{BBox, BoxCoder, Detection, batched_nms};
 use crate::data::normalize_into;
-use crate::loss::{resize_logits, to_vec};
+use crate::loss::{bilinear, resize_logits, to_vec};
 use crate::model::{DenseModel, DenseOutput};
 
 /// Test-time settings (mmdet `test_cfg`).
@@ -125,6 +125,124 @@ pub fn segment_sized(
         out.push(argmax_map(&to_vec(scores), k));
     }
     Ok(out)
+}
+
+/// Segmentation test-time augmentation, mmseg's `aug_test`: the image is run at each ratio of
+/// `scales` (1 = the input size; size `int(side * ratio + 0.5)`, resized bilinearly), and under
+/// `flip` also mirrored; every pass's logits, upsampled to its input and then resized to the
+/// output size, go through a softmax, and the probabilities of all passes are averaged.
+/// `SegAug::flip(false)` is plain single-scale inference, as the paper's numbers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SegAug {
+    pub flip: bool,
+    pub scales: Vec<f32>,
+}
+
+impl SegAug {
+    /// Single scale, with or without flip.
+    pub fn flip(flip: bool) -> Self {
+        SegAug { flip, scales: vec![1.0] }
+    }
+
+    /// mmseg's `--aug-test`: ratios 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, each with flip.
+    pub fn mmseg_aug_test() -> Self {
+        SegAug { flip: true, scales: vec![0.5, 0.75, 1.0, 1.25, 1.5, 1.75] }
+    }
+
+    pub fn is_single_scale(&self) -> bool {
+        self.scales == [1.0]
+    }
+
+    /// The number of forward passes per image.
+    pub fn passes(&self) -> usize {
+        self.scales.len() * if self.flip { 2 } else { 1 }
+    }
+
+    /// At least one scale, each finite, above 0 and at most 8.
+    pub fn validate(&self) -> Result<(), DenseError> {
+        if self.scales.is_empty() || self.scales.iter().any(|&r| !(r > 0.0 && r <= 8.0)) {
+            return Err(DenseError::Data(format!("test scales must be in (0, 8], got {:?}", self.scales)));
+        }
+        Ok(())
+    }
+
+    /// `(h, w)` scaled by `ratio` as mmcv's `rescale_size` rounds it (at least 1).
+    pub fn scaled((h, w): (usize, usize), ratio: f32) -> (usize, usize) {
+        let s = |n: usize| ((n as f64 * ratio as f64 + 0.5) as usize).max(1);
+        (s(h), s(w))
+    }
+}
+
+impl Default for SegAug {
+    fn default() -> Self {
+        SegAug::flip(false)
+    }
+}
+
+/// Class maps of a batch under test-time augmentation `aug`, each at its own size `sizes[i]`
+/// (see [`segment_sized`]); single-scale `aug` gives exactly [`segment_sized`].
+pub fn segment_aug(
+    model: &DenseModel,
+    x: Tensor<4>,
+    aug: &SegAug,
+    sizes: &[(usize, usize)],
+) -> Result<Vec<Vec<u8>>, DenseError> {
+    if aug.is_single_scale() {
+        return segment_sized(model, x, aug.flip, sizes);
+    }
+    Ok(aug_probs(model, x, aug, sizes)?
+        .into_iter()
+        .map(|p| {
+            let k = p.dims()[1];
+            argmax_map(&to_vec(p), k)
+        })
+        .collect())
+}
+
+/// Class probabilities `(B, K, H, W)` at `out` (H, W) under test-time augmentation `aug`: the
+/// mean of every pass's softmax. Single-scale `aug` at the input size gives [`seg_probs`].
+pub fn seg_probs_aug(
+    model: &DenseModel,
+    x: Tensor<4>,
+    aug: &SegAug,
+    out: (usize, usize),
+) -> Result<Tensor<4>, DenseError> {
+    let b = x.dims()[0];
+    Ok(Tensor::cat(aug_probs(model, x, aug, &vec![out; b])?, 0))
+}
+
+/// Per image `(1, K, H, W)` probabilities at `sizes[i]`, averaged over `aug`'s passes.
+fn aug_probs(
+    model: &DenseModel,
+    x: Tensor<4>,
+    aug: &SegAug,
+    sizes: &[(usize, usize)],
+) -> Result<Vec<Tensor<4>>, DenseError> {
+    aug.validate()?;
+    let [b, _, h, w] = x.dims();
+    if sizes.len() != b {
+        return Err(DenseError::Data(format!("{} output sizes for a batch of {b}", sizes.len())));
+    }
+    let mut acc: Vec<Option<Tensor<4>>> = vec![None; b];
+    for &r in &aug.scales {
+        let hw = SegAug::scaled((h, w), r);
+        let xs = if hw == (h, w) { x.clone() } else { bilinear(x.clone(), hw) };
+        let mut passes = vec![seg_logits(model, xs.clone())?];
+        if aug.flip {
+            passes.push(seg_logits(model, xs.flip([3]))?.flip([3]));
+        }
+        for logits in passes {
+            for (i, &size) in sizes.iter().enumerate() {
+                let p = softmax(resize_logits(logits.clone().narrow(0, i, 1), size), 1);
+                acc[i] = Some(match acc[i].take() {
+                    Some(a) => a + p,
+                    None => p,
+                });
+            }
+        }
+    }
+    let n = aug.passes() as f32;
+    Ok(acc.into_iter().map(|a| a.expect("at least one pass").div_scalar(n)).collect())
 }
 
 /// The class (0..k) of the largest score at each pixel of one image's `(K, H, W)` scores (the

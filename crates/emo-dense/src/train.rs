@@ -33,9 +33,9 @@ use crate::data::{
 };
 use crate::loss::{Ohem, focal_loss, seg_loss_with, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
-use crate::model::{DenseModel, DenseOutput};
+use crate::model::{DenseHead, DenseModel, DenseOutput, SEG_HEAD_DROPOUT};
 use crate::names::{ADE20K_CLASSES, COCO_CAT_IDS, COCO_CLASSES};
-use crate::predict::{DetTestCfg, batch_tensor, detect, segment_sized};
+use crate::predict::{DetTestCfg, SegAug, batch_tensor, detect, segment_aug};
 use crate::{DenseError, anchors};
 
 /// Everything a dense training run is made of (written to `RUN/config.json`).
@@ -96,6 +96,18 @@ pub struct DenseTrainConfig {
     /// `OHEMPixelSampler`); `None`: every pixel.
     #[serde(default)]
     pub ohem: Option<Ohem>,
+    /// The backbone's stochastic depth (largest rate, spread over the blocks as in
+    /// classification); `None`: the variant's (0.04 for EMO-1M), as the official backbones.
+    #[serde(default)]
+    pub drop_path: Option<f64>,
+    /// Segmentation: dropout before the decode and auxiliary classifiers (mmseg's
+    /// `dropout_ratio`, 0.1 in the paper's heads).
+    #[serde(default = "seg_dropout")]
+    pub head_dropout: f64,
+}
+
+fn seg_dropout() -> f64 {
+    SEG_HEAD_DROPOUT
 }
 
 fn one() -> usize {
@@ -146,6 +158,8 @@ impl DenseTrainConfig {
             workers: 1,
             ema_decay: 0.0,
             ohem: None,
+            drop_path: None,
+            head_dropout: SEG_HEAD_DROPOUT,
         }
     }
 
@@ -356,16 +370,16 @@ pub enum Eval {
 /// validation copy (`Module::valid`); inputs are made without autodiff, so no training-only layer
 /// (drop path, dropout) runs.
 pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result<Eval, DenseError> {
-    evaluate_with(model, data, device, false)
+    evaluate_with(model, data, device, &SegAug::default())
 }
 
-/// [`evaluate`]; `flip`: segmentation with mmseg's flip test augmentation
-/// ([`crate::predict::segment_sized`]; detection ignores it).
+/// [`evaluate`]; `aug`: segmentation with mmseg's test-time augmentation, flip and / or several
+/// scales ([`crate::predict::segment_aug`]; detection ignores it).
 ///
 /// Batches of 16 are split into one contiguous part per core, each run on its own thread (burn's
 /// CPU ops run on one thread each): see [`evaluate_on`].
-pub fn evaluate_with(model: &DenseModel, data: &DenseData, device: &Device, flip: bool) -> Result<Eval, DenseError> {
-    evaluate_on(model, data, device, flip, parallel::cores())
+pub fn evaluate_with(model: &DenseModel, data: &DenseData, device: &Device, aug: &SegAug) -> Result<Eval, DenseError> {
+    evaluate_on(model, data, device, aug, parallel::cores())
 }
 
 /// [`evaluate_with`] on `threads` threads: the batches of 16 in one contiguous part per thread;
@@ -375,7 +389,7 @@ pub fn evaluate_on(
     model: &DenseModel,
     data: &DenseData,
     device: &Device,
-    flip: bool,
+    aug: &SegAug,
     threads: usize,
 ) -> Result<Eval, DenseError> {
     const B: usize = 16;
@@ -430,7 +444,7 @@ pub fn evaluate_on(
                     let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
                         .without_autodiff();
                     let sizes: Vec<_> = chunk.iter().map(|i| i.eval_label(hw).1).collect();
-                    for (img, pred) in chunk.iter().zip(segment_sized(model, x, flip, &sizes)?) {
+                    for (img, pred) in chunk.iter().zip(segment_aug(model, x, aug, &sizes)?) {
                         m.add(&pred, img.eval_label(hw).0, 255);
                     }
                 }
@@ -486,8 +500,20 @@ impl DenseTrainer {
     }
 
     fn prepare(model: DenseModel, cfg: &DenseTrainConfig) -> DenseModel {
-        let m = model.with_frozen_stages(cfg.frozen_stages);
+        let mut m = model.with_frozen_stages(cfg.frozen_stages);
+        if let DenseHead::Seg(h) = &mut m.head {
+            h.dropout = cfg.head_dropout;
+        }
         if cfg.norm_eval { m.with_norm_eval() } else { m }
+    }
+
+    /// The model's configuration for training: the card's, with the run's drop-path rate.
+    fn training_model(card: &ModelCard, cfg: &DenseTrainConfig) -> DenseConfig {
+        let mut m = card.model.clone();
+        if let Some(p) = cfg.drop_path {
+            m.backbone.drop_path = p;
+        }
+        m
     }
 
     fn load_data(cfg: &DenseTrainConfig) -> Result<(DenseData, DenseData), DenseError> {
@@ -518,7 +544,7 @@ impl DenseTrainer {
             Some(p) => Some(emo_weights::load(p)?),
             None => None,
         };
-        let model = Self::prepare(DenseModel::new(&card.model, bb.as_ref(), &device)?, &cfg);
+        let model = Self::prepare(DenseModel::new(&Self::training_model(&card, &cfg), bb.as_ref(), &device)?, &cfg);
         let optim = optimizer(&cfg, &model);
         write_json(&dir.join("config.json"), &cfg)?;
         write_json(&dir.join("model.json"), &card)?;
@@ -568,7 +594,7 @@ impl DenseTrainer {
         let ck = emo_train::run::last_checkpoint(&dir)?;
         let state: DenseState = read_json(&ck.join("state.json"))?;
         let sd = emo_weights::load(ck.join("model.safetensors"))?;
-        let model = Self::prepare(DenseModel::from_state_dict(&card.model, &sd, &device)?, &cfg);
+        let model = Self::prepare(DenseModel::from_state_dict(&Self::training_model(&card, &cfg), &sd, &device)?, &cfg);
         let optim = optimizer(&cfg, &model)
             .load(ck.join("optim.bin"))
             .map_err(|e| DenseError::Io(format!("optim.bin: {e:?}")))?;

@@ -285,6 +285,44 @@ fn epochs_of_a_running_shuffle_cover_each_image_once_per_pass() {
     assert_ne!(stream_order(seed + 1, n, 0, n), stream[..n].to_vec());
 }
 
+/// The run's `drop_path` and `head_dropout` reach the model it trains, also when resumed; the
+/// model card (what inference builds) keeps the variant's configuration; a config.json written
+/// before the two fields existed reads as the defaults.
+#[test]
+fn drop_path_and_head_dropout_reach_the_trained_model() {
+    let _g = serial();
+    let data = tmp("data-dp");
+    synthetic_set(&data, 8, 4);
+    let run = tmp("dp-run");
+    let _ = std::fs::remove_dir_all(&run);
+    let mut c = cfg(Task::DeepLabV3, &data);
+    (c.epochs, c.drop_path, c.head_dropout) = (1, Some(0.2), 0.3);
+    let seen = |m: &DenseModel| {
+        let last = m.backbone.stages.last().unwrap().blocks.last().unwrap().drop_path;
+        let DenseHead::Seg(h) = &m.head else { panic!() };
+        (last, h.dropout)
+    };
+    let mut t = DenseTrainer::new(c.clone(), &run, Device::flex().autodiff()).unwrap();
+    t.verbose = false;
+    assert_eq!(seen(t.model()), (0.2, 0.3));
+    assert_eq!(t.card.model.backbone.drop_path, Variant::Emo1M.config().drop_path);
+    t.run(None).unwrap();
+    let r = DenseTrainer::resume(&run, Device::flex().autodiff()).unwrap();
+    assert_eq!(seen(r.model()), (0.2, 0.3));
+    let _ = std::fs::remove_dir_all(&run);
+    // The defaults: the variant's drop path, mmseg's 0.1.
+    let mut d = cfg(Task::DeepLabV3, &data);
+    d.epochs = 1;
+    let t = DenseTrainer::new(d.clone(), &run, Device::flex().autodiff()).unwrap();
+    assert_eq!(seen(t.model()), (Variant::Emo1M.config().drop_path, 0.1));
+    let mut old: serde_json::Value = serde_json::to_value(&d).unwrap();
+    old.as_object_mut().unwrap().retain(|k, _| k != "drop_path" && k != "head_dropout");
+    let back: DenseTrainConfig = serde_json::from_value(old).unwrap();
+    assert_eq!(back, d);
+    let _ = std::fs::remove_dir_all(&run);
+    let _ = std::fs::remove_dir_all(&data);
+}
+
 #[test]
 fn retinanet_and_pspnet_train_too() {
     let _g = serial();
@@ -312,6 +350,7 @@ fn retinanet_and_pspnet_train_too() {
 /// single-thread result: the same confusion matrix, the same COCO numbers, with and without flip.
 #[test]
 fn evaluation_on_threads_equals_one_thread() {
+    use emo_dense::predict::SegAug;
     use emo_dense::train::{Eval, evaluate_on};
     let _g = serial();
     let data = tmp("data-eval");
@@ -323,14 +362,15 @@ fn evaluation_on_threads_equals_one_thread() {
         // The set's 2 categories; segmentation adds the background.
         let classes = if task.is_detection() { 2 } else { 3 };
         let model = DenseModel::new(&small(task, classes), None, &device).unwrap();
-        for flip in [false, true] {
-            let one = evaluate_on(&model, &split, &device, flip, 1).unwrap();
+        let multi = SegAug { flip: true, scales: vec![0.75, 1.25] };
+        for aug in [SegAug::flip(false), SegAug::flip(true), multi] {
+            let one = evaluate_on(&model, &split, &device, &aug, 1).unwrap();
             for threads in [2, 3, 5] {
-                let many = evaluate_on(&model, &split, &device, flip, threads).unwrap();
+                let many = evaluate_on(&model, &split, &device, &aug, threads).unwrap();
                 match (&one, &many) {
                     (Eval::Seg(a, ma), Eval::Seg(b, mb)) => {
                         assert_eq!(ma.conf.iter().sum::<u64>(), 40 * 64 * 64);
-                        assert_eq!(ma.conf, mb.conf, "{task} flip {flip}, {threads} threads");
+                        assert_eq!(ma.conf, mb.conf, "{task} {aug:?}, {threads} threads");
                         assert_eq!(a, b);
                     }
                     (Eval::Coco(a, ca), Eval::Coco(b, cb)) => {
@@ -410,7 +450,8 @@ fn segmentation_is_scored_on_the_label_maps_at_their_original_size() {
                 segment_sized(&model, x.clone(), flip, &sizes).unwrap()[0] == segment_with(&model, x, flip).unwrap()[0]
             );
         }
-        let Eval::Seg(_, m) = evaluate_on(&model, &DenseData::Seg(val.clone()), &device, flip, 2).unwrap() else {
+        let aug = emo_dense::predict::SegAug::flip(flip);
+        let Eval::Seg(_, m) = evaluate_on(&model, &DenseData::Seg(val.clone()), &device, &aug, 2).unwrap() else {
             panic!()
         };
         assert_eq!(conf.iter().sum::<u64>(), 20 * 64 * 64);
@@ -702,6 +743,69 @@ fn flip_test_augmentation_is_mirror_symmetric_and_off_by_default() {
         let tta = seg_probs(&m, x.clone(), true).unwrap();
         assert_eq!(max_diff(tta.clone().flip([3]), seg_probs(&m, x.flip([3]), true).unwrap()), 0.0, "{task}");
         assert!(max_diff(tta, (plain + plain_mirrored.flip([3])).mul_scalar(0.5)) < 1e-6, "{task}");
+    }
+}
+
+/// Multi-scale test augmentation (mmseg `aug_test`): each ratio's pass is the model on the
+/// bilinearly resized input, its logits upsampled to that input, resized to the output size and
+/// put through a softmax; the passes are averaged. Single scale at the input size is exactly
+/// `seg_probs` (with and without flip), and `segment_aug` is the argmax of `seg_probs_aug`, also
+/// for per-image output sizes.
+#[test]
+fn multi_scale_test_augmentation_averages_the_resized_passes() {
+    use burn::tensor::activation::softmax;
+    use emo_dense::loss::{bilinear, resize_logits};
+    use emo_dense::predict::{SegAug, seg_probs, seg_probs_aug, segment_aug};
+    let _g = serial();
+    let device = Device::flex();
+    let m = DenseModel::new(&small(Task::DeepLabV3, 5), None, &device).unwrap();
+    let x = Tensor::<4>::random([2, 3, 64, 48], Distribution::Uniform(-1.0, 1.0), &device);
+    let max_diff = |a: Tensor<4>, b: Tensor<4>| to_vec((a - b).abs().max())[0];
+    for flip in [false, true] {
+        let single = seg_probs_aug(&m, x.clone(), &SegAug::flip(flip), (64, 48)).unwrap();
+        assert_eq!(max_diff(single, seg_probs(&m, x.clone(), flip).unwrap()), 0.0, "flip {flip}");
+    }
+    // One pass at ratio 1.5 (96x72), computed by hand, scored at an output size of 50x40.
+    let logits = |x: Tensor<4>| match m.forward(x, false).unwrap() {
+        DenseOutput::Seg { logits, .. } => logits,
+        _ => panic!(),
+    };
+    assert_eq!(SegAug::scaled((64, 48), 1.5), (96, 72));
+    assert_eq!(SegAug::scaled((64, 48), 0.75), (48, 36));
+    assert_eq!(SegAug::scaled((5, 3), 0.5), (3, 2));
+    let big = bilinear(x.clone(), (96, 72));
+    let by_hand = softmax(resize_logits(resize_logits(logits(big), (96, 72)), (50, 40)), 1);
+    let one = SegAug { flip: false, scales: vec![1.5] };
+    let ours = seg_probs_aug(&m, x.clone(), &one, (50, 40)).unwrap();
+    assert!(max_diff(ours.clone(), by_hand) < 1e-6);
+    let plain = seg_probs_aug(&m, x.clone(), &SegAug { flip: false, scales: vec![1.0] }, (50, 40)).unwrap();
+    assert!(max_diff(ours.clone(), plain.clone()) > 1e-3, "a 1.5x pass is not the 1x pass");
+    // Two scales with flip: the mean of the four passes, i.e. of the two flip-averaged scales.
+    let aug = SegAug { flip: true, scales: vec![1.0, 1.5] };
+    let both = seg_probs_aug(&m, x.clone(), &aug, (50, 40)).unwrap();
+    let each = |r: f32| seg_probs_aug(&m, x.clone(), &SegAug { flip: true, scales: vec![r] }, (50, 40)).unwrap();
+    assert!(max_diff(both.clone(), (each(1.0) + each(1.5)).mul_scalar(0.5)) < 1e-6);
+    let sums = to_vec(both.clone().sum_dim(1));
+    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+    // Mirror-symmetric under flip (up to the rounding of the resizes).
+    let mirrored = seg_probs_aug(&m, x.clone().flip([3]), &aug, (50, 40)).unwrap();
+    assert!(max_diff(mirrored.flip([3]), both.clone()) < 1e-5);
+    // The class maps are the argmax of the probabilities, per image at its own size.
+    let argmax = |t: Tensor<4>| -> Vec<u8> {
+        let [_, k, h, w] = t.dims();
+        let v = to_vec(t);
+        (0..h * w)
+            .map(|px| (0..k).fold(0, |b, c| if v[c * h * w + px] > v[b * h * w + px] { c } else { b }) as u8)
+            .collect()
+    };
+    let maps = segment_aug(&m, x.clone(), &aug, &[(50, 40), (64, 48)]).unwrap();
+    assert!(maps[0] == argmax(both.narrow(0, 0, 1)));
+    let at_input = seg_probs_aug(&m, x.clone(), &aug, (64, 48)).unwrap();
+    assert!(maps[1] == argmax(at_input.narrow(0, 1, 1)));
+    // Bad scales are errors.
+    for bad in [vec![], vec![0.0], vec![1.0, -1.0], vec![f32::NAN], vec![9.0]] {
+        let err = segment_aug(&m, x.clone(), &SegAug { flip: false, scales: bad.clone() }, &[(8, 8); 2]);
+        assert!(err.is_err(), "{bad:?}");
     }
 }
 
