@@ -425,7 +425,7 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         }
         // Head dropout: checked, and only for segmentation.
         let bad_dropout = if task == "ssdlite" { "for segmentation" } else { "[0, 1)" };
-        for bad in [["--head-dropout", "1.5"], ["--drop-path", "-0.1"]] {
+        for bad in [["--head-dropout", "1.5"], ["--drop-path", "1.0"]] {
             let o = emo(&[&args[..], &bad[..], &["--out", run.to_str().unwrap()]].concat());
             let want = if bad[0] == "--drop-path" { "[0, 1)" } else { bad_dropout };
             assert!(!o.status.success() && stderr(&o).contains(want), "{bad:?}: {}", stderr(&o));
@@ -435,7 +435,7 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         assert!(!o.status.success() && stderr(&o).contains("for segmentation"), "{}", stderr(&o));
         let _ = std::fs::remove_dir_all(&run);
         let dropouts = ["--drop-path", "0.1", "--head-dropout", "0.2"];
-        let extra: &[&str] = if task == "deeplabv3" { &[ohem, rescale, dropouts].concat() } else { &[] };
+        let extra: &[&str] = if task == "deeplabv3" { &[&ohem[..], &rescale[..], &dropouts[..]].concat() } else { &[] };
         let o = emo(&[&args[..], extra, &["--out", run.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{task}: {}", stderr(&o));
         if task == "deeplabv3" {
