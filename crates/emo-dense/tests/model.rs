@@ -16,6 +16,16 @@ use emo_weights::StateDict;
 /// draws the same numbers as its twin.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The class of the largest score at each pixel of the first image of `(B, K, H, W)` scores
+/// (the first class on ties).
+fn argmax_map(t: Tensor<4>) -> Vec<u8> {
+    let [_, k, h, w] = t.dims();
+    let v = to_vec(t);
+    (0..h * w)
+        .map(|px| (0..k).fold(0, |b, c| if v[c * h * w + px] > v[b * h * w + px] { c } else { b }) as u8)
+        .collect()
+}
+
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -422,13 +432,6 @@ fn segmentation_is_scored_on_the_label_maps_at_their_original_size() {
         DenseOutput::Seg { logits, .. } => resize_logits(logits, input),
         _ => panic!(),
     };
-    let argmax = |t: Tensor<4>| -> Vec<u8> {
-        let [_, k, h, w] = t.dims();
-        let v = to_vec(t);
-        (0..h * w)
-            .map(|px| (0..k).fold(0, |b, c| if v[c * h * w + px] > v[b * h * w + px] { c } else { b }) as u8)
-            .collect()
-    };
     for flip in [false, true] {
         let mut conf = vec![0u64; 9];
         for chunk in val.images.chunks(16) {
@@ -436,8 +439,11 @@ fn segmentation_is_scored_on_the_label_maps_at_their_original_size() {
             let (plain, mirrored) = (logits(x.clone()), logits(x.clone().flip([3])).flip([3]));
             for (i, img) in chunk.iter().enumerate() {
                 let at = |t: &Tensor<4>| resize_logits(t.clone().narrow(0, i, 1), (64, 64));
-                let pred =
-                    if flip { argmax(softmax(at(&plain), 1) + softmax(at(&mirrored), 1)) } else { argmax(at(&plain)) };
+                let pred = if flip {
+                    argmax_map(softmax(at(&plain), 1) + softmax(at(&mirrored), 1))
+                } else {
+                    argmax_map(at(&plain))
+                };
                 let label = &img.full.as_ref().unwrap().data;
                 for (&p, &l) in pred.iter().zip(label) {
                     conf[l as usize * 3 + p as usize] += 1;
@@ -791,17 +797,10 @@ fn multi_scale_test_augmentation_averages_the_resized_passes() {
     let mirrored = seg_probs_aug(&m, x.clone().flip([3]), &aug, (50, 40)).unwrap();
     assert!(max_diff(mirrored.flip([3]), both.clone()) < 1e-5);
     // The class maps are the argmax of the probabilities, per image at its own size.
-    let argmax = |t: Tensor<4>| -> Vec<u8> {
-        let [_, k, h, w] = t.dims();
-        let v = to_vec(t);
-        (0..h * w)
-            .map(|px| (0..k).fold(0, |b, c| if v[c * h * w + px] > v[b * h * w + px] { c } else { b }) as u8)
-            .collect()
-    };
     let maps = segment_aug(&m, x.clone(), &aug, &[(50, 40), (64, 48)]).unwrap();
-    assert!(maps[0] == argmax(both.narrow(0, 0, 1)));
+    assert!(maps[0] == argmax_map(both.narrow(0, 0, 1)));
     let at_input = seg_probs_aug(&m, x.clone(), &aug, (64, 48)).unwrap();
-    assert!(maps[1] == argmax(at_input.narrow(0, 1, 1)));
+    assert!(maps[1] == argmax_map(at_input.narrow(0, 1, 1)));
     // Bad scales are errors.
     for bad in [vec![], vec![0.0], vec![1.0, -1.0], vec![f32::NAN], vec![9.0]] {
         let err = segment_aug(&m, x.clone(), &SegAug { flip: false, scales: bad.clone() }, &[(8, 8); 2]);
