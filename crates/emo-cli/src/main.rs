@@ -570,10 +570,11 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         ohem_thresh,
         ohem_min_kept,
         rescale_range,
+        head_dropout,
         ..
     } = o;
     ensure!(
-        ohem_thresh.is_none() && ohem_min_kept.is_none() && rescale_range.is_none() && o.head_dropout.is_none(),
+        ohem_thresh.is_none() && ohem_min_kept.is_none() && rescale_range.is_none() && head_dropout.is_none(),
         "--ohem-thresh / --ohem-min-kept / --rescale-range / --head-dropout are for segmentation (--task deeplabv3|pspnet)"
     );
     // A resumed run reads its data spec and input size from its own config.

@@ -105,26 +105,7 @@ pub fn segment_sized(
     flip: bool,
     sizes: &[(usize, usize)],
 ) -> Result<Vec<Vec<u8>>, DenseError> {
-    let [b, _, h, w] = x.dims();
-    if sizes.len() != b {
-        return Err(DenseError::Data(format!("{} output sizes for a batch of {b}", sizes.len())));
-    }
-    if sizes.iter().all(|&s| s == (h, w)) {
-        return segment_with(model, x, flip);
-    }
-    let mirrored = if flip { Some(seg_logits(model, x.clone().flip([3]))?.flip([3])) } else { None };
-    let logits = seg_logits(model, x)?;
-    let k = logits.dims()[1];
-    let mut out = Vec::with_capacity(b);
-    for (i, &size) in sizes.iter().enumerate() {
-        let at = |t: &Tensor<4>| resize_logits(t.clone().narrow(0, i, 1), size);
-        let scores = match &mirrored {
-            None => at(&logits),
-            Some(m) => (softmax(at(&logits), 1) + softmax(at(m), 1)).mul_scalar(0.5),
-        };
-        out.push(argmax_map(&to_vec(scores), k));
-    }
-    Ok(out)
+    segment_aug(model, x, &SegAug::flip(flip), sizes)
 }
 
 /// Segmentation test-time augmentation, mmseg's `aug_test`: the image is run at each ratio of
@@ -142,11 +123,6 @@ impl SegAug {
     /// Single scale, with or without flip.
     pub fn flip(flip: bool) -> Self {
         SegAug { flip, scales: vec![1.0] }
-    }
-
-    /// mmseg's `--aug-test`: ratios 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, each with flip.
-    pub fn mmseg_aug_test() -> Self {
-        SegAug { flip: true, scales: vec![0.5, 0.75, 1.0, 1.25, 1.5, 1.75] }
     }
 
     pub fn is_single_scale(&self) -> bool {
@@ -180,15 +156,29 @@ impl Default for SegAug {
 }
 
 /// Class maps of a batch under test-time augmentation `aug`, each at its own size `sizes[i]`
-/// (see [`segment_sized`]); single-scale `aug` gives exactly [`segment_sized`].
+/// (see [`segment_sized`]); single scale at the input size is [`segment_with`].
 pub fn segment_aug(
     model: &DenseModel,
     x: Tensor<4>,
     aug: &SegAug,
     sizes: &[(usize, usize)],
 ) -> Result<Vec<Vec<u8>>, DenseError> {
-    if aug.is_single_scale() {
-        return segment_sized(model, x, aug.flip, sizes);
+    let [b, _, h, w] = x.dims();
+    if sizes.len() != b {
+        return Err(DenseError::Data(format!("{} output sizes for a batch of {b}", sizes.len())));
+    }
+    if aug.is_single_scale() && sizes.iter().all(|&s| s == (h, w)) {
+        return segment_with(model, x, aug.flip);
+    }
+    if aug.is_single_scale() && !aug.flip {
+        // One pass: the argmax needs no softmax.
+        let logits = seg_logits(model, x)?;
+        let k = logits.dims()[1];
+        return Ok(sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| argmax_map(&to_vec(resize_logits(logits.clone().narrow(0, i, 1), size)), k))
+            .collect());
     }
     Ok(aug_probs(model, x, aug, sizes)?
         .into_iter()
@@ -211,7 +201,8 @@ pub fn seg_probs_aug(
     Ok(Tensor::cat(aug_probs(model, x, aug, &vec![out; b])?, 0))
 }
 
-/// Per image `(1, K, H, W)` probabilities at `sizes[i]`, averaged over `aug`'s passes.
+/// Per image `(1, K, H, W)` probabilities at `sizes[i]` (one per image), averaged over `aug`'s
+/// passes.
 fn aug_probs(
     model: &DenseModel,
     x: Tensor<4>,
@@ -220,9 +211,6 @@ fn aug_probs(
 ) -> Result<Vec<Tensor<4>>, DenseError> {
     aug.validate()?;
     let [b, _, h, w] = x.dims();
-    if sizes.len() != b {
-        return Err(DenseError::Data(format!("{} output sizes for a batch of {b}", sizes.len())));
-    }
     let mut acc: Vec<Option<Tensor<4>>> = vec![None; b];
     for &r in &aug.scales {
         let hw = SegAug::scaled((h, w), r);
