@@ -361,6 +361,10 @@ pub(crate) struct TrainOpts {
     /// `dropout_ratio`).
     #[arg(long)]
     pub head_dropout: Option<f64>,
+    /// Dense tasks: the backbone's learning rate as a multiple of --lr (default 1; mmseg's
+    /// `lr_mult` for the backbone).
+    #[arg(long)]
+    pub backbone_lr_mult: Option<f64>,
     /// Classification: epochs of linear warm-up from 1e-6 (default 1; 0 when fine-tuning a
     /// trained model for an epoch or two).
     #[arg(long)]
@@ -571,8 +575,10 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         ohem_min_kept,
         rescale_range,
         head_dropout,
+        backbone_lr_mult,
         ..
     } = o;
+    ensure!(backbone_lr_mult.is_none(), "--backbone-lr-mult is for dense tasks (--task ...)");
     ensure!(
         ohem_thresh.is_none() && ohem_min_kept.is_none() && rescale_range.is_none() && head_dropout.is_none(),
         "--ohem-thresh / --ohem-min-kept / --rescale-range / --head-dropout are for segmentation (--task deeplabv3|pspnet)"

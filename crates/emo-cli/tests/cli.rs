@@ -434,7 +434,13 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         let o = emo(&["train", "--head-dropout", "0.2", "--out", run.to_str().unwrap()]);
         assert!(!o.status.success() && stderr(&o).contains("for segmentation"), "{}", stderr(&o));
         let _ = std::fs::remove_dir_all(&run);
-        let dropouts = ["--drop-path", "0.1", "--head-dropout", "0.2"];
+        // The backbone's learning-rate multiple: >= 0, dense tasks only.
+        let o = emo(&[&args[..], &["--backbone-lr-mult=-1", "--out", run.to_str().unwrap()]].concat());
+        assert!(!o.status.success() && stderr(&o).contains("must be >= 0"), "{}", stderr(&o));
+        let o = emo(&["train", "--backbone-lr-mult", "0.5", "--out", run.to_str().unwrap()]);
+        assert!(!o.status.success() && stderr(&o).contains("for dense tasks"), "{}", stderr(&o));
+        let _ = std::fs::remove_dir_all(&run);
+        let dropouts = ["--drop-path", "0.1", "--head-dropout", "0.2", "--backbone-lr-mult", "0.25"];
         let extra: &[&str] = if task == "deeplabv3" { &[&ohem[..], &rescale[..], &dropouts[..]].concat() } else { &[] };
         let o = emo(&[&args[..], extra, &["--out", run.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{task}: {}", stderr(&o));
@@ -445,6 +451,7 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             assert_eq!(cfg["ohem"], serde_json::json!({"thresh": 0.7, "min_kept": 819}), "{cfg}");
             assert_eq!(cfg["rescale"], serde_json::json!([0.8, 1.25]), "{cfg}");
             assert_eq!((cfg["drop_path"].as_f64(), cfg["head_dropout"].as_f64()), (Some(0.1), Some(0.2)), "{cfg}");
+            assert_eq!(cfg["backbone_lr_mult"].as_f64(), Some(0.25), "{cfg}");
         }
         assert!(stdout(&o).contains(if task == "ssdlite" { "best mAP50" } else { "best mIoU" }), "{}", stdout(&o));
         assert!(stderr(&o).contains("epoch 1/1 ["), "progress bar: {}", stderr(&o));

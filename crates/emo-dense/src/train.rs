@@ -16,8 +16,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, ParamGroup};
 use burn::optim::ModuleOptimizer;
+use burn::optim::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
 use burn::tensor::Device;
 use emo_spec::{DenseConfig, RETINA_ANCHORS, SSD_ANCHORS, Task, Variant};
 use emo_train::ema::Ema;
@@ -104,6 +105,15 @@ pub struct DenseTrainConfig {
     /// `dropout_ratio`, 0.1 in the paper's heads).
     #[serde(default = "seg_dropout")]
     pub head_dropout: f64,
+    /// The backbone's learning rate as a multiple of `lr` (mmseg / mmdet `paramwise_cfg`
+    /// `custom_keys={'backbone': dict(lr_mult=...)}`), weight decay scaled with it as AdamW
+    /// does; 1: one learning rate for the whole model, 0: the backbone's weights stay put.
+    #[serde(default = "one_f64")]
+    pub backbone_lr_mult: f64,
+}
+
+fn one_f64() -> f64 {
+    1.0
 }
 
 fn seg_dropout() -> f64 {
@@ -160,6 +170,7 @@ impl DenseTrainConfig {
             ohem: None,
             drop_path: None,
             head_dropout: SEG_HEAD_DROPOUT,
+            backbone_lr_mult: 1.0,
         }
     }
 
@@ -480,6 +491,8 @@ pub struct DenseTrainer {
     device: Device,
     model: Option<DenseModel>,
     optim: ModuleOptimizer,
+    /// The backbone's parameters, when they train at their own learning rate.
+    backbone_params: Option<ParamGroup>,
     train: DenseData,
     val: DenseData,
     anchors: Vec<BBox>,
@@ -533,6 +546,9 @@ impl DenseTrainer {
         if cfg.batch == 0 || cfg.epochs == 0 || cfg.workers == 0 {
             return Err(DenseError::Data("batch, epochs and workers must be > 0".into()));
         }
+        if !(cfg.backbone_lr_mult >= 0.0 && cfg.backbone_lr_mult.is_finite()) {
+            return Err(DenseError::Data(format!("backbone_lr_mult must be >= 0, got {}", cfg.backbone_lr_mult)));
+        }
         let (train, val) = Self::load_data(&cfg)?;
         if train.classes() != val.classes() {
             return Err(DenseError::Data("train and val splits have different classes".into()));
@@ -568,6 +584,8 @@ impl DenseTrainer {
     ) -> Self {
         let anchors = if cfg.task.is_detection() { anchors::anchors(&card.model) } else { vec![] };
         let pool = DataParallel::new(cfg.workers);
+        let backbone_params =
+            (cfg.backbone_lr_mult != 1.0).then(|| ParamGroup::ids_from_module(model.backbone.clone()));
         DenseTrainer {
             cfg,
             card,
@@ -576,6 +594,7 @@ impl DenseTrainer {
             device,
             model: Some(model),
             optim,
+            backbone_params,
             train,
             val,
             anchors,
@@ -721,6 +740,11 @@ impl DenseTrainer {
             self.model = Some(model);
             return Err(DenseError::Diverged { iter: self.state.iter, loss: value });
         }
+        // One learning rate for the model, `backbone_lr_mult` times it for the backbone.
+        let lr: ModuleLearningRate = match &self.backbone_params {
+            Some(g) => ModuleLrScheduler::new(lr).with_group(g.clone(), lr * self.cfg.backbone_lr_mult).step(),
+            None => lr.into(),
+        };
         let model = self.optim.step(lr, model, grads);
         if let Some(ema) = &mut self.ema {
             ema.update(&model.state_dict());

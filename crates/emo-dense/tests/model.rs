@@ -333,6 +333,70 @@ fn drop_path_and_head_dropout_reach_the_trained_model() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
+/// `backbone_lr_mult` scales the backbone's learning rate and nothing else: after the same
+/// first step (same seed, batch and dropout), every backbone parameter moved exactly half as far
+/// at 0.5 as at 1 (AdamW's step, decoupled decay included, is linear in the learning rate), the
+/// head's parameters as far; at 0 the backbone did not move at all while the head did.
+#[test]
+fn backbone_lr_mult_scales_the_backbone_step() {
+    let _g = serial();
+    let data = tmp("data-lrm");
+    synthetic_set(&data, 8, 4);
+    // (key, before, after) for each trained parameter (BN running statistics left out).
+    let one_step = |mult: f64| {
+        let run = tmp(&format!("lrm-{mult}"));
+        let _ = std::fs::remove_dir_all(&run);
+        let mut c = cfg(Task::DeepLabV3, &data);
+        (c.epochs, c.epoch_images, c.backbone_lr_mult) = (1, c.batch, mult);
+        let mut t = DenseTrainer::new(c, &run, Device::flex().autodiff()).unwrap();
+        t.verbose = false;
+        let before = t.model().state_dict();
+        t.run(None).unwrap();
+        let after = t.model().state_dict();
+        let _ = std::fs::remove_dir_all(&run);
+        let moved: Vec<(String, Vec<f32>)> = before
+            .tensors
+            .iter()
+            .filter(|(k, _)| !k.contains("running_") && !k.contains("num_batches_tracked"))
+            .map(|(k, b)| {
+                let (b, a) = (b.as_f32().unwrap(), after.get(k).unwrap().as_f32().unwrap());
+                (k.clone(), a.iter().zip(b).map(|(a, b)| a - b).collect())
+            })
+            .collect();
+        moved
+    };
+    let (full, half, zero) = (one_step(1.0), one_step(0.5), one_step(0.0));
+    let (mut bb, mut head) = (0, 0);
+    for (((k, d1), (_, dh)), (_, d0)) in full.iter().zip(&half).zip(&zero) {
+        let in_backbone = k.starts_with("backbone.");
+        let want = if in_backbone { 0.5 } else { 1.0 };
+        for ((a, h), z) in d1.iter().zip(dh).zip(d0) {
+            assert!((h - want * a).abs() <= 1e-6 + 1e-3 * a.abs(), "{k}: moved {h} at 0.5, {a} at 1");
+            if in_backbone {
+                assert_eq!(*z, 0.0, "{k} moved at backbone_lr_mult 0");
+            } else {
+                assert!((z - a).abs() <= 1e-6 + 1e-3 * a.abs(), "{k}: moved {z} at 0, {a} at 1");
+            }
+        }
+        let moved = d1.iter().any(|d| d.abs() > 1e-6);
+        bb += (in_backbone && moved) as usize;
+        head += (!in_backbone && moved) as usize;
+    }
+    assert!(bb > 100 && head > 10, "too few parameters moved: {bb} backbone, {head} head");
+    // Rejected before anything is written; old config.json files read as 1.
+    let mut c = cfg(Task::DeepLabV3, &data);
+    c.backbone_lr_mult = -0.5;
+    let run = tmp("lrm-bad");
+    let _ = std::fs::remove_dir_all(&run);
+    assert!(matches!(DenseTrainer::new(c.clone(), &run, Device::flex().autodiff()), Err(DenseError::Data(_))));
+    assert!(!run.exists());
+    c.backbone_lr_mult = 1.0;
+    let mut old: serde_json::Value = serde_json::to_value(&c).unwrap();
+    old.as_object_mut().unwrap().remove("backbone_lr_mult");
+    assert_eq!(serde_json::from_value::<DenseTrainConfig>(old).unwrap(), c);
+    let _ = std::fs::remove_dir_all(&data);
+}
+
 #[test]
 fn retinanet_and_pspnet_train_too() {
     let _g = serial();
