@@ -342,7 +342,7 @@ fn backbone_lr_mult_scales_the_backbone_step() {
     let _g = serial();
     let data = tmp("data-lrm");
     synthetic_set(&data, 8, 4);
-    // (key, before, after) for each trained parameter (BN running statistics left out).
+    // (key, how far each element moved) for each trained parameter (BN running statistics left out).
     let one_step = |mult: f64| {
         let run = tmp(&format!("lrm-{mult}"));
         let _ = std::fs::remove_dir_all(&run);
@@ -354,7 +354,7 @@ fn backbone_lr_mult_scales_the_backbone_step() {
         t.run(None).unwrap();
         let after = t.model().state_dict();
         let _ = std::fs::remove_dir_all(&run);
-        let moved: Vec<(String, Vec<f32>)> = before
+        before
             .tensors
             .iter()
             .filter(|(k, _)| !k.contains("running_") && !k.contains("num_batches_tracked"))
@@ -362,8 +362,7 @@ fn backbone_lr_mult_scales_the_backbone_step() {
                 let (b, a) = (b.as_f32().unwrap(), after.get(k).unwrap().as_f32().unwrap());
                 (k.clone(), a.iter().zip(b).map(|(a, b)| a - b).collect())
             })
-            .collect();
-        moved
+            .collect::<Vec<(String, Vec<f32>)>>()
     };
     let (full, half, zero) = (one_step(1.0), one_step(0.5), one_step(0.0));
     let (mut bb, mut head) = (0, 0);
