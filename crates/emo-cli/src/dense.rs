@@ -101,10 +101,8 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 ensure!((0.0..1.0).contains(&p), "--head-dropout must be in [0, 1)");
                 cfg.head_dropout = p;
             }
-            if let Some(m) = a.backbone_lr_mult {
-                ensure!(m >= 0.0 && m.is_finite(), "--backbone-lr-mult must be >= 0");
-                cfg.backbone_lr_mult = m;
-            }
+            // Checked (>= 0, finite) by `DenseTrainer::new` before it reads or writes anything.
+            cfg.backbone_lr_mult = a.backbone_lr_mult.unwrap_or(cfg.backbone_lr_mult);
             cfg.reduce_zero_label = a.reduce_zero_label;
             cfg.workers = a.workers.unwrap_or_else(|| crate::backend::chosen().default_workers(a.batch));
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{}", a.variant)));
