@@ -99,10 +99,12 @@ fn attend_padded(qk: &burn::nn::conv::Conv2d, x: Tensor<4>, heads: usize, ws: us
 /// `attend_whole_map` (the padded keys collapsed into one) is the padded computation, in values
 /// and in the gradients of the input and of the qk conv, on maps smaller than a window and on a
 /// full window. The identity is checked in f64, at 1e-10 of the scale. In f32 (what training
-/// runs) both ways agree with the exact values at 1e-5 in the output and 1e-3 in the gradients:
-/// on a 1x1 map the qk-weight gradient is a small difference of large terms, and both ways,
-/// padded or not, are off the f64 values by up to ~1e-4 of its scale there (measured over 1500
-/// random cases), so the f32 paths are compared with the exact values, not with each other.
+/// runs, through the f32 conv kernels) both ways are compared with the exact values: the outputs
+/// at 1e-5, the whole-map gradients at 1e-4, or at twice the padded (official) computation's own
+/// f32 error where that is larger. On a 1x1 map the qk-weight gradient is a small difference of
+/// large terms: both ways are off the f64 values by up to ~1e-4 of its scale there (measured over
+/// 1500 random cases), and comparing the two f32 results with each other at 1e-4 failed now and
+/// then. The padded computation's f32 gradients are held to 1e-3 of the exact ones.
 #[test]
 fn whole_map_attention_equals_the_padded_window_in_values_and_gradients() {
     use burn::module::Param;
@@ -122,8 +124,6 @@ fn whole_map_attention_equals_the_padded_window_in_values_and_gradients() {
         groups: 1,
         padding: PaddingConfig2d::Explicit(0, 0, 0, 0),
     };
-    let values = |t: Tensor<4>| t.into_data().convert::<f64>().try_into_vec::<f64>().unwrap();
-    let values1 = |t: Tensor<1>| t.into_data().convert::<f64>().try_into_vec::<f64>().unwrap();
     // max |a - b| over max |b|, failing on an all-zero b
     let rel = |a: &[f64], b: &[f64], what: &str| {
         let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
@@ -148,10 +148,10 @@ fn whole_map_attention_equals_the_padded_window_in_values_and_gradients() {
             let g = (y.clone() * wts.clone().cast(dtype)).sum().backward();
             let bias = qk.bias.as_ref().unwrap().val();
             [
-                values(y.inner()),
-                values(x.grad(&g).unwrap()),
-                values(qk.weight.val().grad(&g).unwrap()),
-                values1(bias.grad(&g).unwrap()),
+                to_vec64(y.inner()),
+                to_vec64(x.grad(&g).unwrap()),
+                to_vec64(qk.weight.val().grad(&g).unwrap()),
+                to_vec64(bias.grad(&g).unwrap()),
             ]
         };
         let exact = run(DType::F64, false);
@@ -160,11 +160,12 @@ fn whole_map_attention_equals_the_padded_window_in_values_and_gradients() {
             let d = rel(a, b, names[i]);
             assert!(d <= 1e-10, "{h}x{w}: f64 whole-map {} differs by {d} of its scale", names[i]);
         }
-        for whole in [true, false] {
-            for (i, (a, b)) in run(DType::F32, whole).iter().zip(&exact).enumerate() {
-                let (d, tol) = (rel(a, b, names[i]), if i == 0 { 1e-5 } else { 1e-3 });
-                assert!(d <= tol, "{h}x{w}: f32 {} (whole map: {whole}) off by {d} of its scale", names[i]);
-            }
+        let (whole, padded) = (run(DType::F32, true), run(DType::F32, false));
+        for (i, name) in names.iter().enumerate() {
+            let (dw, dp) = (rel(&whole[i], &exact[i], name), rel(&padded[i], &exact[i], name));
+            let (tol_w, tol_p) = if i == 0 { (1e-5, 1e-5) } else { (1e-4f64.max(2.0 * dp), 1e-3) };
+            assert!(dp <= tol_p, "{h}x{w}: f32 padded {name} off by {dp} of its scale");
+            assert!(dw <= tol_w, "{h}x{w}: f32 whole-map {name} off by {dw} of its scale (padded: {dp})");
         }
     }
 }
@@ -356,8 +357,7 @@ fn batch_norm_extension_equals_burn_batch_norm_in_values_gradients_and_running_s
         let fast = emo_model::ops::batch_norm(&ours, x.clone());
         let slow = theirs.forward(x.clone());
         let close = |a: Vec<f32>, b: &[f32], tol: f32, what: &str| {
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            let (scale, diff) = (max_abs(b), max_abs_diff(&a, b));
             assert!(scale > 0.0, "{case}: {what}: all zero");
             assert!(diff <= tol * scale.max(1.0), "{case}: {what} differs by {diff} (scale {scale})");
         };

@@ -56,6 +56,11 @@ pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
 }
 
+/// [`to_vec`] in f64 (for f64 tensors, without rounding them to f32).
+pub fn to_vec64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().try_into_vec::<f64>().unwrap()
+}
+
 /// The fixtures' input: x[n,c,h,w] = 2 sin(0.37h + 0.23w + 1.1c + 0.5n) cos(0.05(h-w) + 0.3c).
 pub fn formula_input(b: usize, h: usize, w: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(b * 3 * h * w);
