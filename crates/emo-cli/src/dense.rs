@@ -101,6 +101,11 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 ensure!((0.0..1.0).contains(&p), "--head-dropout must be in [0, 1)");
                 cfg.head_dropout = p;
             }
+            if let Some(w) = a.aux_weight {
+                ensure!(!task.is_detection(), "--aux-weight is for segmentation tasks");
+                ensure!(w >= 0.0 && w.is_finite(), "--aux-weight must be >= 0, got {w}");
+                cfg.aux_weight = w;
+            }
             // Checked (>= 0, finite) by `DenseTrainer::new` before it reads or writes anything.
             cfg.backbone_lr_mult = a.backbone_lr_mult.unwrap_or(cfg.backbone_lr_mult);
             cfg.reduce_zero_label = a.reduce_zero_label;

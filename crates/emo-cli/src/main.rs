@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::{Device, Tensor, TensorData};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use emo_model::Emo;
 use emo_model::preprocess::EvalTransform;
 use emo_spec::{EmoConfig, Task, Variant};
@@ -361,6 +361,10 @@ pub(crate) struct TrainOpts {
     /// `dropout_ratio`).
     #[arg(long)]
     pub head_dropout: Option<f64>,
+    /// Segmentation: weight of the auxiliary FCN head's loss on stage 3 (default 0.4, mmseg's
+    /// `loss_weight`).
+    #[arg(long)]
+    pub aux_weight: Option<f64>,
     /// Dense tasks: the backbone's learning rate as a multiple of --lr (default 1; mmseg's
     /// `lr_mult` for the backbone).
     #[arg(long)]
@@ -427,8 +431,35 @@ fn parse_hw(s: &str) -> Result<(usize, usize), String> {
     Ok((h, w))
 }
 
+/// The options given on the command line beside `--resume` in `emo train` (`def` its definition,
+/// `train` its matches): a resumed run continues with the settings recorded in its
+/// `config.json`, so any other option would be silently ignored. `--task` (which trainer reads
+/// the folder) and the global `--backend` are allowed.
+fn resume_conflicts(def: &clap::Command, train: &clap::ArgMatches) -> Vec<String> {
+    use clap::parser::ValueSource;
+    let given = |id: &str| train.value_source(id) == Some(ValueSource::CommandLine);
+    if !given("resume") {
+        return Vec::new();
+    }
+    def.get_arguments()
+        .filter(|a| !matches!(a.get_id().as_str(), "resume" | "task" | "backend") && given(a.get_id().as_str()))
+        .map(|a| format!("--{}", a.get_long().unwrap_or(a.get_id().as_str())))
+        .collect()
+}
+
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let def = Cli::command();
+    let matches = def.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Some(("train", train)), Some(train_def)) = (matches.subcommand(), def.find_subcommand("train")) {
+        let conflicts = resume_conflicts(train_def, train);
+        ensure!(
+            conflicts.is_empty(),
+            "--resume continues a run with the settings recorded in its config.json; {} cannot be changed on resume \
+             (leave them out, or start a new run with --out)",
+            conflicts.join(", ")
+        );
+    }
     backend::choose(cli.backend);
     match cli.cmd {
         Cmd::Info { input, variant, window_size, task, classes } => match task {
@@ -575,13 +606,18 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         ohem_min_kept,
         rescale_range,
         head_dropout,
+        aux_weight,
         backbone_lr_mult,
         ..
     } = o;
     ensure!(backbone_lr_mult.is_none(), "--backbone-lr-mult is for dense tasks (--task ...)");
     ensure!(
-        ohem_thresh.is_none() && ohem_min_kept.is_none() && rescale_range.is_none() && head_dropout.is_none(),
-        "--ohem-thresh / --ohem-min-kept / --rescale-range / --head-dropout are for segmentation (--task deeplabv3|pspnet)"
+        ohem_thresh.is_none()
+            && ohem_min_kept.is_none()
+            && rescale_range.is_none()
+            && head_dropout.is_none()
+            && aux_weight.is_none(),
+        "--ohem-thresh / --ohem-min-kept / --rescale-range / --head-dropout / --aux-weight are for segmentation (--task deeplabv3|pspnet)"
     );
     // A resumed run reads its data spec and input size from its own config.
     let (data, size) = match &resume {

@@ -167,6 +167,24 @@ fn verify_reproduces_the_embedded_official_outputs() {
     assert!(stdout(&o).contains("parity OK"));
 }
 
+#[test]
+fn train_resume_refuses_options_that_would_be_ignored() {
+    // The folder is never read: the options are checked first.
+    let o = emo(&["train", "--resume", "/nonexistent/run", "--epochs", "30", "--lr=1e-3", "--light-augment"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("cannot be changed on resume") && e.contains("config.json"), "{e}");
+    for flag in ["--epochs", "--lr", "--light-augment"] {
+        assert!(e.contains(flag), "{flag} not named: {e}");
+    }
+    assert!(!e.contains("--variant") && !e.contains("--batch"), "defaults are not given options: {e}");
+    // --task and the global --backend are not settings of the run: the folder is read (and missing).
+    let o = emo(&["--backend", "flex", "train", "--task", "deeplabv3", "--resume", "/nonexistent/run"]);
+    assert!(!o.status.success());
+    assert!(!stderr(&o).contains("cannot be changed"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("/nonexistent/run"), "{}", stderr(&o));
+}
+
 #[cfg(not(feature = "tch"))]
 #[test]
 fn the_tch_backend_without_the_feature_is_a_clear_error() {
@@ -425,22 +443,30 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         }
         // Head dropout: checked, and only for segmentation.
         let bad_dropout = if task == "ssdlite" { "for segmentation" } else { "[0, 1)" };
-        for bad in [["--head-dropout", "1.5"], ["--drop-path", "1.0"]] {
-            let o = emo(&[&args[..], &bad[..], &["--out", run.to_str().unwrap()]].concat());
-            let want = if bad[0] == "--drop-path" { "[0, 1)" } else { bad_dropout };
+        let bad_aux = if task == "ssdlite" { "for segmentation" } else { "must be >= 0" };
+        for bad in [&["--head-dropout", "1.5"][..], &["--drop-path", "1.0"], &["--aux-weight=-0.5"]] {
+            let o = emo(&[&args[..], bad, &["--out", run.to_str().unwrap()]].concat());
+            let want = match bad[0] {
+                "--drop-path" => "[0, 1)",
+                "--aux-weight=-0.5" => bad_aux,
+                _ => bad_dropout,
+            };
             assert!(!o.status.success() && stderr(&o).contains(want), "{bad:?}: {}", stderr(&o));
             let _ = std::fs::remove_dir_all(&run);
         }
-        let o = emo(&["train", "--head-dropout", "0.2", "--out", run.to_str().unwrap()]);
-        assert!(!o.status.success() && stderr(&o).contains("for segmentation"), "{}", stderr(&o));
-        let _ = std::fs::remove_dir_all(&run);
+        for flag in ["--head-dropout", "--aux-weight"] {
+            let o = emo(&["train", flag, "0.2", "--out", run.to_str().unwrap()]);
+            assert!(!o.status.success() && stderr(&o).contains("for segmentation"), "{flag}: {}", stderr(&o));
+            let _ = std::fs::remove_dir_all(&run);
+        }
         // The backbone's learning-rate multiple: >= 0, dense tasks only.
         let o = emo(&[&args[..], &["--backbone-lr-mult=-1", "--out", run.to_str().unwrap()]].concat());
         assert!(!o.status.success() && stderr(&o).contains("must be >= 0"), "{}", stderr(&o));
         let o = emo(&["train", "--backbone-lr-mult", "0.5", "--out", run.to_str().unwrap()]);
         assert!(!o.status.success() && stderr(&o).contains("for dense tasks"), "{}", stderr(&o));
         let _ = std::fs::remove_dir_all(&run);
-        let dropouts = ["--drop-path", "0.1", "--head-dropout", "0.2", "--backbone-lr-mult", "0.25"];
+        let dropouts =
+            ["--drop-path", "0.1", "--head-dropout", "0.2", "--backbone-lr-mult", "0.25", "--aux-weight", "1"];
         let extra: &[&str] = if task == "deeplabv3" { &[&ohem[..], &rescale[..], &dropouts[..]].concat() } else { &[] };
         let o = emo(&[&args[..], extra, &["--out", run.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{task}: {}", stderr(&o));
@@ -452,6 +478,14 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             assert_eq!(cfg["rescale"], serde_json::json!([0.8, 1.25]), "{cfg}");
             assert_eq!((cfg["drop_path"].as_f64(), cfg["head_dropout"].as_f64()), (Some(0.1), Some(0.2)), "{cfg}");
             assert_eq!(cfg["backbone_lr_mult"].as_f64(), Some(0.25), "{cfg}");
+            assert_eq!(cfg["aux_weight"].as_f64(), Some(1.0), "{cfg}");
+            // A resumed run keeps its recorded settings: changing one is refused, naming it,
+            // before anything in the folder is touched.
+            let before = std::fs::read(run.join("config.json")).unwrap();
+            let o = emo(&["train", "--task", task, "--resume", run.to_str().unwrap(), "--aux-weight", "0.5"]);
+            assert!(!o.status.success(), "{}", stderr(&o));
+            assert!(stderr(&o).contains("--aux-weight cannot be changed on resume"), "{}", stderr(&o));
+            assert_eq!(std::fs::read(run.join("config.json")).unwrap(), before);
         }
         assert!(stdout(&o).contains(if task == "ssdlite" { "best mAP50" } else { "best mIoU" }), "{}", stdout(&o));
         assert!(stderr(&o).contains("epoch 1/1 ["), "progress bar: {}", stderr(&o));

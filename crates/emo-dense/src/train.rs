@@ -65,6 +65,7 @@ pub struct DenseTrainConfig {
     pub frozen_stages: i64,
     /// ADE20K: label 0 is "other" (ignored), the rest shift down by one.
     pub reduce_zero_label: bool,
+    /// Segmentation: weight of the auxiliary FCN head's loss (mmseg's 0.4).
     pub aux_weight: f64,
     pub neg_pos_ratio: usize,
     /// The paper's geometric augmentation too (SSD: Expand + MinIoURandomCrop; segmentation:
@@ -548,6 +549,9 @@ impl DenseTrainer {
         }
         if !(cfg.backbone_lr_mult >= 0.0 && cfg.backbone_lr_mult.is_finite()) {
             return Err(DenseError::Data(format!("backbone_lr_mult must be >= 0, got {}", cfg.backbone_lr_mult)));
+        }
+        if !(cfg.aux_weight >= 0.0 && cfg.aux_weight.is_finite()) {
+            return Err(DenseError::Data(format!("aux_weight must be >= 0, got {}", cfg.aux_weight)));
         }
         let (train, val) = Self::load_data(&cfg)?;
         if train.classes() != val.classes() {

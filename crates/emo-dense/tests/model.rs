@@ -905,6 +905,49 @@ fn pixel_cross_entropy_on_flex_matches_burn_ops_in_value_and_gradient() {
     }
 }
 
+/// The segmentation loss is the decode head's pixel loss plus `aux_weight` times the auxiliary
+/// head's, in value and in both heads' gradients; at weight 0 the auxiliary head gets none.
+#[test]
+fn segmentation_loss_weighs_the_auxiliary_head() {
+    use emo_dense::loss::{seg_ce, seg_loss};
+
+    let _g = serial();
+    let device = Device::flex().autodiff();
+    let (hw, k) = ((24, 20), 5);
+    let labels: Vec<u8> =
+        (0..2 * hw.0 * hw.1).map(|i| if i % 11 == 4 { 255 } else { ((i * 7 + i / 9) % k) as u8 }).collect();
+    let x = Tensor::<4>::random([2, k, 6, 5], Distribution::Uniform(-3.0, 3.0), &device).require_grad();
+    let a = Tensor::<4>::random([2, k, 12, 10], Distribution::Uniform(-3.0, 3.0), &device).require_grad();
+    let main = to_vec(seg_ce(x.clone().detach(), &labels, hw))[0];
+    let aux = to_vec(seg_ce(a.clone().detach(), &labels, hw))[0];
+    assert!(main > 0.5 && aux > 0.5, "{main} {aux}");
+    let grad_of = |t: &Tensor<4>, w: f64| {
+        let l = seg_loss(x.clone(), Some(a.clone()), &labels, hw, w);
+        let total = to_vec(l.total.clone())[0];
+        let g = l.total.backward();
+        (total, l.parts, to_vec(t.grad(&g).unwrap()))
+    };
+    for w in [0.4, 1.0] {
+        let (total, parts, ga) = grad_of(&a, w);
+        assert!((total - (main + w as f32 * aux)).abs() <= 1e-5, "w {w}: {total} vs {main} + {w} * {aux}");
+        let part = |n: &str| parts.iter().find(|(p, _)| *p == n).unwrap().1;
+        assert!((part("seg") - main as f64).abs() <= 1e-5, "{parts:?}");
+        assert!((part("aux") - w * aux as f64).abs() <= 1e-5, "{parts:?}");
+        // The auxiliary head's gradient scales with the weight; the decode head's does not.
+        let (_, _, ga1) = grad_of(&a, 1.0);
+        let (_, _, gx) = grad_of(&x, w);
+        let (_, _, gx1) = grad_of(&x, 1.0);
+        assert!(ga.iter().any(|&g| g.abs() > 1e-6));
+        for (g, g1) in ga.iter().zip(&ga1) {
+            assert!((g - w as f32 * g1).abs() <= 1e-7, "{g} vs {w} * {g1}");
+        }
+        assert_eq!(gx, gx1);
+    }
+    let (total, _, ga) = grad_of(&a, 0.0);
+    assert!((total - main).abs() <= 1e-6, "{total} vs {main}");
+    assert!(ga.iter().all(|&g| g == 0.0), "weight 0 still trains the auxiliary head");
+}
+
 /// mmseg's `OHEMPixelSampler.sample` with a threshold, written as it is there: sort the valid
 /// pixels' label probabilities, take the one at `min(min_kept * images, n - 1)`, keep the valid
 /// pixels below `max(that, thresh)`.
