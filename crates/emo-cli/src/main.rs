@@ -433,8 +433,9 @@ fn parse_hw(s: &str) -> Result<(usize, usize), String> {
 
 /// The options given on the command line beside `--resume` in `emo train` (`def` its definition,
 /// `train` its matches): a resumed run continues with the settings recorded in its
-/// `config.json`, so any other option would be silently ignored. `--task` (which trainer reads
-/// the folder) and the global `--backend` are allowed.
+/// `config.json`, so any other option would be silently ignored. `--task` (checked against the
+/// recorded one), `--stop-after` (this invocation's length) and the global `--backend` are
+/// allowed.
 fn resume_conflicts(def: &clap::Command, train: &clap::ArgMatches) -> Vec<String> {
     use clap::parser::ValueSource;
     let given = |id: &str| train.value_source(id) == Some(ValueSource::CommandLine);
@@ -442,9 +443,22 @@ fn resume_conflicts(def: &clap::Command, train: &clap::ArgMatches) -> Vec<String
         return Vec::new();
     }
     def.get_arguments()
-        .filter(|a| !matches!(a.get_id().as_str(), "resume" | "task" | "backend") && given(a.get_id().as_str()))
+        .filter(|a| {
+            !matches!(a.get_id().as_str(), "resume" | "task" | "stop_after" | "backend") && given(a.get_id().as_str())
+        })
         .map(|a| format!("--{}", a.get_long().unwrap_or(a.get_id().as_str())))
         .collect()
+}
+
+/// What a run folder's `config.json` records: `Some(Some(task))` for a dense run, `Some(None)`
+/// for a classification run, None when the file cannot be read (the trainer's resume reports it).
+fn recorded_task(dir: &Path) -> Option<Option<Task>> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+    match cfg.get("task") {
+        None => Some(None),
+        Some(t) => serde_json::from_value(t.clone()).ok().map(Some),
+    }
 }
 
 fn main() -> Result<()> {
@@ -553,10 +567,23 @@ fn main() -> Result<()> {
             println!("{}: top-1 {top1:.2}%  top-5 {top5:.2}%  ({} images of {data})", weights.display(), test.len());
             Ok(())
         }
-        Cmd::Train(o) => match o.task {
-            Some(task) => dense::train(task, *o),
-            None => train_classifier(*o),
-        },
+        Cmd::Train(o) => {
+            // A resumed dense run is recognised by the task in its config.json, so `--resume DIR`
+            // alone continues any run; a `--task` that contradicts it is refused.
+            let recorded = o.resume.as_deref().and_then(recorded_task);
+            if let (Some(given), Some(rec), Some(dir)) = (o.task, recorded, o.resume.as_deref()) {
+                match rec {
+                    Some(rec) => {
+                        ensure!(given == rec, "{} is a {rec} run; --task {given} does not match it", dir.display())
+                    }
+                    None => bail!("{} is a classification run; resume it without --task", dir.display()),
+                }
+            }
+            match o.task.or(recorded.flatten()) {
+                Some(task) => dense::train(task, *o),
+                None => train_classifier(*o),
+            }
+        }
         Cmd::BenchTrain { variant, batch, size, workers, steps, rounds, compare_torch, mut backends } => {
             // Flex's data-parallel workers (and PyTorch's threads): one per core by default.
             let workers = workers.unwrap_or_else(|| emo_train::parallel::default_workers(batch));

@@ -285,6 +285,12 @@ fn train_and_eval_end_to_end_on_fashion_mnist_when_installed() {
     assert_eq!(lines.lines().count(), 1);
     // the run folder is not overwritten by a second `train --out`
     assert!(!emo(&args).status.success());
+    // `--resume` of the complete run: a classification run, nothing left to train; a --task is refused.
+    let o = emo(&["train", "--resume", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 1);
+    let o = emo(&["train", "--task", "deeplabv3", "--resume", run.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("is a classification run"), "{}", stderr(&o));
     let o = emo(&["eval", "--weights", run.join("best.safetensors").to_str().unwrap()]);
     assert!(o.status.success() && stdout(&o).contains("top-1"), "{}", stderr(&o));
     assert!(stderr(&o).contains("config.json"), "the run's own pipeline: {}", stderr(&o));
@@ -485,6 +491,14 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             let o = emo(&["train", "--task", task, "--resume", run.to_str().unwrap(), "--aux-weight", "0.5"]);
             assert!(!o.status.success(), "{}", stderr(&o));
             assert!(stderr(&o).contains("--aux-weight cannot be changed on resume"), "{}", stderr(&o));
+            assert_eq!(std::fs::read(run.join("config.json")).unwrap(), before);
+            // `--resume DIR` alone finds the task in the run's config (the run is complete:
+            // nothing more to train, the best score is reported again); a contradicting
+            // --task is refused.
+            let o = emo(&["train", "--resume", run.to_str().unwrap(), "--stop-after", "1"]);
+            assert!(o.status.success() && stdout(&o).contains("best mIoU"), "{}{}", stdout(&o), stderr(&o));
+            let o = emo(&["train", "--task", "ssdlite", "--resume", run.to_str().unwrap()]);
+            assert!(!o.status.success() && stderr(&o).contains("is a deeplabv3 run"), "{}", stderr(&o));
             assert_eq!(std::fs::read(run.join("config.json")).unwrap(), before);
         }
         assert!(stdout(&o).contains(if task == "ssdlite" { "best mAP50" } else { "best mIoU" }), "{}", stdout(&o));
