@@ -103,10 +103,9 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             }
             if let Some(w) = a.aux_weight {
                 ensure!(!task.is_detection(), "--aux-weight is for segmentation tasks");
-                ensure!(w >= 0.0 && w.is_finite(), "--aux-weight must be >= 0, got {w}");
                 cfg.aux_weight = w;
             }
-            // Checked (>= 0, finite) by `DenseTrainer::new` before it reads or writes anything.
+            // Both checked (>= 0, finite) by `DenseTrainer::new` before it reads or writes anything.
             cfg.backbone_lr_mult = a.backbone_lr_mult.unwrap_or(cfg.backbone_lr_mult);
             cfg.reduce_zero_label = a.reduce_zero_label;
             cfg.workers = a.workers.unwrap_or_else(|| crate::backend::chosen().default_workers(a.batch));

@@ -927,6 +927,8 @@ fn segmentation_loss_weighs_the_auxiliary_head() {
         let g = l.total.backward();
         (total, l.parts, to_vec(t.grad(&g).unwrap()))
     };
+    let (_, _, ga1) = grad_of(&a, 1.0);
+    let (_, _, gx1) = grad_of(&x, 1.0);
     for w in [0.4, 1.0] {
         let (total, parts, ga) = grad_of(&a, w);
         assert!((total - (main + w as f32 * aux)).abs() <= 1e-5, "w {w}: {total} vs {main} + {w} * {aux}");
@@ -934,9 +936,7 @@ fn segmentation_loss_weighs_the_auxiliary_head() {
         assert!((part("seg") - main as f64).abs() <= 1e-5, "{parts:?}");
         assert!((part("aux") - w * aux as f64).abs() <= 1e-5, "{parts:?}");
         // The auxiliary head's gradient scales with the weight; the decode head's does not.
-        let (_, _, ga1) = grad_of(&a, 1.0);
         let (_, _, gx) = grad_of(&x, w);
-        let (_, _, gx1) = grad_of(&x, 1.0);
         assert!(ga.iter().any(|&g| g.abs() > 1e-6));
         for (g, g1) in ga.iter().zip(&ga1) {
             assert!((g - w as f32 * g1).abs() <= 1e-7, "{g} vs {w} * {g1}");
