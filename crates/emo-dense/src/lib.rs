@@ -9,6 +9,7 @@ pub mod assign;
 pub mod bn;
 pub mod boxes;
 pub mod data;
+pub mod fast;
 pub mod loss;
 pub mod metrics;
 pub mod model;
@@ -18,6 +19,7 @@ pub mod train;
 
 pub use boxes::{BBox, BoxCoder, Detection};
 pub use emo_spec::{DenseConfig, Task};
+pub use fast::{DenseInfer, FastDense};
 pub use model::{DenseModel, DenseOutput};
 
 /// Errors of the dense-prediction crate.

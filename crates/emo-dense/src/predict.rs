@@ -8,8 +8,9 @@ use emo_spec::Task;
 use crate::DenseError;
 use crate::boxes::{BBox, BoxCoder, Detection, batched_nms};
 use crate::data::normalize_into;
+use crate::fast::DenseInfer;
 use crate::loss::{bilinear, resize_logits, to_vec};
-use crate::model::{DenseModel, DenseOutput};
+use crate::model::DenseOutput;
 
 /// Test-time settings (mmdet `test_cfg`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -40,17 +41,17 @@ pub fn batch_tensor(images: &[&[u8]], hw: (usize, usize), device: &Device) -> Te
 
 /// Detections per image, in input coordinates.
 pub fn detect(
-    model: &DenseModel,
+    model: &dyn DenseInfer,
     x: Tensor<4>,
     anchors: &[BBox],
     cfg: &DetTestCfg,
 ) -> Result<Vec<Vec<Detection>>, DenseError> {
     let [b, _, h, w] = x.dims();
-    let DenseOutput::Det { cls, reg } = model.forward(x, false)? else {
-        return Err(DenseError::Data(format!("{} is not a detector", model.cfg.task)));
+    let DenseOutput::Det { cls, reg } = model.infer(x)? else {
+        return Err(DenseError::Data(format!("{} is not a detector", model.dense_config().task)));
     };
-    let (ssd, coder) = (model.cfg.task == Task::SsdLite, BoxCoder::for_task(model.cfg.task));
-    let k = model.cfg.num_classes;
+    let (ssd, coder) = (model.dense_config().task == Task::SsdLite, BoxCoder::for_task(model.dense_config().task));
+    let k = model.dense_config().num_classes;
     let scores = to_vec(if ssd { softmax(cls, 2) } else { sigmoid(cls) });
     let deltas = to_vec(reg);
     let n = anchors.len();
@@ -81,12 +82,12 @@ pub fn detect(
 }
 
 /// Per-pixel class maps `(H * W)` per image at the input size.
-pub fn segment(model: &DenseModel, x: Tensor<4>) -> Result<Vec<Vec<u8>>, DenseError> {
+pub fn segment(model: &dyn DenseInfer, x: Tensor<4>) -> Result<Vec<Vec<u8>>, DenseError> {
     segment_with(model, x, false)
 }
 
 /// [`segment`], optionally with mmseg's flip test augmentation (`flip`, see [`seg_probs`]).
-pub fn segment_with(model: &DenseModel, x: Tensor<4>, flip: bool) -> Result<Vec<Vec<u8>>, DenseError> {
+pub fn segment_with(model: &dyn DenseInfer, x: Tensor<4>, flip: bool) -> Result<Vec<Vec<u8>>, DenseError> {
     let b = x.dims()[0];
     // Without flip the argmax needs no softmax.
     let p = if flip { seg_probs(model, x, true)? } else { seg_logits(model, x)? };
@@ -100,7 +101,7 @@ pub fn segment_with(model: &DenseModel, x: Tensor<4>, flip: bool) -> Result<Vec<
 /// resized bilinearly once more to that size (where it differs); with `flip`, the softmax of each
 /// pass follows that resize. Sizes equal to the input give exactly [`segment_with`].
 pub fn segment_sized(
-    model: &DenseModel,
+    model: &dyn DenseInfer,
     x: Tensor<4>,
     flip: bool,
     sizes: &[(usize, usize)],
@@ -158,7 +159,7 @@ impl Default for SegAug {
 /// Class maps of a batch under test-time augmentation `aug`, each at its own size `sizes[i]`
 /// (see [`segment_sized`]); single scale at the input size is [`segment_with`].
 pub fn segment_aug(
-    model: &DenseModel,
+    model: &dyn DenseInfer,
     x: Tensor<4>,
     aug: &SegAug,
     sizes: &[(usize, usize)],
@@ -192,7 +193,7 @@ pub fn segment_aug(
 /// Class probabilities `(B, K, H, W)` at `out` (H, W) under test-time augmentation `aug`: the
 /// mean of every pass's softmax. Single-scale `aug` at the input size gives [`seg_probs`].
 pub fn seg_probs_aug(
-    model: &DenseModel,
+    model: &dyn DenseInfer,
     x: Tensor<4>,
     aug: &SegAug,
     out: (usize, usize),
@@ -204,7 +205,7 @@ pub fn seg_probs_aug(
 /// Per image `(1, K, H, W)` probabilities at `sizes[i]` (one per image), averaged over `aug`'s
 /// passes.
 fn aug_probs(
-    model: &DenseModel,
+    model: &dyn DenseInfer,
     x: Tensor<4>,
     aug: &SegAug,
     sizes: &[(usize, usize)],
@@ -255,16 +256,16 @@ fn argmax_map(p: &[f32], k: usize) -> Vec<u8> {
 /// `flip`: mmseg's flip test augmentation, the mean of the input's probabilities and of its
 /// mirror image's (mirrored back), at twice the cost; the result is mirror-symmetric (a
 /// mirrored input gives the mirrored probabilities).
-pub fn seg_probs(model: &DenseModel, x: Tensor<4>, flip: bool) -> Result<Tensor<4>, DenseError> {
+pub fn seg_probs(model: &dyn DenseInfer, x: Tensor<4>, flip: bool) -> Result<Tensor<4>, DenseError> {
     let probs = |x: Tensor<4>| Ok::<_, DenseError>(softmax(seg_logits(model, x)?, 1));
     Ok(if flip { (probs(x.clone())? + probs(x.flip([3]))?.flip([3])).mul_scalar(0.5) } else { probs(x)? })
 }
 
 /// Class logits `(B, K, H, W)` upsampled to the input size.
-fn seg_logits(model: &DenseModel, x: Tensor<4>) -> Result<Tensor<4>, DenseError> {
+fn seg_logits(model: &dyn DenseInfer, x: Tensor<4>) -> Result<Tensor<4>, DenseError> {
     let [_, _, h, w] = x.dims();
-    let DenseOutput::Seg { logits, .. } = model.forward(x, false)? else {
-        return Err(DenseError::Data(format!("{} is not a segmenter", model.cfg.task)));
+    let DenseOutput::Seg { logits, .. } = model.infer(x)? else {
+        return Err(DenseError::Data(format!("{} is not a segmenter", model.dense_config().task)));
     };
     Ok(resize_logits(logits, (h, w)))
 }

@@ -32,6 +32,7 @@ use crate::boxes::{BBox, BoxCoder};
 use crate::data::{
     DetDataset, PAPER_RESCALE, SegDataset, augment, load_coco, load_seg, seg_geometry_with, ssd_geometry,
 };
+use crate::fast::DenseInfer;
 use crate::loss::{Ohem, focal_loss, seg_loss_with, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseHead, DenseModel, DenseOutput, SEG_HEAD_DROPOUT};
@@ -381,7 +382,7 @@ pub enum Eval {
 /// maps at their original size, the logits resized to it as mmseg does). `model` should be a
 /// validation copy (`Module::valid`); inputs are made without autodiff, so no training-only layer
 /// (drop path, dropout) runs.
-pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result<Eval, DenseError> {
+pub fn evaluate(model: &dyn DenseInfer, data: &DenseData, device: &Device) -> Result<Eval, DenseError> {
     evaluate_with(model, data, device, &SegAug::default())
 }
 
@@ -390,15 +391,20 @@ pub fn evaluate(model: &DenseModel, data: &DenseData, device: &Device) -> Result
 ///
 /// Batches of 16 are split into one contiguous part per core, each run on its own thread (burn's
 /// CPU ops run on one thread each): see [`evaluate_on`].
-pub fn evaluate_with(model: &DenseModel, data: &DenseData, device: &Device, aug: &SegAug) -> Result<Eval, DenseError> {
-    evaluate_on(model, data, device, aug, parallel::cores())
+pub fn evaluate_with(
+    model: &dyn DenseInfer,
+    data: &DenseData,
+    device: &Device,
+    aug: &SegAug,
+) -> Result<Eval, DenseError> {
+    evaluate_on(model, data, device, aug, model.eval_threads())
 }
 
 /// [`evaluate_with`] on `threads` threads: the batches of 16 in one contiguous part per thread;
 /// the parts' detections are joined in image order and their confusion matrices added, so the
 /// result does not depend on `threads`.
 pub fn evaluate_on(
-    model: &DenseModel,
+    model: &dyn DenseInfer,
     data: &DenseData,
     device: &Device,
     aug: &SegAug,
@@ -408,15 +414,15 @@ pub fn evaluate_on(
     match data {
         DenseData::Det(d) => {
             // The anchors are laid out for the model's input size.
-            let hw = model.cfg.input;
+            let hw = model.dense_config().input;
             if d.input != hw {
                 return Err(DenseError::Data(format!(
                     "detection images loaded at {:?}, the model's input is {hw:?}",
                     d.input
                 )));
             }
-            let anchors = anchors::anchors(&model.cfg);
-            let test = DetTestCfg::official(model.cfg.task);
+            let anchors = anchors::anchors(model.dense_config());
+            let test = DetTestCfg::official(model.dense_config().task);
             let chunks: Vec<_> = d.images.chunks(B).collect();
             let parts = parallel::map_parts(&chunks, threads, |part| {
                 let mut dets = Vec::new();
@@ -451,7 +457,7 @@ pub fn evaluate_on(
             let hw = d.input;
             let chunks: Vec<_> = d.images.chunks(B).collect();
             let parts = parallel::map_parts(&chunks, threads, |part| {
-                let mut m = SegMetrics::new(model.cfg.num_classes);
+                let mut m = SegMetrics::new(model.dense_config().num_classes);
                 for chunk in part {
                     let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
                         .without_autodiff();
@@ -462,7 +468,7 @@ pub fn evaluate_on(
                 }
                 Ok::<_, DenseError>(m)
             });
-            let mut m = SegMetrics::new(model.cfg.num_classes);
+            let mut m = SegMetrics::new(model.dense_config().num_classes);
             for part in parts {
                 m.merge(&part?);
             }

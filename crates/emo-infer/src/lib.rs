@@ -11,7 +11,10 @@
 //! residual) -> SE? -> proj GEMM (+ outer residual) -> [head] LN -> mean -> linear
 //! ```
 //! Results match the official model to ~1e-6 (see the parity tests); the kernels are in
-//! `emo-kernels`.
+//! `emo-kernels`. [`dense`] runs the detection and segmentation heads of `emo-dense`'s models
+//! the same way on the backbone's channels-last features.
+
+pub mod dense;
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -304,7 +307,20 @@ impl Engine {
         out_indices: &[usize],
         logits: bool,
     ) -> Result<Output, InferError> {
-        self.run_cow(Cow::Borrowed(input), batch, h, w, out_indices, logits)
+        self.run_cow(Cow::Borrowed(input), batch, h, w, out_indices, logits, false)
+    }
+
+    /// The stage outputs in `out_indices` (0..=4) of an NCHW input, each channels-last:
+    /// `(stage index, [batch, h, w, c], data)`, as the dense heads read them.
+    pub fn features_nhwc(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        h: usize,
+        w: usize,
+        out_indices: &[usize],
+    ) -> Result<Vec<(usize, [usize; 4], Vec<f32>)>, InferError> {
+        Ok(self.run_cow(Cow::Borrowed(input), batch, h, w, out_indices, false, true)?.features)
     }
 
     /// [`Engine::run_with`] taking the input by value: a single image is freed as soon as the
@@ -318,9 +334,11 @@ impl Engine {
         out_indices: &[usize],
         logits: bool,
     ) -> Result<Output, InferError> {
-        self.run_cow(Cow::Owned(input), batch, h, w, out_indices, logits)
+        self.run_cow(Cow::Owned(input), batch, h, w, out_indices, logits, false)
     }
 
+    /// `nhwc`: keep the features channels-last (shape `[batch, h, w, c]`), not NCHW.
+    #[allow(clippy::too_many_arguments)]
     fn run_cow(
         &mut self,
         input: Cow<'_, [f32]>,
@@ -329,6 +347,7 @@ impl Engine {
         w: usize,
         out_indices: &[usize],
         logits: bool,
+        nhwc: bool,
     ) -> Result<Output, InferError> {
         let cin = self.cfg.in_chans;
         if batch == 0 || h == 0 || w == 0 || input.len() != batch * cin * h * w {
@@ -355,8 +374,16 @@ impl Engine {
             let this = &*self;
             emo_kernels::pool::parallel_for(batch, |b| {
                 let mut buf = pool.lock().unwrap().pop().unwrap_or_default();
-                let o =
-                    this.forward(&mut buf, Cow::Borrowed(&input[b * per..(b + 1) * per]), 1, h, w, out_indices, logits);
+                let o = this.forward(
+                    &mut buf,
+                    Cow::Borrowed(&input[b * per..(b + 1) * per]),
+                    1,
+                    h,
+                    w,
+                    out_indices,
+                    logits,
+                    nhwc,
+                );
                 pool.lock().unwrap().push(buf);
                 *slots[b].lock().unwrap() = Some(o);
             });
@@ -368,11 +395,11 @@ impl Engine {
             // Image after image, each with all threads (batch-1 working sets stay in cache).
             let mut buf = std::mem::take(&mut self.buf);
             if batch == 1 {
-                results[0] = Some(self.forward(&mut buf, input, 1, h, w, out_indices, logits));
+                results[0] = Some(self.forward(&mut buf, input, 1, h, w, out_indices, logits, nhwc));
             } else {
                 for (b, r) in results.iter_mut().enumerate() {
                     let x = Cow::Borrowed(&input[b * per..(b + 1) * per]);
-                    *r = Some(self.forward(&mut buf, x, 1, h, w, out_indices, logits));
+                    *r = Some(self.forward(&mut buf, x, 1, h, w, out_indices, logits, nhwc));
                 }
             }
             self.buf = buf;
@@ -385,7 +412,9 @@ impl Engine {
             for o in &outs {
                 data.extend_from_slice(&o.features[k].2);
             }
-            features.push((*i, [batch, shape[1], shape[2], shape[3]], data));
+            let mut shape = *shape;
+            shape[0] = batch;
+            features.push((*i, shape, data));
         }
         let logits = logits.then(|| outs.iter().flat_map(|o| o.logits.clone().expect("logits")).collect());
         Ok(Output { features, logits })
@@ -402,6 +431,7 @@ impl Engine {
         w: usize,
         out_indices: &[usize],
         logits: bool,
+        nhwc: bool,
     ) -> Output {
         let cin = self.cfg.in_chans;
         let last_stage = if logits { 4 } else { out_indices.iter().copied().max().unwrap_or(0) };
@@ -437,7 +467,11 @@ impl Engine {
         let mut features = Vec::new();
         let keep = |stage: usize, data: &[f32], hh: usize, ww: usize, c: usize, features: &mut Vec<_>| {
             if out_indices.contains(&stage) {
-                features.push((stage, [batch, c, hh, ww], nhwc_to_nchw(data, batch, hh, ww, c)));
+                features.push(if nhwc {
+                    (stage, [batch, hh, ww, c], data.to_vec())
+                } else {
+                    (stage, [batch, c, hh, ww], nhwc_to_nchw(data, batch, hh, ww, c))
+                });
             }
         };
         if !fused_stem {
