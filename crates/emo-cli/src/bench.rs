@@ -202,6 +202,70 @@ pub fn run(a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// `emo bench --task`: a whole detector / segmenter (backbone, neck, heads; no post-processing)
+/// on the fast engine, interleaved with the burn model when asked.
+pub fn run_dense(a: &Args, task: emo_spec::Task) -> Result<()> {
+    ensure!(a.batch > 0 && a.runs > 0 && a.rounds > 0, "batch, runs and rounds must be > 0");
+    ensure!(a.compare_onnx.is_none() && !a.profile, "--compare-onnx and --profile time the classifier (no --task)");
+    let (h, w) = a.size;
+    let cfg = emo_spec::DenseConfig::new(task, a.variant, task.paper_classes(), a.size);
+    let device = burn::tensor::Device::flex();
+    let model = emo_dense::DenseModel::new(&cfg, None, &device)?;
+    let mut engine = emo_infer::dense::DenseEngine::from_state_dict(&cfg, &model.state_dict())?;
+    let x: Vec<f32> = (0..a.batch * 3 * h * w).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let burn_x = || Tensor::<4>::from_data(TensorData::new(x.clone(), [a.batch, 3, h, w]), &device);
+    let burn_run = || -> Result<()> {
+        match model.forward(burn_x(), false)? {
+            emo_dense::DenseOutput::Det { cls, reg } => {
+                std::hint::black_box((cls.into_data(), reg.into_data()));
+            }
+            emo_dense::DenseOutput::Seg { logits, .. } => {
+                std::hint::black_box(logits.into_data());
+            }
+        }
+        Ok(())
+    };
+    println!(
+        "emo bench: {task} on {} ({} classes) batch {} {h}x{w}, {} threads, SIMD {:?}, {} rounds x {} runs (interleaved)",
+        a.variant.paper_name(),
+        cfg.num_classes,
+        a.batch,
+        emo_kernels::pool::num_threads(),
+        emo_kernels::isa::level(),
+        a.rounds,
+        a.runs
+    );
+    for _ in 0..2 {
+        engine.run(&x, a.batch, h, w)?;
+    }
+    if a.compare_burn {
+        burn_run()?;
+    }
+    let (mut ours, mut burn) = (Vec::new(), Vec::new());
+    for _ in 0..a.rounds {
+        for _ in 0..a.runs {
+            let t = Instant::now();
+            std::hint::black_box(engine.run(&x, a.batch, h, w)?);
+            ours.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if a.compare_burn {
+            emo_kernels::pool::release();
+            for _ in 0..a.runs.div_ceil(2) {
+                let t = Instant::now();
+                burn_run()?;
+                burn.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    println!("{:<14} {:>9} {:>8} {:>8} {:>8} {:>9}", "engine", "median ms", "p10", "p90", "min", "img/s");
+    let med = report("emo (fast)", &mut ours, a.batch);
+    if !burn.is_empty() {
+        let b = report("burn flex", &mut burn, a.batch);
+        println!("ratio_vs_burn: {:.3}", med / b);
+    }
+    Ok(())
+}
+
 /// `emo bench-train`: training steps per second of the burn model (flex, data-parallel over
 /// `workers` threads), interleaved in the same run with PyTorch training the same
 /// architecture (`scripts/torch_train_bench.py`, checked against the official outputs first).

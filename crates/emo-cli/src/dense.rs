@@ -8,10 +8,10 @@ use burn::tensor::Device;
 use emo_dense::data::CanvasConfig;
 use emo_dense::predict::{DetTestCfg, SegAug, batch_tensor, detect, draw_boxes, palette, segment_aug};
 use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, evaluate_with, load_split};
-use emo_dense::{DenseConfig, DenseModel, Task};
+use emo_dense::{DenseConfig, DenseInfer, DenseModel, FastDense, Task};
 use emo_spec::Variant;
 
-use crate::TrainOpts;
+use crate::{EngineKind, TrainOpts};
 
 pub fn info(task: Task, variant: Option<Variant>, input: Option<(usize, usize)>, classes: Option<usize>) -> Result<()> {
     let input = input.unwrap_or(task.paper_input());
@@ -140,6 +140,28 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
 /// Load `weights` with the card from `--card` or `model.json` next to them; without either, an
 /// official mmdet / mmseg checkpoint's card is inferred from its keys and shapes.
 fn load_model(weights: &Path, card: Option<&Path>, device: &Device) -> Result<(DenseModel, ModelCard)> {
+    let (sd, card) = load_checkpoint(weights, card)?;
+    let model = DenseModel::from_state_dict(&card.model, &sd, device)?;
+    Ok((model, card))
+}
+
+/// [`load_model`] on the engine asked for: the fast CPU engine, or the burn model on `device`.
+fn load_infer(
+    weights: &Path,
+    card: Option<&Path>,
+    device: &Device,
+    engine: EngineKind,
+) -> Result<(Box<dyn DenseInfer>, ModelCard)> {
+    let (sd, card) = load_checkpoint(weights, card)?;
+    let model: Box<dyn DenseInfer> = match engine {
+        EngineKind::Fast => Box::new(FastDense::from_state_dict(&card.model, &sd)?),
+        EngineKind::Burn => Box::new(DenseModel::from_state_dict(&card.model, &sd, device)?),
+    };
+    Ok((model, card))
+}
+
+/// The weights and their model card (see [`load_model`]).
+fn load_checkpoint(weights: &Path, card: Option<&Path>) -> Result<(emo_weights::StateDict, ModelCard)> {
     let sd = emo_weights::load(weights).with_context(|| format!("loading {}", weights.display()))?;
     let beside = weights.with_file_name("model.json");
     let card = match card.map(Path::to_path_buf).or_else(|| beside.exists().then_some(beside)) {
@@ -163,8 +185,7 @@ fn load_model(weights: &Path, card: Option<&Path>, device: &Device) -> Result<(D
             c
         }
     };
-    let model = DenseModel::from_state_dict(&card.model, &sd, device)?;
-    Ok((model, card))
+    Ok((sd, card))
 }
 
 /// `emo eval --task`: what to evaluate and how.
@@ -182,6 +203,7 @@ pub struct EvalArgs<'a> {
     pub precise_bn: usize,
     /// Write the (recalibrated) weights here.
     pub save_weights: Option<&'a Path>,
+    pub engine: EngineKind,
 }
 
 /// The test-time augmentation of `--flip` and `--scales` (none given: single scale).
@@ -211,14 +233,23 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         a.save_weights.is_none() || a.precise_bn > 0,
         "--save-weights writes the weights --precise-bn recalibrates"
     );
-    let device = crate::backend::device()?;
-    let (model, card) = load_model(weights, card, &device)?;
-    ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
-    let model = if a.precise_bn > 0 {
-        recalibrate(&model, &device, &card, weights, data, a.precise_bn, a.save_weights)?
+    let device = dense_device(a.engine)?;
+    let (model, card) = if a.precise_bn > 0 {
+        // Precise BN runs the burn model in training mode; the recalibrated weights then run
+        // on the engine asked for.
+        let bdev = crate::backend::device()?;
+        let (model, card) = load_model(weights, card, &bdev)?;
+        ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
+        let sd = recalibrate(&model, &bdev, &card, weights, data, a.precise_bn, a.save_weights)?;
+        let model: Box<dyn DenseInfer> = match a.engine {
+            EngineKind::Fast => Box::new(FastDense::from_state_dict(&card.model, &sd)?),
+            EngineKind::Burn => Box::new(DenseModel::from_state_dict(&card.model, &sd, &device)?),
+        };
+        (model, card)
     } else {
-        model
+        load_infer(weights, card, &device, a.engine)?
     };
+    ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
     let d = load_split(card.model.task, data, split, card.model.input, false, card.reduce_zero_label, limit)?;
     if let Some(w) = d.skipped_warning() {
         eprintln!("{}: {w}", data.display());
@@ -230,7 +261,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         d.classes(),
         card.classes
     );
-    let e = evaluate_with(&model, &d, &device, &aug)?;
+    let e = evaluate_with(model.as_ref(), &d, &device, &aug)?;
     let how = aug_description(&aug);
     println!("{} on {} ({split}, {} images{how}): {}", card.model.task, data.display(), d.len(), describe(&e));
     // Per-class table, as mmdet's `classwise` / mmseg's evaluation print it.
@@ -264,7 +295,7 @@ fn recalibrate(
     data: &Path,
     n: usize,
     save: Option<&Path>,
-) -> Result<DenseModel> {
+) -> Result<emo_weights::StateDict> {
     let run_cfg = weights.with_file_name("config.json");
     let shard = std::fs::read_to_string(&run_cfg)
         .ok()
@@ -290,7 +321,15 @@ fn recalibrate(
         }
         eprintln!("wrote {}", p.display());
     }
-    Ok(DenseModel::from_state_dict(&card.model, &sd, device)?)
+    Ok(sd)
+}
+
+/// The device inputs are made on: the CPU for the fast engine, `--backend`'s for burn.
+fn dense_device(engine: EngineKind) -> Result<Device> {
+    match engine {
+        EngineKind::Fast => Ok(Device::flex()),
+        EngineKind::Burn => crate::backend::device(),
+    }
 }
 
 fn read_image(p: &Path, input: (usize, usize)) -> Result<(image::RgbImage, Vec<u8>)> {
@@ -324,9 +363,16 @@ fn out_name(out: &Path, img: &Path, ext: &str) -> PathBuf {
     out.join(format!("{}.{ext}", img.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()))
 }
 
-pub fn detect_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: &Path, score_thr: f32) -> Result<()> {
-    let device = crate::backend::device()?;
-    let (model, card) = load_model(weights, card, &device)?;
+pub fn detect_cmd(
+    weights: &Path,
+    card: Option<&Path>,
+    images: &[PathBuf],
+    out: &Path,
+    score_thr: f32,
+    engine: EngineKind,
+) -> Result<()> {
+    let device = dense_device(engine)?;
+    let (model, card) = load_infer(weights, card, &device, engine)?;
     ensure!(card.model.task.is_detection(), "{} is a {} model; use `emo segment`", weights.display(), card.model.task);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let anchors = emo_dense::anchors::anchors(&card.model);
@@ -336,7 +382,7 @@ pub fn detect_cmd(weights: &Path, card: Option<&Path>, images: &[PathBuf], out: 
     for_each_image(images, input, |p, mut orig, rgb| {
         let x = batch_tensor(&[&rgb], input, &device);
         let (sx, sy) = (orig.width() as f32 / input.1 as f32, orig.height() as f32 / input.0 as f32);
-        let mut dets = detect(&model, x, &anchors, &test)?.remove(0);
+        let mut dets = detect(model.as_ref(), x, &anchors, &test)?.remove(0);
         for d in &mut dets {
             d.bbox = [d.bbox[0] * sx, d.bbox[1] * sy, d.bbox[2] * sx, d.bbox[3] * sy];
         }
@@ -371,9 +417,10 @@ pub fn segment_cmd(
     out: &Path,
     aug: &SegAug,
     label_maps: bool,
+    engine: EngineKind,
 ) -> Result<()> {
-    let device = crate::backend::device()?;
-    let (model, card) = load_model(weights, card, &device)?;
+    let device = dense_device(engine)?;
+    let (model, card) = load_infer(weights, card, &device, engine)?;
     ensure!(!card.model.task.is_detection(), "{} is a {} model; use `emo detect`", weights.display(), card.model.task);
     let shift = u8::from(card.reduce_zero_label);
     ensure!(
@@ -386,7 +433,7 @@ pub fn segment_cmd(
     for_each_image(images, input, |p, orig, rgb| {
         let x = batch_tensor(&[&rgb], input, &device);
         // The class map at the image's own size: the logits resized to it (mmseg's `rescale`).
-        let pred = segment_aug(&model, x, aug, &[(orig.height() as usize, orig.width() as usize)])?.remove(0);
+        let pred = segment_aug(model.as_ref(), x, aug, &[(orig.height() as usize, orig.width() as usize)])?.remove(0);
         let mask = image::GrayImage::from_raw(orig.width(), orig.height(), pred).context("mask size")?;
         let mut colour = image::RgbImage::new(orig.width(), orig.height());
         let mut counts = vec![0usize; card.classes.len()];

@@ -153,6 +153,11 @@ enum Cmd {
         /// is written beside them if none is there).
         #[arg(long)]
         save_weights: Option<PathBuf>,
+        /// Dense tasks: which implementation runs the model: `fast` (the fused CPU engine,
+        /// emo-infer) or `burn` (the trainable model on --backend). Default: fast, or burn when
+        /// --backend names another backend than flex.
+        #[arg(long, value_enum)]
+        engine: Option<EngineKind>,
         /// `fashion-mnist`, `fashion-mnist:DIR` or `imagefolder:PATH` (its val split).
         #[arg(long, default_value = "fashion-mnist")]
         data: String,
@@ -175,6 +180,11 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, default_value_t = 0.3)]
         score_thr: f32,
+        /// Which implementation runs the model: `fast` (the fused CPU engine, emo-infer) or
+        /// `burn` (the trainable model on --backend). Default: fast, or burn when --backend
+        /// names another backend than flex.
+        #[arg(long, value_enum)]
+        engine: Option<EngineKind>,
     },
     /// Segment images with a trained DeepLabv3 / PSPNet: writes OUT/NAME.png (colour mask).
     Segment {
@@ -197,6 +207,11 @@ enum Cmd {
         /// ADE20K's, class c is written as c + 1), ready to compare with ground truth.
         #[arg(long)]
         label_maps: bool,
+        /// Which implementation runs the model: `fast` (the fused CPU engine, emo-infer) or
+        /// `burn` (the trainable model on --backend). Default: fast, or burn when --backend
+        /// names another backend than flex.
+        #[arg(long, value_enum)]
+        engine: Option<EngineKind>,
     },
     /// Build the Fashion-MNIST canvas set (real items on larger canvases; boxes and masks from
     /// placement) in COCO and mask-folder layout.
@@ -230,8 +245,13 @@ enum Cmd {
         variant: Variant,
         #[arg(long, default_value_t = 1)]
         batch: usize,
-        #[arg(long, default_value = "224x224", value_parser = parse_hw)]
-        size: (usize, usize),
+        /// Input size (default 224x224; with --task, the paper's input of the task).
+        #[arg(long, value_parser = parse_hw)]
+        size: Option<(usize, usize)>,
+        /// Time a detector / segmenter (backbone, neck and heads; weights drawn at random, the
+        /// task's paper classes) instead of the classifier.
+        #[arg(long)]
+        task: Option<Task>,
         /// Threads for our engine (and ONNX Runtime's intra-op pool); default: all cores.
         #[arg(long)]
         threads: Option<usize>,
@@ -480,12 +500,12 @@ fn main() -> Result<()> {
             Some(t) => dense::info(t, variant, input, classes),
             None => info(input.unwrap_or((224, 224)), variant, window_size),
         },
-        Cmd::Detect { weights, card, images, out, score_thr } => {
-            dense::detect_cmd(&weights, card.as_deref(), &images, &out, score_thr)
+        Cmd::Detect { weights, card, images, out, score_thr, engine } => {
+            dense::detect_cmd(&weights, card.as_deref(), &images, &out, score_thr, dense_engine(engine))
         }
-        Cmd::Segment { weights, card, images, out, flip, scales, label_maps } => {
+        Cmd::Segment { weights, card, images, out, flip, scales, label_maps, engine } => {
             let aug = dense::seg_aug(flip, scales)?;
-            dense::segment_cmd(&weights, card.as_deref(), &images, &out, &aug, label_maps)
+            dense::segment_cmd(&weights, card.as_deref(), &images, &out, &aug, label_maps, dense_engine(engine))
         }
         Cmd::MakeCanvas { out, size, train, val, items, scale, coarse, fmnist, seed } => {
             let range = |s: &str, what: &str| -> Result<(f64, f64)> {
@@ -544,6 +564,7 @@ fn main() -> Result<()> {
             scales,
             precise_bn,
             save_weights,
+            engine,
             ..
         } => dense::eval(&dense::EvalArgs {
             task,
@@ -556,6 +577,7 @@ fn main() -> Result<()> {
             scales,
             precise_bn,
             save_weights: save_weights.as_deref(),
+            engine: dense_engine(engine),
         }),
         Cmd::Eval { variant, weights, data, size, .. } => {
             let pipeline = trained_pipeline(&weights, size)?;
@@ -593,13 +615,18 @@ fn main() -> Result<()> {
             backends.dedup();
             bench::train(&bench::TrainArgs { variant, batch, size, workers, steps, rounds, compare_torch, backends })
         }
-        Cmd::Bench { variant, batch, size, threads, runs, rounds, compare_onnx, compare_burn, profile } => {
+        Cmd::Bench { variant, batch, size, task, threads, runs, rounds, compare_onnx, compare_burn, profile } => {
             if let Some(t) = threads {
                 ensure!(t > 0, "--threads must be > 0");
                 emo_kernels::pool::set_num_threads(t);
                 rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
             }
-            bench::run(&bench::Args { variant, batch, size, runs, rounds, compare_onnx, compare_burn, profile })
+            let size = size.unwrap_or(task.map_or((224, 224), Task::paper_input));
+            let a = bench::Args { variant, batch, size, runs, rounds, compare_onnx, compare_burn, profile };
+            match task {
+                Some(t) => bench::run_dense(&a, t),
+                None => bench::run(&a),
+            }
         }
     }
 }
@@ -813,9 +840,15 @@ fn release_freed_memory() {
     }
 }
 
+/// The engine of a dense command: as asked, else the fast one unless `--backend` chose another
+/// backend than flex (whose device the burn model then runs on).
+fn dense_engine(asked: Option<EngineKind>) -> EngineKind {
+    asked.unwrap_or(if backend::chosen() == backend::Backend::Flex { EngineKind::Fast } else { EngineKind::Burn })
+}
+
 /// Which implementation runs the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum EngineKind {
+pub(crate) enum EngineKind {
     /// The fused CPU engine (emo-infer).
     Fast,
     /// The burn model (flex backend).

@@ -514,6 +514,10 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         for class in ["t-shirt", "ankle-boot"] {
             assert!(s.lines().any(|l| l.starts_with(class)), "no row for {class}: {s}");
         }
+        // The default engine is the fast one; the burn model scores the same.
+        let o = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--engine", "burn"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(stdout(&o).lines().next(), s.lines().next(), "burn against the fast engine");
         let flip = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--flip"]);
         if task == "deeplabv3" {
             assert!(s.lines().any(|l| l.starts_with("background")), "{s}");
@@ -570,6 +574,30 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             let j: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(out.join("000000.json")).unwrap()).unwrap();
             assert!(j.is_array());
+        }
+        // `--engine burn`: the same masks, the same boxes (to float rounding).
+        let out_burn = tmp(&format!("out-{task}-burn"));
+        let args = [cmd, "--weights", w.to_str().unwrap(), "--out", out_burn.to_str().unwrap(), "--engine", "burn"];
+        let o = emo(&[&args[..], extra, &[img.to_str().unwrap()]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        if cmd == "segment" {
+            let read =
+                |dir: &std::path::Path| image::open(dir.join("000000-labels.png")).unwrap().to_luma8().into_raw();
+            assert_eq!(read(&out), read(&out_burn), "label maps of the two engines");
+        } else {
+            let read = |dir: &std::path::Path| -> Vec<serde_json::Value> {
+                serde_json::from_str(&std::fs::read_to_string(dir.join("000000.json")).unwrap()).unwrap()
+            };
+            let (fast, burn) = (read(&out), read(&out_burn));
+            assert_eq!(fast.len(), burn.len(), "detections of the two engines");
+            for (a, b) in fast.iter().zip(&burn) {
+                assert_eq!(a["label"], b["label"]);
+                assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() < 1e-4, "{a} {b}");
+                for i in 0..4 {
+                    let (x, y) = (a["bbox_xyxy"][i].as_f64().unwrap(), b["bbox_xyxy"][i].as_f64().unwrap());
+                    assert!((x - y).abs() < 1e-2, "{a} {b}");
+                }
+            }
         }
         // Weights without a model card beside them (as the official mmdet / mmseg checkpoints
         // come): the card is inferred from the keys, at the paper's input size.
