@@ -21,6 +21,8 @@ Set-up (offline-capable, PyPI only; mmcv without its compiled ops, which no head
   venv-mm/bin/pip install --no-deps torchvision==0.28.0 safetensors
 Run: venv-mm/bin/python scripts/mm_dense_reference.py --out crates/emo-dense/tests/fixtures \
          [--check ../shared/fixtures/emo]
+ONNX exports for `emo bench --task T --compare-onnx F` (also needs `onnx onnxruntime`):
+     venv-mm/bin/python scripts/mm_dense_reference.py --onnx bench-onnx [--tasks ssdlite,deeplabv3]
 """
 import argparse
 import importlib.abc
@@ -150,12 +152,12 @@ class Detector(nn.Module):
 
 
 class Segmentor(nn.Module):
-    def __init__(self, decode_head):
+    def __init__(self, decode_head, seg_classes=SEG_CLASSES):
         super().__init__()
         self.backbone = Backbone((1, 2, 3, 4))
         self.decode_head = decode_head
         self.auxiliary_head = FCNHead(in_channels=DIMS[2], in_index=2, channels=256, num_convs=1, concat_input=False,
-                                      dropout_ratio=0.1, num_classes=SEG_CLASSES, norm_cfg=dict(type="BN"),
+                                      dropout_ratio=0.1, num_classes=seg_classes, norm_cfg=dict(type="BN"),
                                       align_corners=False)
 
     def forward(self, x):
@@ -163,14 +165,14 @@ class Segmentor(nn.Module):
         return {"logits": self.decode_head(f), "aux": self.auxiliary_head(f)}
 
 
-def models():
+def models(det_classes=DET_CLASSES, seg_classes=SEG_CLASSES):
     bn_ssd = dict(type="BN", eps=0.001, momentum=0.03)
     chans = (DIMS[2], DIMS[3], 512, 256, 256, 128)
     ssd = Detector(
         (3, 4),
         SSDNeck(in_channels=chans[:2], out_channels=chans, level_strides=(2, 2, 2, 2), level_paddings=(1, 1, 1, 1),
                 l2_norm_scale=None, use_depthwise=True, norm_cfg=bn_ssd, act_cfg=dict(type="ReLU6")),
-        SSDHead(in_channels=chans, num_classes=DET_CLASSES, use_depthwise=True, norm_cfg=bn_ssd,
+        SSDHead(in_channels=chans, num_classes=det_classes, use_depthwise=True, norm_cfg=bn_ssd,
                 act_cfg=dict(type="ReLU6"),
                 anchor_generator=dict(type="SSDAnchorGenerator", scale_major=False, strides=[16, 32, 64, 107, 160, 320],
                                       ratios=[[2, 3]] * 6, min_sizes=[48, 100, 150, 202, 253, 304],
@@ -180,14 +182,14 @@ def models():
     retina = Detector(
         (1, 2, 3, 4),
         FPN(in_channels=DIMS, out_channels=256, start_level=1, add_extra_convs="on_input", num_outs=5),
-        RetinaHead(num_classes=DET_CLASSES, in_channels=256, stacked_convs=4, feat_channels=256,
+        RetinaHead(num_classes=det_classes, in_channels=256, stacked_convs=4, feat_channels=256,
                    anchor_generator=dict(type="AnchorGenerator", octave_base_scale=4, scales_per_octave=3,
                                          ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128])),
     )
-    seg = dict(in_channels=DIMS[3], in_index=3, channels=256, dropout_ratio=0.1, num_classes=SEG_CLASSES,
+    seg = dict(in_channels=DIMS[3], in_index=3, channels=256, dropout_ratio=0.1, num_classes=seg_classes,
                norm_cfg=dict(type="BN"), align_corners=False)
-    deeplab = Segmentor(ASPPHead(dilations=(1, 12, 24, 36), **seg))
-    psp = Segmentor(PSPHead(pool_scales=(1, 2, 3, 6), **seg))
+    deeplab = Segmentor(ASPPHead(dilations=(1, 12, 24, 36), **seg), seg_classes)
+    psp = Segmentor(PSPHead(pool_scales=(1, 2, 3, 6), **seg), seg_classes)
     return {"ssdlite": ssd, "retinanet": retina, "deeplabv3": deeplab, "pspnet": psp}
 
 
@@ -198,14 +200,71 @@ def fill(model):
                 v.copy_(values(k, tuple(v.shape)))
 
 
+# The paper's input (H, W, as `Task::paper_input`) and classes of each task.
+PAPER = {"ssdlite": ((320, 320), 80), "retinanet": ((1280, 800), 80), "deeplabv3": ((512, 512), 150),
+         "pspnet": ((512, 512), 150)}
+
+
+class Inference(nn.Module):
+    """A model's inference outputs as a tuple: (cls, reg) of a detector, the decode head's logits
+    of a segmentor (the auxiliary head is a training device)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        if isinstance(self.model, Segmentor):
+            return self.model.decode_head(self.model.backbone(x))
+        out = self.model(x)
+        return out["cls"], out["reg"]
+
+
+def export_onnx(out, tasks):
+    """Each model at the paper's input and classes, weights from `values`, as OUT/TASK.onnx
+    (opset 17, batch 1): the ONNX Runtime side of `emo bench --task TASK --compare-onnx`.
+    ONNX Runtime's outputs are checked against PyTorch's first."""
+    import onnxruntime as ort
+    os.makedirs(out, exist_ok=True)
+    built = models(det_classes=80, seg_classes=150)
+    for task in tasks:
+        (h, w), _ = PAPER[task]
+        net = Inference(built[task])
+        fill(net.model)
+        net.eval()
+        x = values("input", (1, 3, h, w)) * 4.0
+        path = os.path.join(out, f"{task}.onnx")
+        with torch.no_grad():
+            try:
+                torch.onnx.export(net, (x,), path, input_names=["input"], opset_version=17, dynamo=False)
+            except torch.onnx.errors.SymbolicValueError:
+                # PSPNet's adaptive pooling to 3x3 / 6x6 of a 16x16 map: only the dynamo
+                # exporter (onnxscript) writes it.
+                torch.onnx.export(net, (x,), path, input_names=["input"], opset_version=18, dynamo=True,
+                                  external_data=False)
+            want = net(x)
+        want = [want] if torch.is_tensor(want) else list(want)
+        got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
+        d = max(float(np.abs(g - t.numpy()).max()) for g, t in zip(got, want))
+        print(f"{path}: {h}x{w}, outputs {[tuple(g.shape) for g in got]}, max |ORT - PyTorch| {d:.2e}",
+              file=sys.stderr)
+        assert d <= 1e-3, f"{task}: ONNX Runtime differs from PyTorch by {d}"
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="write the parity fixtures here")
     ap.add_argument("--check", help="official fixtures folder: first check the PyTorch EMO against them")
+    ap.add_argument("--onnx", help="export the models at the paper's input and classes to this folder")
+    ap.add_argument("--tasks", default="ssdlite,retinanet,deeplabv3,pspnet", help="with --onnx: which models")
     a = ap.parse_args()
     torch.set_num_threads(2)
     if a.check:
         check(EMO("emo-1m"), a.check, "emo-1m")
+    if a.onnx:
+        export_onnx(a.onnx, a.tasks.split(","))
+    if not a.out:
+        return
     os.makedirs(a.out, exist_ok=True)
     x = values("input", (1, 3) + INPUT) * 4.0
     tensors, keys = {"input": x}, {}

@@ -203,10 +203,11 @@ pub fn run(a: &Args) -> Result<()> {
 }
 
 /// `emo bench --task`: a whole detector / segmenter (backbone, neck, heads; no post-processing)
-/// on the fast engine, interleaved with the burn model when asked.
+/// on the fast engine, interleaved with ONNX Runtime (an export of the mmdet / mmseg model by
+/// `scripts/mm_dense_reference.py --onnx`) and / or the burn model when asked.
 pub fn run_dense(a: &Args, task: emo_spec::Task) -> Result<()> {
     ensure!(a.batch > 0 && a.runs > 0 && a.rounds > 0, "batch, runs and rounds must be > 0");
-    ensure!(a.compare_onnx.is_none() && !a.profile, "--compare-onnx and --profile time the classifier (no --task)");
+    ensure!(!a.profile, "--profile times the classifier's blocks (no --task)");
     let (h, w) = a.size;
     let cfg = emo_spec::DenseConfig::new(task, a.variant, task.paper_classes(), a.size);
     let device = burn::tensor::Device::flex();
@@ -225,12 +226,22 @@ pub fn run_dense(a: &Args, task: emo_spec::Task) -> Result<()> {
         }
         Ok(())
     };
+    let threads = emo_kernels::pool::num_threads();
+    let mut ort = match &a.compare_onnx {
+        Some(p) => {
+            let (o, shape) = Ort::start(p, threads)?;
+            let want = format!("{}x3x{h}x{w}", a.batch);
+            ensure!(shape == want, "{} takes input {shape}, but the bench is {want} (use --batch/--size)", p.display());
+            Some(o)
+        }
+        None => None,
+    };
     println!(
         "emo bench: {task} on {} ({} classes) batch {} {h}x{w}, {} threads, SIMD {:?}, {} rounds x {} runs (interleaved)",
         a.variant.paper_name(),
         cfg.num_classes,
         a.batch,
-        emo_kernels::pool::num_threads(),
+        threads,
         emo_kernels::isa::level(),
         a.rounds,
         a.runs
@@ -238,15 +249,23 @@ pub fn run_dense(a: &Args, task: emo_spec::Task) -> Result<()> {
     for _ in 0..2 {
         engine.run(&x, a.batch, h, w)?;
     }
+    if let Some(o) = ort.as_mut() {
+        o.run(2)?;
+    }
     if a.compare_burn {
         burn_run()?;
     }
-    let (mut ours, mut burn) = (Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut burn) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..a.rounds {
         for _ in 0..a.runs {
             let t = Instant::now();
             std::hint::black_box(engine.run(&x, a.batch, h, w)?);
             ours.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if let Some(o) = ort.as_mut() {
+            emo_kernels::pool::release();
+            theirs.extend(o.run(a.runs)?);
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         if a.compare_burn {
             emo_kernels::pool::release();
@@ -259,9 +278,13 @@ pub fn run_dense(a: &Args, task: emo_spec::Task) -> Result<()> {
     }
     println!("{:<14} {:>9} {:>8} {:>8} {:>8} {:>9}", "engine", "median ms", "p10", "p90", "min", "img/s");
     let med = report("emo (fast)", &mut ours, a.batch);
+    let ort_med = (!theirs.is_empty()).then(|| report("onnxruntime", &mut theirs, a.batch));
     if !burn.is_empty() {
         let b = report("burn flex", &mut burn, a.batch);
         println!("ratio_vs_burn: {:.3}", med / b);
+    }
+    if let Some(o) = ort_med {
+        println!("ratio_vs_onnx: {:.3}", med / o);
     }
     Ok(())
 }

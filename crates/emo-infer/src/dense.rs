@@ -204,20 +204,25 @@ impl Layer {
             for y0 in (0..oh).step_by(band) {
                 let y1 = (y0 + band).min(oh);
                 let m = (y1 - y0) * ow;
-                for (r, row) in buf[..m * kdim].chunks_mut(kdim).enumerate() {
-                    let (oy, ox) = (y0 + r / ow, r % ow);
-                    for (t, dst) in taps.iter().zip(row.chunks_mut(c.cin)) {
-                        let (ky, kx) = (t / c.k, t % c.k);
-                        let iy = (oy * c.stride + ky * c.dilation) as isize - c.pad as isize;
-                        let ix = (ox * c.stride + kx * c.dilation) as isize - c.pad as isize;
-                        if (0..x.h as isize).contains(&iy) && (0..x.w as isize).contains(&ix) {
-                            let p = iy as usize * x.w + ix as usize;
-                            dst.copy_from_slice(&img[p * c.cin..(p + 1) * c.cin]);
-                        } else {
-                            dst.fill(0.0);
+                // The copy is spread over the pool too, 16 rows a task.
+                const ROWS: usize = 16;
+                emo_kernels::pool::parallel_chunks_mut(&mut buf[..m * kdim], ROWS * kdim, |i, part| {
+                    for (j, row) in part.chunks_mut(kdim).enumerate() {
+                        let r = i * ROWS + j;
+                        let (oy, ox) = (y0 + r / ow, r % ow);
+                        for (t, dst) in taps.iter().zip(row.chunks_mut(c.cin)) {
+                            let (ky, kx) = (t / c.k, t % c.k);
+                            let iy = (oy * c.stride + ky * c.dilation) as isize - c.pad as isize;
+                            let ix = (ox * c.stride + kx * c.dilation) as isize - c.pad as isize;
+                            if (0..x.h as isize).contains(&iy) && (0..x.w as isize).contains(&ix) {
+                                let p = iy as usize * x.w + ix as usize;
+                                dst.copy_from_slice(&img[p * c.cin..(p + 1) * c.cin]);
+                            } else {
+                                dst.fill(0.0);
+                            }
                         }
                     }
-                }
+                });
                 let o0 = ((b * oh + y0) * ow) * out.c + col;
                 let dst = &mut out.data[o0..];
                 matmul(&buf[..m * kdim], kdim, m, weight, Some(&self.bias), KAct::None, None, dst, out.c);
