@@ -765,7 +765,22 @@ impl DenseTrainer {
 
     /// Evaluate the current weights on the validation split.
     pub fn evaluate(&self) -> Result<Eval, DenseError> {
+        if emo_model::ops::on_flex(&self.device) {
+            return self.evaluate_weights(&self.model().state_dict());
+        }
         evaluate(&self.model().valid(), &self.val, &self.device)
+    }
+
+    /// Evaluate weights under the model's key names: on the CPU with the fast engine (the same
+    /// numbers to float rounding, in about half the time), else with the burn model on the
+    /// run's device.
+    fn evaluate_weights(&self, sd: &StateDict) -> Result<Eval, DenseError> {
+        if emo_model::ops::on_flex(&self.device) {
+            let fast = crate::fast::FastDense::from_state_dict(&self.card.model, sd)?;
+            return evaluate(&fast, &self.val, &self.device);
+        }
+        let m = DenseModel::from_state_dict(&self.card.model, sd, &self.device)?.valid();
+        evaluate(&m, &self.val, &self.device)
     }
 
     /// The EMA weights (runs with `ema_decay`), under the model's key names.
@@ -776,8 +791,7 @@ impl DenseTrainer {
     /// Evaluate the EMA weights on the validation split (runs with `ema_decay`).
     pub fn evaluate_ema(&self) -> Result<Option<(Eval, StateDict)>, DenseError> {
         let Some(sd) = self.ema_state_dict() else { return Ok(None) };
-        let m = DenseModel::from_state_dict(&self.card.model, &sd, &self.device)?.valid();
-        Ok(Some((evaluate(&m, &self.val, &self.device)?, sd)))
+        Ok(Some((self.evaluate_weights(&sd)?, sd)))
     }
 
     fn save_checkpoint(&self) -> Result<(), DenseError> {

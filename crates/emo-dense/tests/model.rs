@@ -457,6 +457,48 @@ fn evaluation_on_threads_equals_one_thread() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
+/// Evaluation through the fast engine (what `emo eval --task` and the trainer use on the CPU)
+/// scores what the burn model scores: the same class maps up to pixels where two classes tie
+/// within float rounding, the same COCO numbers.
+#[test]
+fn evaluation_on_the_fast_engine_equals_the_burn_model() {
+    use emo_dense::FastDense;
+    use emo_dense::predict::SegAug;
+    use emo_dense::train::{Eval, evaluate_on};
+    let _g = serial();
+    let data = tmp("data-fast-eval");
+    synthetic_set(&data, 1, 24);
+    let device = Device::flex();
+    for task in [Task::DeepLabV3, Task::PspNet, Task::SsdLite, Task::RetinaNet] {
+        let split = load_split(task, &data, "val", (64, 64), false, false, 0).unwrap();
+        let classes = if task.is_detection() { 2 } else { 3 };
+        let model = DenseModel::new(&small(task, classes), None, &device).unwrap();
+        let fast = FastDense::from_model(&model).unwrap();
+        for aug in [SegAug::flip(false), SegAug { flip: true, scales: vec![0.75, 1.25] }] {
+            if task.is_detection() && aug != SegAug::flip(false) {
+                continue;
+            }
+            let burn = evaluate_on(&model, &split, &device, &aug, 1).unwrap();
+            let ours = evaluate_on(&fast, &split, &device, &aug, 1).unwrap();
+            match (&burn, &ours) {
+                (Eval::Seg(a, ma), Eval::Seg(b, mb)) => {
+                    let total: u64 = ma.conf.iter().sum();
+                    let diff: u64 = ma.conf.iter().zip(&mb.conf).map(|(x, y)| x.abs_diff(*y)).sum();
+                    assert!(diff * 10_000 <= total, "{task} {aug:?}: {diff} of {total} counts differ");
+                    assert!((a.miou - b.miou).abs() < 0.01, "{task} {aug:?}: {a:?} against {b:?}");
+                }
+                (Eval::Coco(a, _), Eval::Coco(b, _)) => {
+                    for (x, y) in a.as_array().iter().zip(b.as_array()) {
+                        assert!((x - y).abs() < 1e-3, "{task}: {a:?} against {b:?}");
+                    }
+                }
+                _ => panic!("{task}: evaluations of different kinds"),
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}
+
 /// mIoU is computed on each label map at its original size, as mmseg does: an evaluation split
 /// keeps the original maps where they differ from the input (a training split does not), the
 /// class maps are the logits at the input size resized bilinearly once more to the original size
