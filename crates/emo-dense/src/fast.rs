@@ -6,6 +6,7 @@
 use std::sync::Mutex;
 
 use burn::tensor::{Tensor, TensorData};
+use emo_infer::InferError;
 use emo_infer::dense::{DenseEngine, DenseRaw};
 use emo_spec::DenseConfig;
 use emo_weights::StateDict;
@@ -13,6 +14,15 @@ use emo_weights::StateDict;
 use crate::DenseError;
 use crate::loss::to_vec;
 use crate::model::{DenseModel, DenseOutput};
+
+/// The engine's errors as this crate's (a checkpoint or config error keeps its type).
+fn infer_error(e: InferError) -> DenseError {
+    match e {
+        InferError::Spec(e) => DenseError::Spec(e),
+        InferError::Weights(e) => DenseError::Weights(e),
+        InferError::Input(m) => DenseError::Data(m),
+    }
+}
 
 /// A dense model that can run inference (eval mode, no auxiliary logits).
 pub trait DenseInfer: Sync {
@@ -47,7 +57,7 @@ pub struct FastDense {
 impl FastDense {
     /// From a dense model's state dict (strictly validated, as [`DenseModel::from_state_dict`]).
     pub fn from_state_dict(cfg: &DenseConfig, sd: &StateDict) -> Result<Self, DenseError> {
-        let engine = DenseEngine::from_state_dict(cfg, sd).map_err(|e| DenseError::Data(e.to_string()))?;
+        let engine = DenseEngine::from_state_dict(cfg, sd).map_err(infer_error)?;
         Ok(FastDense { cfg: cfg.clone(), engine: Mutex::new(engine) })
     }
 
@@ -66,12 +76,7 @@ impl DenseInfer for FastDense {
         let [b, _, h, w] = x.dims();
         let device = x.device();
         let input = to_vec(x);
-        let raw = self
-            .engine
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .run(&input, b, h, w)
-            .map_err(|e| DenseError::Data(e.to_string()))?;
+        let raw = self.engine.lock().unwrap_or_else(|e| e.into_inner()).run(&input, b, h, w).map_err(infer_error)?;
         Ok(match raw {
             DenseRaw::Det { anchors, classes, cls, reg } => DenseOutput::Det {
                 cls: Tensor::from_data(TensorData::new(cls, [b, anchors, classes]), &device),

@@ -204,7 +204,9 @@ fn the_fast_engine_is_strict_about_its_checkpoint() {
     let cfg = DenseConfig::new(Task::DeepLabV3, Variant::Emo1M, 5, (64, 64));
     let mut sd = filled(&cfg);
     sd.tensors.remove("decode_head.bottleneck.bn.running_var");
-    let e = FastDense::from_state_dict(&cfg, &sd).err().expect("a missing key").to_string();
+    let e = FastDense::from_state_dict(&cfg, &sd).err().expect("a missing key");
+    assert!(matches!(e, emo_dense::DenseError::Weights(_)), "{e:?}");
+    let e = e.to_string();
     assert!(e.contains("decode_head.bottleneck.bn.running_var"), "{e}");
     let other = DenseConfig::new(Task::PspNet, Variant::Emo1M, 5, (64, 64));
     let e = FastDense::from_state_dict(&other, &filled(&cfg)).err().expect("the wrong head").to_string();
