@@ -465,9 +465,9 @@ pub fn make_canvas(out: &Path, cfg: &CanvasConfig, fmnist_dir: Option<&Path>) ->
                         }
                         let (py, px) = (y0 + y, x0 + x);
                         let a = (v / 255.0).min(1.0);
-                        for c in 0..3 {
+                        for (c, t) in tint.iter().enumerate() {
                             let k = (py * s + px) * 3 + c;
-                            rgb[k] = rgb[k] * (1.0 - a) + 255.0 * tint[c] * a;
+                            rgb[k] = rgb[k] * (1.0 - a) + 255.0 * t * a;
                         }
                         label[py * s + px] = cls as u8 + 1;
                         area += 1;

@@ -175,6 +175,7 @@ pub fn coco_eval(gts: &[GtBox], dets: &[DetBox], image_ids: &[u64], category_ids
                 all.extend(e.scores.iter().enumerate().map(|(j, &s)| (s, k, j)));
             }
             all.sort_by(|a, b| b.0.total_cmp(&a.0));
+            #[allow(clippy::needless_range_loop)] // t indexes thrs, prec and the matches alike
             for t in 0..thrs.len() {
                 if npig == 0 {
                     prec[t][ai].push(None);

@@ -182,6 +182,9 @@ fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
+/// Stage outputs: (stage index, shape, data).
+pub type Features = Vec<(usize, [usize; 4], Vec<f32>)>;
+
 /// Output of [`Engine::run_with`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
@@ -319,7 +322,7 @@ impl Engine {
         h: usize,
         w: usize,
         out_indices: &[usize],
-    ) -> Result<Vec<(usize, [usize; 4], Vec<f32>)>, InferError> {
+    ) -> Result<Features, InferError> {
         Ok(self.run_cow(Cow::Borrowed(input), batch, h, w, out_indices, false, true)?.features)
     }
 

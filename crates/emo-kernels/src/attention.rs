@@ -139,7 +139,7 @@ pub fn window_attention(
     scale: f32,
     out: &mut [f32],
 ) {
-    assert!(heads > 0 && c % heads == 0);
+    assert!(heads > 0 && c.is_multiple_of(heads));
     let n = batch * h * w;
     assert!(x.len() >= n * c && qk.len() >= n * 2 * c && out.len() >= n * c && qk_bias.len() >= 2 * c);
     let g = Windows::new(h, w, ws);

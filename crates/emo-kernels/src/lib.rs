@@ -18,6 +18,10 @@
 //! Every kernel has a scalar reference in [`reference`]; the tests compare them on EMO's real
 //! layer shapes (odd sizes and stride 2 included) at every SIMD level the CPU supports
 //! ([`isa`]: AVX-512, AVX2+FMA, generic).
+// Kernels take their geometry as flat arguments, keep index loops where they vectorise (and a
+// hand-written copy where memcpy's call costs more than the copy), and move whole `SendPtr`s into
+// pool closures with `let p = p;` (edition 2021 closures would capture the raw pointer field).
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop, clippy::manual_memcpy, clippy::redundant_locals)]
 
 /// Grow a scratch vector to exactly `n` values (never shrink): the default doubling growth
 /// would keep up to twice the largest need resident.

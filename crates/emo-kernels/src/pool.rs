@@ -103,9 +103,9 @@ fn worker(s: &'static Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && (RELEASE.load(Ordering::Acquire) != released || start.elapsed() > SPIN) {
+            if spins.is_multiple_of(256) && (RELEASE.load(Ordering::Acquire) != released || start.elapsed() > SPIN) {
                 std::thread::park_timeout(Duration::from_millis(50));
-            } else if spins % 64 == 0 {
+            } else if spins.is_multiple_of(64) {
                 // Let other runnable threads in now and then (an oversubscribed machine).
                 std::thread::yield_now();
             } else {

@@ -138,7 +138,7 @@ impl IrmbConfig {
     /// If `dim_head` does not divide `dim_in`, or the kernel is even.
     pub fn init(&self, device: &Device) -> Irmb {
         if let Some((dh, _)) = self.attention {
-            assert!(dh > 0 && self.dim_in % dh == 0, "dim_head {dh} must divide dim_in {}", self.dim_in);
+            assert!(dh > 0 && self.dim_in.is_multiple_of(dh), "dim_head {dh} must divide dim_in {}", self.dim_in);
         }
         assert!(self.dw_kernel % 2 == 1, "dw_kernel must be odd");
         Irmb::new(&self.spec(), device)
@@ -147,6 +147,7 @@ impl IrmbConfig {
 
 /// The efficient operator F of a [`MetaMobileBlock`].
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one per block, built once
 pub enum Operator {
     /// F = identity (the Transformer FFN).
     Identity(burn::nn::Identity),
@@ -247,7 +248,7 @@ impl MetaMobileBlock {
     /// (λ = 1), softmax(Q K^T / sqrt(d)) V over all pixels (`window_size` 0) or over EMO's strided
     /// windows, output projection, residual.
     pub fn mhsa(dim: usize, num_heads: usize, window_size: usize, device: &Device) -> Self {
-        assert!(num_heads > 0 && dim % num_heads == 0, "num_heads must divide dim");
+        assert!(num_heads > 0 && dim.is_multiple_of(num_heads), "num_heads must divide dim");
         let s = src(device);
         MetaMobileBlock {
             norm: Some(Norm2d::Layer(s.ln2d("norm", dim))),

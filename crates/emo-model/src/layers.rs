@@ -79,6 +79,7 @@ impl Source<'_> {
     }
 
     /// A Conv2d with EMO's padding rule; `key` is the official prefix (`...conv`).
+    #[allow(clippy::too_many_arguments)]
     pub fn conv(
         &self,
         key: &str,

@@ -60,8 +60,8 @@ pub fn write(dir: &Path, epochs: &[EpochMetrics], total_iters: usize) -> Result<
     }
     let q = panel(&mut img, 2 * PAD + half, half);
     let n = epochs.iter().map(|e| e.epoch).max().unwrap_or(1).max(1) as f64;
-    let series: [(fn(&EpochMetrics) -> f64, Rgb<u8>); 2] =
-        [(|e| e.top1, Rgb([30, 80, 220])), (|e| e.ema_top1, Rgb([220, 40, 40]))];
+    type Series = (fn(&EpochMetrics) -> f64, Rgb<u8>);
+    let series: [Series; 2] = [(|e| e.top1, Rgb([30, 80, 220])), (|e| e.ema_top1, Rgb([220, 40, 40]))];
     for (get, c) in series {
         let pts: Vec<(f64, f64)> = epochs.iter().map(|e| q(e.epoch as f64 / n, get(e) / 100.0)).collect();
         for w in pts.windows(2) {

@@ -112,7 +112,7 @@ mod tests {
     fn round_trip_and_errors() {
         let a = Array { shape: vec![2, 3], data: vec![1.0, -2.0, 3.5, 0.0, 1e-7, 9.0] };
         let b = encode(&a);
-        assert_eq!(b.len() % 64, 24 % 64, "header padded to 64 bytes"); // 64-byte header + 24 data
+        assert_eq!(b.len() % 64, 24, "header padded to 64 bytes"); // 64-byte header + 24 data
         assert_eq!(parse(&b).unwrap(), a);
         assert!(parse(&b[..b.len() - 1]).is_err());
         assert!(parse(b"nonsense").is_err());
