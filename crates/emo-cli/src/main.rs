@@ -579,7 +579,11 @@ fn main() -> Result<()> {
             save_weights: save_weights.as_deref(),
             engine: dense_engine(engine),
         }),
-        Cmd::Eval { variant, weights, data, size, .. } => {
+        Cmd::Eval { variant, weights, data, size, engine, .. } => {
+            ensure!(
+                engine.is_none(),
+                "--engine chooses the engine of a dense model (with --task); classification runs the fast engine"
+            );
             let pipeline = trained_pipeline(&weights, size)?;
             let (_, test) = load_data(&data, pipeline.size)?;
             let sd = emo_weights::load(&weights).with_context(|| format!("loading {}", weights.display()))?;

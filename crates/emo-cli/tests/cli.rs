@@ -514,6 +514,9 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         for class in ["t-shirt", "ankle-boot"] {
             assert!(s.lines().any(|l| l.starts_with(class)), "no row for {class}: {s}");
         }
+        // --engine is a dense-model option.
+        let o = emo(&["eval", "--weights", w.to_str().unwrap(), "--engine", "burn"]);
+        assert!(!o.status.success() && stderr(&o).contains("with --task"), "{}", stderr(&o));
         // The default engine is the fast one; the burn model scores the same.
         let o = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--engine", "burn"]);
         assert!(o.status.success(), "{}", stderr(&o));
