@@ -111,6 +111,55 @@ fn report(name: &str, times: &mut [f64], batch: usize) -> f64 {
     med
 }
 
+/// Latencies (ms) of each engine, interleaved round by round.
+struct Timings {
+    ours: Vec<f64>,
+    ort: Vec<f64>,
+    burn: Vec<f64>,
+}
+
+impl Timings {
+    /// Print the table rows; the medians of ours, ORT's and burn's (those that ran).
+    fn report(&mut self, batch: usize) -> (f64, Option<f64>, Option<f64>) {
+        println!("{:<14} {:>9} {:>8} {:>8} {:>8} {:>9}", "engine", "median ms", "p10", "p90", "min", "img/s");
+        let med = report("emo (fast)", &mut self.ours, batch);
+        let ort = (!self.ort.is_empty()).then(|| report("onnxruntime", &mut self.ort, batch));
+        let burn = (!self.burn.is_empty()).then(|| report("burn flex", &mut self.burn, batch));
+        (med, ort, burn)
+    }
+}
+
+/// `a.rounds` rounds of: `a.runs` timed runs of `ours`, then `a.runs` of ONNX Runtime and
+/// `ceil(a.runs / 2)` of burn (`burn` times itself, after making its input), each handed the
+/// cores cleanly: our idle workers stop spinning first, ORT's threads settle after.
+fn interleave(
+    a: &Args,
+    mut ours: impl FnMut() -> Result<()>,
+    ort: &mut Option<Ort>,
+    mut burn: Option<&mut dyn FnMut() -> Result<f64>>,
+) -> Result<Timings> {
+    let mut t = Timings { ours: Vec::new(), ort: Vec::new(), burn: Vec::new() };
+    for _ in 0..a.rounds {
+        for _ in 0..a.runs {
+            let start = Instant::now();
+            ours()?;
+            t.ours.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        if let Some(o) = ort.as_mut() {
+            emo_kernels::pool::release();
+            t.ort.extend(o.run(a.runs)?);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if let Some(b) = burn.as_mut() {
+            emo_kernels::pool::release();
+            for _ in 0..a.runs.div_ceil(2) {
+                t.burn.push(b()?);
+            }
+        }
+    }
+    Ok(t)
+}
+
 pub fn run(a: &Args) -> Result<()> {
     ensure!(a.batch > 0 && a.runs > 0 && a.rounds > 0, "batch, runs and rounds must be > 0");
     let (h, w) = a.size;
@@ -152,34 +201,22 @@ pub fn run(a: &Args) -> Result<()> {
     if let Some(m) = &burn_model {
         m.forward(burn_x())?.into_data();
     }
-    let (mut ours, mut theirs, mut burn) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..a.rounds {
-        for _ in 0..a.runs {
-            let t = Instant::now();
+    let mut timed_burn = || -> Result<f64> {
+        let (m, xt) = (burn_model.as_ref().expect("asked for"), burn_x());
+        let t = Instant::now();
+        std::hint::black_box(m.forward(xt)?.into_data());
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let mut t = interleave(
+        a,
+        || {
             std::hint::black_box(engine.run(&x, a.batch, h, w)?);
-            ours.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        // Hand the cores over cleanly: our workers stop spinning, ORT's spinning threads settle.
-        if let Some(o) = ort.as_mut() {
-            // Our idle workers stop spinning so that ORT gets both cores.
-            emo_kernels::pool::release();
-            theirs.extend(o.run(a.runs)?);
-            // ...and ORT's spinning intra-op threads settle before our next phase.
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        if let Some(m) = &burn_model {
-            for _ in 0..a.runs.div_ceil(2) {
-                let xt = burn_x();
-                let t = Instant::now();
-                std::hint::black_box(m.forward(xt)?.into_data());
-                burn.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-    }
-    println!("{:<14} {:>9} {:>8} {:>8} {:>8} {:>9}", "engine", "median ms", "p10", "p90", "min", "img/s");
-    let med = report("emo (fast)", &mut ours, a.batch);
-    let ort_med = (!theirs.is_empty()).then(|| report("onnxruntime", &mut theirs, a.batch));
-    let burn_med = (!burn.is_empty()).then(|| report("burn flex", &mut burn, a.batch));
+            Ok(())
+        },
+        &mut ort,
+        a.compare_burn.then_some(&mut timed_burn as &mut dyn FnMut() -> Result<f64>),
+    )?;
+    let (med, ort_med, burn_med) = t.report(a.batch);
     if a.profile {
         engine.set_profiling(true);
         let n = a.runs * a.rounds;
@@ -255,32 +292,22 @@ pub fn run_dense(a: &Args, task: emo_spec::Task) -> Result<()> {
     if a.compare_burn {
         burn_run()?;
     }
-    let (mut ours, mut theirs, mut burn) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..a.rounds {
-        for _ in 0..a.runs {
-            let t = Instant::now();
+    let mut timed_burn = || -> Result<f64> {
+        let t = Instant::now();
+        burn_run()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let mut t = interleave(
+        a,
+        || {
             std::hint::black_box(engine.run(&x, a.batch, h, w)?);
-            ours.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        if let Some(o) = ort.as_mut() {
-            emo_kernels::pool::release();
-            theirs.extend(o.run(a.runs)?);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        if a.compare_burn {
-            emo_kernels::pool::release();
-            for _ in 0..a.runs.div_ceil(2) {
-                let t = Instant::now();
-                burn_run()?;
-                burn.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-    }
-    println!("{:<14} {:>9} {:>8} {:>8} {:>8} {:>9}", "engine", "median ms", "p10", "p90", "min", "img/s");
-    let med = report("emo (fast)", &mut ours, a.batch);
-    let ort_med = (!theirs.is_empty()).then(|| report("onnxruntime", &mut theirs, a.batch));
-    if !burn.is_empty() {
-        let b = report("burn flex", &mut burn, a.batch);
+            Ok(())
+        },
+        &mut ort,
+        a.compare_burn.then_some(&mut timed_burn as &mut dyn FnMut() -> Result<f64>),
+    )?;
+    let (med, ort_med, burn_med) = t.report(a.batch);
+    if let Some(b) = burn_med {
         println!("ratio_vs_burn: {:.3}", med / b);
     }
     if let Some(o) = ort_med {

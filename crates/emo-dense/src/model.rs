@@ -401,13 +401,7 @@ impl DenseModel {
     /// A whole model from its state dict (`backbone.*` + head keys), strictly validated.
     pub fn from_state_dict(cfg: &DenseConfig, sd: &StateDict, device: &Device) -> Result<Self, DenseError> {
         cfg.validate()?;
-        emo_weights::validate_keys(sd, &cfg.state_dict_keys(), &format!("{} on {}", cfg.task, cfg.backbone.name()))?;
-        let mut bb = StateDict::new();
-        for (k, t) in &sd.tensors {
-            if let Some(rest) = k.strip_prefix("backbone.") {
-                bb.insert(rest, t.clone());
-            }
-        }
+        let bb = emo_weights::dense_backbone(sd, cfg)?;
         let backbone = Emo::from_state_dict(&cfg.backbone, &bb, device)?;
         Ok(Self::assemble(cfg, backbone, Some(sd), device))
     }

@@ -67,23 +67,50 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+/// The fixture: its metadata, its stored tensors and its input (H, W).
+struct Fixture {
+    meta: serde_json::Value,
+    reference: StateDict,
+    input: (usize, usize),
+}
+
+impl Fixture {
+    fn load() -> Self {
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture("mm_heads.json")).unwrap()).unwrap();
+        let reference = emo_weights::load(fixture("mm_heads.safetensors")).unwrap();
+        let input = (meta["input"][0].as_u64().unwrap() as usize, meta["input"][1].as_u64().unwrap() as usize);
+        Fixture { meta, reference, input }
+    }
+
+    fn f32s(&self, k: &str) -> Vec<f32> {
+        self.reference.get(k).unwrap_or_else(|| panic!("fixture lacks {k}")).as_f32().unwrap().to_vec()
+    }
+
+    /// The stored input, `[1, 3, H, W]`.
+    fn x(&self, device: &Device) -> Tensor<4> {
+        Tensor::<4>::from_data(TensorData::new(self.f32s("input"), [1, 3, self.input.0, self.input.1]), device)
+    }
+
+    fn classes(&self, task: Task) -> usize {
+        self.meta[if task.is_detection() { "det_classes" } else { "seg_classes" }].as_u64().unwrap() as usize
+    }
+}
+
 #[test]
 fn necks_and_heads_match_mmdet_and_mmseg() {
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("mm_heads.json")).unwrap()).unwrap();
-    let reference = emo_weights::load(fixture("mm_heads.safetensors")).unwrap();
-    let f32s = |k: &str| reference.get(k).unwrap_or_else(|| panic!("fixture lacks {k}")).as_f32().unwrap().to_vec();
-    let input = (meta["input"][0].as_u64().unwrap() as usize, meta["input"][1].as_u64().unwrap() as usize);
+    let fx = Fixture::load();
+    let (meta, input) = (&fx.meta, fx.input);
+    let f32s = |k: &str| fx.f32s(k);
     let device = Device::flex();
-    let x = Tensor::<4>::from_data(TensorData::new(f32s("input"), [1, 3, input.0, input.1]), &device);
+    let x = fx.x(&device);
     for (task, name) in [
         (Task::SsdLite, "ssdlite"),
         (Task::RetinaNet, "retinanet"),
         (Task::DeepLabV3, "deeplabv3"),
         (Task::PspNet, "pspnet"),
     ] {
-        let classes = meta[if task.is_detection() { "det_classes" } else { "seg_classes" }].as_u64().unwrap() as usize;
-        let cfg = DenseConfig::new(task, Variant::Emo1M, classes, input);
+        let cfg = DenseConfig::new(task, Variant::Emo1M, fx.classes(task), input);
         // The same keys and shapes as mmdet / mmseg's state_dict, in the same order.
         let theirs: Vec<(String, Vec<usize>)> = meta["keys"][name]
             .as_array()
@@ -151,23 +178,18 @@ fn outputs(o: DenseOutput) -> Vec<(&'static str, Vec<f32>)> {
 fn the_fast_engine_matches_mmdet_and_mmseg() {
     // The same weights and input as above, through `emo-infer`'s dense engine (BN folded,
     // channels-last kernels, live-tap im2col): the same outputs as mmdet / mmseg.
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("mm_heads.json")).unwrap()).unwrap();
-    let reference = emo_weights::load(fixture("mm_heads.safetensors")).unwrap();
-    let f32s = |k: &str| reference.get(k).unwrap_or_else(|| panic!("fixture lacks {k}")).as_f32().unwrap().to_vec();
-    let input = (meta["input"][0].as_u64().unwrap() as usize, meta["input"][1].as_u64().unwrap() as usize);
-    let x = Tensor::<4>::from_data(TensorData::new(f32s("input"), [1, 3, input.0, input.1]), &Device::flex());
+    let fx = Fixture::load();
+    let x = fx.x(&Device::flex());
     for (task, name) in [
         (Task::SsdLite, "ssdlite"),
         (Task::RetinaNet, "retinanet"),
         (Task::DeepLabV3, "deeplabv3"),
         (Task::PspNet, "pspnet"),
     ] {
-        let classes = meta[if task.is_detection() { "det_classes" } else { "seg_classes" }].as_u64().unwrap() as usize;
-        let cfg = DenseConfig::new(task, Variant::Emo1M, classes, input);
+        let cfg = DenseConfig::new(task, Variant::Emo1M, fx.classes(task), fx.input);
         let fast = FastDense::from_state_dict(&cfg, &filled(&cfg)).unwrap();
         for (part, got) in outputs(fast.infer(x.clone()).unwrap()) {
-            let want = f32s(&format!("{name}.{part}"));
+            let want = fx.f32s(&format!("{name}.{part}"));
             let d = max_diff(&got, &want);
             eprintln!("fast {task} {part}: max |ours - mm| = {d:.2e}");
             assert!(d <= 1e-4, "fast {task} {part}: max diff {d} against mmdet / mmseg");

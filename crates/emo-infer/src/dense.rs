@@ -332,14 +332,7 @@ impl DenseEngine {
     /// not kept.
     pub fn from_state_dict(cfg: &DenseConfig, sd: &StateDict) -> Result<Self, InferError> {
         cfg.validate()?;
-        emo_weights::validate_keys(sd, &cfg.state_dict_keys(), &format!("{} on {}", cfg.task, cfg.backbone.name()))?;
-        let mut bb = StateDict::new();
-        for (k, t) in &sd.tensors {
-            if let Some(rest) = k.strip_prefix("backbone.") {
-                bb.insert(rest, t.clone());
-            }
-        }
-        let backbone = Engine::from_owned(&cfg.backbone, bb)?;
+        let backbone = Engine::from_owned(&cfg.backbone, emo_weights::dense_backbone(sd, cfg)?)?;
         let eps = if cfg.task == Task::SsdLite { SSD_BN_EPS } else { SEG_BN_EPS };
         let layers = cfg
             .head_convs()

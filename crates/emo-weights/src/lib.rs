@@ -598,6 +598,19 @@ pub fn validate_keys(sd: &StateDict, expected: &[KeySpec], what: &str) -> Result
     if m.is_ok() { Ok(()) } else { Err(WeightsError::Mismatch(Box::new(m))) }
 }
 
+/// A dense model's state dict (`backbone.*` + neck / head keys) checked strictly against
+/// `cfg`'s layout, and its backbone part with the `backbone.` prefix stripped.
+pub fn dense_backbone(sd: &StateDict, cfg: &emo_spec::DenseConfig) -> Result<StateDict, WeightsError> {
+    validate_keys(sd, &cfg.state_dict_keys(), &format!("{} on {}", cfg.task, cfg.backbone.name()))?;
+    let mut bb = StateDict::new();
+    for (k, t) in &sd.tensors {
+        if let Some(rest) = k.strip_prefix("backbone.") {
+            bb.insert(rest, t.clone());
+        }
+    }
+    Ok(bb)
+}
+
 /// Guess the variant of a checkpoint from its layout (any head width, or none).
 pub fn detect_variant(sd: &StateDict) -> Option<Variant> {
     let n = sd.get("head.bias").map(|t| t.shape[0]).unwrap_or(0);
