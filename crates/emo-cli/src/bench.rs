@@ -129,6 +129,16 @@ impl Timings {
     }
 }
 
+/// `ratio_vs_burn` / `ratio_vs_onnx`: our median over theirs.
+fn ratios(med: f64, ort: Option<f64>, burn: Option<f64>) {
+    if let Some(b) = burn {
+        println!("ratio_vs_burn: {:.3}", med / b);
+    }
+    if let Some(o) = ort {
+        println!("ratio_vs_onnx: {:.3}", med / o);
+    }
+}
+
 /// `a.rounds` rounds of: `a.runs` timed runs of `ours`, then `a.runs` of ONNX Runtime and
 /// `ceil(a.runs / 2)` of burn (`burn` times itself, after making its input), each handed the
 /// cores cleanly: our idle workers stop spinning first, ORT's threads settle after.
@@ -230,12 +240,7 @@ pub fn run(a: &Args) -> Result<()> {
             println!("  {name:<10} {:>8.3} ms {:>5.1}%", t * 1e3 / n as f64, 100.0 * t / total);
         }
     }
-    if let Some(b) = burn_med {
-        println!("ratio_vs_burn: {:.3}", med / b);
-    }
-    if let Some(o) = ort_med {
-        println!("ratio_vs_onnx: {:.3}", med / o);
-    }
+    ratios(med, ort_med, burn_med);
     Ok(())
 }
 
@@ -307,12 +312,7 @@ pub fn run_dense(a: &Args, task: emo_spec::Task) -> Result<()> {
         a.compare_burn.then_some(&mut timed_burn as &mut dyn FnMut() -> Result<f64>),
     )?;
     let (med, ort_med, burn_med) = t.report(a.batch);
-    if let Some(b) = burn_med {
-        println!("ratio_vs_burn: {:.3}", med / b);
-    }
-    if let Some(o) = ort_med {
-        println!("ratio_vs_onnx: {:.3}", med / o);
-    }
+    ratios(med, ort_med, burn_med);
     Ok(())
 }
 
