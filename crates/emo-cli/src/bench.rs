@@ -111,6 +111,20 @@ fn report(name: &str, times: &mut [f64], batch: usize) -> f64 {
     med
 }
 
+/// ONNX Runtime on `a.compare_onnx` (when given), whose input must be the bench's.
+fn start_ort(a: &Args, threads: usize) -> Result<Option<Ort>> {
+    let Some(p) = &a.compare_onnx else { return Ok(None) };
+    let (o, shape) = Ort::start(p, threads)?;
+    let want = format!("{}x3x{}x{}", a.batch, a.size.0, a.size.1);
+    ensure!(shape == want, "{} takes input {shape}, but the bench is {want} (use --batch/--size)", p.display());
+    Ok(Some(o))
+}
+
+/// The bench's NCHW input: a fixed pattern in [-1, 1).
+fn bench_input(a: &Args) -> Vec<f32> {
+    (0..a.batch * 3 * a.size.0 * a.size.1).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect()
+}
+
 /// Latencies (ms) of each engine, interleaved round by round.
 struct Timings {
     ours: Vec<f64>,
@@ -176,18 +190,9 @@ pub fn run(a: &Args) -> Result<()> {
     let cfg = a.variant.config();
     let sd = emo_weights::synthetic(&cfg, 0);
     let mut engine = emo_infer::Engine::from_state_dict(&cfg, &sd)?;
-    let n = a.batch * 3 * h * w;
-    let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let x = bench_input(a);
     let threads = emo_kernels::pool::num_threads();
-    let mut ort = match &a.compare_onnx {
-        Some(p) => {
-            let (o, shape) = Ort::start(p, threads)?;
-            let want = format!("{}x3x{h}x{w}", a.batch);
-            ensure!(shape == want, "{} takes input {shape}, but the bench is {want} (use --batch/--size)", p.display());
-            Some(o)
-        }
-        None => None,
-    };
+    let mut ort = start_ort(a, threads)?;
     let device = crate::backend::device()?;
     let burn_model = if a.compare_burn { Some(emo_model::Emo::from_state_dict(&cfg, &sd, &device)?) } else { None };
     let burn_x = || Tensor::<4>::from_data(TensorData::new(x.clone(), [a.batch, 3, h, w]), &device);
@@ -255,7 +260,7 @@ pub fn run_dense(a: &Args, task: emo_spec::Task) -> Result<()> {
     let device = burn::tensor::Device::flex();
     let model = emo_dense::DenseModel::new(&cfg, None, &device)?;
     let mut engine = emo_infer::dense::DenseEngine::from_state_dict(&cfg, &model.state_dict())?;
-    let x: Vec<f32> = (0..a.batch * 3 * h * w).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let x = bench_input(a);
     let burn_x = || Tensor::<4>::from_data(TensorData::new(x.clone(), [a.batch, 3, h, w]), &device);
     let burn_run = || -> Result<()> {
         match model.forward(burn_x(), false)? {
@@ -269,15 +274,7 @@ pub fn run_dense(a: &Args, task: emo_spec::Task) -> Result<()> {
         Ok(())
     };
     let threads = emo_kernels::pool::num_threads();
-    let mut ort = match &a.compare_onnx {
-        Some(p) => {
-            let (o, shape) = Ort::start(p, threads)?;
-            let want = format!("{}x3x{h}x{w}", a.batch);
-            ensure!(shape == want, "{} takes input {shape}, but the bench is {want} (use --batch/--size)", p.display());
-            Some(o)
-        }
-        None => None,
-    };
+    let mut ort = start_ort(a, threads)?;
     println!(
         "emo bench: {task} on {} ({} classes) batch {} {h}x{w}, {} threads, SIMD {:?}, {} rounds x {} runs (interleaved)",
         a.variant.paper_name(),

@@ -153,11 +153,20 @@ fn load_infer(
     engine: EngineKind,
 ) -> Result<(Box<dyn DenseInfer>, ModelCard)> {
     let (sd, card) = load_checkpoint(weights, card)?;
-    let model: Box<dyn DenseInfer> = match engine {
-        EngineKind::Fast => Box::new(FastDense::from_state_dict(&card.model, &sd)?),
-        EngineKind::Burn => Box::new(DenseModel::from_state_dict(&card.model, &sd, device)?),
-    };
-    Ok((model, card))
+    Ok((infer_model(&card, &sd, device, engine)?, card))
+}
+
+/// The model of `card` with weights `sd` on `engine` (burn's on `device`).
+fn infer_model(
+    card: &ModelCard,
+    sd: &emo_weights::StateDict,
+    device: &Device,
+    engine: EngineKind,
+) -> Result<Box<dyn DenseInfer>> {
+    Ok(match engine {
+        EngineKind::Fast => Box::new(FastDense::from_state_dict(&card.model, sd)?),
+        EngineKind::Burn => Box::new(DenseModel::from_state_dict(&card.model, sd, device)?),
+    })
 }
 
 /// The weights and their model card (see [`load_model`]).
@@ -241,11 +250,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         let (model, card) = load_model(weights, card, &bdev)?;
         ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
         let sd = recalibrate(&model, &bdev, &card, weights, data, a.precise_bn, a.save_weights)?;
-        let model: Box<dyn DenseInfer> = match a.engine {
-            EngineKind::Fast => Box::new(FastDense::from_state_dict(&card.model, &sd)?),
-            EngineKind::Burn => Box::new(DenseModel::from_state_dict(&card.model, &sd, &device)?),
-        };
-        (model, card)
+        (infer_model(&card, &sd, &device, a.engine)?, card)
     } else {
         load_infer(weights, card, &device, a.engine)?
     };

@@ -865,7 +865,7 @@ enum Runner {
     Burn(Box<Emo>, Device),
 }
 
-type Features = Vec<(usize, [usize; 4], Vec<f32>)>;
+use emo_infer::Features;
 
 impl Runner {
     /// Load weights for `variant`, taking the head width from the checkpoint.

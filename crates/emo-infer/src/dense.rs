@@ -160,16 +160,10 @@ impl Layer {
             Kind::Depthwise { w } => {
                 let geom = DwGeom { k: c.k, stride: c.stride, pad: c.pad };
                 assert_eq!(c.dilation, 1, "{}: dilated depthwise conv", c.key);
+                // No head concatenates a depthwise conv's output: it fills a map of its own.
+                assert!(col == 0 && ldo == c.cout, "{}: a depthwise conv writes a whole map", c.key);
                 let layer = DwLayer { weight: w, bias: &self.bias, geom, act: KAct::None, residual: false };
-                if col == 0 && ldo == c.cout {
-                    depthwise(&x.data, x.batch, x.h, x.w, layer, &mut out.data);
-                } else {
-                    let mut tmp = vec![0.0; x.batch * oh * ow * c.cout];
-                    depthwise(&x.data, x.batch, x.h, x.w, layer, &mut tmp);
-                    for (src, dst) in tmp.chunks(c.cout).zip(out.data.chunks_mut(ldo)) {
-                        dst[col..col + c.cout].copy_from_slice(src);
-                    }
-                }
+                depthwise(&x.data, x.batch, x.h, x.w, layer, &mut out.data);
             }
             Kind::Dense { .. } => {
                 let (rows, cols) = (live_offsets(x.h, c), live_offsets(x.w, c));
@@ -398,15 +392,7 @@ impl DenseEngine {
         let x = self.layer("decode_head.bottleneck.conv").run(&cat);
         let logits = self.layer("decode_head.conv_seg").run(&x);
         let k = logits.c;
-        let mut nchw = vec![0.0; logits.data.len()];
-        for n in 0..b {
-            for p in 0..h * w {
-                for ch in 0..k {
-                    nchw[(n * k + ch) * h * w + p] = logits.data[(n * h * w + p) * k + ch];
-                }
-            }
-        }
-        DenseRaw::Seg { shape: [b, k, h, w], logits: nchw }
+        DenseRaw::Seg { shape: [b, k, h, w], logits: crate::nhwc_to_nchw(&logits.data, b, h, w, k) }
     }
 
     /// Per-level head outputs, channels-last (`[b, h, w, a * k]` is `[b, h * w * a, k]`),

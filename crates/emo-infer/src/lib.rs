@@ -189,7 +189,7 @@ pub type Features = Vec<(usize, [usize; 4], Vec<f32>)>;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
     /// Selected stage outputs: (stage index, NCHW shape, NCHW data).
-    pub features: Vec<(usize, [usize; 4], Vec<f32>)>,
+    pub features: Features,
     /// `[batch * num_classes]` logits, when asked for.
     pub logits: Option<Vec<f32>>,
 }
@@ -409,7 +409,7 @@ impl Engine {
         }
         // Concatenate along the batch.
         let outs: Vec<Output> = results.into_iter().map(|o| o.expect("every image ran")).collect();
-        let mut features: Vec<(usize, [usize; 4], Vec<f32>)> = Vec::new();
+        let mut features: Features = Vec::new();
         for (k, (i, shape, _)) in outs[0].features.iter().enumerate() {
             let mut data = Vec::with_capacity(batch * outs[0].features[k].2.len());
             for o in &outs {
