@@ -17,11 +17,12 @@
 //! stage-4 size (NCHW). The parity tests check them against the burn model.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use emo_kernels::Act as KAct;
 use emo_kernels::dwconv::{self, DwGeom, DwLayer, depthwise};
 use emo_kernels::gemm::{Weight, matmul};
+use emo_kernels::winograd::{Winograd3x3, conv3x3};
 use emo_spec::{DenseConfig, HeadAct, HeadConv, PSP_SCALES, SEG_BN_EPS, SSD_BN_EPS, Task};
 use emo_weights::StateDict;
 
@@ -66,8 +67,9 @@ struct Layer {
 }
 
 enum Kind {
-    /// `groups == 1`: the weight `[cout][k*k][cin]`, packed per set of live taps on demand.
-    Dense { w: Vec<f32>, packed: Mutex<HashMap<Vec<usize>, Arc<Weight>>> },
+    /// `groups == 1`: the weight `[cout][k*k][cin]`, packed per set of live taps on demand,
+    /// and in the Winograd domain for 3x3, stride-1, pad-1 convs on demand.
+    Dense { w: Vec<f32>, packed: Mutex<HashMap<Vec<usize>, Arc<Weight>>>, wino: OnceLock<Winograd3x3> },
     /// `groups == cin == cout`: the weight `[k*k, c]`.
     Depthwise { w: Vec<f32> },
 }
@@ -121,7 +123,7 @@ impl Layer {
                     }
                 }
             }
-            Kind::Dense { w: t, packed: Mutex::new(HashMap::new()) }
+            Kind::Dense { w: t, packed: Mutex::new(HashMap::new()), wino: OnceLock::new() }
         } else {
             assert!(conv.groups == conv.cin && conv.cin == conv.cout, "{}: only dense or depthwise convs", conv.key);
             Kind::Depthwise { w: dwconv::weight_from_torch(&w, conv.cout, conv.k) }
@@ -131,7 +133,7 @@ impl Layer {
 
     /// The packed weight of the taps `taps` (indices `ky * k + kx`).
     fn packed(&self, taps: &[usize]) -> Arc<Weight> {
-        let Kind::Dense { w, packed } = &self.kind else { unreachable!("dense layers only") };
+        let Kind::Dense { w, packed, .. } = &self.kind else { unreachable!("dense layers only") };
         let mut cache = packed.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .entry(taps.to_vec())
@@ -165,9 +167,20 @@ impl Layer {
                 let layer = DwLayer { weight: w, bias: &self.bias, geom, act: KAct::None, residual: false };
                 depthwise(&x.data, x.batch, x.h, x.w, layer, &mut out.data);
             }
-            Kind::Dense { .. } => {
+            Kind::Dense { w, wino, .. } => {
                 let (rows, cols) = (live_offsets(x.h, c), live_offsets(x.w, c));
                 let taps: Vec<usize> = rows.iter().flat_map(|&r| cols.iter().map(move |&q| r * c.k + q)).collect();
+                if (c.k, c.stride, c.dilation, c.pad, taps.len()) == (3, 1, 1, 1, 9) {
+                    // A full 3x3 "same" conv: Winograd F(4x4, 3x3), activation in its epilogue.
+                    let wt = wino.get_or_init(|| Winograd3x3::new(w, c.cout, c.cin, (9 * c.cin, c.cin, 1)));
+                    let clamp = match c.act {
+                        HeadAct::None => (f32::NEG_INFINITY, f32::INFINITY),
+                        HeadAct::Relu => (0.0, f32::INFINITY),
+                        HeadAct::Relu6 => (0.0, 6.0),
+                    };
+                    conv3x3(&x.data, x.batch, x.h, x.w, wt, &self.bias, clamp, &mut out.data[col..], ldo);
+                    return;
+                }
                 let weight = self.packed(&taps);
                 let pointwise = taps.len() == 1 && c.stride == 1 && (oh, ow) == (x.h, x.w) && {
                     // The single live tap reads pixel (oy, ox) itself.

@@ -64,6 +64,7 @@ pub mod isa;
 pub mod norm;
 pub mod pool;
 pub mod reference;
+pub mod winograd;
 pub mod xent;
 
 pub use act::Act;

@@ -619,3 +619,45 @@ fn resized_pixel_cross_entropy_matches_reference() {
         }
     }
 }
+
+#[test]
+fn winograd_3x3_matches_direct_conv_on_head_shapes() {
+    use emo_kernels::winograd::{Winograd3x3, conv3x3};
+    // (batch, h, w, cin, cout): a RetinaNet tower conv on a small map, odd sizes that leave
+    // partial tiles, a map smaller than one tile, and more output than input channels.
+    for (case, &(batch, h, w, cin, cout)) in
+        [(1, 13, 10, 256, 256), (2, 7, 5, 19, 37), (1, 3, 2, 16, 8), (1, 9, 12, 40, 100)].iter().enumerate()
+    {
+        let x = rnd(batch * h * w * cin, 100 + case as u64);
+        let wt = rnd(cout * cin * 9, 200 + case as u64);
+        let bias = rnd(cout, 300 + case as u64);
+        let g = DwGeom { k: 3, stride: 1, pad: 1 };
+        let want = reference::conv2d(&x, batch, h, w, cin, &wt, &bias, cout, g, Act::None);
+        // Bound: a few f32 ulps of the magnitude summed per output (sum of |x| |w| over 9 cin taps).
+        let scale = 9.0 * cin as f32 * 0.25;
+        let wino = Winograd3x3::from_torch(&wt, cout, cin);
+        for l in available() {
+            // Written into columns 3..3 + cout of a wider map, with a ReLU clamp, too.
+            let ldo = cout + 5;
+            for (clamp, relu) in [((f32::NEG_INFINITY, f32::INFINITY), false), ((0.0, f32::INFINITY), true)] {
+                let mut out = vec![f32::NAN; batch * h * w * ldo];
+                with_level(l, || conv3x3(&x, batch, h, w, &wino, &bias, clamp, &mut out[3..], ldo));
+                let mut worst = 0f32;
+                for p in 0..batch * h * w {
+                    let row = &out[p * ldo..(p + 1) * ldo];
+                    assert!(
+                        row[..3].iter().chain(&row[3 + cout..]).all(|v| v.is_nan()),
+                        "{l:?}: wrote outside its columns"
+                    );
+                    for c in 0..cout {
+                        let r = want[p * cout + c];
+                        let r = if relu { r.max(0.0) } else { r };
+                        worst = worst.max((row[3 + c] - r).abs());
+                    }
+                }
+                eprintln!("winograd case {case} {l:?} relu {relu}: max diff {worst:e} (scale {scale})");
+                assert!(worst <= 1e-6 * scale, "case {case} {l:?}: max diff {worst} vs direct conv");
+            }
+        }
+    }
+}
