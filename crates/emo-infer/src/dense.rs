@@ -5,7 +5,9 @@
 //!
 //! * a 1x1 conv is one GEMM over all pixels ([`matmul`]), written straight into its columns of
 //!   a concatenation (ASPP, PSP) when the next layer reads one;
-//! * a k x k conv is a GEMM over an im2col of the **live taps** only, those that read at least
+//! * a full 3x3 stride-1 pad-1 conv (all nine taps read the map) runs by Winograd F(4x4, 3x3)
+//!   ([`conv3x3`]), its activation applied in the output transform;
+//! * another k x k conv is a GEMM over an im2col of the **live taps** only, those that read at least
 //!   one input pixel at this input size (the ASPP branches with dilations 12 / 24 / 36 on a map
 //!   smaller than their dilation are 1x1 convs), built one band of output rows at a time;
 //! * a depthwise conv is [`depthwise`];

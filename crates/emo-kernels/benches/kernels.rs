@@ -192,9 +192,65 @@ fn others(c: &mut Criterion) {
     g.finish();
 }
 
+/// `[h, w, c]` -> `[h * w, 9 * c]` columns of a 3x3 pad-1 conv (the im2col baseline).
+fn im2col3x3(x: &[f32], h: usize, w: usize, c: usize, cols: &mut [f32]) {
+    for oy in 0..h {
+        for ox in 0..w {
+            for t in 0..9 {
+                let (iy, ix) = ((oy + t / 3).wrapping_sub(1), (ox + t % 3).wrapping_sub(1));
+                let dst = &mut cols[((oy * w + ox) * 9 + t) * c..][..c];
+                if iy < h && ix < w {
+                    dst.copy_from_slice(&x[(iy * w + ix) * c..][..c]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+fn conv3x3(c: &mut Criterion) {
+    use emo_kernels::winograd::{Winograd3x3, conv3x3};
+    let mut g = c.benchmark_group("conv3x3");
+    // (h, w, c_in, c_out): RetinaNet-EMO-1M's tower conv on P5 at 1280x800, DeepLabv3's bottleneck
+    // at 512x512. GFLOP/s below count the direct conv's multiply-adds for both.
+    for (h, w, cin, cout) in [(25, 40, 256, 256), (16, 16, 1280, 256)] {
+        let x = rnd(h * w * cin);
+        let wt = rnd(cout * cin * 9);
+        let bias = rnd(cout);
+        let wino = Winograd3x3::from_torch(&wt, cout, cin);
+        // The im2col weight: [cout][tap][cin].
+        let mut t = vec![0.0; wt.len()];
+        for o in 0..cout {
+            for i in 0..cin {
+                for k in 0..9 {
+                    t[(o * 9 + k) * cin + i] = wt[(o * cin + i) * 9 + k];
+                }
+            }
+        }
+        let packed = Weight::from_torch(&t, cout, 9 * cin);
+        let mut cols = vec![0.0; h * w * 9 * cin];
+        let mut out = vec![0.0; h * w * cout];
+        let flops = 2.0 * (h * w * cin * cout * 9) as f64;
+        let id = format!("{h}x{w}x{cin}x{cout}");
+        let relu = (0.0, f32::INFINITY);
+        g.bench_with_input(BenchmarkId::new("winograd", &id), &(), |b, _| {
+            b.iter(|| conv3x3(black_box(&x), 1, h, w, &wino, &bias, relu, &mut out, cout))
+        });
+        report(&format!("conv3x3 winograd {id}"), flops, || conv3x3(&x, 1, h, w, &wino, &bias, relu, &mut out, cout));
+        let mut im2col = || {
+            im2col3x3(&x, h, w, cin, &mut cols);
+            matmul(&cols, 9 * cin, h * w, &packed, Some(&bias), Act::None, None, &mut out, cout);
+        };
+        g.bench_with_input(BenchmarkId::new("im2col_gemm", &id), &(), |b, _| b.iter(&mut im2col));
+        report(&format!("conv3x3 im2col+gemm {id}"), flops, im2col);
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
-    targets = gemm, dw, fused, others
+    targets = gemm, dw, fused, others, conv3x3
 }
 criterion_main!(benches);

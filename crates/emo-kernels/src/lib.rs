@@ -7,6 +7,7 @@
 //! | [`dwgrad`] | NCHW depthwise forward, input and weight gradients (single-threaded) | training: conv_local |
 //! | [`convgrad`] | NCHW one-group conv forward, input and weight gradients as per-image GEMMs (im2col beyond 1x1) | training: v, qk, proj, stem, dense heads |
 //! | [`conv::conv2d`] | direct dense conv for few input channels | stem |
+//! | [`winograd::conv3x3`] | 3x3 stride-1 "same" conv by Winograd F(4x4, 3x3): transforms + 36 GEMMs per tile chunk | dense heads: FPN, RetinaNet towers, segmenter bottleneck |
 //! | [`norm::layer_norm`] | LayerNorm over channels per pixel | LN stages, head |
 //! | [`fused`] | LN + 1x1, depthwise + 1x1, whole stride-2 blocks, stem conv + stem block | every iRMB |
 //! | [`attention::window_attention`] | strided-window MHSA from pixel indices (no permutes) | stages 3-4 |

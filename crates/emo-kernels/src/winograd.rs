@@ -48,7 +48,7 @@ impl Winograd3x3 {
     /// tap_stride + i * in_stride]`: PyTorch's `[cout, cin, 3, 3]` is
     /// `(cin * 9, 1, 9)`, a `[cout, 3, 3, cin]` layout `(9 * cin, cin, 1)`.
     pub fn new(w: &[f32], cout: usize, cin: usize, (o_stride, tap_stride, in_stride): (usize, usize, usize)) -> Self {
-        assert!(w.len() >= (cout - 1) * o_stride + 8 * tap_stride + (cin - 1) * in_stride + 1, "weight size");
+        assert!(w.len() > (cout - 1) * o_stride + 8 * tap_stride + (cin - 1) * in_stride, "weight size");
         let mut u = vec![vec![0f32; cout * cin]; 36];
         for o in 0..cout {
             for i in 0..cin {

@@ -636,6 +636,13 @@ fn winograd_3x3_matches_direct_conv_on_head_shapes() {
         // Bound: a few f32 ulps of the magnitude summed per output (sum of |x| |w| over 9 cin taps).
         let scale = 9.0 * cin as f32 * 0.25;
         let wino = Winograd3x3::from_torch(&wt, cout, cin);
+        // The same weight laid out [cout, 3, 3, cin] (the dense engine's) transforms the same.
+        let mut taps_last = vec![0.0; wt.len()];
+        for (j, v) in wt.iter().enumerate() {
+            let (o, i, t) = (j / (cin * 9), j / 9 % cin, j % 9);
+            taps_last[(o * 9 + t) * cin + i] = *v;
+        }
+        assert_eq!(Winograd3x3::new(&taps_last, cout, cin, (9 * cin, cin, 1)), wino);
         for l in available() {
             // Written into columns 3..3 + cout of a wider map, with a ReLU clamp, too.
             let ldo = cout + 5;
