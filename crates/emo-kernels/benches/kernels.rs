@@ -214,7 +214,7 @@ fn conv3x3(c: &mut Criterion) {
     let mut g = c.benchmark_group("conv3x3");
     // (h, w, c_in, c_out): RetinaNet-EMO-1M's tower conv on P5 at 1280x800, DeepLabv3's bottleneck
     // at 512x512. GFLOP/s below count the direct conv's multiply-adds for both.
-    for (h, w, cin, cout) in [(25, 40, 256, 256), (16, 16, 1280, 256)] {
+    for (h, w, cin, cout) in [(100, 160, 256, 256), (25, 40, 256, 256), (16, 16, 1280, 256)] {
         let x = rnd(h * w * cin);
         let wt = rnd(cout * cin * 9);
         let bias = rnd(cout);
