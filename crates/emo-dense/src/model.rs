@@ -49,33 +49,45 @@ impl ConvModule {
         }
     }
 
-    /// The conv, computed on the kernel taps that can see the input. In a stride-1 "same" conv
-    /// with dilation `d` (padding `d * (k / 2)`), every off-centre kernel row reads only zero
-    /// padding when `d >= H`, and every off-centre column when `d >= W`: the ASPP branches with
-    /// dilations 12 / 24 / 36 on a feature map smaller than that. Those taps contribute exactly
-    /// zero to the output and receive exactly zero gradient, so convolving with the live taps
-    /// alone gives the same result (forward and backward) at a fraction of the work: on a 6x6
-    /// map, a 1x1 conv instead of 3x3 for all three dilated branches.
+    /// The conv, computed on the kernel taps that can see the input ([`emo_spec::live_taps`],
+    /// the rule the fast engine uses too): in a stride-1 "same" conv with dilation `d`, every
+    /// off-centre kernel row reads only zero padding when `d >= H`, and every off-centre column
+    /// when `d >= W` (the ASPP branches with dilations 12 / 24 / 36 on a smaller feature map).
+    /// Those taps contribute exactly zero to the output and receive exactly zero gradient, so
+    /// convolving with the live taps alone gives the same result (forward and backward) at a
+    /// fraction of the work: on a 6x6 map, a 1x1 conv instead of 3x3 for all three dilated
+    /// branches. Used when the padding is symmetric and the live taps are a range (always for
+    /// stride-1 convs); otherwise the full conv runs.
     fn conv_live_taps(&self, x: Tensor<4>) -> Tensor<4> {
         let c = &self.conv;
         let [_, _, h, w] = x.dims();
-        let [kh, kw] = c.kernel_size;
-        let [dh, dw] = c.dilation;
         let PaddingConfig2d::Explicit(top, left, bottom, right) = c.padding else {
             return emo_model::ops::conv2d(c, x);
         };
-        let dead = |k: usize, d: usize, pad: (usize, usize), stride: usize, len: usize| {
-            k > 1 && k % 2 == 1 && stride == 1 && pad == (d * (k / 2), d * (k / 2)) && d >= len
+        // The live range along one side and the padding that keeps the output size.
+        let side = |n: usize, k: usize, stride: usize, (before, after): (usize, usize), d: usize| {
+            if before != after {
+                return None;
+            }
+            let live = emo_spec::live_taps(n, k, stride, before, d);
+            let (a, b) = (*live.first()?, *live.last()? + 1);
+            if live.len() != b - a {
+                return None;
+            }
+            Some((a..b, (before.checked_sub(a * d)?, after.checked_sub((k - b) * d)?)))
         };
-        let dead_rows = dead(kh, dh, (top, bottom), c.stride[0], h);
-        let dead_cols = dead(kw, dw, (left, right), c.stride[1], w);
-        if !dead_rows && !dead_cols {
+        let [kh, kw] = c.kernel_size;
+        let (Some((rows, pad_h)), Some((cols, pad_w))) = (
+            side(h, kh, c.stride[0], (top, bottom), c.dilation[0]),
+            side(w, kw, c.stride[1], (left, right), c.dilation[1]),
+        ) else {
+            return emo_model::ops::conv2d(c, x);
+        };
+        if rows == (0..kh) && cols == (0..kw) {
             return emo_model::ops::conv2d(c, x);
         }
         let weight = c.weight.val();
         let [co, ci, _, _] = weight.dims();
-        let (rows, pad_h) = if dead_rows { (kh / 2..kh / 2 + 1, (0, 0)) } else { (0..kh, (top, bottom)) };
-        let (cols, pad_w) = if dead_cols { (kw / 2..kw / 2 + 1, (0, 0)) } else { (0..kw, (left, right)) };
         let weight = weight.slice([0..co, 0..ci, rows, cols]);
         let options = ConvOptions::new_with_padding(c.stride, [pad_h, pad_w], c.dilation, c.groups);
         emo_model::ops::conv2d_with(x, weight, c.bias.as_ref().map(|b| b.val()), options)

@@ -76,24 +76,6 @@ enum Kind {
     Depthwise { w: Vec<f32> },
 }
 
-/// Output length of a conv along one side.
-fn out_len(n: usize, c: &HeadConv) -> usize {
-    (n + 2 * c.pad - c.dilation * (c.k - 1) - 1) / c.stride + 1
-}
-
-/// Kernel offsets (0..k) along one side that read at least one input position.
-fn live_offsets(n: usize, c: &HeadConv) -> Vec<usize> {
-    let on = out_len(n, c);
-    (0..c.k)
-        .filter(|&t| {
-            (0..on).any(|o| {
-                let i = (o * c.stride + t * c.dilation) as isize - c.pad as isize;
-                (0..n as isize).contains(&i)
-            })
-        })
-        .collect()
-}
-
 impl Layer {
     fn load(sd: &StateDict, conv: &HeadConv, eps: f64) -> Layer {
         let f = |key: &str| {
@@ -157,7 +139,7 @@ impl Layer {
     fn run_into(&self, x: &Map, out: &mut Map, col: usize) {
         let c = &self.conv;
         assert_eq!(x.c, c.cin, "{}: input channels", c.key);
-        let (oh, ow) = (out_len(x.h, c), out_len(x.w, c));
+        let (oh, ow) = (c.out_len(x.h), c.out_len(x.w));
         assert!(out.batch == x.batch && out.h == oh && out.w == ow && col + c.cout <= out.c, "{}: output", c.key);
         let ldo = out.c;
         match &self.kind {
@@ -170,7 +152,7 @@ impl Layer {
                 depthwise(&x.data, x.batch, x.h, x.w, layer, &mut out.data);
             }
             Kind::Dense { w, wino, .. } => {
-                let (rows, cols) = (live_offsets(x.h, c), live_offsets(x.w, c));
+                let (rows, cols) = (c.live_taps(x.h), c.live_taps(x.w));
                 let taps: Vec<usize> = rows.iter().flat_map(|&r| cols.iter().map(move |&q| r * c.k + q)).collect();
                 if (c.k, c.stride, c.dilation, c.pad, taps.len()) == (3, 1, 1, 1, 9) {
                     // A full 3x3 "same" conv: Winograd F(4x4, 3x3), activation in its epilogue.
@@ -242,7 +224,7 @@ impl Layer {
     /// Run into a fresh map of its own.
     fn run(&self, x: &Map) -> Map {
         let c = &self.conv;
-        let mut out = Map::zeros(x.batch, out_len(x.h, c), out_len(x.w, c), c.cout);
+        let mut out = Map::zeros(x.batch, c.out_len(x.h), c.out_len(x.w), c.cout);
         self.run_into(x, &mut out, 0);
         out
     }

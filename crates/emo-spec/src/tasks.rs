@@ -117,7 +117,39 @@ pub struct HeadConv {
     pub out_hw: (usize, usize),
 }
 
+/// Output length of a conv along one side of `n` input positions (PyTorch's rule).
+pub fn conv_len(n: usize, k: usize, stride: usize, pad: usize, dilation: usize) -> usize {
+    (n + 2 * pad - dilation * (k - 1) - 1) / stride + 1
+}
+
+/// The kernel offsets `t` (`0..k`) of a conv along one side of `n` input positions that read
+/// at least one input position (tap `t` of output `o` reads `o * stride + t * dilation - pad`).
+/// The others read only zero padding, so they add exactly zero to every output and get exactly
+/// zero gradient: the ASPP branches with dilations 12 / 24 / 36 on a map of fewer positions
+/// than their dilation are 1x1 convs. For a stride-1 conv the live taps are one range.
+pub fn live_taps(n: usize, k: usize, stride: usize, pad: usize, dilation: usize) -> Vec<usize> {
+    let outs = conv_len(n, k, stride, pad, dilation);
+    (0..k)
+        .filter(|&t| {
+            (0..outs).any(|o| {
+                let i = (o * stride + t * dilation) as isize - pad as isize;
+                (0..n as isize).contains(&i)
+            })
+        })
+        .collect()
+}
+
 impl HeadConv {
+    /// Output length along one side of `n` input positions.
+    pub fn out_len(&self, n: usize) -> usize {
+        conv_len(n, self.k, self.stride, self.pad, self.dilation)
+    }
+
+    /// [`live_taps`] of this conv along one side of `n` input positions.
+    pub fn live_taps(&self, n: usize) -> Vec<usize> {
+        live_taps(n, self.k, self.stride, self.pad, self.dilation)
+    }
+
     pub fn params(&self) -> usize {
         self.cout * self.cin / self.groups * self.k * self.k
             + if self.bias { self.cout } else { 0 }

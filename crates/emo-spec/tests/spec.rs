@@ -144,3 +144,25 @@ mod tasks {
         }
     }
 }
+
+#[test]
+fn live_taps_are_those_that_read_the_map() {
+    use emo_spec::{conv_len, live_taps};
+    // ASPP's 3x3 branches ("same": pad = dilation) on a 6x6 map: dilation 12 / 24 / 36 leave
+    // the centre tap only; dilation 1 and 5 keep all three (5 < 6).
+    for d in [12, 24, 36] {
+        assert_eq!(live_taps(6, 3, 1, d, d), [1]);
+        assert_eq!(conv_len(6, 3, 1, d, d), 6);
+    }
+    assert_eq!(live_taps(6, 3, 1, 1, 1), [0, 1, 2]);
+    assert_eq!(live_taps(6, 3, 1, 5, 5), [0, 1, 2]);
+    assert_eq!(live_taps(6, 3, 1, 6, 6), [1], "dilation 6 on 6 positions: the side taps read padding only");
+    // A 5x5 "same" conv with dilation 2 on 3 positions: offsets 0 and 4 read 4 away from every position.
+    assert_eq!(live_taps(3, 5, 1, 4, 2), [1, 2, 3]);
+    // A 1x1 map: only the centre of a 3x3 stride-1 or stride-2 conv.
+    assert_eq!(live_taps(1, 3, 1, 1, 1), [1]);
+    assert_eq!(live_taps(1, 3, 2, 1, 1), [1]);
+    // Stride 2 on 2 positions (one output, reading -1, 0, 1): all but the first.
+    assert_eq!(conv_len(2, 3, 2, 1, 1), 1);
+    assert_eq!(live_taps(2, 3, 2, 1, 1), [1, 2]);
+}
