@@ -12,16 +12,10 @@
 //! - input gradient: `GX_b = col2im(Wᵀ · G_b)`;
 //! - weight gradient: `GW = Σ_b G_b · C_bᵀ`.
 //!
-//! A 3x3, stride-1, pad-1 conv with enough channels and pixels ([`winograd`]) runs its forward
-//! pass and input gradient by Winograd's F(4x4, 3x3) instead (the input gradient of such a conv
-//! is the same conv with the kernel rotated and transposed): 36 GEMMs over the 4x4 output tiles
-//! of all the images, a quarter of the multiplies. The weight gradient stays an im2col GEMM.
-//!
 //! Single-threaded (the trainer runs one data-parallel replica per core) and in a fixed order,
 //! so runs and resumes stay bit-exact.
 
 use crate::dwgrad::{live_run, out_len};
-use crate::winograd::{at, bt, weight_tile};
 
 /// Geometry of a one-group conv on `[n, ci, h, w]` with a `[co, ci, kh, kw]` weight
 /// (PyTorch / burn layout) and symmetric padding.
@@ -169,127 +163,9 @@ fn col2im(p: &ConvPlan, cols: &[f32], gx: &mut [f32]) {
     });
 }
 
-/// Whether [`forward`] and [`x_grad`] run `p` by Winograd F(4x4, 3x3): a 3x3 conv with stride 1,
-/// padding 1 and dilation 1, at least 32 channels in and out, on a map where the tiles' 36
-/// products per channel pair and tile are at most half the direct conv's 9 per pixel (6x6 and
-/// larger maps, 3x3, 4x4; not 2x2 or 5x5).
-pub fn winograd(p: &ConvPlan) -> bool {
-    let tiles = p.h.div_ceil(4) * p.w.div_ceil(4);
-    (p.kh, p.kw, p.stride, p.pad, p.dilation) == (3, 3, [1, 1], [1, 1], [1, 1])
-        && p.ci >= 32
-        && p.co >= 32
-        && 8 * tiles <= p.h * p.w
-}
-
-/// The Winograd-domain weight `[36][rows][cols]` of a `[co, ci, 3, 3]` weight: for the forward
-/// conv `[36][co][ci]`; for the input gradient (`grad`), the conv from `co` to `ci` channels
-/// with the kernel rotated by 180 degrees, `[36][ci][co]`.
-fn winograd_weight(w: &[f32], co: usize, ci: usize, grad: bool) -> Vec<f32> {
-    let (rows, cols) = if grad { (ci, co) } else { (co, ci) };
-    let mut u = vec![0f32; 36 * rows * cols];
-    for o in 0..co {
-        for i in 0..ci {
-            let k = &w[(o * ci + i) * 9..][..9];
-            let tile = if grad { weight_tile(|y, x| k[(2 - y) * 3 + 2 - x]) } else { weight_tile(|y, x| k[y * 3 + x]) };
-            let at = if grad { i * co + o } else { o * ci + i };
-            for (e, v) in tile.into_iter().enumerate() {
-                u[e * rows * cols + at] = v;
-            }
-        }
-    }
-    u
-}
-
-/// A 3x3 stride-1 pad-1 conv of `n` images `[n, cin, h, w]` into `out` (`[n, cout, h, w]`) by
-/// Winograd F(4x4, 3x3) with the weight `u` of [`winograd_weight`] (`[36][cout][cin]`).
-fn winograd_conv(x: &[f32], n: usize, cin: usize, (h, w): (usize, usize), u: &[f32], cout: usize, out: &mut [f32]) {
-    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
-    let per = th * tw;
-    let cols = n * per;
-    // V[e][c][tile] = (Bᵀ d Bᵀᵀ)[e] of each 6x6 input tile d (zero outside the image).
-    let mut v = vec![0f32; 36 * cin * cols];
-    for b in 0..n {
-        for c in 0..cin {
-            let plane = &x[(b * cin + c) * h * w..][..h * w];
-            for ty in 0..th {
-                for tx in 0..tw {
-                    let (y0, x0) = (ty * 4, tx * 4);
-                    let mut d = [[0f32; 6]; 6];
-                    for (i, row) in d.iter_mut().enumerate() {
-                        let iy = (y0 + i).wrapping_sub(1);
-                        if iy < h {
-                            for (k, v) in row.iter_mut().enumerate() {
-                                let ix = (x0 + k).wrapping_sub(1);
-                                if ix < w {
-                                    *v = plane[iy * w + ix];
-                                }
-                            }
-                        }
-                    }
-                    // Columns, then rows.
-                    let mut t = [[0f32; 6]; 6];
-                    for k in 0..6 {
-                        let col = bt(std::array::from_fn(|l| d[l][k]));
-                        for i in 0..6 {
-                            t[i][k] = col[i];
-                        }
-                    }
-                    let col = b * per + ty * tw + tx;
-                    for (i, ti) in t.iter().enumerate() {
-                        for (k, val) in bt(*ti).into_iter().enumerate() {
-                            v[((i * 6 + k) * cin + c) * cols + col] = val;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    // M[e] = U[e] · V[e]: `[cout, cin] · [cin, tiles]`.
-    let mut m = vec![0f32; 36 * cout * cols];
-    for e in 0..36 {
-        let (me, ue, ve) = (
-            &mut m[e * cout * cols..][..cout * cols],
-            &u[e * cout * cin..][..cout * cin],
-            &v[e * cin * cols..][..cin * cols],
-        );
-        gemm((cout, cols, cin), me, (cols, 1), false, ue, (cin, 1), ve, (cols, 1));
-    }
-    // Y = Aᵀ M A per tile, cropped to the image.
-    for b in 0..n {
-        for o in 0..cout {
-            let plane = &mut out[(b * cout + o) * h * w..][..h * w];
-            for ty in 0..th {
-                for tx in 0..tw {
-                    let (y0, x0) = (ty * 4, tx * 4);
-                    let col = b * per + ty * tw + tx;
-                    let mut t = [[0f32; 6]; 4];
-                    for k in 0..6 {
-                        let c4 = at(std::array::from_fn(|l| m[((l * 6 + k) * cout + o) * cols + col]));
-                        for i in 0..4 {
-                            t[i][k] = c4[i];
-                        }
-                    }
-                    for (i, ti) in t.iter().enumerate().take(h - y0) {
-                        let row = at(*ti);
-                        let oy = y0 + i;
-                        for (q, val) in row.into_iter().enumerate().take(w - x0) {
-                            plane[oy * w + x0 + q] = val;
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// `out = conv(x, weight)` (no bias).
 pub fn forward(x: &[f32], weight: &[f32], p: &ConvPlan, out: &mut [f32]) {
     check(p, x.len(), weight.len(), out.len());
-    if winograd(p) {
-        let u = winograd_weight(weight, p.co, p.ci, false);
-        winograd_conv(x, p.n, p.ci, (p.h, p.w), &u, p.co, out);
-        return;
-    }
     let (oh, ow) = p.out_hw();
     let (chw, ohw, k, co) = (p.ci * p.h * p.w, oh * ow, p.k(), p.co);
     let mut cols = if p.direct() { Vec::new() } else { vec![0f32; k * ohw] };
@@ -308,13 +184,6 @@ pub fn forward(x: &[f32], weight: &[f32], p: &ConvPlan, out: &mut [f32]) {
 /// Gradient of the input for output gradient `g`.
 pub fn x_grad(g: &[f32], weight: &[f32], p: &ConvPlan, gx: &mut [f32]) {
     check(p, gx.len(), weight.len(), g.len());
-    if winograd(p) {
-        // The input gradient of a stride-1 "same" 3x3 conv is that conv, kernel rotated, from
-        // the output channels back to the input ones.
-        let u = winograd_weight(weight, p.co, p.ci, true);
-        winograd_conv(g, p.n, p.co, (p.h, p.w), &u, p.ci, gx);
-        return;
-    }
     let (oh, ow) = p.out_hw();
     let (chw, ohw, k, co) = (p.ci * p.h * p.w, oh * ow, p.k(), p.co);
     let mut cols = if p.direct() { Vec::new() } else { vec![0f32; k * ohw] };

@@ -419,17 +419,11 @@ fn nchw_conv_training_kernels_match_reference() {
         pw(4, 33, 17, 1),
         k(2, 3, 24, 33, 31, 3, 2, 1),
         k(2, 160, 32, 6, 6, 3, 1, 1),
-        // Winograd: RetinaNet's tower conv on a 16x16 P3, partial tiles (7x10), a 3x3 map.
-        k(2, 256, 64, 16, 16, 3, 1, 1),
-        k(1, 40, 33, 7, 10, 3, 1, 1),
-        k(3, 48, 32, 3, 3, 3, 1, 1),
         k(1, 12, 10, 12, 12, 3, 1, 1),
         k(1, 5, 7, 9, 8, 3, 1, 4),
         k(2, 6, 4, 2, 2, 3, 1, 1),
         ConvPlan { pad: [0, 1], ..k(1, 4, 3, 7, 9, 3, 2, 1) },
     ] {
-        let wino = [(2, 160, 6), (2, 256, 16), (1, 40, 7), (3, 48, 3)].contains(&(p.n, p.ci, p.h));
-        assert_eq!(convgrad::winograd(&p), wino, "{p:?}: Winograd or not");
         let (x, w, g) = (rnd(p.input_len(), 1), rnd(p.weight_len(), 2), rnd(p.output_len(), 3));
         let (y_ref, gx_ref, gw_ref) = reference::conv_nchw(&x, &w, &g, &p);
         let (oh, ow) = p.out_hw();

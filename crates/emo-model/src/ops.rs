@@ -230,14 +230,9 @@ impl EmoOps for Flex {
         let p = conv_plan(&x, &weight, &options);
         let (oh, ow) = p.out_hw();
         let (x, weight, one) = (values(&x), values(&weight), ConvPlan { n: 1, ..p });
-        // Winograd takes the whole batch: one weight transform, GEMMs over every image's tiles.
-        let out = if convgrad::winograd(&p) {
-            emo_kernels::produce(p.output_len(), p.output_len(), |_, out| convgrad::forward(&x, &weight, &p, out))
-        } else {
-            per_image(p.n, p.output_len(), |b, out| {
-                convgrad::forward(&x[b * one.input_len()..][..one.input_len()], &weight, &one, out)
-            })
-        };
+        let out = per_image(p.n, p.output_len(), |b, out| {
+            convgrad::forward(&x[b * one.input_len()..][..one.input_len()], &weight, &one, out)
+        });
         FlexTensor::from_data(TensorData::new(out, [p.n, p.co, oh, ow]))
     }
 
@@ -252,13 +247,9 @@ impl EmoOps for Flex {
         }
         let p = conv_plan(&x, &weight, &options);
         let (grad, weight, one) = (values(&grad), values(&weight), ConvPlan { n: 1, ..p });
-        let gx = if convgrad::winograd(&p) {
-            emo_kernels::produce(p.input_len(), p.input_len(), |_, gx| convgrad::x_grad(&grad, &weight, &p, gx))
-        } else {
-            per_image(p.n, p.input_len(), |b, gx| {
-                convgrad::x_grad(&grad[b * one.output_len()..][..one.output_len()], &weight, &one, gx)
-            })
-        };
+        let gx = per_image(p.n, p.input_len(), |b, gx| {
+            convgrad::x_grad(&grad[b * one.output_len()..][..one.output_len()], &weight, &one, gx)
+        });
         FlexTensor::from_data(TensorData::new(gx, x.shape().clone()))
     }
 
