@@ -53,19 +53,9 @@ impl Winograd3x3 {
         let mut u = vec![vec![0f32; cout * cin]; 36];
         for o in 0..cout {
             for i in 0..cin {
-                let g = |ky: usize, kx: usize| w[o * o_stride + (ky * 3 + kx) * tap_stride + i * in_stride] as f64;
-                // t = G g (6x3), then U = t Gᵀ (6x6).
-                let mut t = [[0f64; 3]; 6];
-                for (r, row) in t.iter_mut().enumerate() {
-                    for (c, v) in row.iter_mut().enumerate() {
-                        *v = (0..3).map(|k| G[r][k] * g(k, c)).sum();
-                    }
-                }
-                for r in 0..6 {
-                    for c in 0..6 {
-                        let v: f64 = (0..3).map(|k| t[r][k] * G[c][k]).sum();
-                        u[r * 6 + c][o * cin + i] = v as f32;
-                    }
+                let tile = weight_tile(|ky, kx| w[o * o_stride + (ky * 3 + kx) * tap_stride + i * in_stride]);
+                for (e, v) in tile.into_iter().enumerate() {
+                    u[e][o * cin + i] = v;
                 }
             }
         }
@@ -78,6 +68,38 @@ impl Winograd3x3 {
     }
 }
 
+/// `U = G g Gᵀ` of one 3x3 kernel `g(ky, kx)`, in f64, as the 36 values `U[r][c]` at `6 r + c`.
+fn weight_tile(g: impl Fn(usize, usize) -> f32) -> [f32; 36] {
+    // t = G g (6x3), then U = t Gᵀ (6x6).
+    let mut t = [[0f64; 3]; 6];
+    for (r, row) in t.iter_mut().enumerate() {
+        for (c, v) in row.iter_mut().enumerate() {
+            *v = (0..3).map(|k| G[r][k] * g(k, c) as f64).sum();
+        }
+    }
+    std::array::from_fn(|e| (0..3).map(|k| t[e / 6][k] * G[e % 6][k]).sum::<f64>() as f32)
+}
+
+/// `Bᵀ a` for one column of six values.
+#[inline(always)]
+fn bt([a0, a1, a2, a3, a4, a5]: [f32; 6]) -> [f32; 6] {
+    [
+        a0 + 1.5 * (a1 - a3) - 2.0 * a2 + a4,
+        a4 - a1 - 2.5 * a2 - 0.5 * a3,
+        a1 + 0.5 * a2 - 2.5 * a3 + a4,
+        0.5 * (a3 - a1) - a2 + a4,
+        2.0 * (a1 - a3) - a2 + a4,
+        a1 + 1.5 * (a2 - a4) - 2.0 * a3 + a5,
+    ]
+}
+
+/// `Aᵀ m` for one column of six values.
+#[inline(always)]
+fn at([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+    let (a, b) = (m1 + m2, m1 - m2);
+    [m0 + a + m3 + m4, b + 2.0 * m3 - 0.5 * m4, a + 4.0 * m3 + 0.25 * m4, b + 8.0 * m3 - 0.125 * m4 + m5]
+}
+
 /// `Bᵀ d` along one axis: six rows `d` (each `n` channels) into six rows `r`.
 #[inline(always)]
 fn bt6(d: [&[f32]; 6], r: [&mut [f32]; 6], n: usize) {
@@ -85,13 +107,8 @@ fn bt6(d: [&[f32]; 6], r: [&mut [f32]; 6], n: usize) {
     let [r0, r1, r2, r3, r4, r5] = r;
     let (r0, r1, r2, r3, r4, r5) = (&mut r0[..n], &mut r1[..n], &mut r2[..n], &mut r3[..n], &mut r4[..n], &mut r5[..n]);
     for c in 0..n {
-        let (a0, a1, a2, a3, a4, a5) = (d0[c], d1[c], d2[c], d3[c], d4[c], d5[c]);
-        r0[c] = a0 + 1.5 * (a1 - a3) - 2.0 * a2 + a4;
-        r1[c] = a4 - a1 - 2.5 * a2 - 0.5 * a3;
-        r2[c] = a1 + 0.5 * a2 - 2.5 * a3 + a4;
-        r3[c] = 0.5 * (a3 - a1) - a2 + a4;
-        r4[c] = 2.0 * (a1 - a3) - a2 + a4;
-        r5[c] = a1 + 1.5 * (a2 - a4) - 2.0 * a3 + a5;
+        let r = bt([d0[c], d1[c], d2[c], d3[c], d4[c], d5[c]]);
+        (r0[c], r1[c], r2[c], r3[c], r4[c], r5[c]) = (r[0], r[1], r[2], r[3], r[4], r[5]);
     }
 }
 
@@ -102,15 +119,12 @@ fn at6(m: [&[f32]; 6], r: [&mut [f32]; 4], n: usize) {
     let [r0, r1, r2, r3] = r;
     let (r0, r1, r2, r3) = (&mut r0[..n], &mut r1[..n], &mut r2[..n], &mut r3[..n]);
     for c in 0..n {
-        let (a, b) = (m1[c] + m2[c], m1[c] - m2[c]);
-        r0[c] = m0[c] + a + m3[c] + m4[c];
-        r1[c] = b + 2.0 * m3[c] - 0.5 * m4[c];
-        r2[c] = a + 4.0 * m3[c] + 0.25 * m4[c];
-        r3[c] = b + 8.0 * m3[c] - 0.125 * m4[c] + m5[c];
+        let r = at([m0[c], m1[c], m2[c], m3[c], m4[c], m5[c]]);
+        (r0[c], r1[c], r2[c], r3[c]) = (r[0], r[1], r[2], r[3]);
     }
 }
 
-/// Six disjoint rows of `n` floats, `stride` apart, starting at row `first`.
+/// `R` disjoint rows of `n` floats, `stride` rows apart, starting at row `first`.
 #[inline(always)]
 fn rows_mut<const R: usize>(buf: &mut [f32], first: usize, stride: usize, n: usize) -> [&mut [f32]; R] {
     let mut rest = &mut buf[first * n..];
@@ -161,7 +175,7 @@ multiversion! {
 
 multiversion! {
     /// Output transform of `nt` tiles from `m` (`[36][nt][cout]`) with bias and clamp into
-    /// `out` (pixel stride `ldo`); `tmp` holds 24 rows.
+    /// `out` (pixel stride `ldo`); `tmp` holds 28 rows.
     fn output_tiles / output_tiles_at(
         m: &[f32],
         g: Geom,
@@ -174,54 +188,32 @@ multiversion! {
         ldo: usize,
     ) {
         let n = bias.len();
+        let (first, y) = tmp.split_at_mut(24 * n);
         for j in 0..nt {
             let t = t0 + j;
             let (b, r) = (t / g.per_image, t % g.per_image);
             let (y0, x0) = ((r / g.tw) * 4, (r % g.tw) * 4);
-            // tmp[i][k] = sum_l Aᵀ[i][l] M[l][k] (i < 4, k < 6), laid out [k][i].
+            // Columns first: T[i][k] = sum_l Aᵀ[i][l] M[l][k] (i < 4, k < 6), row 4 k + i.
             for k in 0..6 {
                 let rows: [&[f32]; 6] = std::array::from_fn(|l| &m[((l * 6 + k) * nt + j) * n..][..n]);
-                at6(rows, rows_mut::<4>(tmp, k * 4, 1, n), n);
+                at6(rows, rows_mut::<4>(first, k * 4, 1, n), n);
             }
             for i in 0..4 {
                 let oy = y0 + i;
                 if oy >= g.h {
                     break;
                 }
-                let rows: [&[f32]; 6] = std::array::from_fn(|k| &tmp[(k * 4 + i) * n..][..n]);
-                // Y[i][q] for q < 4 into the four output pixels of this row.
+                // Then rows: Y[i][q] = sum_k T[i][k] Aᵀ[q][k], the four output pixels of row i.
+                let rows: [&[f32]; 6] = std::array::from_fn(|k| &first[(k * 4 + i) * n..][..n]);
+                at6(rows, rows_mut::<4>(y, 0, 1, n), n);
                 let base = (b * g.h + oy) * g.w + x0;
-                let (m0, m1, m2, m3, m4, m5) = (rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]);
-                let cols = 4.min(g.w - x0);
-                for q in 0..cols {
+                for q in 0..4.min(g.w - x0) {
                     // SAFETY: pixel (oy, x0 + q) of image b is inside the output and belongs to
                     // this tile alone; `n <= ldo`.
                     let o = unsafe { std::slice::from_raw_parts_mut(out.0.add((base + q) * ldo), n) };
-                    match q {
-                        0 => {
-                            for c in 0..n {
-                                let v = m0[c] + m1[c] + m2[c] + m3[c] + m4[c] + bias[c];
-                                o[c] = v.max(clamp.0).min(clamp.1);
-                            }
-                        }
-                        1 => {
-                            for c in 0..n {
-                                let v = (m1[c] - m2[c]) + 2.0 * m3[c] - 0.5 * m4[c] + bias[c];
-                                o[c] = v.max(clamp.0).min(clamp.1);
-                            }
-                        }
-                        2 => {
-                            for c in 0..n {
-                                let v = (m1[c] + m2[c]) + 4.0 * m3[c] + 0.25 * m4[c] + bias[c];
-                                o[c] = v.max(clamp.0).min(clamp.1);
-                            }
-                        }
-                        _ => {
-                            for c in 0..n {
-                                let v = (m1[c] - m2[c]) + 8.0 * m3[c] - 0.125 * m4[c] + m5[c] + bias[c];
-                                o[c] = v.max(clamp.0).min(clamp.1);
-                            }
-                        }
+                    let yq = &y[q * n..(q + 1) * n];
+                    for c in 0..n {
+                        o[c] = (yq[c] + bias[c]).max(clamp.0).min(clamp.1);
                     }
                 }
             }
