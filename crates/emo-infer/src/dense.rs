@@ -157,11 +157,7 @@ impl Layer {
                 if (c.k, c.stride, c.dilation, c.pad, taps.len()) == (3, 1, 1, 1, 9) {
                     // A full 3x3 "same" conv: Winograd F(4x4, 3x3), activation in its epilogue.
                     let wt = wino.get_or_init(|| Winograd3x3::new(w, c.cout, c.cin, (9 * c.cin, c.cin, 1)));
-                    let clamp = match c.act {
-                        HeadAct::None => (f32::NEG_INFINITY, f32::INFINITY),
-                        HeadAct::Relu => (0.0, f32::INFINITY),
-                        HeadAct::Relu6 => (0.0, 6.0),
-                    };
+                    let clamp = clamp_range(c.act).unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
                     conv3x3(&x.data, x.batch, x.h, x.w, wt, &self.bias, clamp, &mut out.data[col..], ldo);
                     return;
                 }
@@ -232,13 +228,18 @@ impl Layer {
 
 /// ReLU / ReLU6 on columns `col..col + n` of rows of length `ld`.
 fn act_in_place(data: &mut [f32], ld: usize, col: usize, n: usize, act: HeadAct) {
-    let hi = match act {
-        HeadAct::None => return,
-        HeadAct::Relu => f32::INFINITY,
-        HeadAct::Relu6 => 6.0,
-    };
+    let Some((lo, hi)) = clamp_range(act) else { return };
     for row in data.chunks_mut(ld) {
-        row[col..col + n].iter_mut().for_each(|v| *v = v.clamp(0.0, hi));
+        row[col..col + n].iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+    }
+}
+
+/// The range a head activation clamps its input to (ReLU, ReLU6); `None` without one.
+fn clamp_range(act: HeadAct) -> Option<(f32, f32)> {
+    match act {
+        HeadAct::None => None,
+        HeadAct::Relu => Some((0.0, f32::INFINITY)),
+        HeadAct::Relu6 => Some((0.0, 6.0)),
     }
 }
 
