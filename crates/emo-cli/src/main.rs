@@ -360,7 +360,7 @@ pub(crate) struct TrainOpts {
     /// Continue the run in this folder from its last checkpoint.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Epochs (20 for Fashion-MNIST: 93.18% top-1 in 48 minutes on a 2-core VM in the recorded run).
+    /// Epochs (20 for Fashion-MNIST: 92.9-93.2% top-1 in 27-48 minutes on the 2-core VMs of the recorded runs).
     #[arg(long, default_value_t = 20)]
     pub epochs: usize,
     #[arg(long, default_value_t = 64)]

@@ -419,6 +419,14 @@ fn retinanet_and_pspnet_train_too() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
+/// The validation split of a [`synthetic_set`] at 64x64 and a fresh small model for `task`
+/// (the set's 2 categories; segmentation adds the background).
+fn eval_setup(task: Task, data: &Path, device: &Device) -> (DenseData, DenseModel) {
+    let split = load_split(task, data, "val", (64, 64), false, false, 0).unwrap();
+    let classes = if task.is_detection() { 2 } else { 3 };
+    (split, DenseModel::new(&small(task, classes), None, device).unwrap())
+}
+
 /// Evaluation split over threads (one contiguous run of batches each) gives exactly the
 /// single-thread result: the same confusion matrix, the same COCO numbers, with and without flip.
 #[test]
@@ -431,10 +439,7 @@ fn evaluation_on_threads_equals_one_thread() {
     synthetic_set(&data, 1, 40);
     let device = Device::flex();
     for task in [Task::DeepLabV3, Task::SsdLite] {
-        let split = load_split(task, &data, "val", (64, 64), false, false, 0).unwrap();
-        // The set's 2 categories; segmentation adds the background.
-        let classes = if task.is_detection() { 2 } else { 3 };
-        let model = DenseModel::new(&small(task, classes), None, &device).unwrap();
+        let (split, model) = eval_setup(task, &data, &device);
         let multi = SegAug { flip: true, scales: vec![0.75, 1.25] };
         for aug in [SegAug::flip(false), SegAug::flip(true), multi] {
             let one = evaluate_on(&model, &split, &device, &aug, 1).unwrap();
@@ -470,9 +475,7 @@ fn evaluation_on_the_fast_engine_equals_the_burn_model() {
     synthetic_set(&data, 1, 24);
     let device = Device::flex();
     for task in [Task::DeepLabV3, Task::PspNet, Task::SsdLite, Task::RetinaNet] {
-        let split = load_split(task, &data, "val", (64, 64), false, false, 0).unwrap();
-        let classes = if task.is_detection() { 2 } else { 3 };
-        let model = DenseModel::new(&small(task, classes), None, &device).unwrap();
+        let (split, model) = eval_setup(task, &data, &device);
         let fast = FastDense::from_model(&model).unwrap();
         for aug in [SegAug::flip(false), SegAug { flip: true, scales: vec![0.75, 1.25] }] {
             if task.is_detection() && aug != SegAug::flip(false) {
