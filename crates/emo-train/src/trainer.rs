@@ -86,7 +86,8 @@ impl TrainConfig {
             // 92.30% in 48.7 min; 12 epochs 92.18% in 59 min (docs/runs/fmnist-emo1m-10ep,
             // -12ep). With it, 10 epochs take 62.7 min on a 3.5x slower VM (-10ep-intel). With the
             // EmoOps kernels (depthwise conv, activations), 20 epochs: 93.18% in 48.3 min on that
-            // VM (docs/runs/fmnist-emo1m-20ep-intel).
+            // VM (docs/runs/fmnist-emo1m-20ep-intel); with the GEMM kernels, 92.91% in 26.9 min on
+            // the AMD EPYC VM (docs/runs/fmnist-emo1m-20ep-epyc).
             epochs: 20,
             batch: 64,
             // 10x the paper's 1.5e-3: a 10-epoch run needs it (2-epoch probes on 12,800 images:
