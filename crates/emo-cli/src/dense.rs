@@ -101,6 +101,15 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 ensure!((0.0..1.0).contains(&p), "--head-dropout must be in [0, 1)");
                 cfg.head_dropout = p;
             }
+            if let Some(eps) = a.label_smoothing {
+                ensure!(!task.is_detection(), "--label-smoothing is for classification and segmentation tasks");
+                ensure!((0.0..1.0).contains(&eps), "--label-smoothing must be in [0, 1)");
+                cfg.label_smoothing = eps;
+            }
+            if let Some(w) = a.se_weight {
+                ensure!(!task.is_detection(), "--se-weight is for segmentation tasks");
+                cfg.se_weight = w;
+            }
             if let Some(w) = a.aux_weight {
                 ensure!(!task.is_detection(), "--aux-weight is for segmentation tasks");
                 cfg.aux_weight = w;

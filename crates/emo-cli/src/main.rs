@@ -385,6 +385,11 @@ pub(crate) struct TrainOpts {
     /// `loss_weight`).
     #[arg(long)]
     pub aux_weight: Option<f64>,
+    /// Segmentation: weight of EncNet's semantic-encoding loss, a class-presence classifier on
+    /// stage 4's pooled features trained beside the heads (mmseg's EncHead: 0.2; default 0:
+    /// none). Training only: the exported weights are the plain model's.
+    #[arg(long)]
+    pub se_weight: Option<f64>,
     /// Dense tasks: the backbone's learning rate as a multiple of --lr (default 1; mmseg's
     /// `lr_mult` for the backbone).
     #[arg(long)]
@@ -396,7 +401,8 @@ pub(crate) struct TrainOpts {
     /// AdamW weight decay (default 0.05; 0.01 for segmentation).
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Classification: label smoothing (default 0.1).
+    /// Label smoothing. Classification: default 0.1. Segmentation: of the pixel loss of both
+    /// heads (default 0, as mmseg's configs).
     #[arg(long)]
     pub label_smoothing: Option<f64>,
     /// EMA decay per iteration. Classification: 0 or unset = automatic (about the last 10% of
@@ -665,6 +671,7 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         rescale_range,
         head_dropout,
         aux_weight,
+        se_weight,
         backbone_lr_mult,
         ..
     } = o;
@@ -674,8 +681,9 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
             && ohem_min_kept.is_none()
             && rescale_range.is_none()
             && head_dropout.is_none()
-            && aux_weight.is_none(),
-        "--ohem-thresh / --ohem-min-kept / --rescale-range / --head-dropout / --aux-weight are for segmentation (--task deeplabv3|pspnet)"
+            && aux_weight.is_none()
+            && se_weight.is_none(),
+        "--ohem-thresh / --ohem-min-kept / --rescale-range / --head-dropout / --aux-weight / --se-weight are for segmentation (--task deeplabv3|pspnet)"
     );
     // A resumed run reads its data spec and input size from its own config.
     let (data, size) = match &resume {

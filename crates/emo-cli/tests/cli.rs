@@ -450,17 +450,27 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         // Head dropout: checked, and only for segmentation.
         let bad_dropout = if task == "ssdlite" { "for segmentation" } else { "[0, 1)" };
         let bad_aux = if task == "ssdlite" { "for segmentation" } else { "must be >= 0" };
-        for bad in [&["--head-dropout", "1.5"][..], &["--drop-path", "1.0"], &["--aux-weight=-0.5"]] {
+        let bad_se = if task == "ssdlite" { "for segmentation" } else { "se_weight must be >= 0" };
+        let bad_smoothing = if task == "ssdlite" { "for classification and segmentation" } else { "[0, 1)" };
+        for bad in [
+            &["--head-dropout", "1.5"][..],
+            &["--drop-path", "1.0"],
+            &["--aux-weight=-0.5"],
+            &["--se-weight=-1"],
+            &["--label-smoothing", "1.0"],
+        ] {
             let o = emo(&[&args[..], bad, &["--out", run.to_str().unwrap()]].concat());
             let want = match bad[0] {
                 "--drop-path" => "[0, 1)",
                 "--aux-weight=-0.5" => bad_aux,
+                "--se-weight=-1" => bad_se,
+                "--label-smoothing" => bad_smoothing,
                 _ => bad_dropout,
             };
             assert!(!o.status.success() && stderr(&o).contains(want), "{bad:?}: {}", stderr(&o));
             let _ = std::fs::remove_dir_all(&run);
         }
-        for flag in ["--head-dropout", "--aux-weight"] {
+        for flag in ["--head-dropout", "--aux-weight", "--se-weight"] {
             let o = emo(&["train", flag, "0.2", "--out", run.to_str().unwrap()]);
             assert!(!o.status.success() && stderr(&o).contains("for segmentation"), "{flag}: {}", stderr(&o));
             let _ = std::fs::remove_dir_all(&run);
@@ -471,8 +481,20 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         let o = emo(&["train", "--backbone-lr-mult", "0.5", "--out", run.to_str().unwrap()]);
         assert!(!o.status.success() && stderr(&o).contains("for dense tasks"), "{}", stderr(&o));
         let _ = std::fs::remove_dir_all(&run);
-        let dropouts =
-            ["--drop-path", "0.1", "--head-dropout", "0.2", "--backbone-lr-mult", "0.25", "--aux-weight", "1"];
+        let dropouts = [
+            "--drop-path",
+            "0.1",
+            "--head-dropout",
+            "0.2",
+            "--backbone-lr-mult",
+            "0.25",
+            "--aux-weight",
+            "1",
+            "--label-smoothing",
+            "0.05",
+            "--se-weight",
+            "0.2",
+        ];
         let extra: &[&str] = if task == "deeplabv3" { &[&ohem[..], &rescale[..], &dropouts[..]].concat() } else { &[] };
         let o = emo(&[&args[..], extra, &["--out", run.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{task}: {}", stderr(&o));
@@ -485,6 +507,7 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             assert_eq!((cfg["drop_path"].as_f64(), cfg["head_dropout"].as_f64()), (Some(0.1), Some(0.2)), "{cfg}");
             assert_eq!(cfg["backbone_lr_mult"].as_f64(), Some(0.25), "{cfg}");
             assert_eq!(cfg["aux_weight"].as_f64(), Some(1.0), "{cfg}");
+            assert_eq!((cfg["label_smoothing"].as_f64(), cfg["se_weight"].as_f64()), (Some(0.05), Some(0.2)), "{cfg}");
             // A resumed run keeps its recorded settings: changing one is refused, naming it,
             // before anything in the folder is touched.
             let before = std::fs::read(run.join("config.json")).unwrap();

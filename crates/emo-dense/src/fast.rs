@@ -82,9 +82,11 @@ impl DenseInfer for FastDense {
                 cls: Tensor::from_data(TensorData::new(cls, [b, anchors, classes]), &device),
                 reg: Tensor::from_data(TensorData::new(reg, [b, anchors, 4]), &device),
             },
-            DenseRaw::Seg { shape, logits } => {
-                DenseOutput::Seg { logits: Tensor::from_data(TensorData::new(logits, shape), &device), aux: None }
-            }
+            DenseRaw::Seg { shape, logits } => DenseOutput::Seg {
+                logits: Tensor::from_data(TensorData::new(logits, shape), &device),
+                aux: None,
+                se: None,
+            },
         })
     }
 

@@ -7,7 +7,7 @@
 //! - segmentation: pixel cross-entropy on logits resized (bilinear) to the label size, with
 //!   255 ignored; the auxiliary head's loss is weighted 0.4.
 
-use burn::tensor::activation::{log_softmax, relu, sigmoid, softmax};
+use burn::tensor::activation::{log_softmax, relu, sigmoid, softmax, softplus};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::assign::Targets;
@@ -16,6 +16,15 @@ use crate::assign::Targets;
 pub struct Loss {
     pub total: Tensor<1>,
     pub parts: Vec<(&'static str, f64)>,
+}
+
+impl Loss {
+    /// This loss plus `part`, logged as `name`.
+    pub fn plus(mut self, name: &'static str, part: Tensor<1>) -> Loss {
+        self.parts.push((name, scalar(part.clone())));
+        self.total = self.total + part;
+        self
+    }
 }
 
 pub(crate) fn scalar(t: Tensor<1>) -> f64 {
@@ -157,7 +166,7 @@ pub fn bilinear(x: Tensor<4>, (oh, ow): (usize, usize)) -> Tensor<4> {
 /// image) and reach autodiff through `sum(x * G) - detach(sum(x * G)) + L`: the value is `L` and
 /// the gradient of the logits is `G`. Elsewhere (LibTorch, GPUs) it is [`seg_ce_ops`].
 pub fn seg_ce(logits: Tensor<4>, labels: &[u8], hw: (usize, usize)) -> Tensor<1> {
-    seg_ce_with(logits, labels, hw, None)
+    seg_ce_with(logits, labels, hw, None, 0.0)
 }
 
 /// mmseg's `OHEMPixelSampler` with a threshold: of the pixels not ignored, the loss keeps those
@@ -186,9 +195,17 @@ pub fn ohem_labels(prob: &[f32], labels: &[u8], k: usize, ohem: Ohem, images: us
     prob.iter().zip(labels).map(|(&p, &l)| if (l as usize) < k && p < threshold { l } else { 255 }).collect()
 }
 
-/// [`seg_ce`], with [`Ohem`] pixel selection when `ohem` is set; the loss is still the mean over
-/// all pixels not ignored in `labels` (the dropped ones count 0), as mmseg's weighted mean.
-pub fn seg_ce_with(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), ohem: Option<Ohem>) -> Tensor<1> {
+/// [`seg_ce`], with [`Ohem`] pixel selection when `ohem` is set (the loss is still the mean over
+/// all pixels not ignored in `labels`, the dropped ones counting 0, as mmseg's weighted mean) and
+/// label smoothing `smoothing` (PyTorch's `CrossEntropyLoss(label_smoothing=...)`: the target is
+/// `(1 - smoothing) * onehot + smoothing / k`; 0: none).
+pub fn seg_ce_with(
+    logits: Tensor<4>,
+    labels: &[u8],
+    hw: (usize, usize),
+    ohem: Option<Ohem>,
+    smoothing: f32,
+) -> Tensor<1> {
     let device = logits.device();
     let [b, k, h, w] = logits.dims();
     let count = counted(labels, k);
@@ -206,7 +223,7 @@ pub fn seg_ce_with(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), ohem: O
             }
             None => labels.to_vec(),
         };
-        return seg_ce_ops_over(logits, &labels, hw, count);
+        return seg_ce_ops_over(logits, &labels, hw, count, smoothing);
     }
     let values = to_vec(logits.clone());
     let kept;
@@ -221,9 +238,9 @@ pub fn seg_ce_with(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), ohem: O
     let scale = 1.0 / count.max(1) as f32;
     let mut grad = vec![0f32; values.len()];
     let sum = if (h, w) == hw {
-        emo_kernels::xent::softmax_xent(&values, labels, k, h * w, scale, &mut grad)
+        emo_kernels::xent::smoothed_softmax_xent(&values, labels, k, h * w, scale, smoothing, &mut grad)
     } else {
-        emo_kernels::xent::resized_softmax_xent(&values, (h, w), labels, hw, k, scale, &mut grad)
+        emo_kernels::xent::smoothed_resized_softmax_xent(&values, (h, w), labels, hw, k, scale, smoothing, &mut grad)
     };
     let loss = Tensor::<1>::from_data(TensorData::new(vec![(sum.loss * scale as f64) as f32], [1]), &device);
     if !logits.is_tracked() {
@@ -241,13 +258,18 @@ fn counted(labels: &[u8], k: usize) -> usize {
 
 /// [`seg_ce`] as burn ops (log-softmax, gather, mask), for every backend.
 pub fn seg_ce_ops(logits: Tensor<4>, labels: &[u8], hw: (usize, usize)) -> Tensor<1> {
-    let k = logits.dims()[1];
-    let count = counted(labels, k);
-    seg_ce_ops_over(logits, labels, hw, count)
+    seg_ce_ops_smoothed(logits, labels, hw, 0.0)
 }
 
-/// [`seg_ce_ops`] summed over the pixels `labels` does not ignore, divided by `count`.
-fn seg_ce_ops_over(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), count: usize) -> Tensor<1> {
+/// [`seg_ce_ops`] with label smoothing (see [`seg_ce_with`]).
+pub fn seg_ce_ops_smoothed(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), smoothing: f32) -> Tensor<1> {
+    let k = logits.dims()[1];
+    let count = counted(labels, k);
+    seg_ce_ops_over(logits, labels, hw, count, smoothing)
+}
+
+/// [`seg_ce_ops_smoothed`] summed over the pixels `labels` does not ignore, divided by `count`.
+fn seg_ce_ops_over(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), count: usize, smoothing: f32) -> Tensor<1> {
     let device = logits.device();
     let [b, k, _, _] = logits.dims();
     let x = resize_logits(logits, hw);
@@ -255,15 +277,23 @@ fn seg_ce_ops_over(logits: Tensor<4>, labels: &[u8], hw: (usize, usize), count: 
     let valid: Vec<f32> = labels.iter().map(|&l| ((l as usize) < k) as u8 as f32).collect();
     let idx = Tensor::<4, Int>::from_data(TensorData::new(idx, [b, 1, hw.0, hw.1]), &device);
     let valid = Tensor::<4>::from_data(TensorData::new(valid, [b, 1, hw.0, hw.1]), &device);
-    (log_softmax(x, 1).gather(1, idx) * valid).sum().neg().div_scalar(count.max(1) as f64)
+    let logp = log_softmax(x, 1);
+    let target = if smoothing == 0.0 {
+        logp.gather(1, idx)
+    } else {
+        let eps = smoothing as f64;
+        logp.clone().gather(1, idx).mul_scalar(1.0 - eps) + logp.mean_dim(1).mul_scalar(eps)
+    };
+    (target * valid).sum().neg().div_scalar(count.max(1) as f64)
 }
 
 /// Decode + auxiliary (weight `aux_weight`) segmentation loss.
 pub fn seg_loss(logits: Tensor<4>, aux: Option<Tensor<4>>, labels: &[u8], hw: (usize, usize), aux_weight: f64) -> Loss {
-    seg_loss_with(logits, aux, labels, hw, aux_weight, None)
+    seg_loss_with(logits, aux, labels, hw, aux_weight, None, 0.0)
 }
 
-/// [`seg_loss`] with [`Ohem`] on the decode head's loss when `ohem` is set.
+/// [`seg_loss`] with [`Ohem`] on the decode head's loss when `ohem` is set, and label smoothing
+/// `smoothing` on both heads' losses (see [`seg_ce_with`]).
 pub fn seg_loss_with(
     logits: Tensor<4>,
     aux: Option<Tensor<4>>,
@@ -271,16 +301,39 @@ pub fn seg_loss_with(
     hw: (usize, usize),
     aux_weight: f64,
     ohem: Option<Ohem>,
+    smoothing: f32,
 ) -> Loss {
-    let main = seg_ce_with(logits, labels, hw, ohem);
+    let main = seg_ce_with(logits, labels, hw, ohem, smoothing);
     let mut parts = vec![("seg", scalar(main.clone()))];
     let total = match aux {
         Some(a) => {
-            let l = seg_ce(a, labels, hw).mul_scalar(aux_weight);
+            let l = seg_ce_with(a, labels, hw, None, smoothing).mul_scalar(aux_weight);
             parts.push(("aux", scalar(l.clone())));
             main + l
         }
         None => main,
     };
     Loss { total, parts }
+}
+
+/// EncNet's semantic-encoding loss: binary cross-entropy (mean over images and classes, mmseg's
+/// `CrossEntropyLoss(use_sigmoid=True)`) of each image's class-presence logits `se`
+/// (`[batch, k]`) against which classes its label map holds (`labels`: `batch` maps; labels
+/// `>= k`, such as the ignore index 255, hold none).
+pub fn se_loss(se: Tensor<2>, labels: &[u8]) -> Tensor<1> {
+    let device = se.device();
+    let [b, k] = se.dims();
+    assert!(b > 0 && labels.len().is_multiple_of(b), "se_loss: {} labels for {b} images", labels.len());
+    let mut present = vec![0f32; b * k];
+    for (img, map) in labels.chunks_exact(labels.len() / b).enumerate() {
+        for &l in map {
+            if (l as usize) < k {
+                present[img * k + l as usize] = 1.0;
+            }
+        }
+    }
+    let y = Tensor::<2>::from_data(TensorData::new(present, [b, k]), &device);
+    // -y log sigmoid(x) - (1 - y) log(1 - sigmoid(x)) = softplus(x) - x y (burn's softplus:
+    // log1p(exp(x)), x itself past 20, so its gradient is sigmoid(x) everywhere, 0 included).
+    (softplus(se.clone(), 1.0) - se * y).mean()
 }

@@ -314,6 +314,9 @@ pub struct SegHead {
     pub conv_seg: ConvModule,
     pub aux_conv: ConvModule,
     pub aux_seg: ConvModule,
+    /// Training only, when the config asks for it: the semantic-encoding layer
+    /// ([`emo_spec::SE_LAYER`]) on stage 4's pooled features.
+    pub se_layer: Option<ConvModule>,
     /// Dropout before both classifiers (mmseg `dropout_ratio`).
     #[module(skip)]
     pub dropout: f64,
@@ -337,14 +340,21 @@ impl SegHead {
             conv_seg: b.module("decode_head.conv_seg", Init::Normal(0.01, 0.0)),
             aux_conv: b.module("auxiliary_head.convs.0.conv", k),
             aux_seg: b.module("auxiliary_head.conv_seg", Init::Normal(0.01, 0.0)),
+            se_layer: b.cfg.se_layer.then(|| b.module(emo_spec::SE_LAYER, Init::Normal(0.01, 0.0))),
             dropout: SEG_HEAD_DROPOUT,
             task: b.cfg.task,
         }
     }
 
-    /// `(logits at stage-4 size, auxiliary logits at stage-3 size)`.
-    fn forward(&self, c3: Tensor<4>, c4: Tensor<4>, aux: bool) -> (Tensor<4>, Option<Tensor<4>>) {
-        let [_, _, h, w] = c4.dims();
+    /// `(logits at stage-4 size, auxiliary logits at stage-3 size, class-presence logits
+    /// [batch, classes])`; the last two with `aux` (training), the presence logits only from a
+    /// model with the semantic-encoding layer.
+    fn forward(&self, c3: Tensor<4>, c4: Tensor<4>, aux: bool) -> SegLogits {
+        let [b, _, h, w] = c4.dims();
+        let se = self.se_layer.as_ref().filter(|_| aux).map(|m| {
+            let k = m.conv.weight.dims()[0];
+            m.forward(adaptive_avg_pool2d(c4.clone(), [1, 1])).reshape([b, k])
+        });
         let mut parts = Vec::new();
         if self.task == Task::DeepLabV3 {
             let pooled = self.branches[0].forward(adaptive_avg_pool2d(c4.clone(), [1, 1]));
@@ -359,9 +369,12 @@ impl SegHead {
         let x = self.bottleneck.forward(Tensor::cat(parts, 1));
         let logits = self.conv_seg.forward(dropout(x, self.dropout));
         let aux = aux.then(|| self.aux_seg.forward(dropout(self.aux_conv.forward(c3), self.dropout)));
-        (logits, aux)
+        (logits, aux, se)
     }
 }
+
+/// What [`SegHead::forward`] returns.
+type SegLogits = (Tensor<4>, Option<Tensor<4>>, Option<Tensor<2>>);
 
 #[derive(Module, Debug)]
 #[allow(clippy::large_enum_variant)]
@@ -373,12 +386,14 @@ pub enum DenseHead {
 
 /// What a dense model returns.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // a step's output, moved once into its loss
 pub enum DenseOutput {
     /// Per-anchor class scores (SSD: softmax logits with background last; RetinaNet: sigmoid
     /// logits) and box deltas.
     Det { cls: Tensor<3>, reg: Tensor<3> },
-    /// Segmentation logits at stage-4 resolution, and the auxiliary ones at stage-3 resolution.
-    Seg { logits: Tensor<4>, aux: Option<Tensor<4>> },
+    /// Segmentation logits at stage-4 resolution, the auxiliary ones at stage-3 resolution, and
+    /// (training a model with the semantic-encoding layer) each image's class-presence logits.
+    Seg { logits: Tensor<4>, aux: Option<Tensor<4>>, se: Option<Tensor<2>> },
 }
 
 /// Turns every BN training flag off (mmdet `norm_eval`).
@@ -462,8 +477,8 @@ impl DenseModel {
             }
             DenseHead::Seg(h) => {
                 let c4 = f.pop().expect("stage4");
-                let (logits, aux) = h.forward(f.pop().expect("stage3"), c4, aux);
-                DenseOutput::Seg { logits, aux }
+                let (logits, aux, se) = h.forward(f.pop().expect("stage3"), c4, aux);
+                DenseOutput::Seg { logits, aux, se }
             }
         })
     }
@@ -511,6 +526,7 @@ impl DenseModel {
                 let mut v: Vec<&ConvModule> = vec![&h.conv_seg];
                 v.extend(&h.branches);
                 v.extend([&h.bottleneck, &h.aux_seg, &h.aux_conv]);
+                v.extend(&h.se_layer);
                 v
             }
         }

@@ -33,7 +33,7 @@ use crate::data::{
     DetDataset, PAPER_RESCALE, SegDataset, augment, load_coco, load_seg, seg_geometry_with, ssd_geometry,
 };
 use crate::fast::DenseInfer;
-use crate::loss::{Ohem, focal_loss, seg_loss_with, ssd_loss};
+use crate::loss::{Ohem, focal_loss, se_loss, seg_loss_with, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseHead, DenseModel, DenseOutput, SEG_HEAD_DROPOUT};
 use crate::names::{ADE20K_CLASSES, COCO_CAT_IDS, COCO_CLASSES};
@@ -112,6 +112,15 @@ pub struct DenseTrainConfig {
     /// does; 1: one learning rate for the whole model, 0: the backbone's weights stay put.
     #[serde(default = "one_f64")]
     pub backbone_lr_mult: f64,
+    /// Segmentation: label smoothing of the pixel loss (both heads), PyTorch's
+    /// `CrossEntropyLoss(label_smoothing=...)`; 0: none, as mmseg's configs.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Segmentation: weight of EncNet's semantic-encoding loss (`loss::se_loss`, mmseg's
+    /// EncHead: 0.2), a class-presence classifier on stage 4's pooled features trained beside
+    /// the heads and dropped from the weights that are evaluated and exported; 0: none.
+    #[serde(default)]
+    pub se_weight: f64,
 }
 
 fn one_f64() -> f64 {
@@ -173,6 +182,8 @@ impl DenseTrainConfig {
             drop_path: None,
             head_dropout: SEG_HEAD_DROPOUT,
             backbone_lr_mult: 1.0,
+            label_smoothing: 0.0,
+            se_weight: 0.0,
         }
     }
 
@@ -533,6 +544,7 @@ impl DenseTrainer {
         if let Some(p) = cfg.drop_path {
             m.backbone.drop_path = p;
         }
+        m.se_layer = cfg.se_weight > 0.0;
         m
     }
 
@@ -555,6 +567,15 @@ impl DenseTrainer {
         }
         if !(cfg.backbone_lr_mult >= 0.0 && cfg.backbone_lr_mult.is_finite()) {
             return Err(DenseError::Data(format!("backbone_lr_mult must be >= 0, got {}", cfg.backbone_lr_mult)));
+        }
+        if !(0.0..1.0).contains(&cfg.label_smoothing) {
+            return Err(DenseError::Data(format!("label_smoothing must be in [0, 1), got {}", cfg.label_smoothing)));
+        }
+        if !(cfg.se_weight >= 0.0 && cfg.se_weight.is_finite()) {
+            return Err(DenseError::Data(format!("se_weight must be >= 0, got {}", cfg.se_weight)));
+        }
+        if cfg.se_weight > 0.0 && cfg.task.is_detection() {
+            return Err(DenseError::Data("se_weight is for segmentation tasks".into()));
         }
         if !(cfg.aux_weight >= 0.0 && cfg.aux_weight.is_finite()) {
             return Err(DenseError::Data(format!("aux_weight must be >= 0, got {}", cfg.aux_weight)));
@@ -707,6 +728,7 @@ impl DenseTrainer {
         // Forward and backward per data-parallel shard (`emo_train::parallel::step`); each
         // replica hands back its named loss parts, weighted by its share of the batch.
         let (task, npr, aux_w, ohem) = (self.cfg.task, self.cfg.neg_pos_ratio, self.cfg.aux_weight, self.cfg.ohem);
+        let (smoothing, se_w) = (self.cfg.label_smoothing as f32, self.cfg.se_weight);
         let b = idx.len();
         let model = self.model.as_ref().expect("model");
         let (value, shard_parts, grads) = parallel::step(
@@ -730,7 +752,13 @@ impl DenseTrainer {
                     let loss = match replica.forward(x, true)? {
                         DenseOutput::Det { cls, reg } if task == Task::SsdLite => ssd_loss(cls, reg, &t, k, npr),
                         DenseOutput::Det { cls, reg } => focal_loss(cls, reg, &t, k),
-                        DenseOutput::Seg { logits, aux } => seg_loss_with(logits, aux, &lab, hw, aux_w, ohem),
+                        DenseOutput::Seg { logits, aux, se } => {
+                            let l = seg_loss_with(logits, aux, &lab, hw, aux_w, ohem, smoothing);
+                            match se {
+                                Some(se) => l.plus("se", se_loss(se, &lab).mul_scalar(se_w)),
+                                None => l,
+                            }
+                        }
                     };
                     let parts: Vec<(&'static str, f64)> = loss.parts.iter().map(|&(n, v)| (n, v * share)).collect();
                     Ok::<_, DenseError>((loss.total, parts))
@@ -775,6 +803,7 @@ impl DenseTrainer {
     /// numbers to float rounding, in about half the time), else with the burn model on the
     /// run's device.
     fn evaluate_weights(&self, sd: &StateDict) -> Result<Eval, DenseError> {
+        let sd = &inference_weights(sd.clone());
         if emo_model::ops::on_flex(&self.device) {
             let fast = crate::fast::FastDense::from_state_dict(&self.card.model, sd)?;
             return evaluate(&fast, &self.val, &self.device);
@@ -872,8 +901,8 @@ impl DenseTrainer {
                 self.state.best = m.key_metric();
                 let best = self.dir.join("best.safetensors");
                 match ema_ev.as_ref().filter(|_| m.ema_metric().is_some_and(|e| e > m.raw_metric())) {
-                    Some((_, sd)) => emo_weights::save_safetensors(sd, best)?,
-                    None => emo_weights::save_safetensors(&self.model().state_dict(), best)?,
+                    Some((_, sd)) => emo_weights::save_safetensors(&inference_weights(sd.clone()), best)?,
+                    None => emo_weights::save_safetensors(&inference_weights(self.model().state_dict()), best)?,
                 }
             }
             if self.verbose {
@@ -936,4 +965,12 @@ pub fn describe(e: &Eval) -> String {
 /// Read a run's `metrics.jsonl`.
 pub fn read_metrics(dir: &Path) -> Vec<DenseEpoch> {
     emo_train::run::read_metrics(dir)
+}
+
+/// `sd` without the training-only semantic-encoding layer ([`emo_spec::SE_LAYER`]): the weights
+/// of the model the run's card describes, which evaluation and `best.safetensors` use.
+pub fn inference_weights(mut sd: StateDict) -> StateDict {
+    let prefix = format!("{}.", emo_spec::SE_LAYER);
+    sd.tensors.retain(|k, _| !k.starts_with(&prefix));
+    sd
 }

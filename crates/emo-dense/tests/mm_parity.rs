@@ -141,7 +141,7 @@ fn necks_and_heads_match_mmdet_and_mmseg() {
         let model = DenseModel::from_state_dict(&cfg, &sd, &device).unwrap();
         let outs: Vec<(&str, Vec<f32>)> = match model.forward(x.clone(), true).unwrap() {
             DenseOutput::Det { cls, reg } => vec![("cls", to_vec(cls)), ("reg", to_vec(reg))],
-            DenseOutput::Seg { logits, aux } => vec![("logits", to_vec(logits)), ("aux", to_vec(aux.unwrap()))],
+            DenseOutput::Seg { logits, aux, .. } => vec![("logits", to_vec(logits)), ("aux", to_vec(aux.unwrap()))],
         };
         for (part, got) in outs {
             let want = f32s(&format!("{name}.{part}"));

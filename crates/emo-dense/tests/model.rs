@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use emo_dense::model::DenseHead;
 use emo_dense::train::{DenseData, DenseTrainConfig, DenseTrainer, load_split, stream_order};
 use emo_dense::{DenseConfig, DenseError, DenseModel, DenseOutput, Task, anchors};
@@ -41,7 +41,7 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 fn outputs(m: &DenseModel, x: Tensor<4>) -> Vec<f32> {
     match m.forward(x, true).unwrap() {
         DenseOutput::Det { cls, reg } => [to_vec(cls), to_vec(reg)].concat(),
-        DenseOutput::Seg { logits, aux } => [to_vec(logits), to_vec(aux.unwrap())].concat(),
+        DenseOutput::Seg { logits, aux, .. } => [to_vec(logits), to_vec(aux.unwrap())].concat(),
     }
 }
 
@@ -59,7 +59,7 @@ fn shapes_layout_and_state_dict_round_trip() {
                 let k = if task == Task::SsdLite { 4 } else { 3 };
                 assert_eq!((cls.dims(), reg.dims()), ([2, n, k], [2, n, 4]), "{task}");
             }
-            DenseOutput::Seg { logits, aux } => {
+            DenseOutput::Seg { logits, aux, .. } => {
                 assert_eq!(logits.dims(), [2, 3, 2, 2], "{task}");
                 assert_eq!(aux.unwrap().dims(), [2, 3, 4, 4], "{task}");
             }
@@ -274,6 +274,85 @@ fn training_resumes_exactly_and_learns() {
         let _ = std::fs::remove_dir_all(&b);
     }
     let _ = std::fs::remove_dir_all(&data);
+}
+
+/// A DeepLabv3 run with the semantic-encoding loss and label smoothing: the training-only
+/// `decode_head.se_layer` is in the checkpoint (raw and EMA) and trains, resume continues
+/// exactly, and `best.safetensors` is the plain model, which loads strictly for inference.
+#[test]
+fn se_loss_layer_trains_resumes_and_stays_out_of_the_exported_weights() {
+    let _g = serial();
+    let data = tmp("data-se");
+    synthetic_set(&data, 24, 8);
+    let device = Device::flex().autodiff();
+    let (a, b) = (tmp("se-a"), tmp("se-b"));
+    let mut c = cfg(Task::DeepLabV3, &data);
+    (c.epoch_images, c.ema_decay, c.se_weight, c.label_smoothing) = (16, 0.9, 0.2, 0.1);
+    let mut ta = DenseTrainer::new(c.clone(), &a, device.clone()).unwrap();
+    ta.verbose = false;
+    let full = ta.run(None).unwrap();
+    let mut tb = DenseTrainer::new(c.clone(), &b, device.clone()).unwrap();
+    tb.verbose = false;
+    tb.run(Some(1)).unwrap();
+    drop(tb);
+    let se = |d: &Path, file: &str| {
+        let sd = emo_weights::load(d.join(file)).unwrap();
+        sd.get("decode_head.se_layer.weight").map(|t| t.as_f32().unwrap().to_vec())
+    };
+    let after_one = se(&b, "checkpoint/model.safetensors").expect("the checkpoint keeps the SE layer");
+    assert_eq!(after_one.len(), 3 * 168, "SE layer: 3 classes x EMO-1M's 168 stage-4 channels");
+    assert!(se(&b, "checkpoint/ema.safetensors").is_some());
+    let mut tb = DenseTrainer::resume(&b, device.clone()).unwrap();
+    tb.verbose = false;
+    let rest = tb.run(None).unwrap();
+    assert_eq!(full[1].train_loss, rest[0].train_loss, "resumed loss differs");
+    let read = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
+    assert!(read(&a) == read(&b), "resumed weights differ");
+    assert_ne!(se(&b, "checkpoint/model.safetensors").unwrap(), after_one, "the SE layer did not train");
+    // The exported weights are the card's model: no SE layer, strictly loadable.
+    let best = emo_weights::load(a.join("best.safetensors")).unwrap();
+    assert!(best.tensors.keys().all(|k| !k.starts_with("decode_head.se_layer")));
+    let card: emo_dense::train::ModelCard =
+        serde_json::from_str(&std::fs::read_to_string(a.join("model.json")).unwrap()).unwrap();
+    assert!(!card.model.se_layer);
+    DenseModel::from_state_dict(&card.model, &best, &Device::flex()).unwrap();
+    // Detection has no SE layer.
+    let mut d = cfg(Task::SsdLite, &data);
+    d.se_weight = 0.2;
+    assert!(DenseTrainer::new(d, tmp("se-det"), device).is_err());
+    for dir in [&a, &b, &data] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// EncNet's SE loss is the mean binary cross-entropy of the class-presence logits against the
+/// classes each label map holds (255 holds none), in value and gradient.
+#[test]
+fn se_loss_is_binary_cross_entropy_of_class_presence() {
+    use emo_dense::loss::se_loss;
+    let device = Device::flex().autodiff();
+    let logits = [0.0f32, 2.0, -1.0, 30.0, -3.0, 0.5];
+    let x = Tensor::<2>::from_data(TensorData::new(logits.to_vec(), [2, 3]), &device).require_grad();
+    // Image 0 holds classes 0 and 2; image 1 class 1 only (and ignored pixels).
+    let labels = [0u8, 2, 2, 0, 1, 255, 1, 255];
+    let present = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+    let loss = se_loss(x.clone(), &labels);
+    let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+    // -log sigmoid(v) = log(1 + exp(-v)), -log(1 - sigmoid(v)) = log(1 + exp(v)): in f64
+    // without forming 1 - sigmoid(30).
+    let want: f64 = logits
+        .iter()
+        .zip(present)
+        .map(|(&v, y)| y * (-v as f64).exp().ln_1p() + (1.0 - y) * (v as f64).exp().ln_1p())
+        .sum::<f64>()
+        / 6.0;
+    let got = to_vec(loss.clone())[0] as f64;
+    assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
+    let g = to_vec(x.grad(&loss.backward()).unwrap());
+    for ((&v, y), g) in logits.iter().zip(present).zip(g) {
+        let want = (sig(v as f64) - y) / 6.0;
+        assert!((g as f64 - want).abs() <= 1e-6, "{g} vs {want}");
+    }
 }
 
 #[test]
@@ -950,6 +1029,29 @@ fn pixel_cross_entropy_on_flex_matches_burn_ops_in_value_and_gradient() {
     }
 }
 
+/// Label smoothing on flex's fused pass equals the burn-ops loss `(1 - eps) * nll + eps * mean
+/// over classes of -log p` in value and gradient, at the logits' size and resized; it changes
+/// the loss, and the ops path with 0 is the plain loss.
+#[test]
+fn label_smoothed_pixel_loss_on_flex_matches_burn_ops() {
+    use emo_dense::loss::{seg_ce_ops, seg_ce_ops_smoothed, seg_ce_with};
+
+    let _g = serial();
+    let device = Device::flex().autodiff();
+    for ((b, k, h, w), (oh, ow)) in [((2, 11, 6, 6), (48, 48)), ((1, 3, 5, 7), (5, 7))] {
+        let x = Tensor::<4>::random([b, k, h, w], Distribution::Uniform(-4.0, 4.0), &device).require_grad();
+        let labels: Vec<u8> =
+            (0..b * oh * ow).map(|i| if i % 7 == 3 { 255 } else { ((i * 31 + i / 5) % k) as u8 }).collect();
+        let ours = seg_ce_with(x.clone(), &labels, (oh, ow), None, 0.1);
+        let theirs = seg_ce_ops_smoothed(x.clone(), &labels, (oh, ow), 0.1);
+        let smoothed = same_loss_and_gradient(ours, theirs, &x);
+        let plain = to_vec(seg_ce_ops(x.clone().detach(), &labels, (oh, ow)))[0];
+        let zero = to_vec(seg_ce_ops_smoothed(x.clone().detach(), &labels, (oh, ow), 0.0))[0];
+        assert_eq!(plain, zero);
+        assert!((smoothed - plain).abs() > 1e-3, "smoothing changed nothing: {smoothed} vs {plain}");
+    }
+}
+
 /// The segmentation loss is the decode head's pixel loss plus `aux_weight` times the auxiliary
 /// head's, in value and in both heads' gradients; at weight 0 the auxiliary head gets none.
 #[test]
@@ -1043,7 +1145,7 @@ fn ohem_keeps_the_pixels_mmseg_keeps_and_its_loss_matches_burn_ops() {
             assert!(kept > below(thresh), "the floor keeps more than the threshold");
         }
         let masked: Vec<u8> = want.iter().zip(&labels).map(|(&t, &l)| if t { l } else { 255 }).collect();
-        let ours = seg_ce_with(x.clone(), &labels, (oh, ow), Some(ohem));
+        let ours = seg_ce_with(x.clone(), &labels, (oh, ow), Some(ohem), 0.0);
         let theirs = seg_ce_ops(x.clone(), &masked, (oh, ow)).mul_scalar(kept as f64 / valid as f64);
         same_loss_and_gradient(ours, theirs, &x);
     }

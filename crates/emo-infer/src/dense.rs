@@ -329,7 +329,7 @@ impl DenseEngine {
         let layers = cfg
             .head_convs()
             .iter()
-            .filter(|c| !c.key.starts_with("auxiliary_head"))
+            .filter(|c| !c.training_only())
             .map(|c| (c.key.clone(), Layer::load(sd, c, eps)))
             .collect();
         Ok(DenseEngine { cfg: cfg.clone(), backbone, layers })

@@ -298,9 +298,10 @@ pub fn conv_nchw(x: &[f32], w: &[f32], g: &[f32], p: &crate::convgrad::ConvPlan)
     (f(y), f(gx), f(gw))
 }
 
-/// Reference of `xent::softmax_xent` (f64, libm exp / ln): the gradient
-/// `scale * (softmax - onehot)` (0 on uncounted pixels), the loss sum and the count.
-pub fn softmax_xent(x: &[f32], labels: &[u8], k: usize, p: usize, scale: f32) -> (Vec<f32>, f64, usize) {
+/// Reference of `xent::smoothed_softmax_xent` (f64, libm exp / ln): the gradient
+/// `scale * (softmax - target)` with `target = (1 - eps) * onehot + eps / k` (0 on uncounted
+/// pixels), the loss sum `-sum target * log softmax` and the count. `eps = 0`: `softmax_xent`.
+pub fn softmax_xent(x: &[f32], labels: &[u8], k: usize, p: usize, scale: f32, eps: f64) -> (Vec<f32>, f64, usize) {
     let n = labels.len() / p;
     let mut g = vec![0f32; x.len()];
     let (mut loss, mut count) = (0f64, 0usize);
@@ -313,11 +314,12 @@ pub fn softmax_xent(x: &[f32], labels: &[u8], k: usize, p: usize, scale: f32) ->
             let at = |c: usize| img * k * p + c * p + j;
             let m = (0..k).map(|c| x[at(c)] as f64).fold(f64::NEG_INFINITY, f64::max);
             let s: f64 = (0..k).map(|c| (x[at(c)] as f64 - m).exp()).sum();
+            let target = |c: usize| (1.0 - eps) * (c == l) as u8 as f64 + eps / k as f64;
             for c in 0..k {
                 let prob = (x[at(c)] as f64 - m).exp() / s;
-                g[at(c)] = (scale as f64 * (prob - (c == l) as u8 as f64)) as f32;
+                g[at(c)] = (scale as f64 * (prob - target(c))) as f32;
+                loss += target(c) * (s.ln() + m - x[at(c)] as f64);
             }
-            loss += s.ln() + m - x[at(l)] as f64;
             count += 1;
         }
     }
@@ -420,7 +422,8 @@ fn resized_pixel_logits(x: &[f32], img: usize, k: usize, p: usize, wts: &[(usize
 
 /// Reference of `xent::resized_softmax_xent` (f64): each output pixel's logits written out as
 /// PyTorch's bilinear sum over its four source pixels (align_corners false), `softmax_xent`'s
-/// loss on them, and the gradient scattered back through the same four weights.
+/// loss on them (label smoothing `eps`), and the gradient scattered back through the same four
+/// weights.
 pub fn resized_softmax_xent(
     x: &[f32],
     (h, w): (usize, usize),
@@ -428,6 +431,7 @@ pub fn resized_softmax_xent(
     (oh, ow): (usize, usize),
     k: usize,
     scale: f32,
+    eps: f64,
 ) -> (Vec<f32>, f64, usize) {
     let (p, q) = (h * w, oh * ow);
     let n = labels.len() / q;
@@ -444,10 +448,11 @@ pub fn resized_softmax_xent(
                 let z = resized_pixel_logits(x, img, k, p, &wts);
                 let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
-                loss += s.ln() + m - z[l];
                 count += 1;
                 for c in 0..k {
-                    let d = scale as f64 * ((z[c] - m).exp() / s - (c == l) as u8 as f64);
+                    let target = (1.0 - eps) * (c == l) as u8 as f64 + eps / k as f64;
+                    loss += target * (s.ln() + m - z[c]);
+                    let d = scale as f64 * ((z[c] - m).exp() / s - target);
                     for &(j, wt) in &wts {
                         g[img * k * p + c * p + j] += d * wt;
                     }

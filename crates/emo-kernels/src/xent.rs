@@ -40,7 +40,41 @@ pub fn softmax_xent_at(
     scale: f32,
     g: &mut [f32],
 ) -> XentSum {
+    smoothed_softmax_xent_at(level, x, labels, k, p, scale, 0.0, g)
+}
+
+/// [`softmax_xent`] with label smoothing `eps` (PyTorch's `CrossEntropyLoss(label_smoothing=eps)`):
+/// the target is `(1 - eps) * onehot(label) + eps / k` on every class, so a counted pixel's loss is
+/// `-(1 - eps) * log p[label] - eps * mean_c log p[c]` and its gradient
+/// `scale * (softmax - (1 - eps) * onehot - eps / k)`. `eps == 0` is [`softmax_xent`] exactly.
+pub fn smoothed_softmax_xent(
+    x: &[f32],
+    labels: &[u8],
+    k: usize,
+    p: usize,
+    scale: f32,
+    eps: f32,
+    g: &mut [f32],
+) -> XentSum {
+    smoothed_softmax_xent_at(crate::isa::level(), x, labels, k, p, scale, eps, g)
+}
+
+/// [`smoothed_softmax_xent`] at an explicit ISA level (one the CPU supports: see `isa::available`).
+#[allow(clippy::too_many_arguments)]
+pub fn smoothed_softmax_xent_at(
+    level: crate::isa::Level,
+    x: &[f32],
+    labels: &[u8],
+    k: usize,
+    p: usize,
+    scale: f32,
+    eps: f32,
+    g: &mut [f32],
+) -> XentSum {
     assert!(k > 0 && p > 0, "softmax_xent: {k} classes, {p} pixels");
+    assert!((0.0..=1.0).contains(&eps), "softmax_xent: label smoothing {eps} outside [0, 1]");
+    // The smoothing's share of each class's target, and what is left for the label.
+    let (spread, keep) = (scale * eps / k as f32, 1.0 - eps as f64);
     let n = labels.len() / p;
     assert!(labels.len() == n * p && x.len() == n * k * p && g.len() == x.len(), "softmax_xent: shapes");
     let mut sum = XentSum::default();
@@ -59,9 +93,18 @@ pub fn softmax_xent_at(
                 if l < k {
                     let at = l * p + p0 + j;
                     // -log softmax = log(sum exp(x - m)) - (x_l - m): no log of a tiny probability.
-                    sum.loss += (s[j] as f64).ln() - (xi[at] - m[j]) as f64;
+                    if eps == 0.0 {
+                        sum.loss += (s[j] as f64).ln() - (xi[at] - m[j]) as f64;
+                        gi[at] -= scale;
+                    } else {
+                        let mean = (0..k).map(|c| (xi[c * p + p0 + j] - m[j]) as f64).sum::<f64>() / k as f64;
+                        sum.loss += (s[j] as f64).ln() - keep * (xi[at] - m[j]) as f64 - eps as f64 * mean;
+                        for c in 0..k {
+                            gi[c * p + p0 + j] -= spread;
+                        }
+                        gi[at] -= scale * (1.0 - eps);
+                    }
                     sum.count += 1;
-                    gi[at] -= scale;
                 } else {
                     for c in 0..k {
                         gi[c * p + p0 + j] = 0.0;
@@ -182,6 +225,38 @@ pub fn resized_softmax_xent_at(
     scale: f32,
     g: &mut [f32],
 ) -> XentSum {
+    smoothed_resized_softmax_xent_at(level, x, (h, w), labels, (oh, ow), k, scale, 0.0, g)
+}
+
+/// [`resized_softmax_xent`] with label smoothing `eps` (see [`smoothed_softmax_xent`]).
+#[allow(clippy::too_many_arguments)]
+pub fn smoothed_resized_softmax_xent(
+    x: &[f32],
+    (h, w): (usize, usize),
+    labels: &[u8],
+    (oh, ow): (usize, usize),
+    k: usize,
+    scale: f32,
+    eps: f32,
+    g: &mut [f32],
+) -> XentSum {
+    smoothed_resized_softmax_xent_at(crate::isa::level(), x, (h, w), labels, (oh, ow), k, scale, eps, g)
+}
+
+/// [`smoothed_resized_softmax_xent`] at an explicit ISA level (one the CPU supports: see
+/// `isa::available`).
+#[allow(clippy::too_many_arguments)]
+pub fn smoothed_resized_softmax_xent_at(
+    level: crate::isa::Level,
+    x: &[f32],
+    (h, w): (usize, usize),
+    labels: &[u8],
+    (oh, ow): (usize, usize),
+    k: usize,
+    scale: f32,
+    eps: f32,
+    g: &mut [f32],
+) -> XentSum {
     let n = resized_images("resized_softmax_xent", x.len(), labels.len(), k, (h, w), (oh, ow));
     assert!(g.len() == x.len(), "resized_softmax_xent: shapes");
     let (p, q) = (h * w, oh * ow);
@@ -190,7 +265,7 @@ pub fn resized_softmax_xent_at(
     let mut sum = XentSum::default();
     for img in 0..n {
         let up = resize.up(level, &x[img * k * p..(img + 1) * k * p]);
-        let s = softmax_xent_at(level, up, &labels[img * q..(img + 1) * q], k, q, scale, &mut gu);
+        let s = smoothed_softmax_xent_at(level, up, &labels[img * q..(img + 1) * q], k, q, scale, eps, &mut gu);
         sum.loss += s.loss;
         sum.count += s.count;
         resize.back(level, &gu, &mut g[img * k * p..(img + 1) * k * p]);

@@ -18,8 +18,8 @@ pub use flops::Flops;
 pub use keys::{KeyKind, KeySpec};
 pub use plan::{AttnSpec, BlockSpec, StemSpec, WindowGeom, conv_out, conv_pad};
 pub use tasks::{
-    ASPP_DILATIONS, DenseConfig, DenseFlops, HEAD_CHANNELS, HeadAct, HeadConv, PSP_SCALES, RETINA_ANCHORS, SEG_BN_EPS,
-    SSD_ANCHORS, SSD_BN_EPS, SSD_BN_MOMENTUM, SSD_EXTRA, SsdLevel, Task, conv_len, live_taps,
+    ASPP_DILATIONS, DenseConfig, DenseFlops, HEAD_CHANNELS, HeadAct, HeadConv, PSP_SCALES, RETINA_ANCHORS, SE_LAYER,
+    SEG_BN_EPS, SSD_ANCHORS, SSD_BN_EPS, SSD_BN_MOMENTUM, SSD_EXTRA, SsdLevel, Task, conv_len, live_taps,
 };
 
 /// Errors of this crate.

@@ -140,6 +140,12 @@ pub fn live_taps(n: usize, k: usize, stride: usize, pad: usize, dilation: usize)
 }
 
 impl HeadConv {
+    /// A conv that only training runs: the auxiliary FCN head's and the semantic-encoding
+    /// layer ([`SE_LAYER`]); inference engines skip them.
+    pub fn training_only(&self) -> bool {
+        self.key.starts_with("auxiliary_head") || self.key.starts_with(SE_LAYER)
+    }
+
     /// Output length along one side of `n` input positions.
     pub fn out_len(&self, n: usize) -> usize {
         conv_len(n, self.k, self.stride, self.pad, self.dilation)
@@ -192,7 +198,17 @@ pub struct DenseConfig {
     pub num_classes: usize,
     /// Input (H, W) the model is trained and evaluated at.
     pub input: (usize, usize),
+    /// Segmentation, training only: EncNet's semantic-encoding ("SE") layer,
+    /// `decode_head.se_layer`, a linear classifier of stage 4's average-pooled features that
+    /// predicts which classes an image holds (`SE_LAYER`); not part of the inference model
+    /// (no official DeepLabv3 / PSPNet checkpoint has it).
+    #[serde(default)]
+    pub se_layer: bool,
 }
+
+/// The state-dict key prefix of the training-only semantic-encoding layer
+/// ([`DenseConfig::se_layer`]).
+pub const SE_LAYER: &str = "decode_head.se_layer";
 
 impl DenseConfig {
     /// The official configuration of `task` on `variant`: EMO-5M uses window 10 for detection
@@ -202,7 +218,7 @@ impl DenseConfig {
         if variant == Variant::Emo5M {
             backbone = backbone.with_window_size(if task.is_detection() { 10 } else { 16 });
         }
-        DenseConfig { task, backbone, num_classes, input }
+        DenseConfig { task, backbone, num_classes, input, se_layer: false }
     }
 
     /// The paper's setting: COCO/ADE20K classes at the paper's input size.
@@ -217,6 +233,9 @@ impl DenseConfig {
         }
         if self.num_classes == 0 || self.input.0 == 0 || self.input.1 == 0 {
             return Err(SpecError::Invalid("a dense model needs classes > 0 and a non-empty input".into()));
+        }
+        if self.se_layer && self.task.is_detection() {
+            return Err(SpecError::Invalid("the semantic-encoding layer is for segmentation models".into()));
         }
         Ok(())
     }
@@ -393,6 +412,11 @@ impl DenseConfig {
                     hw[3],
                 );
                 conv("auxiliary_head.convs.0.conv".into(), dims[3], c, 3, 1, 1, 1, false, true, r, hw[3]);
+                if self.se_layer {
+                    // A linear layer on the pooled features, as a 1x1 conv.
+                    let (k, none) = (self.num_classes, HeadAct::None);
+                    conv(SE_LAYER.into(), c4, k, 1, 1, 1, 1, true, false, none, (1, 1));
+                }
             }
         }
         v
@@ -440,8 +464,7 @@ impl DenseConfig {
     /// FLOPs of one image at `self.input`, by part (see [`DenseFlops`]).
     pub fn flops(&self) -> DenseFlops {
         let convs = self.head_convs();
-        let sum =
-            |aux: bool| convs.iter().filter(|c| c.key.starts_with("auxiliary_head") == aux).map(HeadConv::flops).sum();
+        let sum = |aux: bool| convs.iter().filter(|c| c.training_only() == aux).map(HeadConv::flops).sum();
         DenseFlops { backbone: self.backbone.flops(self.input.0, self.input.1), head: sum(false), aux: sum(true) }
     }
 
@@ -487,7 +510,8 @@ pub struct DenseFlops {
     pub backbone: crate::Flops,
     /// Neck and (decode / detection) head.
     pub head: u64,
-    /// The auxiliary FCN head (training only; 0 for detection).
+    /// The training-only heads: the auxiliary FCN head (0 for detection) and, when configured,
+    /// the semantic-encoding layer.
     pub aux: u64,
 }
 

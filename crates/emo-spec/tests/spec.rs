@@ -143,6 +143,32 @@ mod tasks {
             assert!(names.iter().any(|k| k.starts_with("backbone.stage4.")));
         }
     }
+
+    /// The training-only SE layer: a [classes, stage-4 channels] linear layer (as a 1x1 conv)
+    /// under `decode_head.se_layer`, counted with the auxiliary head, not in inference FLOPs;
+    /// segmentation only.
+    #[test]
+    fn se_layer_is_a_training_only_linear_layer() {
+        use emo_spec::SE_LAYER;
+        let plain = DenseConfig::new(Task::DeepLabV3, Variant::Emo1M, 11, (192, 192));
+        let se = DenseConfig { se_layer: true, ..plain.clone() };
+        let conv = se.head_conv(SE_LAYER);
+        assert_eq!((conv.cin, conv.cout, conv.k, conv.bias, conv.bn.is_some()), (168, 11, 1, true, false));
+        assert!(conv.training_only() && !plain.head_convs().iter().any(|c| c.key == SE_LAYER));
+        assert_eq!(se.num_params(), plain.num_params() + 168 * 11 + 11);
+        assert_eq!(se.flops().inference(), plain.flops().inference());
+        assert_eq!(se.flops().aux, plain.flops().aux + 168 * 11);
+        let keys: Vec<String> = se.state_dict_keys().into_iter().map(|k| k.name).collect();
+        assert!(keys.contains(&format!("{SE_LAYER}.weight")) && keys.contains(&format!("{SE_LAYER}.bias")));
+        assert!(
+            DenseConfig { se_layer: true, ..DenseConfig::paper(Task::SsdLite, Variant::Emo1M) }.validate().is_err()
+        );
+        assert!(se.validate().is_ok());
+        // A config written before the field existed reads as without it.
+        let mut json = serde_json::to_value(&plain).unwrap();
+        json.as_object_mut().unwrap().remove("se_layer");
+        assert_eq!(serde_json::from_value::<DenseConfig>(json).unwrap(), plain);
+    }
 }
 
 #[test]
