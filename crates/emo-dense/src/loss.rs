@@ -238,9 +238,9 @@ pub fn seg_ce_with(
     let scale = 1.0 / count.max(1) as f32;
     let mut grad = vec![0f32; values.len()];
     let sum = if (h, w) == hw {
-        emo_kernels::xent::smoothed_softmax_xent(&values, labels, k, h * w, scale, smoothing, &mut grad)
+        emo_kernels::xent::softmax_xent(&values, labels, k, h * w, scale, smoothing, &mut grad)
     } else {
-        emo_kernels::xent::smoothed_resized_softmax_xent(&values, (h, w), labels, hw, k, scale, smoothing, &mut grad)
+        emo_kernels::xent::resized_softmax_xent(&values, (h, w), labels, hw, k, scale, smoothing, &mut grad)
     };
     let loss = Tensor::<1>::from_data(TensorData::new(vec![(sum.loss * scale as f64) as f32], [1]), &device);
     if !logits.is_tracked() {

@@ -220,6 +220,13 @@ fn cfg(task: Task, data: &Path) -> DenseTrainConfig {
     c
 }
 
+/// A trainer that prints nothing.
+fn quiet(t: Result<DenseTrainer, DenseError>) -> DenseTrainer {
+    let mut t = t.unwrap();
+    t.verbose = false;
+    t
+}
+
 #[test]
 fn training_resumes_exactly_and_learns() {
     let _g = serial();
@@ -238,16 +245,9 @@ fn training_resumes_exactly_and_learns() {
             // and keeps an EMA of its weights, which must resume exactly too.
             c.ema_decay = 0.9;
         }
-        let mut ta = DenseTrainer::new(c.clone(), &a, device.clone()).unwrap();
-        ta.verbose = false;
-        let full = ta.run(None).unwrap();
-        let mut tb = DenseTrainer::new(c.clone(), &b, device.clone()).unwrap();
-        tb.verbose = false;
-        tb.run(Some(1)).unwrap();
-        drop(tb);
-        let mut tb = DenseTrainer::resume(&b, device.clone()).unwrap();
-        tb.verbose = false;
-        let rest = tb.run(None).unwrap();
+        let full = quiet(DenseTrainer::new(c.clone(), &a, device.clone())).run(None).unwrap();
+        quiet(DenseTrainer::new(c.clone(), &b, device.clone())).run(Some(1)).unwrap();
+        let rest = quiet(DenseTrainer::resume(&b, device.clone())).run(None).unwrap();
         assert_eq!(rest.len(), 1);
         assert_eq!(full[1].train_loss, rest[0].train_loss, "{task}: resumed loss differs");
         let (ma, mb) = (
@@ -288,13 +288,8 @@ fn se_loss_layer_trains_resumes_and_stays_out_of_the_exported_weights() {
     let (a, b) = (tmp("se-a"), tmp("se-b"));
     let mut c = cfg(Task::DeepLabV3, &data);
     (c.epoch_images, c.ema_decay, c.se_weight, c.label_smoothing) = (16, 0.9, 0.2, 0.1);
-    let mut ta = DenseTrainer::new(c.clone(), &a, device.clone()).unwrap();
-    ta.verbose = false;
-    let full = ta.run(None).unwrap();
-    let mut tb = DenseTrainer::new(c.clone(), &b, device.clone()).unwrap();
-    tb.verbose = false;
-    tb.run(Some(1)).unwrap();
-    drop(tb);
+    let full = quiet(DenseTrainer::new(c.clone(), &a, device.clone())).run(None).unwrap();
+    quiet(DenseTrainer::new(c.clone(), &b, device.clone())).run(Some(1)).unwrap();
     let se = |d: &Path, file: &str| {
         let sd = emo_weights::load(d.join(file)).unwrap();
         sd.get("decode_head.se_layer.weight").map(|t| t.as_f32().unwrap().to_vec())
@@ -302,9 +297,7 @@ fn se_loss_layer_trains_resumes_and_stays_out_of_the_exported_weights() {
     let after_one = se(&b, "checkpoint/model.safetensors").expect("the checkpoint keeps the SE layer");
     assert_eq!(after_one.len(), 3 * 168, "SE layer: 3 classes x EMO-1M's 168 stage-4 channels");
     assert!(se(&b, "checkpoint/ema.safetensors").is_some());
-    let mut tb = DenseTrainer::resume(&b, device.clone()).unwrap();
-    tb.verbose = false;
-    let rest = tb.run(None).unwrap();
+    let rest = quiet(DenseTrainer::resume(&b, device.clone())).run(None).unwrap();
     assert_eq!(full[1].train_loss, rest[0].train_loss, "resumed loss differs");
     let read = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
     assert!(read(&a) == read(&b), "resumed weights differ");

@@ -298,9 +298,9 @@ pub fn conv_nchw(x: &[f32], w: &[f32], g: &[f32], p: &crate::convgrad::ConvPlan)
     (f(y), f(gx), f(gw))
 }
 
-/// Reference of `xent::smoothed_softmax_xent` (f64, libm exp / ln): the gradient
+/// Reference of `xent::softmax_xent` (f64, libm exp / ln): the gradient
 /// `scale * (softmax - target)` with `target = (1 - eps) * onehot + eps / k` (0 on uncounted
-/// pixels), the loss sum `-sum target * log softmax` and the count. `eps = 0`: `softmax_xent`.
+/// pixels), the loss sum `-sum target * log softmax` and the count.
 pub fn softmax_xent(x: &[f32], labels: &[u8], k: usize, p: usize, scale: f32, eps: f64) -> (Vec<f32>, f64, usize) {
     let n = labels.len() / p;
     let mut g = vec![0f32; x.len()];

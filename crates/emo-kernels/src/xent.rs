@@ -24,44 +24,19 @@ pub struct XentSum {
 
 /// Pixel softmax cross-entropy of logits `x` (`[n, k, p]`: `n` images, `k` classes, `p` pixels
 /// per image, NCHW order) against `labels` (`[n, p]`; a label `>= k`, such as the ignore index
-/// 255, is not counted). Writes `g = scale * (softmax(x) - onehot(label))` for counted pixels
-/// and 0 for the others (`g` has `x`'s layout), and returns the unscaled loss sum and count.
-pub fn softmax_xent(x: &[f32], labels: &[u8], k: usize, p: usize, scale: f32, g: &mut [f32]) -> XentSum {
-    softmax_xent_at(crate::isa::level(), x, labels, k, p, scale, g)
+/// 255, is not counted), with label smoothing `eps` (PyTorch's
+/// `CrossEntropyLoss(label_smoothing=eps)`; 0: none): the target of a counted pixel is
+/// `t = (1 - eps) * onehot(label) + eps / k`. Writes `g = scale * (softmax(x) - t)` for counted
+/// pixels and 0 for the others (`g` has `x`'s layout), and returns the unscaled loss sum
+/// (`-sum t * log softmax(x)` over counted pixels) and count.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_xent(x: &[f32], labels: &[u8], k: usize, p: usize, scale: f32, eps: f32, g: &mut [f32]) -> XentSum {
+    softmax_xent_at(crate::isa::level(), x, labels, k, p, scale, eps, g)
 }
 
 /// [`softmax_xent`] at an explicit ISA level (one the CPU supports: see `isa::available`).
-pub fn softmax_xent_at(
-    level: crate::isa::Level,
-    x: &[f32],
-    labels: &[u8],
-    k: usize,
-    p: usize,
-    scale: f32,
-    g: &mut [f32],
-) -> XentSum {
-    smoothed_softmax_xent_at(level, x, labels, k, p, scale, 0.0, g)
-}
-
-/// [`softmax_xent`] with label smoothing `eps` (PyTorch's `CrossEntropyLoss(label_smoothing=eps)`):
-/// the target is `(1 - eps) * onehot(label) + eps / k` on every class, so a counted pixel's loss is
-/// `-(1 - eps) * log p[label] - eps * mean_c log p[c]` and its gradient
-/// `scale * (softmax - (1 - eps) * onehot - eps / k)`. `eps == 0` is [`softmax_xent`] exactly.
-pub fn smoothed_softmax_xent(
-    x: &[f32],
-    labels: &[u8],
-    k: usize,
-    p: usize,
-    scale: f32,
-    eps: f32,
-    g: &mut [f32],
-) -> XentSum {
-    smoothed_softmax_xent_at(crate::isa::level(), x, labels, k, p, scale, eps, g)
-}
-
-/// [`smoothed_softmax_xent`] at an explicit ISA level (one the CPU supports: see `isa::available`).
 #[allow(clippy::too_many_arguments)]
-pub fn smoothed_softmax_xent_at(
+pub fn softmax_xent_at(
     level: crate::isa::Level,
     x: &[f32],
     labels: &[u8],
@@ -193,44 +168,17 @@ pub fn bilinear_taps(n: usize, m: usize) -> Vec<Tap> {
         .collect()
 }
 
-/// [`softmax_xent`] of logits computed at `(h, w)` and bilinearly resized to the labels' `(oh, ow)`
-/// (the segmentation loss of mmseg: logits resized to the label map, align_corners false), with
-/// the gradient of the small logits: `g` has `x`'s layout `[n, k, h * w]`.
+/// [`softmax_xent`] (label smoothing `eps`) of logits computed at `(h, w)` and bilinearly
+/// resized to the labels' `(oh, ow)` (the segmentation loss of mmseg: logits resized to the label
+/// map, align_corners false), with the gradient of the small logits: `g` has `x`'s layout
+/// `[n, k, h * w]`.
 ///
 /// The same numbers as resizing with burn ops, taking the loss and back-propagating through the
 /// resize, but one image at a time in two `[k, oh * ow]` scratch planes: the resized logits and
 /// their gradient never exist for the whole batch (at 192x192 with 11 classes and a batch of 8,
 /// 13 MB each) and the resize is two taps per output instead of a dense matrix product.
+#[allow(clippy::too_many_arguments)]
 pub fn resized_softmax_xent(
-    x: &[f32],
-    (h, w): (usize, usize),
-    labels: &[u8],
-    (oh, ow): (usize, usize),
-    k: usize,
-    scale: f32,
-    g: &mut [f32],
-) -> XentSum {
-    resized_softmax_xent_at(crate::isa::level(), x, (h, w), labels, (oh, ow), k, scale, g)
-}
-
-/// [`resized_softmax_xent`] at an explicit ISA level (one the CPU supports: see `isa::available`).
-#[allow(clippy::too_many_arguments)]
-pub fn resized_softmax_xent_at(
-    level: crate::isa::Level,
-    x: &[f32],
-    (h, w): (usize, usize),
-    labels: &[u8],
-    (oh, ow): (usize, usize),
-    k: usize,
-    scale: f32,
-    g: &mut [f32],
-) -> XentSum {
-    smoothed_resized_softmax_xent_at(level, x, (h, w), labels, (oh, ow), k, scale, 0.0, g)
-}
-
-/// [`resized_softmax_xent`] with label smoothing `eps` (see [`smoothed_softmax_xent`]).
-#[allow(clippy::too_many_arguments)]
-pub fn smoothed_resized_softmax_xent(
     x: &[f32],
     (h, w): (usize, usize),
     labels: &[u8],
@@ -240,13 +188,12 @@ pub fn smoothed_resized_softmax_xent(
     eps: f32,
     g: &mut [f32],
 ) -> XentSum {
-    smoothed_resized_softmax_xent_at(crate::isa::level(), x, (h, w), labels, (oh, ow), k, scale, eps, g)
+    resized_softmax_xent_at(crate::isa::level(), x, (h, w), labels, (oh, ow), k, scale, eps, g)
 }
 
-/// [`smoothed_resized_softmax_xent`] at an explicit ISA level (one the CPU supports: see
-/// `isa::available`).
+/// [`resized_softmax_xent`] at an explicit ISA level (one the CPU supports: see `isa::available`).
 #[allow(clippy::too_many_arguments)]
-pub fn smoothed_resized_softmax_xent_at(
+pub fn resized_softmax_xent_at(
     level: crate::isa::Level,
     x: &[f32],
     (h, w): (usize, usize),
@@ -265,7 +212,7 @@ pub fn smoothed_resized_softmax_xent_at(
     let mut sum = XentSum::default();
     for img in 0..n {
         let up = resize.up(level, &x[img * k * p..(img + 1) * k * p]);
-        let s = smoothed_softmax_xent_at(level, up, &labels[img * q..(img + 1) * q], k, q, scale, eps, &mut gu);
+        let s = softmax_xent_at(level, up, &labels[img * q..(img + 1) * q], k, q, scale, eps, &mut gu);
         sum.loss += s.loss;
         sum.count += s.count;
         resize.back(level, &gu, &mut g[img * k * p..(img + 1) * k * p]);
@@ -360,7 +307,7 @@ pub fn resized_label_prob_at(
         let logits = if (h, w) == (oh, ow) { xi } else { resize.up(level, xi) };
         // The fused pass writes softmax - onehot: at the label's channel that is p - 1.
         let li = &labels[img * q..(img + 1) * q];
-        softmax_xent_at(level, logits, li, k, q, 1.0, &mut gu);
+        softmax_xent_at(level, logits, li, k, q, 1.0, 0.0, &mut gu);
         for (j, (&l, pr)) in li.iter().zip(&mut prob[img * q..(img + 1) * q]).enumerate() {
             if (l as usize) < k {
                 *pr = (gu[l as usize * q + j] + 1.0).clamp(0.0, 1.0);

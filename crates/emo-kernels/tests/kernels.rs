@@ -486,7 +486,7 @@ fn activation_gradients_match_reference() {
 /// max were not subtracted), and one class.
 #[test]
 fn pixel_cross_entropy_matches_reference() {
-    use emo_kernels::xent::{smoothed_softmax_xent_at, softmax_xent_at};
+    use emo_kernels::xent::softmax_xent_at;
     let cases = [(2, 11, 13 * 11, 1.0), (3, 5, 64, 0.01), (1, 2, 200, 0.5), (2, 1, 7, 1.0), (1, 19, 150, 1.0)];
     for (n, k, p, scale) in cases {
         let mut x: Vec<f32> = rnd(n * k * p, 11).iter().map(|v| v * 8.0).collect();
@@ -506,18 +506,9 @@ fn pixel_cross_entropy_matches_reference() {
             assert!(want_count > 0 && want_count < n * p);
             for l in available() {
                 let mut g = vec![f32::NAN; x.len()];
-                let got = if eps == 0.0 {
-                    softmax_xent_at(l, &x, &labels, k, p, scale, &mut g)
-                } else {
-                    smoothed_softmax_xent_at(l, &x, &labels, k, p, scale, eps, &mut g)
-                };
+                let got = softmax_xent_at(l, &x, &labels, k, p, scale, eps, &mut g);
                 let what = format!("{l:?} n{n} k{k} p{p} eps {eps}");
-                assert_eq!(got.count, want_count, "{what}");
-                assert!(
-                    (got.loss - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()),
-                    "{what}: loss {} vs {want_loss}",
-                    got.loss
-                );
+                same_loss_sum(got, want_loss, want_count, &what);
                 let d = max_diff(&g, &want_g);
                 assert!(d <= 1e-6 * scale.max(1.0), "{what}: gradient differs by {d}");
             }
@@ -525,26 +516,28 @@ fn pixel_cross_entropy_matches_reference() {
     }
 }
 
-/// Label smoothing 0 is the plain loss bit for bit, and smoothing raises the loss of confident
-/// right answers (the smoothed target is not one-hot).
+/// A pixel-loss kernel's sum against the reference's: the same count, the loss to 1e-5.
+fn same_loss_sum(got: emo_kernels::xent::XentSum, want_loss: f64, want_count: usize, what: &str) {
+    assert_eq!(got.count, want_count, "{what}");
+    assert!((got.loss - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()), "{what}: loss {} vs {want_loss}", got.loss);
+}
+
+/// Label smoothing raises the loss of a confident right answer (the smoothed target is not
+/// one-hot) and moves its gradient from the label to the other classes, `eps / k` each.
 #[test]
-fn label_smoothing_zero_is_the_plain_loss() {
-    use emo_kernels::xent::{smoothed_softmax_xent, softmax_xent};
-    let (n, k, p) = (2, 11, 100);
-    let x: Vec<f32> = rnd(n * k * p, 41).iter().map(|v| v * 5.0).collect();
-    let labels = random_labels(n * p, k, 42, (13, 5));
-    let (mut g0, mut g1) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-    let plain = softmax_xent(&x, &labels, k, p, 0.5, &mut g0);
-    let zero = smoothed_softmax_xent(&x, &labels, k, p, 0.5, 0.0, &mut g1);
-    assert_eq!(plain, zero);
-    assert_eq!(g0, g1);
-    // One confident right pixel: its loss grows with the smoothing.
+fn label_smoothing_spreads_the_target() {
+    use emo_kernels::xent::softmax_xent;
+    let k = 11;
     let mut one = vec![0f32; k];
     one[3] = 20.0;
-    let mut g = vec![0f32; k];
-    let sharp = softmax_xent(&one, &[3], k, 1, 1.0, &mut g).loss;
-    let smooth = smoothed_softmax_xent(&one, &[3], k, 1, 1.0, 0.1, &mut g).loss;
+    let (mut g0, mut g1) = (vec![0f32; k], vec![0f32; k]);
+    let sharp = softmax_xent(&one, &[3], k, 1, 1.0, 0.0, &mut g0).loss;
+    let smooth = softmax_xent(&one, &[3], k, 1, 1.0, 0.1, &mut g1).loss;
     assert!(sharp < 1e-6 && smooth > 1.0, "{sharp} {smooth}");
+    for c in 0..k {
+        let want = if c == 3 { g0[c] + 0.1 - 0.1 / k as f32 } else { g0[c] - 0.1 / k as f32 };
+        assert!((g1[c] - want).abs() <= 1e-6, "class {c}: {} vs {want}", g1[c]);
+    }
 }
 
 /// Training-mode BatchNorm (statistics, normalisation, backward) against the f64 reference at
@@ -617,7 +610,7 @@ fn resized_label_probabilities_match_reference() {
 /// head's 12x12 logits at a 192x192 label map, odd sizes, a shrinking resize, ignored pixels.
 #[test]
 fn resized_pixel_cross_entropy_matches_reference() {
-    use emo_kernels::xent::{resized_softmax_xent_at, smoothed_resized_softmax_xent_at};
+    use emo_kernels::xent::resized_softmax_xent_at;
     let cases = [
         (2, 11, (6, 6), (192, 192), 1.0),
         (1, 11, (12, 12), (192, 192), 0.4),
@@ -637,18 +630,9 @@ fn resized_pixel_cross_entropy_matches_reference() {
             assert!(largest > 0.0);
             for l in available() {
                 let mut g = vec![f32::NAN; x.len()];
-                let got = if eps == 0.0 {
-                    resized_softmax_xent_at(l, &x, (h, w), &labels, (oh, ow), k, scale, &mut g)
-                } else {
-                    smoothed_resized_softmax_xent_at(l, &x, (h, w), &labels, (oh, ow), k, scale, eps, &mut g)
-                };
+                let got = resized_softmax_xent_at(l, &x, (h, w), &labels, (oh, ow), k, scale, eps, &mut g);
                 let what = format!("{l:?} n{n} k{k} {h}x{w} -> {oh}x{ow} eps {eps}");
-                assert_eq!(got.count, want_count, "{what}");
-                assert!(
-                    (got.loss - want_loss).abs() <= 1e-5 * (1.0 + want_loss.abs()),
-                    "{what}: loss {} vs {want_loss}",
-                    got.loss
-                );
+                same_loss_sum(got, want_loss, want_count, &what);
                 let d = max_diff(&g, &want_g);
                 assert!(d <= 1e-5 * largest, "{what}: gradient differs by {d} (largest {largest})");
             }
