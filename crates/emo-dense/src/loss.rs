@@ -304,16 +304,11 @@ pub fn seg_loss_with(
     smoothing: f32,
 ) -> Loss {
     let main = seg_ce_with(logits, labels, hw, ohem, smoothing);
-    let mut parts = vec![("seg", scalar(main.clone()))];
-    let total = match aux {
-        Some(a) => {
-            let l = seg_ce_with(a, labels, hw, None, smoothing).mul_scalar(aux_weight);
-            parts.push(("aux", scalar(l.clone())));
-            main + l
-        }
-        None => main,
-    };
-    Loss { total, parts }
+    let loss = Loss { parts: vec![("seg", scalar(main.clone()))], total: main };
+    match aux {
+        Some(a) => loss.plus("aux", seg_ce_with(a, labels, hw, None, smoothing).mul_scalar(aux_weight)),
+        None => loss,
+    }
 }
 
 /// EncNet's semantic-encoding loss: binary cross-entropy (mean over images and classes, mmseg's

@@ -794,16 +794,15 @@ impl DenseTrainer {
     /// Evaluate the current weights on the validation split.
     pub fn evaluate(&self) -> Result<Eval, DenseError> {
         if emo_model::ops::on_flex(&self.device) {
-            return self.evaluate_weights(&self.model().state_dict());
+            return self.evaluate_weights(&inference_weights(self.model().state_dict()));
         }
         evaluate(&self.model().valid(), &self.val, &self.device)
     }
 
-    /// Evaluate weights under the model's key names: on the CPU with the fast engine (the same
-    /// numbers to float rounding, in about half the time), else with the burn model on the
-    /// run's device.
+    /// Evaluate weights of the card's model (no training-only layer: see [`inference_weights`])
+    /// under the model's key names: on the CPU with the fast engine (the same numbers to float
+    /// rounding, in about half the time), else with the burn model on the run's device.
     fn evaluate_weights(&self, sd: &StateDict) -> Result<Eval, DenseError> {
-        let sd = &inference_weights(sd.clone());
         if emo_model::ops::on_flex(&self.device) {
             let fast = crate::fast::FastDense::from_state_dict(&self.card.model, sd)?;
             return evaluate(&fast, &self.val, &self.device);
@@ -817,9 +816,11 @@ impl DenseTrainer {
         self.ema.as_ref().map(|e| e.state_dict(&self.model().state_dict()))
     }
 
-    /// Evaluate the EMA weights on the validation split (runs with `ema_decay`).
+    /// Evaluate the EMA weights on the validation split (runs with `ema_decay`); returns them
+    /// as [`inference_weights`], what `best.safetensors` keeps.
     pub fn evaluate_ema(&self) -> Result<Option<(Eval, StateDict)>, DenseError> {
         let Some(sd) = self.ema_state_dict() else { return Ok(None) };
+        let sd = inference_weights(sd);
         Ok(Some((self.evaluate_weights(&sd)?, sd)))
     }
 
@@ -901,7 +902,7 @@ impl DenseTrainer {
                 self.state.best = m.key_metric();
                 let best = self.dir.join("best.safetensors");
                 match ema_ev.as_ref().filter(|_| m.ema_metric().is_some_and(|e| e > m.raw_metric())) {
-                    Some((_, sd)) => emo_weights::save_safetensors(&inference_weights(sd.clone()), best)?,
+                    Some((_, sd)) => emo_weights::save_safetensors(sd, best)?,
                     None => emo_weights::save_safetensors(&inference_weights(self.model().state_dict()), best)?,
                 }
             }
