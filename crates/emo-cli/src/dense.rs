@@ -221,6 +221,8 @@ pub struct EvalArgs<'a> {
     pub precise_bn: usize,
     /// Write the (recalibrated) weights here.
     pub save_weights: Option<&'a Path>,
+    /// Detection: write the detections here as a COCO results file.
+    pub results: Option<&'a Path>,
     pub engine: EngineKind,
 }
 
@@ -246,6 +248,10 @@ fn aug_description(aug: &SegAug) -> String {
 pub fn eval(a: &EvalArgs) -> Result<()> {
     let EvalArgs { task, weights, card, data, split, limit, flip, .. } = *a;
     ensure!(!((flip || !a.scales.is_empty()) && task.is_detection()), "--flip and --scales are segmentation options");
+    ensure!(
+        a.results.is_none() || task.is_detection(),
+        "--results writes detections (COCO results); for segmentation `emo segment --label-maps` writes the predicted label maps"
+    );
     let aug = seg_aug(flip, a.scales.clone())?;
     ensure!(
         a.save_weights.is_none() || a.precise_bn > 0,
@@ -275,7 +281,16 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         d.classes(),
         card.classes
     );
-    let e = evaluate_with(model.as_ref(), &d, &device, &aug)?;
+    let e = match (a.results, &d) {
+        (Some(path), emo_dense::train::DenseData::Det(det)) => {
+            let dets = emo_dense::train::detections_on(model.as_ref(), det, &device, model.eval_threads())?;
+            let json = serde_json::to_vec(&dets).context("serialising the detections")?;
+            emo_weights::write_atomic(path, &json).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {} detections on {} images to {} (COCO results)", dets.len(), d.len(), path.display());
+            emo_dense::train::coco_of(det, &dets)
+        }
+        _ => evaluate_with(model.as_ref(), &d, &device, &aug)?,
+    };
     let how = aug_description(&aug);
     println!("{} on {} ({split}, {} images{how}): {}", card.model.task, data.display(), d.len(), describe(&e));
     // Per-class table, as mmdet's `classwise` / mmseg's evaluation print it.

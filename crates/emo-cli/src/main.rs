@@ -153,6 +153,11 @@ enum Cmd {
         /// is written beside them if none is there).
         #[arg(long)]
         save_weights: Option<PathBuf>,
+        /// Detection: also write the detections as a COCO results file here (a JSON list of
+        /// {image_id, category_id, bbox [x, y, w, h] in the image's pixels, score}, as mmdet's
+        /// `--format-only` and pycocotools' `loadRes` use).
+        #[arg(long)]
+        results: Option<PathBuf>,
         /// Dense tasks: which implementation runs the model: `fast` (the fused CPU engine,
         /// emo-infer) or `burn` (the trainable model on --backend). Default: fast, or burn when
         /// --backend names another backend than flex.
@@ -570,6 +575,7 @@ fn main() -> Result<()> {
             scales,
             precise_bn,
             save_weights,
+            results,
             engine,
             ..
         } => dense::eval(&dense::EvalArgs {
@@ -583,6 +589,7 @@ fn main() -> Result<()> {
             scales,
             precise_bn,
             save_weights: save_weights.as_deref(),
+            results: results.as_deref(),
             engine: dense_engine(engine),
         }),
         Cmd::Eval { variant, weights, data, size, engine, .. } => {

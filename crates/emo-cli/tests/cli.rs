@@ -407,6 +407,48 @@ fn info_task_prints_the_paper_tables() {
     assert!(!o.status.success() && stderr(&o).contains("unknown task"), "{}", stderr(&o));
 }
 
+/// A COCO results file written by `emo eval --results`: every detection names an image and a
+/// category of the annotation file, and scoring the file against that file's boxes gives the
+/// line `emo eval` printed, by our COCO evaluation and (when installed) by pycocotools.
+fn check_coco_results(results: &Path, annotations: &Path, printed: &str) {
+    use emo_dense::metrics::{CocoStats, DetBox, GtBox, coco_map};
+    let dets: Vec<DetBox> = serde_json::from_slice(&std::fs::read(results).unwrap()).unwrap();
+    let gt: serde_json::Value = serde_json::from_slice(&std::fs::read(annotations).unwrap()).unwrap();
+    let ids = |k: &str| -> Vec<u64> { gt[k].as_array().unwrap().iter().map(|v| v["id"].as_u64().unwrap()).collect() };
+    let (image_ids, category_ids) = (ids("images"), ids("categories"));
+    assert!(!dets.is_empty(), "no detections written");
+    for det in &dets {
+        assert!(image_ids.contains(&det.image_id) && category_ids.contains(&det.category_id), "{det:?}");
+        assert!(det.bbox[2] >= 0.0 && det.bbox[3] >= 0.0 && (0.0..=1.0).contains(&det.score), "{det:?}");
+    }
+    let gts: Vec<GtBox> = gt["annotations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| GtBox {
+            image_id: a["image_id"].as_u64().unwrap(),
+            category_id: a["category_id"].as_u64().unwrap(),
+            bbox: std::array::from_fn(|i| a["bbox"][i].as_f64().unwrap()),
+            area: a["area"].as_f64().unwrap(),
+            iscrowd: a["iscrowd"].as_u64() == Some(1),
+        })
+        .collect();
+    let ours = coco_map(&gts, &dets, &image_ids, &category_ids).to_string();
+    assert!(printed.contains(&ours), "{printed} against the file: {ours}");
+    let has_pycocotools =
+        Command::new("python3").args(["-c", "import pycocotools"]).status().is_ok_and(|s| s.success());
+    if has_pycocotools {
+        let script = root().join("scripts/coco_reference.py");
+        let o = Command::new("python3").arg(script).arg(annotations).arg(results).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let stats: Vec<f64> = serde_json::from_slice(&o.stdout).unwrap();
+        let reference = CocoStats::from_array(std::array::from_fn(|i| stats[i])).to_string();
+        assert!(printed.contains(&reference), "{printed} against pycocotools: {stats:?}");
+    } else {
+        eprintln!("pycocotools not installed: the results file is checked against our COCO evaluation only");
+    }
+}
+
 #[test]
 fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
     let data = tmp("canvas");
@@ -536,6 +578,18 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         assert!(s.lines().any(|l| l.starts_with("class") && l.contains(header)), "{s}");
         for class in ["t-shirt", "ankle-boot"] {
             assert!(s.lines().any(|l| l.starts_with(class)), "no row for {class}: {s}");
+        }
+        // --results: the scored detections as a COCO results file.
+        let results = run.join("dets.json");
+        let args = ["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d];
+        let o = emo(&[&args[..], &["--results", results.to_str().unwrap()]].concat());
+        if task == "ssdlite" {
+            assert!(o.status.success() && stderr(&o).contains("COCO results"), "{}", stderr(&o));
+            assert_eq!(stdout(&o).lines().next(), s.lines().next(), "--results changes nothing in the scores");
+            check_coco_results(&results, &data.join("annotations/instances_val.json"), s.lines().next().unwrap());
+        } else {
+            assert!(!o.status.success() && stderr(&o).contains("--label-maps"), "{}", stderr(&o));
+            assert!(!results.exists());
         }
         // --engine is a dense-model option.
         let o = emo(&["eval", "--weights", w.to_str().unwrap(), "--engine", "burn"]);

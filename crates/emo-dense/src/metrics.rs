@@ -13,8 +13,9 @@ pub struct GtBox {
     pub iscrowd: bool,
 }
 
-/// A detection (COCO result): `bbox` is `[x, y, w, h]`.
-#[derive(Clone, Debug, PartialEq)]
+/// A detection (COCO result): `bbox` is `[x, y, w, h]`. Serialised, a list of them is a COCO
+/// results file (`pycocotools.coco.COCO.loadRes` reads it).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DetBox {
     pub image_id: u64,
     pub category_id: u64,
@@ -37,6 +38,23 @@ pub struct CocoStats {
 impl CocoStats {
     pub fn as_array(&self) -> [f64; 6] {
         [self.ap, self.ap50, self.ap75, self.ap_s, self.ap_m, self.ap_l]
+    }
+
+    /// From pycocotools' `stats` (its first six numbers).
+    pub fn from_array(s: [f64; 6]) -> Self {
+        CocoStats { ap: s[0], ap50: s[1], ap75: s[2], ap_s: s[3], ap_m: s[4], ap_l: s[5] }
+    }
+}
+
+/// `mAP 62.6 AP50 82.7 AP75 75.7 APs 40.1 APm 66.0 APl -`: percentages with one decimal, `-`
+/// where undefined (no ground truth in that area range).
+impl std::fmt::Display for CocoStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, v)) in ["mAP", "AP50", "AP75", "APs", "APm", "APl"].iter().zip(self.as_array()).enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            if v < 0.0 { write!(f, "{sep}{name} -")? } else { write!(f, "{sep}{name} {:.1}", 100.0 * v)? }
+        }
+        Ok(())
     }
 }
 

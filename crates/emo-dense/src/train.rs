@@ -380,6 +380,59 @@ pub fn load_split(
     })
 }
 
+/// The detections of `model` on every image of `d`, in the images' original pixels and the
+/// dataset's category ids (COCO results: what [`coco_of`] scores and `emo eval --results`
+/// writes), on `threads` threads (batches of 16 in one contiguous part per thread, joined in
+/// image order: the result does not depend on `threads`).
+pub fn detections_on(
+    model: &dyn DenseInfer,
+    d: &DetDataset,
+    device: &Device,
+    threads: usize,
+) -> Result<Vec<DetBox>, DenseError> {
+    const B: usize = 16;
+    // The anchors are laid out for the model's input size.
+    let hw = model.dense_config().input;
+    if d.input != hw {
+        return Err(DenseError::Data(format!("detection images loaded at {:?}, the model's input is {hw:?}", d.input)));
+    }
+    let anchors = anchors::anchors(model.dense_config());
+    let test = DetTestCfg::official(model.dense_config().task);
+    let chunks: Vec<_> = d.images.chunks(B).collect();
+    let parts = parallel::map_parts(&chunks, threads, |part| {
+        let mut dets = Vec::new();
+        for chunk in part {
+            let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
+                .without_autodiff();
+            for (img, ds) in chunk.iter().zip(detect(model, x, &anchors, &test)?) {
+                let (sx, sy) = (img.orig.1 as f64 / hw.1 as f64, img.orig.0 as f64 / hw.0 as f64);
+                for det in ds {
+                    let [x1, y1, x2, y2] = det.bbox.map(f64::from);
+                    dets.push(DetBox {
+                        image_id: img.id,
+                        category_id: d.cat_ids[det.label],
+                        bbox: [x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy],
+                        score: det.score as f64,
+                    });
+                }
+            }
+        }
+        Ok::<_, DenseError>(dets)
+    });
+    let mut dets = Vec::new();
+    for part in parts {
+        dets.extend(part?);
+    }
+    Ok(dets)
+}
+
+/// COCO mAP (and the per-category table) of `dets` against `d`'s ground truth.
+pub fn coco_of(d: &DetDataset, dets: &[DetBox]) -> Eval {
+    let ids: Vec<u64> = d.images.iter().map(|i| i.id).collect();
+    let (stats, per_class) = coco_eval(&d.gt, dets, &ids, &d.cat_ids);
+    Eval::Coco(stats, per_class)
+}
+
 /// Evaluation result of one split.
 #[derive(Clone, Debug)]
 pub enum Eval {
@@ -423,46 +476,7 @@ pub fn evaluate_on(
 ) -> Result<Eval, DenseError> {
     const B: usize = 16;
     match data {
-        DenseData::Det(d) => {
-            // The anchors are laid out for the model's input size.
-            let hw = model.dense_config().input;
-            if d.input != hw {
-                return Err(DenseError::Data(format!(
-                    "detection images loaded at {:?}, the model's input is {hw:?}",
-                    d.input
-                )));
-            }
-            let anchors = anchors::anchors(model.dense_config());
-            let test = DetTestCfg::official(model.dense_config().task);
-            let chunks: Vec<_> = d.images.chunks(B).collect();
-            let parts = parallel::map_parts(&chunks, threads, |part| {
-                let mut dets = Vec::new();
-                for chunk in part {
-                    let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
-                        .without_autodiff();
-                    for (img, ds) in chunk.iter().zip(detect(model, x, &anchors, &test)?) {
-                        let (sx, sy) = (img.orig.1 as f64 / hw.1 as f64, img.orig.0 as f64 / hw.0 as f64);
-                        for det in ds {
-                            let [x1, y1, x2, y2] = det.bbox.map(f64::from);
-                            dets.push(DetBox {
-                                image_id: img.id,
-                                category_id: d.cat_ids[det.label],
-                                bbox: [x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy],
-                                score: det.score as f64,
-                            });
-                        }
-                    }
-                }
-                Ok::<_, DenseError>(dets)
-            });
-            let mut dets = Vec::new();
-            for part in parts {
-                dets.extend(part?);
-            }
-            let ids: Vec<u64> = d.images.iter().map(|i| i.id).collect();
-            let (stats, per_class) = coco_eval(&d.gt, &dets, &ids, &d.cat_ids);
-            Ok(Eval::Coco(stats, per_class))
-        }
+        DenseData::Det(d) => Ok(coco_of(d, &detections_on(model, d, device, threads)?)),
         DenseData::Seg(d) => {
             // Fully convolutional: the images' input size need not be the model card's.
             let hw = d.input;
@@ -950,15 +964,7 @@ pub fn stream_order(seed: u64, n: usize, start: usize, len: usize) -> Vec<usize>
 /// One line for an evaluation result (percentages).
 pub fn describe(e: &Eval) -> String {
     match e {
-        Eval::Coco(c, _) => format!(
-            "mAP {:.1} AP50 {:.1} AP75 {:.1} APs {:.1} APm {:.1} APl {:.1}",
-            100.0 * c.ap,
-            100.0 * c.ap50,
-            100.0 * c.ap75,
-            100.0 * c.ap_s,
-            100.0 * c.ap_m,
-            100.0 * c.ap_l
-        ),
+        Eval::Coco(c, _) => c.to_string(),
         Eval::Seg(s, _) => format!("mIoU {:.2} aAcc {:.2} mAcc {:.2}", s.miou, s.a_acc, s.m_acc),
     }
 }
