@@ -445,6 +445,10 @@ fn check_coco_results(results: &Path, annotations: &Path, printed: &str) {
         let reference = CocoStats::from_array(std::array::from_fn(|i| stats[i])).to_string();
         assert!(printed.contains(&reference), "{printed} against pycocotools: {stats:?}");
     } else {
+        assert!(
+            std::env::var("EMO_REQUIRE_PYCOCOTOOLS").is_err(),
+            "EMO_REQUIRE_PYCOCOTOOLS is set but pycocotools is missing"
+        );
         eprintln!("pycocotools not installed: the results file is checked against our COCO evaluation only");
     }
 }
