@@ -407,38 +407,26 @@ fn info_task_prints_the_paper_tables() {
     assert!(!o.status.success() && stderr(&o).contains("unknown task"), "{}", stderr(&o));
 }
 
-/// A COCO results file written by `emo eval --results`: every detection names an image and a
-/// category of the annotation file, and scoring the file against that file's boxes gives the
-/// line `emo eval` printed, by our COCO evaluation and (when installed) by pycocotools.
-fn check_coco_results(results: &Path, annotations: &Path, printed: &str) {
-    use emo_dense::metrics::{CocoStats, DetBox, GtBox, coco_map};
+/// A COCO results file written by `emo eval --results` for the canvas set `data`: every
+/// detection names a validation image and a category, and scoring the file gives the line
+/// `emo eval` printed, by our COCO evaluation (against the boxes `emo eval` loads) and, when
+/// installed, by pycocotools (against the annotation file itself).
+fn check_coco_results(results: &Path, data: &Path, printed: &str) {
+    use emo_dense::metrics::{CocoStats, DetBox};
     let dets: Vec<DetBox> = serde_json::from_slice(&std::fs::read(results).unwrap()).unwrap();
-    let gt: serde_json::Value = serde_json::from_slice(&std::fs::read(annotations).unwrap()).unwrap();
-    let ids = |k: &str| -> Vec<u64> { gt[k].as_array().unwrap().iter().map(|v| v["id"].as_u64().unwrap()).collect() };
-    let (image_ids, category_ids) = (ids("images"), ids("categories"));
+    let val = emo_dense::data::load_coco(data, "val", (64, 64), true, 0).unwrap();
     assert!(!dets.is_empty(), "no detections written");
     for det in &dets {
-        assert!(image_ids.contains(&det.image_id) && category_ids.contains(&det.category_id), "{det:?}");
+        assert!(val.images.iter().any(|i| i.id == det.image_id) && val.cat_ids.contains(&det.category_id), "{det:?}");
         assert!(det.bbox[2] >= 0.0 && det.bbox[3] >= 0.0 && (0.0..=1.0).contains(&det.score), "{det:?}");
     }
-    let gts: Vec<GtBox> = gt["annotations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| GtBox {
-            image_id: a["image_id"].as_u64().unwrap(),
-            category_id: a["category_id"].as_u64().unwrap(),
-            bbox: std::array::from_fn(|i| a["bbox"][i].as_f64().unwrap()),
-            area: a["area"].as_f64().unwrap(),
-            iscrowd: a["iscrowd"].as_u64() == Some(1),
-        })
-        .collect();
-    let ours = coco_map(&gts, &dets, &image_ids, &category_ids).to_string();
+    let ours = emo_dense::train::describe(&emo_dense::train::coco_of(&val, &dets));
     assert!(printed.contains(&ours), "{printed} against the file: {ours}");
     let has_pycocotools =
         Command::new("python3").args(["-c", "import pycocotools"]).status().is_ok_and(|s| s.success());
     if has_pycocotools {
         let script = root().join("scripts/coco_reference.py");
+        let annotations = data.join("annotations/instances_val.json");
         let o = Command::new("python3").arg(script).arg(annotations).arg(results).output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         let stats: Vec<f64> = serde_json::from_slice(&o.stdout).unwrap();
@@ -590,7 +578,7 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         if task == "ssdlite" {
             assert!(o.status.success() && stderr(&o).contains("COCO results"), "{}", stderr(&o));
             assert_eq!(stdout(&o).lines().next(), s.lines().next(), "--results changes nothing in the scores");
-            check_coco_results(&results, &data.join("annotations/instances_val.json"), s.lines().next().unwrap());
+            check_coco_results(&results, &data, s.lines().next().unwrap());
         } else {
             assert!(!o.status.success() && stderr(&o).contains("--label-maps"), "{}", stderr(&o));
             assert!(!results.exists());
