@@ -492,7 +492,25 @@ fn recorded_task(dir: &Path) -> Option<Option<Task>> {
     }
 }
 
+/// Keep freed tensor memory in the process (glibc): heap chunks up to 32 MiB instead of glibc's
+/// dynamic mmap threshold, and no trimming of the heap's top. Training allocates and frees the
+/// same large activation buffers at every step; with glibc's defaults many of them are fresh
+/// mmaps, so every step page-faults and the kernel zeroes them again (README, "Freed memory
+/// stays in the process": about 2-3x fewer page faults and +5% training throughput on the
+/// DeepLabv3 recipe, the same peak RSS). A `GLIBC_TUNABLES` set by the user wins.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
+
 fn main() -> Result<()> {
+    tune_allocator();
     let def = Cli::command();
     let matches = def.clone().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
