@@ -496,8 +496,8 @@ fn recorded_task(dir: &Path) -> Option<Option<Task>> {
 /// dynamic mmap threshold, and no trimming of the heap's top. Training allocates and frees the
 /// same large activation buffers at every step; with glibc's defaults many of them are fresh
 /// mmaps, so every step page-faults and the kernel zeroes them again (README, "Freed memory
-/// stays in the process": about 2-3x fewer page faults and +5% training throughput on the
-/// DeepLabv3 recipe, the same peak RSS). A `GLIBC_TUNABLES` set by the user wins.
+/// stays in the process": 2-3x fewer page faults on the DeepLabv3 recipe, the same peak RSS,
+/// about +4% throughput, within the test VM's noise). A `GLIBC_TUNABLES` set by the user wins.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("GLIBC_TUNABLES").is_none() {
