@@ -380,6 +380,9 @@ pub fn load_split(
     })
 }
 
+/// Images per forward pass in evaluation.
+const EVAL_BATCH: usize = 16;
+
 /// The detections of `model` on every image of `d`, in the images' original pixels and the
 /// dataset's category ids (COCO results: what [`coco_of`] scores and `emo eval --results`
 /// writes), on `threads` threads (batches of 16 in one contiguous part per thread, joined in
@@ -390,7 +393,6 @@ pub fn detections_on(
     device: &Device,
     threads: usize,
 ) -> Result<Vec<DetBox>, DenseError> {
-    const B: usize = 16;
     // The anchors are laid out for the model's input size.
     let hw = model.dense_config().input;
     if d.input != hw {
@@ -398,7 +400,7 @@ pub fn detections_on(
     }
     let anchors = anchors::anchors(model.dense_config());
     let test = DetTestCfg::official(model.dense_config().task);
-    let chunks: Vec<_> = d.images.chunks(B).collect();
+    let chunks: Vec<_> = d.images.chunks(EVAL_BATCH).collect();
     let parts = parallel::map_parts(&chunks, threads, |part| {
         let mut dets = Vec::new();
         for chunk in part {
@@ -474,13 +476,12 @@ pub fn evaluate_on(
     aug: &SegAug,
     threads: usize,
 ) -> Result<Eval, DenseError> {
-    const B: usize = 16;
     match data {
         DenseData::Det(d) => Ok(coco_of(d, &detections_on(model, d, device, threads)?)),
         DenseData::Seg(d) => {
             // Fully convolutional: the images' input size need not be the model card's.
             let hw = d.input;
-            let chunks: Vec<_> = d.images.chunks(B).collect();
+            let chunks: Vec<_> = d.images.chunks(EVAL_BATCH).collect();
             let parts = parallel::map_parts(&chunks, threads, |part| {
                 let mut m = SegMetrics::new(model.dense_config().num_classes);
                 for chunk in part {
