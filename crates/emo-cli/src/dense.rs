@@ -294,7 +294,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let how = aug_description(&aug);
     println!("{} on {} ({split}, {} images{how}): {}", card.model.task, data.display(), d.len(), describe(&e));
     // Per-class table, as mmdet's `classwise` / mmseg's evaluation print it.
-    let pct = |v: f64| if v < 0.0 || v.is_nan() { "-".to_string() } else { format!("{:.1}", 100.0 * v) };
+    let pct = emo_dense::metrics::percent;
     match (&e, &d) {
         (emo_dense::train::Eval::Coco(_, per_class), emo_dense::train::DenseData::Det(det)) => {
             println!("{:<16} {:>6} {:>6}", "class", "AP", "AP50");

@@ -46,13 +46,19 @@ impl CocoStats {
     }
 }
 
-/// `mAP 62.6 AP50 82.7 AP75 75.7 APs 40.1 APm 66.0 APl -`: percentages with one decimal, `-`
-/// where undefined (no ground truth in that area range).
+/// A fraction as a percentage with one decimal (`0.8267` -> `82.7`), `-` where undefined
+/// (negative, as COCOeval's -1, or NaN, as the IoU of a class with no pixels).
+pub fn percent(v: f64) -> String {
+    if v < 0.0 || v.is_nan() { "-".to_string() } else { format!("{:.1}", 100.0 * v) }
+}
+
+/// `mAP 62.6 AP50 82.7 AP75 75.7 APs 40.1 APm 66.0 APl -`: [`percent`] of each number (`-` where
+/// undefined: no ground truth in that area range).
 impl std::fmt::Display for CocoStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for (i, (name, v)) in ["mAP", "AP50", "AP75", "APs", "APm", "APl"].iter().zip(self.as_array()).enumerate() {
             let sep = if i == 0 { "" } else { " " };
-            if v < 0.0 { write!(f, "{sep}{name} -")? } else { write!(f, "{sep}{name} {:.1}", 100.0 * v)? }
+            write!(f, "{sep}{name} {}", percent(v))?;
         }
         Ok(())
     }
