@@ -356,7 +356,7 @@ pub(crate) struct TrainOpts {
     #[arg(long)]
     pub reduce_zero_label: bool,
     /// `fashion-mnist` (Debian's dataset-fashion-mnist), `fashion-mnist:DIR`, or
-    /// `imagefolder:PATH` (PATH/train/<class>/*, PATH/val/<class>/*).
+    /// `imagefolder:PATH` (`PATH/train/<class>/*`, `PATH/val/<class>/*`).
     #[arg(long, default_value = "fashion-mnist")]
     pub data: String,
     /// Run folder (default: runs/VARIANT-DATA).

@@ -86,7 +86,7 @@ unsafe fn tile<const R: usize>(t: Tile) {
 /// the panels `panels`. The residual, when given, is added before the activation.
 ///
 /// # Safety
-/// As [`tile`], for the whole band; AVX-512F available.
+/// As `tile`, for the whole band; AVX-512F available.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn band(

@@ -1,7 +1,7 @@
 //! Runtime CPU feature detection and the one dispatch point.
 //!
 //! Kernels are written once as plain loops over slices and compiled three times by
-//! [`multiversion!`]: for AVX-512, for AVX2+FMA (x86-64) and generic (any target, including
+//! `multiversion!`: for AVX-512, for AVX2+FMA (x86-64) and generic (any target, including
 //! NEON on aarch64 through the baseline). The best level is detected once; `EMO_SIMD=generic|avx2|avx512`
 //! forces a lower one (for testing and comparison).
 

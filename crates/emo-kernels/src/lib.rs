@@ -16,7 +16,7 @@
 //! | [`xent::resized_softmax_xent`] | the same on logits bilinearly resized to the label map, gradient of the small logits | training: segmentation loss (DeepLabv3, PSPNet, FCN aux) |
 //! | [`bnorm`] | training-mode BatchNorm: batch statistics, normalisation, backward (NCHW) | training: every BN |
 //!
-//! Every kernel has a scalar reference in [`reference`]; the tests compare them on EMO's real
+//! Every kernel has a scalar reference in [`reference`](mod@reference); the tests compare them on EMO's real
 //! layer shapes (odd sizes and stride 2 included) at every SIMD level the CPU supports
 //! ([`isa`]: AVX-512, AVX2+FMA, generic).
 // Kernels take their geometry as flat arguments, keep index loops where they vectorise (and a

@@ -12,7 +12,7 @@
 //!   (ReLU / ReLU6) applied before the store, so each chunk's buffers stay in cache.
 //!
 //! In f32 the result differs from a direct conv by about 1e-6 of the magnitudes summed (the
-//! tests bound it on the real head shapes); see [`G`] for the choice of points.
+//! tests bound it on the real head shapes); see `G` for the choice of points.
 
 use std::cell::RefCell;
 
