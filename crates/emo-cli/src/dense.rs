@@ -54,13 +54,14 @@ pub fn info(task: Task, variant: Option<Variant>, input: Option<(usize, usize)>,
 pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
     let device = crate::backend::device()?.autodiff();
     let mut t = match &a.resume {
-        Some(dir) => DenseTrainer::resume(dir, device)?,
+        Some(dir) => DenseTrainer::resume_with(dir, device, a.stream)?,
         None => {
             let input = a.input.unwrap_or(task.paper_input());
             let mut cfg = DenseTrainConfig::new(task, a.variant, PathBuf::from(&a.data), input);
             (cfg.epochs, cfg.batch, cfg.seed) = (a.epochs, a.batch, a.seed);
             (cfg.limit_train, cfg.limit_val) = (a.train_limit, a.eval_limit);
             cfg.epoch_images = a.epoch_images;
+            cfg.stream = a.stream;
             cfg.ema_decay = a.ema_decay.unwrap_or(0.0);
             ensure!((0.0..1.0).contains(&cfg.ema_decay), "--ema-decay must be in [0, 1) (0: no EMA)");
             if let Some(w) = &a.backbone_weights {
@@ -132,6 +133,9 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
         t.cfg.input.0,
         t.cfg.input.1
     );
+    if t.streams() {
+        eprintln!("streaming the training split from disk (decoded batch by batch; --stream false holds it in memory)");
+    }
     for w in t.data_warnings() {
         eprintln!("warning: {w}");
     }

@@ -424,6 +424,11 @@ pub(crate) struct TrainOpts {
     /// (a large set seen once over several evaluated epochs; 0 = one full pass per epoch).
     #[arg(long, default_value_t = 0)]
     pub epoch_images: usize,
+    /// Dense tasks: keep the training split on disk and decode each batch as it is needed, one
+    /// batch ahead on its own thread (true), or hold it decoded in memory (false). Default:
+    /// stream when the decoded split would take more than 4 GiB. The result is the same.
+    #[arg(long)]
+    pub stream: Option<bool>,
     /// Fine-tune from these weights (e.g. official ImageNet weights; the head is replaced).
     #[arg(long)]
     pub init_weights: Option<PathBuf>,
@@ -465,8 +470,8 @@ fn parse_hw(s: &str) -> Result<(usize, usize), String> {
 /// The options given on the command line beside `--resume` in `emo train` (`def` its definition,
 /// `train` its matches): a resumed run continues with the settings recorded in its
 /// `config.json`, so any other option would be silently ignored. `--task` (checked against the
-/// recorded one), `--stop-after` (this invocation's length) and the global `--backend` are
-/// allowed.
+/// recorded one), `--stop-after` (this invocation's length), `--stream` (how the data is read,
+/// not what the run computes) and the global `--backend` are allowed.
 fn resume_conflicts(def: &clap::Command, train: &clap::ArgMatches) -> Vec<String> {
     use clap::parser::ValueSource;
     let given = |id: &str| train.value_source(id) == Some(ValueSource::CommandLine);
@@ -475,7 +480,7 @@ fn resume_conflicts(def: &clap::Command, train: &clap::ArgMatches) -> Vec<String
     }
     def.get_arguments()
         .filter(|a| {
-            !matches!(a.get_id().as_str(), "resume" | "task" | "stop_after" | "backend") && given(a.get_id().as_str())
+            !matches!(a.get_id().as_str(), "resume" | "task" | "stop_after" | "stream" | "backend") && given(a.get_id().as_str())
         })
         .map(|a| format!("--{}", a.get_long().unwrap_or(a.get_id().as_str())))
         .collect()
@@ -698,9 +703,11 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         aux_weight,
         se_weight,
         backbone_lr_mult,
+        stream,
         ..
     } = o;
     ensure!(backbone_lr_mult.is_none(), "--backbone-lr-mult is for dense tasks (--task ...)");
+    ensure!(stream.is_none(), "--stream is for dense tasks (--task ...)");
     ensure!(
         ohem_thresh.is_none()
             && ohem_min_kept.is_none()

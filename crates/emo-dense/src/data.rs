@@ -5,9 +5,13 @@
 //! - a canvas set built from real Fashion-MNIST items ([`make_canvas`]): boxes from placement,
 //!   masks from the item's pixels, written in both layouts.
 //!
-//! Images are decoded in parallel and resized to the model input once, at load time. Bad
-//! entries are skipped and counted ([`Skipped`]), never a crash mid-epoch.
+//! A split is first indexed (annotations parsed, every image's header read, every label map
+//! checked) and then either decoded into memory, resized to the model input once, in parallel
+//! ([`load_coco`], [`load_seg`]), or left on disk and decoded batch by batch as training needs
+//! it ([`index_coco`], [`index_seg`]: a streamed split, for sets too large to hold decoded).
+//! Bad entries are skipped and counted ([`Skipped`]), never a crash mid-epoch.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -51,9 +55,11 @@ impl Skipped {
 pub struct DetImage {
     pub id: u64,
     pub file: String,
+    /// Where the image is read from.
+    pub path: PathBuf,
     /// Original size (H, W).
     pub orig: (usize, usize),
-    /// RGB HWC at the model input size.
+    /// RGB HWC at the model input size; empty in a streamed split ([`DetDataset::rgb`] decodes it).
     pub rgb: Vec<u8>,
     /// Boxes in input coordinates.
     pub boxes: Vec<BBox>,
@@ -73,6 +79,53 @@ pub struct DetDataset {
     pub gt: Vec<GtBox>,
     pub input: (usize, usize),
     pub skipped: Skipped,
+    /// The images stay on disk and are decoded when needed ([`index_coco`]).
+    pub streamed: bool,
+}
+
+impl DetDataset {
+    /// Image `i`'s RGB at the input size: the decoded pixels, or in a streamed split the image
+    /// read from disk now (an error naming the file if it no longer decodes).
+    pub fn rgb(&self, i: usize) -> Result<Cow<'_, [u8]>, DenseError> {
+        let im = &self.images[i];
+        if !self.streamed {
+            return Ok(Cow::Borrowed(&im.rgb));
+        }
+        let (rgb, _) = decode_image(&im.path, self.input).ok_or_else(|| unreadable(&im.path))?;
+        Ok(Cow::Owned(rgb))
+    }
+
+    /// Bytes the split takes decoded in memory (H x W x 3 an image).
+    pub fn decoded_bytes(&self) -> usize {
+        self.images.len() * self.input.0 * self.input.1 * 3
+    }
+
+    /// Decode a streamed split into memory, in parallel; images that no longer decode are
+    /// dropped and counted. A split in memory is returned as it is.
+    pub fn into_decoded(mut self) -> Result<Self, DenseError> {
+        if !self.streamed {
+            return Ok(self);
+        }
+        let dir = folder_of(self.images.first().map(|i| i.path.as_path()));
+        let paths: Vec<PathBuf> = self.images.iter().map(|i| i.path.clone()).collect();
+        let decoded = decode_all(&paths, self.input);
+        let mut images = Vec::with_capacity(self.images.len());
+        for (mut im, d) in self.images.into_iter().zip(decoded) {
+            match d {
+                Some((rgb, _)) => {
+                    im.rgb = rgb;
+                    images.push(im);
+                }
+                None => self.skipped.unreadable_images += 1,
+            }
+        }
+        if images.is_empty() {
+            return Err(DenseError::Data(format!("{dir}: no usable images")));
+        }
+        let kept: std::collections::HashSet<u64> = images.iter().map(|i| i.id).collect();
+        self.gt.retain(|g| kept.contains(&g.image_id));
+        Ok(DetDataset { images, streamed: false, ..self })
+    }
 }
 
 #[derive(Deserialize)]
@@ -112,38 +165,89 @@ fn io_err(p: &Path, e: impl std::fmt::Display) -> DenseError {
 /// Decoded RGB pixels at the model input, and the original (H, W).
 type Decoded = Option<(Vec<u8>, (usize, usize))>;
 
-/// Decode images and resize them to `size` (bilinear) in parallel; `None` for unreadable ones.
-fn decode_all(paths: &[PathBuf], size: (usize, usize)) -> Vec<Decoded> {
-    let decode = |p: &PathBuf| {
-        let img = image::open(p).ok()?;
-        let orig = (img.height() as usize, img.width() as usize);
-        let r = if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, FilterType::Triangle) };
-        Some((r.to_rgb8().into_raw(), orig))
-    };
-    emo_train::parallel::map_each(paths, emo_train::parallel::cores(), decode)
+/// The folder of `p`, for messages.
+fn folder_of(p: Option<&Path>) -> String {
+    p.and_then(Path::parent).map_or_else(String::new, |d| d.display().to_string())
 }
 
-/// Decode label maps in parallel: each at `size` (nearest) and, with `keep_full`, also at its
-/// original size where that differs; `None` for unreadable ones.
-fn decode_labels(paths: &[PathBuf], size: (usize, usize), keep_full: bool) -> Vec<Option<(Vec<u8>, Option<LabelMap>)>> {
-    let decode = |p: &PathBuf| {
-        let img = image::open(p).ok()?.to_luma8();
-        let (h, w) = (img.height() as usize, img.width() as usize);
-        if (h, w) == size {
-            return Some((img.into_raw(), None));
+fn unreadable(p: &Path) -> DenseError {
+    DenseError::Data(format!("{}: no longer decodes (it did when the split was indexed)", p.display()))
+}
+
+/// Decode one image and resize it to `size` (bilinear); `None` if unreadable.
+fn decode_image(p: &Path, size: (usize, usize)) -> Decoded {
+    let img = image::open(p).ok()?;
+    let orig = (img.height() as usize, img.width() as usize);
+    let r = if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, FilterType::Triangle) };
+    Some((r.to_rgb8().into_raw(), orig))
+}
+
+/// Decode images and resize them to `size` (bilinear) in parallel; `None` for unreadable ones.
+fn decode_all(paths: &[PathBuf], size: (usize, usize)) -> Vec<Decoded> {
+    emo_train::parallel::map_each(paths, emo_train::parallel::cores(), |p| decode_image(p, size))
+}
+
+/// The (H, W) of each image from its header alone, in parallel; `None` for unreadable ones.
+fn read_headers(paths: &[PathBuf]) -> Vec<Option<(usize, usize)>> {
+    emo_train::parallel::map_each(paths, emo_train::parallel::cores(), |p| {
+        image::image_dimensions(p).ok().map(|(w, h)| (h as usize, w as usize))
+    })
+}
+
+/// A decoded label map: at the input size (nearest) and, with `keep_full`, also at its original
+/// size where that differs.
+type DecodedLabel = Option<(Vec<u8>, Option<LabelMap>)>;
+
+/// Decode one label map at `size` (nearest) and, with `keep_full`, also at its original size
+/// where that differs; `None` if unreadable.
+fn decode_label(p: &Path, size: (usize, usize), keep_full: bool) -> DecodedLabel {
+    let img = image::open(p).ok()?.to_luma8();
+    let (h, w) = (img.height() as usize, img.width() as usize);
+    if (h, w) == size {
+        return Some((img.into_raw(), None));
+    }
+    let resized = image::imageops::resize(&img, size.1 as u32, size.0 as u32, FilterType::Nearest).into_raw();
+    Some((resized, keep_full.then(|| LabelMap { h, w, data: img.into_raw() })))
+}
+
+/// Decode label maps in parallel ([`decode_label`]).
+fn decode_labels(paths: &[PathBuf], size: (usize, usize), keep_full: bool) -> Vec<DecodedLabel> {
+    emo_train::parallel::map_each(paths, emo_train::parallel::cores(), |p| decode_label(p, size, keep_full))
+}
+
+/// ADE20K's `reduce_zero_label` (0 -> 255, the rest down by one), then the check that every
+/// value is a class or 255: an error that names the file.
+fn prepare_label(map: &mut [u8], reduce_zero_label: bool, classes: usize, path: &Path) -> Result<(), DenseError> {
+    if reduce_zero_label {
+        map.iter_mut().for_each(|v| *v = if *v == 0 || *v == 255 { 255 } else { *v - 1 });
+    }
+    match map.iter().find(|&&v| v != 255 && v as usize >= classes) {
+        Some(bad) => {
+            Err(DenseError::Data(format!("{}: label {bad} but only {classes} classes (255 = ignore)", path.display())))
         }
-        let resized = image::imageops::resize(&img, size.1 as u32, size.0 as u32, FilterType::Nearest).into_raw();
-        Some((resized, keep_full.then(|| LabelMap { h, w, data: img.into_raw() })))
-    };
-    emo_train::parallel::map_each(paths, emo_train::parallel::cores(), decode)
+        None => Ok(()),
+    }
 }
 
 /// Load `<root>/annotations/instances_<split>.json` with images under `<root>/images/<split>/`
-/// (or `<root>/<split>/` / `<root>/images/`), resized to `input` (H, W).
+/// (or `<root>/<split>/` / `<root>/images/`), decoded and resized to `input` (H, W).
 /// `keep_empty`: keep images without boxes (evaluation) or skip them (training, as mmdet's
 /// `filter_empty_gt`). `limit > 0` keeps only the first `limit` images (by id), and only those
 /// are decoded.
 pub fn load_coco(
+    root: &Path,
+    split: &str,
+    input: (usize, usize),
+    keep_empty: bool,
+    limit: usize,
+) -> Result<DetDataset, DenseError> {
+    index_coco(root, split, input, keep_empty, limit)?.into_decoded()
+}
+
+/// [`load_coco`] without decoding: a streamed split, whose images are read from disk when
+/// needed ([`DetDataset::rgb`]). Every image's header is read (its size scales the boxes);
+/// images whose header does not read are skipped and counted.
+pub fn index_coco(
     root: &Path,
     split: &str,
     input: (usize, usize),
@@ -213,10 +317,10 @@ pub fn load_coco(
         entries.truncate(limit);
     }
     let paths: Vec<PathBuf> = entries.iter().map(|i| img_dir.join(&i.file_name)).collect();
-    let decoded = decode_all(&paths, input);
+    let headers = read_headers(&paths);
     let mut images = Vec::new();
-    for (e, d) in entries.iter().zip(decoded) {
-        let Some((rgb, orig)) = d else {
+    for ((e, path), orig) in entries.iter().zip(paths).zip(headers) {
+        let Some(orig) = orig else {
             skipped.unreadable_images += 1;
             continue;
         };
@@ -225,8 +329,9 @@ pub fn load_coco(
         images.push(DetImage {
             id: e.id,
             file: e.file_name.clone(),
+            path,
             orig,
-            rgb,
+            rgb: Vec::new(),
             boxes: anns.iter().map(|(b, _)| [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy]).collect(),
             labels: anns.iter().map(|&(_, l)| l).collect(),
         });
@@ -243,6 +348,7 @@ pub fn load_coco(
         gt,
         input,
         skipped,
+        streamed: true,
     })
 }
 
@@ -250,9 +356,13 @@ pub fn load_coco(
 #[derive(Clone, Debug)]
 pub struct SegImage {
     pub file: String,
-    /// RGB at the model input size.
+    /// Where the image and its label map are read from.
+    pub path: PathBuf,
+    pub label_path: PathBuf,
+    /// RGB at the model input size; empty in a streamed split ([`SegDataset::pair`] decodes it).
     pub rgb: Vec<u8>,
-    /// The label map at the model input size (nearest), what training uses.
+    /// The label map at the model input size (nearest), what training uses; empty in a
+    /// streamed split.
     pub label: Vec<u8>,
     /// Evaluation splits: the label map at its original size where that differs from the input,
     /// which mIoU is computed on (mmseg rescales the logits to the original image).
@@ -284,6 +394,63 @@ pub struct SegDataset {
     pub classes: Vec<String>,
     pub input: (usize, usize),
     pub skipped: Skipped,
+    /// ADE20K's label convention (applied as the label maps are decoded).
+    pub reduce_zero_label: bool,
+    /// The images and label maps stay on disk and are decoded when needed ([`index_seg`]).
+    pub streamed: bool,
+}
+
+impl SegDataset {
+    /// Image `i`'s RGB and label map at the input size: the decoded ones, or in a streamed split
+    /// both read from disk now (an error naming the file if one no longer decodes or holds a
+    /// label that is not a class).
+    pub fn pair(&self, i: usize) -> Result<(Cow<'_, [u8]>, Cow<'_, [u8]>), DenseError> {
+        let im = &self.images[i];
+        if !self.streamed {
+            return Ok((Cow::Borrowed(&im.rgb), Cow::Borrowed(&im.label)));
+        }
+        let (rgb, _) = decode_image(&im.path, self.input).ok_or_else(|| unreadable(&im.path))?;
+        let (mut label, _) =
+            decode_label(&im.label_path, self.input, false).ok_or_else(|| unreadable(&im.label_path))?;
+        prepare_label(&mut label, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
+        Ok((Cow::Owned(rgb), Cow::Owned(label)))
+    }
+
+    /// Bytes the split takes decoded in memory (H x W x 3 an image, H x W its label map; label
+    /// maps kept at their original size for evaluation not counted).
+    pub fn decoded_bytes(&self) -> usize {
+        self.images.len() * self.input.0 * self.input.1 * 4
+    }
+
+    /// Decode a streamed split into memory, in parallel; pairs that no longer decode are
+    /// dropped and counted. `keep_full` (evaluation): keep each label map at its original size
+    /// too where that differs from the input ([`SegImage::full`]). A split already in memory is
+    /// returned as it is.
+    pub fn into_decoded(mut self, keep_full: bool) -> Result<Self, DenseError> {
+        if !self.streamed {
+            return Ok(self);
+        }
+        let dir = folder_of(self.images.first().map(|i| i.path.as_path()));
+        let imgs = decode_all(&self.images.iter().map(|p| p.path.clone()).collect::<Vec<_>>(), self.input);
+        let labs =
+            decode_labels(&self.images.iter().map(|p| p.label_path.clone()).collect::<Vec<_>>(), self.input, keep_full);
+        let mut images = Vec::with_capacity(self.images.len());
+        for ((mut im, rgb), lb) in self.images.into_iter().zip(imgs).zip(labs) {
+            let (Some((rgb, _)), Some((mut label, mut full))) = (rgb, lb) else {
+                self.skipped.unreadable_images += 1;
+                continue;
+            };
+            for map in std::iter::once(&mut label).chain(full.as_mut().map(|f| &mut f.data)) {
+                prepare_label(map, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
+            }
+            (im.rgb, im.label, im.full) = (rgb, label, full);
+            images.push(im);
+        }
+        if images.is_empty() {
+            return Err(DenseError::Data(format!("{dir}: no usable image/label pairs")));
+        }
+        Ok(SegDataset { images, streamed: false, ..self })
+    }
 }
 
 /// Class names of a segmentation folder: `classes.txt` (one per line) if present.
@@ -298,11 +465,11 @@ fn seg_classes(root: &Path, n: Option<usize>) -> Result<Vec<String>, DenseError>
 }
 
 /// Load a segmentation split: `images/<split>/NAME.{png,jpg}` with `labels/<split>/NAME.png`
-/// (or ADE20K's `annotations/<split>/`). Label values >= the class count other than 255 are an
-/// error that names the file; `reduce_zero_label` maps 0 to 255 and shifts the rest down (ADE20K).
-/// `limit > 0` keeps only the first `limit` pairs (by name), and only those are decoded.
-/// `keep_full` (evaluation): keep each label map at its original size too where that differs
-/// from `input` ([`SegImage::full`]).
+/// (or ADE20K's `annotations/<split>/`), decoded at the input size. Label values >= the class
+/// count other than 255 are an error that names the file; `reduce_zero_label` maps 0 to 255 and
+/// shifts the rest down (ADE20K). `limit > 0` keeps only the first `limit` pairs (by name), and
+/// only those are decoded. `keep_full` (evaluation): keep each label map at its original size
+/// too where that differs from `input` ([`SegImage::full`]).
 pub fn load_seg(
     root: &Path,
     split: &str,
@@ -311,6 +478,21 @@ pub fn load_seg(
     num_classes: Option<usize>,
     limit: usize,
     keep_full: bool,
+) -> Result<SegDataset, DenseError> {
+    index_seg(root, split, input, reduce_zero_label, num_classes, limit)?.into_decoded(keep_full)
+}
+
+/// [`load_seg`] without keeping the pixels: a streamed split, whose pairs are read from disk when
+/// needed ([`SegDataset::pair`]). Every image's header is read and every label map decoded and
+/// checked once (so a bad label value is an error now, not mid-run), then dropped; pairs that
+/// do not read are skipped and counted.
+pub fn index_seg(
+    root: &Path,
+    split: &str,
+    input: (usize, usize),
+    reduce_zero_label: bool,
+    num_classes: Option<usize>,
+    limit: usize,
 ) -> Result<SegDataset, DenseError> {
     let classes = seg_classes(root, num_classes)?;
     let img_dir = root.join("images").join(split);
@@ -340,33 +522,26 @@ pub fn load_seg(
     if limit > 0 {
         pairs.truncate(limit);
     }
-    let imgs = decode_all(&pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>(), input);
-    let labs = decode_labels(&pairs.iter().map(|p| p.1.clone()).collect::<Vec<_>>(), input, keep_full);
+    let headers = read_headers(&pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>());
+    // Decoded and checked one by one in parallel, then dropped: a streamed split holds no pixels.
+    let checked = emo_train::parallel::map_each(&pairs, emo_train::parallel::cores(), |(_, lab)| {
+        let (mut map, _) = decode_label(lab, input, false)?;
+        Some(prepare_label(&mut map, reduce_zero_label, classes.len(), lab))
+    });
     let mut images = Vec::new();
-    for ((pair, im), lb) in pairs.iter().zip(imgs).zip(labs) {
-        let (Some((rgb, _)), Some((mut label, mut full))) = (im, lb) else {
+    for (((path, label_path), header), check) in pairs.into_iter().zip(headers).zip(checked) {
+        let (Some(_), Some(check)) = (header, check) else {
             skipped.unreadable_images += 1;
             continue;
         };
-        for map in std::iter::once(&mut label).chain(full.as_mut().map(|f| &mut f.data)) {
-            if reduce_zero_label {
-                map.iter_mut().for_each(|v| *v = if *v == 0 || *v == 255 { 255 } else { *v - 1 });
-            }
-            if let Some(bad) = map.iter().find(|&&v| v != 255 && v as usize >= classes.len()) {
-                return Err(DenseError::Data(format!(
-                    "{}: label {bad} but only {} classes (255 = ignore)",
-                    pair.1.display(),
-                    classes.len()
-                )));
-            }
-        }
-        let file = pair.0.file_name().unwrap_or_default().to_string_lossy().into();
-        images.push(SegImage { file, rgb, label, full });
+        check?;
+        let file = path.file_name().unwrap_or_default().to_string_lossy().into();
+        images.push(SegImage { file, path, label_path, rgb: Vec::new(), label: Vec::new(), full: None });
     }
     if images.is_empty() {
         return Err(DenseError::Data(format!("{}: no usable image/label pairs", img_dir.display())));
     }
-    Ok(SegDataset { images, classes, input, skipped })
+    Ok(SegDataset { images, classes, input, skipped, reduce_zero_label, streamed: true })
 }
 
 /// Settings of the Fashion-MNIST canvas set.

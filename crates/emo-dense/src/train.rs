@@ -14,6 +14,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{Module, ParamGroup};
@@ -30,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::assign::{MaxIou, Targets, targets};
 use crate::boxes::{BBox, BoxCoder};
 use crate::data::{
-    DetDataset, PAPER_RESCALE, SegDataset, augment, load_coco, load_seg, seg_geometry_with, ssd_geometry,
+    DetDataset, PAPER_RESCALE, SegDataset, augment, index_coco, index_seg, seg_geometry_with, ssd_geometry,
 };
 use crate::fast::DenseInfer;
 use crate::loss::{Ohem, focal_loss, se_loss, seg_loss_with, ssd_loss};
@@ -121,7 +122,16 @@ pub struct DenseTrainConfig {
     /// the heads and dropped from the weights that are evaluated and exported; 0: none.
     #[serde(default)]
     pub se_weight: f64,
+    /// Keep the training split on disk and decode each batch as it is needed (on a thread beside
+    /// the training step, one batch ahead) instead of holding it decoded in memory; `None`: stream
+    /// when the decoded split would take more than [`STREAM_ABOVE_BYTES`]. The run's result does
+    /// not depend on it.
+    #[serde(default)]
+    pub stream: Option<bool>,
 }
+
+/// Training splits that would take more than this decoded (4 GiB) are streamed by default.
+pub const STREAM_ABOVE_BYTES: usize = 4 << 30;
 
 fn one_f64() -> f64 {
     1.0
@@ -184,6 +194,7 @@ impl DenseTrainConfig {
             backbone_lr_mult: 1.0,
             label_smoothing: 0.0,
             se_weight: 0.0,
+            stream: None,
         }
     }
 
@@ -361,9 +372,60 @@ impl DenseData {
             DenseData::Seg(d) => d.skipped.warning(),
         }
     }
+    /// Whether the pixels stay on disk ([`index_split`]).
+    pub fn streamed(&self) -> bool {
+        match self {
+            DenseData::Det(d) => d.streamed,
+            DenseData::Seg(d) => d.streamed,
+        }
+    }
+    /// Bytes the split takes (or would take) decoded in memory.
+    pub fn decoded_bytes(&self) -> usize {
+        match self {
+            DenseData::Det(d) => d.decoded_bytes(),
+            DenseData::Seg(d) => d.decoded_bytes(),
+        }
+    }
+    /// Decode a streamed split into memory (`keep_full`: see [`SegDataset::into_decoded`]).
+    pub fn into_decoded(self, keep_full: bool) -> Result<Self, DenseError> {
+        Ok(match self {
+            DenseData::Det(d) => DenseData::Det(d.into_decoded()?),
+            DenseData::Seg(d) => DenseData::Seg(d.into_decoded(keep_full)?),
+        })
+    }
+    /// Training sample `i` before augmentation (decoded from disk in a streamed split).
+    fn sample(&self, i: usize) -> Result<Sample, DenseError> {
+        Ok(match self {
+            DenseData::Det(d) => {
+                let im = &d.images[i];
+                Sample::Det { rgb: d.rgb(i)?.into_owned(), boxes: im.boxes.clone(), labels: im.labels.clone() }
+            }
+            DenseData::Seg(d) => {
+                let (rgb, label) = d.pair(i)?;
+                Sample::Seg { rgb: rgb.into_owned(), label: label.into_owned() }
+            }
+        })
+    }
+    /// The samples of a batch, and the errors of those that no longer decode (skipped).
+    fn batch(&self, idx: &[usize]) -> (Vec<Sample>, Vec<DenseError>) {
+        let (mut ok, mut failed) = (Vec::with_capacity(idx.len()), Vec::new());
+        for &i in idx {
+            match self.sample(i) {
+                Ok(s) => ok.push(s),
+                Err(e) => failed.push(e),
+            }
+        }
+        (ok, failed)
+    }
 }
 
-/// Load a split for `task` (detection: COCO; segmentation: mask folders).
+/// One training image and its targets, before augmentation.
+enum Sample {
+    Det { rgb: Vec<u8>, boxes: Vec<BBox>, labels: Vec<usize> },
+    Seg { rgb: Vec<u8>, label: Vec<u8> },
+}
+
+/// Load a split for `task` (detection: COCO; segmentation: mask folders), decoded in memory.
 pub fn load_split(
     task: Task,
     root: &Path,
@@ -373,10 +435,24 @@ pub fn load_split(
     reduce_zero_label: bool,
     limit: usize,
 ) -> Result<DenseData, DenseError> {
+    index_split(task, root, split, input, training, reduce_zero_label, limit)?.into_decoded(!training)
+}
+
+/// [`load_split`] as a streamed split: indexed and checked, its pixels left on disk
+/// ([`index_coco`], [`index_seg`]).
+pub fn index_split(
+    task: Task,
+    root: &Path,
+    split: &str,
+    input: (usize, usize),
+    training: bool,
+    reduce_zero_label: bool,
+    limit: usize,
+) -> Result<DenseData, DenseError> {
     Ok(if task.is_detection() {
-        DenseData::Det(load_coco(root, split, input, !training, limit)?)
+        DenseData::Det(index_coco(root, split, input, !training, limit)?)
     } else {
-        DenseData::Seg(load_seg(root, split, input, reduce_zero_label, None, limit, !training)?)
+        DenseData::Seg(index_seg(root, split, input, reduce_zero_label, None, limit)?)
     })
 }
 
@@ -393,6 +469,9 @@ pub fn detections_on(
     device: &Device,
     threads: usize,
 ) -> Result<Vec<DetBox>, DenseError> {
+    if d.streamed {
+        return Err(DenseError::Data("evaluation needs a split decoded in memory (`DetDataset::into_decoded`)".into()));
+    }
     // The anchors are laid out for the model's input size.
     let hw = model.dense_config().input;
     if d.input != hw {
@@ -478,6 +557,9 @@ pub fn evaluate_on(
 ) -> Result<Eval, DenseError> {
     match data {
         DenseData::Det(d) => Ok(coco_of(d, &detections_on(model, d, device, threads)?)),
+        DenseData::Seg(d) if d.streamed => {
+            Err(DenseError::Data("evaluation needs a split decoded in memory (`SegDataset::into_decoded`)".into()))
+        }
         DenseData::Seg(d) => {
             // Fully convolutional: the images' input size need not be the model card's.
             let hw = d.input;
@@ -526,7 +608,8 @@ pub struct DenseTrainer {
     optim: ModuleOptimizer,
     /// The backbone's parameters, when they train at their own learning rate.
     backbone_params: Option<ParamGroup>,
-    train: DenseData,
+    /// Shared with the thread that decodes the next batch of a streamed split.
+    train: Arc<DenseData>,
     val: DenseData,
     anchors: Vec<BBox>,
     pool: DataParallel,
@@ -563,9 +646,15 @@ impl DenseTrainer {
         m
     }
 
+    /// The training split (streamed, or decoded in memory: `cfg.stream`) and the validation one
+    /// (always decoded).
     fn load_data(cfg: &DenseTrainConfig) -> Result<(DenseData, DenseData), DenseError> {
         let train =
-            load_split(cfg.task, &cfg.data, &cfg.train_split, cfg.input, true, cfg.reduce_zero_label, cfg.limit_train)?;
+            index_split(cfg.task, &cfg.data, &cfg.train_split, cfg.input, true, cfg.reduce_zero_label, cfg.limit_train)?;
+        let train = match cfg.stream.unwrap_or(train.decoded_bytes() > STREAM_ABOVE_BYTES) {
+            true => train,
+            false => train.into_decoded(false)?,
+        };
         let val =
             load_split(cfg.task, &cfg.data, &cfg.val_split, cfg.input, false, cfg.reduce_zero_label, cfg.limit_val)?;
         Ok((train, val))
@@ -641,7 +730,7 @@ impl DenseTrainer {
             model: Some(model),
             optim,
             backbone_params,
-            train,
+            train: Arc::new(train),
             val,
             anchors,
             pool,
@@ -652,8 +741,15 @@ impl DenseTrainer {
 
     /// Reopen a run and continue from its last complete checkpoint.
     pub fn resume(dir: impl AsRef<Path>, device: Device) -> Result<Self, DenseError> {
+        Self::resume_with(dir, device, None)
+    }
+
+    /// [`Self::resume`]; `stream`, if given, replaces the recorded [`DenseTrainConfig::stream`]
+    /// for this invocation (how the training split is read, not what the run computes).
+    pub fn resume_with(dir: impl AsRef<Path>, device: Device, stream: Option<bool>) -> Result<Self, DenseError> {
         let dir = dir.as_ref().to_path_buf();
-        let cfg: DenseTrainConfig = read_json(&dir.join("config.json"))?;
+        let mut cfg: DenseTrainConfig = read_json(&dir.join("config.json"))?;
+        cfg.stream = stream.or(cfg.stream);
         let card: ModelCard = read_json(&dir.join("model.json"))?;
         let (train, val) = Self::load_data(&cfg)?;
         let ck = emo_train::run::last_checkpoint(&dir)?;
@@ -676,7 +772,7 @@ impl DenseTrainer {
 
     /// What was skipped while loading each split (`"train: skipped: 3 unknown category"`).
     pub fn data_warnings(&self) -> Vec<String> {
-        [("train", &self.train), ("val", &self.val)]
+        [("train", &*self.train), ("val", &self.val)]
             .into_iter()
             .filter_map(|(n, d)| d.skipped_warning().map(|w| format!("{n}: {w}")))
             .collect()
@@ -685,6 +781,11 @@ impl DenseTrainer {
     /// Number of (training, validation) images.
     pub fn data_sizes(&self) -> (usize, usize) {
         (self.train.len(), self.val.len())
+    }
+
+    /// Whether the training split is streamed from disk (see [`DenseTrainConfig::stream`]).
+    pub fn streams(&self) -> bool {
+        self.train.streamed()
     }
 
     pub fn iters_per_epoch(&self) -> usize {
@@ -708,19 +809,17 @@ impl DenseTrainer {
         stream_order(self.cfg.seed, n, self.state.epoch * len, len)
     }
 
-    /// Build a batch (with augmentation) and take one optimiser step; returns the named loss parts.
-    fn step(&mut self, idx: &[usize], lr: f64) -> Result<Vec<(&'static str, f64)>, DenseError> {
+    /// Augment a batch and take one optimiser step; returns the named loss parts.
+    fn step(&mut self, batch: Vec<Sample>, lr: f64) -> Result<Vec<(&'static str, f64)>, DenseError> {
         let hw = self.cfg.input;
-        let mut rgbs = Vec::with_capacity(idx.len());
+        let mut rgbs = Vec::with_capacity(batch.len());
         let mut labels = Vec::new();
         let mut tgts = Vec::new();
         let k = self.card.model.num_classes;
         let (assigner, coder) = (MaxIou::for_task(self.cfg.task), BoxCoder::for_task(self.cfg.task));
-        for &i in idx {
-            match &self.train {
-                DenseData::Det(d) => {
-                    let im = &d.images[i];
-                    let (mut rgb, mut boxes, mut labels) = (im.rgb.clone(), im.boxes.clone(), im.labels.clone());
+        for sample in batch {
+            match sample {
+                Sample::Det { mut rgb, mut boxes, mut labels } => {
                     if self.cfg.geometric_augment {
                         ssd_geometry(&mut self.state.rng, &mut rgb, &mut boxes, &mut labels, hw);
                     }
@@ -728,9 +827,7 @@ impl DenseTrainer {
                     tgts.push(targets(&assigner, &coder, &self.anchors, &boxes, &labels, k));
                     rgbs.push(rgb);
                 }
-                DenseData::Seg(d) => {
-                    let im = &d.images[i];
-                    let (mut rgb, mut lab) = (im.rgb.clone(), im.label.clone());
+                Sample::Seg { mut rgb, label: mut lab } => {
                     if self.cfg.geometric_augment {
                         seg_geometry_with(&mut self.state.rng, &mut rgb, &mut lab, hw, self.cfg.rescale, 0.75);
                     }
@@ -744,7 +841,7 @@ impl DenseTrainer {
         // replica hands back its named loss parts, weighted by its share of the batch.
         let (task, npr, aux_w, ohem) = (self.cfg.task, self.cfg.neg_pos_ratio, self.cfg.aux_weight, self.cfg.ohem);
         let (smoothing, se_w) = (self.cfg.label_smoothing as f32, self.cfg.se_weight);
-        let b = idx.len();
+        let b = rgbs.len();
         let model = self.model.as_ref().expect("model");
         let (value, shard_parts, grads) = parallel::step(
             &self.pool,
@@ -870,11 +967,30 @@ impl DenseTrainer {
         while self.state.epoch < last {
             let start = Instant::now();
             let order = self.epoch_order();
+            let bs = self.cfg.batch;
+            let batch_idx = |it: usize| order[it * bs..(it + 1) * bs].to_vec();
             let (mut loss_sum, mut lr) = (0.0, 0.0);
+            // A streamed split's next batch is decoded on its own thread while this one trains.
+            let mut next: Option<std::thread::JoinHandle<(Vec<Sample>, Vec<DenseError>)>> = None;
             for it in 0..ipe {
-                let idx = order[it * self.cfg.batch..(it + 1) * self.cfg.batch].to_vec();
+                let (batch, failed) = match next.take() {
+                    Some(h) => h.join().map_err(|_| DenseError::Data("the batch decoding thread panicked".into()))?,
+                    None => self.train.batch(&batch_idx(it)),
+                };
+                if self.train.streamed() && it + 1 < ipe {
+                    let (train, idx) = (Arc::clone(&self.train), batch_idx(it + 1));
+                    next = Some(std::thread::spawn(move || train.batch(&idx)));
+                }
+                // An image that decoded when the split was indexed but no longer does is left out
+                // of its batch, with a warning; the run goes on.
+                for e in &failed {
+                    eprintln!("\nwarning: skipped a training image: {e}");
+                }
+                if batch.is_empty() {
+                    return Err(DenseError::Data(format!("no image of batch {} decodes", self.state.iter)));
+                }
                 lr = self.cfg.lr_at(self.state.iter, total);
-                let loss = self.step(&idx, lr)?;
+                let loss = self.step(batch, lr)?;
                 loss_sum += loss.iter().map(|p| p.1).sum::<f64>();
                 self.state.iter += 1;
                 if self.verbose && (it % 10 == 0 || it + 1 == ipe) {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use emo_dense::model::DenseHead;
-use emo_dense::train::{DenseData, DenseTrainConfig, DenseTrainer, load_split, stream_order};
+use emo_dense::train::{DenseData, DenseTrainConfig, DenseTrainer, evaluate, index_split, load_split, stream_order};
 use emo_dense::{DenseConfig, DenseError, DenseModel, DenseOutput, Task, anchors};
 use emo_spec::Variant;
 use emo_weights::StateDict;
@@ -246,8 +246,20 @@ fn training_resumes_exactly_and_learns() {
             c.ema_decay = 0.9;
         }
         let full = quiet(DenseTrainer::new(c.clone(), &a, device.clone())).run(None).unwrap();
-        quiet(DenseTrainer::new(c.clone(), &b, device.clone())).run(Some(1)).unwrap();
-        let rest = quiet(DenseTrainer::resume(&b, device.clone())).run(None).unwrap();
+        // The twin reads its training images another way in each half: decoded in memory for
+        // one epoch, then streamed from disk on resume (SSDLite), or the other way round
+        // (DeepLabv3); the weights must not notice.
+        let streamed_first = task == Task::DeepLabV3;
+        let mut cb = c.clone();
+        cb.stream = Some(streamed_first);
+        let first = quiet(DenseTrainer::new(cb, &b, device.clone()));
+        assert_eq!(first.streams(), streamed_first);
+        let mut first = first;
+        first.run(Some(1)).unwrap();
+        let resumed = quiet(DenseTrainer::resume_with(&b, device.clone(), Some(!streamed_first)));
+        assert_eq!(resumed.streams(), !streamed_first);
+        let mut resumed = resumed;
+        let rest = resumed.run(None).unwrap();
         assert_eq!(rest.len(), 1);
         assert_eq!(full[1].train_loss, rest[0].train_loss, "{task}: resumed loss differs");
         let (ma, mb) = (
@@ -766,6 +778,62 @@ fn bad_data_is_skipped_and_counted_or_rejected() {
     lab.save(data.join("labels/val/0001.png")).unwrap();
     let e = load_split(Task::DeepLabV3, &data, "val", (64, 64), false, false, 0).unwrap_err().to_string();
     assert!(e.contains("0001.png") && e.contains("label 7"), "{e}");
+    // A streamed split checks its label maps when it is indexed, not mid-run.
+    let e = index_split(Task::DeepLabV3, &data, "val", (64, 64), false, false, 0).unwrap_err().to_string();
+    assert!(e.contains("0001.png") && e.contains("label 7"), "{e}");
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// A streamed split holds no pixels, reads an image's header to skip and count unreadable ones
+/// as a decoded split does, decodes each image as the decoded split holds it, cannot be
+/// evaluated by mistake, and a training image that stops decoding mid-run is left out of its
+/// batch while the run goes on.
+#[test]
+fn streamed_splits_decode_what_loaded_splits_hold() {
+    let _g = serial();
+    let data = tmp("stream");
+    synthetic_set(&data, 16, 4);
+    std::fs::write(data.join("images/train/0005.png"), b"not a png").unwrap();
+    for task in [Task::SsdLite, Task::DeepLabV3] {
+        let loaded = load_split(task, &data, "train", (48, 40), true, false, 0).unwrap();
+        let streamed = index_split(task, &data, "train", (48, 40), true, false, 0).unwrap();
+        assert!(!loaded.streamed() && streamed.streamed());
+        assert_eq!(loaded.skipped_warning(), streamed.skipped_warning(), "{task}");
+        assert!(streamed.skipped_warning().unwrap().contains("1 unreadable images"), "{task}");
+        assert_eq!(loaded.len(), streamed.len());
+        assert_eq!(loaded.decoded_bytes(), streamed.decoded_bytes());
+        match (&loaded, &streamed) {
+            (DenseData::Det(l), DenseData::Det(s)) => {
+                assert!(s.images.iter().all(|i| i.rgb.is_empty()));
+                for i in 0..l.images.len() {
+                    assert_eq!(l.rgb(i).unwrap(), s.rgb(i).unwrap(), "image {i}");
+                    assert_eq!((&l.images[i].boxes, l.images[i].orig), (&s.images[i].boxes, s.images[i].orig));
+                }
+                assert_eq!(l.gt, s.gt);
+            }
+            (DenseData::Seg(l), DenseData::Seg(s)) => {
+                assert!(s.images.iter().all(|i| i.rgb.is_empty() && i.label.is_empty()));
+                for i in 0..l.images.len() {
+                    assert_eq!(l.pair(i).unwrap(), s.pair(i).unwrap(), "image {i}");
+                }
+            }
+            _ => unreachable!(),
+        }
+        let device = Device::flex();
+        let (_, model) = eval_setup(task, &data, &device);
+        let e = evaluate(&model, &streamed, &device).unwrap_err().to_string();
+        assert!(e.contains("decoded in memory"), "{e}");
+    }
+    // Mid-run: an image that decoded when the split was indexed and no longer does.
+    let run = tmp("stream-run");
+    let mut c = cfg(Task::DeepLabV3, &data);
+    // One batch of all 15 readable images, so the one that breaks is in it.
+    (c.stream, c.epochs, c.batch) = (Some(true), 1, 15);
+    let mut t = quiet(DenseTrainer::new(c, &run, Device::flex().autodiff()));
+    std::fs::write(data.join("images/train/0003.png"), b"truncated").unwrap();
+    let m = t.run(None).unwrap();
+    assert!(m[0].train_loss.is_finite());
+    let _ = std::fs::remove_dir_all(&run);
     let _ = std::fs::remove_dir_all(&data);
 }
 
