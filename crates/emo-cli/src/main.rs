@@ -480,7 +480,8 @@ fn resume_conflicts(def: &clap::Command, train: &clap::ArgMatches) -> Vec<String
     }
     def.get_arguments()
         .filter(|a| {
-            !matches!(a.get_id().as_str(), "resume" | "task" | "stop_after" | "stream" | "backend") && given(a.get_id().as_str())
+            !matches!(a.get_id().as_str(), "resume" | "task" | "stop_after" | "stream" | "backend")
+                && given(a.get_id().as_str())
         })
         .map(|a| format!("--{}", a.get_long().unwrap_or(a.get_id().as_str())))
         .collect()

@@ -529,9 +529,18 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             "--se-weight",
             "0.2",
         ];
-        let extra: &[&str] = if task == "deeplabv3" { &[&ohem[..], &rescale[..], &dropouts[..]].concat() } else { &[] };
+        // `--stream` is for dense tasks; SSDLite trains streamed from disk here.
+        let o = emo(&["train", "--stream", "true", "--out", run.to_str().unwrap()]);
+        assert!(!o.status.success() && stderr(&o).contains("for dense tasks"), "{}", stderr(&o));
+        let _ = std::fs::remove_dir_all(&run);
+        let extra: &[&str] = match task {
+            "deeplabv3" => &[&ohem[..], &rescale[..], &dropouts[..]].concat(),
+            _ => &["--stream", "true"],
+        };
         let o = emo(&[&args[..], extra, &["--out", run.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{task}: {}", stderr(&o));
+        let streamed = stderr(&o).contains("streaming the training split from disk");
+        assert_eq!(streamed, task == "ssdlite", "{}", stderr(&o));
         if task == "deeplabv3" {
             // A fifth of the 64x64 input by default.
             let cfg: serde_json::Value =
@@ -550,10 +559,11 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             assert!(stderr(&o).contains("--aux-weight cannot be changed on resume"), "{}", stderr(&o));
             assert_eq!(std::fs::read(run.join("config.json")).unwrap(), before);
             // `--resume DIR` alone finds the task in the run's config (the run is complete:
-            // nothing more to train, the best score is reported again); a contradicting
-            // --task is refused.
-            let o = emo(&["train", "--resume", run.to_str().unwrap(), "--stop-after", "1"]);
+            // nothing more to train, the best score is reported again; `--stream`, how the data
+            // is read, may change); a contradicting --task is refused.
+            let o = emo(&["train", "--resume", run.to_str().unwrap(), "--stop-after", "1", "--stream", "true"]);
             assert!(o.status.success() && stdout(&o).contains("best mIoU"), "{}{}", stdout(&o), stderr(&o));
+            assert!(stderr(&o).contains("streaming the training split"), "{}", stderr(&o));
             let o = emo(&["train", "--task", "ssdlite", "--resume", run.to_str().unwrap()]);
             assert!(!o.status.success() && stderr(&o).contains("is a deeplabv3 run"), "{}", stderr(&o));
             assert_eq!(std::fs::read(run.join("config.json")).unwrap(), before);

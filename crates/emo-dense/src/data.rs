@@ -400,11 +400,15 @@ pub struct SegDataset {
     pub streamed: bool,
 }
 
+/// An image's RGB and its label map at the input size, borrowed from a decoded split or decoded
+/// now from a streamed one.
+pub type Pair<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
+
 impl SegDataset {
     /// Image `i`'s RGB and label map at the input size: the decoded ones, or in a streamed split
     /// both read from disk now (an error naming the file if one no longer decodes or holds a
     /// label that is not a class).
-    pub fn pair(&self, i: usize) -> Result<(Cow<'_, [u8]>, Cow<'_, [u8]>), DenseError> {
+    pub fn pair(&self, i: usize) -> Result<Pair<'_>, DenseError> {
         let im = &self.images[i];
         if !self.streamed {
             return Ok((Cow::Borrowed(&im.rgb), Cow::Borrowed(&im.label)));

@@ -649,8 +649,15 @@ impl DenseTrainer {
     /// The training split (streamed, or decoded in memory: `cfg.stream`) and the validation one
     /// (always decoded).
     fn load_data(cfg: &DenseTrainConfig) -> Result<(DenseData, DenseData), DenseError> {
-        let train =
-            index_split(cfg.task, &cfg.data, &cfg.train_split, cfg.input, true, cfg.reduce_zero_label, cfg.limit_train)?;
+        let train = index_split(
+            cfg.task,
+            &cfg.data,
+            &cfg.train_split,
+            cfg.input,
+            true,
+            cfg.reduce_zero_label,
+            cfg.limit_train,
+        )?;
         let train = match cfg.stream.unwrap_or(train.decoded_bytes() > STREAM_ABOVE_BYTES) {
             true => train,
             false => train.into_decoded(false)?,
