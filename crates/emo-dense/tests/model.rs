@@ -245,7 +245,10 @@ fn training_resumes_exactly_and_learns() {
             // and keeps an EMA of its weights, which must resume exactly too.
             c.ema_decay = 0.9;
         }
-        let full = quiet(DenseTrainer::new(c.clone(), &a, device.clone())).run(None).unwrap();
+        let mut t = quiet(DenseTrainer::new(c.clone(), &a, device.clone()));
+        // By default a split this small (far below `STREAM_ABOVE_BYTES` decoded) is held in memory.
+        assert!(c.stream.is_none() && !t.streams());
+        let full = t.run(None).unwrap();
         // The twin reads its training images another way in each half: decoded in memory for
         // one epoch, then streamed from disk on resume (SSDLite), or the other way round
         // (DeepLabv3); the weights must not notice.
