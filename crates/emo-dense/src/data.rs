@@ -455,6 +455,36 @@ impl SegDataset {
         }
         Ok(SegDataset { images, streamed: false, ..self })
     }
+
+    /// A streamed split with every label map decoded and checked once, in parallel, then dropped
+    /// (so a bad label value is an error now, not mid-run); pairs whose label map does not read
+    /// are dropped and counted.
+    pub fn checked(mut self) -> Result<Self, DenseError> {
+        if !self.streamed {
+            // Checked as it was decoded.
+            return Ok(self);
+        }
+        let dir = folder_of(self.images.first().map(|i| i.path.as_path()));
+        let (input, rzl, classes) = (self.input, self.reduce_zero_label, self.classes.len());
+        let checks = emo_train::parallel::map_each(&self.images, emo_train::parallel::cores(), |im| {
+            let (mut map, _) = decode_label(&im.label_path, input, false)?;
+            Some(prepare_label(&mut map, rzl, classes, &im.label_path))
+        });
+        let mut images = Vec::with_capacity(self.images.len());
+        for (im, check) in self.images.into_iter().zip(checks) {
+            match check {
+                Some(check) => {
+                    check?;
+                    images.push(im);
+                }
+                None => self.skipped.unreadable_images += 1,
+            }
+        }
+        if images.is_empty() {
+            return Err(DenseError::Data(format!("{dir}: no usable image/label pairs")));
+        }
+        Ok(SegDataset { images, ..self })
+    }
 }
 
 /// Class names of a segmentation folder: `classes.txt` (one per line) if present.
@@ -483,7 +513,7 @@ pub fn load_seg(
     limit: usize,
     keep_full: bool,
 ) -> Result<SegDataset, DenseError> {
-    index_seg(root, split, input, reduce_zero_label, num_classes, limit)?.into_decoded(keep_full)
+    list_seg(root, split, input, reduce_zero_label, num_classes, limit)?.into_decoded(keep_full)
 }
 
 /// [`load_seg`] without keeping the pixels: a streamed split, whose pairs are read from disk when
@@ -491,6 +521,20 @@ pub fn load_seg(
 /// checked once (so a bad label value is an error now, not mid-run), then dropped; pairs that
 /// do not read are skipped and counted.
 pub fn index_seg(
+    root: &Path,
+    split: &str,
+    input: (usize, usize),
+    reduce_zero_label: bool,
+    num_classes: Option<usize>,
+    limit: usize,
+) -> Result<SegDataset, DenseError> {
+    list_seg(root, split, input, reduce_zero_label, num_classes, limit)?.checked()
+}
+
+/// The pairs of a segmentation split, each image's header read (unreadable ones skipped and
+/// counted), the label maps not yet opened: what [`SegDataset::checked`] (streamed) or
+/// [`SegDataset::into_decoded`] (in memory) completes, each reading every label map once.
+pub(crate) fn list_seg(
     root: &Path,
     split: &str,
     input: (usize, usize),
@@ -527,18 +571,12 @@ pub fn index_seg(
         pairs.truncate(limit);
     }
     let headers = read_headers(&pairs.iter().map(|p| p.0.clone()).collect::<Vec<_>>());
-    // Decoded and checked one by one in parallel, then dropped: a streamed split holds no pixels.
-    let checked = emo_train::parallel::map_each(&pairs, emo_train::parallel::cores(), |(_, lab)| {
-        let (mut map, _) = decode_label(lab, input, false)?;
-        Some(prepare_label(&mut map, reduce_zero_label, classes.len(), lab))
-    });
     let mut images = Vec::new();
-    for (((path, label_path), header), check) in pairs.into_iter().zip(headers).zip(checked) {
-        let (Some(_), Some(check)) = (header, check) else {
+    for ((path, label_path), header) in pairs.into_iter().zip(headers) {
+        if header.is_none() {
             skipped.unreadable_images += 1;
             continue;
-        };
-        check?;
+        }
         let file = path.file_name().unwrap_or_default().to_string_lossy().into();
         images.push(SegImage { file, path, label_path, rgb: Vec::new(), label: Vec::new(), full: None });
     }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::assign::{MaxIou, Targets, targets};
 use crate::boxes::{BBox, BoxCoder};
 use crate::data::{
-    DetDataset, PAPER_RESCALE, SegDataset, augment, index_coco, index_seg, seg_geometry_with, ssd_geometry,
+    DetDataset, PAPER_RESCALE, SegDataset, augment, index_coco, list_seg, seg_geometry_with, ssd_geometry,
 };
 use crate::fast::DenseInfer;
 use crate::loss::{Ohem, focal_loss, se_loss, seg_loss_with, ssd_loss};
@@ -386,6 +386,14 @@ impl DenseData {
             DenseData::Seg(d) => d.decoded_bytes(),
         }
     }
+    /// A streamed split with its label maps checked ([`SegDataset::checked`]; detection splits
+    /// have none).
+    fn checked(self) -> Result<Self, DenseError> {
+        Ok(match self {
+            DenseData::Det(d) => DenseData::Det(d),
+            DenseData::Seg(d) => DenseData::Seg(d.checked()?),
+        })
+    }
     /// Decode a streamed split into memory (`keep_full`: see [`SegDataset::into_decoded`]).
     pub fn into_decoded(self, keep_full: bool) -> Result<Self, DenseError> {
         Ok(match self {
@@ -435,11 +443,11 @@ pub fn load_split(
     reduce_zero_label: bool,
     limit: usize,
 ) -> Result<DenseData, DenseError> {
-    index_split(task, root, split, input, training, reduce_zero_label, limit)?.into_decoded(!training)
+    open_split(task, root, split, input, training, reduce_zero_label, limit, Some(false))
 }
 
 /// [`load_split`] as a streamed split: indexed and checked, its pixels left on disk
-/// ([`index_coco`], [`index_seg`]).
+/// ([`index_coco`], [`index_seg`](crate::data::index_seg)).
 pub fn index_split(
     task: Task,
     root: &Path,
@@ -449,11 +457,33 @@ pub fn index_split(
     reduce_zero_label: bool,
     limit: usize,
 ) -> Result<DenseData, DenseError> {
-    Ok(if task.is_detection() {
+    open_split(task, root, split, input, training, reduce_zero_label, limit, Some(true))
+}
+
+/// A split for `task`, streamed or decoded in memory as `stream` says (`None`: streamed when it
+/// would take more than [`STREAM_ABOVE_BYTES`] decoded). The images are listed first (headers
+/// read), then each label map is read once: checked for a streamed split, decoded for one in
+/// memory.
+#[allow(clippy::too_many_arguments)]
+fn open_split(
+    task: Task,
+    root: &Path,
+    split: &str,
+    input: (usize, usize),
+    training: bool,
+    reduce_zero_label: bool,
+    limit: usize,
+    stream: Option<bool>,
+) -> Result<DenseData, DenseError> {
+    let listed = if task.is_detection() {
         DenseData::Det(index_coco(root, split, input, !training, limit)?)
     } else {
-        DenseData::Seg(index_seg(root, split, input, reduce_zero_label, None, limit)?)
-    })
+        DenseData::Seg(list_seg(root, split, input, reduce_zero_label, None, limit)?)
+    };
+    match stream.unwrap_or(listed.decoded_bytes() > STREAM_ABOVE_BYTES) {
+        true => listed.checked(),
+        false => listed.into_decoded(!training),
+    }
 }
 
 /// Images per forward pass in evaluation.
@@ -649,7 +679,7 @@ impl DenseTrainer {
     /// The training split (streamed, or decoded in memory: `cfg.stream`) and the validation one
     /// (always decoded).
     fn load_data(cfg: &DenseTrainConfig) -> Result<(DenseData, DenseData), DenseError> {
-        let train = index_split(
+        let train = open_split(
             cfg.task,
             &cfg.data,
             &cfg.train_split,
@@ -657,11 +687,8 @@ impl DenseTrainer {
             true,
             cfg.reduce_zero_label,
             cfg.limit_train,
+            cfg.stream,
         )?;
-        let train = match cfg.stream.unwrap_or(train.decoded_bytes() > STREAM_ABOVE_BYTES) {
-            true => train,
-            false => train.into_decoded(false)?,
-        };
         let val =
             load_split(cfg.task, &cfg.data, &cfg.val_split, cfg.input, false, cfg.reduce_zero_label, cfg.limit_val)?;
         Ok((train, val))
