@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::Device;
 use emo_dense::data::CanvasConfig;
 use emo_dense::predict::{DetTestCfg, SegAug, batch_tensor, detect, draw_boxes, palette, segment_aug};
-use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, evaluate_with, load_split};
+use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, evaluate_with, load_split, open_split};
 use emo_dense::{DenseConfig, DenseInfer, DenseModel, FastDense, Task};
 use emo_spec::Variant;
 
@@ -133,8 +133,14 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
         t.cfg.input.0,
         t.cfg.input.1
     );
-    if t.streams() {
-        eprintln!("streaming the training split from disk (decoded batch by batch; --stream false holds it in memory)");
+    let streamed = match (t.streams(), t.streams_val()) {
+        (true, true) => "training and validation splits",
+        (true, false) => "training split",
+        (false, true) => "validation split",
+        (false, false) => "",
+    };
+    if !streamed.is_empty() {
+        eprintln!("streaming the {streamed} from disk (decoded batch by batch; --stream false holds it in memory)");
     }
     for w in t.data_warnings() {
         eprintln!("warning: {w}");
@@ -227,6 +233,8 @@ pub struct EvalArgs<'a> {
     pub save_weights: Option<&'a Path>,
     /// Detection: write the detections here as a COCO results file.
     pub results: Option<&'a Path>,
+    /// Decode the split batch by batch from disk (`None`: when it would take more than 4 GiB).
+    pub stream: Option<bool>,
     pub engine: EngineKind,
 }
 
@@ -274,7 +282,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         load_infer(weights, card, &device, a.engine)?
     };
     ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
-    let d = load_split(card.model.task, data, split, card.model.input, false, card.reduce_zero_label, limit)?;
+    let d = open_split(card.model.task, data, split, card.model.input, false, card.reduce_zero_label, limit, a.stream)?;
     if let Some(w) = d.skipped_warning() {
         eprintln!("{}: {w}", data.display());
     }

@@ -158,6 +158,11 @@ enum Cmd {
         /// `--format-only` and pycocotools' `loadRes` use).
         #[arg(long)]
         results: Option<PathBuf>,
+        /// Dense tasks: decode the split batch by batch from disk as it is evaluated (true) or
+        /// all of it into memory first (false). Default: stream when the decoded split would
+        /// take more than 4 GiB. The result is the same.
+        #[arg(long)]
+        stream: Option<bool>,
         /// Dense tasks: which implementation runs the model: `fast` (the fused CPU engine,
         /// emo-infer) or `burn` (the trainable model on --backend). Default: fast, or burn when
         /// --backend names another backend than flex.
@@ -424,9 +429,10 @@ pub(crate) struct TrainOpts {
     /// (a large set seen once over several evaluated epochs; 0 = one full pass per epoch).
     #[arg(long, default_value_t = 0)]
     pub epoch_images: usize,
-    /// Dense tasks: keep the training split on disk and decode each batch as it is needed, one
-    /// batch ahead on its own thread (true), or hold it decoded in memory (false). Default:
-    /// stream when the decoded split would take more than 4 GiB. The result is the same.
+    /// Dense tasks: keep the training and validation splits on disk and decode each batch as it
+    /// is needed (training: one batch ahead on its own thread) (true), or hold them decoded in
+    /// memory (false). Default: each split streamed when it would take more than 4 GiB decoded.
+    /// The result is the same.
     #[arg(long)]
     pub stream: Option<bool>,
     /// Fine-tune from these weights (e.g. official ImageNet weights; the head is replaced).
@@ -600,6 +606,7 @@ fn main() -> Result<()> {
             precise_bn,
             save_weights,
             results,
+            stream,
             engine,
             ..
         } => dense::eval(&dense::EvalArgs {
@@ -614,13 +621,15 @@ fn main() -> Result<()> {
             precise_bn,
             save_weights: save_weights.as_deref(),
             results: results.as_deref(),
+            stream,
             engine: dense_engine(engine),
         }),
-        Cmd::Eval { variant, weights, data, size, engine, .. } => {
+        Cmd::Eval { variant, weights, data, size, engine, stream, .. } => {
             ensure!(
                 engine.is_none(),
                 "--engine chooses the engine of a dense model (with --task); classification runs the fast engine"
             );
+            ensure!(stream.is_none(), "--stream is for dense tasks (--task ...)");
             let pipeline = trained_pipeline(&weights, size)?;
             let (_, test) = load_data(&data, pipeline.size)?;
             let sd = emo_weights::load(&weights).with_context(|| format!("loading {}", weights.display()))?;

@@ -539,7 +539,7 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         };
         let o = emo(&[&args[..], extra, &["--out", run.to_str().unwrap()]].concat());
         assert!(o.status.success(), "{task}: {}", stderr(&o));
-        let streamed = stderr(&o).contains("streaming the training split from disk");
+        let streamed = stderr(&o).contains("streaming the training and validation splits from disk");
         assert_eq!(streamed, task == "ssdlite", "{}", stderr(&o));
         if task == "deeplabv3" {
             // A fifth of the 64x64 input by default.
@@ -563,7 +563,7 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             // is read, may change); a contradicting --task is refused.
             let o = emo(&["train", "--resume", run.to_str().unwrap(), "--stop-after", "1", "--stream", "true"]);
             assert!(o.status.success() && stdout(&o).contains("best mIoU"), "{}{}", stdout(&o), stderr(&o));
-            assert!(stderr(&o).contains("streaming the training split"), "{}", stderr(&o));
+            assert!(stderr(&o).contains("streaming the training and validation splits"), "{}", stderr(&o));
             let o = emo(&["train", "--task", "ssdlite", "--resume", run.to_str().unwrap()]);
             assert!(!o.status.success() && stderr(&o).contains("is a deeplabv3 run"), "{}", stderr(&o));
             assert_eq!(std::fs::read(run.join("config.json")).unwrap(), before);
@@ -600,6 +600,13 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         let o = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--engine", "burn"]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert_eq!(stdout(&o).lines().next(), s.lines().next(), "burn against the fast engine");
+        // The split streamed from disk as it is evaluated scores the same; `--stream` is a
+        // dense-task option.
+        let o = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--stream", "true"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(stdout(&o), s, "streamed against in-memory evaluation");
+        let o = emo(&["eval", "--weights", w.to_str().unwrap(), "--stream", "true"]);
+        assert!(!o.status.success() && stderr(&o).contains("for dense tasks"), "{}", stderr(&o));
         let flip = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--flip"]);
         if task == "deeplabv3" {
             assert!(s.lines().any(|l| l.starts_with("background")), "{s}");

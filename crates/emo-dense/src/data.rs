@@ -420,6 +420,27 @@ impl SegDataset {
         Ok((Cow::Owned(rgb), Cow::Owned(label)))
     }
 
+    /// Image `i`'s RGB at the input size with the label map evaluation scores against and its
+    /// (H, W) ([`SegImage::eval_label`]): borrowed from a decoded split, or in a streamed split
+    /// read from disk now, the label map at its original size (an error naming the file if one no
+    /// longer decodes or holds a label that is not a class).
+    pub fn eval_pair(&self, i: usize) -> Result<(Cow<'_, [u8]>, Cow<'_, [u8]>, (usize, usize)), DenseError> {
+        let im = &self.images[i];
+        if !self.streamed {
+            let (label, hw) = im.eval_label(self.input);
+            return Ok((Cow::Borrowed(&im.rgb), Cow::Borrowed(label), hw));
+        }
+        let (rgb, _) = decode_image(&im.path, self.input).ok_or_else(|| unreadable(&im.path))?;
+        let (label, full) =
+            decode_label(&im.label_path, self.input, true).ok_or_else(|| unreadable(&im.label_path))?;
+        let (mut label, hw) = match full {
+            Some(f) => (f.data, (f.h, f.w)),
+            None => (label, self.input),
+        };
+        prepare_label(&mut label, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
+        Ok((Cow::Owned(rgb), Cow::Owned(label), hw))
+    }
+
     /// Bytes the split takes decoded in memory (H x W x 3 an image, H x W its label map; label
     /// maps kept at their original size for evaluation not counted).
     pub fn decoded_bytes(&self) -> usize {

@@ -122,15 +122,15 @@ pub struct DenseTrainConfig {
     /// the heads and dropped from the weights that are evaluated and exported; 0: none.
     #[serde(default)]
     pub se_weight: f64,
-    /// Keep the training split on disk and decode each batch as it is needed (on a thread beside
-    /// the training step, one batch ahead) instead of holding it decoded in memory; `None`: stream
-    /// when the decoded split would take more than [`STREAM_ABOVE_BYTES`]. The run's result does
-    /// not depend on it.
+    /// Keep the splits on disk and decode each batch as it is needed (training: on a thread beside
+    /// the training step, one batch ahead; validation: on the evaluating threads) instead of
+    /// holding them decoded in memory; `None`: each split streamed when it would take more than
+    /// [`STREAM_ABOVE_BYTES`] decoded. The run's result does not depend on it.
     #[serde(default)]
     pub stream: Option<bool>,
 }
 
-/// Training splits that would take more than this decoded (4 GiB) are streamed by default.
+/// Splits that would take more than this decoded (4 GiB) are streamed by default.
 pub const STREAM_ABOVE_BYTES: usize = 4 << 30;
 
 fn one_f64() -> f64 {
@@ -465,7 +465,7 @@ pub fn index_split(
 /// read), then each label map is read once: checked for a streamed split, decoded for one in
 /// memory.
 #[allow(clippy::too_many_arguments)]
-fn open_split(
+pub fn open_split(
     task: Task,
     root: &Path,
     split: &str,
@@ -492,16 +492,14 @@ const EVAL_BATCH: usize = 16;
 /// The detections of `model` on every image of `d`, in the images' original pixels and the
 /// dataset's category ids (COCO results: what [`coco_of`] scores and `emo eval --results`
 /// writes), on `threads` threads (batches of 16 in one contiguous part per thread, joined in
-/// image order: the result does not depend on `threads`).
+/// image order: the result does not depend on `threads`). A streamed split's images are decoded
+/// as their batch comes.
 pub fn detections_on(
     model: &dyn DenseInfer,
     d: &DetDataset,
     device: &Device,
     threads: usize,
 ) -> Result<Vec<DetBox>, DenseError> {
-    if d.streamed {
-        return Err(DenseError::Data("evaluation needs a split decoded in memory (`DetDataset::into_decoded`)".into()));
-    }
     // The anchors are laid out for the model's input size.
     let hw = model.dense_config().input;
     if d.input != hw {
@@ -509,13 +507,15 @@ pub fn detections_on(
     }
     let anchors = anchors::anchors(model.dense_config());
     let test = DetTestCfg::official(model.dense_config().task);
-    let chunks: Vec<_> = d.images.chunks(EVAL_BATCH).collect();
+    let idx: Vec<usize> = (0..d.images.len()).collect();
+    let chunks: Vec<_> = idx.chunks(EVAL_BATCH).collect();
     let parts = parallel::map_parts(&chunks, threads, |part| {
         let mut dets = Vec::new();
         for chunk in part {
-            let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
-                .without_autodiff();
-            for (img, ds) in chunk.iter().zip(detect(model, x, &anchors, &test)?) {
+            // A streamed split's images are decoded here, on this part's thread.
+            let rgb = chunk.iter().map(|&i| d.rgb(i)).collect::<Result<Vec<_>, _>>()?;
+            let x = batch_tensor(&rgb.iter().map(|r| r.as_ref()).collect::<Vec<_>>(), hw, device).without_autodiff();
+            for (img, ds) in chunk.iter().map(|&i| &d.images[i]).zip(detect(model, x, &anchors, &test)?) {
                 let (sx, sy) = (img.orig.1 as f64 / hw.1 as f64, img.orig.0 as f64 / hw.0 as f64);
                 for det in ds {
                     let [x1, y1, x2, y2] = det.bbox.map(f64::from);
@@ -553,8 +553,10 @@ pub enum Eval {
     Seg(SegStats, SegMetrics),
 }
 
-/// Evaluate a model on a loaded split (COCO mAP in original coordinates, or mIoU on the label
-/// maps at their original size, the logits resized to it as mmseg does). `model` should be a
+/// Evaluate a model on a split (COCO mAP in original coordinates, or mIoU on the label maps at
+/// their original size, the logits resized to it as mmseg does). A streamed split is decoded
+/// batch by batch on the evaluating threads and scores exactly as the split decoded in memory
+/// for evaluation; a file that no longer decodes is an error naming it. `model` should be a
 /// validation copy (`Module::valid`); inputs are made without autodiff, so no training-only layer
 /// (drop path, dropout) runs.
 pub fn evaluate(model: &dyn DenseInfer, data: &DenseData, device: &Device) -> Result<Eval, DenseError> {
@@ -587,21 +589,21 @@ pub fn evaluate_on(
 ) -> Result<Eval, DenseError> {
     match data {
         DenseData::Det(d) => Ok(coco_of(d, &detections_on(model, d, device, threads)?)),
-        DenseData::Seg(d) if d.streamed => {
-            Err(DenseError::Data("evaluation needs a split decoded in memory (`SegDataset::into_decoded`)".into()))
-        }
         DenseData::Seg(d) => {
             // Fully convolutional: the images' input size need not be the model card's.
             let hw = d.input;
-            let chunks: Vec<_> = d.images.chunks(EVAL_BATCH).collect();
+            let idx: Vec<usize> = (0..d.images.len()).collect();
+            let chunks: Vec<_> = idx.chunks(EVAL_BATCH).collect();
             let parts = parallel::map_parts(&chunks, threads, |part| {
                 let mut m = SegMetrics::new(model.dense_config().num_classes);
                 for chunk in part {
-                    let x = batch_tensor(&chunk.iter().map(|i| i.rgb.as_slice()).collect::<Vec<_>>(), hw, device)
+                    // A streamed split's pairs are decoded here, on this part's thread.
+                    let pairs = chunk.iter().map(|&i| d.eval_pair(i)).collect::<Result<Vec<_>, _>>()?;
+                    let x = batch_tensor(&pairs.iter().map(|p| p.0.as_ref()).collect::<Vec<_>>(), hw, device)
                         .without_autodiff();
-                    let sizes: Vec<_> = chunk.iter().map(|i| i.eval_label(hw).1).collect();
-                    for (img, pred) in chunk.iter().zip(segment_aug(model, x, aug, &sizes)?) {
-                        m.add(&pred, img.eval_label(hw).0, 255);
+                    let sizes: Vec<_> = pairs.iter().map(|p| p.2).collect();
+                    for (pair, pred) in pairs.iter().zip(segment_aug(model, x, aug, &sizes)?) {
+                        m.add(&pred, &pair.1, 255);
                     }
                 }
                 Ok::<_, DenseError>(m)
@@ -676,8 +678,7 @@ impl DenseTrainer {
         m
     }
 
-    /// The training split (streamed, or decoded in memory: `cfg.stream`) and the validation one
-    /// (always decoded).
+    /// The training and validation splits, each streamed or decoded in memory (`cfg.stream`).
     fn load_data(cfg: &DenseTrainConfig) -> Result<(DenseData, DenseData), DenseError> {
         let train = open_split(
             cfg.task,
@@ -689,8 +690,16 @@ impl DenseTrainer {
             cfg.limit_train,
             cfg.stream,
         )?;
-        let val =
-            load_split(cfg.task, &cfg.data, &cfg.val_split, cfg.input, false, cfg.reduce_zero_label, cfg.limit_val)?;
+        let val = open_split(
+            cfg.task,
+            &cfg.data,
+            &cfg.val_split,
+            cfg.input,
+            false,
+            cfg.reduce_zero_label,
+            cfg.limit_val,
+            cfg.stream,
+        )?;
         Ok((train, val))
     }
 
@@ -820,6 +829,11 @@ impl DenseTrainer {
     /// Whether the training split is streamed from disk (see [`DenseTrainConfig::stream`]).
     pub fn streams(&self) -> bool {
         self.train.streamed()
+    }
+
+    /// Whether the validation split is streamed from disk (see [`DenseTrainConfig::stream`]).
+    pub fn streams_val(&self) -> bool {
+        self.val.streamed()
     }
 
     pub fn iters_per_epoch(&self) -> usize {

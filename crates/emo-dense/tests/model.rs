@@ -249,22 +249,26 @@ fn training_resumes_exactly_and_learns() {
         // By default a split this small (far below `STREAM_ABOVE_BYTES` decoded) is held in memory.
         assert!(c.stream.is_none() && !t.streams());
         let full = t.run(None).unwrap();
-        // The twin reads its training images another way in each half: decoded in memory for
-        // one epoch, then streamed from disk on resume (SSDLite), or the other way round
-        // (DeepLabv3); the weights must not notice.
+        // The twin reads its images (training and validation) another way in each half: decoded
+        // in memory for one epoch, then streamed from disk on resume (SSDLite), or the other way
+        // round (DeepLabv3); neither the weights nor the evaluations may notice.
         let streamed_first = task == Task::DeepLabV3;
         let mut cb = c.clone();
         cb.stream = Some(streamed_first);
         let first = quiet(DenseTrainer::new(cb, &b, device.clone()));
-        assert_eq!(first.streams(), streamed_first);
+        assert_eq!((first.streams(), first.streams_val()), (streamed_first, streamed_first));
         let mut first = first;
-        first.run(Some(1)).unwrap();
+        let head = first.run(Some(1)).unwrap();
         let resumed = quiet(DenseTrainer::resume_with(&b, device.clone(), Some(!streamed_first)));
-        assert_eq!(resumed.streams(), !streamed_first);
+        assert_eq!((resumed.streams(), resumed.streams_val()), (!streamed_first, !streamed_first));
         let mut resumed = resumed;
         let rest = resumed.run(None).unwrap();
         assert_eq!(rest.len(), 1);
         assert_eq!(full[1].train_loss, rest[0].train_loss, "{task}: resumed loss differs");
+        for (x, y) in full.iter().zip(head.iter().chain(&rest)) {
+            let evals = |m: &emo_dense::train::DenseEpoch| format!("{:?}", (m.coco, m.seg, m.ema_coco, m.ema_seg));
+            assert_eq!(evals(x), evals(y), "{task}: evaluation of epoch {} differs", x.epoch);
+        }
         let (ma, mb) = (
             std::fs::read(a.join("checkpoint/model.safetensors")).unwrap(),
             std::fs::read(b.join("checkpoint/model.safetensors")).unwrap(),
@@ -788,9 +792,9 @@ fn bad_data_is_skipped_and_counted_or_rejected() {
 }
 
 /// A streamed split holds no pixels, reads an image's header to skip and count unreadable ones
-/// as a decoded split does, decodes each image as the decoded split holds it, cannot be
-/// evaluated by mistake, and a training image that stops decoding mid-run is left out of its
-/// batch while the run goes on.
+/// as a decoded split does, decodes each image as the decoded split holds it, evaluates to the
+/// same numbers, and a training image that stops decoding mid-run is left out of its batch while
+/// the run goes on.
 #[test]
 fn streamed_splits_decode_what_loaded_splits_hold() {
     let _g = serial();
@@ -822,10 +826,44 @@ fn streamed_splits_decode_what_loaded_splits_hold() {
             }
             _ => unreachable!(),
         }
-        let device = Device::flex();
+    }
+    // Evaluation: a streamed split, decoded batch by batch on the evaluating threads, scores
+    // exactly as the split decoded in memory for evaluation, against the label maps at their
+    // original size (64x64 here, the segmentation input 48x40) and with the same detections.
+    use emo_dense::predict::SegAug;
+    use emo_dense::train::{Eval, detections_on, evaluate_on};
+    let device = Device::flex();
+    for task in [Task::SsdLite, Task::DeepLabV3] {
         let (_, model) = eval_setup(task, &data, &device);
+        let input = if task.is_detection() { (64, 64) } else { (48, 40) };
+        let loaded = load_split(task, &data, "val", input, false, false, 0).unwrap();
+        let streamed = index_split(task, &data, "val", input, false, false, 0).unwrap();
+        let aug = SegAug::flip(true);
+        let (a, b) = (
+            evaluate_on(&model, &loaded, &device, &aug, 2).unwrap(),
+            evaluate_on(&model, &streamed, &device, &aug, 2).unwrap(),
+        );
+        match (&a, &b) {
+            (Eval::Seg(sa, ma), Eval::Seg(sb, mb)) => {
+                assert_eq!(ma.conf.iter().sum::<u64>(), 4 * 64 * 64);
+                assert_eq!((sa, &ma.conf), (sb, &mb.conf));
+            }
+            (Eval::Coco(..), Eval::Coco(..)) => {
+                assert_eq!(format!("{a:?}"), format!("{b:?}"));
+                let (DenseData::Det(l), DenseData::Det(s)) = (&loaded, &streamed) else { unreachable!() };
+                let dets = detections_on(&model, l, &device, 2).unwrap();
+                assert!(!dets.is_empty());
+                assert_eq!(format!("{dets:?}"), format!("{:?}", detections_on(&model, s, &device, 2).unwrap()));
+            }
+            _ => panic!("{task}: evaluations of different kinds"),
+        }
+        // A file that no longer decodes when its batch comes is an error that names it.
+        let png = data.join("images/val/0002.png");
+        let keep = std::fs::read(&png).unwrap();
+        std::fs::write(&png, b"truncated").unwrap();
         let e = evaluate(&model, &streamed, &device).unwrap_err().to_string();
-        assert!(e.contains("decoded in memory"), "{e}");
+        assert!(e.contains("0002.png"), "{e}");
+        std::fs::write(&png, keep).unwrap();
     }
     // Mid-run: an image that decoded when the split was indexed and no longer does.
     let run = tmp("stream-run");
