@@ -431,8 +431,7 @@ impl SegDataset {
             return Ok((Cow::Borrowed(&im.rgb), Cow::Borrowed(label), hw));
         }
         let (rgb, _) = decode_image(&im.path, self.input).ok_or_else(|| unreadable(&im.path))?;
-        let (label, full) =
-            decode_label(&im.label_path, self.input, true).ok_or_else(|| unreadable(&im.label_path))?;
+        let (label, full) = decode_label(&im.label_path, self.input, true).ok_or_else(|| unreadable(&im.label_path))?;
         let (mut label, hw) = match full {
             Some(f) => (f.data, (f.h, f.w)),
             None => (label, self.input),
