@@ -404,6 +404,10 @@ pub struct SegDataset {
 /// now from a streamed one.
 pub type Pair<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
 
+/// An image's RGB at the input size, the label map evaluation scores against and that map's
+/// (H, W) ([`SegDataset::eval_pair`]).
+pub type EvalPair<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>, (usize, usize));
+
 impl SegDataset {
     /// Image `i`'s RGB and label map at the input size: the decoded ones, or in a streamed split
     /// both read from disk now (an error naming the file if one no longer decodes or holds a
@@ -424,7 +428,7 @@ impl SegDataset {
     /// (H, W) ([`SegImage::eval_label`]): borrowed from a decoded split, or in a streamed split
     /// read from disk now, the label map at its original size (an error naming the file if one no
     /// longer decodes or holds a label that is not a class).
-    pub fn eval_pair(&self, i: usize) -> Result<(Cow<'_, [u8]>, Cow<'_, [u8]>, (usize, usize)), DenseError> {
+    pub fn eval_pair(&self, i: usize) -> Result<EvalPair<'_>, DenseError> {
         let im = &self.images[i];
         if !self.streamed {
             let (label, hw) = im.eval_label(self.input);
