@@ -340,7 +340,15 @@ pub struct DenseState {
     pub epoch: usize,
     pub iter: usize,
     pub rng: Rng,
+    /// The best key metric so far; -inf (written `null` in JSON) before the first evaluation.
+    #[serde(deserialize_with = "null_as_neg_inf")]
     pub best: f64,
+}
+
+/// serde_json writes a non-finite f64 as `null`: read it back as -inf (a run saved before its
+/// first evaluation finished, see [`DenseTrainer::run`]).
+fn null_as_neg_inf<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NEG_INFINITY))
 }
 
 /// A loaded dataset of either kind.
@@ -1057,13 +1065,23 @@ impl DenseTrainer {
             }
             let train_secs = start.elapsed().as_secs_f64();
             self.state.epoch += 1;
-            let ev = self.evaluate()?;
+            // An evaluation that fails (a streamed validation image that no longer decodes)
+            // loses no training: the epoch is saved first, and the error says so.
+            let (ev, ema_ev) = match self.evaluate().and_then(|ev| Ok((ev, self.evaluate_ema()?))) {
+                Ok(evs) => evs,
+                Err(e) => {
+                    self.save_checkpoint()?;
+                    return Err(DenseError::Data(format!(
+                        "epoch {} is trained and saved (--resume continues after it), but its evaluation failed: {e}",
+                        self.state.epoch
+                    )));
+                }
+            };
             let split = |e: &Eval| match e {
                 Eval::Coco(c, _) => (Some(*c), None),
                 Eval::Seg(s, _) => (None, Some(*s)),
             };
             let (coco, seg) = split(&ev);
-            let ema_ev = self.evaluate_ema()?;
             let (ema_coco, ema_seg) = ema_ev.as_ref().map_or((None, None), |(e, _)| split(e));
             let m = DenseEpoch {
                 epoch: self.state.epoch,

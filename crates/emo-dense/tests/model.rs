@@ -865,15 +865,28 @@ fn streamed_splits_decode_what_loaded_splits_hold() {
         assert!(e.contains("0002.png"), "{e}");
         std::fs::write(&png, keep).unwrap();
     }
-    // Mid-run: an image that decoded when the split was indexed and no longer does.
+    // Mid-run: an image that decoded when the split was indexed and no longer does. A training
+    // image is left out of its batch; a validation image stops the run with an error naming it,
+    // after the epoch is saved, and the run resumes once the file is back.
     let run = tmp("stream-run");
     let mut c = cfg(Task::DeepLabV3, &data);
     // One batch of all 15 readable images, so the one that breaks is in it.
-    (c.stream, c.epochs, c.batch) = (Some(true), 1, 15);
+    (c.stream, c.epochs, c.batch) = (Some(true), 2, 15);
     let mut t = quiet(DenseTrainer::new(c, &run, Device::flex().autodiff()));
-    std::fs::write(data.join("images/train/0003.png"), b"truncated").unwrap();
+    let (train_png, val_png) = (data.join("images/train/0003.png"), data.join("images/val/0001.png"));
+    let keep = [std::fs::read(&train_png).unwrap(), std::fs::read(&val_png).unwrap()];
+    std::fs::write(&train_png, b"truncated").unwrap();
+    std::fs::write(&val_png, b"truncated").unwrap();
+    let e = t.run(None).unwrap_err().to_string();
+    assert!(e.contains("0001.png") && e.contains("epoch 1 is trained and saved"), "{e}");
+    for (p, bytes) in [&train_png, &val_png].into_iter().zip(keep) {
+        std::fs::write(p, bytes).unwrap();
+    }
+    let mut t = quiet(DenseTrainer::resume(&run, Device::flex().autodiff()));
+    assert_eq!(t.state.epoch, 1);
     let m = t.run(None).unwrap();
-    assert!(m[0].train_loss.is_finite());
+    assert_eq!(m.len(), 1);
+    assert!(m[0].epoch == 2 && m[0].train_loss.is_finite() && m[0].seg.is_some(), "{m:?}");
     let _ = std::fs::remove_dir_all(&run);
     let _ = std::fs::remove_dir_all(&data);
 }
