@@ -201,13 +201,20 @@ type DecodedLabel = Option<(Vec<u8>, Option<LabelMap>)>;
 /// Decode one label map at `size` (nearest) and, with `keep_full`, also at its original size
 /// where that differs; `None` if unreadable.
 fn decode_label(p: &Path, size: (usize, usize), keep_full: bool) -> DecodedLabel {
+    let full = decode_label_full(p)?;
+    if (full.h, full.w) == size {
+        return Some((full.data, None));
+    }
+    let img = image::GrayImage::from_raw(full.w as u32, full.h as u32, full.data)?;
+    let resized = image::imageops::resize(&img, size.1 as u32, size.0 as u32, FilterType::Nearest).into_raw();
+    Some((resized, keep_full.then(|| LabelMap { h: full.h, w: full.w, data: img.into_raw() })))
+}
+
+/// Decode one label map at its original size; `None` if unreadable.
+fn decode_label_full(p: &Path) -> Option<LabelMap> {
     let img = image::open(p).ok()?.to_luma8();
     let (h, w) = (img.height() as usize, img.width() as usize);
-    if (h, w) == size {
-        return Some((img.into_raw(), None));
-    }
-    let resized = image::imageops::resize(&img, size.1 as u32, size.0 as u32, FilterType::Nearest).into_raw();
-    Some((resized, keep_full.then(|| LabelMap { h, w, data: img.into_raw() })))
+    Some(LabelMap { h, w, data: img.into_raw() })
 }
 
 /// Decode label maps in parallel ([`decode_label`]).
@@ -435,13 +442,12 @@ impl SegDataset {
             return Ok((Cow::Borrowed(&im.rgb), Cow::Borrowed(label), hw));
         }
         let (rgb, _) = decode_image(&im.path, self.input).ok_or_else(|| unreadable(&im.path))?;
-        let (label, full) = decode_label(&im.label_path, self.input, true).ok_or_else(|| unreadable(&im.label_path))?;
-        let (mut label, hw) = match full {
-            Some(f) => (f.data, (f.h, f.w)),
-            None => (label, self.input),
-        };
-        prepare_label(&mut label, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
-        Ok((Cow::Owned(rgb), Cow::Owned(label), hw))
+        // Scored at its original size (what `eval_label` gives a split decoded with `keep_full`):
+        // no resize to the input needed.
+        let LabelMap { h, w, mut data } =
+            decode_label_full(&im.label_path).ok_or_else(|| unreadable(&im.label_path))?;
+        prepare_label(&mut data, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
+        Ok((Cow::Owned(rgb), Cow::Owned(data), (h, w)))
     }
 
     /// Bytes the split takes decoded in memory (H x W x 3 an image, H x W its label map; label
