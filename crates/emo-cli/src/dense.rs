@@ -118,6 +118,13 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             // Both checked (>= 0, finite) by `DenseTrainer::new` before it reads or writes anything.
             cfg.backbone_lr_mult = a.backbone_lr_mult.unwrap_or(cfg.backbone_lr_mult);
             cfg.reduce_zero_label = a.reduce_zero_label;
+            if !task.is_detection() && !a.reduce_zero_label && emo_dense::data::ade20k_layout(&cfg.data) {
+                eprintln!(
+                    "{}: ADE20K's layout (no classes.txt): its 150 classes, label 0 = other (--reduce-zero-label)",
+                    cfg.data.display()
+                );
+                cfg.reduce_zero_label = true;
+            }
             cfg.workers = a.workers.unwrap_or_else(|| crate::backend::chosen().default_workers(a.batch));
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{}", a.variant)));
             DenseTrainer::new(cfg, &dir, device)?
@@ -304,6 +311,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         _ => evaluate_with(model.as_ref(), &d, &device, &aug)?,
     };
     let how = aug_description(&aug);
+    let split = emo_dense::data::resolve_split(data, split, task.is_detection());
     println!("{} on {} ({split}, {} images{how}): {}", card.model.task, data.display(), d.len(), describe(&e));
     // Per-class table, as mmdet's `classwise` / mmseg's evaluation print it.
     let pct = emo_dense::metrics::percent;
@@ -404,17 +412,46 @@ fn out_name(out: &Path, img: &Path, ext: &str) -> PathBuf {
     out.join(format!("{}.{ext}", img.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()))
 }
 
+/// The command's name, the other dense command's, and the tasks `--task` takes for it.
+fn dense_cmd_names(detection: bool) -> (&'static str, &'static str, &'static str) {
+    if detection { ("detect", "segment", "ssdlite|retinanet") } else { ("segment", "detect", "deeplabv3|pspnet") }
+}
+
+/// `--task` of `emo detect` / `emo segment`, checked before any weights are read: a task of the
+/// command's kind.
+fn check_asked_task(asked: Option<Task>, detection: bool) -> Result<()> {
+    let (cmd, other, tasks) = dense_cmd_names(detection);
+    match asked {
+        Some(t) if t.is_detection() != detection => bail!("`emo {cmd}` takes --task {tasks}; {t} is for `emo {other}`"),
+        _ => Ok(()),
+    }
+}
+
+/// The loaded model is of the command's kind and, with `--task`, that task.
+fn check_model_task(weights: &Path, card: &ModelCard, asked: Option<Task>, detection: bool) -> Result<()> {
+    let (_, other, _) = dense_cmd_names(detection);
+    let has = card.model.task;
+    ensure!(has.is_detection() == detection, "{} is a {has} model; use `emo {other}`", weights.display());
+    match asked {
+        Some(t) if t != has => bail!("{} is a {has} model, not {t}", weights.display()),
+        _ => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn detect_cmd(
     weights: &Path,
     card: Option<&Path>,
+    task: Option<Task>,
     images: &[PathBuf],
     out: &Path,
     score_thr: f32,
     engine: EngineKind,
 ) -> Result<()> {
+    check_asked_task(task, true)?;
     let device = dense_device(engine)?;
     let (model, card) = load_infer(weights, card, &device, engine)?;
-    ensure!(card.model.task.is_detection(), "{} is a {} model; use `emo segment`", weights.display(), card.model.task);
+    check_model_task(weights, &card, task, true)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let anchors = emo_dense::anchors::anchors(&card.model);
     let mut test = DetTestCfg::official(card.model.task);
@@ -451,18 +488,21 @@ pub fn detect_cmd(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn segment_cmd(
     weights: &Path,
     card: Option<&Path>,
+    task: Option<Task>,
     images: &[PathBuf],
     out: &Path,
     aug: &SegAug,
     label_maps: bool,
     engine: EngineKind,
 ) -> Result<()> {
+    check_asked_task(task, false)?;
     let device = dense_device(engine)?;
     let (model, card) = load_infer(weights, card, &device, engine)?;
-    ensure!(!card.model.task.is_detection(), "{} is a {} model; use `emo detect`", weights.display(), card.model.task);
+    check_model_task(weights, &card, task, false)?;
     let shift = u8::from(card.reduce_zero_label);
     ensure!(
         !label_maps || card.classes.len() + usize::from(shift) <= 255,

@@ -125,7 +125,8 @@ enum Cmd {
         /// Evaluate a detector / segmenter (its model.json is read from beside the weights).
         #[arg(long)]
         task: Option<Task>,
-        /// Dense tasks: the split folder name.
+        /// Dense tasks: the split folder name (`val` also finds COCO 2017's `val2017` and ADE20K's
+        /// `validation`).
         #[arg(long, default_value = "val")]
         split: String,
         /// Dense tasks: model card (default: model.json beside the weights).
@@ -184,6 +185,10 @@ enum Cmd {
         /// Model card (default: model.json beside the weights, as `emo train --task` writes it).
         #[arg(long)]
         card: Option<PathBuf>,
+        /// ssdlite or retinanet: checked against the model (its card, or an official
+        /// checkpoint's keys), which decides the task either way.
+        #[arg(long)]
+        task: Option<Task>,
         #[arg(required = true)]
         images: Vec<PathBuf>,
         #[arg(long, default_value = "detections")]
@@ -200,8 +205,13 @@ enum Cmd {
     Segment {
         #[arg(long)]
         weights: PathBuf,
+        /// Model card (default: model.json beside the weights, as `emo train --task` writes it).
         #[arg(long)]
         card: Option<PathBuf>,
+        /// deeplabv3 or pspnet: checked against the model (its card, or an official
+        /// checkpoint's keys), which decides the task either way.
+        #[arg(long)]
+        task: Option<Task>,
         #[arg(required = true)]
         images: Vec<PathBuf>,
         #[arg(long, default_value = "masks")]
@@ -357,7 +367,8 @@ pub(crate) struct TrainOpts {
     #[arg(long)]
     pub ohem_min_kept: Option<usize>,
     /// Segmentation: label 0 is "other" (ignored) and the classes are shifted down by one
-    /// (ADE20K's layout); recorded in model.json so `emo eval --task` reads labels the same way.
+    /// (ADE20K's layout; set by itself for a folder in that layout without classes.txt);
+    /// recorded in model.json so `emo eval --task` reads labels the same way.
     #[arg(long)]
     pub reduce_zero_label: bool,
     /// `fashion-mnist` (Debian's dataset-fashion-mnist), `fashion-mnist:DIR`, or
@@ -521,7 +532,18 @@ fn tune_allocator() {
     }
 }
 
+/// Die quietly of SIGPIPE, as command-line tools do, when the reader of stdout goes away
+/// (`emo eval ... | head -1`): Rust ignores the signal and `println!` would panic instead.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> Result<()> {
+    default_sigpipe();
     tune_allocator();
     let def = Cli::command();
     let matches = def.clone().get_matches();
@@ -541,12 +563,12 @@ fn main() -> Result<()> {
             Some(t) => dense::info(t, variant, input, classes),
             None => info(input.unwrap_or((224, 224)), variant, window_size),
         },
-        Cmd::Detect { weights, card, images, out, score_thr, engine } => {
-            dense::detect_cmd(&weights, card.as_deref(), &images, &out, score_thr, dense_engine(engine))
+        Cmd::Detect { weights, card, task, images, out, score_thr, engine } => {
+            dense::detect_cmd(&weights, card.as_deref(), task, &images, &out, score_thr, dense_engine(engine))
         }
-        Cmd::Segment { weights, card, images, out, flip, scales, label_maps, engine } => {
+        Cmd::Segment { weights, card, task, images, out, flip, scales, label_maps, engine } => {
             let aug = dense::seg_aug(flip, scales)?;
-            dense::segment_cmd(&weights, card.as_deref(), &images, &out, &aug, label_maps, dense_engine(engine))
+            dense::segment_cmd(&weights, card.as_deref(), task, &images, &out, &aug, label_maps, dense_engine(engine))
         }
         Cmd::MakeCanvas { out, size, train, val, items, scale, coarse, fmnist, seed } => {
             let range = |s: &str, what: &str| -> Result<(f64, f64)> {

@@ -714,3 +714,130 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         assert!(!o.status.success() && stderr(&o).contains(&format!("emo {cmd}")), "{}", stderr(&o));
     }
 }
+
+/// A 64x64 image: a grey background with one coloured rectangle at `(x0, y0)..(x1, y1)`.
+fn rect_image(path: &Path, rect: (u32, u32, u32, u32), colour: [u8; 3]) {
+    let (x0, y0, x1, y1) = rect;
+    let img = image::RgbImage::from_fn(64, 64, |x, y| {
+        if (x0..x1).contains(&x) && (y0..y1).contains(&y) { image::Rgb(colour) } else { image::Rgb([90, 90, 90]) }
+    });
+    img.save(path).unwrap();
+}
+
+/// COCO 2017 (`annotations/instances_train2017.json`, images in `train2017/`) and ADE20K
+/// (`images/training` + `annotations/training`, no classes.txt, 0 = other, classes 1-150) as
+/// they ship: `emo train --task` and `emo eval --task` read them without renaming anything.
+/// Also `emo detect --task` / `emo segment --task`, checked against the model.
+#[test]
+fn coco_2017_and_ade20k_layouts_train_and_evaluate_as_they_ship() {
+    let coco = tmp("coco2017");
+    let ade = tmp("ADEChallengeData2016");
+    for d in [&coco, &ade] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    std::fs::create_dir_all(coco.join("annotations")).unwrap();
+    // Category ids 1 and 3 (COCO's are not contiguous either).
+    for (split, n) in [("train2017", 8u32), ("val2017", 4)] {
+        std::fs::create_dir_all(coco.join(split)).unwrap();
+        let (mut images, mut anns) = (vec![], vec![]);
+        for i in 0..n {
+            let (x0, y0) = (4 + 3 * i, 6 + 2 * i);
+            let (cat, colour) = if i % 2 == 0 { (1, [230, 40, 40]) } else { (3, [40, 40, 230]) };
+            let file = format!("{:012}.jpg", 100 + i);
+            rect_image(&coco.join(split).join(&file), (x0, y0, x0 + 24, y0 + 20), colour);
+            images.push(serde_json::json!({"id": 100 + i, "file_name": file, "height": 64, "width": 64}));
+            anns.push(serde_json::json!({"id": i + 1, "image_id": 100 + i, "category_id": cat,
+                "bbox": [x0, y0, 24, 20], "area": 480, "iscrowd": 0}));
+        }
+        let cats = serde_json::json!([{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]);
+        let json = serde_json::json!({"images": images, "annotations": anns, "categories": cats});
+        let p = coco.join("annotations").join(format!("instances_{split}.json"));
+        std::fs::write(p, serde_json::to_vec(&json).unwrap()).unwrap();
+    }
+    // ADE20K: label 150 (the last class, "flag") is valid only with reduce_zero_label.
+    for (split, n) in [("training", 8u32), ("validation", 4)] {
+        for dir in ["images", "annotations"] {
+            std::fs::create_dir_all(ade.join(dir).join(split)).unwrap();
+        }
+        for i in 0..n {
+            let name = format!("ADE_{split}_{:08}", i + 1);
+            let rect = (8 + 2 * i, 10, 40 + 2 * i, 50);
+            rect_image(&ade.join("images").join(split).join(format!("{name}.jpg")), rect, [200, 180, 20]);
+            let label = image::GrayImage::from_fn(64, 64, |x, y| {
+                let inside = (rect.0..rect.2).contains(&x) && (rect.1..rect.3).contains(&y);
+                image::Luma([if inside {
+                    150
+                } else if y < 32 {
+                    1
+                } else {
+                    0
+                }])
+            });
+            label.save(ade.join("annotations").join(split).join(format!("{name}.png"))).unwrap();
+        }
+    }
+    let (c, a) = (coco.to_str().unwrap(), ade.to_str().unwrap());
+    let common = ["--input", "64x64", "--epochs", "1", "--batch", "4", "--light-augment"];
+    let run_det = tmp("run-coco2017");
+    let run_seg = tmp("run-ade20k");
+    for d in [&run_det, &run_seg] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let o =
+        emo(&[&["train", "--task", "ssdlite", "--data", c][..], &common, &["--out", run_det.to_str().unwrap()]]
+            .concat());
+    assert!(o.status.success() && stdout(&o).contains("best mAP50"), "{}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("8 train / 4 val images"), "{}", stderr(&o));
+    let o =
+        emo(&[&["train", "--task", "deeplabv3", "--data", a][..], &common, &["--out", run_seg.to_str().unwrap()]]
+            .concat());
+    assert!(o.status.success() && stdout(&o).contains("best mIoU"), "{}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("ADE20K's layout (no classes.txt)"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("150 classes, input 64x64, 8 train / 4 val images"), "{}", stderr(&o));
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_seg.join("model.json")).unwrap()).unwrap();
+    assert_eq!(card["reduce_zero_label"], serde_json::json!(true), "{card}");
+    let classes = card["classes"].as_array().unwrap();
+    assert_eq!(
+        (classes.len(), &classes[0], &classes[149]),
+        (150, &serde_json::json!("wall"), &serde_json::json!("flag"))
+    );
+
+    // `emo eval --task` finds `val2017` / `validation` for the default `--split val`.
+    let (wd, ws) = (run_det.join("best.safetensors"), run_seg.join("best.safetensors"));
+    let (wd, ws) = (wd.to_str().unwrap(), ws.to_str().unwrap());
+    let o = emo(&["eval", "--task", "ssdlite", "--weights", wd, "--data", c]);
+    assert!(o.status.success() && stdout(&o).contains("(val2017, 4 images)"), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).lines().any(|l| l.starts_with("car")), "{}", stdout(&o));
+    let o = emo(&["eval", "--task", "deeplabv3", "--weights", ws, "--data", a]);
+    assert!(o.status.success() && stdout(&o).contains("(validation, 4 images)"), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).lines().any(|l| l.starts_with("flag")), "{}", stdout(&o));
+    // Read without reduce_zero_label, ADE20K's labels would be off by one: refused, saying why.
+    let plain = tmp("ade-card-plain.json");
+    let mut c2 = card.clone();
+    c2["reduce_zero_label"] = serde_json::json!(false);
+    std::fs::write(&plain, serde_json::to_vec(&c2).unwrap()).unwrap();
+    let o = emo(&["eval", "--task", "deeplabv3", "--weights", ws, "--data", a, "--card", plain.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("reduce_zero_label"), "{}", stderr(&o));
+    // A split that is in neither naming is still reported missing.
+    let o = emo(&["eval", "--task", "ssdlite", "--weights", wd, "--data", c, "--split", "test"]);
+    assert!(!o.status.success() && stderr(&o).contains("instances_test.json"), "{}", stderr(&o));
+
+    // `--task` of detect / segment: the command's kind, and the model's task.
+    let img = coco.join("val2017").join("000000000100.jpg");
+    let img = img.to_str().unwrap();
+    let out = tmp("task-out");
+    let o = emo(&["detect", "--task", "ssdlite", "--weights", wd, "--out", out.to_str().unwrap(), img]);
+    assert!(o.status.success() && out.join("000000000100.json").exists(), "{}", stderr(&o));
+    let o = emo(&["segment", "--task", "deeplabv3", "--weights", ws, "--out", out.to_str().unwrap(), img]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (args, want) in [
+        (["detect", "--task", "retinanet", "--weights", wd], "is a ssdlite model, not retinanet"),
+        (["detect", "--task", "deeplabv3", "--weights", wd], "`emo detect` takes --task ssdlite|retinanet"),
+        (["segment", "--task", "pspnet", "--weights", ws], "is a deeplabv3 model, not pspnet"),
+        (["segment", "--task", "ssdlite", "--weights", ws], "`emo segment` takes --task deeplabv3|pspnet"),
+    ] {
+        let o = emo(&[&args[..], &["--out", out.to_str().unwrap(), img]].concat());
+        assert!(!o.status.success() && stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+}

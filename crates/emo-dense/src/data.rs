@@ -2,6 +2,9 @@
 //! - COCO-format detection sets (`annotations/instances_<split>.json` + `images/<split>/`);
 //! - segmentation folders (`images/<split>/` + `labels/<split>/*.png` label maps, or ADE20K's
 //!   `images/training` + `annotations/training`); 255 is the ignore index;
+//! - the layouts COCO 2017 and ADE20K ship in, as they are: a split asked for as `train` / `val`
+//!   is found under its own name there ([`resolve_split`]), and an ADE20K folder without
+//!   `classes.txt` is read with ADE20K's 150 class names ([`ade20k_layout`]);
 //! - a canvas set built from real Fashion-MNIST items ([`make_canvas`]): boxes from placement,
 //!   masks from the item's pixels, written in both layouts.
 //!
@@ -517,12 +520,50 @@ impl SegDataset {
     }
 }
 
-/// Class names of a segmentation folder: `classes.txt` (one per line) if present.
+/// Whether `root` is ADE20K as it ships (`ADEChallengeData2016`): `images/training` with
+/// `annotations/training`, and no `classes.txt`. Its label maps hold 0 = "other" and the 150
+/// classes as 1..=150, so it is read with ADE20K's class names and `reduce_zero_label`, as mmseg's
+/// `ADE20KDataset` reads it.
+pub fn ade20k_layout(root: &Path) -> bool {
+    !root.join("classes.txt").exists()
+        && root.join("images").join("training").is_dir()
+        && root.join("annotations").join("training").is_dir()
+}
+
+/// The folder name a dataset gives the split asked for as `split`: `split` itself when the
+/// dataset has it, else the name its own layout uses for it (COCO 2017's `train2017` / `val2017`,
+/// ADE20K's `training` / `validation`), else `split` (whose absence the loader then reports).
+pub fn resolve_split(root: &Path, split: &str, detection: bool) -> String {
+    let exists = |s: &str| {
+        if detection {
+            root.join("annotations").join(format!("instances_{s}.json")).is_file()
+        } else {
+            root.join("images").join(s).is_dir()
+        }
+    };
+    if exists(split) {
+        return split.to_string();
+    }
+    let alternatives: &[&str] = match (detection, split) {
+        (true, "train") => &["train2017"],
+        (true, "val") => &["val2017"],
+        (false, "train") => &["training"],
+        (false, "val") => &["validation"],
+        _ => &[],
+    };
+    alternatives.iter().find(|s| exists(s)).map_or_else(|| split.to_string(), |s| s.to_string())
+}
+
+/// Class names of a segmentation folder: `classes.txt` (one per line) if present; ADE20K's 150
+/// for a folder in ADE20K's layout ([`ade20k_layout`]).
 fn seg_classes(root: &Path, n: Option<usize>) -> Result<Vec<String>, DenseError> {
     let p = root.join("classes.txt");
     if p.exists() {
         let s = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
         return Ok(s.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect());
+    }
+    if ade20k_layout(root) {
+        return Ok(crate::names::ADE20K_CLASSES.map(String::from).to_vec());
     }
     n.map(|n| (0..n).map(|i| format!("class{i}")).collect())
         .ok_or_else(|| DenseError::Data(format!("{}: no classes.txt (give the number of classes)", root.display())))
@@ -573,6 +614,13 @@ pub(crate) fn list_seg(
     limit: usize,
 ) -> Result<SegDataset, DenseError> {
     let classes = seg_classes(root, num_classes)?;
+    if ade20k_layout(root) && !reduce_zero_label {
+        return Err(DenseError::Data(format!(
+            "{}: ADE20K's layout without classes.txt: its label maps hold 0 = other and the 150 classes as \
+             1-150, read with reduce_zero_label (`emo train` sets it for such a folder); or write classes.txt",
+            root.display()
+        )));
+    }
     let img_dir = root.join("images").join(split);
     let lab_dir = [root.join("labels").join(split), root.join("annotations").join(split)]
         .into_iter()

@@ -471,7 +471,8 @@ pub fn index_split(
 /// A split for `task`, streamed or decoded in memory as `stream` says (`None`: streamed when it
 /// would take more than [`STREAM_ABOVE_BYTES`] decoded). The images are listed first (headers
 /// read), then each label map is read once: checked for a streamed split, decoded for one in
-/// memory.
+/// memory. `train` / `val` also find COCO 2017's and ADE20K's own names for them
+/// ([`resolve_split`](crate::data::resolve_split)).
 #[allow(clippy::too_many_arguments)]
 pub fn open_split(
     task: Task,
@@ -483,6 +484,7 @@ pub fn open_split(
     limit: usize,
     stream: Option<bool>,
 ) -> Result<DenseData, DenseError> {
+    let split = &crate::data::resolve_split(root, split, task.is_detection());
     let listed = if task.is_detection() {
         DenseData::Det(index_coco(root, split, input, !training, limit)?)
     } else {
