@@ -242,7 +242,27 @@ pub struct EvalArgs<'a> {
     pub results: Option<&'a Path>,
     /// Decode the split batch by batch from disk (`None`: when it would take more than 4 GiB).
     pub stream: Option<bool>,
+    /// `--test-scale`: LONGxSHORT or `input` (`None`: the model card's).
+    pub test_scale: Option<&'a str>,
     pub engine: EngineKind,
+}
+
+/// `--test-scale` over the card's: `LONGxSHORT` (keep-ratio), `input` (none).
+fn test_scale(asked: Option<&str>, card: &ModelCard) -> Result<Option<(usize, usize)>> {
+    let Some(s) = asked else { return Ok(card.test_scale) };
+    if s == "input" {
+        return Ok(None);
+    }
+    let parsed = s.split_once('x').and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+    match parsed {
+        Some((a, b)) if a > 0 && b > 0 => Ok(Some((a, b))),
+        _ => bail!("--test-scale expects LONGxSHORT (e.g. 2048x512) or `input`, got {s:?}"),
+    }
+}
+
+/// ", keep-ratio test scale 2048x512" (empty without one).
+fn scale_description(scale: Option<(usize, usize)>) -> String {
+    scale.map_or_else(String::new, |(a, b)| format!(", keep-ratio test scale {a}x{b}"))
 }
 
 /// The test-time augmentation of `--flip` and `--scales` (none given: single scale).
@@ -289,7 +309,15 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         load_infer(weights, card, &device, a.engine)?
     };
     ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
-    let d = open_split(card.model.task, data, split, card.model.input, false, card.reduce_zero_label, limit, a.stream)?;
+    ensure!(a.test_scale.is_none() || !task.is_detection(), "--test-scale is a segmentation option");
+    let scale = if task.is_detection() { None } else { test_scale(a.test_scale, &card)? };
+    // Under a test scale each image is read from its file as it is evaluated: index only.
+    let stream = if scale.is_some() { a.stream.or(Some(true)) } else { a.stream };
+    let mut d =
+        open_split(card.model.task, data, split, card.model.input, false, card.reduce_zero_label, limit, stream)?;
+    if let emo_dense::train::DenseData::Seg(s) = d {
+        d = emo_dense::train::DenseData::Seg(s.with_test_scale(scale));
+    }
     if let Some(w) = d.skipped_warning() {
         eprintln!("{}: {w}", data.display());
     }
@@ -310,7 +338,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         }
         _ => evaluate_with(model.as_ref(), &d, &device, &aug)?,
     };
-    let how = aug_description(&aug);
+    let how = format!("{}{}", scale_description(scale), aug_description(&aug));
     let split = emo_dense::data::resolve_split(data, split, task.is_detection());
     println!("{} on {} ({split}, {} images{how}): {}", card.model.task, data.display(), d.len(), describe(&e));
     // Per-class table, as mmdet's `classwise` / mmseg's evaluation print it.
@@ -381,23 +409,13 @@ fn dense_device(engine: EngineKind) -> Result<Device> {
     }
 }
 
-fn read_image(p: &Path, input: (usize, usize)) -> Result<(image::RgbImage, Vec<u8>)> {
-    let img = image::open(p).with_context(|| format!("reading {}", p.display()))?.to_rgb8();
-    let resized = image::imageops::resize(&img, input.1 as u32, input.0 as u32, image::imageops::FilterType::Triangle);
-    Ok((img, resized.into_raw()))
-}
-
-/// Run `f` on every readable image (original, and RGB resized to `input`); unreadable ones are
-/// reported and skipped, and it is an error only when none could be read.
-fn for_each_image(
-    images: &[PathBuf],
-    input: (usize, usize),
-    mut f: impl FnMut(&Path, image::RgbImage, Vec<u8>) -> Result<()>,
-) -> Result<()> {
+/// Run `f` on every readable image; unreadable ones are reported and skipped, and it is an error
+/// only when none could be read.
+fn for_each_image(images: &[PathBuf], mut f: impl FnMut(&Path, image::RgbImage) -> Result<()>) -> Result<()> {
     let mut failed = 0;
     for p in images {
-        match read_image(p, input) {
-            Ok((orig, rgb)) => f(p, orig, rgb)?,
+        match image::open(p).with_context(|| format!("reading {}", p.display())) {
+            Ok(img) => f(p, img.to_rgb8())?,
             Err(e) => {
                 eprintln!("skipping: {e:#}");
                 failed += 1;
@@ -406,6 +424,11 @@ fn for_each_image(
     }
     ensure!(failed < images.len(), "no image could be read");
     Ok(())
+}
+
+/// `img` resized to `input` (H, W) as the training splits are decoded (triangle filter).
+fn resized_rgb(img: &image::RgbImage, input: (usize, usize)) -> Vec<u8> {
+    image::imageops::resize(img, input.1 as u32, input.0 as u32, image::imageops::FilterType::Triangle).into_raw()
 }
 
 fn out_name(out: &Path, img: &Path, ext: &str) -> PathBuf {
@@ -457,8 +480,8 @@ pub fn detect_cmd(
     let mut test = DetTestCfg::official(card.model.task);
     test.score_thr = score_thr;
     let input = card.model.input;
-    for_each_image(images, input, |p, mut orig, rgb| {
-        let x = batch_tensor(&[&rgb], input, &device);
+    for_each_image(images, |p, mut orig| {
+        let x = batch_tensor(&[&resized_rgb(&orig, input)], input, &device);
         let (sx, sy) = (orig.width() as f32 / input.1 as f32, orig.height() as f32 / input.0 as f32);
         let mut dets = detect(model.as_ref(), x, &anchors, &test)?.remove(0);
         for d in &mut dets {
@@ -488,17 +511,23 @@ pub fn detect_cmd(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How `emo segment` runs: test-time augmentation, `--test-scale`, `--label-maps`.
+pub struct SegmentHow<'a> {
+    pub aug: SegAug,
+    pub test_scale: Option<&'a str>,
+    pub label_maps: bool,
+}
+
 pub fn segment_cmd(
     weights: &Path,
     card: Option<&Path>,
     task: Option<Task>,
     images: &[PathBuf],
     out: &Path,
-    aug: &SegAug,
-    label_maps: bool,
+    how: &SegmentHow,
     engine: EngineKind,
 ) -> Result<()> {
+    let SegmentHow { aug, label_maps, .. } = how;
     check_asked_task(task, false)?;
     let device = dense_device(engine)?;
     let (model, card) = load_infer(weights, card, &device, engine)?;
@@ -509,10 +538,21 @@ pub fn segment_cmd(
         "--label-maps writes 8-bit label maps (255 is the ignore label): {} classes do not fit",
         card.classes.len()
     );
+    let scale = test_scale(how.test_scale, &card)?;
+    if let Some((a, b)) = scale {
+        eprintln!("images resized keeping their aspect ratio to {a}x{b} (--test-scale input: to the model's input)");
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let input = card.model.input;
-    for_each_image(images, input, |p, orig, rgb| {
-        let x = batch_tensor(&[&rgb], input, &device);
+    for_each_image(images, |p, orig| {
+        let x = match scale {
+            Some(scale) => {
+                let hw = (orig.height() as usize, orig.width() as usize);
+                let to = emo_dense::data::keep_ratio_size(hw, scale);
+                batch_tensor(&[&emo_dense::data::resize_bilinear_cv2(orig.as_raw(), hw, to)], to, &device)
+            }
+            None => batch_tensor(&[&resized_rgb(&orig, input)], input, &device),
+        };
         // The class map at the image's own size: the logits resized to it (mmseg's `rescale`).
         let pred = segment_aug(model.as_ref(), x, aug, &[(orig.height() as usize, orig.width() as usize)])?.remove(0);
         let mask = image::GrayImage::from_raw(orig.width(), orig.height(), pred).context("mask size")?;
@@ -526,7 +566,7 @@ pub fn segment_cmd(
         }
         let pp = out_name(out, p, "png");
         colour.save(&pp).with_context(|| format!("writing {}", pp.display()))?;
-        if label_maps {
+        if *label_maps {
             let labels = image::GrayImage::from_fn(mask.width(), mask.height(), |x, y| {
                 image::Luma([mask.get_pixel(x, y).0[0] + shift])
             });

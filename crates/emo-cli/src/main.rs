@@ -164,6 +164,12 @@ enum Cmd {
         /// take more than 4 GiB. The result is the same.
         #[arg(long)]
         stream: Option<bool>,
+        /// Segmentation: resize each image keeping its aspect ratio to LONGxSHORT (mmseg's test
+        /// `img_scale` with `keep_ratio`, e.g. ADE20K's 2048x512), or `input` to squeeze it to the
+        /// model's input. Default: the model card's (2048x512 for an official ADE20K checkpoint,
+        /// the input for a run of `emo train --task`).
+        #[arg(long)]
+        test_scale: Option<String>,
         /// Dense tasks: which implementation runs the model: `fast` (the fused CPU engine,
         /// emo-infer) or `burn` (the trainable model on --backend). Default: fast, or burn when
         /// --backend names another backend than flex.
@@ -222,6 +228,9 @@ enum Cmd {
         /// Multi-scale test augmentation (see `emo eval --scales`).
         #[arg(long, value_delimiter = ',')]
         scales: Vec<f32>,
+        /// Keep-ratio test scale LONGxSHORT, or `input` (see `emo eval --test-scale`).
+        #[arg(long)]
+        test_scale: Option<String>,
         /// Also write OUT/NAME-labels.png: the predicted class of each pixel as an 8-bit grey
         /// label map in the layout of the training label maps (with `reduce_zero_label`, as
         /// ADE20K's, class c is written as c + 1), ready to compare with ground truth.
@@ -566,9 +575,10 @@ fn main() -> Result<()> {
         Cmd::Detect { weights, card, task, images, out, score_thr, engine } => {
             dense::detect_cmd(&weights, card.as_deref(), task, &images, &out, score_thr, dense_engine(engine))
         }
-        Cmd::Segment { weights, card, task, images, out, flip, scales, label_maps, engine } => {
+        Cmd::Segment { weights, card, task, images, out, flip, scales, test_scale, label_maps, engine } => {
             let aug = dense::seg_aug(flip, scales)?;
-            dense::segment_cmd(&weights, card.as_deref(), task, &images, &out, &aug, label_maps, dense_engine(engine))
+            let how = dense::SegmentHow { aug, test_scale: test_scale.as_deref(), label_maps };
+            dense::segment_cmd(&weights, card.as_deref(), task, &images, &out, &how, dense_engine(engine))
         }
         Cmd::MakeCanvas { out, size, train, val, items, scale, coarse, fmnist, seed } => {
             let range = |s: &str, what: &str| -> Result<(f64, f64)> {
@@ -629,6 +639,7 @@ fn main() -> Result<()> {
             save_weights,
             results,
             stream,
+            test_scale,
             engine,
             ..
         } => dense::eval(&dense::EvalArgs {
@@ -644,14 +655,16 @@ fn main() -> Result<()> {
             save_weights: save_weights.as_deref(),
             results: results.as_deref(),
             stream,
+            test_scale: test_scale.as_deref(),
             engine: dense_engine(engine),
         }),
-        Cmd::Eval { variant, weights, data, size, engine, stream, .. } => {
+        Cmd::Eval { variant, weights, data, size, engine, stream, test_scale, .. } => {
             ensure!(
                 engine.is_none(),
                 "--engine chooses the engine of a dense model (with --task); classification runs the fast engine"
             );
             ensure!(stream.is_none(), "--stream is for dense tasks (--task ...)");
+            ensure!(test_scale.is_none(), "--test-scale is for segmentation tasks (--task deeplabv3|pspnet)");
             let pipeline = trained_pipeline(&weights, size)?;
             let (_, test) = load_data(&data, pipeline.size)?;
             let sd = emo_weights::load(&weights).with_context(|| format!("loading {}", weights.display()))?;

@@ -177,6 +177,70 @@ fn unreadable(p: &Path) -> DenseError {
     DenseError::Data(format!("{}: no longer decodes (it did when the split was indexed)", p.display()))
 }
 
+/// The (H, W) mmcv's `imrescale` gives an (H, W) image for `scale` (mmseg's / mmdet's
+/// `img_scale` with `keep_ratio=True`, e.g. ADE20K's test scale (2048, 512)): the aspect ratio
+/// kept, the long side at most the larger of `scale`, the short side at most the smaller, as
+/// large as that allows (scaled up or down), rounded as `rescale_size` rounds (`int(x + 0.5)`).
+pub fn keep_ratio_size((h, w): (usize, usize), scale: (usize, usize)) -> (usize, usize) {
+    let (long, short) = (scale.0.max(scale.1) as f64, scale.0.min(scale.1) as f64);
+    let factor = (long / h.max(w) as f64).min(short / h.min(w) as f64);
+    let r = |n: usize| ((n as f64 * factor + 0.5) as usize).max(1);
+    (r(h), r(w))
+}
+
+/// Resize an RGB image (H x W x 3 bytes) to `to` as OpenCV's `cv2.resize(INTER_LINEAR)` does,
+/// which mmcv's `imresize` / `imrescale` call: bilinear on half-pixel centres, edge pixels
+/// repeated, no antialiasing when shrinking (unlike the triangle filter the training splits are
+/// decoded with). OpenCV computes in 11-bit fixed point; this in f32, within 1 of it per byte
+/// (tested against `cv2` when Python has it).
+pub fn resize_bilinear_cv2(rgb: &[u8], from: (usize, usize), to: (usize, usize)) -> Vec<u8> {
+    let ((h, w), (oh, ow)) = (from, to);
+    assert_eq!(rgb.len(), h * w * 3, "an RGB image of {h}x{w}");
+    if from == to {
+        return rgb.to_vec();
+    }
+    // Source index and weight of the second tap, per output coordinate (cv2's `computeResizeAreaTab`
+    // for INTER_LINEAR: clamped at both edges).
+    let taps = |n: usize, on: usize| -> Vec<(usize, usize, f32)> {
+        let scale = n as f64 / on as f64;
+        (0..on)
+            .map(|o| {
+                let f = (o as f64 + 0.5) * scale - 0.5;
+                let i = f.floor();
+                let mut t = (f - i) as f32;
+                let i = i as isize;
+                if i < 0 {
+                    return (0, 0, 0.0);
+                }
+                let i = i as usize;
+                if i + 1 >= n {
+                    t = 0.0;
+                    return (n - 1, n - 1, t);
+                }
+                (i, i + 1, t)
+            })
+            .collect()
+    };
+    let (ty, tx) = (taps(h, oh), taps(w, ow));
+    let mut out = Vec::with_capacity(oh * ow * 3);
+    let mut row0 = vec![0f32; ow * 3];
+    let mut row1 = vec![0f32; ow * 3];
+    let hline = |y: usize, dst: &mut [f32]| {
+        let src = &rgb[y * w * 3..(y + 1) * w * 3];
+        for (x, &(x0, x1, t)) in tx.iter().enumerate() {
+            for c in 0..3 {
+                dst[x * 3 + c] = src[x0 * 3 + c] as f32 * (1.0 - t) + src[x1 * 3 + c] as f32 * t;
+            }
+        }
+    };
+    for &(y0, y1, t) in &ty {
+        hline(y0, &mut row0);
+        hline(y1, &mut row1);
+        out.extend(row0.iter().zip(&row1).map(|(&a, &b)| (a * (1.0 - t) + b * t).round().clamp(0.0, 255.0) as u8));
+    }
+    out
+}
+
 /// Decode one image and resize it to `size` (bilinear); `None` if unreadable.
 fn decode_image(p: &Path, size: (usize, usize)) -> Decoded {
     let img = image::open(p).ok()?;
@@ -408,15 +472,26 @@ pub struct SegDataset {
     pub reduce_zero_label: bool,
     /// The images and label maps stay on disk and are decoded when needed ([`index_seg`]).
     pub streamed: bool,
+    /// Evaluation resizes each image keeping its aspect ratio to this scale instead of to
+    /// `input` ([`SegDataset::with_test_scale`]).
+    pub test_scale: Option<(usize, usize)>,
 }
 
 /// An image's RGB and its label map at the input size, borrowed from a decoded split or decoded
 /// now from a streamed one.
 pub type Pair<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
 
-/// An image's RGB at the input size, the label map evaluation scores against and that map's
-/// (H, W) ([`SegDataset::eval_pair`]).
-pub type EvalPair<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>, (usize, usize));
+/// What evaluation needs of one image ([`SegDataset::eval_pair`]).
+pub struct EvalPair<'a> {
+    /// The RGB pixels the model runs on, `input` (H, W) of them.
+    pub rgb: Cow<'a, [u8]>,
+    /// The split's input size, or the image's own keep-ratio size under a test scale
+    /// ([`SegDataset::with_test_scale`]).
+    pub input: (usize, usize),
+    /// The label map scored against, `size` (H, W): the original one where the split has it.
+    pub label: Cow<'a, [u8]>,
+    pub size: (usize, usize),
+}
 
 impl SegDataset {
     /// Image `i`'s RGB and label map at the input size: the decoded ones, or in a streamed split
@@ -438,19 +513,44 @@ impl SegDataset {
     /// (H, W) ([`SegImage::eval_label`]): borrowed from a decoded split, or in a streamed split
     /// read from disk now, the label map at its original size (an error naming the file if one no
     /// longer decodes or holds a label that is not a class).
+    ///
+    /// Under a test scale ([`with_test_scale`](Self::with_test_scale)) the image is read from disk
+    /// in either mode and resized keeping its aspect ratio, as mmseg's test pipeline resizes it.
     pub fn eval_pair(&self, i: usize) -> Result<EvalPair<'_>, DenseError> {
         let im = &self.images[i];
-        if !self.streamed {
-            let (label, hw) = im.eval_label(self.input);
-            return Ok((Cow::Borrowed(&im.rgb), Cow::Borrowed(label), hw));
+        if !self.streamed && self.test_scale.is_none() {
+            let (label, size) = im.eval_label(self.input);
+            return Ok(EvalPair { rgb: Cow::Borrowed(&im.rgb), input: self.input, label: Cow::Borrowed(label), size });
         }
-        let (rgb, _) = decode_image(&im.path, self.input).ok_or_else(|| unreadable(&im.path))?;
+        let (rgb, input) = match self.test_scale {
+            Some(scale) => {
+                let img = image::open(&im.path).map_err(|_| unreadable(&im.path))?.to_rgb8();
+                let orig = (img.height() as usize, img.width() as usize);
+                let input = keep_ratio_size(orig, scale);
+                (resize_bilinear_cv2(img.as_raw(), orig, input), input)
+            }
+            None => (decode_image(&im.path, self.input).ok_or_else(|| unreadable(&im.path))?.0, self.input),
+        };
         // Scored at its original size (what `eval_label` gives a split decoded with `keep_full`):
         // no resize to the input needed.
-        let LabelMap { h, w, mut data } =
-            decode_label_full(&im.label_path).ok_or_else(|| unreadable(&im.label_path))?;
-        prepare_label(&mut data, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
-        Ok((Cow::Owned(rgb), Cow::Owned(data), (h, w)))
+        let (label, size) = if self.streamed {
+            let LabelMap { h, w, mut data } =
+                decode_label_full(&im.label_path).ok_or_else(|| unreadable(&im.label_path))?;
+            prepare_label(&mut data, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
+            (Cow::Owned(data), (h, w))
+        } else {
+            let (label, size) = im.eval_label(self.input);
+            (Cow::Borrowed(label), size)
+        };
+        Ok(EvalPair { rgb: Cow::Owned(rgb), input, label, size })
+    }
+
+    /// Evaluate at a keep-ratio test scale (mmseg's test `img_scale` with `keep_ratio=True`, e.g.
+    /// ADE20K's (2048, 512)): each image resized by [`keep_ratio_size`] with
+    /// [`resize_bilinear_cv2`] from its file, instead of the split's fixed input size. The model
+    /// then runs on each image at its own size (batched with images of the same size).
+    pub fn with_test_scale(self, scale: Option<(usize, usize)>) -> Self {
+        SegDataset { test_scale: scale, ..self }
     }
 
     /// Bytes the split takes decoded in memory (H x W x 3 an image, H x W its label map; label
@@ -661,7 +761,7 @@ pub(crate) fn list_seg(
     if images.is_empty() {
         return Err(DenseError::Data(format!("{}: no usable image/label pairs", img_dir.display())));
     }
-    Ok(SegDataset { images, classes, input, skipped, reduce_zero_label, streamed: true })
+    Ok(SegDataset { images, classes, input, skipped, reduce_zero_label, streamed: true, test_scale: None })
 }
 
 /// Settings of the Fashion-MNIST canvas set.

@@ -241,6 +241,12 @@ pub struct ModelCard {
     /// classes shifted by one (ADE20K); evaluation reads them the same way.
     #[serde(default)]
     pub reduce_zero_label: bool,
+    /// Segmentation: evaluate and segment each image resized keeping its aspect ratio to this
+    /// scale (mmseg's test `img_scale`, `keep_ratio=True`; [`SegDataset::with_test_scale`])
+    /// instead of squeezed to `model.input`. Official ADE20K checkpoints: (2048, 512), as the
+    /// paper tested them; the runs of `emo train --task` test at their input (unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_scale: Option<(usize, usize)>,
 }
 
 impl ModelCard {
@@ -293,7 +299,10 @@ impl ModelCard {
                 false,
             ),
         };
-        Ok(ModelCard { model, classes: names, cat_ids, reduce_zero_label })
+        // mmseg's ADE20K test pipeline: Resize((2048, 512), keep_ratio=True), whole-image
+        // inference (spec §12); the detectors test at the fixed input here.
+        let test_scale = (!det).then_some((2048, 512));
+        Ok(ModelCard { model, classes: names, cat_ids, reduce_zero_label, test_scale })
     }
 }
 
@@ -601,7 +610,6 @@ pub fn evaluate_on(
         DenseData::Det(d) => Ok(coco_of(d, &detections_on(model, d, device, threads)?)),
         DenseData::Seg(d) => {
             // Fully convolutional: the images' input size need not be the model card's.
-            let hw = d.input;
             let idx: Vec<usize> = (0..d.images.len()).collect();
             let chunks: Vec<_> = idx.chunks(EVAL_BATCH).collect();
             let parts = parallel::map_parts(&chunks, threads, |part| {
@@ -609,11 +617,15 @@ pub fn evaluate_on(
                 for chunk in part {
                     // A streamed split's pairs are decoded here, on this part's thread.
                     let pairs = chunk.iter().map(|&i| d.eval_pair(i)).collect::<Result<Vec<_>, _>>()?;
-                    let x = batch_tensor(&pairs.iter().map(|p| p.0.as_ref()).collect::<Vec<_>>(), hw, device)
-                        .without_autodiff();
-                    let sizes: Vec<_> = pairs.iter().map(|p| p.2).collect();
-                    for (pair, pred) in pairs.iter().zip(segment_aug(model, x, aug, &sizes)?) {
-                        m.add(&pred, &pair.1, 255);
+                    // One forward pass per run of images of one input size (all of them, unless
+                    // a keep-ratio test scale gives each image its own).
+                    for same in pairs.chunk_by(|a, b| a.input == b.input) {
+                        let rgb: Vec<&[u8]> = same.iter().map(|p| p.rgb.as_ref()).collect();
+                        let x = batch_tensor(&rgb, same[0].input, device).without_autodiff();
+                        let sizes: Vec<_> = same.iter().map(|p| p.size).collect();
+                        for (pair, pred) in same.iter().zip(segment_aug(model, x, aug, &sizes)?) {
+                            m.add(&pred, &pair.label, 255);
+                        }
                     }
                 }
                 Ok::<_, DenseError>(m)
@@ -667,7 +679,7 @@ impl DenseTrainer {
             DenseData::Det(d) => d.cat_ids.clone(),
             DenseData::Seg(_) => vec![],
         };
-        ModelCard { model, classes, cat_ids, reduce_zero_label: cfg.reduce_zero_label }
+        ModelCard { model, classes, cat_ids, reduce_zero_label: cfg.reduce_zero_label, test_scale: None }
     }
 
     fn prepare(model: DenseModel, cfg: &DenseTrainConfig) -> DenseModel {

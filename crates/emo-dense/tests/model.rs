@@ -1265,3 +1265,169 @@ fn ohem_keeps_the_pixels_mmseg_keeps_and_its_loss_matches_burn_ops() {
         same_loss_and_gradient(ours, theirs, &x);
     }
 }
+
+/// mmcv's `rescale_size` for ADE20K's test scale (2048, 512) and a few others.
+#[test]
+fn keep_ratio_sizes_are_mmcvs() {
+    use emo_dense::data::keep_ratio_size;
+    // ADE20K's images: the short side to 512 unless the long one would pass 2048.
+    assert_eq!(keep_ratio_size((512, 683), (2048, 512)), (512, 683));
+    assert_eq!(keep_ratio_size((256, 341), (2048, 512)), (512, 682)); // 341 * 2 = 682
+    assert_eq!(keep_ratio_size((1000, 3000), (2048, 512)), (512, 1536));
+    assert_eq!(keep_ratio_size((300, 2400), (2048, 512)), (256, 2048)); // long side bound
+    assert_eq!(keep_ratio_size((683, 512), (512, 2048)), (683, 512)); // order of the scale free
+    assert_eq!(keep_ratio_size((40, 56), (96, 48)), (48, 67)); // 56 * 1.2 = 67.2
+    assert_eq!(keep_ratio_size((30, 30), (96, 48)), (48, 48));
+}
+
+/// `resize_bilinear_cv2` is OpenCV's INTER_LINEAR: by hand on one row, and against `cv2.resize`
+/// itself when Python has OpenCV (CI installs it: `EMO_REQUIRE_CV2=1`), within 1 per byte.
+#[test]
+fn bilinear_resize_is_opencvs() {
+    use emo_dense::data::resize_bilinear_cv2;
+    // One row 0, 100 (each channel) to 4 wide: half-pixel centres at -0.25, 0.25, 0.75, 1.25,
+    // clamped at the edges.
+    let row: Vec<u8> = [0u8, 100].iter().flat_map(|&v| [v, v, v]).collect();
+    let out = resize_bilinear_cv2(&row, (1, 2), (1, 4));
+    assert_eq!(out.chunks(3).map(|p| p[0]).collect::<Vec<_>>(), [0, 25, 75, 100]);
+    // Shrinking by 2 averages the pairs (no antialiasing beyond the two taps).
+    let row: Vec<u8> = [0u8, 100, 200, 40].iter().flat_map(|&v| [v, v, v]).collect();
+    let out = resize_bilinear_cv2(&row, (1, 4), (1, 2));
+    assert_eq!(out.chunks(3).map(|p| p[0]).collect::<Vec<_>>(), [50, 120]);
+
+    let has_cv2 =
+        std::process::Command::new("python3").args(["-c", "import cv2, numpy"]).status().is_ok_and(|s| s.success());
+    if !has_cv2 {
+        assert!(std::env::var_os("EMO_REQUIRE_CV2").is_none(), "EMO_REQUIRE_CV2 is set but Python has no cv2");
+        eprintln!("skipping the cv2 comparison: python3 has no cv2 (pip install opencv-python-headless)");
+        return;
+    }
+    let dir = tmp("cv2-resize");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut seed = 11u64;
+    let (h, w) = (37usize, 53usize);
+    let rgb: Vec<u8> = (0..h * w * 3)
+        .map(|_| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 56) as u8
+        })
+        .collect();
+    std::fs::write(dir.join("in.raw"), &rgb).unwrap();
+    for to in [(16, 23), (37, 53), (80, 61), (512, 733), (20, 120)] {
+        let script = format!(
+            "import cv2, numpy as np, sys\n\
+             a = np.fromfile(sys.argv[1], np.uint8).reshape({h}, {w}, 3)\n\
+             cv2.resize(a, ({}, {}), interpolation=cv2.INTER_LINEAR).tofile(sys.argv[2])",
+            to.1, to.0
+        );
+        let st = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .arg(dir.join("in.raw"))
+            .arg(dir.join("out.raw"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let want = std::fs::read(dir.join("out.raw")).unwrap();
+        let got = resize_bilinear_cv2(&rgb, (h, w), to);
+        assert_eq!(got.len(), want.len(), "{to:?}");
+        let worst = got.iter().zip(&want).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+        assert!(worst <= 1, "{to:?}: off by {worst} from cv2.resize");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Under a keep-ratio test scale each image runs at its own size, read from its file and resized
+/// as mmseg's test pipeline resizes it, and is scored on its label map at the original size:
+/// the same confusion matrix as that computed image by image here, from the split in memory or
+/// streamed, on 1 or 2 threads.
+#[test]
+fn segmentation_at_a_keep_ratio_test_scale_runs_each_image_at_its_own_size() {
+    use emo_dense::data::{keep_ratio_size, resize_bilinear_cv2};
+    use emo_dense::loss::resize_logits;
+    use emo_dense::predict::{SegAug, batch_tensor};
+    use emo_dense::train::{Eval, evaluate_on};
+
+    let _g = serial();
+    let data = tmp("keep-ratio");
+    // Images of several sizes (two neighbours of one size share a forward pass).
+    let sizes = [(40usize, 56usize), (40, 56), (56, 40), (64, 48), (30, 30), (40, 56)];
+    for split in ["train", "val"] {
+        std::fs::create_dir_all(data.join("images").join(split)).unwrap();
+        std::fs::create_dir_all(data.join("labels").join(split)).unwrap();
+        for (i, &(h, w)) in sizes.iter().enumerate() {
+            let (y0, x0) = (h / 4 + i % 3, w / 5 + i);
+            let inside =
+                |x: u32, y: u32| (y0..y0 + h / 2).contains(&(y as usize)) && (x0..x0 + w / 2).contains(&(x as usize));
+            let c = (i % 2) as u8;
+            let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                let base = [(x * 4) as u8, (y * 4) as u8, 90];
+                if inside(x, y) {
+                    image::Rgb(if c == 0 { [220, 40, 40] } else { [40, 220, 40] })
+                } else {
+                    image::Rgb(base)
+                }
+            });
+            let lab = image::GrayImage::from_fn(w as u32, h as u32, |x, y| {
+                image::Luma([if inside(x, y) { c + 1 } else { 0 }])
+            });
+            img.save(data.join("images").join(split).join(format!("{i:04}.png"))).unwrap();
+            lab.save(data.join("labels").join(split).join(format!("{i:04}.png"))).unwrap();
+        }
+    }
+    std::fs::write(data.join("classes.txt"), "background\nred\ngreen\n").unwrap();
+    let device = Device::flex();
+    let cfg = small(Task::DeepLabV3, 3);
+    let model = DenseModel::new(&cfg, None, &device).unwrap();
+    // Sharper class scores than the initialisation's, so the class map follows the input.
+    let mut sd = model.state_dict();
+    for key in ["decode_head.conv_seg.weight", "decode_head.conv_seg.bias"] {
+        let t = sd.get(key).unwrap().clone();
+        sd.insert(
+            key,
+            emo_weights::Tensor::f32(t.shape.clone(), t.as_f32().unwrap().iter().map(|v| v * 200.0).collect()),
+        );
+    }
+    let model = DenseModel::from_state_dict(&cfg, &sd, &device).unwrap();
+    let scale = (96, 48);
+    // By hand: each image resized to its keep-ratio size, one pass, the logits resized to the
+    // label map, the largest class.
+    let mut conf = vec![0u64; 9];
+    for (i, &(h, w)) in sizes.iter().enumerate() {
+        let img = image::open(data.join(format!("images/val/{i:04}.png"))).unwrap().to_rgb8();
+        let label = image::open(data.join(format!("labels/val/{i:04}.png"))).unwrap().to_luma8().into_raw();
+        let to = keep_ratio_size((h, w), scale);
+        let x = batch_tensor(&[&resize_bilinear_cv2(img.as_raw(), (h, w), to)], to, &device);
+        let DenseOutput::Seg { logits, .. } = model.forward(x, false).unwrap() else { panic!() };
+        let pred = argmax_map(resize_logits(resize_logits(logits, to), (h, w)));
+        for (&p, &l) in pred.iter().zip(&label) {
+            conf[l as usize * 3 + p as usize] += 1;
+        }
+    }
+    assert_eq!(conf.iter().sum::<u64>(), sizes.iter().map(|&(h, w)| (h * w) as u64).sum::<u64>());
+    let predicted = (0..3).filter(|&p| (0..3).any(|l| conf[l * 3 + p] > 0)).count();
+    assert!(predicted >= 2, "the class map should follow the input: {conf:?}");
+    let input = (32, 32);
+    let loaded = match load_split(Task::DeepLabV3, &data, "val", input, false, false, 0).unwrap() {
+        DenseData::Seg(d) => d,
+        _ => panic!(),
+    };
+    let streamed = match index_split(Task::DeepLabV3, &data, "val", input, false, false, 0).unwrap() {
+        DenseData::Seg(d) => d,
+        _ => panic!(),
+    };
+    for (what, d) in [("in memory", loaded), ("streamed", streamed)] {
+        let d = d.with_test_scale(Some(scale));
+        for (i, &hw) in sizes.iter().enumerate() {
+            let p = d.eval_pair(i).unwrap();
+            assert_eq!((p.input, p.size), (keep_ratio_size(hw, scale), hw), "{what} {i}");
+            let img = image::open(data.join(format!("images/val/{i:04}.png"))).unwrap().to_rgb8();
+            assert!(p.rgb.as_ref() == resize_bilinear_cv2(img.as_raw(), hw, p.input).as_slice(), "{what} {i}");
+        }
+        for threads in [1, 2] {
+            let e = evaluate_on(&model, &DenseData::Seg(d.clone()), &device, &SegAug::flip(false), threads).unwrap();
+            let Eval::Seg(_, m) = e else { panic!() };
+            assert_eq!(m.conf, conf, "{what}, {threads} threads");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}
