@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::Device;
-use emo_dense::data::CanvasConfig;
-use emo_dense::predict::{DetTestCfg, SegAug, batch_tensor, detect, draw_boxes, palette, segment_aug};
+use emo_dense::data::{CanvasConfig, TestScale};
+use emo_dense::predict::{
+    DetTestCfg, SegAug, batch_tensor, batch_tensor_padded, detect_clipped, draw_boxes, palette, segment_aug,
+};
 use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, evaluate_with, load_split, open_split};
 use emo_dense::{DenseConfig, DenseInfer, DenseModel, FastDense, Task};
 use emo_spec::Variant;
@@ -247,22 +249,36 @@ pub struct EvalArgs<'a> {
     pub engine: EngineKind,
 }
 
-/// `--test-scale` over the card's: `LONGxSHORT` (keep-ratio), `input` (none).
-fn test_scale(asked: Option<&str>, card: &ModelCard) -> Result<Option<(usize, usize)>> {
-    let Some(s) = asked else { return Ok(card.test_scale) };
-    if s == "input" {
-        return Ok(None);
-    }
-    let parsed = s.split_once('x').and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
-    match parsed {
-        Some((a, b)) if a > 0 && b > 0 => Ok(Some((a, b))),
-        _ => bail!("--test-scale expects LONGxSHORT (e.g. 2048x512) or `input`, got {s:?}"),
+/// `--test-scale` over the card's: `paper` (the official test pipeline of the task), `input`
+/// (none: squeezed to the input as in training), `LONGxSHORT` (keep-ratio; a detector's padded
+/// to 32, as mmdet's test pipeline pads).
+fn test_scale(asked: Option<&str>, card: &ModelCard) -> Result<Option<TestScale>> {
+    let task = card.model.task;
+    match asked {
+        None => Ok(card.test_scale),
+        Some("input") => Ok(None),
+        Some("paper") => Ok(Some(match task {
+            Task::SsdLite => TestScale::SSDLITE,
+            Task::RetinaNet => TestScale::RETINANET,
+            _ => TestScale::ADE20K,
+        })),
+        Some(s) => {
+            let parsed =
+                s.split_once('x').and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+            match parsed {
+                Some((a, b)) if a > 0 && b > 0 => {
+                    let pad = if task.is_detection() { 32 } else { 1 };
+                    Ok(Some(TestScale { scale: (a, b), keep_ratio: true, pad }))
+                }
+                _ => bail!("--test-scale expects LONGxSHORT (e.g. 2048x512), `paper` or `input`, got {s:?}"),
+            }
+        }
     }
 }
 
-/// ", keep-ratio test scale 2048x512" (empty without one).
-fn scale_description(scale: Option<(usize, usize)>) -> String {
-    scale.map_or_else(String::new, |(a, b)| format!(", keep-ratio test scale {a}x{b}"))
+/// ", test scale keep-ratio 2048x512" (empty without one).
+fn scale_description(scale: Option<TestScale>) -> String {
+    scale.map_or_else(String::new, |t| format!(", test scale {}", t.describe()))
 }
 
 /// The test-time augmentation of `--flip` and `--scales` (none given: single scale).
@@ -309,15 +325,14 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         load_infer(weights, card, &device, a.engine)?
     };
     ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
-    ensure!(a.test_scale.is_none() || !task.is_detection(), "--test-scale is a segmentation option");
-    let scale = if task.is_detection() { None } else { test_scale(a.test_scale, &card)? };
+    let scale = test_scale(a.test_scale, &card)?;
     // Under a test scale each image is read from its file as it is evaluated: index only.
     let stream = if scale.is_some() { a.stream.or(Some(true)) } else { a.stream };
-    let mut d =
-        open_split(card.model.task, data, split, card.model.input, false, card.reduce_zero_label, limit, stream)?;
-    if let emo_dense::train::DenseData::Seg(s) = d {
-        d = emo_dense::train::DenseData::Seg(s.with_test_scale(scale));
-    }
+    let d = open_split(card.model.task, data, split, card.model.input, false, card.reduce_zero_label, limit, stream)?;
+    let d = match d {
+        emo_dense::train::DenseData::Seg(s) => emo_dense::train::DenseData::Seg(s.with_test_scale(scale)?),
+        emo_dense::train::DenseData::Det(s) => emo_dense::train::DenseData::Det(s.with_test_scale(scale)),
+    };
     if let Some(w) = d.skipped_warning() {
         eprintln!("{}: {w}", data.display());
     }
@@ -469,21 +484,42 @@ pub fn detect_cmd(
     images: &[PathBuf],
     out: &Path,
     score_thr: f32,
+    test_scale_arg: Option<&str>,
     engine: EngineKind,
 ) -> Result<()> {
     check_asked_task(task, true)?;
     let device = dense_device(engine)?;
     let (model, card) = load_infer(weights, card, &device, engine)?;
     check_model_task(weights, &card, task, true)?;
+    let scale = test_scale(test_scale_arg, &card)?;
+    if let Some(t) = scale {
+        eprintln!(
+            "images resized to {} as the paper's test pipeline (--test-scale input: as in training)",
+            t.describe()
+        );
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let anchors = emo_dense::anchors::anchors(&card.model);
     let mut test = DetTestCfg::official(card.model.task);
     test.score_thr = score_thr;
     let input = card.model.input;
+    let mut anchors_of = std::collections::HashMap::new();
     for_each_image(images, |p, mut orig| {
-        let x = batch_tensor(&[&resized_rgb(&orig, input)], input, &device);
-        let (sx, sy) = (orig.width() as f32 / input.1 as f32, orig.height() as f32 / input.0 as f32);
-        let mut dets = detect(model.as_ref(), x, &anchors, &test)?.remove(0);
+        // The input (resized, then padded under a test scale) and the resized image inside it.
+        let (x, resized, padded) = match scale {
+            Some(t) => {
+                let (rgb, resized) = t.apply(&orig);
+                let padded = t.padded(resized);
+                (batch_tensor_padded(&[&rgb], &[resized], padded, &device), resized, padded)
+            }
+            None => (batch_tensor(&[&resized_rgb(&orig, input)], input, &device), input, input),
+        };
+        let anchors = anchors_of.entry(padded).or_insert_with(|| {
+            let mut m = card.model.clone();
+            m.input = padded;
+            emo_dense::anchors::anchors(&m)
+        });
+        let (sx, sy) = (orig.width() as f32 / resized.1 as f32, orig.height() as f32 / resized.0 as f32);
+        let mut dets = detect_clipped(model.as_ref(), x, anchors, &test, &[resized])?.remove(0);
         for d in &mut dets {
             d.bbox = [d.bbox[0] * sx, d.bbox[1] * sy, d.bbox[2] * sx, d.bbox[3] * sy];
         }
@@ -539,17 +575,20 @@ pub fn segment_cmd(
         card.classes.len()
     );
     let scale = test_scale(how.test_scale, &card)?;
-    if let Some((a, b)) = scale {
-        eprintln!("images resized keeping their aspect ratio to {a}x{b} (--test-scale input: to the model's input)");
+    if let Some(t) = scale {
+        ensure!(t.pad <= 1, "a segmentation test scale pads nothing");
+        eprintln!(
+            "images resized to {} as the paper's test pipeline (--test-scale input: as in training)",
+            t.describe()
+        );
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let input = card.model.input;
     for_each_image(images, |p, orig| {
         let x = match scale {
-            Some(scale) => {
-                let hw = (orig.height() as usize, orig.width() as usize);
-                let to = emo_dense::data::keep_ratio_size(hw, scale);
-                batch_tensor(&[&emo_dense::data::resize_bilinear_cv2(orig.as_raw(), hw, to)], to, &device)
+            Some(t) => {
+                let (rgb, to) = t.apply(&orig);
+                batch_tensor(&[&rgb], to, &device)
             }
             None => batch_tensor(&[&resized_rgb(&orig, input)], input, &device),
         };

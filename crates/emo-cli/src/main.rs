@@ -164,10 +164,11 @@ enum Cmd {
         /// take more than 4 GiB. The result is the same.
         #[arg(long)]
         stream: Option<bool>,
-        /// Segmentation: resize each image keeping its aspect ratio to LONGxSHORT (mmseg's test
-        /// `img_scale` with `keep_ratio`, e.g. ADE20K's 2048x512), or `input` to squeeze it to the
-        /// model's input. Default: the model card's (2048x512 for an official ADE20K checkpoint,
-        /// the input for a run of `emo train --task`).
+        /// Dense tasks: how each image is resized. `paper`: the official test pipeline (mmseg's
+        /// ADE20K keep-ratio 2048x512; mmdet's SSDLite 320x320 and RetinaNet keep-ratio 1333x800
+        /// padded to 32), with OpenCV's bilinear; `input`: squeezed to the model's input as in
+        /// training; LONGxSHORT: keep-ratio (detectors padded to 32). Default: the model card's
+        /// (`paper` for an official checkpoint, `input` for a run of `emo train --task`).
         #[arg(long)]
         test_scale: Option<String>,
         /// Dense tasks: which implementation runs the model: `fast` (the fused CPU engine,
@@ -201,6 +202,12 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, default_value_t = 0.3)]
         score_thr: f32,
+        /// `paper` (mmdet's test resize: SSDLite 320x320, RetinaNet keep-ratio 1333x800 padded
+        /// to 32; the default for an official checkpoint), `input` (squeezed to the model's input
+        /// as in training; the default for a run of `emo train --task`) or LONGxSHORT
+        /// (keep-ratio, padded to 32).
+        #[arg(long)]
+        test_scale: Option<String>,
         /// Which implementation runs the model: `fast` (the fused CPU engine, emo-infer) or
         /// `burn` (the trainable model on --backend). Default: fast, or burn when --backend
         /// names another backend than flex.
@@ -228,7 +235,7 @@ enum Cmd {
         /// Multi-scale test augmentation (see `emo eval --scales`).
         #[arg(long, value_delimiter = ',')]
         scales: Vec<f32>,
-        /// Keep-ratio test scale LONGxSHORT, or `input` (see `emo eval --test-scale`).
+        /// `paper`, `input` or a keep-ratio LONGxSHORT (see `emo eval --test-scale`).
         #[arg(long)]
         test_scale: Option<String>,
         /// Also write OUT/NAME-labels.png: the predicted class of each pixel as an 8-bit grey
@@ -572,8 +579,9 @@ fn main() -> Result<()> {
             Some(t) => dense::info(t, variant, input, classes),
             None => info(input.unwrap_or((224, 224)), variant, window_size),
         },
-        Cmd::Detect { weights, card, task, images, out, score_thr, engine } => {
-            dense::detect_cmd(&weights, card.as_deref(), task, &images, &out, score_thr, dense_engine(engine))
+        Cmd::Detect { weights, card, task, images, out, score_thr, test_scale, engine } => {
+            let scale = test_scale.as_deref();
+            dense::detect_cmd(&weights, card.as_deref(), task, &images, &out, score_thr, scale, dense_engine(engine))
         }
         Cmd::Segment { weights, card, task, images, out, flip, scales, test_scale, label_maps, engine } => {
             let aug = dense::seg_aug(flip, scales)?;
@@ -664,7 +672,7 @@ fn main() -> Result<()> {
                 "--engine chooses the engine of a dense model (with --task); classification runs the fast engine"
             );
             ensure!(stream.is_none(), "--stream is for dense tasks (--task ...)");
-            ensure!(test_scale.is_none(), "--test-scale is for segmentation tasks (--task deeplabv3|pspnet)");
+            ensure!(test_scale.is_none(), "--test-scale is for dense tasks (--task ...)");
             let pipeline = trained_pipeline(&weights, size)?;
             let (_, test) = load_data(&data, pipeline.size)?;
             let sd = emo_weights::load(&weights).with_context(|| format!("loading {}", weights.display()))?;

@@ -54,6 +54,15 @@ pub fn retina_anchors(cfg: &DenseConfig) -> Vec<BBox> {
 }
 
 /// The anchors of a detection config.
+/// Anchors per level, in the order [`anchors`] lays them out (each level's positions times its
+/// anchors per position): where mmdet's test keeps the `nms_pre` best of each level.
+pub fn level_counts(cfg: &DenseConfig) -> Vec<usize> {
+    match cfg.task {
+        emo_spec::Task::SsdLite => cfg.ssd_anchor_levels().iter().map(|lv| lv.size.0 * lv.size.1 * 6).collect(),
+        _ => cfg.level_sizes().iter().map(|s| s.0 * s.1 * 9).collect(),
+    }
+}
+
 pub fn anchors(cfg: &DenseConfig) -> Vec<BBox> {
     match cfg.task {
         emo_spec::Task::SsdLite => ssd_anchors(cfg),

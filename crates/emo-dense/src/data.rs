@@ -84,9 +84,20 @@ pub struct DetDataset {
     pub skipped: Skipped,
     /// The images stay on disk and are decoded when needed ([`index_coco`]).
     pub streamed: bool,
+    /// Evaluation resizes each image from its file as this says instead of to `input`
+    /// ([`DetDataset::with_test_scale`]).
+    pub test_scale: Option<TestScale>,
 }
 
 impl DetDataset {
+    /// Evaluate at a test scale (mmdet's test pipeline, e.g. RetinaNet's keep-ratio (1333, 800)
+    /// padded to 32): each image read from its file by [`TestScale::load`], normalised, padded,
+    /// and run with the anchors of its padded size; the boxes are clipped to the resized image
+    /// and scaled back to the original, as mmdet's `get_bboxes(rescale=True)`.
+    pub fn with_test_scale(self, scale: Option<TestScale>) -> Self {
+        DetDataset { test_scale: scale, ..self }
+    }
+
     /// Image `i`'s RGB at the input size: the decoded pixels, or in a streamed split the image
     /// read from disk now (an error naming the file if it no longer decodes).
     pub fn rgb(&self, i: usize) -> Result<Cow<'_, [u8]>, DenseError> {
@@ -239,6 +250,83 @@ pub fn resize_bilinear_cv2(rgb: &[u8], from: (usize, usize), to: (usize, usize))
         out.extend(row0.iter().zip(&row1).map(|(&a, &b)| (a * (1.0 - t) + b * t).round().clamp(0.0, 255.0) as u8));
     }
     out
+}
+
+/// How the test pipeline of mmdet / mmseg resizes an image (`Resize` in `MultiScaleFlipAug`,
+/// then `Pad`), with OpenCV's bilinear ([`resize_bilinear_cv2`]), from the image's file: what
+/// an official checkpoint was tested with (spec §12), where the runs of `emo train --task` test
+/// at the input they trained at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestScale {
+    /// mmcv's `img_scale`: (W, H) to resize to; with `keep_ratio`, the (long, short) bounds, in
+    /// either order ([`keep_ratio_size`]).
+    pub scale: (usize, usize),
+    pub keep_ratio: bool,
+    /// Pad the normalised image with zeros at the bottom and right to a multiple of this
+    /// (mmdet's `Pad(size_divisor=32)`); 1: no padding. Detection only.
+    #[serde(default = "no_pad")]
+    pub pad: usize,
+}
+
+fn no_pad() -> usize {
+    1
+}
+
+impl TestScale {
+    /// mmseg's ADE20K test resize: keep-ratio (2048, 512), no padding.
+    pub const ADE20K: TestScale = TestScale { scale: (2048, 512), keep_ratio: true, pad: 1 };
+    /// mmdet's SSDLite test resize: (320, 320), the aspect ratio not kept.
+    pub const SSDLITE: TestScale = TestScale { scale: (320, 320), keep_ratio: false, pad: 1 };
+    /// mmdet's RetinaNet (1x COCO) test resize: keep-ratio (1333, 800), padded to 32.
+    pub const RETINANET: TestScale = TestScale { scale: (1333, 800), keep_ratio: true, pad: 32 };
+
+    /// Keep-ratio at (long, short) bounds, no padding.
+    pub fn keep_ratio(scale: (usize, usize)) -> Self {
+        TestScale { scale, keep_ratio: true, pad: 1 }
+    }
+
+    /// The (H, W) an (H, W) image is resized to.
+    pub fn resized(&self, hw: (usize, usize)) -> (usize, usize) {
+        if self.keep_ratio { keep_ratio_size(hw, self.scale) } else { (self.scale.1, self.scale.0) }
+    }
+
+    /// The (H, W) the model runs on: `resized`, padded up to a multiple of `pad`.
+    pub fn padded(&self, resized: (usize, usize)) -> (usize, usize) {
+        let p = self.pad.max(1);
+        (resized.0.div_ceil(p) * p, resized.1.div_ceil(p) * p)
+    }
+
+    /// Read `path` and resize it.
+    pub fn load(&self, path: &Path) -> Result<Resized, DenseError> {
+        let img = image::open(path).map_err(|_| unreadable(path))?.to_rgb8();
+        let orig = (img.height() as usize, img.width() as usize);
+        let (rgb, size) = self.apply(&img);
+        Ok(Resized { rgb, size, orig })
+    }
+
+    /// Resize a decoded image: (RGB, its resized (H, W)).
+    pub fn apply(&self, img: &image::RgbImage) -> (Vec<u8>, (usize, usize)) {
+        let orig = (img.height() as usize, img.width() as usize);
+        let to = self.resized(orig);
+        (resize_bilinear_cv2(img.as_raw(), orig, to), to)
+    }
+
+    /// "keep-ratio 2048x512" / "1333x800 keep-ratio, padded to 32" / "320x320".
+    pub fn describe(&self) -> String {
+        let (a, b) = self.scale;
+        let pad = if self.pad > 1 { format!(", padded to {}", self.pad) } else { String::new() };
+        if self.keep_ratio { format!("keep-ratio {a}x{b}{pad}") } else { format!("{b}x{a}{pad}") }
+    }
+}
+
+/// An image resized by a [`TestScale`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resized {
+    /// RGB, `size` (H, W) of it.
+    pub rgb: Vec<u8>,
+    pub size: (usize, usize),
+    /// The image's own (H, W).
+    pub orig: (usize, usize),
 }
 
 /// Decode one image and resize it to `size` (bilinear); `None` if unreadable.
@@ -423,6 +511,7 @@ pub fn index_coco(
         input,
         skipped,
         streamed: true,
+        test_scale: None,
     })
 }
 
@@ -472,9 +561,9 @@ pub struct SegDataset {
     pub reduce_zero_label: bool,
     /// The images and label maps stay on disk and are decoded when needed ([`index_seg`]).
     pub streamed: bool,
-    /// Evaluation resizes each image keeping its aspect ratio to this scale instead of to
-    /// `input` ([`SegDataset::with_test_scale`]).
-    pub test_scale: Option<(usize, usize)>,
+    /// Evaluation resizes each image from its file as this says instead of to `input`
+    /// ([`SegDataset::with_test_scale`]).
+    pub test_scale: Option<TestScale>,
 }
 
 /// An image's RGB and its label map at the input size, borrowed from a decoded split or decoded
@@ -523,11 +612,9 @@ impl SegDataset {
             return Ok(EvalPair { rgb: Cow::Borrowed(&im.rgb), input: self.input, label: Cow::Borrowed(label), size });
         }
         let (rgb, input) = match self.test_scale {
-            Some(scale) => {
-                let img = image::open(&im.path).map_err(|_| unreadable(&im.path))?.to_rgb8();
-                let orig = (img.height() as usize, img.width() as usize);
-                let input = keep_ratio_size(orig, scale);
-                (resize_bilinear_cv2(img.as_raw(), orig, input), input)
+            Some(ts) => {
+                let r = ts.load(&im.path)?;
+                (r.rgb, r.size)
             }
             None => (decode_image(&im.path, self.input).ok_or_else(|| unreadable(&im.path))?.0, self.input),
         };
@@ -545,12 +632,15 @@ impl SegDataset {
         Ok(EvalPair { rgb: Cow::Owned(rgb), input, label, size })
     }
 
-    /// Evaluate at a keep-ratio test scale (mmseg's test `img_scale` with `keep_ratio=True`, e.g.
-    /// ADE20K's (2048, 512)): each image resized by [`keep_ratio_size`] with
-    /// [`resize_bilinear_cv2`] from its file, instead of the split's fixed input size. The model
-    /// then runs on each image at its own size (batched with images of the same size).
-    pub fn with_test_scale(self, scale: Option<(usize, usize)>) -> Self {
-        SegDataset { test_scale: scale, ..self }
+    /// Evaluate at a test scale (mmseg's test `img_scale`, e.g. ADE20K's keep-ratio (2048, 512)):
+    /// each image resized from its file by [`TestScale::load`] instead of to the split's fixed
+    /// input size. The model then runs on each image at its own size (batched with images of the
+    /// same size). Padding is a detection setting: an error here.
+    pub fn with_test_scale(self, scale: Option<TestScale>) -> Result<Self, DenseError> {
+        if scale.is_some_and(|s| s.pad > 1) {
+            return Err(DenseError::Data("a segmentation test scale pads nothing (pad 1)".into()));
+        }
+        Ok(SegDataset { test_scale: scale, ..self })
     }
 
     /// Bytes the split takes decoded in memory (H x W x 3 an image, H x W its label map; label

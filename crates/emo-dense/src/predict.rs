@@ -18,6 +18,8 @@ pub struct DetTestCfg {
     pub score_thr: f32,
     pub nms_iou: f32,
     pub max_per_img: usize,
+    /// The best (anchor, class) pairs above `score_thr` kept from each level before NMS
+    /// (mmdet 2.x's `filter_scores_and_topk` per level).
     pub nms_pre: usize,
 }
 
@@ -39,6 +41,31 @@ pub fn batch_tensor(images: &[&[u8]], hw: (usize, usize), device: &Device) -> Te
     Tensor::from_data(TensorData::new(x, [images.len(), 3, hw.0, hw.1]), device)
 }
 
+/// Normalised images of (H, W) `sizes[i]` in one `(B, 3, H, W)` batch of `hw`, each zero-padded
+/// at the bottom and right (mmdet's `Pad` after `Normalize`).
+pub fn batch_tensor_padded(
+    images: &[&[u8]],
+    sizes: &[(usize, usize)],
+    hw: (usize, usize),
+    device: &Device,
+) -> Tensor<4> {
+    let plane = hw.0 * hw.1;
+    let mut x = vec![0f32; images.len() * 3 * plane];
+    let mut one = Vec::new();
+    for (i, (im, &(h, w))) in images.iter().zip(sizes).enumerate() {
+        assert!(h <= hw.0 && w <= hw.1, "an image of {h}x{w} padded to {hw:?}");
+        one.clear();
+        normalize_into(im, h, w, &mut one);
+        for c in 0..3 {
+            for y in 0..h {
+                let dst = (i * 3 + c) * plane + y * hw.1;
+                x[dst..dst + w].copy_from_slice(&one[c * h * w + y * w..c * h * w + (y + 1) * w]);
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(x, [images.len(), 3, hw.0, hw.1]), device)
+}
+
 /// Detections per image, in input coordinates.
 pub fn detect(
     model: &dyn DenseInfer,
@@ -47,6 +74,35 @@ pub fn detect(
     cfg: &DetTestCfg,
 ) -> Result<Vec<Vec<Detection>>, DenseError> {
     let [b, _, h, w] = x.dims();
+    detect_clipped(model, x, anchors, cfg, &vec![(h, w); b])
+}
+
+/// [`detect`] with each image's boxes clipped to its own (H, W) `clips[i]` (mmdet's `img_shape`:
+/// the resized image inside the padded input).
+pub fn detect_clipped(
+    model: &dyn DenseInfer,
+    x: Tensor<4>,
+    anchors: &[BBox],
+    cfg: &DetTestCfg,
+    clips: &[(usize, usize)],
+) -> Result<Vec<Vec<Detection>>, DenseError> {
+    let [b, _, h, w] = x.dims();
+    if clips.len() != b {
+        return Err(DenseError::Data(format!("{} clip sizes for a batch of {b}", clips.len())));
+    }
+    // mmdet keeps the `nms_pre` best (anchor, class) pairs above the threshold of each level.
+    let levels = {
+        let mut c = model.dense_config().clone();
+        c.input = (h, w);
+        crate::anchors::level_counts(&c)
+    };
+    if levels.iter().sum::<usize>() != anchors.len() {
+        return Err(DenseError::Data(format!(
+            "{} anchors given for a {h}x{w} input, which has {}",
+            anchors.len(),
+            levels.iter().sum::<usize>()
+        )));
+    }
     let DenseOutput::Det { cls, reg } = model.infer(x)? else {
         return Err(DenseError::Data(format!("{} is not a detector", model.dense_config().task)));
     };
@@ -56,24 +112,37 @@ pub fn detect(
     let deltas = to_vec(reg);
     let n = anchors.len();
     let per = if ssd { k + 1 } else { k };
+    if scores.len() != b * n * per {
+        return Err(DenseError::Data(format!(
+            "{} anchors, but the model scored {} per image",
+            n,
+            scores.len() / (b * per).max(1)
+        )));
+    }
     let mut out = Vec::with_capacity(b);
     for i in 0..b {
         let mut cand: Vec<(f32, usize, usize)> = Vec::new();
-        for a in 0..n {
-            let row = &scores[(i * n + a) * per..(i * n + a) * per + per];
-            for (c, &s) in row[..k].iter().enumerate() {
-                if s > cfg.score_thr {
-                    cand.push((s, a, c));
+        let mut start = 0;
+        for &count in &levels {
+            let mut level: Vec<(f32, usize, usize)> = Vec::new();
+            for a in start..start + count {
+                let row = &scores[(i * n + a) * per..(i * n + a) * per + per];
+                for (c, &s) in row[..k].iter().enumerate() {
+                    if s > cfg.score_thr {
+                        level.push((s, a, c));
+                    }
                 }
             }
+            level.sort_by(|x, y| y.0.total_cmp(&x.0));
+            level.truncate(cfg.nms_pre);
+            cand.extend(level);
+            start += count;
         }
-        cand.sort_by(|x, y| y.0.total_cmp(&x.0));
-        cand.truncate(cfg.nms_pre);
         let dets = cand
             .into_iter()
             .map(|(score, a, label)| {
                 let d: [f32; 4] = std::array::from_fn(|j| deltas[(i * n + a) * 4 + j]);
-                Detection { bbox: coder.decode(&anchors[a], &d, (h, w)), score, label }
+                Detection { bbox: coder.decode(&anchors[a], &d, clips[i]), score, label }
             })
             .collect();
         out.push(batched_nms(dets, cfg.nms_iou, cfg.max_per_img));

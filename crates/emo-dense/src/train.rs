@@ -13,6 +13,7 @@
 //!                        `ema_decay`; the folder is replaced atomically)
 //! ```
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,14 +32,14 @@ use serde::{Deserialize, Serialize};
 use crate::assign::{MaxIou, Targets, targets};
 use crate::boxes::{BBox, BoxCoder};
 use crate::data::{
-    DetDataset, PAPER_RESCALE, SegDataset, augment, index_coco, list_seg, seg_geometry_with, ssd_geometry,
+    DetDataset, PAPER_RESCALE, SegDataset, TestScale, augment, index_coco, list_seg, seg_geometry_with, ssd_geometry,
 };
 use crate::fast::DenseInfer;
 use crate::loss::{Ohem, focal_loss, se_loss, seg_loss_with, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseHead, DenseModel, DenseOutput, SEG_HEAD_DROPOUT};
 use crate::names::{ADE20K_CLASSES, COCO_CAT_IDS, COCO_CLASSES};
-use crate::predict::{DetTestCfg, SegAug, batch_tensor, detect, segment_aug};
+use crate::predict::{DetTestCfg, SegAug, batch_tensor, batch_tensor_padded, detect, detect_clipped, segment_aug};
 use crate::{DenseError, anchors};
 
 /// Everything a dense training run is made of (written to `RUN/config.json`).
@@ -241,12 +242,13 @@ pub struct ModelCard {
     /// classes shifted by one (ADE20K); evaluation reads them the same way.
     #[serde(default)]
     pub reduce_zero_label: bool,
-    /// Segmentation: evaluate and segment each image resized keeping its aspect ratio to this
-    /// scale (mmseg's test `img_scale`, `keep_ratio=True`; [`SegDataset::with_test_scale`])
-    /// instead of squeezed to `model.input`. Official ADE20K checkpoints: (2048, 512), as the
-    /// paper tested them; the runs of `emo train --task` test at their input (unset).
+    /// How evaluation, `emo detect` and `emo segment` resize each image (mmdet / mmseg's test
+    /// pipeline; [`TestScale`]) instead of squeezing it to `model.input` as training does. An
+    /// official checkpoint's: the paper's (ADE20K keep-ratio 2048x512, SSDLite 320x320,
+    /// RetinaNet keep-ratio 1333x800 padded to 32); the runs of `emo train --task` test at
+    /// their input (unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub test_scale: Option<(usize, usize)>,
+    pub test_scale: Option<TestScale>,
 }
 
 impl ModelCard {
@@ -299,9 +301,12 @@ impl ModelCard {
                 false,
             ),
         };
-        // mmseg's ADE20K test pipeline: Resize((2048, 512), keep_ratio=True), whole-image
-        // inference (spec §12); the detectors test at the fixed input here.
-        let test_scale = (!det).then_some((2048, 512));
+        // The test pipelines of the official configs (spec §12).
+        let test_scale = Some(match task {
+            Task::SsdLite => TestScale::SSDLITE,
+            Task::RetinaNet => TestScale::RETINANET,
+            _ => TestScale::ADE20K,
+        });
         Ok(ModelCard { model, classes: names, cat_ids, reduce_zero_label, test_scale })
     }
 }
@@ -519,15 +524,18 @@ pub fn detections_on(
     device: &Device,
     threads: usize,
 ) -> Result<Vec<DetBox>, DenseError> {
+    let test = DetTestCfg::official(model.dense_config().task);
+    let idx: Vec<usize> = (0..d.images.len()).collect();
+    let chunks: Vec<_> = idx.chunks(EVAL_BATCH).collect();
+    if let Some(ts) = d.test_scale {
+        return detections_at_test_scale(model, d, ts, &test, &chunks, device, threads);
+    }
     // The anchors are laid out for the model's input size.
     let hw = model.dense_config().input;
     if d.input != hw {
         return Err(DenseError::Data(format!("detection images loaded at {:?}, the model's input is {hw:?}", d.input)));
     }
     let anchors = anchors::anchors(model.dense_config());
-    let test = DetTestCfg::official(model.dense_config().task);
-    let idx: Vec<usize> = (0..d.images.len()).collect();
-    let chunks: Vec<_> = idx.chunks(EVAL_BATCH).collect();
     let parts = parallel::map_parts(&chunks, threads, |part| {
         let mut dets = Vec::new();
         for chunk in part {
@@ -545,6 +553,63 @@ pub fn detections_on(
                         score: det.score as f64,
                     });
                 }
+            }
+        }
+        Ok::<_, DenseError>(dets)
+    });
+    let mut dets = Vec::new();
+    for part in parts {
+        dets.extend(part?);
+    }
+    Ok(dets)
+}
+
+/// [`detections_on`] under a test scale: each image read from its file and resized by `ts`,
+/// padded, run with the anchors of its padded size (images of one padded size share a pass),
+/// its boxes clipped to the resized image and scaled back to the original.
+fn detections_at_test_scale(
+    model: &dyn DenseInfer,
+    d: &DetDataset,
+    ts: TestScale,
+    test: &DetTestCfg,
+    chunks: &[&[usize]],
+    device: &Device,
+    threads: usize,
+) -> Result<Vec<DetBox>, DenseError> {
+    let parts = parallel::map_parts(chunks, threads, |part| {
+        let mut dets = Vec::new();
+        let mut anchors_of: HashMap<(usize, usize), Vec<BBox>> = HashMap::new();
+        for chunk in part {
+            let loaded =
+                chunk.iter().map(|&i| d.images[i].path.as_path()).map(|p| ts.load(p)).collect::<Result<Vec<_>, _>>()?;
+            let mut start = 0;
+            while start < loaded.len() {
+                let hw = ts.padded(loaded[start].size);
+                let end = start + loaded[start..].iter().take_while(|l| ts.padded(l.size) == hw).count();
+                let group = &loaded[start..end];
+                let rgb: Vec<&[u8]> = group.iter().map(|l| l.rgb.as_slice()).collect();
+                let sizes: Vec<(usize, usize)> = group.iter().map(|l| l.size).collect();
+                let x = batch_tensor_padded(&rgb, &sizes, hw, device).without_autodiff();
+                let anchors = anchors_of.entry(hw).or_insert_with(|| {
+                    let mut cfg = model.dense_config().clone();
+                    cfg.input = hw;
+                    anchors::anchors(&cfg)
+                });
+                let found = detect_clipped(model, x, anchors, test, &sizes)?;
+                for ((l, &i), ds) in group.iter().zip(&chunk[start..end]).zip(found) {
+                    let (resized, orig) = (l.size, l.orig);
+                    let (sx, sy) = (orig.1 as f64 / resized.1 as f64, orig.0 as f64 / resized.0 as f64);
+                    for det in ds {
+                        let [x1, y1, x2, y2] = det.bbox.map(f64::from);
+                        dets.push(DetBox {
+                            image_id: d.images[i].id,
+                            category_id: d.cat_ids[det.label],
+                            bbox: [x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy],
+                            score: det.score as f64,
+                        });
+                    }
+                }
+                start = end;
             }
         }
         Ok::<_, DenseError>(dets)

@@ -1416,7 +1416,7 @@ fn segmentation_at_a_keep_ratio_test_scale_runs_each_image_at_its_own_size() {
         _ => panic!(),
     };
     for (what, d) in [("in memory", loaded), ("streamed", streamed)] {
-        let d = d.with_test_scale(Some(scale));
+        let d = d.with_test_scale(Some(emo_dense::data::TestScale::keep_ratio(scale))).unwrap();
         for (i, &hw) in sizes.iter().enumerate() {
             let p = d.eval_pair(i).unwrap();
             assert_eq!((p.input, p.size), (keep_ratio_size(hw, scale), hw), "{what} {i}");
@@ -1430,4 +1430,160 @@ fn segmentation_at_a_keep_ratio_test_scale_runs_each_image_at_its_own_size() {
         }
     }
     let _ = std::fs::remove_dir_all(&data);
+}
+
+/// A padded test scale is refused for segmentation (mmseg's 'whole' mode pads nothing).
+#[test]
+fn a_segmentation_test_scale_pads_nothing() {
+    let _g = serial();
+    let data = tmp("seg-pad");
+    synthetic_set(&data, 1, 2);
+    let DenseData::Seg(d) = load_split(Task::DeepLabV3, &data, "val", (64, 64), false, false, 0).unwrap() else {
+        panic!()
+    };
+    let err = d.with_test_scale(Some(emo_dense::data::TestScale::RETINANET)).unwrap_err();
+    assert!(err.to_string().contains("pads nothing"), "{err}");
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// mmdet's test pipeline under a test scale: every image resized from its file (keep-ratio
+/// here, RetinaNet's rule at a small scale), normalised and zero-padded to a multiple of 32,
+/// run with the anchors of its padded size, its boxes clipped to the resized image and scaled
+/// back to the original. `detections_on` gives what that computes image by image, from the split
+/// in memory or streamed, on 1 or 2 threads; SSDLite's squeeze to a fixed size too.
+#[test]
+fn detection_at_a_test_scale_runs_each_image_at_its_padded_size() {
+    use emo_dense::data::TestScale;
+    use emo_dense::predict::{DetTestCfg, batch_tensor_padded, detect_clipped};
+    use emo_dense::train::detections_on;
+
+    let _g = serial();
+    let data = tmp("det-test-scale");
+    let sizes = [(40usize, 56usize), (40, 56), (56, 40), (64, 48), (30, 30)];
+    std::fs::create_dir_all(data.join("annotations")).unwrap();
+    for split in ["train", "val"] {
+        std::fs::create_dir_all(data.join("images").join(split)).unwrap();
+        let (mut images, mut anns) = (vec![], vec![]);
+        for (i, &(h, w)) in sizes.iter().enumerate() {
+            let (x0, y0, bw, bh) = (w / 5 + i, h / 4, w / 2, h / 2);
+            let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                let inside = (x0..x0 + bw).contains(&(x as usize)) && (y0..y0 + bh).contains(&(y as usize));
+                if inside { image::Rgb([220, 40, 40]) } else { image::Rgb([(x * 4) as u8, (y * 4) as u8, 90]) }
+            });
+            let f = format!("{i:04}.png");
+            img.save(data.join("images").join(split).join(&f)).unwrap();
+            images.push(serde_json::json!({"id": i + 1, "file_name": f, "width": w, "height": h}));
+            anns.push(serde_json::json!({"id": i + 1, "image_id": i + 1, "category_id": 1,
+                "bbox": [x0, y0, bw, bh], "area": bw * bh, "iscrowd": 0}));
+        }
+        let cats = serde_json::json!([{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]);
+        let coco = serde_json::json!({"images": images, "annotations": anns, "categories": cats});
+        std::fs::write(data.join(format!("annotations/instances_{split}.json")), coco.to_string()).unwrap();
+    }
+    let device = Device::flex();
+    for (task, ts) in [
+        (Task::RetinaNet, TestScale { scale: (96, 48), keep_ratio: true, pad: 32 }),
+        (Task::SsdLite, TestScale { scale: (64, 64), keep_ratio: false, pad: 1 }),
+    ] {
+        let cfg = small(task, 2);
+        let model = DenseModel::new(&cfg, None, &device).unwrap();
+        // Class scores well above the test threshold (RetinaNet starts at a 0.01 prior), so
+        // every image has detections to compare.
+        let mut sd = model.state_dict();
+        let key = if task == Task::RetinaNet { "bbox_head.retina_cls.bias" } else { "bbox_head.cls_convs.0.1.bias" };
+        let t = sd.get(key).unwrap().clone();
+        sd.insert(key, emo_weights::Tensor::f32(t.shape.clone(), vec![0.0; t.numel()]));
+        let model = DenseModel::from_state_dict(&cfg, &sd, &device).unwrap();
+        let test = DetTestCfg::official(task);
+        let mut want = Vec::new();
+        for (i, &hw) in sizes.iter().enumerate() {
+            let r = ts.load(&data.join(format!("images/val/{i:04}.png"))).unwrap();
+            let (rgb, resized, orig) = (r.rgb, r.size, r.orig);
+            assert_eq!((orig, resized), (hw, ts.resized(hw)));
+            let padded = ts.padded(resized);
+            assert!(padded.0 % ts.pad == 0 && padded.1 % ts.pad == 0 && padded.0 >= resized.0 && padded.1 >= resized.1);
+            let x = batch_tensor_padded(&[&rgb], &[resized], padded, &device);
+            // The padding is zero after normalisation, the image where it was.
+            let v = to_vec(x.clone());
+            let plane = padded.0 * padded.1;
+            for c in 0..3 {
+                for y in 0..padded.0 {
+                    for xx in 0..padded.1 {
+                        let got = v[c * plane + y * padded.1 + xx];
+                        if y >= resized.0 || xx >= resized.1 {
+                            assert_eq!(got, 0.0);
+                        }
+                    }
+                }
+            }
+            let mut c2 = cfg.clone();
+            c2.input = padded;
+            let dets = detect_clipped(&model, x, &anchors::anchors(&c2), &test, &[resized]).unwrap().remove(0);
+            assert!(!dets.is_empty(), "{task}: image {i} has no detections");
+            let (sx, sy) = (orig.1 as f64 / resized.1 as f64, orig.0 as f64 / resized.0 as f64);
+            for d in dets {
+                let [x1, y1, x2, y2] = d.bbox.map(f64::from);
+                assert!(x2 <= resized.1 as f64 && y2 <= resized.0 as f64, "clipped to the resized image");
+                want.push((
+                    i as u64 + 1,
+                    d.label as u64 + 1,
+                    [x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy],
+                    d.score as f64,
+                ));
+            }
+        }
+        let loaded = match load_split(task, &data, "val", (64, 64), false, false, 0).unwrap() {
+            DenseData::Det(d) => d,
+            _ => panic!(),
+        };
+        let streamed = match index_split(task, &data, "val", (64, 64), false, false, 0).unwrap() {
+            DenseData::Det(d) => d,
+            _ => panic!(),
+        };
+        for (what, d) in [("in memory", loaded), ("streamed", streamed)] {
+            let d = d.with_test_scale(Some(ts));
+            for threads in [1, 2] {
+                let got = detections_on(&model, &d, &device, threads).unwrap();
+                let got: Vec<_> = got.iter().map(|b| (b.image_id, b.category_id, b.bbox, b.score)).collect();
+                assert_eq!(got, want, "{task} {what}, {threads} threads");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// mmdet keeps the `nms_pre` best candidates of each level, not of the whole image: with every
+/// score above the threshold and NMS suppressing nothing, `nms_pre` come from each level.
+#[test]
+fn detection_keeps_nms_pre_candidates_per_level() {
+    use emo_dense::predict::{DetTestCfg, batch_tensor, detect};
+
+    let _g = serial();
+    let device = Device::flex();
+    for task in [Task::SsdLite, Task::RetinaNet] {
+        for input in [(64, 64), (96, 64)] {
+            let mut cfg = small(task, 2);
+            cfg.input = input;
+            let counts = anchors::level_counts(&cfg);
+            assert_eq!(counts.iter().sum::<usize>(), anchors::anchors(&cfg).len(), "{task} {input:?}");
+            let model = DenseModel::new(&cfg, None, &device).unwrap();
+            let mut sd = model.state_dict();
+            let key =
+                if task == Task::RetinaNet { "bbox_head.retina_cls.bias" } else { "bbox_head.cls_convs.0.1.bias" };
+            let t = sd.get(key).unwrap().clone();
+            sd.insert(key, emo_weights::Tensor::f32(t.shape.clone(), vec![0.0; t.numel()]));
+            let model = DenseModel::from_state_dict(&cfg, &sd, &device).unwrap();
+            let rgb: Vec<u8> = (0..input.0 * input.1 * 3).map(|i| (i * 7 % 251) as u8).collect();
+            let x = batch_tensor(&[&rgb], input, &device);
+            // Scores are above 0 everywhere; IoU 1 suppresses nothing.
+            let test = DetTestCfg { score_thr: 0.0, nms_iou: 1.0, max_per_img: 100_000, nms_pre: 3 };
+            let dets = detect(&model, x.clone(), &anchors::anchors(&cfg), &test).unwrap().remove(0);
+            // Every level has more than 3 pairs (a global cap would keep 3 in all).
+            assert_eq!(dets.len(), 3 * counts.len(), "{task} {input:?}: {counts:?}");
+            // The wrong anchors for the input are an error, not a silent misreading.
+            let mut other = cfg.clone();
+            other.input = (input.0 + 32, input.1);
+            assert!(detect(&model, x, &anchors::anchors(&other), &test).is_err());
+        }
+    }
 }
