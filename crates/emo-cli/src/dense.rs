@@ -120,13 +120,40 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             // Both checked (>= 0, finite) by `DenseTrainer::new` before it reads or writes anything.
             cfg.backbone_lr_mult = a.backbone_lr_mult.unwrap_or(cfg.backbone_lr_mult);
             cfg.reduce_zero_label = a.reduce_zero_label;
-            if !task.is_detection() && !a.reduce_zero_label && emo_dense::data::ade20k_layout(&cfg.data) {
+            let ade20k = !task.is_detection() && emo_dense::data::ade20k_layout(&cfg.data);
+            if ade20k && !a.reduce_zero_label {
                 eprintln!(
                     "{}: ADE20K's layout (no classes.txt): its 150 classes, label 0 = other (--reduce-zero-label)",
                     cfg.data.display()
                 );
                 cfg.reduce_zero_label = true;
             }
+            cfg.train_scale = match a.train_scale.as_deref() {
+                Some("input") => None,
+                Some(s) => {
+                    ensure!(!task.is_detection(), "--train-scale is for segmentation tasks");
+                    ensure!(
+                        !a.light_augment,
+                        "--train-scale sets the geometric augmentation that --light-augment turns off"
+                    );
+                    let parsed = s
+                        .split_once('x')
+                        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+                        .filter(|&(a, b)| a > 0 && b > 0);
+                    Some(parsed.with_context(|| {
+                        format!("--train-scale expects LONGxSHORT (e.g. 2048x512) or `input`, got {s:?}")
+                    })?)
+                }
+                None if ade20k && !a.light_augment => {
+                    eprintln!(
+                        "{}: mmseg's ADE20K training resize: keep-ratio 2048x512 x {:?}, cropped to the input (--train-scale input: squeezed)",
+                        cfg.data.display(),
+                        cfg.rescale
+                    );
+                    Some((2048, 512))
+                }
+                None => None,
+            };
             cfg.workers = a.workers.unwrap_or_else(|| crate::backend::chosen().default_workers(a.batch));
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{}", a.variant)));
             DenseTrainer::new(cfg, &dir, device)?

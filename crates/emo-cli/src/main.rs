@@ -373,6 +373,13 @@ pub(crate) struct TrainOpts {
     /// `ratio_range`; default the paper's 0.5-2.0). Not with --light-augment.
     #[arg(long)]
     pub rescale_range: Option<String>,
+    /// Segmentation: mmseg's keep-ratio training resize LONGxSHORT (e.g. ADE20K's 2048x512):
+    /// each image read at its own size, rescaled keeping its aspect ratio to this scale times a
+    /// ratio from --rescale-range, cropped to --input; evaluation tests at the same keep-ratio
+    /// scale. `input`: squeeze every image to the input first. Default: 2048x512 for a folder
+    /// in ADE20K's layout, else `input`. Not with --light-augment.
+    #[arg(long)]
+    pub train_scale: Option<String>,
     /// Segmentation: online hard example mining on the decode head's pixel loss (mmseg's
     /// OHEMPixelSampler): train on the pixels whose label probability is below this threshold
     /// (mmseg configs: 0.7), and on at least --ohem-min-kept per image.

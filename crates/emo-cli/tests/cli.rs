@@ -842,6 +842,50 @@ fn coco_2017_and_ade20k_layouts_train_and_evaluate_as_they_ship() {
     std::fs::write(&plain, serde_json::to_vec(&c2).unwrap()).unwrap();
     let o = emo(&["eval", "--task", "deeplabv3", "--weights", ws, "--data", a, "--card", plain.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("reduce_zero_label"), "{}", stderr(&o));
+    // Without --light-augment, ADE20K trains as mmseg's recipe: each image at its own size,
+    // keep-ratio 2048x512 x 0.5-2, cropped to the input; it then tests at keep-ratio 2048x512.
+    let run_keep = tmp("run-ade20k-keep");
+    let _ = std::fs::remove_dir_all(&run_keep);
+    // (One validation image: at 2048x512 the 64x64 images run at 512x512.)
+    let args = ["train", "--task", "deeplabv3", "--data", a, "--input", "64x64", "--epochs", "1", "--batch", "4"];
+    let o = emo(&[&args[..], &["--eval-limit", "1", "--out", run_keep.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("mmseg's ADE20K training resize: keep-ratio 2048x512"), "{}", stderr(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_keep.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["train_scale"], serde_json::json!([2048, 512]), "{cfg}");
+    let wk = run_keep.join("best.safetensors");
+    let o = emo(&["eval", "--task", "deeplabv3", "--weights", wk.to_str().unwrap(), "--data", a, "--limit", "1"]);
+    assert!(
+        o.status.success() && stdout(&o).contains("test scale keep-ratio 2048x512"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    // Checked, segmentation only, and not with --light-augment; kept on resume.
+    for (bad, why) in [
+        (&["--train-scale", "2048"][..], "LONGxSHORT"),
+        (&["--train-scale", "2048x512", "--light-augment"], "--light-augment"),
+    ] {
+        let out = tmp("run-ade20k-bad");
+        let o = emo(&[&args[..], bad, &["--out", out.to_str().unwrap()]].concat());
+        assert!(!o.status.success() && stderr(&o).contains(why), "{bad:?}: {}", stderr(&o));
+    }
+    let o = emo(&[
+        "train",
+        "--task",
+        "ssdlite",
+        "--data",
+        c,
+        "--train-scale",
+        "1333x800",
+        "--out",
+        tmp("x").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("for segmentation"), "{}", stderr(&o));
+    let o = emo(&["train", "--resume", run_keep.to_str().unwrap(), "--train-scale", "1024x256"]);
+    assert!(!o.status.success() && stderr(&o).contains("--train-scale cannot be changed on resume"), "{}", stderr(&o));
+
     // A split that is in neither naming is still reported missing.
     let o = emo(&["eval", "--task", "ssdlite", "--weights", wd, "--data", c, "--split", "test"]);
     assert!(!o.status.success() && stderr(&o).contains("instances_test.json"), "{}", stderr(&o));

@@ -570,6 +570,9 @@ pub struct SegDataset {
 /// now from a streamed one.
 pub type Pair<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
 
+/// An image's RGB and label map at their own (H, W) ([`SegDataset::pair_full`]).
+pub type FullPair = (Vec<u8>, Vec<u8>, (usize, usize));
+
 /// What evaluation needs of one image ([`SegDataset::eval_pair`]).
 pub struct EvalPair<'a> {
     /// The RGB pixels the model runs on, `input` (H, W) of them.
@@ -596,6 +599,27 @@ impl SegDataset {
             decode_label(&im.label_path, self.input, false).ok_or_else(|| unreadable(&im.label_path))?;
         prepare_label(&mut label, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
         Ok((Cow::Owned(rgb), Cow::Owned(label)))
+    }
+
+    /// Image `i`'s RGB and label map at their own size, read from disk in either mode (the
+    /// label map prepared as the split's: `reduce_zero_label`, checked), and that (H, W): what
+    /// keep-ratio training ([`seg_geometry_keep_ratio`]) starts from.
+    pub fn pair_full(&self, i: usize) -> Result<FullPair, DenseError> {
+        let im = &self.images[i];
+        let img = image::open(&im.path).map_err(|_| unreadable(&im.path))?.to_rgb8();
+        let hw = (img.height() as usize, img.width() as usize);
+        let LabelMap { h, w, mut data } =
+            decode_label_full(&im.label_path).ok_or_else(|| unreadable(&im.label_path))?;
+        if (h, w) != hw {
+            return Err(DenseError::Data(format!(
+                "{}: label map {h}x{w}, image {}x{}",
+                im.label_path.display(),
+                hw.0,
+                hw.1
+            )));
+        }
+        prepare_label(&mut data, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
+        Ok((img.into_raw(), data, hw))
     }
 
     /// Image `i`'s RGB at the input size with the label map evaluation scores against and its
@@ -1248,6 +1272,54 @@ pub fn seg_geometry(rng: &mut Rng, rgb: &mut Vec<u8>, label: &mut Vec<u8>, hw: (
 
 /// The paper's (mmseg's ADE20K) rescale ratio range.
 pub const PAPER_RESCALE: (f32, f32) = (0.5, 2.0);
+
+/// mmseg's ADE20K training geometry on an image at its own size `src_hw` (not squeezed to the
+/// input first): `Resize(img_scale=scale, ratio_range, keep_ratio=True)` (the scale times a
+/// ratio drawn from `ratio_range`, then [`keep_ratio_size`]), then `RandomCrop(crop,
+/// cat_max_ratio)` (an offset drawn in whole pixels where the resized image is larger than the
+/// crop, up to 10 draws until no class covers more than `cat_max_ratio` of the labelled
+/// pixels), then `Pad` to `crop` at the bottom and right (the mean colour, label 255). One
+/// resampling from the source (bilinear; nearest for the labels) does the resize and the crop.
+/// Returns the resized (H, W) the crop was taken from.
+#[allow(clippy::too_many_arguments)]
+pub fn seg_geometry_keep_ratio(
+    rng: &mut Rng,
+    rgb: &mut Vec<u8>,
+    label: &mut Vec<u8>,
+    src_hw: (usize, usize),
+    crop: (usize, usize),
+    scale: (usize, usize),
+    ratio_range: (f32, f32),
+    cat_max_ratio: f32,
+) -> (usize, usize) {
+    let r = ratio_range.0 + (ratio_range.1 - ratio_range.0) * rng.uniform();
+    // mmseg's `random_sample_ratio`: int(scale * ratio) per side.
+    let scaled = ((scale.0 as f32 * r) as usize, (scale.1 as f32 * r) as usize);
+    let resized = keep_ratio_size(src_hw, scaled);
+    let (fy, fx) = (resized.0 as f32 / src_hw.0 as f32, resized.1 as f32 / src_hw.1 as f32);
+    let (margin_y, margin_x) = (resized.0.saturating_sub(crop.0), resized.1.saturating_sub(crop.1));
+    let fill = MEAN.map(|m| m.round() as u8);
+    let mut lab = Vec::new();
+    let mut src = [0.0; 4];
+    for _ in 0..10 {
+        // randint(0, margin + 1), as mmseg's `get_crop_bbox`.
+        let oy = ((rng.uniform() * (margin_y + 1) as f32) as usize).min(margin_y);
+        let ox = ((rng.uniform() * (margin_x + 1) as f32) as usize).min(margin_x);
+        src = [ox as f32 / fx, oy as f32 / fy, (ox + crop.1) as f32 / fx, (oy + crop.0) as f32 / fy];
+        lab = resample(label, src_hw, 1, src, crop, &[255], true);
+        let mut counts = [0usize; 255];
+        lab.iter().filter(|&&v| v != 255).for_each(|&v| counts[v as usize] += 1);
+        let (classes, total) = (counts.iter().filter(|&&c| c > 0).count(), counts.iter().sum::<usize>());
+        let top = counts.iter().copied().max().unwrap_or(0);
+        let whole = margin_y == 0 && margin_x == 0;
+        if whole || cat_max_ratio >= 1.0 || (classes > 1 && (top as f32) < cat_max_ratio * total as f32) {
+            break;
+        }
+    }
+    *rgb = resample(rgb, src_hw, 3, src, crop, &fill, false);
+    *label = lab;
+    resized
+}
 
 /// [`seg_geometry`] with another rescale ratio range (mmseg's `ratio_range`: the scale is drawn
 /// uniformly from it) and another `cat_max_ratio`; 1.0 or more turns the check off (one crop).

@@ -32,7 +32,8 @@ use serde::{Deserialize, Serialize};
 use crate::assign::{MaxIou, Targets, targets};
 use crate::boxes::{BBox, BoxCoder};
 use crate::data::{
-    DetDataset, PAPER_RESCALE, SegDataset, TestScale, augment, index_coco, list_seg, seg_geometry_with, ssd_geometry,
+    DetDataset, PAPER_RESCALE, SegDataset, TestScale, augment, index_coco, list_seg, seg_geometry_keep_ratio,
+    seg_geometry_with, ssd_geometry,
 };
 use crate::fast::DenseInfer;
 use crate::loss::{Ohem, focal_loss, se_loss, seg_loss_with, ssd_loss};
@@ -79,6 +80,14 @@ pub struct DenseTrainConfig {
     /// `ratio_range`; the paper's 0.5-2.0).
     #[serde(default = "paper_rescale")]
     pub rescale: (f32, f32),
+    /// Segmentation: mmseg's keep-ratio training resize (its `img_scale`, e.g. ADE20K's
+    /// (2048, 512)): each training image is read at its own size, rescaled keeping its aspect
+    /// ratio to this scale times a ratio from `rescale`, and cropped to the input
+    /// ([`seg_geometry_keep_ratio`](crate::data::seg_geometry_keep_ratio)); evaluation then tests
+    /// at the same keep-ratio scale. `None`: images squeezed to the input first (the canvas
+    /// recipes).
+    #[serde(default)]
+    pub train_scale: Option<(usize, usize)>,
     /// Use at most this many training / validation images (0 = all).
     pub limit_train: usize,
     pub limit_val: usize,
@@ -184,6 +193,7 @@ impl DenseTrainConfig {
             neg_pos_ratio: 3,
             geometric_augment: true,
             rescale: PAPER_RESCALE,
+            train_scale: None,
             limit_train: 0,
             limit_val: 0,
             epoch_images: 0,
@@ -423,24 +433,29 @@ impl DenseData {
             DenseData::Seg(d) => DenseData::Seg(d.into_decoded(keep_full)?),
         })
     }
-    /// Training sample `i` before augmentation (decoded from disk in a streamed split).
-    fn sample(&self, i: usize) -> Result<Sample, DenseError> {
+    /// Training sample `i` before augmentation (decoded from disk in a streamed split);
+    /// `full`: a segmentation image at its own size, for keep-ratio training.
+    fn sample(&self, i: usize, full: bool) -> Result<Sample, DenseError> {
         Ok(match self {
             DenseData::Det(d) => {
                 let im = &d.images[i];
                 Sample::Det { rgb: d.rgb(i)?.into_owned(), boxes: im.boxes.clone(), labels: im.labels.clone() }
             }
+            DenseData::Seg(d) if full => {
+                let (rgb, label, hw) = d.pair_full(i)?;
+                Sample::Seg { rgb, label, hw }
+            }
             DenseData::Seg(d) => {
                 let (rgb, label) = d.pair(i)?;
-                Sample::Seg { rgb: rgb.into_owned(), label: label.into_owned() }
+                Sample::Seg { rgb: rgb.into_owned(), label: label.into_owned(), hw: d.input }
             }
         })
     }
     /// The samples of a batch, and the errors of those that no longer decode (skipped).
-    fn batch(&self, idx: &[usize]) -> (Vec<Sample>, Vec<DenseError>) {
+    fn batch(&self, idx: &[usize], full: bool) -> (Vec<Sample>, Vec<DenseError>) {
         let (mut ok, mut failed) = (Vec::with_capacity(idx.len()), Vec::new());
         for &i in idx {
-            match self.sample(i) {
+            match self.sample(i, full) {
                 Ok(s) => ok.push(s),
                 Err(e) => failed.push(e),
             }
@@ -451,8 +466,17 @@ impl DenseData {
 
 /// One training image and its targets, before augmentation.
 enum Sample {
-    Det { rgb: Vec<u8>, boxes: Vec<BBox>, labels: Vec<usize> },
-    Seg { rgb: Vec<u8>, label: Vec<u8> },
+    Det {
+        rgb: Vec<u8>,
+        boxes: Vec<BBox>,
+        labels: Vec<usize>,
+    },
+    /// At (H, W) `hw`: the input size, or the image's own under keep-ratio training.
+    Seg {
+        rgb: Vec<u8>,
+        label: Vec<u8>,
+        hw: (usize, usize),
+    },
 }
 
 /// Load a split for `task` (detection: COCO; segmentation: mask folders), decoded in memory.
@@ -744,7 +768,8 @@ impl DenseTrainer {
             DenseData::Det(d) => d.cat_ids.clone(),
             DenseData::Seg(_) => vec![],
         };
-        ModelCard { model, classes, cat_ids, reduce_zero_label: cfg.reduce_zero_label, test_scale: None }
+        let test_scale = cfg.train_scale.map(TestScale::keep_ratio);
+        ModelCard { model, classes, cat_ids, reduce_zero_label: cfg.reduce_zero_label, test_scale }
     }
 
     fn prepare(model: DenseModel, cfg: &DenseTrainConfig) -> DenseModel {
@@ -767,6 +792,9 @@ impl DenseTrainer {
 
     /// The training and validation splits, each streamed or decoded in memory (`cfg.stream`).
     fn load_data(cfg: &DenseTrainConfig) -> Result<(DenseData, DenseData), DenseError> {
+        // Keep-ratio training reads every image from its file at its own size: both splits are
+        // only indexed.
+        let stream = if cfg.train_scale.is_some() { Some(true) } else { cfg.stream };
         let train = open_split(
             cfg.task,
             &cfg.data,
@@ -775,7 +803,7 @@ impl DenseTrainer {
             true,
             cfg.reduce_zero_label,
             cfg.limit_train,
-            cfg.stream,
+            stream,
         )?;
         let val = open_split(
             cfg.task,
@@ -785,8 +813,12 @@ impl DenseTrainer {
             false,
             cfg.reduce_zero_label,
             cfg.limit_val,
-            cfg.stream,
+            stream,
         )?;
+        let val = match (val, cfg.train_scale) {
+            (DenseData::Seg(d), Some(scale)) => DenseData::Seg(d.with_test_scale(Some(TestScale::keep_ratio(scale)))?),
+            (val, _) => val,
+        };
         Ok((train, val))
     }
 
@@ -813,6 +845,14 @@ impl DenseTrainer {
         }
         if !(cfg.aux_weight >= 0.0 && cfg.aux_weight.is_finite()) {
             return Err(DenseError::Data(format!("aux_weight must be >= 0, got {}", cfg.aux_weight)));
+        }
+        if let Some((a, b)) = cfg.train_scale
+            && (cfg.task.is_detection() || !cfg.geometric_augment || a == 0 || b == 0)
+        {
+            return Err(DenseError::Data(format!(
+                "train_scale {a}x{b}: a segmentation setting of the geometric augmentation (not with light \
+                 augmentation), both sides > 0"
+            )));
         }
         let (train, val) = Self::load_data(&cfg)?;
         if train.classes() != val.classes() {
@@ -962,8 +1002,11 @@ impl DenseTrainer {
                     tgts.push(targets(&assigner, &coder, &self.anchors, &boxes, &labels, k));
                     rgbs.push(rgb);
                 }
-                Sample::Seg { mut rgb, label: mut lab } => {
-                    if self.cfg.geometric_augment {
+                Sample::Seg { mut rgb, label: mut lab, hw: src } => {
+                    if let Some(scale) = self.cfg.train_scale {
+                        let rng = &mut self.state.rng;
+                        seg_geometry_keep_ratio(rng, &mut rgb, &mut lab, src, hw, scale, self.cfg.rescale, 0.75);
+                    } else if self.cfg.geometric_augment {
                         seg_geometry_with(&mut self.state.rng, &mut rgb, &mut lab, hw, self.cfg.rescale, 0.75);
                     }
                     augment(&mut self.state.rng, &mut rgb, Some(&mut lab), None, hw.0, hw.1);
@@ -1104,17 +1147,18 @@ impl DenseTrainer {
             let order = self.epoch_order();
             let bs = self.cfg.batch;
             let batch_idx = |it: usize| order[it * bs..(it + 1) * bs].to_vec();
+            let full = self.cfg.train_scale.is_some();
             let (mut loss_sum, mut lr) = (0.0, 0.0);
             // A streamed split's next batch is decoded on its own thread while this one trains.
             let mut next: Option<std::thread::JoinHandle<(Vec<Sample>, Vec<DenseError>)>> = None;
             for it in 0..ipe {
                 let (batch, failed) = match next.take() {
                     Some(h) => h.join().map_err(|_| DenseError::Data("the batch decoding thread panicked".into()))?,
-                    None => self.train.batch(&batch_idx(it)),
+                    None => self.train.batch(&batch_idx(it), full),
                 };
                 if self.train.streamed() && it + 1 < ipe {
                     let (train, idx) = (Arc::clone(&self.train), batch_idx(it + 1));
-                    next = Some(std::thread::spawn(move || train.batch(&idx)));
+                    next = Some(std::thread::spawn(move || train.batch(&idx, full)));
                 }
                 // An image that decoded when the split was indexed but no longer does is left out
                 // of its batch, with a warning; the run goes on.

@@ -1587,3 +1587,48 @@ fn detection_keeps_nms_pre_candidates_per_level() {
         }
     }
 }
+
+/// mmseg's keep-ratio training geometry: the image resized keeping its aspect ratio to the
+/// scale (times a ratio), then cropped to the input at a whole-pixel offset, padded at the
+/// bottom and right where the resized image is smaller than the crop.
+#[test]
+fn keep_ratio_training_geometry_is_mmsegs_resize_crop_pad() {
+    use emo_dense::data::{resize_bilinear_cv2, seg_geometry_keep_ratio};
+    use emo_train::rng::Rng;
+
+    let (h, w) = (30usize, 45usize);
+    let rgb: Vec<u8> = (0..h * w).flat_map(|i| [(i % w * 5) as u8, (i / w * 8) as u8, 77]).collect();
+    let label: Vec<u8> = (0..h * w).map(|i| ((i % w) / 15) as u8).collect();
+    let mut rng = Rng::new(5);
+    // Ratio 1, scale (3000, 20): the short side to 20 -> 20x30, exactly the crop: offset 0, the
+    // whole resized image, as a bilinear resize gives it (within 1) and labels by nearest.
+    let (mut r, mut l) = (rgb.clone(), label.clone());
+    let resized = seg_geometry_keep_ratio(&mut rng, &mut r, &mut l, (h, w), (20, 30), (3000, 20), (1.0, 1.0), 0.75);
+    assert_eq!(resized, (20, 30));
+    let want = resize_bilinear_cv2(&rgb, (h, w), (20, 30));
+    let worst = r.iter().zip(&want).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+    assert!(worst <= 1, "off by {worst}");
+    assert!(l.iter().all(|&v| v < 3));
+    assert_eq!(l[0], 0);
+    assert_eq!(l[29], 2);
+    // A crop larger than the resized image: the image at the top left, padding below and right.
+    let (mut r, mut l) = (rgb.clone(), label.clone());
+    let resized = seg_geometry_keep_ratio(&mut rng, &mut r, &mut l, (h, w), (32, 40), (3000, 20), (1.0, 1.0), 0.75);
+    assert_eq!(resized, (20, 30));
+    for y in 0..32 {
+        for x in 0..40 {
+            assert_eq!(l[y * 40 + x] == 255, y >= 20 || x >= 30, "({y}, {x})");
+        }
+    }
+    // A ratio of 2: 40x60 resized, cropped to 20x30 somewhere inside: no padding, and the crops
+    // differ from draw to draw.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..8 {
+        let (mut r, mut l) = (rgb.clone(), label.clone());
+        let resized = seg_geometry_keep_ratio(&mut rng, &mut r, &mut l, (h, w), (20, 30), (3000, 20), (2.0, 2.0), 1.0);
+        assert_eq!(resized, (40, 60));
+        assert!(l.iter().all(|&v| v != 255));
+        seen.insert(r);
+    }
+    assert!(seen.len() > 1, "the crop offset is drawn");
+}
