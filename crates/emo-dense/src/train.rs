@@ -83,9 +83,8 @@ pub struct DenseTrainConfig {
     /// Segmentation: mmseg's keep-ratio training resize (its `img_scale`, e.g. ADE20K's
     /// (2048, 512)): each training image is read at its own size, rescaled keeping its aspect
     /// ratio to this scale times a ratio from `rescale`, and cropped to the input
-    /// ([`seg_geometry_keep_ratio`]); evaluation then tests
-    /// at the same keep-ratio scale. `None`: images squeezed to the input first (the canvas
-    /// recipes).
+    /// ([`seg_geometry_keep_ratio`]); evaluation then tests at the same keep-ratio scale.
+    /// `None`: images squeezed to the input first (the canvas recipes).
     #[serde(default)]
     pub train_scale: Option<(usize, usize)>,
     /// Use at most this many training / validation images (0 = all).
