@@ -136,11 +136,7 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                         !a.light_augment,
                         "--train-scale sets the geometric augmentation that --light-augment turns off"
                     );
-                    let parsed = s
-                        .split_once('x')
-                        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
-                        .filter(|&(a, b)| a > 0 && b > 0);
-                    Some(parsed.with_context(|| {
+                    Some(parse_scale(s).with_context(|| {
                         format!("--train-scale expects LONGxSHORT (e.g. 2048x512) or `input`, got {s:?}")
                     })?)
                 }
@@ -271,9 +267,15 @@ pub struct EvalArgs<'a> {
     pub results: Option<&'a Path>,
     /// Decode the split batch by batch from disk (`None`: when it would take more than 4 GiB).
     pub stream: Option<bool>,
-    /// `--test-scale`: LONGxSHORT or `input` (`None`: the model card's).
+    /// `--test-scale`: `paper`, `input` or LONGxSHORT (`None`: the model card's).
     pub test_scale: Option<&'a str>,
     pub engine: EngineKind,
+}
+
+/// "AxB" with both sides > 0.
+fn parse_scale(s: &str) -> Option<(usize, usize)> {
+    let (a, b) = s.split_once('x')?;
+    Some((a.parse().ok()?, b.parse().ok()?)).filter(|&(a, b)| a > 0 && b > 0)
 }
 
 /// `--test-scale` over the card's: `paper` (the official test pipeline of the task), `input`
@@ -284,21 +286,12 @@ fn test_scale(asked: Option<&str>, card: &ModelCard) -> Result<Option<TestScale>
     match asked {
         None => Ok(card.test_scale),
         Some("input") => Ok(None),
-        Some("paper") => Ok(Some(match task {
-            Task::SsdLite => TestScale::SSDLITE,
-            Task::RetinaNet => TestScale::RETINANET,
-            _ => TestScale::ADE20K,
-        })),
+        Some("paper") => Ok(Some(TestScale::paper(task))),
         Some(s) => {
-            let parsed =
-                s.split_once('x').and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
-            match parsed {
-                Some((a, b)) if a > 0 && b > 0 => {
-                    let pad = if task.is_detection() { 32 } else { 1 };
-                    Ok(Some(TestScale { scale: (a, b), keep_ratio: true, pad }))
-                }
-                _ => bail!("--test-scale expects LONGxSHORT (e.g. 2048x512), `paper` or `input`, got {s:?}"),
-            }
+            let scale = parse_scale(s).with_context(|| {
+                format!("--test-scale expects LONGxSHORT (e.g. 2048x512), `paper` or `input`, got {s:?}")
+            })?;
+            Ok(Some(TestScale { scale, keep_ratio: true, pad: if task.is_detection() { 32 } else { 1 } }))
         }
     }
 }

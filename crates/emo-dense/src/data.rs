@@ -280,6 +280,15 @@ impl TestScale {
     /// mmdet's RetinaNet (1x COCO) test resize: keep-ratio (1333, 800), padded to 32.
     pub const RETINANET: TestScale = TestScale { scale: (1333, 800), keep_ratio: true, pad: 32 };
 
+    /// The official config's test resize of `task` (spec §12).
+    pub fn paper(task: emo_spec::Task) -> Self {
+        match task {
+            emo_spec::Task::SsdLite => Self::SSDLITE,
+            emo_spec::Task::RetinaNet => Self::RETINANET,
+            _ => Self::ADE20K,
+        }
+    }
+
     /// Keep-ratio at (long, short) bounds, no padding.
     pub fn keep_ratio(scale: (usize, usize)) -> Self {
         TestScale { scale, keep_ratio: true, pad: 1 }

@@ -311,11 +311,7 @@ impl ModelCard {
             ),
         };
         // The test pipelines of the official configs (spec §12).
-        let test_scale = Some(match task {
-            Task::SsdLite => TestScale::SSDLITE,
-            Task::RetinaNet => TestScale::RETINANET,
-            _ => TestScale::ADE20K,
-        });
+        let test_scale = Some(TestScale::paper(task));
         Ok(ModelCard { model, classes: names, cat_ids, reduce_zero_label, test_scale })
     }
 }
