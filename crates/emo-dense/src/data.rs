@@ -1316,18 +1316,27 @@ pub fn seg_geometry_keep_ratio(
         let ox = ((rng.uniform() * (margin_x + 1) as f32) as usize).min(margin_x);
         src = [ox as f32 / fx, oy as f32 / fy, (ox + crop.1) as f32 / fx, (oy + crop.0) as f32 / fy];
         lab = resample(label, src_hw, 1, src, crop, &[255], true);
-        let mut counts = [0usize; 255];
-        lab.iter().filter(|&&v| v != 255).for_each(|&v| counts[v as usize] += 1);
-        let (classes, total) = (counts.iter().filter(|&&c| c > 0).count(), counts.iter().sum::<usize>());
-        let top = counts.iter().copied().max().unwrap_or(0);
-        let whole = margin_y == 0 && margin_x == 0;
-        if whole || cat_max_ratio >= 1.0 || (classes > 1 && (top as f32) < cat_max_ratio * total as f32) {
+        // With no margin every draw is the same crop.
+        if (margin_y == 0 && margin_x == 0) || cat_ratio_ok(&lab, cat_max_ratio) {
             break;
         }
     }
     *rgb = resample(rgb, src_hw, 3, src, crop, &fill, false);
     *label = lab;
     resized
+}
+
+/// mmseg's `cat_max_ratio` test of a cropped label map: more than one class, and none covering
+/// `cat_max_ratio` or more of the labelled pixels (255 not counted); 1.0 or more always passes.
+fn cat_ratio_ok(lab: &[u8], cat_max_ratio: f32) -> bool {
+    if cat_max_ratio >= 1.0 {
+        return true;
+    }
+    let mut counts = [0usize; 255];
+    lab.iter().filter(|&&v| v != 255).for_each(|&v| counts[v as usize] += 1);
+    let (classes, total) = (counts.iter().filter(|&&c| c > 0).count(), counts.iter().sum::<usize>());
+    let top = counts.iter().copied().max().unwrap_or(0);
+    classes > 1 && (top as f32) < cat_max_ratio * total as f32
 }
 
 /// [`seg_geometry`] with another rescale ratio range (mmseg's `ratio_range`: the scale is drawn
@@ -1352,14 +1361,9 @@ pub fn seg_geometry_with(
         let y0 = if vh <= h { rng.uniform() * (h - vh) } else { -rng.uniform() * (vh - h) };
         src = [x0, y0, x0 + vw, y0 + vh];
         lab = resample(label, hw, 1, src, hw, &[255], true);
-        let mut counts = [0usize; 255];
-        lab.iter().filter(|&&v| v != 255).for_each(|&v| counts[v as usize] += 1);
-        let (classes, total) = (counts.iter().filter(|&&c| c > 0).count(), counts.iter().sum::<usize>());
-        let top = counts.iter().copied().max().unwrap_or(0);
         // A window at least as large as the image holds all of it wherever it is placed, so
         // another position cannot change the class counts.
-        let whole = vw >= w && vh >= h;
-        if whole || cat_max_ratio >= 1.0 || (classes > 1 && (top as f32) < cat_max_ratio * total as f32) {
+        if (vw >= w && vh >= h) || cat_ratio_ok(&lab, cat_max_ratio) {
             break;
         }
     }
