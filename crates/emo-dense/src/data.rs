@@ -1069,6 +1069,27 @@ pub fn augment(
     photometric_distortion(rng, rgb, if detection { 18.0 } else { 36.0 }, detection);
 }
 
+/// [`augment`] (segmentation) of the top-left `valid` (H, W) of an `hw` image only: mmseg flips
+/// and distorts the crop before padding it, so the padding (from
+/// [`seg_geometry_keep_ratio`]) stays at the bottom and right and keeps its colour.
+pub fn augment_top_left(rng: &mut Rng, rgb: &mut [u8], label: &mut [u8], hw: (usize, usize), valid: (usize, usize)) {
+    if valid == hw {
+        return augment(rng, rgb, Some(label), None, hw.0, hw.1);
+    }
+    let (vh, vw) = valid;
+    let mut sub_rgb = Vec::with_capacity(vh * vw * 3);
+    let mut sub_lab = Vec::with_capacity(vh * vw);
+    for y in 0..vh {
+        sub_rgb.extend_from_slice(&rgb[y * hw.1 * 3..(y * hw.1 + vw) * 3]);
+        sub_lab.extend_from_slice(&label[y * hw.1..y * hw.1 + vw]);
+    }
+    augment(rng, &mut sub_rgb, Some(&mut sub_lab), None, vh, vw);
+    for y in 0..vh {
+        rgb[y * hw.1 * 3..(y * hw.1 + vw) * 3].copy_from_slice(&sub_rgb[y * vw * 3..(y + 1) * vw * 3]);
+        label[y * hw.1..y * hw.1 + vw].copy_from_slice(&sub_lab[y * vw..(y + 1) * vw]);
+    }
+}
+
 /// mmdet / mmseg `PhotoMetricDistortion` on an RGB u8 image, each step with probability 0.5:
 /// brightness +-32; contrast x0.5-1.5, before or after the colour steps (chosen at random);
 /// saturation x0.5-1.5 and hue +-`hue_delta` degrees in HSV; and with `swap_channels`

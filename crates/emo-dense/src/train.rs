@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use crate::assign::{MaxIou, Targets, targets};
 use crate::boxes::{BBox, BoxCoder};
 use crate::data::{
-    DetDataset, PAPER_RESCALE, SegDataset, TestScale, augment, index_coco, list_seg, seg_geometry_keep_ratio,
-    seg_geometry_with, ssd_geometry,
+    DetDataset, PAPER_RESCALE, SegDataset, TestScale, augment, augment_top_left, index_coco, list_seg,
+    seg_geometry_keep_ratio, seg_geometry_with, ssd_geometry,
 };
 use crate::fast::DenseInfer;
 use crate::loss::{Ohem, focal_loss, se_loss, seg_loss_with, ssd_loss};
@@ -1000,11 +1000,17 @@ impl DenseTrainer {
                 Sample::Seg { mut rgb, label: mut lab, hw: src } => {
                     if let Some(scale) = self.cfg.train_scale {
                         let rng = &mut self.state.rng;
-                        seg_geometry_keep_ratio(rng, &mut rgb, &mut lab, src, hw, scale, self.cfg.rescale, 0.75);
-                    } else if self.cfg.geometric_augment {
-                        seg_geometry_with(&mut self.state.rng, &mut rgb, &mut lab, hw, self.cfg.rescale, 0.75);
+                        let resized =
+                            seg_geometry_keep_ratio(rng, &mut rgb, &mut lab, src, hw, scale, self.cfg.rescale, 0.75);
+                        // Flip and distort the image's part of the crop, not its padding.
+                        let valid = (resized.0.min(hw.0), resized.1.min(hw.1));
+                        augment_top_left(&mut self.state.rng, &mut rgb, &mut lab, hw, valid);
+                    } else {
+                        if self.cfg.geometric_augment {
+                            seg_geometry_with(&mut self.state.rng, &mut rgb, &mut lab, hw, self.cfg.rescale, 0.75);
+                        }
+                        augment(&mut self.state.rng, &mut rgb, Some(&mut lab), None, hw.0, hw.1);
                     }
-                    augment(&mut self.state.rng, &mut rgb, Some(&mut lab), None, hw.0, hw.1);
                     labels.extend(lab);
                     rgbs.push(rgb);
                 }

@@ -1620,6 +1620,22 @@ fn keep_ratio_training_geometry_is_mmsegs_resize_crop_pad() {
             assert_eq!(l[y * 40 + x] == 255, y >= 20 || x >= 30, "({y}, {x})");
         }
     }
+    // Flip and photometric distortion then touch the image's part only (mmseg pads last): over
+    // draws that flip, the padding stays at the bottom and right with its colour and label 255.
+    let pad_colour = r[(32 * 40 - 1) * 3..].to_vec();
+    for seed in 0..8 {
+        let (mut ra, mut la) = (r.clone(), l.clone());
+        emo_dense::data::augment_top_left(&mut Rng::new(seed), &mut ra, &mut la, (32, 40), (20, 30));
+        for y in 0..32 {
+            for x in 0..40 {
+                let pad = y >= 20 || x >= 30;
+                assert_eq!(la[y * 40 + x] == 255, pad, "seed {seed} ({y}, {x})");
+                if pad {
+                    assert_eq!(&ra[(y * 40 + x) * 3..(y * 40 + x + 1) * 3], pad_colour.as_slice(), "seed {seed}");
+                }
+            }
+        }
+    }
     // A ratio of 2: 40x60 resized, cropped to 20x30 somewhere inside: no padding, and the crops
     // differ from draw to draw.
     let mut seen = std::collections::HashSet::new();
