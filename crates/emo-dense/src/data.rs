@@ -202,54 +202,17 @@ pub fn keep_ratio_size((h, w): (usize, usize), scale: (usize, usize)) -> (usize,
 /// Resize an RGB image (H x W x 3 bytes) to `to` as OpenCV's `cv2.resize(INTER_LINEAR)` does,
 /// which mmcv's `imresize` / `imrescale` call: bilinear on half-pixel centres, edge pixels
 /// repeated, no antialiasing when shrinking (unlike the triangle filter the training splits are
-/// decoded with). OpenCV computes in 11-bit fixed point; this in f32, within 1 of it per byte
-/// (tested against `cv2` when Python has it).
+/// decoded with): `resample`, the training geometry's bilinear, over the whole image. OpenCV
+/// computes in 11-bit fixed point; this in f32, within 1 of it per byte (tested against `cv2`
+/// when Python has it).
 pub fn resize_bilinear_cv2(rgb: &[u8], from: (usize, usize), to: (usize, usize)) -> Vec<u8> {
-    let ((h, w), (oh, ow)) = (from, to);
+    let (h, w) = from;
     assert_eq!(rgb.len(), h * w * 3, "an RGB image of {h}x{w}");
     if from == to {
         return rgb.to_vec();
     }
-    // Source index and weight of the second tap, per output coordinate (cv2's `computeResizeAreaTab`
-    // for INTER_LINEAR: clamped at both edges).
-    let taps = |n: usize, on: usize| -> Vec<(usize, usize, f32)> {
-        let scale = n as f64 / on as f64;
-        (0..on)
-            .map(|o| {
-                let f = (o as f64 + 0.5) * scale - 0.5;
-                let i = f.floor();
-                let mut t = (f - i) as f32;
-                let i = i as isize;
-                if i < 0 {
-                    return (0, 0, 0.0);
-                }
-                let i = i as usize;
-                if i + 1 >= n {
-                    t = 0.0;
-                    return (n - 1, n - 1, t);
-                }
-                (i, i + 1, t)
-            })
-            .collect()
-    };
-    let (ty, tx) = (taps(h, oh), taps(w, ow));
-    let mut out = Vec::with_capacity(oh * ow * 3);
-    let mut row0 = vec![0f32; ow * 3];
-    let mut row1 = vec![0f32; ow * 3];
-    let hline = |y: usize, dst: &mut [f32]| {
-        let src = &rgb[y * w * 3..(y + 1) * w * 3];
-        for (x, &(x0, x1, t)) in tx.iter().enumerate() {
-            for c in 0..3 {
-                dst[x * 3 + c] = src[x0 * 3 + c] as f32 * (1.0 - t) + src[x1 * 3 + c] as f32 * t;
-            }
-        }
-    };
-    for &(y0, y1, t) in &ty {
-        hline(y0, &mut row0);
-        hline(y1, &mut row1);
-        out.extend(row0.iter().zip(&row1).map(|(&a, &b)| (a * (1.0 - t) + b * t).round().clamp(0.0, 255.0) as u8));
-    }
-    out
+    // The whole image as the window: half-pixel centres, clamped at the edges, nothing filled.
+    resample(rgb, from, 3, [0.0, 0.0, w as f32, h as f32], to, &[0; 3], false)
 }
 
 /// How the test pipeline of mmdet / mmseg resizes an image (`Resize` in `MultiScaleFlipAug`,
