@@ -580,8 +580,7 @@ impl SegDataset {
         let im = &self.images[i];
         let img = image::open(&im.path).map_err(|_| unreadable(&im.path))?.to_rgb8();
         let hw = (img.height() as usize, img.width() as usize);
-        let LabelMap { h, w, mut data } =
-            decode_label_full(&im.label_path).ok_or_else(|| unreadable(&im.label_path))?;
+        let LabelMap { h, w, data } = self.full_label(im)?;
         if (h, w) != hw {
             return Err(DenseError::Data(format!(
                 "{}: label map {h}x{w}, image {}x{}",
@@ -590,8 +589,15 @@ impl SegDataset {
                 hw.1
             )));
         }
-        prepare_label(&mut data, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
         Ok((img.into_raw(), data, hw))
+    }
+
+    /// `im`'s label map at its original size, read from disk and prepared as the split's
+    /// (`reduce_zero_label`, checked against the classes).
+    fn full_label(&self, im: &SegImage) -> Result<LabelMap, DenseError> {
+        let mut map = decode_label_full(&im.label_path).ok_or_else(|| unreadable(&im.label_path))?;
+        prepare_label(&mut map.data, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
+        Ok(map)
     }
 
     /// Image `i`'s RGB at the input size with the label map evaluation scores against and its
@@ -617,9 +623,7 @@ impl SegDataset {
         // Scored at its original size (what `eval_label` gives a split decoded with `keep_full`):
         // no resize to the input needed.
         let (label, size) = if self.streamed {
-            let LabelMap { h, w, mut data } =
-                decode_label_full(&im.label_path).ok_or_else(|| unreadable(&im.label_path))?;
-            prepare_label(&mut data, self.reduce_zero_label, self.classes.len(), &im.label_path)?;
+            let LabelMap { h, w, data } = self.full_label(im)?;
             (Cow::Owned(data), (h, w))
         } else {
             let (label, size) = im.eval_label(self.input);
