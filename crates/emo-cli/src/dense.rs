@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::Device;
-use emo_dense::data::{CanvasConfig, TestScale};
+use emo_dense::data::{CanvasConfig, Resized, TestScale};
 use emo_dense::predict::{
-    DetTestCfg, SegAug, batch_tensor, batch_tensor_padded, detect_clipped, draw_boxes, palette, segment_aug,
+    AnchorsBySize, DetTestCfg, SegAug, batch_tensor, detect_resized, draw_boxes, palette, segment_aug,
 };
 use emo_dense::train::{DenseTrainConfig, DenseTrainer, ModelCard, describe, evaluate_with, load_split, open_split};
 use emo_dense::{DenseConfig, DenseInfer, DenseModel, FastDense, Task};
@@ -522,24 +522,20 @@ pub fn detect_cmd(
     let mut test = DetTestCfg::official(card.model.task);
     test.score_thr = score_thr;
     let input = card.model.input;
-    let mut anchors_of = std::collections::HashMap::new();
+    let mut anchors = AnchorsBySize::default();
     for_each_image(images, |p, mut orig| {
-        // The input (resized, then padded under a test scale) and the resized image inside it.
-        let (x, resized, padded) = match scale {
+        // The image resized (under a test scale, then padded to `hw`) or squeezed to the input.
+        let own = (orig.height() as usize, orig.width() as usize);
+        let (r, hw) = match scale {
             Some(t) => {
-                let (rgb, resized) = t.apply(&orig);
-                let padded = t.padded(resized);
-                (batch_tensor_padded(&[&rgb], &[resized], padded, &device), resized, padded)
+                let (rgb, size) = t.apply(&orig);
+                (Resized { rgb, size, orig: own }, t.padded(size))
             }
-            None => (batch_tensor(&[&resized_rgb(&orig, input)], input, &device), input, input),
+            None => (Resized { rgb: resized_rgb(&orig, input), size: input, orig: own }, input),
         };
-        let anchors = anchors_of.entry(padded).or_insert_with(|| {
-            let mut m = card.model.clone();
-            m.input = padded;
-            emo_dense::anchors::anchors(&m)
-        });
-        let (sx, sy) = (orig.width() as f32 / resized.1 as f32, orig.height() as f32 / resized.0 as f32);
-        let mut dets = detect_clipped(model.as_ref(), x, anchors, &test, &[resized])?.remove(0);
+        let (sx, sy) = (own.1 as f32 / r.size.1 as f32, own.0 as f32 / r.size.0 as f32);
+        let mut dets =
+            detect_resized(model.as_ref(), std::slice::from_ref(&r), hw, &mut anchors, &test, &device)?.remove(0);
         for d in &mut dets {
             d.bbox = [d.bbox[0] * sx, d.bbox[1] * sy, d.bbox[2] * sx, d.bbox[3] * sy];
         }

@@ -3,11 +3,11 @@
 
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
-use emo_spec::Task;
+use emo_spec::{DenseConfig, Task};
 
 use crate::DenseError;
 use crate::boxes::{BBox, BoxCoder, Detection, batched_nms};
-use crate::data::normalize_into;
+use crate::data::{Resized, normalize_into};
 use crate::fast::DenseInfer;
 use crate::loss::{bilinear, resize_logits, to_vec};
 use crate::model::DenseOutput;
@@ -66,6 +66,36 @@ pub fn batch_tensor_padded(
     Tensor::from_data(TensorData::new(x, [images.len(), 3, hw.0, hw.1]), device)
 }
 
+/// Anchors per input size, each laid out once: under a test scale images run at their own
+/// (padded) sizes.
+#[derive(Default)]
+pub struct AnchorsBySize(std::collections::HashMap<(usize, usize), Vec<BBox>>);
+
+impl AnchorsBySize {
+    /// The anchors of `cfg`'s model for an `input` (H, W) input.
+    pub fn get(&mut self, cfg: &DenseConfig, input: (usize, usize)) -> &[BBox] {
+        self.0.entry(input).or_insert_with(|| crate::anchors::anchors(&DenseConfig { input, ..cfg.clone() }))
+    }
+}
+
+/// Detections on resized images ([`Resized`]: each `size` of it), run together at the padded
+/// (H, W) `hw` with the anchors of that size, each image's boxes clipped to its resized size:
+/// in the resized image's pixels (`orig / size` scales them back, as mmdet's
+/// `get_bboxes(rescale=True)`).
+pub fn detect_resized(
+    model: &dyn DenseInfer,
+    images: &[Resized],
+    hw: (usize, usize),
+    anchors: &mut AnchorsBySize,
+    cfg: &DetTestCfg,
+    device: &Device,
+) -> Result<Vec<Vec<Detection>>, DenseError> {
+    let rgb: Vec<&[u8]> = images.iter().map(|r| r.rgb.as_slice()).collect();
+    let sizes: Vec<(usize, usize)> = images.iter().map(|r| r.size).collect();
+    let x = batch_tensor_padded(&rgb, &sizes, hw, device).without_autodiff();
+    detect_clipped(model, x, anchors.get(model.dense_config(), hw), cfg, &sizes)
+}
+
 /// Detections per image, in input coordinates.
 pub fn detect(
     model: &dyn DenseInfer,
@@ -91,11 +121,7 @@ pub fn detect_clipped(
         return Err(DenseError::Data(format!("{} clip sizes for a batch of {b}", clips.len())));
     }
     // mmdet keeps the `nms_pre` best (anchor, class) pairs above the threshold of each level.
-    let levels = {
-        let mut c = model.dense_config().clone();
-        c.input = (h, w);
-        crate::anchors::level_counts(&c)
-    };
+    let levels = crate::anchors::level_counts(&DenseConfig { input: (h, w), ..model.dense_config().clone() });
     if levels.iter().sum::<usize>() != anchors.len() {
         return Err(DenseError::Data(format!(
             "{} anchors given for a {h}x{w} input, which has {}",

@@ -13,7 +13,6 @@
 //!                        `ema_decay`; the folder is replaced atomically)
 //! ```
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,7 +39,7 @@ use crate::loss::{Ohem, focal_loss, se_loss, seg_loss_with, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseHead, DenseModel, DenseOutput, SEG_HEAD_DROPOUT};
 use crate::names::{ADE20K_CLASSES, COCO_CAT_IDS, COCO_CLASSES};
-use crate::predict::{DetTestCfg, SegAug, batch_tensor, batch_tensor_padded, detect, detect_clipped, segment_aug};
+use crate::predict::{AnchorsBySize, DetTestCfg, SegAug, batch_tensor, detect, detect_resized, segment_aug};
 use crate::{DenseError, anchors};
 
 /// Everything a dense training run is made of (written to `RUN/config.json`).
@@ -597,7 +596,7 @@ fn detections_at_test_scale(
 ) -> Result<Vec<DetBox>, DenseError> {
     let parts = parallel::map_parts(chunks, threads, |part| {
         let mut dets = Vec::new();
-        let mut anchors_of: HashMap<(usize, usize), Vec<BBox>> = HashMap::new();
+        let mut anchors = AnchorsBySize::default();
         for chunk in part {
             let loaded =
                 chunk.iter().map(|&i| d.images[i].path.as_path()).map(|p| ts.load(p)).collect::<Result<Vec<_>, _>>()?;
@@ -606,15 +605,7 @@ fn detections_at_test_scale(
                 let hw = ts.padded(loaded[start].size);
                 let end = start + loaded[start..].iter().take_while(|l| ts.padded(l.size) == hw).count();
                 let group = &loaded[start..end];
-                let rgb: Vec<&[u8]> = group.iter().map(|l| l.rgb.as_slice()).collect();
-                let sizes: Vec<(usize, usize)> = group.iter().map(|l| l.size).collect();
-                let x = batch_tensor_padded(&rgb, &sizes, hw, device).without_autodiff();
-                let anchors = anchors_of.entry(hw).or_insert_with(|| {
-                    let mut cfg = model.dense_config().clone();
-                    cfg.input = hw;
-                    anchors::anchors(&cfg)
-                });
-                let found = detect_clipped(model, x, anchors, test, &sizes)?;
+                let found = detect_resized(model, group, hw, &mut anchors, test, device)?;
                 for ((l, &i), ds) in group.iter().zip(&chunk[start..end]).zip(found) {
                     let (resized, orig) = (l.size, l.orig);
                     let (sx, sy) = (orig.1 as f64 / resized.1 as f64, orig.0 as f64 / resized.0 as f64);
