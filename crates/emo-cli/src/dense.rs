@@ -128,10 +128,14 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 );
                 cfg.reduce_zero_label = true;
             }
+            let coco2017 = task == Task::RetinaNet && emo_dense::data::coco2017_layout(&cfg.data);
             cfg.train_scale = match a.train_scale.as_deref() {
                 Some("input") => None,
                 Some(s) => {
-                    ensure!(!task.is_detection(), "--train-scale is for segmentation tasks");
+                    ensure!(
+                        task != Task::SsdLite,
+                        "--train-scale is for segmentation and RetinaNet (SSDLite trains at its 320x320 input, as mmdet)"
+                    );
                     ensure!(
                         !a.light_augment,
                         "--train-scale sets the geometric augmentation that --light-augment turns off"
@@ -148,6 +152,13 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                     );
                     Some((2048, 512))
                 }
+                None if coco2017 && !a.light_augment => {
+                    eprintln!(
+                        "{}: mmdet's COCO RetinaNet training resize: keep-ratio 1333x800, flipped, padded to 32 (--train-scale input: squeezed)",
+                        cfg.data.display()
+                    );
+                    Some((1333, 800))
+                }
                 None => None,
             };
             cfg.workers = a.workers.unwrap_or_else(|| crate::backend::chosen().default_workers(a.batch));
@@ -156,14 +167,17 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
         }
     };
     let (n_train, n_val) = t.data_sizes();
+    // A keep-ratio detector has no fixed input: each batch runs at its images' padded size.
+    let input = match t.cfg.test_scale() {
+        Some(s) if t.cfg.task.is_detection() => s.describe(),
+        _ => format!("input {}x{}", t.cfg.input.0, t.cfg.input.1),
+    };
     eprintln!(
-        "run folder: {} ({} on {}, {} classes, input {}x{}, {n_train} train / {n_val} val images)",
+        "run folder: {} ({} on {}, {} classes, {input}, {n_train} train / {n_val} val images)",
         t.dir.display(),
         t.cfg.task,
         t.cfg.variant,
         t.card.classes.len(),
-        t.cfg.input.0,
-        t.cfg.input.1
     );
     let streamed = match (t.streams(), t.streams_val()) {
         (true, true) => "training and validation splits",

@@ -373,11 +373,13 @@ pub(crate) struct TrainOpts {
     /// `ratio_range`; default the paper's 0.5-2.0). Not with --light-augment.
     #[arg(long)]
     pub rescale_range: Option<String>,
-    /// Segmentation: mmseg's keep-ratio training resize LONGxSHORT (e.g. ADE20K's 2048x512):
-    /// each image read at its own size, rescaled keeping its aspect ratio to this scale times a
-    /// ratio from --rescale-range, cropped to --input; evaluation tests at the same keep-ratio
-    /// scale. `input`: squeeze every image to the input first. Default: 2048x512 for a folder
-    /// in ADE20K's layout, else `input`. Not with --light-augment.
+    /// Segmentation and RetinaNet: keep-ratio training resize LONGxSHORT, each image read at
+    /// its own size. Segmentation (mmseg, e.g. ADE20K's 2048x512): rescaled keeping its aspect
+    /// ratio to this scale times a ratio from --rescale-range, cropped to --input. RetinaNet
+    /// (mmdet, COCO's 1333x800): resized to it, flipped, padded to 32, batched padded to the
+    /// largest (--input then unused). Evaluation tests at the same keep-ratio scale. `input`:
+    /// squeeze every image to the input first. Default: 2048x512 for a folder in ADE20K's
+    /// layout, 1333x800 for RetinaNet on COCO 2017's, else `input`. Not with --light-augment.
     #[arg(long)]
     pub train_scale: Option<String>,
     /// Segmentation: online hard example mining on the decode head's pixel loss (mmseg's

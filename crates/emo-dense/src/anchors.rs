@@ -53,16 +53,42 @@ pub fn retina_anchors(cfg: &DenseConfig) -> Vec<BBox> {
     out
 }
 
-/// The anchors of a detection config.
-/// Anchors per level, in the order [`anchors`] lays them out (each level's positions times its
-/// anchors per position): where mmdet's test keeps the `nms_pre` best of each level.
-pub fn level_counts(cfg: &DenseConfig) -> Vec<usize> {
+/// Each level's grid (H, W), (y, x) stride and anchors per location.
+fn levels(cfg: &DenseConfig) -> Vec<((usize, usize), (f64, f64), usize)> {
     match cfg.task {
-        emo_spec::Task::SsdLite => cfg.ssd_anchor_levels().iter().map(|lv| lv.size.0 * lv.size.1 * 6).collect(),
-        _ => cfg.level_sizes().iter().map(|s| s.0 * s.1 * 9).collect(),
+        emo_spec::Task::SsdLite => cfg.ssd_anchor_levels().iter().map(|lv| (lv.size, lv.stride, 6)).collect(),
+        _ => {
+            let sizes = cfg.level_sizes().into_iter().enumerate();
+            sizes.map(|(l, size)| (size, ((8usize << l) as f64, (8usize << l) as f64), 9)).collect()
+        }
     }
 }
 
+/// mmdet's `valid_flags` for an image padded to `pad` (H, W) (its own size padded to 32) in a
+/// batch of `cfg.input`: per level, the anchors of the locations within `ceil(pad / stride)`
+/// rows and columns are valid, those over the rest of the batch's padding are not (no loss).
+/// One flag per anchor, in [`anchors`]' order.
+pub fn valid_flags(cfg: &DenseConfig, pad: (usize, usize)) -> Vec<bool> {
+    let mut out = Vec::new();
+    for ((h, w), (sy, sx), per) in levels(cfg) {
+        let vh = ((pad.0 as f64 / sy).ceil() as usize).min(h);
+        let vw = ((pad.1 as f64 / sx).ceil() as usize).min(w);
+        for y in 0..h {
+            for x in 0..w {
+                out.extend(std::iter::repeat_n(y < vh && x < vw, per));
+            }
+        }
+    }
+    out
+}
+
+/// Anchors per level, in the order [`anchors`] lays them out (each level's positions times its
+/// anchors per position): where mmdet's test keeps the `nms_pre` best of each level.
+pub fn level_counts(cfg: &DenseConfig) -> Vec<usize> {
+    levels(cfg).into_iter().map(|((h, w), _, per)| h * w * per).collect()
+}
+
+/// The anchors of a detection config.
 pub fn anchors(cfg: &DenseConfig) -> Vec<BBox> {
     match cfg.task {
         emo_spec::Task::SsdLite => ssd_anchors(cfg),

@@ -1,6 +1,8 @@
 //! mmdet's `MaxIoUAssigner`: anchors with IoU >= `pos` to their best box are positives, those
 //! below `neg` negatives, the rest ignored; then every box claims its best anchor (if that IoU is
-//! at least `min_pos`), so no box is left without a positive.
+//! at least `min_pos`), so no box is left without a positive: with `max_assign_all` every anchor
+//! tied at that best IoU (mmdet's default `gt_max_assign_all=True`, RetinaNet's), else the first
+//! (SSD's configs set `gt_max_assign_all=False`).
 
 use crate::boxes::{BBox, BoxCoder, iou};
 
@@ -18,13 +20,15 @@ pub struct MaxIou {
     pub pos: f32,
     pub neg: f32,
     pub min_pos: f32,
+    /// mmdet's `gt_max_assign_all`: a box claims every anchor at its best IoU, not just the first.
+    pub max_assign_all: bool,
 }
 
 impl MaxIou {
-    /// SSD: 0.5 / 0.5 / 0.
-    pub const SSD: MaxIou = MaxIou { pos: 0.5, neg: 0.5, min_pos: 0.0 };
-    /// RetinaNet: 0.5 / 0.4 / 0.
-    pub const RETINA: MaxIou = MaxIou { pos: 0.5, neg: 0.4, min_pos: 0.0 };
+    /// SSD: 0.5 / 0.5 / 0, a box claims its first best anchor (`gt_max_assign_all=False`).
+    pub const SSD: MaxIou = MaxIou { pos: 0.5, neg: 0.5, min_pos: 0.0, max_assign_all: false };
+    /// RetinaNet: 0.5 / 0.4 / 0, a box claims all its best anchors (mmdet's default).
+    pub const RETINA: MaxIou = MaxIou { pos: 0.5, neg: 0.4, min_pos: 0.0, max_assign_all: true };
 
     /// The assigner of a detection task (SSD for SSDLite, RetinaNet's otherwise).
     pub fn for_task(task: emo_spec::Task) -> MaxIou {
@@ -37,9 +41,13 @@ impl MaxIou {
         }
         let mut best_gt = vec![(0usize, -1.0f32); anchors.len()];
         let mut best_anchor = vec![(0usize, -1.0f32); gts.len()];
+        let mut overlaps = if self.max_assign_all { Vec::with_capacity(anchors.len() * gts.len()) } else { vec![] };
         for (a, an) in anchors.iter().enumerate() {
             for (g, gt) in gts.iter().enumerate() {
                 let o = iou(an, gt);
+                if self.max_assign_all {
+                    overlaps.push(o);
+                }
                 if o > best_gt[a].1 {
                     best_gt[a] = (g, o);
                 }
@@ -60,12 +68,35 @@ impl MaxIou {
                 }
             })
             .collect();
+        // Box by box, so a later box takes an anchor two boxes tie on, as mmdet's loop does.
         for (g, &(a, o)) in best_anchor.iter().enumerate() {
-            if o >= self.min_pos {
+            if o < self.min_pos {
+                continue;
+            }
+            if self.max_assign_all {
+                for (i, slot) in out.iter_mut().enumerate() {
+                    if overlaps[i * gts.len() + g] == o {
+                        *slot = Assigned::Positive(g);
+                    }
+                }
+            } else {
                 out[a] = Assigned::Positive(g);
             }
         }
         out
+    }
+
+    /// [`MaxIou::assign`] over the anchors `valid` marks only (mmdet assigns the anchors inside
+    /// the image's padded shape, `valid_flags`, and gives the rest no loss): the others come
+    /// back [`Assigned::Ignore`].
+    pub fn assign_valid(&self, anchors: &[BBox], valid: &[bool], gts: &[BBox]) -> Vec<Assigned> {
+        assert_eq!(anchors.len(), valid.len(), "one flag per anchor");
+        if valid.iter().all(|&v| v) {
+            return self.assign(anchors, gts);
+        }
+        let inside: Vec<BBox> = anchors.iter().zip(valid).filter(|p| *p.1).map(|p| *p.0).collect();
+        let mut it = self.assign(&inside, gts).into_iter();
+        valid.iter().map(|&v| if v { it.next().expect("one per valid anchor") } else { Assigned::Ignore }).collect()
     }
 }
 
@@ -86,7 +117,24 @@ pub fn targets(
     gt_labels: &[usize],
     num_classes: usize,
 ) -> Targets {
-    let a = assigner.assign(anchors, gts);
+    targets_valid(assigner, coder, anchors, None, gts, gt_labels, num_classes)
+}
+
+/// [`targets`] with the anchors outside `valid` (where given) ignored: an image padded into a
+/// larger batch ([`crate::anchors::valid_flags`]).
+pub fn targets_valid(
+    assigner: &MaxIou,
+    coder: &BoxCoder,
+    anchors: &[BBox],
+    valid: Option<&[bool]>,
+    gts: &[BBox],
+    gt_labels: &[usize],
+    num_classes: usize,
+) -> Targets {
+    let a = match valid {
+        Some(v) => assigner.assign_valid(anchors, v, gts),
+        None => assigner.assign(anchors, gts),
+    };
     let mut labels = vec![num_classes as i64; anchors.len()];
     let mut deltas = vec![[0.0; 4]; anchors.len()];
     let mut num_pos = 0;

@@ -114,6 +114,28 @@ impl DetDataset {
         self.images.len() * self.input.0 * self.input.1 * 3
     }
 
+    /// Image `i` read from disk at its own size, with that (H, W) and its boxes in its own
+    /// pixels (the stored input-coordinate boxes scaled back): what keep-ratio training
+    /// ([`det_keep_ratio`]) starts from.
+    pub fn full(&self, i: usize) -> Result<(Vec<u8>, (usize, usize), Vec<BBox>), DenseError> {
+        let im = &self.images[i];
+        let img = image::open(&im.path).map_err(|_| unreadable(&im.path))?.to_rgb8();
+        let hw = (img.height() as usize, img.width() as usize);
+        if hw != im.orig {
+            return Err(DenseError::Data(format!(
+                "{}: {}x{} now, {}x{} when the split was indexed",
+                im.path.display(),
+                hw.0,
+                hw.1,
+                im.orig.0,
+                im.orig.1
+            )));
+        }
+        let (sy, sx) = (hw.0 as f32 / self.input.0 as f32, hw.1 as f32 / self.input.1 as f32);
+        let boxes = im.boxes.iter().map(|b| [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy]).collect();
+        Ok((img.into_raw(), hw, boxes))
+    }
+
     /// Decode a streamed split into memory, in parallel; images that no longer decode are
     /// dropped and counted. A split in memory is returned as it is.
     pub fn into_decoded(mut self) -> Result<Self, DenseError> {
@@ -720,6 +742,12 @@ pub fn ade20k_layout(root: &Path) -> bool {
         && root.join("annotations").join("training").is_dir()
 }
 
+/// Whether `root` is COCO 2017 as it unpacks: `annotations/instances_train2017.json` (where
+/// `emo train --task retinanet` then trains as mmdet does, keep-ratio 1333x800).
+pub fn coco2017_layout(root: &Path) -> bool {
+    root.join("annotations").join("instances_train2017.json").is_file()
+}
+
 /// The folder name a dataset gives the split asked for as `split`: `split` itself when the
 /// dataset has it, else the name its own layout uses for it (COCO 2017's `train2017` / `val2017`,
 /// ADE20K's `training` / `validation`), else `split` (whose absence the loader then reports).
@@ -1188,6 +1216,46 @@ fn resample(
         }
     }
     o
+}
+
+/// mmdet's RetinaNet training transform (spec §12: `Resize(img_scale=(1333, 800),
+/// keep_ratio=True)`, `RandomFlip(0.5)`) of an RGB image at its own (H, W) `hw`: resized keeping
+/// its aspect ratio to `scale` ([`keep_ratio_size`], OpenCV's bilinear), the boxes scaled by the
+/// resized image's actual width and height ratios and clipped to it, then flipped horizontally
+/// with probability 0.5 (`x -> W - x`, mmdet 2.x). Returns the image and its (H, W); the batch
+/// pads it (`Pad(size_divisor=32)`, then to the batch's largest).
+pub fn det_keep_ratio(
+    rng: &mut Rng,
+    rgb: &[u8],
+    hw: (usize, usize),
+    boxes: &mut [BBox],
+    scale: (usize, usize),
+) -> (Vec<u8>, (usize, usize)) {
+    let to = keep_ratio_size(hw, scale);
+    let mut out = resize_bilinear_cv2(rgb, hw, to);
+    let (sx, sy) = (to.1 as f32 / hw.1 as f32, to.0 as f32 / hw.0 as f32);
+    let (w, h) = (to.1 as f32, to.0 as f32);
+    for b in boxes.iter_mut() {
+        *b = [
+            (b[0] * sx).clamp(0.0, w),
+            (b[1] * sy).clamp(0.0, h),
+            (b[2] * sx).clamp(0.0, w),
+            (b[3] * sy).clamp(0.0, h),
+        ];
+    }
+    if rng.uniform() < 0.5 {
+        for row in out.chunks_exact_mut(to.1 * 3) {
+            for x in 0..to.1 / 2 {
+                for c in 0..3 {
+                    row.swap(x * 3 + c, (to.1 - 1 - x) * 3 + c);
+                }
+            }
+        }
+        for b in boxes.iter_mut() {
+            *b = [w - b[2], b[1], w - b[0], b[3]];
+        }
+    }
+    (out, to)
 }
 
 /// mmdet's SSD geometry: `Expand` (p 0.5: the image shrunk by 1-4x into a mean-filled canvas)

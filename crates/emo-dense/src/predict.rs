@@ -66,14 +66,22 @@ pub fn batch_tensor_padded(
     Tensor::from_data(TensorData::new(x, [images.len(), 3, hw.0, hw.1]), device)
 }
 
-/// Anchors per input size, each laid out once: under a test scale images run at their own
-/// (padded) sizes.
+/// Anchors per input size, each laid out once while it is cached: under a test scale, and in
+/// keep-ratio training, images run at their own (padded) sizes. At most
+/// [`AnchorsBySize::KEPT`] sizes are kept (a RetinaNet input of 800x1344 has 200k anchors,
+/// 3 MB; COCO's images come in hundreds of padded sizes): a new size past that starts afresh.
 #[derive(Default)]
 pub struct AnchorsBySize(std::collections::HashMap<(usize, usize), Vec<BBox>>);
 
 impl AnchorsBySize {
+    /// Sizes kept at once.
+    pub const KEPT: usize = 16;
+
     /// The anchors of `cfg`'s model for an `input` (H, W) input.
     pub fn get(&mut self, cfg: &DenseConfig, input: (usize, usize)) -> &[BBox] {
+        if self.0.len() >= Self::KEPT && !self.0.contains_key(&input) {
+            self.0.clear();
+        }
         self.0.entry(input).or_insert_with(|| crate::anchors::anchors(&DenseConfig { input, ..cfg.clone() }))
     }
 }

@@ -28,10 +28,10 @@ use emo_train::rng::Rng;
 use emo_weights::StateDict;
 use serde::{Deserialize, Serialize};
 
-use crate::assign::{MaxIou, Targets, targets};
+use crate::assign::{MaxIou, Targets, targets_valid};
 use crate::boxes::{BBox, BoxCoder};
 use crate::data::{
-    DetDataset, PAPER_RESCALE, SegDataset, TestScale, augment, augment_top_left, index_coco, list_seg,
+    DetDataset, PAPER_RESCALE, SegDataset, TestScale, augment, augment_top_left, det_keep_ratio, index_coco, list_seg,
     seg_geometry_keep_ratio, seg_geometry_with, ssd_geometry,
 };
 use crate::fast::DenseInfer;
@@ -39,7 +39,9 @@ use crate::loss::{Ohem, focal_loss, se_loss, seg_loss_with, ssd_loss};
 use crate::metrics::{ClassAp, CocoStats, DetBox, SegMetrics, SegStats, coco_eval};
 use crate::model::{DenseHead, DenseModel, DenseOutput, SEG_HEAD_DROPOUT};
 use crate::names::{ADE20K_CLASSES, COCO_CAT_IDS, COCO_CLASSES};
-use crate::predict::{AnchorsBySize, DetTestCfg, SegAug, batch_tensor, detect, detect_resized, segment_aug};
+use crate::predict::{
+    AnchorsBySize, DetTestCfg, SegAug, batch_tensor, batch_tensor_padded, detect, detect_resized, segment_aug,
+};
 use crate::{DenseError, anchors};
 
 /// Everything a dense training run is made of (written to `RUN/config.json`).
@@ -79,11 +81,14 @@ pub struct DenseTrainConfig {
     /// `ratio_range`; the paper's 0.5-2.0).
     #[serde(default = "paper_rescale")]
     pub rescale: (f32, f32),
-    /// Segmentation: mmseg's keep-ratio training resize (its `img_scale`, e.g. ADE20K's
-    /// (2048, 512)): each training image is read at its own size, rescaled keeping its aspect
-    /// ratio to this scale times a ratio from `rescale`, and cropped to the input
-    /// ([`seg_geometry_keep_ratio`]); evaluation then tests at the same keep-ratio scale.
-    /// `None`: images squeezed to the input first (the canvas recipes).
+    /// Keep-ratio training resize (mmseg's / mmdet's `img_scale`): each training image is read
+    /// at its own size and resized keeping its aspect ratio. Segmentation (e.g. ADE20K's
+    /// (2048, 512)): to this scale times a ratio from `rescale`, cropped to the input
+    /// ([`seg_geometry_keep_ratio`]). RetinaNet (COCO's (1333, 800)): to this scale, flipped,
+    /// padded to 32 and batched padded to the largest, the anchors over the padding ignored
+    /// ([`det_keep_ratio`], [`anchors::valid_flags`]). Evaluation then tests at the same
+    /// keep-ratio scale ([`DenseTrainConfig::test_scale`]). `None`: images squeezed to the input
+    /// first (the canvas recipes).
     #[serde(default)]
     pub train_scale: Option<(usize, usize)>,
     /// Use at most this many training / validation images (0 = all).
@@ -137,6 +142,9 @@ pub struct DenseTrainConfig {
     #[serde(default)]
     pub stream: Option<bool>,
 }
+
+/// mmdet's `Pad(size_divisor=32)` of RetinaNet's keep-ratio pipelines.
+pub const KEEP_RATIO_PAD: usize = 32;
 
 /// Splits that would take more than this decoded (4 GiB) are streamed by default.
 pub const STREAM_ABOVE_BYTES: usize = 4 << 30;
@@ -215,6 +223,13 @@ impl DenseTrainConfig {
         self.frozen_stages = if self.task == Task::RetinaNet { 1 } else { -1 };
         self.backbone_weights = Some(weights);
         self
+    }
+
+    /// What a keep-ratio-trained run tests at: its training scale, keep-ratio, a detector's
+    /// input padded to 32 as mmdet's `Pad(size_divisor=32)`; `None` without `train_scale`.
+    pub fn test_scale(&self) -> Option<TestScale> {
+        let pad = if self.task.is_detection() { KEEP_RATIO_PAD } else { 1 };
+        self.train_scale.map(|scale| TestScale { pad, ..TestScale::keep_ratio(scale) })
     }
 
     /// Learning rate at iteration `t` of `total`.
@@ -428,12 +443,21 @@ impl DenseData {
         })
     }
     /// Training sample `i` before augmentation (decoded from disk in a streamed split);
-    /// `full`: a segmentation image at its own size, for keep-ratio training.
+    /// `full`: the image at its own size, for keep-ratio training.
     fn sample(&self, i: usize, full: bool) -> Result<Sample, DenseError> {
         Ok(match self {
+            DenseData::Det(d) if full => {
+                let (rgb, hw, boxes) = d.full(i)?;
+                Sample::Det { rgb, hw, boxes, labels: d.images[i].labels.clone() }
+            }
             DenseData::Det(d) => {
                 let im = &d.images[i];
-                Sample::Det { rgb: d.rgb(i)?.into_owned(), boxes: im.boxes.clone(), labels: im.labels.clone() }
+                Sample::Det {
+                    rgb: d.rgb(i)?.into_owned(),
+                    hw: d.input,
+                    boxes: im.boxes.clone(),
+                    labels: im.labels.clone(),
+                }
             }
             DenseData::Seg(d) if full => {
                 let (rgb, label, hw) = d.pair_full(i)?;
@@ -460,17 +484,11 @@ impl DenseData {
 
 /// One training image and its targets, before augmentation.
 enum Sample {
-    Det {
-        rgb: Vec<u8>,
-        boxes: Vec<BBox>,
-        labels: Vec<usize>,
-    },
+    /// At (H, W) `hw`: the input size, or the image's own under keep-ratio training; boxes in
+    /// its pixels.
+    Det { rgb: Vec<u8>, hw: (usize, usize), boxes: Vec<BBox>, labels: Vec<usize> },
     /// At (H, W) `hw`: the input size, or the image's own under keep-ratio training.
-    Seg {
-        rgb: Vec<u8>,
-        label: Vec<u8>,
-        hw: (usize, usize),
-    },
+    Seg { rgb: Vec<u8>, label: Vec<u8>, hw: (usize, usize) },
 }
 
 /// Load a split for `task` (detection: COCO; segmentation: mask folders), decoded in memory.
@@ -740,7 +758,8 @@ pub struct DenseTrainer {
     /// Shared with the thread that decodes the next batch of a streamed split.
     train: Arc<DenseData>,
     val: DenseData,
-    anchors: Vec<BBox>,
+    /// The anchors of each batch size (one, the input, unless training keep-ratio).
+    anchors: AnchorsBySize,
     pool: DataParallel,
     ema: Option<Ema>,
     pub verbose: bool,
@@ -754,7 +773,7 @@ impl DenseTrainer {
             DenseData::Det(d) => d.cat_ids.clone(),
             DenseData::Seg(_) => vec![],
         };
-        let test_scale = cfg.train_scale.map(TestScale::keep_ratio);
+        let test_scale = cfg.test_scale();
         ModelCard { model, classes, cat_ids, reduce_zero_label: cfg.reduce_zero_label, test_scale }
     }
 
@@ -801,8 +820,9 @@ impl DenseTrainer {
             cfg.limit_val,
             stream,
         )?;
-        let val = match (val, cfg.train_scale) {
-            (DenseData::Seg(d), Some(scale)) => DenseData::Seg(d.with_test_scale(Some(TestScale::keep_ratio(scale)))?),
+        let val = match (val, cfg.test_scale()) {
+            (DenseData::Seg(d), Some(scale)) => DenseData::Seg(d.with_test_scale(Some(scale))?),
+            (DenseData::Det(d), Some(scale)) => DenseData::Det(d.with_test_scale(Some(scale))),
             (val, _) => val,
         };
         Ok((train, val))
@@ -833,11 +853,11 @@ impl DenseTrainer {
             return Err(DenseError::Data(format!("aux_weight must be >= 0, got {}", cfg.aux_weight)));
         }
         if let Some((a, b)) = cfg.train_scale
-            && (cfg.task.is_detection() || !cfg.geometric_augment || a == 0 || b == 0)
+            && (cfg.task == Task::SsdLite || !cfg.geometric_augment || a == 0 || b == 0)
         {
             return Err(DenseError::Data(format!(
-                "train_scale {a}x{b}: a segmentation setting of the geometric augmentation (not with light \
-                 augmentation), both sides > 0"
+                "train_scale {a}x{b}: a setting of the geometric augmentation of segmentation and RetinaNet \
+                 (SSDLite trains at its input; not with light augmentation), both sides > 0"
             )));
         }
         let (train, val) = Self::load_data(&cfg)?;
@@ -873,7 +893,7 @@ impl DenseTrainer {
         ema: Option<Ema>,
         (train, val): (DenseData, DenseData),
     ) -> Self {
-        let anchors = if cfg.task.is_detection() { anchors::anchors(&card.model) } else { vec![] };
+        let anchors = AnchorsBySize::default();
         let pool = DataParallel::new(cfg.workers);
         let backbone_params =
             (cfg.backbone_lr_mult != 1.0).then(|| ParamGroup::ids_from_module(model.backbone.clone()));
@@ -920,6 +940,11 @@ impl DenseTrainer {
             false => None,
         };
         Ok(Self::assemble(cfg, card, dir, state, device, model, optim, ema, (train, val)))
+    }
+
+    /// The validation split each epoch is evaluated on (with its test scale, if any).
+    pub fn val(&self) -> &DenseData {
+        &self.val
     }
 
     pub fn model(&self) -> &DenseModel {
@@ -978,15 +1003,26 @@ impl DenseTrainer {
         let mut tgts = Vec::new();
         let k = self.card.model.num_classes;
         let (assigner, coder) = (MaxIou::for_task(self.cfg.task), BoxCoder::for_task(self.cfg.task));
+        // Each image's (H, W) in the batch and, for detection, its boxes and labels.
+        let mut sizes = Vec::with_capacity(batch.len());
+        let mut gts = Vec::new();
         for sample in batch {
             match sample {
-                Sample::Det { mut rgb, mut boxes, mut labels } => {
-                    if self.cfg.geometric_augment {
-                        ssd_geometry(&mut self.state.rng, &mut rgb, &mut boxes, &mut labels, hw);
+                Sample::Det { rgb, hw: src, mut boxes, mut labels } => {
+                    if let Some(scale) = self.cfg.train_scale {
+                        let (rgb, size) = det_keep_ratio(&mut self.state.rng, &rgb, src, &mut boxes, scale);
+                        rgbs.push(rgb);
+                        sizes.push(size);
+                    } else {
+                        let mut rgb = rgb;
+                        if self.cfg.geometric_augment {
+                            ssd_geometry(&mut self.state.rng, &mut rgb, &mut boxes, &mut labels, hw);
+                        }
+                        augment(&mut self.state.rng, &mut rgb, None, Some(&mut boxes), hw.0, hw.1);
+                        rgbs.push(rgb);
+                        sizes.push(hw);
                     }
-                    augment(&mut self.state.rng, &mut rgb, None, Some(&mut boxes), hw.0, hw.1);
-                    tgts.push(targets(&assigner, &coder, &self.anchors, &boxes, &labels, k));
-                    rgbs.push(rgb);
+                    gts.push((boxes, labels));
                 }
                 Sample::Seg { mut rgb, label: mut lab, hw: src } => {
                     if let Some(scale) = self.cfg.train_scale {
@@ -1004,9 +1040,22 @@ impl DenseTrainer {
                     }
                     labels.extend(lab);
                     rgbs.push(rgb);
+                    sizes.push(hw);
                 }
             }
         }
+        let bhw = match self.cfg.train_scale.filter(|_| self.cfg.task.is_detection()) {
+            Some(_) => {
+                let (bhw, t) = keep_ratio_targets(&self.card.model, &mut self.anchors, &sizes, &gts);
+                tgts = t;
+                bhw
+            }
+            None => {
+                let anchors = if gts.is_empty() { &[][..] } else { self.anchors.get(&self.card.model, hw) };
+                tgts.extend(gts.iter().map(|(b, l)| targets_valid(&assigner, &coder, anchors, None, b, l, k)));
+                hw
+            }
+        };
         // Forward and backward per data-parallel shard (`emo_train::parallel::step`); each
         // replica hands back its named loss parts, weighted by its share of the batch.
         let (task, npr, aux_w, ohem) = (self.cfg.task, self.cfg.neg_pos_ratio, self.cfg.aux_weight, self.cfg.ohem);
@@ -1023,6 +1072,7 @@ impl DenseTrainer {
             |r| {
                 let share = r.len() as f64 / b as f64;
                 let imgs: Vec<Vec<u8>> = rgbs[r.clone()].to_vec();
+                let sz: Vec<(usize, usize)> = sizes[r.clone()].to_vec();
                 let t: Vec<Targets> = if tgts.is_empty() { vec![] } else { tgts[r.clone()].to_vec() };
                 let lab: Vec<u8> = if labels.is_empty() {
                     vec![]
@@ -1030,7 +1080,7 @@ impl DenseTrainer {
                     labels[r.start * hw.0 * hw.1..r.end * hw.0 * hw.1].to_vec()
                 };
                 Box::new(move |replica: &DenseModel, device: &Device| {
-                    let x = batch_tensor(&imgs.iter().map(Vec::as_slice).collect::<Vec<_>>(), hw, device);
+                    let x = batch_tensor_padded(&imgs.iter().map(Vec::as_slice).collect::<Vec<_>>(), &sz, bhw, device);
                     let loss = match replica.forward(x, true)? {
                         DenseOutput::Det { cls, reg } if task == Task::SsdLite => ssd_loss(cls, reg, &t, k, npr),
                         DenseOutput::Det { cls, reg } => focal_loss(cls, reg, &t, k),
@@ -1234,6 +1284,35 @@ impl DenseTrainer {
         }
         Ok(out)
     }
+}
+
+/// The batch (H, W) and training targets of images resized keeping their aspect ratio (their
+/// (H, W) `sizes`, `gts` their boxes and labels) for `model`: each padded to 32, the batch to
+/// its largest (mmdet's `Pad(size_divisor=32)`, then collate), and each image assigned on the
+/// anchors of the batch's size within its own padded size only ([`anchors::valid_flags`]): the
+/// anchors over the rest of the batch's padding get no loss.
+pub fn keep_ratio_targets(
+    model: &DenseConfig,
+    anchors: &mut AnchorsBySize,
+    sizes: &[(usize, usize)],
+    gts: &[(Vec<BBox>, Vec<usize>)],
+) -> ((usize, usize), Vec<Targets>) {
+    let pad = |(h, w): (usize, usize)| {
+        (h.div_ceil(KEEP_RATIO_PAD) * KEEP_RATIO_PAD, w.div_ceil(KEEP_RATIO_PAD) * KEEP_RATIO_PAD)
+    };
+    let bhw = sizes.iter().map(|&s| pad(s)).fold((0, 0), |a, s| (a.0.max(s.0), a.1.max(s.1)));
+    let (assigner, coder) = (MaxIou::for_task(model.task), BoxCoder::for_task(model.task));
+    let at = DenseConfig { input: bhw, ..model.clone() };
+    let all = anchors.get(model, bhw);
+    let t = gts
+        .iter()
+        .zip(sizes)
+        .map(|((boxes, labels), &size)| {
+            let valid = anchors::valid_flags(&at, pad(size));
+            targets_valid(&assigner, &coder, all, Some(&valid), boxes, labels, model.num_classes)
+        })
+        .collect();
+    (bhw, t)
 }
 
 /// Positions `start..start + len` of an endless stream of indices `0..n`: pass after pass, each

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use emo_dense::assign::{Assigned, MaxIou, targets};
+use emo_dense::assign::{Assigned, MaxIou, targets, targets_valid};
 use emo_dense::boxes::{BoxCoder, Detection, batched_nms, iou};
 use emo_dense::metrics::{ClassAp, DetBox, GtBox, SegMetrics, coco_eval, coco_map};
 use emo_dense::{DenseConfig, Task, anchors};
@@ -235,6 +235,123 @@ fn every_box_gets_a_positive_anchor() {
     assert!(t.labels.iter().all(|&l| l == 3 || l == 2 || l == 0));
     let none = targets(&MaxIou::SSD, &BoxCoder::SSD, &a, &[], &[], 3);
     assert!(none.labels.iter().all(|&l| l == 3) && none.num_pos == 0);
+}
+
+/// mmdet's `gt_max_assign_all`: RetinaNet's assigner (the default, True) gives a box every
+/// anchor tied at its best IoU, SSD's (False) only the first; a later box takes a tied anchor.
+#[test]
+fn a_box_claims_all_its_tied_best_anchors_in_retinanet_only() {
+    // The box overlaps anchors 0 and 1 equally (IoU 25 / 175, below both thresholds); anchor
+    // 2 is far away.
+    let gt = [[10.0, 10.0, 20.0, 20.0]];
+    let a = [[5.0, 5.0, 15.0, 15.0], [15.0, 15.0, 25.0, 25.0], [60.0, 60.0, 70.0, 70.0]];
+    use Assigned::{Negative, Positive};
+    assert_eq!(MaxIou::RETINA.assign(&a, &gt), vec![Positive(0), Positive(0), Negative]);
+    assert_eq!(MaxIou::SSD.assign(&a, &gt), vec![Positive(0), Negative, Negative]);
+    // Two boxes tied on anchor 1 (each also has anchor 0 or 2 at the same IoU): box 1, later,
+    // takes it in both.
+    let gts = [[10.0, 10.0, 20.0, 20.0], [20.0, 20.0, 30.0, 30.0]];
+    let b = [[5.0, 5.0, 15.0, 15.0], [15.0, 15.0, 25.0, 25.0], [25.0, 25.0, 35.0, 35.0]];
+    assert_eq!(MaxIou::RETINA.assign(&b, &gts), vec![Positive(0), Positive(1), Positive(1)]);
+    assert_eq!(MaxIou::SSD.assign(&b, &gts), vec![Positive(0), Positive(1), Negative]);
+}
+
+/// Anchors outside an image's padded size are ignored, never assigned, and a box claims its
+/// best anchor among the valid ones.
+#[test]
+fn invalid_anchors_are_ignored_and_never_claimed() {
+    let gt = [[10.0, 10.0, 20.0, 20.0]];
+    let a = [[10.0, 10.0, 20.0, 20.0], [8.0, 8.0, 22.0, 22.0], [60.0, 60.0, 70.0, 70.0]];
+    let s = MaxIou::RETINA.assign_valid(&a, &[false, true, true], &gt);
+    assert_eq!(s, vec![Assigned::Ignore, Assigned::Positive(0), Assigned::Negative]);
+    let t = targets_valid(&MaxIou::RETINA, &BoxCoder::RETINA, &a, Some(&[false, true, true]), &gt, &[1], 2);
+    assert_eq!((t.labels, t.num_pos), (vec![-1, 1, 2], 1));
+    let all = targets_valid(&MaxIou::RETINA, &BoxCoder::RETINA, &a, Some(&[true; 3]), &gt, &[1], 2);
+    assert_eq!(all, targets(&MaxIou::RETINA, &BoxCoder::RETINA, &a, &gt, &[1], 2));
+}
+
+/// mmdet's `valid_flags` for RetinaNet (centre offset 0): an anchor is valid when its centre lies
+/// within the image's padded size, whatever the batch's; all are for an unpadded image.
+#[test]
+fn valid_flags_keep_the_anchors_centred_inside_the_padded_image() {
+    let batch = DenseConfig::new(Task::RetinaNet, Variant::Emo1M, 3, (128, 224));
+    let a = anchors::anchors(&batch);
+    assert!(anchors::valid_flags(&batch, (128, 224)).iter().all(|&v| v));
+    for pad in [(64, 96), (128, 160), (96, 224)] {
+        let flags = anchors::valid_flags(&batch, pad);
+        assert_eq!(flags.len(), a.len());
+        for (b, &v) in a.iter().zip(&flags) {
+            // Centres are whole multiples of the stride; the f32 corners may round them by a hair.
+            let (cx, cy) = (((b[0] + b[2]) / 2.0).round(), ((b[1] + b[3]) / 2.0).round());
+            assert_eq!(v, cx < pad.1 as f32 && cy < pad.0 as f32, "{b:?} in {pad:?}");
+        }
+        assert!(flags.iter().any(|&v| !v) && flags.iter().any(|&v| v));
+    }
+}
+
+/// Keep-ratio detection batches: padded to 32, to the largest image, each image assigned within
+/// its own padded size only (the targets of an image alone at its own padded size, laid over
+/// the batch's anchors; the rest ignored).
+#[test]
+fn keep_ratio_batches_assign_each_image_inside_its_own_padding() {
+    use emo_dense::predict::AnchorsBySize;
+    use emo_dense::train::keep_ratio_targets;
+    let model = DenseConfig::new(Task::RetinaNet, Variant::Emo1M, 3, (800, 1280));
+    let sizes = [(70, 100), (120, 90)];
+    let gts = vec![
+        (vec![[10.0, 12.0, 60.0, 50.0], [70.0, 40.0, 99.0, 69.0]], vec![0, 2]),
+        (vec![[5.0, 30.0, 85.0, 110.0]], vec![1]),
+    ];
+    let mut cache = AnchorsBySize::default();
+    let (bhw, t) = keep_ratio_targets(&model, &mut cache, &sizes, &gts);
+    assert_eq!(bhw, (128, 128), "(96, 128) and (128, 96) padded to 32, then to the largest");
+    let batch = DenseConfig { input: bhw, ..model.clone() };
+    let all = anchors::anchors(&batch);
+    for ((size, (boxes, labels)), ti) in sizes.iter().zip(&gts).zip(&t) {
+        let pad = (size.0.div_ceil(32) * 32, size.1.div_ceil(32) * 32);
+        let alone = DenseConfig { input: pad, ..model.clone() };
+        let own = targets(&MaxIou::RETINA, &BoxCoder::RETINA, &anchors::anchors(&alone), boxes, labels, 3);
+        let flags = anchors::valid_flags(&batch, pad);
+        assert_eq!(ti.labels.len(), all.len());
+        let inside: Vec<i64> = ti.labels.iter().zip(&flags).filter(|p| *p.1).map(|p| *p.0).collect();
+        // The valid anchors of the batch, in order, are the image's own at its padded size.
+        assert_eq!(inside, own.labels);
+        assert!(ti.labels.iter().zip(&flags).all(|(&l, &v)| v || l == -1));
+        assert_eq!(ti.num_pos, own.num_pos);
+        assert!(own.num_pos >= boxes.len());
+    }
+}
+
+/// mmdet's RetinaNet training transform: keep-ratio resize with OpenCV's bilinear, boxes scaled
+/// and clipped, horizontal flip half the time (`x -> W - x`).
+#[test]
+fn det_keep_ratio_resizes_scales_and_flips_image_and_boxes_together() {
+    use emo_dense::data::{det_keep_ratio, resize_bilinear_cv2};
+    let (h, w) = (30, 50);
+    let rgb: Vec<u8> = (0..h * w * 3).map(|i| ((i * 37) % 251) as u8).collect();
+    let resized = resize_bilinear_cv2(&rgb, (h, w), (60, 100));
+    let mut flipped = resized.clone();
+    for row in flipped.chunks_exact_mut(100 * 3) {
+        let px: Vec<[u8; 3]> = row.chunks_exact(3).rev().map(|p| [p[0], p[1], p[2]]).collect();
+        row.copy_from_slice(&px.concat());
+    }
+    let mut rng = emo_train::rng::Rng::new(5);
+    let mut seen = [false; 2];
+    for _ in 0..20 {
+        let mut boxes = vec![[5.0, 5.0, 15.0, 10.0], [40.0, 0.0, 50.0, 30.0]];
+        // (100, 60): the long side at most 100, the short at most 60: x2.
+        let (out, size) = det_keep_ratio(&mut rng, &rgb, (h, w), &mut boxes, (100, 60));
+        assert_eq!(size, (60, 100));
+        if out == resized {
+            assert_eq!(boxes, vec![[10.0, 10.0, 30.0, 20.0], [80.0, 0.0, 100.0, 60.0]]);
+            seen[0] = true;
+        } else {
+            assert_eq!(out, flipped);
+            assert_eq!(boxes, vec![[70.0, 10.0, 90.0, 20.0], [0.0, 0.0, 20.0, 60.0]]);
+            seen[1] = true;
+        }
+    }
+    assert_eq!(seen, [true, true], "both flipped and unflipped in 20 draws");
 }
 
 #[test]

@@ -510,6 +510,77 @@ fn retinanet_and_pspnet_train_too() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
+/// A COCO-layout set of rectangles like [`synthetic_set`]'s, on images of several sizes.
+fn varied_size_set(dir: &Path, n_train: usize, n_val: usize) {
+    let sizes = [(48u32, 64u32), (64, 48), (40, 80), (72, 56), (64, 64), (56, 96)];
+    for (split, n) in [("train", n_train), ("val", n_val)] {
+        std::fs::create_dir_all(dir.join("images").join(split)).unwrap();
+        std::fs::create_dir_all(dir.join("annotations")).unwrap();
+        let (mut images, mut anns) = (vec![], vec![]);
+        for i in 0..n {
+            let (h, w) = sizes[i % sizes.len()];
+            let c = (i % 2) as u32;
+            let (bw, bh) = (w / 2 - (i as u32 % 5), h / 2 - (i as u32 % 3));
+            let (x0, y0) = ((i as u32 * 7) % (w - bw), (i as u32 * 5) % (h - bh));
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                let inside = (x0..x0 + bw).contains(&x) && (y0..y0 + bh).contains(&y);
+                image::Rgb(match (inside, c) {
+                    (false, _) => [90, 90, 90],
+                    (true, 0) => [220, 40, 40],
+                    _ => [40, 220, 40],
+                })
+            });
+            let f = format!("{i:04}.png");
+            img.save(dir.join("images").join(split).join(&f)).unwrap();
+            images.push(serde_json::json!({"id": i + 1, "file_name": f, "width": w, "height": h}));
+            anns.push(serde_json::json!({"id": i + 1, "image_id": i + 1, "category_id": c + 1,
+                "bbox": [x0, y0, bw, bh], "area": bw * bh, "iscrowd": 0}));
+        }
+        let cats = serde_json::json!([{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]);
+        let coco = serde_json::json!({"images": images, "annotations": anns, "categories": cats});
+        std::fs::write(dir.join(format!("annotations/instances_{split}.json")), coco.to_string()).unwrap();
+    }
+}
+
+/// RetinaNet as mmdet trains it on COCO, at a small scale: every image read at its own size,
+/// resized keeping its aspect ratio, flipped, padded to 32 and batched padded to the largest,
+/// then evaluated at the same keep-ratio scale padded to 32; it learns, the card says its test
+/// scale, and a run stopped after an epoch resumes exactly.
+#[test]
+fn retinanet_trains_keep_ratio_on_images_of_several_sizes_and_resumes_exactly() {
+    let _g = serial();
+    let data = tmp("data-kr");
+    varied_size_set(&data, 12, 6);
+    let mut c = cfg(Task::RetinaNet, &data);
+    (c.epochs, c.batch, c.geometric_augment, c.train_scale) = (3, 4, true, Some((96, 64)));
+    let device = Device::flex().autodiff();
+    let (a, b) = (tmp("kr-a"), tmp("kr-b"));
+    let mut t = quiet(DenseTrainer::new(c.clone(), &a, device.clone()));
+    let scale = emo_dense::data::TestScale { scale: (96, 64), keep_ratio: true, pad: 32 };
+    assert_eq!(t.card.test_scale, Some(scale));
+    assert!(t.streams() && t.streams_val(), "keep-ratio training reads each image from its file");
+    let full = t.run(None).unwrap();
+    assert!(full.iter().all(|e| e.train_loss.is_finite() && e.coco.is_some()), "{full:?}");
+    assert!(full[2].train_loss < full[0].train_loss, "loss did not go down: {full:?}");
+    let mut first = quiet(DenseTrainer::new(c.clone(), &b, device.clone()));
+    let head = first.run(Some(1)).unwrap();
+    let rest = quiet(DenseTrainer::resume(&b, device.clone())).run(None).unwrap();
+    let evals = |m: &emo_dense::train::DenseEpoch| format!("{:?}", (m.train_loss, m.coco));
+    assert_eq!(full.iter().map(evals).collect::<Vec<_>>(), head.iter().chain(&rest).map(evals).collect::<Vec<_>>());
+    let w = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
+    assert!(w(&a) == w(&b), "resumed weights differ");
+    // Each epoch is evaluated at the keep-ratio test scale.
+    assert!(matches!(t.val(), DenseData::Det(d) if d.test_scale == Some(scale)));
+    // SSDLite trains at its input, as mmdet's recipe.
+    let mut ssd = cfg(Task::SsdLite, &data);
+    ssd.train_scale = Some((96, 64));
+    let err = DenseTrainer::new(ssd, tmp("kr-ssd"), device).err().expect("refused").to_string();
+    assert!(err.contains("SSDLite trains at its input"), "{err}");
+    for d in [&a, &b, &data] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 /// The validation split of a [`synthetic_set`] at 64x64 and a fresh small model for `task`
 /// (the set's 2 categories; segmentation adds the background).
 fn eval_setup(task: Task, data: &Path, device: &Device) -> (DenseData, DenseModel) {
