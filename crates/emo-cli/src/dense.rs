@@ -353,7 +353,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         let bdev = crate::backend::device()?;
         let (model, card) = load_model(weights, card, &bdev)?;
         ensure!(card.model.task == task, "{} is a {} model, not {task}", weights.display(), card.model.task);
-        let sd = recalibrate(&model, &bdev, &card, weights, data, a.precise_bn, a.save_weights)?;
+        let scale = test_scale(a.test_scale, &card)?;
+        let sd = recalibrate(&model, &bdev, &card, scale, weights, data, a.precise_bn, a.save_weights)?;
         (infer_model(&card, &sd, &device, a.engine)?, card)
     } else {
         load_infer(weights, card, &device, a.engine)?
@@ -413,10 +414,14 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
 
 /// Precise BN on the first `n` images of `data`'s training split (no augmentation), in shards of
 /// the run's per-replica batch (its config.json beside the weights; else 8); optionally saved.
+/// The images are squeezed to the input, or under a test `scale` (a keep-ratio run's, an
+/// official checkpoint's) read as evaluation reads them, each shard padded to its largest.
+#[allow(clippy::too_many_arguments)]
 fn recalibrate(
     model: &DenseModel,
     device: &Device,
     card: &ModelCard,
+    scale: Option<TestScale>,
     weights: &Path,
     data: &Path,
     n: usize,
@@ -428,15 +433,34 @@ fn recalibrate(
         .and_then(|t| serde_json::from_str::<DenseTrainConfig>(&t).ok())
         .map_or(8, |c| (c.batch / c.workers.max(1)).max(1));
     let start = std::time::Instant::now();
-    let train = load_split(card.model.task, data, "train", card.model.input, true, card.reduce_zero_label, n)?;
-    let images: Vec<&[u8]> = match &train {
-        emo_dense::train::DenseData::Det(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
-        emo_dense::train::DenseData::Seg(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
+    let (task, input, rzl) = (card.model.task, card.model.input, card.reduce_zero_label);
+    let autodiff = device.clone().autodiff();
+    let (sd, used) = match scale {
+        None => {
+            let train = load_split(task, data, "train", input, true, rzl, n)?;
+            let images: Vec<&[u8]> = match &train {
+                emo_dense::train::DenseData::Det(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
+                emo_dense::train::DenseData::Seg(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
+            };
+            (emo_dense::bn::precise_bn(model, &images, input, shard, &autodiff)?, images.len())
+        }
+        Some(s) => {
+            let train = emo_dense::train::index_split(task, data, "train", input, true, rzl, n)?;
+            let paths: Vec<PathBuf> = match &train {
+                emo_dense::train::DenseData::Det(d) => d.images.iter().map(|i| i.path.clone()).collect(),
+                emo_dense::train::DenseData::Seg(d) => d.images.iter().map(|i| i.path.clone()).collect(),
+            };
+            let loaded = emo_train::parallel::map_each(&paths, emo_train::parallel::cores(), |p| s.load(p));
+            let loaded = loaded.into_iter().collect::<Result<Vec<_>, _>>()?;
+            let images: Vec<&[u8]> = loaded.iter().map(|r| r.rgb.as_slice()).collect();
+            let sizes: Vec<(usize, usize)> = loaded.iter().map(|r| r.size).collect();
+            eprintln!("precise BN on the training images at test scale {}", s.describe());
+            (emo_dense::bn::precise_bn_sized(model, &images, &sizes, s.pad, shard, &autodiff)?, images.len())
+        }
     };
-    let sd = emo_dense::bn::precise_bn(model, &images, card.model.input, shard, &device.clone().autodiff())?;
     eprintln!(
         "precise BN: the BatchNorm statistics from {} training images in shards of {shard} ({:.1} s)",
-        images.len() / shard * shard,
+        used / shard * shard,
         start.elapsed().as_secs_f64()
     );
     if let Some(p) = save {

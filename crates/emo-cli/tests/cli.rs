@@ -919,6 +919,12 @@ fn coco_2017_and_ade20k_layouts_train_and_evaluate_as_they_ship() {
         stdout(&o),
         stderr(&o)
     );
+    // Precise BN reads the training images as the run tests (its shards padded like its batches).
+    let wr = wr.to_str().unwrap();
+    let o = emo(&["eval", "--task", "retinanet", "--weights", wr, "--data", c, "--limit", "1", "--precise-bn", "8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = "precise BN on the training images at test scale keep-ratio 96x80, padded to 32";
+    assert!(stderr(&o).contains(said) && stderr(&o).contains("from 8 training images"), "{}", stderr(&o));
     let o = emo(&["train", "--resume", run_keep.to_str().unwrap(), "--train-scale", "1024x256"]);
     assert!(!o.status.success() && stderr(&o).contains("--train-scale cannot be changed on resume"), "{}", stderr(&o));
 

@@ -12,7 +12,7 @@ use emo_weights::{StateDict, Tensor as Stored};
 
 use crate::DenseError;
 use crate::model::DenseModel;
-use crate::predict::batch_tensor;
+use crate::predict::batch_tensor_padded;
 
 /// Each BatchNorm's (running mean, running variance), in state-dict key order.
 type Stats = Vec<(Vec<f32>, Vec<f32>)>;
@@ -34,6 +34,22 @@ pub fn precise_bn(
     shard: usize,
     device: &Device,
 ) -> Result<StateDict, DenseError> {
+    precise_bn_sized(model, images, &vec![hw; images.len()], 1, shard, device)
+}
+
+/// [`precise_bn`] on images of their own (H, W) `sizes` (a keep-ratio run's images at its test
+/// scale): each shard zero-padded, after normalisation, to its largest image rounded up to a
+/// multiple of `pad` (as its training batches were: mmdet's `Pad(size_divisor=32)` then the
+/// batch's largest; 1 for segmentation, whose shards of unequal images pad to the largest).
+pub fn precise_bn_sized(
+    model: &DenseModel,
+    images: &[&[u8]],
+    sizes: &[(usize, usize)],
+    pad: usize,
+    shard: usize,
+    device: &Device,
+) -> Result<StateDict, DenseError> {
+    assert_eq!(images.len(), sizes.len(), "one size per image");
     if shard == 0 || images.len() < shard {
         return Err(DenseError::Data(format!("precise BN needs at least {shard} images, got {}", images.len())));
     }
@@ -68,8 +84,14 @@ pub fn precise_bn(
         Ok(layers.iter().map(|l| (get(format!("{l}.running_mean")), get(format!("{l}.running_var")))).collect())
     };
     let zero = filled(0.0);
-    let shards: Vec<&[&[u8]]> = images.chunks_exact(shard).collect();
-    let x0 = batch_tensor(shards[0], hw, device);
+    let p = pad.max(1);
+    let batch = |i: usize| {
+        let (imgs, sz) = (&images[i * shard..(i + 1) * shard], &sizes[i * shard..(i + 1) * shard]);
+        let hw = sz.iter().fold((0, 0), |a, s| (a.0.max(s.0.div_ceil(p) * p), a.1.max(s.1.div_ceil(p) * p)));
+        batch_tensor_padded(imgs, sz, hw, device)
+    };
+    let shards: Vec<usize> = (0..images.len() / shard).collect();
+    let x0 = batch(0);
     let from_zero = pass(&zero, x0.clone())?;
     let from_one = pass(&filled(1.0), x0)?;
     // m = 1 - (from one - from zero), per channel.
@@ -95,8 +117,8 @@ pub fn precise_bn(
     add(&mut sums, &from_zero);
     let parts = emo_train::parallel::map_parts(&shards[1..], emo_train::parallel::cores(), |part| {
         let mut sums = empty.clone();
-        for s in part {
-            add(&mut sums, &pass(&zero, batch_tensor(s, hw, device))?);
+        for &s in part {
+            add(&mut sums, &pass(&zero, batch(s))?);
         }
         Ok::<_, DenseError>(sums)
     });

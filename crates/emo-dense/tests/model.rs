@@ -774,33 +774,51 @@ fn precise_bn_sets_the_mean_of_the_shards_batch_statistics() {
     let b = before.get("backbone.stage0.0.convs.0.0.bias").unwrap().as_f32().unwrap().to_vec();
     let b = Tensor::<1>::from_data(burn::tensor::TensorData::new(b.clone(), [b.len()]), &plain);
     let c = w.dims()[0];
-    let (mut mean, mut var) = (vec![0f64; c], vec![0f64; c]);
+    // The stem BatchNorm's expected statistics: the mean over the shards of each shard's own.
+    let expect = |shards: Vec<Tensor<4>>| {
+        let (mut mean, mut var) = (vec![0f64; c], vec![0f64; c]);
+        let k = shards.len() as f64;
+        for x in shards {
+            let y = conv2d(x, w.clone(), Some(b.clone()), ConvOptions::new([2, 2], [1, 1], [1, 1], 1));
+            let [n, _, h, wd] = y.dims();
+            let y = to_vec(y);
+            for ch in 0..c {
+                let vals: Vec<f64> = (0..n)
+                    .flat_map(|i| y[(i * c + ch) * h * wd..(i * c + ch + 1) * h * wd].iter().map(|&v| v as f64))
+                    .collect();
+                let m = vals.iter().sum::<f64>() / vals.len() as f64;
+                mean[ch] += m / k;
+                var[ch] += vals.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / vals.len() as f64 / k;
+            }
+        }
+        (mean, var)
+    };
+    let check = |after: &StateDict, (mean, var): (Vec<f64>, Vec<f64>)| {
+        let got = |k: &str| after.get(&format!("backbone.stage0.0.convs.0.1.{k}")).unwrap().as_f32().unwrap().to_vec();
+        for (what, ours, want) in [("mean", got("running_mean"), mean), ("var", got("running_var"), var)] {
+            let scale = want.iter().fold(1e-3f64, |a, v| a.max(v.abs()));
+            for (ch, (o, w)) in ours.iter().zip(&want).enumerate() {
+                assert!((*o as f64 - w).abs() <= 1e-4 * scale, "running {what} of channel {ch}: {o} against {w}");
+            }
+        }
+    };
     // 3 whole shards of 4; the last 2 images are not used.
-    for shard in refs.chunks_exact(4) {
-        let y = conv2d(
-            batch_tensor(shard, (64, 64), &plain),
-            w.clone(),
-            Some(b.clone()),
-            ConvOptions::new([2, 2], [1, 1], [1, 1], 1),
-        );
-        let [n, _, h, wd] = y.dims();
-        let y = to_vec(y);
-        for ch in 0..c {
-            let vals: Vec<f64> = (0..n)
-                .flat_map(|i| y[(i * c + ch) * h * wd..(i * c + ch + 1) * h * wd].iter().map(|&v| v as f64))
-                .collect();
-            let m = vals.iter().sum::<f64>() / vals.len() as f64;
-            mean[ch] += m / 3.0;
-            var[ch] += vals.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / vals.len() as f64 / 3.0;
-        }
-    }
-    let got = |k: &str| after.get(&format!("backbone.stage0.0.convs.0.1.{k}")).unwrap().as_f32().unwrap().to_vec();
-    for (what, ours, want) in [("mean", got("running_mean"), mean), ("var", got("running_var"), var)] {
-        let scale = want.iter().fold(1e-3f64, |a, v| a.max(v.abs()));
-        for (ch, (o, w)) in ours.iter().zip(&want).enumerate() {
-            assert!((*o as f64 - w).abs() <= 1e-4 * scale, "running {what} of channel {ch}: {o} against {w}");
-        }
-    }
+    check(&after, expect(refs.chunks_exact(4).map(|s| batch_tensor(s, (64, 64), &plain)).collect()));
+    // Images of their own sizes: each shard zero-padded to its largest, rounded up to 16.
+    let sizes: Vec<(usize, usize)> =
+        (0..14).map(|i| [(40, 40), (24, 56), (40, 24), (24, 24), (64, 64)][i % 5]).collect();
+    let cropped: Vec<Vec<u8>> = images.iter().zip(&sizes).map(|(im, &(h, w))| im[..h * w * 3].to_vec()).collect();
+    let crefs: Vec<&[u8]> = cropped.iter().map(Vec::as_slice).collect();
+    let sized = emo_dense::bn::precise_bn_sized(&model, &crefs, &sizes, 16, 4, &device).unwrap();
+    let shards: Vec<Tensor<4>> = (0..3)
+        .map(|s| {
+            let sz = &sizes[s * 4..s * 4 + 4];
+            let hw = sz.iter().fold((0, 0), |a, x| (a.0.max(x.0.div_ceil(16) * 16), a.1.max(x.1.div_ceil(16) * 16)));
+            emo_dense::predict::batch_tensor_padded(&crefs[s * 4..s * 4 + 4], sz, hw, &plain)
+        })
+        .collect();
+    assert_eq!(shards[0].dims()[2..], [48, 64], "the first shard's largest, (40, 56) rounded up to 16");
+    check(&sized, expect(shards));
     for (k, t) in &before.tensors {
         if !k.contains(".running_") {
             assert!(after.get(k) == Some(t), "{k} changed");
