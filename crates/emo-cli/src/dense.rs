@@ -499,11 +499,6 @@ fn for_each_image(images: &[PathBuf], mut f: impl FnMut(&Path, image::RgbImage) 
     Ok(())
 }
 
-/// `img` resized to `input` (H, W) as the training splits are decoded (triangle filter).
-fn resized_rgb(img: &image::RgbImage, input: (usize, usize)) -> Vec<u8> {
-    image::imageops::resize(img, input.1 as u32, input.0 as u32, image::imageops::FilterType::Triangle).into_raw()
-}
-
 fn out_name(out: &Path, img: &Path, ext: &str) -> PathBuf {
     out.join(format!("{}.{ext}", img.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default()))
 }
@@ -569,7 +564,7 @@ pub fn detect_cmd(
                 let (rgb, size) = t.apply(&orig);
                 (Resized { rgb, size, orig: own }, t.padded(size))
             }
-            None => (Resized { rgb: resized_rgb(&orig, input), size: input, orig: own }, input),
+            None => (Resized { rgb: emo_dense::data::squeeze_rgb(&orig, input), size: input, orig: own }, input),
         };
         let (sx, sy) = (own.1 as f32 / r.size.1 as f32, own.0 as f32 / r.size.0 as f32);
         let mut dets =
@@ -644,7 +639,7 @@ pub fn segment_cmd(
                 let (rgb, to) = t.apply(&orig);
                 batch_tensor(&[&rgb], to, &device)
             }
-            None => batch_tensor(&[&resized_rgb(&orig, input)], input, &device),
+            None => batch_tensor(&[&emo_dense::data::squeeze_rgb(&orig, input)], input, &device),
         };
         // The class map at the image's own size: the logits resized to it (mmseg's `rescale`).
         let pred = segment_aug(model.as_ref(), x, aug, &[(orig.height() as usize, orig.width() as usize)])?.remove(0);

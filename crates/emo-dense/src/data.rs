@@ -323,12 +323,21 @@ pub struct Resized {
     pub orig: (usize, usize),
 }
 
-/// Decode one image and resize it to `size` (bilinear); `None` if unreadable.
+/// Decode one image and squeeze it to `size` ([`squeeze_rgb`]); `None` if unreadable.
 fn decode_image(p: &Path, size: (usize, usize)) -> Decoded {
-    let img = image::open(p).ok()?;
+    let img = image::open(p).ok()?.to_rgb8();
     let orig = (img.height() as usize, img.width() as usize);
-    let r = if orig == size { img } else { img.resize_exact(size.1 as u32, size.0 as u32, FilterType::Triangle) };
-    Some((r.to_rgb8().into_raw(), orig))
+    Some((if orig == size { img.into_raw() } else { squeeze_rgb(&img, size) }, orig))
+}
+
+/// An RGB image resized to (H, W) `size`, the aspect ratio not kept, as the splits are decoded
+/// for training at the input and `emo detect` / `emo segment` squeeze a photo: the triangle
+/// (bilinear, antialiased) filter; the pixels as they are at their own size.
+pub fn squeeze_rgb(img: &image::RgbImage, size: (usize, usize)) -> Vec<u8> {
+    if (img.height() as usize, img.width() as usize) == size {
+        return img.as_raw().clone();
+    }
+    image::imageops::resize(img, size.1 as u32, size.0 as u32, FilterType::Triangle).into_raw()
 }
 
 /// Decode images and resize them to `size` (bilinear) in parallel; `None` for unreadable ones.
