@@ -53,13 +53,24 @@ pub fn retina_anchors(cfg: &DenseConfig) -> Vec<BBox> {
     out
 }
 
-/// Each level's grid (H, W), (y, x) stride and anchors per location.
-fn levels(cfg: &DenseConfig) -> Vec<((usize, usize), (f64, f64), usize)> {
+/// One anchor level: its grid (H, W), (y, x) stride and anchors per location.
+struct Level {
+    size: (usize, usize),
+    stride: (f64, f64),
+    per: usize,
+}
+
+/// The anchor levels of a detection config.
+fn levels(cfg: &DenseConfig) -> Vec<Level> {
     match cfg.task {
-        emo_spec::Task::SsdLite => cfg.ssd_anchor_levels().iter().map(|lv| (lv.size, lv.stride, 6)).collect(),
+        emo_spec::Task::SsdLite => {
+            cfg.ssd_anchor_levels().iter().map(|lv| Level { size: lv.size, stride: lv.stride, per: 6 }).collect()
+        }
         _ => {
             let sizes = cfg.level_sizes().into_iter().enumerate();
-            sizes.map(|(l, size)| (size, ((8usize << l) as f64, (8usize << l) as f64), 9)).collect()
+            sizes
+                .map(|(l, size)| Level { size, stride: ((8usize << l) as f64, (8usize << l) as f64), per: 9 })
+                .collect()
         }
     }
 }
@@ -70,7 +81,7 @@ fn levels(cfg: &DenseConfig) -> Vec<((usize, usize), (f64, f64), usize)> {
 /// One flag per anchor, in [`anchors`]' order.
 pub fn valid_flags(cfg: &DenseConfig, pad: (usize, usize)) -> Vec<bool> {
     let mut out = Vec::new();
-    for ((h, w), (sy, sx), per) in levels(cfg) {
+    for Level { size: (h, w), stride: (sy, sx), per } in levels(cfg) {
         let vh = ((pad.0 as f64 / sy).ceil() as usize).min(h);
         let vw = ((pad.1 as f64 / sx).ceil() as usize).min(w);
         for y in 0..h {
@@ -85,7 +96,7 @@ pub fn valid_flags(cfg: &DenseConfig, pad: (usize, usize)) -> Vec<bool> {
 /// Anchors per level, in the order [`anchors`] lays them out (each level's positions times its
 /// anchors per position): where mmdet's test keeps the `nms_pre` best of each level.
 pub fn level_counts(cfg: &DenseConfig) -> Vec<usize> {
-    levels(cfg).into_iter().map(|((h, w), _, per)| h * w * per).collect()
+    levels(cfg).into_iter().map(|lv| lv.size.0 * lv.size.1 * lv.per).collect()
 }
 
 /// The anchors of a detection config.

@@ -117,7 +117,7 @@ impl DetDataset {
     /// Image `i` read from disk at its own size, with that (H, W) and its boxes in its own
     /// pixels (the stored input-coordinate boxes scaled back): what keep-ratio training
     /// ([`det_keep_ratio`]) starts from.
-    pub fn full(&self, i: usize) -> Result<(Vec<u8>, (usize, usize), Vec<BBox>), DenseError> {
+    pub fn full(&self, i: usize) -> Result<FullDet, DenseError> {
         let im = &self.images[i];
         let img = image::open(&im.path).map_err(|_| unreadable(&im.path))?.to_rgb8();
         let hw = (img.height() as usize, img.width() as usize);
@@ -575,6 +575,9 @@ pub type Pair<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
 
 /// An image's RGB and label map at their own (H, W) ([`SegDataset::pair_full`]).
 pub type FullPair = (Vec<u8>, Vec<u8>, (usize, usize));
+
+/// A detection image at its own size ([`DetDataset::full`]): RGB, (H, W), boxes in its pixels.
+pub type FullDet = (Vec<u8>, (usize, usize), Vec<BBox>);
 
 /// What evaluation needs of one image ([`SegDataset::eval_pair`]).
 pub struct EvalPair<'a> {
