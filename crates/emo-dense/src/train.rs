@@ -1044,18 +1044,15 @@ impl DenseTrainer {
                 }
             }
         }
-        let bhw = match self.cfg.train_scale.filter(|_| self.cfg.task.is_detection()) {
-            Some(_) => {
-                let (bhw, t) = keep_ratio_targets(&self.card.model, &mut self.anchors, &sizes, &gts);
-                tgts = t;
-                bhw
-            }
-            None => {
-                let anchors = if gts.is_empty() { &[][..] } else { self.anchors.get(&self.card.model, hw) };
-                tgts.extend(gts.iter().map(|(b, l)| targets_valid(&assigner, &coder, anchors, None, b, l, k)));
-                hw
-            }
-        };
+        // Keep-ratio detection pads each data-parallel shard as mmdet pads each GPU's batch, and
+        // assigns its images on that size's anchors ([`keep_ratio_targets`]); otherwise every
+        // image is at the input, assigned on its anchors here.
+        let keep_ratio_det = self.cfg.task.is_detection() && self.cfg.train_scale.is_some();
+        if !keep_ratio_det && !gts.is_empty() {
+            let anchors = self.anchors.get(&self.card.model, hw);
+            tgts.extend(gts.iter().map(|(b, l)| targets_valid(&assigner, &coder, anchors, None, b, l, k)));
+        }
+        let (card_model, anchor_cache) = (&self.card.model, &mut self.anchors);
         // Forward and backward per data-parallel shard (`emo_train::parallel::step`); each
         // replica hands back its named loss parts, weighted by its share of the batch.
         let (task, npr, aux_w, ohem) = (self.cfg.task, self.cfg.neg_pos_ratio, self.cfg.aux_weight, self.cfg.ohem);
@@ -1073,7 +1070,13 @@ impl DenseTrainer {
                 let share = r.len() as f64 / b as f64;
                 let imgs: Vec<Vec<u8>> = rgbs[r.clone()].to_vec();
                 let sz: Vec<(usize, usize)> = sizes[r.clone()].to_vec();
-                let t: Vec<Targets> = if tgts.is_empty() { vec![] } else { tgts[r.clone()].to_vec() };
+                let (bhw, t): ((usize, usize), Vec<Targets>) = if keep_ratio_det {
+                    keep_ratio_targets(card_model, anchor_cache, &sz, &gts[r.clone()])
+                } else if tgts.is_empty() {
+                    (hw, vec![])
+                } else {
+                    (hw, tgts[r.clone()].to_vec())
+                };
                 let lab: Vec<u8> = if labels.is_empty() {
                     vec![]
                 } else {
@@ -1288,9 +1291,10 @@ impl DenseTrainer {
 
 /// The batch (H, W) and training targets of images resized keeping their aspect ratio (their
 /// (H, W) `sizes`, `gts` their boxes and labels) for `model`: each padded to 32, the batch to
-/// its largest (mmdet's `Pad(size_divisor=32)`, then collate), and each image assigned on the
-/// anchors of the batch's size within its own padded size only ([`anchors::valid_flags`]): the
-/// anchors over the rest of the batch's padding get no loss.
+/// its largest (mmdet's `Pad(size_divisor=32)`, then collate, per GPU: here per data-parallel
+/// shard), and each image assigned on the anchors of the batch's size within its own padded
+/// size only ([`anchors::valid_flags`]): the anchors over the rest of the batch's padding get no
+/// loss.
 pub fn keep_ratio_targets(
     model: &DenseConfig,
     anchors: &mut AnchorsBySize,

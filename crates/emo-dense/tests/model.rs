@@ -553,6 +553,8 @@ fn retinanet_trains_keep_ratio_on_images_of_several_sizes_and_resumes_exactly() 
     varied_size_set(&data, 12, 6);
     let mut c = cfg(Task::RetinaNet, &data);
     (c.epochs, c.batch, c.geometric_augment, c.train_scale) = (3, 4, true, Some((96, 64)));
+    // Two data-parallel shards, each padded to its own largest image (as mmdet per GPU).
+    c.workers = 2;
     let device = Device::flex().autodiff();
     let (a, b) = (tmp("kr-a"), tmp("kr-b"));
     let mut t = quiet(DenseTrainer::new(c.clone(), &a, device.clone()));
