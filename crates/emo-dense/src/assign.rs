@@ -41,13 +41,9 @@ impl MaxIou {
         }
         let mut best_gt = vec![(0usize, -1.0f32); anchors.len()];
         let mut best_anchor = vec![(0usize, -1.0f32); gts.len()];
-        let mut overlaps = if self.max_assign_all { Vec::with_capacity(anchors.len() * gts.len()) } else { vec![] };
         for (a, an) in anchors.iter().enumerate() {
             for (g, gt) in gts.iter().enumerate() {
                 let o = iou(an, gt);
-                if self.max_assign_all {
-                    overlaps.push(o);
-                }
                 if o > best_gt[a].1 {
                     best_gt[a] = (g, o);
                 }
@@ -74,8 +70,10 @@ impl MaxIou {
                 continue;
             }
             if self.max_assign_all {
-                for (i, slot) in out.iter_mut().enumerate() {
-                    if overlaps[i * gts.len() + g] == o {
+                // The IoUs recomputed (the same f32s) rather than kept: anchors x boxes of them
+                // would be 40 MB for a crowded COCO image at 1333x800.
+                for (slot, an) in out.iter_mut().zip(anchors) {
+                    if iou(an, &gts[g]) == o {
                         *slot = Assigned::Positive(g);
                     }
                 }
