@@ -6,7 +6,7 @@
 #   scripts/gpu_check.sh EMO_BINARY FASHION_MNIST_DIR OUT_DIR [TRAIN_SECONDS]
 #
 # PARTS (default "verify bench fmnist dense") picks the parts; the dense part also runs PSPNet,
-# SSDLite and RetinaNet for a few hundred images each.
+# SSDLite and RetinaNet for a few hundred images each, and RetinaNet keep-ratio 1333x800 on 64.
 #
 # Writes the logs and each run's config / metrics / curves to OUT_DIR. Needs a Vulkan loader
 # (libvulkan1) and the GPU vendor's Vulkan driver.
@@ -60,5 +60,9 @@ for task in pspnet ssdlite retinanet; do
     --train-limit 320 --backbone-weights assets/emo1m-fashion-mnist.safetensors --out /tmp/gpu-$task 2>&1 \
     | grep -v XDG_RUNTIME_DIR | grep -v "^\s*$" | tail -4
 done
+log "train: retinanet keep-ratio 1333x800 (mmdet's COCO pipeline: padded batches, valid anchors), 64 canvases"
+timeout 120 "$EMO" --backend vulkan train --task retinanet --data /tmp/canvas-seg192 --train-scale 1333x800 --epochs 1 \
+  --batch 8 --train-limit 64 --eval-limit 16 --backbone-weights assets/emo1m-fashion-mnist.safetensors \
+  --out /tmp/gpu-retinanet-keep 2>&1 | grep -v XDG_RUNTIME_DIR | grep -v "^\s*$" | tail -4
 fi
 log done
