@@ -305,7 +305,7 @@ fn test_scale(asked: Option<&str>, card: &ModelCard) -> Result<Option<TestScale>
             let scale = parse_scale(s).with_context(|| {
                 format!("--test-scale expects LONGxSHORT (e.g. 2048x512), `paper` or `input`, got {s:?}")
             })?;
-            Ok(Some(TestScale { scale, keep_ratio: true, pad: if task.is_detection() { 32 } else { 1 } }))
+            Ok(Some(TestScale::keep_ratio_for(task, scale)))
         }
     }
 }

@@ -11,6 +11,7 @@ use burn::tensor::{Device, Tensor};
 use emo_weights::{StateDict, Tensor as Stored};
 
 use crate::DenseError;
+use crate::data::batch_size_padded;
 use crate::model::DenseModel;
 use crate::predict::batch_tensor_padded;
 
@@ -84,11 +85,9 @@ pub fn precise_bn_sized(
         Ok(layers.iter().map(|l| (get(format!("{l}.running_mean")), get(format!("{l}.running_var")))).collect())
     };
     let zero = filled(0.0);
-    let p = pad.max(1);
     let batch = |i: usize| {
         let (imgs, sz) = (&images[i * shard..(i + 1) * shard], &sizes[i * shard..(i + 1) * shard]);
-        let hw = sz.iter().fold((0, 0), |a, s| (a.0.max(s.0.div_ceil(p) * p), a.1.max(s.1.div_ceil(p) * p)));
-        batch_tensor_padded(imgs, sz, hw, device)
+        batch_tensor_padded(imgs, sz, batch_size_padded(sz, pad), device)
     };
     let shards: Vec<usize> = (0..images.len() / shard).collect();
     let x0 = batch(0);

@@ -257,13 +257,29 @@ fn no_pad() -> usize {
     1
 }
 
+/// mmdet's `Pad(size_divisor=32)`: a detector's keep-ratio image (RetinaNet's, in training and
+/// test) is zero-padded to a multiple of this.
+pub const DETECTION_PAD: usize = 32;
+
+/// (H, W) rounded up to multiples of `pad` (0 or 1: unchanged).
+pub fn pad_to((h, w): (usize, usize), pad: usize) -> (usize, usize) {
+    let p = pad.max(1);
+    (h.div_ceil(p) * p, w.div_ceil(p) * p)
+}
+
+/// The (H, W) a batch of images of `sizes` runs at: each padded to `pad`, then the batch to its
+/// largest (mmdet's `Pad`, then collate).
+pub fn batch_size_padded(sizes: &[(usize, usize)], pad: usize) -> (usize, usize) {
+    sizes.iter().map(|&s| pad_to(s, pad)).fold((0, 0), |a, s| (a.0.max(s.0), a.1.max(s.1)))
+}
+
 impl TestScale {
     /// mmseg's ADE20K test resize: keep-ratio (2048, 512), no padding.
     pub const ADE20K: TestScale = TestScale { scale: (2048, 512), keep_ratio: true, pad: 1 };
     /// mmdet's SSDLite test resize: (320, 320), the aspect ratio not kept.
     pub const SSDLITE: TestScale = TestScale { scale: (320, 320), keep_ratio: false, pad: 1 };
     /// mmdet's RetinaNet (1x COCO) test resize: keep-ratio (1333, 800), padded to 32.
-    pub const RETINANET: TestScale = TestScale { scale: (1333, 800), keep_ratio: true, pad: 32 };
+    pub const RETINANET: TestScale = TestScale { scale: (1333, 800), keep_ratio: true, pad: DETECTION_PAD };
 
     /// The official config's test resize of `task` (spec §12).
     pub fn paper(task: emo_spec::Task) -> Self {
@@ -279,6 +295,13 @@ impl TestScale {
         TestScale { scale, keep_ratio: true, pad: 1 }
     }
 
+    /// Keep-ratio at (long, short) bounds as `task`'s pipelines resize: a detector's input
+    /// padded to [`DETECTION_PAD`], a segmenter's not.
+    pub fn keep_ratio_for(task: emo_spec::Task, scale: (usize, usize)) -> Self {
+        let pad = if task.is_detection() { DETECTION_PAD } else { 1 };
+        TestScale { pad, ..Self::keep_ratio(scale) }
+    }
+
     /// The (H, W) an (H, W) image is resized to.
     pub fn resized(&self, hw: (usize, usize)) -> (usize, usize) {
         if self.keep_ratio { keep_ratio_size(hw, self.scale) } else { (self.scale.1, self.scale.0) }
@@ -286,8 +309,7 @@ impl TestScale {
 
     /// The (H, W) the model runs on: `resized`, padded up to a multiple of `pad`.
     pub fn padded(&self, resized: (usize, usize)) -> (usize, usize) {
-        let p = self.pad.max(1);
-        (resized.0.div_ceil(p) * p, resized.1.div_ceil(p) * p)
+        pad_to(resized, self.pad)
     }
 
     /// Read `path` and resize it.
@@ -1054,26 +1076,37 @@ pub fn augment(
     w: usize,
 ) {
     if rng.uniform() < 0.5 {
-        for y in 0..h {
-            for x in 0..w / 2 {
-                for c in 0..3 {
-                    rgb.swap((y * w + x) * 3 + c, (y * w + w - 1 - x) * 3 + c);
-                }
-            }
-        }
+        flip_rgb(rgb, w);
         if let Some(l) = label {
             for y in 0..h {
                 l[y * w..(y + 1) * w].reverse();
             }
         }
         if let Some(bs) = boxes.as_deref_mut() {
-            for b in bs.iter_mut() {
-                *b = [w as f32 - b[2], b[1], w as f32 - b[0], b[3]];
-            }
+            flip_boxes(bs, w);
         }
     }
     let detection = boxes.is_some();
     photometric_distortion(rng, rgb, if detection { 18.0 } else { 36.0 }, detection);
+}
+
+/// Mirror an RGB image `w` pixels wide left to right, in place.
+fn flip_rgb(rgb: &mut [u8], w: usize) {
+    for row in rgb.chunks_exact_mut(w * 3) {
+        for x in 0..w / 2 {
+            for c in 0..3 {
+                row.swap(x * 3 + c, (w - 1 - x) * 3 + c);
+            }
+        }
+    }
+}
+
+/// Mirror boxes on an image `w` pixels wide (mmdet 2.x: `x -> w - x`).
+fn flip_boxes(boxes: &mut [BBox], w: usize) {
+    let w = w as f32;
+    for b in boxes {
+        *b = [w - b[2], b[1], w - b[0], b[3]];
+    }
 }
 
 /// [`augment`] (segmentation) of the top-left `valid` (H, W) of an `hw` image only: mmseg flips
@@ -1256,16 +1289,8 @@ pub fn det_keep_ratio(
         ];
     }
     if rng.uniform() < 0.5 {
-        for row in out.chunks_exact_mut(to.1 * 3) {
-            for x in 0..to.1 / 2 {
-                for c in 0..3 {
-                    row.swap(x * 3 + c, (to.1 - 1 - x) * 3 + c);
-                }
-            }
-        }
-        for b in boxes.iter_mut() {
-            *b = [w - b[2], b[1], w - b[0], b[3]];
-        }
+        flip_rgb(&mut out, to.1);
+        flip_boxes(boxes, to.1);
     }
     (out, to)
 }

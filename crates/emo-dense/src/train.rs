@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use crate::assign::{MaxIou, Targets, targets_valid};
 use crate::boxes::{BBox, BoxCoder};
 use crate::data::{
-    DetDataset, PAPER_RESCALE, SegDataset, TestScale, augment, augment_top_left, det_keep_ratio, index_coco, list_seg,
-    seg_geometry_keep_ratio, seg_geometry_with, ssd_geometry,
+    DETECTION_PAD, DetDataset, PAPER_RESCALE, SegDataset, TestScale, augment, augment_top_left, batch_size_padded,
+    det_keep_ratio, index_coco, list_seg, pad_to, seg_geometry_keep_ratio, seg_geometry_with, ssd_geometry,
 };
 use crate::fast::DenseInfer;
 use crate::loss::{Ohem, focal_loss, se_loss, seg_loss_with, ssd_loss};
@@ -143,9 +143,6 @@ pub struct DenseTrainConfig {
     pub stream: Option<bool>,
 }
 
-/// mmdet's `Pad(size_divisor=32)` of RetinaNet's keep-ratio pipelines.
-pub const KEEP_RATIO_PAD: usize = 32;
-
 /// Splits that would take more than this decoded (4 GiB) are streamed by default.
 pub const STREAM_ABOVE_BYTES: usize = 4 << 30;
 
@@ -228,8 +225,7 @@ impl DenseTrainConfig {
     /// What a keep-ratio-trained run tests at: its training scale, keep-ratio, a detector's
     /// input padded to 32 as mmdet's `Pad(size_divisor=32)`; `None` without `train_scale`.
     pub fn test_scale(&self) -> Option<TestScale> {
-        let pad = if self.task.is_detection() { KEEP_RATIO_PAD } else { 1 };
-        self.train_scale.map(|scale| TestScale { pad, ..TestScale::keep_ratio(scale) })
+        self.train_scale.map(|scale| TestScale::keep_ratio_for(self.task, scale))
     }
 
     /// Learning rate at iteration `t` of `total`.
@@ -1301,10 +1297,7 @@ pub fn keep_ratio_targets(
     sizes: &[(usize, usize)],
     gts: &[(Vec<BBox>, Vec<usize>)],
 ) -> ((usize, usize), Vec<Targets>) {
-    let pad = |(h, w): (usize, usize)| {
-        (h.div_ceil(KEEP_RATIO_PAD) * KEEP_RATIO_PAD, w.div_ceil(KEEP_RATIO_PAD) * KEEP_RATIO_PAD)
-    };
-    let bhw = sizes.iter().map(|&s| pad(s)).fold((0, 0), |a, s| (a.0.max(s.0), a.1.max(s.1)));
+    let bhw = batch_size_padded(sizes, DETECTION_PAD);
     let (assigner, coder) = (MaxIou::for_task(model.task), BoxCoder::for_task(model.task));
     let at = DenseConfig { input: bhw, ..model.clone() };
     let all = anchors.get(model, bhw);
@@ -1312,7 +1305,7 @@ pub fn keep_ratio_targets(
         .iter()
         .zip(sizes)
         .map(|((boxes, labels), &size)| {
-            let valid = anchors::valid_flags(&at, pad(size));
+            let valid = anchors::valid_flags(&at, pad_to(size, DETECTION_PAD));
             targets_valid(&assigner, &coder, all, Some(&valid), boxes, labels, model.num_classes)
         })
         .collect();
