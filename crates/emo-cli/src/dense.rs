@@ -438,18 +438,12 @@ fn recalibrate(
     let (sd, used) = match scale {
         None => {
             let train = load_split(task, data, "train", input, true, rzl, n)?;
-            let images: Vec<&[u8]> = match &train {
-                emo_dense::train::DenseData::Det(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
-                emo_dense::train::DenseData::Seg(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
-            };
+            let images = train.decoded_rgb();
             (emo_dense::bn::precise_bn(model, &images, input, shard, &autodiff)?, images.len())
         }
         Some(s) => {
             let train = emo_dense::train::index_split(task, data, "train", input, true, rzl, n)?;
-            let paths: Vec<PathBuf> = match &train {
-                emo_dense::train::DenseData::Det(d) => d.images.iter().map(|i| i.path.clone()).collect(),
-                emo_dense::train::DenseData::Seg(d) => d.images.iter().map(|i| i.path.clone()).collect(),
-            };
+            let paths = train.image_paths();
             let loaded = emo_train::parallel::map_each(&paths, emo_train::parallel::cores(), |p| s.load(p));
             let loaded = loaded.into_iter().collect::<Result<Vec<_>, _>>()?;
             let images: Vec<&[u8]> = loaded.iter().map(|r| r.rgb.as_slice()).collect();
@@ -591,7 +585,8 @@ pub fn detect_cmd(
             .take(5)
             .map(|d| format!("{} {:.2}", card.classes.get(d.label).map_or("?", String::as_str), d.score))
             .collect();
-        println!("{}: {} detections [{}] -> {}", p.display(), dets.len(), top.join(", "), pp.display());
+        let noun = if dets.len() == 1 { "detection" } else { "detections" };
+        println!("{}: {} {noun} [{}] -> {}", p.display(), dets.len(), top.join(", "), pp.display());
         Ok(())
     })
 }

@@ -423,6 +423,20 @@ impl DenseData {
             DenseData::Seg(d) => d.decoded_bytes(),
         }
     }
+    /// Where each image is read from, in order.
+    pub fn image_paths(&self) -> Vec<&Path> {
+        match self {
+            DenseData::Det(d) => d.images.iter().map(|i| i.path.as_path()).collect(),
+            DenseData::Seg(d) => d.images.iter().map(|i| i.path.as_path()).collect(),
+        }
+    }
+    /// Each image's RGB at the model input size, in order (empty slices in a streamed split).
+    pub fn decoded_rgb(&self) -> Vec<&[u8]> {
+        match self {
+            DenseData::Det(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
+            DenseData::Seg(d) => d.images.iter().map(|i| i.rgb.as_slice()).collect(),
+        }
+    }
     /// A streamed split with its label maps checked ([`SegDataset::checked`]; detection splits
     /// have none).
     fn checked(self) -> Result<Self, DenseError> {
