@@ -59,7 +59,20 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
         Some(dir) => DenseTrainer::resume_with(dir, device, a.stream)?,
         None => {
             let input = a.input.unwrap_or(task.paper_input());
-            let mut cfg = DenseTrainConfig::new(task, a.variant, PathBuf::from(&a.data), input);
+            ensure!(
+                a.init_weights.is_none() || a.backbone_weights.is_none(),
+                "--init-weights (a whole trained model) and --backbone-weights: one or the other"
+            );
+            // A fine-tune runs on its weights' backbone unless --variant says otherwise (the
+            // trainer then names the mismatch).
+            let variant = match &a.init_weights {
+                Some(w) if !a.variant_given => ModelCard::with_weights(w, None)
+                    .ok()
+                    .and_then(|(_, card, _)| card.model.backbone.variant)
+                    .unwrap_or(a.variant),
+                _ => a.variant,
+            };
+            let mut cfg = DenseTrainConfig::new(task, variant, PathBuf::from(&a.data), input);
             (cfg.epochs, cfg.batch, cfg.seed) = (a.epochs, a.batch, a.seed);
             (cfg.limit_train, cfg.limit_val) = (a.train_limit, a.eval_limit);
             cfg.epoch_images = a.epoch_images;
@@ -69,6 +82,9 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             if let Some(w) = &a.backbone_weights {
                 cfg = cfg.with_backbone_weights(w.clone());
             }
+            if let Some(w) = &a.init_weights {
+                cfg = cfg.with_init_weights(w.clone());
+            }
             cfg.lr = a.lr.unwrap_or(cfg.lr);
             cfg.weight_decay = a.weight_decay.unwrap_or(cfg.weight_decay);
             cfg.warmup_iters = a.warmup_iters.unwrap_or(cfg.warmup_iters);
@@ -76,7 +92,6 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             cfg.frozen_stages = a.frozen_stages.unwrap_or(cfg.frozen_stages);
             cfg.geometric_augment = !a.light_augment;
             if let Some(r) = &a.rescale_range {
-                ensure!(!task.is_detection(), "--rescale-range is for segmentation tasks");
                 ensure!(
                     !a.light_augment,
                     "--rescale-range sets the geometric augmentation that --light-augment turns off"
@@ -90,7 +105,6 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             }
             ensure!(a.ohem_min_kept.is_none() || a.ohem_thresh.is_some(), "--ohem-min-kept needs --ohem-thresh");
             if let Some(thresh) = a.ohem_thresh {
-                ensure!(!task.is_detection(), "--ohem-thresh is for segmentation tasks");
                 ensure!(thresh > 0.0 && thresh <= 1.0, "--ohem-thresh must be in (0, 1]");
                 let min_kept = a.ohem_min_kept.unwrap_or(input.0 * input.1 / 5);
                 cfg.ohem = Some(emo_dense::loss::Ohem { thresh, min_kept });
@@ -100,7 +114,6 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 cfg.drop_path = Some(p);
             }
             if let Some(p) = a.head_dropout {
-                ensure!(!task.is_detection(), "--head-dropout is for segmentation tasks");
                 ensure!((0.0..1.0).contains(&p), "--head-dropout must be in [0, 1)");
                 cfg.head_dropout = p;
             }
@@ -110,11 +123,9 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 cfg.label_smoothing = eps;
             }
             if let Some(w) = a.se_weight {
-                ensure!(!task.is_detection(), "--se-weight is for segmentation tasks");
                 cfg.se_weight = w;
             }
             if let Some(w) = a.aux_weight {
-                ensure!(!task.is_detection(), "--aux-weight is for segmentation tasks");
                 cfg.aux_weight = w;
             }
             // Both checked (>= 0, finite) by `DenseTrainer::new` before it reads or writes anything.
@@ -162,10 +173,13 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
                 None => None,
             };
             cfg.workers = a.workers.unwrap_or_else(|| crate::backend::chosen().default_workers(a.batch));
-            let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{}", a.variant)));
+            let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{task}-{variant}")));
             DenseTrainer::new(cfg, &dir, device)?
         }
     };
+    if let Some(note) = &t.init_note {
+        eprintln!("{note}");
+    }
     let (n_train, n_val) = t.data_sizes();
     // A keep-ratio detector has no fixed input: each batch runs at its images' padded size.
     let input = match t.cfg.test_scale() {
@@ -236,30 +250,24 @@ fn infer_model(
 
 /// The weights and their model card (see [`load_model`]).
 fn load_checkpoint(weights: &Path, card: Option<&Path>) -> Result<(emo_weights::StateDict, ModelCard)> {
-    let sd = emo_weights::load(weights).with_context(|| format!("loading {}", weights.display()))?;
-    let beside = weights.with_file_name("model.json");
-    let card = match card.map(Path::to_path_buf).or_else(|| beside.exists().then_some(beside)) {
-        Some(card_path) => {
-            let text = std::fs::read_to_string(&card_path).with_context(|| {
-                format!("reading {} (the model card written by `emo train --task`)", card_path.display())
-            })?;
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", card_path.display()))?
-        }
-        None => {
-            let c = ModelCard::infer(&sd).with_context(|| format!("{}", weights.display()))?;
-            eprintln!(
-                "{}: no model card; an official {} checkpoint: {}, {} classes, input {}x{}",
-                weights.display(),
-                c.model.task,
-                c.model.backbone.name(),
-                c.classes.len(),
-                c.model.input.0,
-                c.model.input.1
-            );
-            c
-        }
-    };
+    let (sd, card, inferred) =
+        ModelCard::with_weights(weights, card).with_context(|| format!("loading {}", weights.display()))?;
+    if inferred {
+        eprintln!("{}: no model card; {}", weights.display(), official_card(&card));
+    }
     Ok((sd, card))
+}
+
+/// "an official retinanet checkpoint: EMO-1M, 80 classes, input 800x1333".
+fn official_card(c: &ModelCard) -> String {
+    format!(
+        "an official {} checkpoint: {}, {} classes, input {}x{}",
+        c.model.task,
+        c.model.backbone.name(),
+        c.classes.len(),
+        c.model.input.0,
+        c.model.input.1
+    )
 }
 
 /// `emo eval --task`: what to evaluate and how.

@@ -343,6 +343,9 @@ enum Cmd {
 pub(crate) struct TrainOpts {
     #[arg(long, default_value = "emo-1m")]
     pub variant: Variant,
+    /// Whether --variant was given on the command line (set from the matches in `main`).
+    #[arg(skip)]
+    pub variant_given: bool,
     /// ssdlite, retinanet, deeplabv3 or pspnet (default: classification).
     #[arg(long)]
     pub task: Option<Task>,
@@ -471,7 +474,11 @@ pub(crate) struct TrainOpts {
     /// The result is the same.
     #[arg(long)]
     pub stream: Option<bool>,
-    /// Fine-tune from these weights (e.g. official ImageNet weights; the head is replaced).
+    /// Fine-tune from these weights. Classification: e.g. the official ImageNet weights (the
+    /// head is replaced). Dense tasks: a whole trained model of the same task (a run's
+    /// `best.safetensors`, its `model.json` beside it, or an official mmdet / mmseg checkpoint;
+    /// its variant unless --variant is given): every weight loaded, the classifiers too when the
+    /// classes are the same, else they start afresh (mmdet's `load_from`).
     #[arg(long)]
     pub init_weights: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
@@ -529,6 +536,65 @@ fn resume_conflicts(def: &clap::Command, train: &clap::ArgMatches) -> Vec<String
         .collect()
 }
 
+/// `emo train` options that serve classification runs only.
+const CLASSIFICATION_ONLY: [&str; 5] = ["size", "rand_augment", "border", "random_erasing", "warmup_epochs"];
+/// `emo train` options that serve dense tasks only.
+const DENSE_ONLY: [&str; 10] = [
+    "input",
+    "backbone_weights",
+    "warmup_iters",
+    "norm_eval",
+    "frozen_stages",
+    "light_augment",
+    "train_scale",
+    "epoch_images",
+    "stream",
+    "backbone_lr_mult",
+];
+/// `emo train` options that serve segmentation only.
+const SEGMENTATION_ONLY: [&str; 7] =
+    ["ohem_thresh", "ohem_min_kept", "rescale_range", "head_dropout", "aux_weight", "se_weight", "reduce_zero_label"];
+
+/// The options given on the command line of `emo train` that the kind of run it starts
+/// (`task`: from `--task`; None: classification) would ignore, and why: an error names them all.
+/// A resumed run is checked by [`resume_conflicts`] instead.
+fn mode_conflicts(def: &clap::Command, train: &clap::ArgMatches, task: Option<Task>) -> Option<String> {
+    use clap::parser::ValueSource;
+    // "--a is" / "--a, --b are".
+    let list = |v: Vec<String>| format!("{} {}", v.join(", "), if v.len() == 1 { "is" } else { "are" });
+    let given = |ids: &[&str]| -> Vec<String> {
+        def.get_arguments()
+            .filter(|a| {
+                let id = a.get_id().as_str();
+                ids.contains(&id) && train.value_source(id) == Some(ValueSource::CommandLine)
+            })
+            .map(|a| format!("--{}", a.get_long().unwrap_or(a.get_id().as_str())))
+            .collect()
+    };
+    let (ids, why): (Vec<&str>, &str) = match task {
+        None => {
+            let dense = given(&DENSE_ONLY);
+            if !dense.is_empty() {
+                return Some(format!("{} for dense tasks (--task ...)", list(dense)));
+            }
+            (SEGMENTATION_ONLY.to_vec(), "for segmentation (--task deeplabv3|pspnet)")
+        }
+        Some(t) => {
+            let cls = given(&CLASSIFICATION_ONLY);
+            if !cls.is_empty() {
+                return Some(format!(
+                    "{} for classification (without --task); a dense task takes --input HxW and --warmup-iters",
+                    list(cls)
+                ));
+            }
+            let ids = if t.is_detection() { SEGMENTATION_ONLY.to_vec() } else { vec![] };
+            (ids, "for segmentation tasks (--task deeplabv3|pspnet)")
+        }
+    };
+    let found = given(&ids);
+    (!found.is_empty()).then(|| format!("{} {why}", list(found)))
+}
+
 /// What a run folder's `config.json` records: `Some(Some(task))` for a dense run, `Some(None)`
 /// for a classification run, None when the file cannot be read (the trainer's resume reports it).
 fn recorded_task(dir: &Path) -> Option<Option<Task>> {
@@ -572,8 +638,10 @@ fn main() -> Result<()> {
     tune_allocator();
     let def = Cli::command();
     let matches = def.clone().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    if let (Some(("train", train)), Some(train_def)) = (matches.subcommand(), def.find_subcommand("train")) {
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Some(("train", train)), Some(train_def), Cmd::Train(opts)) =
+        (matches.subcommand(), def.find_subcommand("train"), &mut cli.cmd)
+    {
         let conflicts = resume_conflicts(train_def, train);
         ensure!(
             conflicts.is_empty(),
@@ -581,6 +649,12 @@ fn main() -> Result<()> {
              (leave them out, or start a new run with --out)",
             conflicts.join(", ")
         );
+        if opts.resume.is_none()
+            && let Some(why) = mode_conflicts(train_def, train, opts.task)
+        {
+            bail!("{why}");
+        }
+        opts.variant_given = train.value_source("variant") == Some(clap::parser::ValueSource::CommandLine);
     }
     backend::choose(cli.backend);
     match cli.cmd {
@@ -758,27 +832,8 @@ fn train_classifier(o: TrainOpts) -> Result<()> {
         label_smoothing,
         warmup_epochs,
         random_erasing,
-        ohem_thresh,
-        ohem_min_kept,
-        rescale_range,
-        head_dropout,
-        aux_weight,
-        se_weight,
-        backbone_lr_mult,
-        stream,
         ..
     } = o;
-    ensure!(backbone_lr_mult.is_none(), "--backbone-lr-mult is for dense tasks (--task ...)");
-    ensure!(stream.is_none(), "--stream is for dense tasks (--task ...)");
-    ensure!(
-        ohem_thresh.is_none()
-            && ohem_min_kept.is_none()
-            && rescale_range.is_none()
-            && head_dropout.is_none()
-            && aux_weight.is_none()
-            && se_weight.is_none(),
-        "--ohem-thresh / --ohem-min-kept / --rescale-range / --head-dropout / --aux-weight / --se-weight are for segmentation (--task deeplabv3|pspnet)"
-    );
     // A resumed run reads its data spec and input size from its own config.
     let (data, size) = match &resume {
         Some(dir) => {

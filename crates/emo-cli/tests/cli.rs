@@ -460,6 +460,14 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         let run = tmp(&format!("run-{task}"));
         let _ = std::fs::remove_dir_all(&run);
         let args = ["train", "--task", task, "--data", d, "--input", "64x64", "--epochs", "1", "--batch", "8"];
+        // Options that the kind of run would ignore are refused, all named.
+        let o = emo(&[&args[..], &["--size", "64", "--warmup-epochs", "0", "--out", run.to_str().unwrap()]].concat());
+        let want = "--size, --warmup-epochs are for classification (without --task)";
+        assert!(!o.status.success() && stderr(&o).contains(want), "{}", stderr(&o));
+        let o = emo(&["train", "--input", "64x64", "--light-augment", "--out", run.to_str().unwrap()]);
+        let want = "--input, --light-augment are for dense tasks";
+        assert!(!o.status.success() && stderr(&o).contains(want), "{}", stderr(&o));
+        assert!(!run.exists());
         // OHEM is a segmentation option: a clear error for detection and for classification.
         let ohem = ["--ohem-thresh", "0.7"];
         if task == "ssdlite" {
@@ -571,6 +579,21 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         assert!(stdout(&o).contains(if task == "ssdlite" { "best mAP50" } else { "best mIoU" }), "{}", stdout(&o));
         assert!(stderr(&o).contains("epoch 1/1 ["), "progress bar: {}", stderr(&o));
         let w = run.join("best.safetensors");
+        // Fine-tuning the trained model: every weight loaded (the same classes), the variant
+        // its own; another variant, or the backbone's weights beside, refused before a run
+        // folder is made.
+        let ft = tmp(&format!("ft-{task}"));
+        let _ = std::fs::remove_dir_all(&ft);
+        let init = ["--init-weights", w.to_str().unwrap(), "--out", ft.to_str().unwrap()];
+        let o = emo(&[&args[..], &init[..], &["--variant", "emo-2m"]].concat());
+        assert!(!o.status.success() && stderr(&o).contains("this run's backbone is emo-2m"), "{}", stderr(&o));
+        let o = emo(&[&args[..], &init[..], &["--backbone-weights", w.to_str().unwrap()]].concat());
+        assert!(!o.status.success() && stderr(&o).contains("one or the other"), "{}", stderr(&o));
+        assert!(!ft.exists());
+        let o = emo(&[&args[..], &init[..]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains("every weight loaded, the classifiers too"), "{}", stderr(&o));
+        let _ = std::fs::remove_dir_all(&ft);
         let o = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d]);
         let want = if task == "ssdlite" { "AP50" } else { "mIoU" };
         assert!(o.status.success() && stdout(&o).contains(want), "{}{}", stdout(&o), stderr(&o));

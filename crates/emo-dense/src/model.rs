@@ -99,18 +99,20 @@ struct Builder<'a> {
     /// `cfg.head_convs()`, computed once.
     convs: Vec<HeadConv>,
     sd: Option<&'a StateDict>,
+    /// Keys initialised afresh even with `sd` (a fine-tune's classifiers).
+    fresh: &'a [String],
     device: Device,
 }
 
 impl Builder<'_> {
     fn tensor<const D: usize>(&self, key: &str, shape: [usize; D], fresh: impl FnOnce() -> Tensor<D>) -> Tensor<D> {
         match self.sd {
-            Some(sd) => {
+            Some(sd) if !self.fresh.iter().any(|k| k == key) => {
                 let t = sd.get(key).unwrap_or_else(|| panic!("validated checkpoint lacks `{key}`"));
                 let v = t.as_f32().unwrap_or_else(|| panic!("validated checkpoint: `{key}` is not float"));
                 Tensor::from_data(TensorData::new(v.to_vec(), shape), &self.device)
             }
-            None => fresh(),
+            _ => fresh(),
         }
     }
 
@@ -422,7 +424,7 @@ impl DenseModel {
             Some(sd) => Emo::from_state_dict(&cfg.backbone, sd, device)?,
             None => Emo::new(&cfg.backbone, device)?,
         };
-        Ok(Self::assemble(cfg, bb, None, device))
+        Ok(Self::assemble(cfg, bb, None, &[], device))
     }
 
     /// A whole model from its state dict (`backbone.*` + head keys), strictly validated.
@@ -430,11 +432,42 @@ impl DenseModel {
         cfg.validate()?;
         let bb = emo_weights::dense_backbone(sd, cfg)?;
         let backbone = Emo::from_state_dict(&cfg.backbone, &bb, device)?;
-        Ok(Self::assemble(cfg, backbone, Some(sd), device))
+        Ok(Self::assemble(cfg, backbone, Some(sd), &[], device))
     }
 
-    fn assemble(cfg: &DenseConfig, backbone: Emo, sd: Option<&StateDict>, device: &Device) -> Self {
-        let b = Builder { cfg, convs: cfg.head_convs(), sd, device: device.clone() };
+    /// A model to fine-tune from `sd`, a whole trained model of the same task and backbone
+    /// (mmdet / mmseg's `load_from`): every weight from `sd` but those of `fresh`, which must be
+    /// among [`DenseConfig::classifier_keys`] (the classifiers, when the classes change), and
+    /// the training-only semantic-encoding layer: those start from the heads' official init,
+    /// whatever `sd` holds under their names. Strict about everything else: a missing,
+    /// unexpected or mis-shaped key is an error that names it.
+    pub fn fine_tune_from(
+        cfg: &DenseConfig,
+        sd: &StateDict,
+        fresh: &[String],
+        device: &Device,
+    ) -> Result<Self, DenseError> {
+        cfg.validate()?;
+        let classifiers = cfg.classifier_keys();
+        if let Some(k) = fresh.iter().find(|k| !classifiers.contains(k)) {
+            return Err(DenseError::Data(format!(
+                "`{k}` is not a classifier key of {}; it cannot start afresh",
+                cfg.task
+            )));
+        }
+        let se = format!("{}.", emo_spec::SE_LAYER);
+        let fresh: Vec<String> = classifiers.into_iter().filter(|k| fresh.contains(k) || k.starts_with(&se)).collect();
+        let mut kept = sd.clone();
+        kept.tensors.retain(|k, _| !fresh.contains(k) && !k.starts_with(&se));
+        let expected: Vec<_> = cfg.state_dict_keys().into_iter().filter(|k| !fresh.contains(&k.name)).collect();
+        let what = format!("{} on {} (to fine-tune)", cfg.task, cfg.backbone.name());
+        emo_weights::validate_keys(&kept, &expected, &what)?;
+        let backbone = Emo::from_state_dict(&cfg.backbone, &emo_weights::backbone_part(&kept), device)?;
+        Ok(Self::assemble(cfg, backbone, Some(&kept), &fresh, device))
+    }
+
+    fn assemble(cfg: &DenseConfig, backbone: Emo, sd: Option<&StateDict>, fresh: &[String], device: &Device) -> Self {
+        let b = Builder { cfg, convs: cfg.head_convs(), sd, fresh, device: device.clone() };
         let head = match cfg.task {
             Task::SsdLite => DenseHead::Ssd(SsdLite::build(&b)),
             Task::RetinaNet => DenseHead::Retina(RetinaNet::build(&b)),

@@ -64,6 +64,13 @@ pub struct DenseTrainConfig {
     pub seed: u64,
     /// Initial backbone weights (a classification or backbone checkpoint).
     pub backbone_weights: Option<PathBuf>,
+    /// Fine-tune a whole trained model of the same task and variant (mmdet / mmseg's
+    /// `load_from`): a run's weights (its `model.json` beside them) or an official mmdet / mmseg
+    /// checkpoint. Every weight is loaded, the classifiers too when the classes are the same
+    /// (names, in order); otherwise they start afresh ([`DenseModel::fine_tune_from`]). Not
+    /// with `backbone_weights`.
+    #[serde(default)]
+    pub init_weights: Option<PathBuf>,
     /// Keep the backbone BNs in eval mode (mmdet `norm_eval`).
     pub norm_eval: bool,
     /// mmdet `frozen_stages` (-1: none).
@@ -187,6 +194,7 @@ impl DenseTrainConfig {
             warmup_iters: if det { 500 } else { 0 },
             seed: 0,
             backbone_weights: None,
+            init_weights: None,
             // From scratch: the backbone's BN statistics must learn, and nothing is frozen.
             // `with_backbone_weights` sets the paper's pretrained-backbone settings.
             norm_eval: false,
@@ -220,6 +228,15 @@ impl DenseTrainConfig {
         self.frozen_stages = if self.task == Task::RetinaNet { 1 } else { -1 };
         self.backbone_weights = Some(weights);
         self
+    }
+
+    /// Fine-tune the whole model from `weights` (see [`DenseTrainConfig::init_weights`]), with
+    /// the paper's settings for a pretrained backbone, as [`Self::with_backbone_weights`].
+    pub fn with_init_weights(self, weights: PathBuf) -> Self {
+        let mut c = self.with_backbone_weights(weights.clone());
+        c.backbone_weights = None;
+        c.init_weights = Some(weights);
+        c
     }
 
     /// What a keep-ratio-trained run tests at: its training scale, keep-ratio, a detector's
@@ -323,6 +340,28 @@ impl ModelCard {
         // The test pipelines of the official configs (spec §12).
         let test_scale = Some(TestScale::paper(task));
         Ok(ModelCard { model, classes: names, cat_ids, reduce_zero_label, test_scale })
+    }
+
+    /// A dense model's weights and their card: `card` if given, else `model.json` beside the
+    /// weights (what `emo train --task` writes), else the card of an official mmdet / mmseg
+    /// checkpoint ([`ModelCard::infer`]; the flag is then true).
+    pub fn with_weights(weights: &Path, card: Option<&Path>) -> Result<(StateDict, ModelCard, bool), DenseError> {
+        let sd = emo_weights::load(weights)?;
+        let beside = weights.with_file_name("model.json");
+        match card.map(Path::to_path_buf).or_else(|| beside.exists().then_some(beside)) {
+            Some(p) => {
+                let text = std::fs::read_to_string(&p).map_err(|e| {
+                    DenseError::Io(format!("{} (the model card written by `emo train --task`): {e}", p.display()))
+                })?;
+                let card = serde_json::from_str(&text)
+                    .map_err(|e| DenseError::Data(format!("{}: not a model card: {e}", p.display())))?;
+                Ok((sd, card, false))
+            }
+            None => {
+                let card = Self::infer(&sd)?;
+                Ok((sd, card, true))
+            }
+        }
     }
 }
 
@@ -773,6 +812,8 @@ pub struct DenseTrainer {
     pool: DataParallel,
     ema: Option<Ema>,
     pub verbose: bool,
+    /// What a fine-tune loaded from [`DenseTrainConfig::init_weights`] (set by [`Self::new`]).
+    pub init_note: Option<String>,
 }
 
 impl DenseTrainer {
@@ -875,19 +916,87 @@ impl DenseTrainer {
             return Err(DenseError::Data("train and val splits have different classes".into()));
         }
         let card = Self::card(&cfg, &train);
-        std::fs::create_dir_all(&dir).map_err(|e| DenseError::Io(format!("{}: {e}", dir.display())))?;
         device.seed(cfg.seed);
-        let bb = match &cfg.backbone_weights {
-            Some(p) => Some(emo_weights::load(p)?),
-            None => None,
+        let model_cfg = Self::training_model(&card, &cfg);
+        let (model, init_note) = match (&cfg.backbone_weights, &cfg.init_weights) {
+            (Some(_), Some(_)) => {
+                return Err(DenseError::Data(
+                    "backbone_weights and init_weights: one or the other (a whole model's weights hold its backbone)"
+                        .into(),
+                ));
+            }
+            (Some(p), None) => (DenseModel::new(&model_cfg, Some(&emo_weights::load(p)?), &device)?, None),
+            (None, Some(p)) => {
+                let (model, note) = Self::fine_tune_model(p, &model_cfg, &card, &device)?;
+                (model, Some(note))
+            }
+            (None, None) => (DenseModel::new(&model_cfg, None, &device)?, None),
         };
-        let model = Self::prepare(DenseModel::new(&Self::training_model(&card, &cfg), bb.as_ref(), &device)?, &cfg);
+        let model = Self::prepare(model, &cfg);
         let optim = optimizer(&cfg, &model);
+        // Only once the weights have loaded: a run that cannot start leaves no folder behind.
+        std::fs::create_dir_all(&dir).map_err(|e| DenseError::Io(format!("{}: {e}", dir.display())))?;
         write_json(&dir.join("config.json"), &cfg)?;
         write_json(&dir.join("model.json"), &card)?;
         let state = DenseState { epoch: 0, iter: 0, rng: Rng::new(cfg.seed), best: f64::NEG_INFINITY };
         let ema = (cfg.ema_decay > 0.0).then(|| Ema::new(cfg.ema_decay, &model.state_dict()));
-        Ok(Self::assemble(cfg, card, dir, state, device, model, optim, ema, (train, val)))
+        let mut t = Self::assemble(cfg, card, dir, state, device, model, optim, ema, (train, val));
+        t.init_note = init_note;
+        Ok(t)
+    }
+
+    /// The model of a fine-tune from `weights` (see [`DenseTrainConfig::init_weights`]) and a
+    /// line that says what was loaded: same task and backbone required, the classifiers kept
+    /// when `card`'s classes are the source's.
+    fn fine_tune_model(
+        weights: &Path,
+        model_cfg: &DenseConfig,
+        card: &ModelCard,
+        device: &Device,
+    ) -> Result<(DenseModel, String), DenseError> {
+        let task = model_cfg.task;
+        let (sd, src, _) = ModelCard::with_weights(weights, None).map_err(|e| match e {
+            // Neither a card beside them nor an official checkpoint's layout.
+            DenseError::Data(_) if !weights.with_file_name("model.json").exists() => DenseError::Data(format!(
+                "{}: not a trained {task} model (no model.json beside it, and not an official mmdet / mmseg \
+                 checkpoint); a classification or backbone checkpoint starts the backbone alone (backbone_weights)",
+                weights.display()
+            )),
+            e => e,
+        })?;
+        let (from, to) = (src.model.backbone.name(), model_cfg.backbone.name());
+        if src.model.task != task {
+            return Err(DenseError::Data(format!(
+                "{}: a {} model; a {task} run fine-tunes a {task} model (the backbone of any model or classifier \
+                 can start one: backbone_weights)",
+                weights.display(),
+                src.model.task
+            )));
+        }
+        if from != to {
+            return Err(DenseError::Data(format!(
+                "{}: a {task} on {from}; this run's backbone is {to}",
+                weights.display()
+            )));
+        }
+        let same_classes = src.classes == card.classes;
+        let fresh = if same_classes { vec![] } else { model_cfg.classifier_keys() };
+        let model = DenseModel::fine_tune_from(model_cfg, &sd, &fresh, device)?;
+        let what = format!("fine-tuning {} ({task} on {from}, {} classes)", weights.display(), src.classes.len());
+        let note = if same_classes {
+            format!("{what}: every weight loaded, the classifiers too (the same classes)")
+        } else {
+            let mut layers: Vec<&str> =
+                fresh.iter().map(|k| k.rsplit_once('.').map_or(k.as_str(), |(l, _)| l)).collect();
+            layers.dedup();
+            let why = if src.classes.len() == card.classes.len() {
+                "the classes here have other names".to_string()
+            } else {
+                format!("{} classes here", card.classes.len())
+            };
+            format!("{what}: every weight loaded but the classifiers {}, which start afresh ({why})", layers.join(", "))
+        };
+        Ok((model, note))
     }
 
     /// The trainer around its parts (the anchors derive from the model card).
@@ -922,6 +1031,7 @@ impl DenseTrainer {
             pool,
             ema,
             verbose: true,
+            init_note: None,
         }
     }
 

@@ -118,6 +118,62 @@ fn backbone_loads_from_a_classification_checkpoint() {
     assert!(e.contains("stage2.0.proj.conv.weight"), "{e}");
 }
 
+#[test]
+fn fine_tuning_loads_every_weight_and_starts_only_the_classifiers_afresh() {
+    let _g = serial();
+    let device = Device::flex();
+    for task in Task::ALL {
+        // A trained model's weights: every float moved off any fresh init (BN statistics and
+        // zero biases included).
+        let mut src = DenseModel::new(&small(task, 3), None, &device).unwrap().state_dict();
+        for t in src.tensors.values_mut() {
+            if let emo_weights::Data::F32(v) = &mut t.data {
+                v.iter_mut().for_each(|x| *x += 0.5);
+            }
+        }
+        // The same classes: every weight as it was.
+        let same = DenseModel::fine_tune_from(&small(task, 3), &src, &[], &device).unwrap().state_dict();
+        assert_eq!(same, src, "{task}");
+        // Five classes: the classifiers start afresh (the official init), the rest as it was.
+        let five = small(task, 5);
+        let fresh = five.classifier_keys();
+        let got = DenseModel::fine_tune_from(&five, &src, &fresh, &device).unwrap().state_dict();
+        emo_weights::validate_keys(&got, &five.state_dict_keys(), "five").unwrap();
+        for (k, t) in &got.tensors {
+            if fresh.contains(k) {
+                assert_ne!(t.shape, src.get(k).unwrap().shape, "{task}: {k}");
+            } else {
+                assert_eq!(t, src.get(k).unwrap(), "{task}: {k}");
+            }
+        }
+        if task == Task::RetinaNet {
+            // RetinaNet's classifier bias starts at the focal loss prior (mmdet: prior_prob 0.01).
+            let prior = -((1.0f32 - 0.01) / 0.01).ln();
+            assert!(get(&got, "bbox_head.retina_cls.bias").iter().all(|&b| (b - prior).abs() < 1e-6));
+        }
+        // Strict about the rest: classifiers that no longer fit, a missing key, a key that is not
+        // a classifier asked to start afresh.
+        let e = DenseModel::fine_tune_from(&five, &src, &[], &device).unwrap_err().to_string();
+        assert!(e.contains(&format!("shape mismatch: {}", fresh[0])), "{task}: {e}");
+        let mut broken = src.clone();
+        broken.tensors.remove("backbone.stage2.0.proj.conv.weight");
+        let e = DenseModel::fine_tune_from(&five, &broken, &fresh, &device).unwrap_err().to_string();
+        assert!(e.contains("backbone.stage2.0.proj.conv.weight"), "{task}: {e}");
+        let not_classifier = ["backbone.stage0.0.convs.0.1.weight".to_string()];
+        let e = DenseModel::fine_tune_from(&five, &src, &not_classifier, &device).unwrap_err().to_string();
+        assert!(e.contains("not a classifier key"), "{task}: {e}");
+    }
+    // The training-only semantic-encoding layer starts afresh from weights without it.
+    let src = DenseModel::new(&small(Task::DeepLabV3, 3), None, &device).unwrap().state_dict();
+    let se = DenseConfig { se_layer: true, ..small(Task::DeepLabV3, 3) };
+    let got = DenseModel::fine_tune_from(&se, &src, &[], &device).unwrap().state_dict();
+    assert!(got.get("decode_head.se_layer.weight").is_some());
+    assert_eq!(get(&got, "decode_head.conv_seg.weight"), get(&src, "decode_head.conv_seg.weight"));
+    // Another task's weights are no fine-tune source.
+    let e = DenseModel::fine_tune_from(&small(Task::PspNet, 3), &src, &[], &device).unwrap_err().to_string();
+    assert!(e.contains("decode_head.psp_modules"), "{e}");
+}
+
 fn get(sd: &StateDict, k: &str) -> Vec<f32> {
     sd.get(k).unwrap().as_f32().unwrap().to_vec()
 }
@@ -293,6 +349,76 @@ fn training_resumes_exactly_and_learns() {
         let _ = std::fs::remove_dir_all(&b);
     }
     let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
+fn a_run_fine_tunes_a_trained_model() {
+    let _g = serial();
+    let data = tmp("ft-data");
+    synthetic_set(&data, 16, 8);
+    let device = Device::flex().autodiff();
+    let (src, same, renamed, wrong) = (tmp("ft-src"), tmp("ft-same"), tmp("ft-renamed"), tmp("ft-wrong"));
+    let mut c = cfg(Task::SsdLite, &data);
+    c.epochs = 1;
+    quiet(DenseTrainer::new(c.clone(), &src, device.clone())).run(None).unwrap();
+    let best = src.join("best.safetensors");
+    let trained = emo_weights::load(&best).unwrap();
+    // The same classes: the run starts from every trained weight, with the paper's settings
+    // for a pretrained backbone, and trains on.
+    let ft = c.clone().with_init_weights(best.clone());
+    assert!(ft.norm_eval && ft.backbone_weights.is_none());
+    let mut t = quiet(DenseTrainer::new(ft.clone(), &same, device.clone()));
+    assert!(t.init_note.as_deref().unwrap().contains("the classifiers too"), "{:?}", t.init_note);
+    assert_eq!(t.model().state_dict(), trained);
+    let epochs = t.run(None).unwrap();
+    assert!(epochs[0].coco.is_some());
+    // Classes under other names: the classifiers start afresh, the rest as trained.
+    let other = tmp("ft-other");
+    synthetic_set(&other, 16, 8);
+    for split in ["train", "val"] {
+        let p = other.join(format!("annotations/instances_{split}.json"));
+        std::fs::write(&p, std::fs::read_to_string(&p).unwrap().replace("\"red\"", "\"crimson\"")).unwrap();
+    }
+    let ft_other = DenseTrainConfig { data: other.clone(), ..ft.clone() };
+    let t = quiet(DenseTrainer::new(ft_other, &renamed, device.clone()));
+    let note = t.init_note.clone().unwrap();
+    assert!(note.contains("start afresh (the classes here have other names)"), "{note}");
+    let fresh = t.card.model.classifier_keys();
+    for (k, v) in &t.model().state_dict().tensors {
+        if !fresh.contains(k) {
+            assert_eq!(v, trained.get(k).unwrap(), "{k}");
+        } else if k.ends_with(".weight") {
+            // (A bias starts at 0 and may still be 0 where no anchor of its level learned.)
+            assert_ne!(v, trained.get(k).unwrap(), "{k}");
+        }
+    }
+    // An official COCO checkpoint (no model card: inferred from its layout) fine-tuned to this
+    // data's two classes.
+    let official = tmp("ft-official");
+    std::fs::create_dir_all(&official).unwrap();
+    let coco = DenseConfig::paper(Task::SsdLite, Variant::Emo1M);
+    let coco_sd = DenseModel::new(&coco, None, &Device::flex()).unwrap().state_dict();
+    emo_weights::save_safetensors(&coco_sd, official.join("ssdlite_coco.safetensors")).unwrap();
+    let ft_coco = DenseTrainConfig { init_weights: Some(official.join("ssdlite_coco.safetensors")), ..ft.clone() };
+    let t = quiet(DenseTrainer::new(ft_coco, official.join("run"), device.clone()));
+    let note = t.init_note.clone().unwrap();
+    assert!(note.contains("(ssdlite on emo-1m, 80 classes)") && note.contains("afresh (2 classes here)"), "{note}");
+    assert_eq!(
+        get(&t.model().state_dict(), "backbone.stage4.2.proj.conv.weight"),
+        get(&coco_sd, "backbone.stage4.2.proj.conv.weight")
+    );
+    // Another task's run, or weights and backbone weights together: refused before a run folder
+    // is made.
+    let retina = DenseTrainConfig { task: Task::RetinaNet, ..ft.clone() };
+    let e = DenseTrainer::new(retina, &wrong, device.clone()).err().unwrap().to_string();
+    assert!(e.contains("a ssdlite model; a retinanet run fine-tunes a retinanet model"), "{e}");
+    let both = DenseTrainConfig { backbone_weights: Some(best.clone()), ..ft };
+    let e = DenseTrainer::new(both, &wrong, device).err().unwrap().to_string();
+    assert!(e.contains("one or the other"), "{e}");
+    assert!(!wrong.exists());
+    for d in [data, other, src, same, renamed, official] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 /// A DeepLabv3 run with the semantic-encoding loss and label smoothing: the training-only
@@ -1245,9 +1371,25 @@ fn label_smoothed_pixel_loss_on_flex_matches_burn_ops() {
     let _g = serial();
     let device = Device::flex().autodiff();
     for ((b, k, h, w), (oh, ow)) in [((2, 11, 6, 6), (48, 48)), ((1, 3, 5, 7), (5, 7))] {
-        let x = Tensor::<4>::random([b, k, h, w], Distribution::Uniform(-4.0, 4.0), &device).require_grad();
-        let labels: Vec<u8> =
-            (0..b * oh * ow).map(|i| if i % 7 == 3 { 255 } else { ((i * 31 + i / 5) % k) as u8 }).collect();
+        // Logits in [-4, 4) that favour class 0 by 6, and labels mostly 0: the label's term and
+        // the mean over classes differ by several nats, so smoothing must show in the loss
+        // (with labels unrelated to the logits the two agree in expectation).
+        let mut seed = 12345u64;
+        let values: Vec<f32> = (0..b * k * h * w)
+            .map(|i| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = (seed >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 4.0;
+                if (i / (h * w)) % k == 0 { u + 6.0 } else { u }
+            })
+            .collect();
+        let x = Tensor::<4>::from_data(TensorData::new(values, [b, k, h, w]), &device).require_grad();
+        let labels: Vec<u8> = (0..b * oh * ow)
+            .map(|i| match (i % 7, i % 5) {
+                (3, _) => 255,
+                (_, 1) => ((i * 31 + i / 5) % k) as u8,
+                _ => 0,
+            })
+            .collect();
         let ours = seg_ce_with(x.clone(), &labels, (oh, ow), None, 0.1);
         let theirs = seg_ce_ops_smoothed(x.clone(), &labels, (oh, ow), 0.1);
         let smoothed = same_loss_and_gradient(ours, theirs, &x);

@@ -455,6 +455,14 @@ impl DenseConfig {
         keys
     }
 
+    /// The state-dict keys whose shape depends on the class count: the classifier convs (and the
+    /// training-only semantic-encoding layer), the layers a fine-tune to other classes starts
+    /// afresh, as mmdet's `load_from` skips what no longer fits.
+    pub fn classifier_keys(&self) -> Vec<String> {
+        let other = DenseConfig { num_classes: self.num_classes + 1, ..self.clone() }.state_dict_keys();
+        self.state_dict_keys().into_iter().zip(other).filter(|(a, b)| a.shape != b.shape).map(|(a, _)| a.name).collect()
+    }
+
     /// Trainable parameters of backbone, neck and heads (the auxiliary head included, as the
     /// paper's tables count it).
     pub fn num_params(&self) -> usize {

@@ -148,6 +148,28 @@ mod tasks {
     /// under `decode_head.se_layer`, counted with the auxiliary head, not in inference FLOPs;
     /// segmentation only.
     #[test]
+    fn classifier_keys_are_the_class_dependent_convs() {
+        let keys = |task, se_layer| {
+            DenseConfig { se_layer, ..DenseConfig::new(task, Variant::Emo1M, 11, task.paper_input()) }.classifier_keys()
+        };
+        assert_eq!(keys(Task::RetinaNet, false), ["bbox_head.retina_cls.weight", "bbox_head.retina_cls.bias"]);
+        let ssd: Vec<String> =
+            (0..6).flat_map(|i| ["weight", "bias"].map(|p| format!("bbox_head.cls_convs.{i}.1.{p}"))).collect();
+        assert_eq!(keys(Task::SsdLite, false), ssd);
+        for task in [Task::DeepLabV3, Task::PspNet] {
+            let seg = ["decode_head.conv_seg.weight", "decode_head.conv_seg.bias"];
+            let aux = ["auxiliary_head.conv_seg.weight", "auxiliary_head.conv_seg.bias"];
+            let mut with_se: Vec<&str> = [seg, aux].concat();
+            assert_eq!(keys(task, false), with_se);
+            with_se.extend(["decode_head.se_layer.weight", "decode_head.se_layer.bias"]);
+            let mut got = keys(task, true);
+            got.sort();
+            with_se.sort();
+            assert_eq!(got, with_se);
+        }
+    }
+
+    #[test]
     fn se_layer_is_a_training_only_linear_layer() {
         use emo_spec::SE_LAYER;
         let plain = DenseConfig::new(Task::DeepLabV3, Variant::Emo1M, 11, (192, 192));

@@ -602,13 +602,18 @@ pub fn validate_keys(sd: &StateDict, expected: &[KeySpec], what: &str) -> Result
 /// `cfg`'s layout, and its backbone part with the `backbone.` prefix stripped.
 pub fn dense_backbone(sd: &StateDict, cfg: &emo_spec::DenseConfig) -> Result<StateDict, WeightsError> {
     validate_keys(sd, &cfg.state_dict_keys(), &format!("{} on {}", cfg.task, cfg.backbone.name()))?;
+    Ok(backbone_part(sd))
+}
+
+/// The `backbone.*` entries of a dense model's state dict, the prefix stripped.
+pub fn backbone_part(sd: &StateDict) -> StateDict {
     let mut bb = StateDict::new();
     for (k, t) in &sd.tensors {
         if let Some(rest) = k.strip_prefix("backbone.") {
             bb.insert(rest, t.clone());
         }
     }
-    Ok(bb)
+    bb
 }
 
 /// Guess the variant of a checkpoint from its layout (any head width, or none).
