@@ -186,12 +186,13 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
         Some(s) if t.cfg.task.is_detection() => s.describe(),
         _ => format!("input {}x{}", t.cfg.input.0, t.cfg.input.1),
     };
+    let n = t.card.classes.len();
     eprintln!(
-        "run folder: {} ({} on {}, {} classes, {input}, {n_train} train / {n_val} val images)",
+        "run folder: {} ({} on {}, {n} class{}, {input}, {n_train} train / {n_val} val images)",
         t.dir.display(),
         t.cfg.task,
         t.cfg.variant,
-        t.card.classes.len(),
+        if n == 1 { "" } else { "es" },
     );
     let streamed = match (t.streams(), t.streams_val()) {
         (true, true) => "training and validation splits",
@@ -344,7 +345,6 @@ fn aug_description(aug: &SegAug) -> String {
 
 pub fn eval(a: &EvalArgs) -> Result<()> {
     let EvalArgs { task, weights, card, data, split, limit, flip, .. } = *a;
-    ensure!(!((flip || !a.scales.is_empty()) && task.is_detection()), "--flip and --scales are segmentation options");
     ensure!(
         a.results.is_none() || task.is_detection(),
         "--results writes detections (COCO results); for segmentation `emo segment --label-maps` writes the predicted label maps"

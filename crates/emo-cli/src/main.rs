@@ -536,29 +536,57 @@ fn resume_conflicts(def: &clap::Command, train: &clap::ArgMatches) -> Vec<String
         .collect()
 }
 
-/// `emo train` options that serve classification runs only.
-const CLASSIFICATION_ONLY: [&str; 5] = ["size", "rand_augment", "border", "random_erasing", "warmup_epochs"];
-/// `emo train` options that serve dense tasks only.
-const DENSE_ONLY: [&str; 10] = [
-    "input",
-    "backbone_weights",
-    "warmup_iters",
-    "norm_eval",
-    "frozen_stages",
-    "light_augment",
-    "train_scale",
-    "epoch_images",
-    "stream",
-    "backbone_lr_mult",
-];
-/// `emo train` options that serve segmentation only.
-const SEGMENTATION_ONLY: [&str; 7] =
-    ["ohem_thresh", "ohem_min_kept", "rescale_range", "head_dropout", "aux_weight", "se_weight", "reduce_zero_label"];
+/// Which options of a command serve which kind of run (clap ids): the rest serve both.
+struct OptionKinds {
+    classification: &'static [&'static str],
+    /// What a dense task takes instead of the classification options.
+    dense_instead: &'static str,
+    dense: &'static [&'static str],
+    segmentation: &'static [&'static str],
+}
 
-/// The options given on the command line of `emo train` that the kind of run it starts
-/// (`task`: from `--task`; None: classification) would ignore, and why: an error names them all.
-/// A resumed run is checked by [`resume_conflicts`] instead.
-fn mode_conflicts(def: &clap::Command, train: &clap::ArgMatches, task: Option<Task>) -> Option<String> {
+const TRAIN_OPTIONS: OptionKinds = OptionKinds {
+    classification: &["size", "rand_augment", "border", "random_erasing", "warmup_epochs"],
+    dense_instead: "a dense task takes --input HxW and --warmup-iters",
+    dense: &[
+        "input",
+        "backbone_weights",
+        "warmup_iters",
+        "norm_eval",
+        "frozen_stages",
+        "light_augment",
+        "train_scale",
+        "epoch_images",
+        "stream",
+        "backbone_lr_mult",
+    ],
+    segmentation: &[
+        "ohem_thresh",
+        "ohem_min_kept",
+        "rescale_range",
+        "head_dropout",
+        "aux_weight",
+        "se_weight",
+        "reduce_zero_label",
+    ],
+};
+
+const EVAL_OPTIONS: OptionKinds = OptionKinds {
+    classification: &["variant", "size"],
+    dense_instead: "a dense model's variant and input come from its model card",
+    dense: &["split", "card", "limit", "precise_bn", "save_weights", "results", "stream", "test_scale", "engine"],
+    segmentation: &["flip", "scales"],
+};
+
+/// The options given on the command line (`matches`, of the subcommand `def`) that the kind of
+/// run (`task`: from `--task`; None: classification) would ignore, and why: an error names them
+/// all. A resumed training run is checked by [`resume_conflicts`] instead.
+fn mode_conflicts(
+    def: &clap::Command,
+    matches: &clap::ArgMatches,
+    task: Option<Task>,
+    kinds: &OptionKinds,
+) -> Option<String> {
     use clap::parser::ValueSource;
     // "--a is" / "--a, --b are".
     let list = |v: Vec<String>| format!("{} {}", v.join(", "), if v.len() == 1 { "is" } else { "are" });
@@ -566,32 +594,31 @@ fn mode_conflicts(def: &clap::Command, train: &clap::ArgMatches, task: Option<Ta
         def.get_arguments()
             .filter(|a| {
                 let id = a.get_id().as_str();
-                ids.contains(&id) && train.value_source(id) == Some(ValueSource::CommandLine)
+                ids.contains(&id) && matches.value_source(id) == Some(ValueSource::CommandLine)
             })
             .map(|a| format!("--{}", a.get_long().unwrap_or(a.get_id().as_str())))
             .collect()
     };
-    let (ids, why): (Vec<&str>, &str) = match task {
+    let (ids, why) = match task {
         None => {
-            let dense = given(&DENSE_ONLY);
+            let dense = given(kinds.dense);
             if !dense.is_empty() {
                 return Some(format!("{} for dense tasks (--task ...)", list(dense)));
             }
-            (SEGMENTATION_ONLY.to_vec(), "for segmentation (--task deeplabv3|pspnet)")
+            (kinds.segmentation, "for segmentation (--task deeplabv3|pspnet)")
         }
         Some(t) => {
-            let cls = given(&CLASSIFICATION_ONLY);
+            let cls = given(kinds.classification);
             if !cls.is_empty() {
-                return Some(format!(
-                    "{} for classification (without --task); a dense task takes --input HxW and --warmup-iters",
-                    list(cls)
-                ));
+                return Some(format!("{} for classification (without --task); {}", list(cls), kinds.dense_instead));
             }
-            let ids = if t.is_detection() { SEGMENTATION_ONLY.to_vec() } else { vec![] };
-            (ids, "for segmentation tasks (--task deeplabv3|pspnet)")
+            (
+                if t.is_detection() { kinds.segmentation } else { &[] },
+                "for segmentation tasks (--task deeplabv3|pspnet)",
+            )
         }
     };
-    let found = given(&ids);
+    let found = given(ids);
     (!found.is_empty()).then(|| format!("{} {why}", list(found)))
 }
 
@@ -650,11 +677,17 @@ fn main() -> Result<()> {
             conflicts.join(", ")
         );
         if opts.resume.is_none()
-            && let Some(why) = mode_conflicts(train_def, train, opts.task)
+            && let Some(why) = mode_conflicts(train_def, train, opts.task, &TRAIN_OPTIONS)
         {
             bail!("{why}");
         }
         opts.variant_given = train.value_source("variant") == Some(clap::parser::ValueSource::CommandLine);
+    }
+    if let (Some(("eval", eval)), Some(eval_def), Cmd::Eval { task, .. }) =
+        (matches.subcommand(), def.find_subcommand("eval"), &cli.cmd)
+        && let Some(why) = mode_conflicts(eval_def, eval, *task, &EVAL_OPTIONS)
+    {
+        bail!("{why}");
     }
     backend::choose(cli.backend);
     match cli.cmd {
@@ -749,13 +782,7 @@ fn main() -> Result<()> {
             test_scale: test_scale.as_deref(),
             engine: dense_engine(engine),
         }),
-        Cmd::Eval { variant, weights, data, size, engine, stream, test_scale, .. } => {
-            ensure!(
-                engine.is_none(),
-                "--engine chooses the engine of a dense model (with --task); classification runs the fast engine"
-            );
-            ensure!(stream.is_none(), "--stream is for dense tasks (--task ...)");
-            ensure!(test_scale.is_none(), "--test-scale is for dense tasks (--task ...)");
+        Cmd::Eval { variant, weights, data, size, .. } => {
             let pipeline = trained_pipeline(&weights, size)?;
             let (_, test) = load_data(&data, pipeline.size)?;
             let sd = emo_weights::load(&weights).with_context(|| format!("loading {}", weights.display()))?;

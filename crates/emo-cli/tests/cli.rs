@@ -616,9 +616,15 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             assert!(!o.status.success() && stderr(&o).contains("--label-maps"), "{}", stderr(&o));
             assert!(!results.exists());
         }
-        // --engine is a dense-model option.
-        let o = emo(&["eval", "--weights", w.to_str().unwrap(), "--engine", "burn"]);
-        assert!(!o.status.success() && stderr(&o).contains("with --task"), "{}", stderr(&o));
+        // --engine is a dense-model option, --size a classifier's: each refused where it would
+        // be ignored.
+        let o = emo(&["eval", "--weights", w.to_str().unwrap(), "--engine", "burn", "--limit", "3"]);
+        let want = "--limit, --engine are for dense tasks";
+        assert!(!o.status.success() && stderr(&o).contains(want), "{}", stderr(&o));
+        let o = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--size", "64"]);
+        let want =
+            "--size is for classification (without --task); a dense model's variant and input come from its model card";
+        assert!(!o.status.success() && stderr(&o).contains(want), "{}", stderr(&o));
         // The default engine is the fast one; the burn model scores the same.
         let o = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--engine", "burn"]);
         assert!(o.status.success(), "{}", stderr(&o));
@@ -678,9 +684,14 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
             let o = emo(&[&args[..], &["--save-weights", pbn.to_str().unwrap()]].concat());
             assert!(!o.status.success() && stderr(&o).contains("--precise-bn"), "{}", stderr(&o));
         } else {
-            assert!(!flip.status.success() && stderr(&flip).contains("segmentation option"), "{}", stderr(&flip));
+            let want = "--flip is for segmentation tasks";
+            assert!(!flip.status.success() && stderr(&flip).contains(want), "{}", stderr(&flip));
             let ms = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d, "--scales", "1,2"]);
-            assert!(!ms.status.success() && stderr(&ms).contains("segmentation option"), "{}", stderr(&ms));
+            assert!(
+                !ms.status.success() && stderr(&ms).contains("--scales is for segmentation tasks"),
+                "{}",
+                stderr(&ms)
+            );
         }
         let out = tmp(&format!("out-{task}"));
         let extra: &[&str] = if cmd == "segment" { &["--label-maps", "--scales", "0.75,1.25", "--flip"] } else { &[] };

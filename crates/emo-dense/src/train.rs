@@ -982,7 +982,8 @@ impl DenseTrainer {
         let same_classes = src.classes == card.classes;
         let fresh = if same_classes { vec![] } else { model_cfg.classifier_keys() };
         let model = DenseModel::fine_tune_from(model_cfg, &sd, &fresh, device)?;
-        let what = format!("fine-tuning {} ({task} on {from}, {} classes)", weights.display(), src.classes.len());
+        let classes = |n: usize| format!("{n} class{}", if n == 1 { "" } else { "es" });
+        let what = format!("fine-tuning {} ({task} on {from}, {})", weights.display(), classes(src.classes.len()));
         let note = if same_classes {
             format!("{what}: every weight loaded, the classifiers too (the same classes)")
         } else {
@@ -992,7 +993,7 @@ impl DenseTrainer {
             let why = if src.classes.len() == card.classes.len() {
                 "the classes here have other names".to_string()
             } else {
-                format!("{} classes here", card.classes.len())
+                format!("{} here", classes(card.classes.len()))
             };
             format!("{what}: every weight loaded but the classifiers {}, which start afresh ({why})", layers.join(", "))
         };
