@@ -692,8 +692,17 @@ fn main() -> Result<()> {
     backend::choose(cli.backend);
     match cli.cmd {
         Cmd::Info { input, variant, window_size, task, classes } => match task {
-            Some(t) => dense::info(t, variant, input, classes),
-            None => info(input.unwrap_or((224, 224)), variant, window_size),
+            Some(t) => {
+                ensure!(
+                    window_size.is_none(),
+                    "--window-size is for the classifier (a dense task sets the official one)"
+                );
+                dense::info(t, variant, input, classes)
+            }
+            None => {
+                ensure!(classes.is_none(), "--classes is for dense tasks (--task ...)");
+                info(input.unwrap_or((224, 224)), variant, window_size)
+            }
         },
         Cmd::Detect { weights, card, task, images, out, score_thr, test_scale, engine } => {
             let scale = test_scale.as_deref();

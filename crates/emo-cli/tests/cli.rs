@@ -405,6 +405,11 @@ fn info_task_prints_the_paper_tables() {
     assert!(stdout(&o).contains("10.3M") && stdout(&o).contains("5.8G"), "{}", stdout(&o));
     let o = emo(&["info", "--task", "yolo"]);
     assert!(!o.status.success() && stderr(&o).contains("unknown task"), "{}", stderr(&o));
+    // Options the other table would ignore are refused.
+    let o = emo(&["info", "--task", "ssdlite", "--window-size", "10"]);
+    assert!(!o.status.success() && stderr(&o).contains("--window-size is for the classifier"), "{}", stderr(&o));
+    let o = emo(&["info", "--classes", "10"]);
+    assert!(!o.status.success() && stderr(&o).contains("--classes is for dense tasks"), "{}", stderr(&o));
 }
 
 /// A COCO results file written by `emo eval --results` for the canvas set `data`: every
