@@ -352,7 +352,8 @@ pub(crate) struct TrainOpts {
     /// Dense tasks: model input HxW (default: the paper's).
     #[arg(long, value_parser = parse_hw)]
     pub input: Option<(usize, usize)>,
-    /// Dense tasks: initial backbone weights (classification checkpoint; norm/head dropped).
+    /// Dense tasks: initial backbone weights: a classification checkpoint (norm / head dropped)
+    /// or the backbone of a trained detector / segmenter (its neck and heads dropped).
     #[arg(long)]
     pub backbone_weights: Option<PathBuf>,
     /// Dense detection tasks: linear warm-up iterations (default 500).

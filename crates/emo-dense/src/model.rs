@@ -417,10 +417,15 @@ pub struct DenseModel {
 
 impl DenseModel {
     /// A fresh model (the heads' official inits); `backbone` optionally from a classification
-    /// or backbone checkpoint (`norm.*` / `head.*` dropped by rule, strict about the rest).
+    /// or backbone checkpoint (`norm.*` / `head.*` dropped by rule, strict about the rest), or
+    /// from the `backbone.*` part of a whole detector / segmenter (mmcv's `Pretrained` init with
+    /// `prefix='backbone.'`; its neck and heads dropped).
     pub fn new(cfg: &DenseConfig, backbone: Option<&StateDict>, device: &Device) -> Result<Self, DenseError> {
         cfg.validate()?;
         let bb = match backbone {
+            Some(sd) if sd.tensors.keys().any(|k| k.starts_with("backbone.")) => {
+                Emo::from_state_dict(&cfg.backbone, &emo_weights::backbone_part(sd), device)?
+            }
             Some(sd) => Emo::from_state_dict(&cfg.backbone, sd, device)?,
             None => Emo::new(&cfg.backbone, device)?,
         };

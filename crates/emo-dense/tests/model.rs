@@ -116,6 +116,19 @@ fn backbone_loads_from_a_classification_checkpoint() {
     bad.tensors.remove("stage2.0.proj.conv.weight");
     let e = DenseModel::new(&small(Task::DeepLabV3, 4), Some(&bad), &device).unwrap_err().to_string();
     assert!(e.contains("stage2.0.proj.conv.weight"), "{e}");
+    // A whole detector's weights start a segmenter's backbone (mmcv's prefix 'backbone.'), its
+    // neck and heads dropped; strict about the backbone part.
+    let det = DenseModel::new(&small(Task::SsdLite, 3), None, &device).unwrap().state_dict();
+    let seg = DenseModel::new(&small(Task::PspNet, 4), Some(&det), &device).unwrap().state_dict();
+    for (k, t) in &det.tensors {
+        if k.starts_with("backbone.") {
+            assert_eq!(seg.get(k), Some(t), "{k}");
+        }
+    }
+    let mut bad = det.clone();
+    bad.tensors.remove("backbone.stage3.1.proj.conv.weight");
+    let e = DenseModel::new(&small(Task::PspNet, 4), Some(&bad), &device).unwrap_err().to_string();
+    assert!(e.contains("stage3.1.proj.conv.weight"), "{e}");
 }
 
 #[test]
