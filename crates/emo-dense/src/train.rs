@@ -221,22 +221,23 @@ impl DenseTrainConfig {
     }
 
     /// Start the backbone from `weights` (a classification or backbone checkpoint) with the
-    /// paper's settings for a pretrained backbone: BN statistics kept (`norm_eval`) for
-    /// detection, and RetinaNet's first stage frozen (`frozen_stages = 1`).
-    pub fn with_backbone_weights(mut self, weights: PathBuf) -> Self {
-        self.norm_eval = self.task.is_detection();
-        self.frozen_stages = if self.task == Task::RetinaNet { 1 } else { -1 };
-        self.backbone_weights = Some(weights);
-        self
+    /// paper's settings for a pretrained backbone ([`Self::pretrained_settings`]).
+    pub fn with_backbone_weights(self, weights: PathBuf) -> Self {
+        DenseTrainConfig { backbone_weights: Some(weights), ..self.pretrained_settings() }
     }
 
     /// Fine-tune the whole model from `weights` (see [`DenseTrainConfig::init_weights`]), with
-    /// the paper's settings for a pretrained backbone, as [`Self::with_backbone_weights`].
+    /// the paper's settings for a pretrained backbone ([`Self::pretrained_settings`]).
     pub fn with_init_weights(self, weights: PathBuf) -> Self {
-        let mut c = self.with_backbone_weights(weights.clone());
-        c.backbone_weights = None;
-        c.init_weights = Some(weights);
-        c
+        DenseTrainConfig { init_weights: Some(weights), ..self.pretrained_settings() }
+    }
+
+    /// The paper's settings for a pretrained backbone: BN statistics kept (`norm_eval`) for
+    /// detection, and RetinaNet's first stage frozen (`frozen_stages = 1`).
+    fn pretrained_settings(self) -> Self {
+        let norm_eval = self.task.is_detection();
+        let frozen_stages = if self.task == Task::RetinaNet { 1 } else { -1 };
+        DenseTrainConfig { norm_eval, frozen_stages, ..self }
     }
 
     /// What a keep-ratio-trained run tests at: its training scale, keep-ratio, a detector's
