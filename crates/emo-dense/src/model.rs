@@ -471,6 +471,67 @@ impl DenseModel {
         Ok(Self::assemble(cfg, backbone, Some(&kept), &fresh, device))
     }
 
+    /// `sd`, a trained model whose classes are `from`, with each classifier laid out for
+    /// `cfg`'s classes `to`: a class of `to` found by name in `from` takes that class's
+    /// classifier rows (for every anchor; SSD's background row with the first one found), the
+    /// others keep `init`'s (a fresh model's state dict for `cfg`), so that a fine-tune to a
+    /// subset, a reordering or an extension of the classes keeps what was learned of each.
+    /// Returns the state dict ([`Self::fine_tune_from`] takes it with no key afresh) and how many
+    /// classes were found.
+    pub fn carry_classes(
+        cfg: &DenseConfig,
+        sd: &StateDict,
+        from: &[String],
+        to: &[String],
+        init: &StateDict,
+    ) -> Result<(StateDict, usize), DenseError> {
+        let found: Vec<Option<usize>> = to.iter().map(|c| from.iter().position(|f| f == c)).collect();
+        let src_cfg = DenseConfig { num_classes: from.len(), ..cfg.clone() };
+        let bigger = DenseConfig { num_classes: cfg.num_classes + 1, ..cfg.clone() }.state_dict_keys();
+        let (src_keys, dst_keys) = (src_cfg.state_dict_keys(), cfg.state_dict_keys());
+        let se = format!("{}.", emo_spec::SE_LAYER);
+        let mut out = sd.clone();
+        for key in cfg.classifier_keys().into_iter().filter(|k| !k.starts_with(&se)) {
+            let spec = |keys: &[emo_spec::KeySpec]| keys.iter().find(|k| k.name == key).map(|k| k.shape.clone());
+            let (src_shape, dst_shape, big) = (spec(&src_keys), spec(&dst_keys), spec(&bigger));
+            let (Some(src_shape), Some(dst_shape), Some(big)) = (src_shape, dst_shape, big) else {
+                continue;
+            };
+            // `anchors` blocks of `classes + extra` rows (SSD: the background row last).
+            let anchors = big[0] - dst_shape[0];
+            let extra = dst_shape[0] / anchors - to.len();
+            let row: usize = dst_shape[1..].iter().product();
+            let (src, dst) = (sd.get(&key), init.get(&key));
+            let (Some(src), Some(dst)) = (src.and_then(|t| t.as_f32()), dst.and_then(|t| t.as_f32())) else {
+                return Err(DenseError::Data(format!(
+                    "`{key}`: missing or not float, in the weights or the fresh model"
+                )));
+            };
+            if sd.get(&key).map(|t| &t.shape) != Some(&src_shape) {
+                return Err(DenseError::Data(format!(
+                    "`{key}`: shape {:?}, but {} classes need {src_shape:?}",
+                    sd.get(&key).map(|t| t.shape.clone()).unwrap_or_default(),
+                    from.len()
+                )));
+            }
+            let mut v = dst.to_vec();
+            let (src_block, dst_block) = (from.len() + extra, to.len() + extra);
+            let mut copy = |s: usize, d: usize| v[d * row..(d + 1) * row].copy_from_slice(&src[s * row..(s + 1) * row]);
+            for a in 0..anchors {
+                for (j, i) in found.iter().enumerate() {
+                    if let Some(i) = i {
+                        copy(a * src_block + i, a * dst_block + j);
+                    }
+                }
+                if extra == 1 && found.iter().any(Option::is_some) {
+                    copy(a * src_block + from.len(), a * dst_block + to.len());
+                }
+            }
+            out.insert(key, Stored::f32(dst_shape, v));
+        }
+        Ok((out, found.iter().flatten().count()))
+    }
+
     fn assemble(cfg: &DenseConfig, backbone: Emo, sd: Option<&StateDict>, fresh: &[String], device: &Device) -> Self {
         let b = Builder { cfg, convs: cfg.head_convs(), sd, fresh, device: device.clone() };
         let head = match cfg.task {

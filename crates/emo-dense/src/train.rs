@@ -980,23 +980,41 @@ impl DenseTrainer {
                 weights.display()
             )));
         }
-        let same_classes = src.classes == card.classes;
-        let fresh = if same_classes { vec![] } else { model_cfg.classifier_keys() };
-        let model = DenseModel::fine_tune_from(model_cfg, &sd, &fresh, device)?;
         let classes = |n: usize| format!("{n} class{}", if n == 1 { "" } else { "es" });
         let what = format!("fine-tuning {} ({task} on {from}, {})", weights.display(), classes(src.classes.len()));
-        let note = if same_classes {
-            format!("{what}: every weight loaded, the classifiers too (the same classes)")
-        } else {
-            let mut layers: Vec<&str> =
-                fresh.iter().map(|k| k.rsplit_once('.').map_or(k.as_str(), |(l, _)| l)).collect();
-            layers.dedup();
-            let why = if src.classes.len() == card.classes.len() {
-                "the classes here have other names".to_string()
-            } else {
-                format!("{} here", classes(card.classes.len()))
-            };
-            format!("{what}: every weight loaded but the classifiers {}, which start afresh ({why})", layers.join(", "))
+        if src.classes == card.classes {
+            let model = DenseModel::fine_tune_from(model_cfg, &sd, &[], device)?;
+            return Ok((model, format!("{what}: every weight loaded, the classifiers too (the same classes)")));
+        }
+        // Other classes: each classifier laid out for this data's, the rows of the classes the
+        // model knows by name carried over, the rest from a fresh model.
+        let init = DenseModel::new(model_cfg, None, device)?.state_dict();
+        let (carried, found) = DenseModel::carry_classes(model_cfg, &sd, &src.classes, &card.classes, &init)?;
+        let model = DenseModel::fine_tune_from(model_cfg, &carried, &[], device)?;
+        let se = format!("{}.", emo_spec::SE_LAYER);
+        let mut layers: Vec<String> = model_cfg
+            .classifier_keys()
+            .into_iter()
+            .filter(|k| !k.starts_with(&se))
+            .map(|k| k.rsplit_once('.').map_or(k.clone(), |(l, _)| l.to_string()))
+            .collect();
+        layers.dedup();
+        let here = classes(card.classes.len());
+        let note = match found {
+            0 if src.classes.len() == card.classes.len() => format!(
+                "{what}: every weight loaded but the classifiers {}, which start afresh (the {here} here have other names)",
+                layers.join(", ")
+            ),
+            0 => format!(
+                "{what}: every weight loaded but the classifiers {}, which start afresh ({here} here, none of them the model's)",
+                layers.join(", ")
+            ),
+            n => format!(
+                "{what}: every weight loaded; the classifiers {} laid out for the {here} here, the {n} the model knows by name \
+                 keeping their rows{}",
+                layers.join(", "),
+                if n < card.classes.len() { ", the others starting afresh" } else { "" }
+            ),
         };
         Ok((model, note))
     }

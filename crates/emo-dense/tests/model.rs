@@ -187,6 +187,57 @@ fn fine_tuning_loads_every_weight_and_starts_only_the_classifiers_afresh() {
     assert!(e.contains("decode_head.psp_modules"), "{e}");
 }
 
+#[test]
+fn carried_classes_keep_their_classifier_rows() {
+    let _g = serial();
+    let device = Device::flex();
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (from, to) = (names(&["a", "b", "c"]), names(&["c", "a", "z"]));
+    for task in Task::ALL {
+        let src = DenseModel::new(&small(task, 3), None, &device).unwrap().state_dict();
+        let cfg = small(task, 3);
+        let init = DenseModel::new(&cfg, None, &device).unwrap().state_dict();
+        let (got, found) = DenseModel::carry_classes(&cfg, &src, &from, &to, &init).unwrap();
+        assert_eq!(found, 2, "{task}");
+        // SSD's classifiers hold a background row after each anchor's classes.
+        let extra = if task == Task::SsdLite { 1 } else { 0 };
+        for k in cfg.classifier_keys() {
+            let (s, g, i) = (src.get(&k).unwrap(), got.get(&k).unwrap(), init.get(&k).unwrap());
+            assert_eq!(g.shape, i.shape, "{task} {k}");
+            let row: usize = g.shape[1..].iter().product();
+            let rows = |t: &emo_weights::Tensor, r: usize| t.as_f32().unwrap()[r * row..(r + 1) * row].to_vec();
+            let block = 3 + extra;
+            for a in 0..g.shape[0] / block {
+                assert_eq!(rows(g, a * block), rows(s, a * block + 2), "{task} {k}: c");
+                assert_eq!(rows(g, a * block + 1), rows(s, a * block), "{task} {k}: a");
+                assert_eq!(rows(g, a * block + 2), rows(i, a * block + 2), "{task} {k}: z starts afresh");
+                if extra == 1 {
+                    assert_eq!(rows(g, a * block + 3), rows(s, a * block + 3), "{task} {k}: background");
+                }
+            }
+        }
+        // Every other weight is the source's; the result loads strictly as the model to train.
+        for (k, t) in &src.tensors {
+            if !cfg.classifier_keys().contains(k) {
+                assert_eq!(got.get(k), Some(t), "{task} {k}");
+            }
+        }
+        DenseModel::fine_tune_from(&cfg, &got, &[], &device).unwrap();
+        // Three of a model's six classes, in another order.
+        let six = names(&["p", "q", "r", "s", "t", "u"]);
+        let big = DenseModel::new(&small(task, 6), None, &device).unwrap().state_dict();
+        let (got, found) = DenseModel::carry_classes(&cfg, &big, &six, &names(&["u", "p", "r"]), &init).unwrap();
+        assert_eq!(found, 3);
+        let k = &cfg.classifier_keys()[0];
+        let row: usize = got.get(k).unwrap().shape[1..].iter().product();
+        let first = |t: &emo_weights::Tensor, r: usize| t.as_f32().unwrap()[r * row..(r + 1) * row].to_vec();
+        assert_eq!(first(got.get(k).unwrap(), 0), first(big.get(k).unwrap(), 5), "{task}: u");
+        // Weights whose classifier does not have the rows `from` implies: an error naming the key.
+        let e = DenseModel::carry_classes(&cfg, &big, &from, &to, &init).unwrap_err().to_string();
+        assert!(e.contains(k.as_str()), "{task}: {e}");
+    }
+}
+
 fn get(sd: &StateDict, k: &str) -> Vec<f32> {
     sd.get(k).unwrap().as_f32().unwrap().to_vec()
 }
@@ -395,7 +446,9 @@ fn a_run_fine_tunes_a_trained_model() {
     let ft_other = DenseTrainConfig { data: other.clone(), ..ft.clone() };
     let t = quiet(DenseTrainer::new(ft_other, &renamed, device.clone()));
     let note = t.init_note.clone().unwrap();
-    assert!(note.contains("start afresh (the classes here have other names)"), "{note}");
+    let want =
+        "laid out for the 2 classes here, the 1 the model knows by name keeping their rows, the others starting afresh";
+    assert!(note.contains(want), "{note}");
     let fresh = t.card.model.classifier_keys();
     for (k, v) in &t.model().state_dict().tensors {
         if !fresh.contains(k) {
@@ -415,7 +468,8 @@ fn a_run_fine_tunes_a_trained_model() {
     let ft_coco = DenseTrainConfig { init_weights: Some(official.join("ssdlite_coco.safetensors")), ..ft.clone() };
     let t = quiet(DenseTrainer::new(ft_coco, official.join("run"), device.clone()));
     let note = t.init_note.clone().unwrap();
-    assert!(note.contains("(ssdlite on emo-1m, 80 classes)") && note.contains("afresh (2 classes here)"), "{note}");
+    let want = "start afresh (2 classes here, none of them the model's)";
+    assert!(note.contains("(ssdlite on emo-1m, 80 classes)") && note.contains(want), "{note}");
     assert_eq!(
         get(&t.model().state_dict(), "backbone.stage4.2.proj.conv.weight"),
         get(&coco_sd, "backbone.stage4.2.proj.conv.weight")
