@@ -99,7 +99,7 @@ struct Builder<'a> {
     /// `cfg.head_convs()`, computed once.
     convs: Vec<HeadConv>,
     sd: Option<&'a StateDict>,
-    /// Keys initialised afresh even with `sd` (a fine-tune's classifiers).
+    /// Keys initialised afresh even with `sd` (a fine-tune's semantic-encoding layer).
     fresh: &'a [String],
     device: Device,
 }
@@ -440,30 +440,17 @@ impl DenseModel {
         Ok(Self::assemble(cfg, backbone, Some(sd), &[], device))
     }
 
-    /// A model to fine-tune from `sd`, a whole trained model of the same task and backbone
-    /// (mmdet / mmseg's `load_from`): every weight from `sd` but those of `fresh`, which must be
-    /// among [`DenseConfig::classifier_keys`] (the classifiers, when the classes change), and
-    /// the training-only semantic-encoding layer: those start from the heads' official init,
-    /// whatever `sd` holds under their names. Strict about everything else: a missing,
-    /// unexpected or mis-shaped key is an error that names it.
-    pub fn fine_tune_from(
-        cfg: &DenseConfig,
-        sd: &StateDict,
-        fresh: &[String],
-        device: &Device,
-    ) -> Result<Self, DenseError> {
+    /// A model to fine-tune from `sd`, a whole trained model of the same task, backbone and
+    /// classes (mmdet / mmseg's `load_from`; [`Self::carry_classes`] lays out a model of other
+    /// classes first): every weight from `sd` but the training-only semantic-encoding layer,
+    /// which starts from its official init whatever `sd` holds under its name. Strict about
+    /// everything else: a missing, unexpected or mis-shaped key is an error that names it.
+    pub fn fine_tune_from(cfg: &DenseConfig, sd: &StateDict, device: &Device) -> Result<Self, DenseError> {
         cfg.validate()?;
-        let classifiers = cfg.classifier_keys();
-        if let Some(k) = fresh.iter().find(|k| !classifiers.contains(k)) {
-            return Err(DenseError::Data(format!(
-                "`{k}` is not a classifier key of {}; it cannot start afresh",
-                cfg.task
-            )));
-        }
         let se = format!("{}.", emo_spec::SE_LAYER);
-        let fresh: Vec<String> = classifiers.into_iter().filter(|k| fresh.contains(k) || k.starts_with(&se)).collect();
+        let fresh: Vec<String> = cfg.classifier_keys().into_iter().filter(|k| k.starts_with(&se)).collect();
         let mut kept = sd.clone();
-        kept.tensors.retain(|k, _| !fresh.contains(k) && !k.starts_with(&se));
+        kept.tensors.retain(|k, _| !k.starts_with(&se));
         let expected: Vec<_> = cfg.state_dict_keys().into_iter().filter(|k| !fresh.contains(&k.name)).collect();
         let what = format!("{} on {} (to fine-tune)", cfg.task, cfg.backbone.name());
         emo_weights::validate_keys(&kept, &expected, &what)?;
@@ -476,8 +463,8 @@ impl DenseModel {
     /// classifier rows (for every anchor; SSD's background row with the first one found), the
     /// others keep `init`'s (a fresh model's state dict for `cfg`), so that a fine-tune to a
     /// subset, a reordering or an extension of the classes keeps what was learned of each.
-    /// Returns the state dict ([`Self::fine_tune_from`] takes it with no key afresh) and how many
-    /// classes were found.
+    /// Returns the state dict ([`Self::fine_tune_from`] takes it) and how many classes were
+    /// found.
     pub fn carry_classes(
         cfg: &DenseConfig,
         sd: &StateDict,

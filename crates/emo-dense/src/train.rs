@@ -67,8 +67,8 @@ pub struct DenseTrainConfig {
     /// Fine-tune a whole trained model of the same task and variant (mmdet / mmseg's
     /// `load_from`): a run's weights (its `model.json` beside them) or an official mmdet / mmseg
     /// checkpoint. Every weight is loaded, the classifiers too when the classes are the same
-    /// (names, in order); otherwise they start afresh ([`DenseModel::fine_tune_from`]). Not
-    /// with `backbone_weights`.
+    /// (names, in order); otherwise the rows of each class the model knows by name are carried
+    /// and the rest start afresh ([`DenseModel::carry_classes`]). Not with `backbone_weights`.
     #[serde(default)]
     pub init_weights: Option<PathBuf>,
     /// Keep the backbone BNs in eval mode (mmdet `norm_eval`).
@@ -983,14 +983,14 @@ impl DenseTrainer {
         let classes = |n: usize| format!("{n} class{}", if n == 1 { "" } else { "es" });
         let what = format!("fine-tuning {} ({task} on {from}, {})", weights.display(), classes(src.classes.len()));
         if src.classes == card.classes {
-            let model = DenseModel::fine_tune_from(model_cfg, &sd, &[], device)?;
+            let model = DenseModel::fine_tune_from(model_cfg, &sd, device)?;
             return Ok((model, format!("{what}: every weight loaded, the classifiers too (the same classes)")));
         }
         // Other classes: each classifier laid out for this data's, the rows of the classes the
         // model knows by name carried over, the rest from a fresh model.
         let init = DenseModel::new(model_cfg, None, device)?.state_dict();
         let (carried, found) = DenseModel::carry_classes(model_cfg, &sd, &src.classes, &card.classes, &init)?;
-        let model = DenseModel::fine_tune_from(model_cfg, &carried, &[], device)?;
+        let model = DenseModel::fine_tune_from(model_cfg, &carried, device)?;
         let se = format!("{}.", emo_spec::SE_LAYER);
         let mut layers: Vec<String> = model_cfg
             .classifier_keys()

@@ -135,6 +135,7 @@ fn backbone_loads_from_a_classification_checkpoint() {
 fn fine_tuning_loads_every_weight_and_starts_only_the_classifiers_afresh() {
     let _g = serial();
     let device = Device::flex();
+    let names = |n: usize, p: &str| (0..n).map(|i| format!("{p}{i}")).collect::<Vec<_>>();
     for task in Task::ALL {
         // A trained model's weights: every float moved off any fresh init (BN statistics and
         // zero biases included).
@@ -145,45 +146,42 @@ fn fine_tuning_loads_every_weight_and_starts_only_the_classifiers_afresh() {
             }
         }
         // The same classes: every weight as it was.
-        let same = DenseModel::fine_tune_from(&small(task, 3), &src, &[], &device).unwrap().state_dict();
+        let same = DenseModel::fine_tune_from(&small(task, 3), &src, &device).unwrap().state_dict();
         assert_eq!(same, src, "{task}");
-        // Five classes: the classifiers start afresh (the official init), the rest as it was.
+        // Five classes, none of them the model's: the classifiers are a fresh model's (the
+        // official init), the rest as it was.
         let five = small(task, 5);
-        let fresh = five.classifier_keys();
-        let got = DenseModel::fine_tune_from(&five, &src, &fresh, &device).unwrap().state_dict();
+        let init = DenseModel::new(&five, None, &device).unwrap().state_dict();
+        let (laid, found) = DenseModel::carry_classes(&five, &src, &names(3, "old"), &names(5, "new"), &init).unwrap();
+        assert_eq!(found, 0);
+        let got = DenseModel::fine_tune_from(&five, &laid, &device).unwrap().state_dict();
         emo_weights::validate_keys(&got, &five.state_dict_keys(), "five").unwrap();
+        let fresh = five.classifier_keys();
         for (k, t) in &got.tensors {
-            if fresh.contains(k) {
-                assert_ne!(t.shape, src.get(k).unwrap().shape, "{task}: {k}");
-            } else {
-                assert_eq!(t, src.get(k).unwrap(), "{task}: {k}");
-            }
+            let want = if fresh.contains(k) { init.get(k) } else { src.get(k) };
+            assert_eq!(Some(t), want, "{task}: {k}");
         }
         if task == Task::RetinaNet {
             // RetinaNet's classifier bias starts at the focal loss prior (mmdet: prior_prob 0.01).
             let prior = -((1.0f32 - 0.01) / 0.01).ln();
             assert!(get(&got, "bbox_head.retina_cls.bias").iter().all(|&b| (b - prior).abs() < 1e-6));
         }
-        // Strict about the rest: classifiers that no longer fit, a missing key, a key that is not
-        // a classifier asked to start afresh.
-        let e = DenseModel::fine_tune_from(&five, &src, &[], &device).unwrap_err().to_string();
+        // Strict: classifiers that do not fit the classes, a missing key.
+        let e = DenseModel::fine_tune_from(&five, &src, &device).unwrap_err().to_string();
         assert!(e.contains(&format!("shape mismatch: {}", fresh[0])), "{task}: {e}");
-        let mut broken = src.clone();
+        let mut broken = laid.clone();
         broken.tensors.remove("backbone.stage2.0.proj.conv.weight");
-        let e = DenseModel::fine_tune_from(&five, &broken, &fresh, &device).unwrap_err().to_string();
+        let e = DenseModel::fine_tune_from(&five, &broken, &device).unwrap_err().to_string();
         assert!(e.contains("backbone.stage2.0.proj.conv.weight"), "{task}: {e}");
-        let not_classifier = ["backbone.stage0.0.convs.0.1.weight".to_string()];
-        let e = DenseModel::fine_tune_from(&five, &src, &not_classifier, &device).unwrap_err().to_string();
-        assert!(e.contains("not a classifier key"), "{task}: {e}");
     }
     // The training-only semantic-encoding layer starts afresh from weights without it.
     let src = DenseModel::new(&small(Task::DeepLabV3, 3), None, &device).unwrap().state_dict();
     let se = DenseConfig { se_layer: true, ..small(Task::DeepLabV3, 3) };
-    let got = DenseModel::fine_tune_from(&se, &src, &[], &device).unwrap().state_dict();
+    let got = DenseModel::fine_tune_from(&se, &src, &device).unwrap().state_dict();
     assert!(got.get("decode_head.se_layer.weight").is_some());
     assert_eq!(get(&got, "decode_head.conv_seg.weight"), get(&src, "decode_head.conv_seg.weight"));
     // Another task's weights are no fine-tune source.
-    let e = DenseModel::fine_tune_from(&small(Task::PspNet, 3), &src, &[], &device).unwrap_err().to_string();
+    let e = DenseModel::fine_tune_from(&small(Task::PspNet, 3), &src, &device).unwrap_err().to_string();
     assert!(e.contains("decode_head.psp_modules"), "{e}");
 }
 
@@ -222,7 +220,7 @@ fn carried_classes_keep_their_classifier_rows() {
                 assert_eq!(got.get(k), Some(t), "{task} {k}");
             }
         }
-        DenseModel::fine_tune_from(&cfg, &got, &[], &device).unwrap();
+        DenseModel::fine_tune_from(&cfg, &got, &device).unwrap();
         // Three of a model's six classes, in another order.
         let six = names(&["p", "q", "r", "s", "t", "u"]);
         let big = DenseModel::new(&small(task, 6), None, &device).unwrap().state_dict();
