@@ -60,6 +60,10 @@ for task in pspnet ssdlite retinanet; do
     --train-limit 320 --backbone-weights assets/emo1m-fashion-mnist.safetensors --out /tmp/gpu-$task 2>&1 \
     | grep -v XDG_RUNTIME_DIR | grep -v "^\s*$" | tail -4
 done
+log "train: ssdlite fine-tuned from the run above (--init-weights: every weight loaded, the classifiers too)"
+timeout 90 "$EMO" --backend vulkan train --task ssdlite --data /tmp/canvas-seg192 --epochs 1 --batch 16 \
+  --train-limit 320 --init-weights /tmp/gpu-ssdlite/best.safetensors --out /tmp/gpu-ssdlite-ft 2>&1 \
+  | grep -v XDG_RUNTIME_DIR | grep -v "^\s*$" | tail -4
 log "train: retinanet keep-ratio 1333x800 (mmdet's COCO pipeline: padded batches, valid anchors), 64 canvases"
 timeout 120 "$EMO" --backend vulkan train --task retinanet --data /tmp/canvas-seg192 --train-scale 1333x800 --epochs 1 \
   --batch 8 --train-limit 64 --eval-limit 16 --backbone-weights assets/emo1m-fashion-mnist.safetensors \
