@@ -478,8 +478,9 @@ pub(crate) struct TrainOpts {
     /// Fine-tune from these weights. Classification: e.g. the official ImageNet weights (the
     /// head is replaced). Dense tasks: a whole trained model of the same task (a run's
     /// `best.safetensors`, its `model.json` beside it, or an official mmdet / mmseg checkpoint;
-    /// its variant unless --variant is given): every weight loaded, the classifiers too when the
-    /// classes are the same, else they start afresh (mmdet's `load_from`).
+    /// its variant unless --variant is given): every weight loaded (mmdet's `load_from`), the
+    /// classifiers too when the classes are the same; otherwise each class the model knows by
+    /// name keeps its classifier rows and the others start afresh.
     #[arg(long)]
     pub init_weights: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
@@ -523,15 +524,19 @@ fn parse_hw(s: &str) -> Result<(usize, usize), String> {
 /// recorded one), `--stop-after` (this invocation's length), `--stream` (how the data is read,
 /// not what the run computes) and the global `--backend` are allowed.
 fn resume_conflicts(def: &clap::Command, train: &clap::ArgMatches) -> Vec<String> {
-    use clap::parser::ValueSource;
-    let given = |id: &str| train.value_source(id) == Some(ValueSource::CommandLine);
-    if !given("resume") {
+    if train.value_source("resume") != Some(clap::parser::ValueSource::CommandLine) {
         return Vec::new();
     }
+    given_options(def, train, |id| !matches!(id, "resume" | "task" | "stop_after" | "stream" | "backend"))
+}
+
+/// The options of `def` that `matches` got from the command line and whose clap id passes
+/// `keep`, as `--name`.
+fn given_options(def: &clap::Command, matches: &clap::ArgMatches, keep: impl Fn(&str) -> bool) -> Vec<String> {
     def.get_arguments()
         .filter(|a| {
-            !matches!(a.get_id().as_str(), "resume" | "task" | "stop_after" | "stream" | "backend")
-                && given(a.get_id().as_str())
+            let id = a.get_id().as_str();
+            keep(id) && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
         })
         .map(|a| format!("--{}", a.get_long().unwrap_or(a.get_id().as_str())))
         .collect()
@@ -588,18 +593,9 @@ fn mode_conflicts(
     task: Option<Task>,
     kinds: &OptionKinds,
 ) -> Option<String> {
-    use clap::parser::ValueSource;
     // "--a is" / "--a, --b are".
     let list = |v: Vec<String>| format!("{} {}", v.join(", "), if v.len() == 1 { "is" } else { "are" });
-    let given = |ids: &[&str]| -> Vec<String> {
-        def.get_arguments()
-            .filter(|a| {
-                let id = a.get_id().as_str();
-                ids.contains(&id) && matches.value_source(id) == Some(ValueSource::CommandLine)
-            })
-            .map(|a| format!("--{}", a.get_long().unwrap_or(a.get_id().as_str())))
-            .collect()
-    };
+    let given = |ids: &[&str]| given_options(def, matches, |id| ids.contains(&id));
     let (ids, why) = match task {
         None => {
             let dense = given(kinds.dense);
