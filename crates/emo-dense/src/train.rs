@@ -221,13 +221,14 @@ impl DenseTrainConfig {
     }
 
     /// Start the backbone from `weights` (a classification or backbone checkpoint) with the
-    /// paper's settings for a pretrained backbone ([`Self::pretrained_settings`]).
+    /// paper's settings for a pretrained backbone: BN statistics kept (`norm_eval`) for
+    /// detection, and RetinaNet's first stage frozen (`frozen_stages = 1`).
     pub fn with_backbone_weights(self, weights: PathBuf) -> Self {
         DenseTrainConfig { backbone_weights: Some(weights), ..self.pretrained_settings() }
     }
 
     /// Fine-tune the whole model from `weights` (see [`DenseTrainConfig::init_weights`]), with
-    /// the paper's settings for a pretrained backbone ([`Self::pretrained_settings`]).
+    /// the paper's settings for a pretrained backbone, as [`Self::with_backbone_weights`].
     pub fn with_init_weights(self, weights: PathBuf) -> Self {
         DenseTrainConfig { init_weights: Some(weights), ..self.pretrained_settings() }
     }
