@@ -429,11 +429,27 @@ fn a_run_fine_tunes_a_trained_model() {
     // for a pretrained backbone, and trains on.
     let ft = c.clone().with_init_weights(best.clone());
     assert!(ft.norm_eval && ft.backbone_weights.is_none());
-    let mut t = quiet(DenseTrainer::new(ft.clone(), &same, device.clone()));
+    let t = quiet(DenseTrainer::new(ft.clone(), &same, device.clone()));
     assert!(t.init_note.as_deref().unwrap().contains("the classifiers too"), "{:?}", t.init_note);
     assert_eq!(t.model().state_dict(), trained);
-    let epochs = t.run(None).unwrap();
-    assert!(epochs[0].coco.is_some());
+    // Two epochs, the run killed after the first and resumed once the weights it started from
+    // are gone (a resume reads its checkpoint only): the same as the uninterrupted run.
+    let copy = tmp("ft-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["best.safetensors", "model.json"] {
+        std::fs::copy(src.join(f), copy.join(f)).unwrap();
+    }
+    let two = DenseTrainConfig { epochs: 2, ..ft.clone() };
+    let whole = quiet(DenseTrainer::new(two.clone(), same.join("whole"), device.clone())).run(None).unwrap();
+    let cut = same.join("cut");
+    let from_copy = DenseTrainConfig { init_weights: Some(copy.join("best.safetensors")), ..two };
+    quiet(DenseTrainer::new(from_copy, &cut, device.clone())).run(Some(1)).unwrap();
+    std::fs::remove_dir_all(&copy).unwrap();
+    let rest = quiet(DenseTrainer::resume(&cut, device.clone())).run(None).unwrap();
+    assert_eq!((rest.len(), rest[0].train_loss), (1, whole[1].train_loss));
+    assert_eq!(format!("{:?}", rest[0].coco), format!("{:?}", whole[1].coco));
+    let read = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
+    assert!(read(&cut) == read(&same.join("whole")), "the resumed fine-tune differs");
     // Classes under other names: the classifiers start afresh, the rest as trained.
     let other = tmp("ft-other");
     synthetic_set(&other, 16, 8);
