@@ -40,8 +40,11 @@ pub fn precise_bn(
 
 /// [`precise_bn`] on images of their own (H, W) `sizes` (a keep-ratio run's images at its test
 /// scale): each shard zero-padded, after normalisation, to its largest image rounded up to a
-/// multiple of `pad` (as its training batches were: mmdet's `Pad(size_divisor=32)` then the
-/// batch's largest; 1 for segmentation, whose shards of unequal images pad to the largest).
+/// multiple of `pad`, as a detector's training batches were (mmdet's `Pad(size_divisor=32)`
+/// then the batch's largest). With `pad` 1 (segmentation, which trains on equal crops) the
+/// images are taken in order of size (H, then W; stable), so that a shard holds images of one
+/// size where there are enough of them and pads as little as it can; the images beyond whole
+/// shards are then the largest.
 pub fn precise_bn_sized(
     model: &DenseModel,
     images: &[&[u8]],
@@ -85,9 +88,14 @@ pub fn precise_bn_sized(
         Ok(layers.iter().map(|l| (get(format!("{l}.running_mean")), get(format!("{l}.running_var")))).collect())
     };
     let zero = filled(0.0);
+    let mut order: Vec<usize> = (0..images.len()).collect();
+    if pad <= 1 {
+        order.sort_by_key(|&i| sizes[i]);
+    }
     let batch = |i: usize| {
-        let (imgs, sz) = (&images[i * shard..(i + 1) * shard], &sizes[i * shard..(i + 1) * shard]);
-        batch_tensor_padded(imgs, sz, batch_size_padded(sz, pad), device)
+        let idx = &order[i * shard..(i + 1) * shard];
+        let (imgs, sz): (Vec<&[u8]>, Vec<(usize, usize)>) = idx.iter().map(|&j| (images[j], sizes[j])).unzip();
+        batch_tensor_padded(&imgs, &sz, batch_size_padded(&sz, pad), device)
     };
     let shards: Vec<usize> = (0..images.len() / shard).collect();
     let x0 = batch(0);

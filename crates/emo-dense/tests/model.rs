@@ -1028,6 +1028,24 @@ fn precise_bn_sets_the_mean_of_the_shards_batch_statistics() {
         .collect();
     assert_eq!(shards[0].dims()[2..], [48, 64], "the first shard's largest, (40, 56) rounded up to 16");
     check(&sized, expect(shards));
+    // Segmentation (no pad): the images in order of size, so that shards of one size pad
+    // nothing; here 6 of (24, 56) and 6 of (40, 40), alternating: shards of four (24, 56), two
+    // of each (padded to (40, 56)), four (40, 40).
+    let sizes: Vec<(usize, usize)> = (0..12).map(|i| [(40, 40), (24, 56)][i % 2]).collect();
+    let cropped: Vec<Vec<u8>> = images.iter().zip(&sizes).map(|(im, &(h, w))| im[..h * w * 3].to_vec()).collect();
+    let crefs: Vec<&[u8]> = cropped.iter().map(Vec::as_slice).collect();
+    let sorted = emo_dense::bn::precise_bn_sized(&model, &crefs, &sizes, 1, 4, &device).unwrap();
+    let order: Vec<usize> = [1, 3, 5, 7, 9, 11, 0, 2, 4, 6, 8, 10].to_vec();
+    let shards: Vec<Tensor<4>> = order
+        .chunks_exact(4)
+        .map(|idx| {
+            let (imgs, sz): (Vec<&[u8]>, Vec<(usize, usize)>) = idx.iter().map(|&j| (crefs[j], sizes[j])).unzip();
+            let hw = sz.iter().fold((0, 0), |a, x| (a.0.max(x.0), a.1.max(x.1)));
+            emo_dense::predict::batch_tensor_padded(&imgs, &sz, hw, &plain)
+        })
+        .collect();
+    assert_eq!([shards[0].dims()[2..].to_vec(), shards[1].dims()[2..].to_vec()], [vec![24, 56], vec![40, 56]]);
+    check(&sorted, expect(shards));
     for (k, t) in &before.tensors {
         if !k.contains(".running_") {
             assert!(after.get(k) == Some(t), "{k} changed");
