@@ -66,10 +66,9 @@ pub(crate) fn train(task: Task, a: TrainOpts) -> Result<()> {
             // A fine-tune runs on its weights' backbone unless --variant says otherwise (the
             // trainer then names the mismatch).
             let variant = match &a.init_weights {
-                Some(w) if !a.variant_given => ModelCard::with_weights(w, None)
-                    .ok()
-                    .and_then(|(_, card, _)| card.model.backbone.variant)
-                    .unwrap_or(a.variant),
+                Some(w) if !a.variant_given => {
+                    ModelCard::of_weights(w).ok().and_then(|card| card.model.backbone.variant).unwrap_or(a.variant)
+                }
                 _ => a.variant,
             };
             let mut cfg = DenseTrainConfig::new(task, variant, PathBuf::from(&a.data), input);

@@ -599,6 +599,21 @@ fn detection_and_segmentation_end_to_end_on_the_canvas_set() {
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stderr(&o).contains("every weight loaded, the classifiers too"), "{}", stderr(&o));
         let _ = std::fs::remove_dir_all(&ft);
+        if task == "ssdlite" {
+            // Without --variant a fine-tune runs on its weights' backbone (an EMO-2M run here).
+            let run2m = tmp("run-2m");
+            let _ = std::fs::remove_dir_all(&run2m);
+            let small = ["--variant", "emo-2m", "--train-limit", "16", "--eval-limit", "8", "--out"];
+            let o = emo(&[&args[..], &small[..], &[run2m.to_str().unwrap()]].concat());
+            assert!(o.status.success(), "{}", stderr(&o));
+            let w2 = run2m.join("best.safetensors");
+            let init = ["--init-weights", w2.to_str().unwrap(), "--train-limit", "16", "--eval-limit", "8", "--out"];
+            let o = emo(&[&args[..], &init[..], &[ft.to_str().unwrap()]].concat());
+            assert!(o.status.success() && stderr(&o).contains("(ssdlite on emo-2m, 10 classes)"), "{}", stderr(&o));
+            assert!(stderr(&o).contains("(ssdlite on emo-2m, 10 classes, input 64x64"), "{}", stderr(&o));
+            let _ = std::fs::remove_dir_all(&ft);
+            let _ = std::fs::remove_dir_all(&run2m);
+        }
         let o = emo(&["eval", "--task", task, "--weights", w.to_str().unwrap(), "--data", d]);
         let want = if task == "ssdlite" { "AP50" } else { "mIoU" };
         assert!(o.status.success() && stdout(&o).contains(want), "{}{}", stdout(&o), stderr(&o));

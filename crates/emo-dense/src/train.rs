@@ -351,19 +351,27 @@ impl ModelCard {
         let sd = emo_weights::load(weights)?;
         let beside = weights.with_file_name("model.json");
         match card.map(Path::to_path_buf).or_else(|| beside.exists().then_some(beside)) {
-            Some(p) => {
-                let text = std::fs::read_to_string(&p).map_err(|e| {
-                    DenseError::Io(format!("{} (the model card written by `emo train --task`): {e}", p.display()))
-                })?;
-                let card = serde_json::from_str(&text)
-                    .map_err(|e| DenseError::Data(format!("{}: not a model card: {e}", p.display())))?;
-                Ok((sd, card, false))
-            }
+            Some(p) => Ok((sd, Self::read(&p)?, false)),
             None => {
                 let card = Self::infer(&sd)?;
                 Ok((sd, card, true))
             }
         }
+    }
+
+    /// The card of `weights` as [`Self::with_weights`] finds it, the weights read only where no
+    /// `model.json` is beside them (an official checkpoint's card is inferred from them).
+    pub fn of_weights(weights: &Path) -> Result<ModelCard, DenseError> {
+        let beside = weights.with_file_name("model.json");
+        if beside.exists() { Self::read(&beside) } else { Self::infer(&emo_weights::load(weights)?) }
+    }
+
+    /// A model card file (`model.json`).
+    fn read(p: &Path) -> Result<ModelCard, DenseError> {
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            DenseError::Io(format!("{} (the model card written by `emo train --task`): {e}", p.display()))
+        })?;
+        serde_json::from_str(&text).map_err(|e| DenseError::Data(format!("{}: not a model card: {e}", p.display())))
     }
 }
 

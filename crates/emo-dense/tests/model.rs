@@ -480,6 +480,13 @@ fn a_run_fine_tunes_a_trained_model() {
     let coco_sd = DenseModel::new(&coco, None, &Device::flex()).unwrap().state_dict();
     emo_weights::save_safetensors(&coco_sd, official.join("ssdlite_coco.safetensors")).unwrap();
     let ft_coco = DenseTrainConfig { init_weights: Some(official.join("ssdlite_coco.safetensors")), ..ft.clone() };
+    // Its card, as the CLI reads it to pick the variant: inferred; a run's: read from beside it.
+    let coco_card = emo_dense::train::ModelCard::of_weights(&official.join("ssdlite_coco.safetensors")).unwrap();
+    assert_eq!(coco_card, emo_dense::train::ModelCard::infer(&coco_sd).unwrap());
+    assert_eq!(
+        emo_dense::train::ModelCard::of_weights(&best).unwrap().model,
+        DenseTrainer::resume(&src, device.clone()).unwrap().card.model
+    );
     let t = quiet(DenseTrainer::new(ft_coco, official.join("run"), device.clone()));
     let note = t.init_note.clone().unwrap();
     let want = "start afresh (2 classes here, none of them the model's)";
