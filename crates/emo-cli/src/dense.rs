@@ -466,7 +466,7 @@ fn recalibrate(
     );
     if let Some(p) = save {
         emo_weights::save_safetensors(&sd, p).with_context(|| format!("writing {}", p.display()))?;
-        let card_path = p.with_file_name("model.json");
+        let card_path = ModelCard::beside(p);
         if !card_path.exists() {
             emo_weights::write_atomic(&card_path, serde_json::to_string_pretty(card)?.as_bytes())?;
         }

@@ -479,28 +479,25 @@ impl DenseModel {
         let se = format!("{}.", emo_spec::SE_LAYER);
         let mut out = sd.clone();
         for key in cfg.classifier_keys().into_iter().filter(|k| !k.starts_with(&se)) {
-            let spec = |keys: &[emo_spec::KeySpec]| keys.iter().find(|k| k.name == key).map(|k| k.shape.clone());
+            // A classifier key names a key of every class count.
+            let spec = |keys: &[emo_spec::KeySpec]| keys.iter().find(|k| k.name == key).expect("listed").shape.clone();
             let (src_shape, dst_shape, big) = (spec(&src_keys), spec(&dst_keys), spec(&bigger));
-            let (Some(src_shape), Some(dst_shape), Some(big)) = (src_shape, dst_shape, big) else {
-                continue;
-            };
             // `anchors` blocks of `classes + extra` rows (SSD: the background row last).
             let anchors = big[0] - dst_shape[0];
             let extra = dst_shape[0] / anchors - to.len();
             let row: usize = dst_shape[1..].iter().product();
-            let (src, dst) = (sd.get(&key), init.get(&key));
-            let (Some(src), Some(dst)) = (src.and_then(|t| t.as_f32()), dst.and_then(|t| t.as_f32())) else {
-                return Err(DenseError::Data(format!(
-                    "`{key}`: missing or not float, in the weights or the fresh model"
-                )));
-            };
-            if sd.get(&key).map(|t| &t.shape) != Some(&src_shape) {
+            let given = sd.get(&key);
+            if given.map(|t| &t.shape) != Some(&src_shape) {
                 return Err(DenseError::Data(format!(
                     "`{key}`: shape {:?}, but {} classes need {src_shape:?}",
-                    sd.get(&key).map(|t| t.shape.clone()).unwrap_or_default(),
+                    given.map(|t| t.shape.clone()).unwrap_or_default(),
                     from.len()
                 )));
             }
+            let (Some(src), Some(dst)) = (given.and_then(|t| t.as_f32()), init.get(&key).and_then(|t| t.as_f32()))
+            else {
+                return Err(DenseError::Data(format!("`{key}`: not float, in the weights or the fresh model")));
+            };
             let mut v = dst.to_vec();
             let (src_block, dst_block) = (from.len() + extra, to.len() + extra);
             let mut copy = |s: usize, d: usize| v[d * row..(d + 1) * row].copy_from_slice(&src[s * row..(s + 1) * row]);

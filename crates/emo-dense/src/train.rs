@@ -349,7 +349,7 @@ impl ModelCard {
     /// checkpoint ([`ModelCard::infer`]; the flag is then true).
     pub fn with_weights(weights: &Path, card: Option<&Path>) -> Result<(StateDict, ModelCard, bool), DenseError> {
         let sd = emo_weights::load(weights)?;
-        let beside = weights.with_file_name("model.json");
+        let beside = Self::beside(weights);
         match card.map(Path::to_path_buf).or_else(|| beside.exists().then_some(beside)) {
             Some(p) => Ok((sd, Self::read(&p)?, false)),
             None => {
@@ -362,8 +362,13 @@ impl ModelCard {
     /// The card of `weights` as [`Self::with_weights`] finds it, the weights read only where no
     /// `model.json` is beside them (an official checkpoint's card is inferred from them).
     pub fn of_weights(weights: &Path) -> Result<ModelCard, DenseError> {
-        let beside = weights.with_file_name("model.json");
+        let beside = Self::beside(weights);
         if beside.exists() { Self::read(&beside) } else { Self::infer(&emo_weights::load(weights)?) }
+    }
+
+    /// Where the card of `weights` is kept: `model.json` beside them.
+    pub fn beside(weights: &Path) -> PathBuf {
+        weights.with_file_name("model.json")
     }
 
     /// A model card file (`model.json`).
@@ -967,7 +972,7 @@ impl DenseTrainer {
         let task = model_cfg.task;
         let (sd, src, _) = ModelCard::with_weights(weights, None).map_err(|e| match e {
             // Neither a card beside them nor an official checkpoint's layout.
-            DenseError::Data(_) if !weights.with_file_name("model.json").exists() => DenseError::Data(format!(
+            DenseError::Data(_) if !ModelCard::beside(weights).exists() => DenseError::Data(format!(
                 "{}: not a trained {task} model (no model.json beside it, and not an official mmdet / mmseg \
                  checkpoint); a classification or backbone checkpoint starts the backbone alone (backbone_weights)",
                 weights.display()
